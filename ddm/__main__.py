@@ -1,0 +1,3 @@
+from ddm.cli import main
+
+main()

@@ -1,0 +1,122 @@
+"""The layout of a run directory: every stage reads and writes only these paths.
+
+Data flows one way::
+
+    data/         shards of the whole dataset + manifest.json
+    embeddings/   one float32 .npy per data shard (rows aligned with the shard's
+                  samples) + keys-NNNNNN.txt + manifest.json
+    clusters/     centroids.npy, assignments.npz (keys, cluster), report.json
+    partitions/   cluster-KK/ shards holding exactly that cluster's samples,
+                  each with its own manifest.json
+    experts/      expert-KK/ checkpoints, logs, expert.pt (EMA weights), record.json
+    router/       checkpoints, logs, router.pt, record.json
+    samples/      grid.png, samples.npz, usage.json, usage.png, record.json
+    report.md
+
+Shard format (webdataset tar): each sample has a stable key ``<source>-<split>-<index>``
+(no dots), an 8-bit PNG image under ``png``, the class label as text under
+``cls`` (``-1`` when the source has no labels) and, where the source has one, a
+caption under ``txt``.
+
+A ``manifest.json`` names its shards (relative paths), the sample count and a
+sha256 per shard; it is written last, so a folder with a manifest is complete.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __init__(self, root):
+        object.__setattr__(self, "root", Path(root))
+
+    # -- stage 1: prepared shards of the whole dataset
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def data_manifest(self) -> Path:
+        return self.data / "manifest.json"
+
+    # -- stage 2: embeddings
+    @property
+    def embeddings(self) -> Path:
+        return self.root / "embeddings"
+
+    @property
+    def embeddings_manifest(self) -> Path:
+        return self.embeddings / "manifest.json"
+
+    # -- stage 3: clustering
+    @property
+    def clusters(self) -> Path:
+        return self.root / "clusters"
+
+    @property
+    def assignments(self) -> Path:
+        return self.clusters / "assignments.npz"
+
+    @property
+    def cluster_report(self) -> Path:
+        return self.clusters / "report.json"
+
+    # -- stage 3b: per-cluster shard sets
+    @property
+    def partitions(self) -> Path:
+        return self.root / "partitions"
+
+    def partition(self, k: int) -> Path:
+        return self.partitions / f"cluster-{k:02d}"
+
+    def partition_manifest(self, k: int) -> Path:
+        return self.partition(k) / "manifest.json"
+
+    # -- stage 4: experts
+    @property
+    def experts(self) -> Path:
+        return self.root / "experts"
+
+    def expert(self, k: int) -> Path:
+        return self.experts / f"expert-{k:02d}"
+
+    def expert_weights(self, k: int) -> Path:
+        return self.expert(k) / "expert.pt"
+
+    def expert_record(self, k: int) -> Path:
+        return self.expert(k) / "record.json"
+
+    # -- stage 5: router
+    @property
+    def router(self) -> Path:
+        return self.root / "router"
+
+    @property
+    def router_weights(self) -> Path:
+        return self.router / "router.pt"
+
+    @property
+    def router_record(self) -> Path:
+        return self.router / "record.json"
+
+    # -- stage 6: samples
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def samples_record(self) -> Path:
+        return self.samples / "record.json"
+
+    # -- summary
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def timings(self) -> Path:
+        return self.root / "timings.json"

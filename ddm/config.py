@@ -1,0 +1,20 @@
+"""Config access without the command line: compose the same Hydra config in tests and notebooks."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+# conf/ sits beside the package in a checkout; DDM_CONF_DIR points elsewhere.
+CONF_DIR = Path(os.environ.get("DDM_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose ``conf/config.yaml`` with Hydra overrides, exactly as the CLI would."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))

@@ -1,0 +1,1 @@
+"""Data: dataset sources, webdataset shard sets, and loaders."""

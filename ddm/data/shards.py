@@ -1,0 +1,180 @@
+"""Webdataset shard sets: writing them atomically with a manifest, and reading them back.
+
+A shard set is a folder of ``shard-NNNNNN.tar`` files plus ``manifest.json``::
+
+    {"num_samples": N, "shards": [{"path": "shard-000000.tar", "num_samples": n,
+      "sha256": "...", "first_key": "...", "last_key": "..."}, ...],
+     "image_size": 28, "channels": 1, "num_classes": 10, ...extra fields}
+
+Each tar is written under a temporary name and renamed when closed; the manifest
+is written last, so a folder with a manifest is a complete shard set.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from ddm.io import atomic_path, read_json, sha256_file, write_json
+
+MANIFEST = "manifest.json"
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 HxW (grayscale) or HxWx3 (RGB) -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im).copy()
+
+
+class ShardSetWriter:
+    """Writes samples into fixed-size tar shards in ``folder``; ``close()`` writes the manifest.
+
+    Used as a context manager: on an exception, no manifest is written, so the
+    folder does not look complete.
+    """
+
+    def __init__(self, folder: str | os.PathLike, shard_size: int, **manifest_extra):
+        if shard_size < 1:
+            raise ValueError(f"shard_size={shard_size} must be at least 1")
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.shard_size = shard_size
+        self.extra = manifest_extra
+        self.shards: list[dict] = []
+        self._tar = None
+        self._tmp = None
+        self._count = 0
+        self._keys: list[str] = []
+
+    def _open(self):
+        name = f"shard-{len(self.shards):06d}.tar"
+        self._final = self.folder / name
+        self._tmp = self.folder / f".{name}.tmp"
+        self._tar = tarfile.open(self._tmp, "w")
+        self._count = 0
+        self._first = None
+
+    def _close_shard(self):
+        if self._tar is None:
+            return
+        self._tar.close()
+        os.replace(self._tmp, self._final)
+        self.shards.append(dict(path=self._final.name, num_samples=self._count,
+                                sha256=sha256_file(self._final), first_key=self._first, last_key=self._last))
+        self._tar = None
+
+    def _add(self, name: str, data: bytes):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0  # deterministic bytes: same input, same checksum
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def write(self, key: str, image: np.ndarray, label: int, caption: str | None = None, png: bytes | None = None):
+        if "." in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' (webdataset splits keys on dots)")
+        if self._tar is None:
+            self._open()
+        self._add(f"{key}.png", png if png is not None else encode_png(image))
+        self._add(f"{key}.cls", str(int(label)).encode())
+        if caption is not None:
+            self._add(f"{key}.txt", caption.encode())
+        if self._first is None:
+            self._first = key
+        self._last = key
+        self._count += 1
+        if self._count >= self.shard_size:
+            self._close_shard()
+
+    def close(self) -> dict:
+        self._close_shard()
+        manifest = dict(num_samples=sum(s["num_samples"] for s in self.shards), shards=self.shards, **self.extra)
+        write_json(self.folder / MANIFEST, manifest)
+        return manifest
+
+    def abort(self):
+        if self._tar is not None:
+            self._tar.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.manifest = self.close()
+        else:
+            self.abort()
+        return False
+
+
+def load_manifest(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"no shard manifest at {path}: the stage that writes {Path(folder).name}/ "
+                                f"has not finished; run it first")
+    return read_json(path)
+
+
+def shard_paths(folder: str | os.PathLike, manifest: dict | None = None) -> list[str]:
+    """Absolute paths (or URLs, when the manifest holds URLs) of a shard set's shards."""
+    manifest = manifest or load_manifest(folder)
+    out = []
+    for s in manifest["shards"]:
+        p = s["path"]
+        out.append(p if "://" in p or p.startswith("pipe:") else str(Path(folder) / p))
+    return out
+
+
+def iter_shard(path: str) -> Iterator[dict]:
+    """Samples of one local tar shard in stored order: dicts with key, png (bytes), cls, txt."""
+    sample: dict = {}
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            if sample and sample["key"] != key:
+                yield sample
+                sample = {}
+            sample.setdefault("key", key)
+            sample[ext] = tar.extractfile(member).read()
+    if sample:
+        yield sample
+
+
+def iter_samples(paths: Iterable[str], decode: bool = True) -> Iterator[dict]:
+    """Stream samples shard by shard: key, image (uint8 array) or png bytes, label, caption."""
+    for path in paths:
+        for raw in iter_shard(path):
+            out = dict(key=raw["key"], label=int(raw["cls"]) if "cls" in raw else -1)
+            if "txt" in raw:
+                out["caption"] = raw["txt"].decode()
+            if decode:
+                out["image"] = decode_png(raw["png"])
+            else:
+                out["png"] = raw["png"]
+            yield out
+
+
+def verify(folder: str | os.PathLike) -> dict:
+    """Check every shard of a set against its manifest checksum; return the manifest."""
+    manifest = load_manifest(folder)
+    for s, path in zip(manifest["shards"], shard_paths(folder, manifest)):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"shard {path} listed in {Path(folder) / MANIFEST} is missing")
+        if sha256_file(path) != s["sha256"]:
+            raise ValueError(f"shard {path} does not match the checksum in its manifest: it was changed "
+                             f"or truncated; rerun the stage that wrote it with redo=true")
+    return manifest

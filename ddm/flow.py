@@ -1,0 +1,125 @@
+"""The flow-matching probability path: one object for training, router noising and sampling.
+
+Convention (used everywhere in ddm): ``t`` is a float in [0, 1]; ``t = 0`` is
+data and ``t = 1`` is pure Gaussian noise::
+
+    x_t = alpha(t) * x0 + sigma(t) * eps
+    v(x_t, t) = d/dt x_t = alpha'(t) * x0 + sigma'(t) * eps      (the training target)
+
+Sampling integrates ``dx/dt = v`` from ``t = 1`` down to ``t = 0``. Models
+receive ``t`` exactly as defined here (no rescaling to integer steps); any
+scaling for the timestep embedding happens inside the model.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class FlowPath:
+    """A Gaussian probability path with velocity parameterisation.
+
+    Args:
+        schedule: ``linear`` (rectified flow: alpha = 1 - t, sigma = t) or
+            ``cosine`` (alpha = cos(pi t / 2), sigma = sin(pi t / 2)).
+        time_sampling: training-time distribution of t: ``uniform`` or
+            ``logit_normal`` (Esser et al. 2024), which spends more steps at mid t.
+        logit_mean, logit_std: parameters of the logit-normal distribution.
+        t_eps: t is kept in [t_eps, 1 - t_eps] when sampled for training, so the
+            router and the experts never see exactly degenerate inputs.
+    """
+
+    SCHEDULES = ("linear", "cosine")
+    TIME_SAMPLINGS = ("uniform", "logit_normal")
+
+    def __init__(self, schedule: str = "linear", time_sampling: str = "uniform",
+                 logit_mean: float = 0.0, logit_std: float = 1.0, t_eps: float = 1e-5):
+        if schedule not in self.SCHEDULES:
+            raise ValueError(f"flow schedule={schedule!r} is not one of {self.SCHEDULES}")
+        if time_sampling not in self.TIME_SAMPLINGS:
+            raise ValueError(f"flow time_sampling={time_sampling!r} is not one of {self.TIME_SAMPLINGS}")
+        self.schedule = schedule
+        self.time_sampling = time_sampling
+        self.logit_mean = logit_mean
+        self.logit_std = logit_std
+        self.t_eps = t_eps
+
+    def __repr__(self) -> str:
+        return f"FlowPath(schedule={self.schedule!r}, time_sampling={self.time_sampling!r})"
+
+    def config(self) -> dict:
+        return dict(schedule=self.schedule, time_sampling=self.time_sampling,
+                    logit_mean=self.logit_mean, logit_std=self.logit_std, t_eps=self.t_eps)
+
+    # ---- coefficients -------------------------------------------------------------
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return 1.0 - t if self.schedule == "linear" else torch.cos(0.5 * math.pi * t)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.schedule == "linear" else torch.sin(0.5 * math.pi * t)
+
+    def d_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        if self.schedule == "linear":
+            return -torch.ones_like(t)
+        return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
+
+    def d_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        if self.schedule == "linear":
+            return torch.ones_like(t)
+        return 0.5 * math.pi * torch.cos(0.5 * math.pi * t)
+
+    # ---- training -----------------------------------------------------------------
+    def sample_t(self, n: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.time_sampling == "uniform":
+            t = torch.rand(n, device=device, generator=generator)
+        else:
+            z = torch.randn(n, device=device, generator=generator) * self.logit_std + self.logit_mean
+            t = torch.sigmoid(z)
+        return t.clamp(self.t_eps, 1.0 - self.t_eps)
+
+    @staticmethod
+    def _bc(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Broadcast a per-sample t of shape [B] against x of shape [B, ...]."""
+        return t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+    def interpolate(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tb = self._bc(t, x0)
+        return self.alpha(tb) * x0 + self.sigma(tb) * eps
+
+    def velocity(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The conditional velocity d/dt x_t: the regression target of every expert."""
+        tb = self._bc(t, x0)
+        return self.d_alpha(tb) * x0 + self.d_sigma(tb) * eps
+
+    def noised(self, x0: torch.Tensor, t: torch.Tensor | None = None,
+               generator: torch.Generator | None = None):
+        """Draw (t, eps) and return ``(x_t, t, eps, target)``: one call for expert and router training."""
+        if t is None:
+            t = self.sample_t(x0.shape[0], device=x0.device, generator=generator)
+        eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        return self.interpolate(x0, eps, t), t, eps, self.velocity(x0, eps, t)
+
+    # ---- conversions between predictions ------------------------------------------
+    def x0_from_velocity(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Invert (x_t, v) -> x0, using alpha, sigma, alpha', sigma' at t."""
+        tb = self._bc(t, x_t)
+        a, s, da, ds = self.alpha(tb), self.sigma(tb), self.d_alpha(tb), self.d_sigma(tb)
+        return (ds * x_t - s * v) / (ds * a - s * da)
+
+    # ---- sampling -----------------------------------------------------------------
+    def prior(self, shape, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x at t = 1: standard Gaussian noise."""
+        return torch.randn(shape, device=device, generator=generator)
+
+    def time_grid(self, num_steps: int, device=None) -> torch.Tensor:
+        """Integration times from 1 (noise) to 0 (data), ``num_steps + 1`` points."""
+        if num_steps < 1:
+            raise ValueError(f"sample.steps={num_steps} must be at least 1")
+        return torch.linspace(1.0, 0.0, num_steps + 1, device=device)
+
+
+def flow_path_from_config(cfg) -> FlowPath:
+    """Build the path from a mapping (a Hydra ``flow`` node or a saved dict)."""
+    cfg = dict(cfg or {})
+    return FlowPath(**{k: cfg[k] for k in ("schedule", "time_sampling", "logit_mean", "logit_std", "t_eps") if k in cfg})

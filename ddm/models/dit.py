@@ -1,0 +1,256 @@
+"""A Diffusion Transformer (Peebles & Xie 2023) with adaLN-Zero conditioning.
+
+``DiT(x, t, y) -> v`` predicts the flow velocity for images (pixels or VAE
+latents, any channel count). ``t`` is a float in [0, 1] (see ``ddm.flow``);
+``y`` holds class labels in ``[0, num_classes)``, or ``num_classes`` for "no
+label" (the classifier-free guidance null token). The same trunk with a pooled
+classification head is the router (``DiTClassifier``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class DiTSize:
+    hidden: int
+    depth: int
+    heads: int
+
+
+# Standard DiT widths (S/B/L/XL) plus two small ones that train on a laptop CPU.
+SIZES = {
+    "N": DiTSize(hidden=64, depth=2, heads=2),     # "nano": unit tests
+    "T": DiTSize(hidden=128, depth=4, heads=4),    # "tiny": CPU demo
+    "S": DiTSize(hidden=384, depth=12, heads=6),
+    "B": DiTSize(hidden=768, depth=12, heads=12),
+    "L": DiTSize(hidden=1024, depth=24, heads=16),
+    "XL": DiTSize(hidden=1152, depth=28, heads=16),
+}
+
+
+def parse_size(name: str) -> tuple[DiTSize, int]:
+    """``"DiT-B/2"`` -> (size, patch). Raises a clear error for unknown names."""
+    try:
+        prefix, rest = name.split("-", 1)
+        size_name, patch = rest.split("/")
+        assert prefix == "DiT"
+        return SIZES[size_name], int(patch)
+    except (ValueError, KeyError, AssertionError):
+        known = ", ".join(f"DiT-{s}/{p}" for s in SIZES for p in (2, 4, 8))
+        raise ValueError(f"model.size={name!r} is not a known DiT size; use one of: {known}") from None
+
+
+def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding, shape [grid*grid, dim]."""
+    assert dim % 4 == 0, "hidden size must be divisible by 4 for 2-D sin-cos embeddings"
+    coords = torch.arange(grid, dtype=torch.float64)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+
+    def emb(pos):
+        out = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([emb(yy), emb(xx)], dim=1).float()
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t (scaled by 1000 so frequencies match DiT's), then an MLP."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256, t_scale: float = 1000.0):
+        super().__init__()
+        self.freq_dim, self.t_scale = freq_dim, t_scale
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = (t.float() * self.t_scale)[:, None] * freqs[None]
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with one extra row, index ``num_classes``, for "no label"."""
+
+    def __init__(self, num_classes: int, hidden: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, hidden)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.table(y)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block whose LayerNorms are modulated by the conditioning (adaLN-Zero)."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, heads)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        inner = int(hidden * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(approximate="tanh"), nn.Linear(inner, hidden))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x, c):
+        s1, sc1, g1, s2, sc2, g2 = self.ada(c).chunk(6, dim=1)
+        x = x + g1.unsqueeze(1) * self.attn(modulate(self.norm1(x), s1, sc1))
+        return x + g2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), s2, sc2))
+
+
+class DiTTrunk(nn.Module):
+    """Patchify, embed, and run the conditioned transformer blocks. Shared by DiT and router."""
+
+    def __init__(self, size: str, image_size: int, in_channels: int, num_classes: int):
+        super().__init__()
+        dims, patch = parse_size(size)
+        if image_size % patch:
+            raise ValueError(f"image size {image_size} is not divisible by the patch size {patch} of {size}")
+        self.size, self.patch, self.hidden = size, patch, dims.hidden
+        self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
+        self.grid = image_size // patch
+        self.patch_embed = nn.Conv2d(in_channels, dims.hidden, patch, stride=patch)
+        self.register_buffer("pos", sincos_pos_embed(dims.hidden, self.grid)[None], persistent=False)
+        self.t_embed = TimestepEmbedder(dims.hidden)
+        self.y_embed = LabelEmbedder(num_classes, dims.hidden) if num_classes > 0 else None
+        self.blocks = nn.ModuleList(DiTBlock(dims.hidden, dims.heads) for _ in range(dims.depth))
+
+    def embed(self, x, t, y):
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos
+        c = self.t_embed(t)
+        if self.y_embed is not None:
+            if y is None:  # unconditional call: every sample gets the null label
+                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            c = c + self.y_embed(y)
+        return tokens, c
+
+    def forward(self, x, t, y):
+        tokens, c = self.embed(x, t, y)
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        return tokens, c
+
+
+class DiT(nn.Module):
+    """Velocity model ``v = DiT(x_t, t, y)``; the interface every sampler uses."""
+
+    def __init__(self, size: str = "DiT-T/4", image_size: int = 28, in_channels: int = 1,
+                 num_classes: int = 10):
+        super().__init__()
+        self.trunk = DiTTrunk(size, image_size, in_channels, num_classes)
+        h, p = self.trunk.hidden, self.trunk.patch
+        self.final_norm = nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(h, 2 * h))
+        self.final = nn.Linear(h, p * p * in_channels)
+        self.init_weights()
+
+    @property
+    def num_classes(self) -> int:
+        return self.trunk.num_classes
+
+    def config(self) -> dict:
+        tr = self.trunk
+        return dict(size=tr.size, image_size=tr.image_size, in_channels=tr.in_channels, num_classes=tr.num_classes)
+
+    def init_weights(self):
+        def xavier(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.apply(xavier)
+        w = self.trunk.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.trunk.patch_embed.bias)
+        if self.trunk.y_embed is not None:
+            nn.init.normal_(self.trunk.y_embed.table.weight, std=0.02)
+        for lin in (self.trunk.t_embed.mlp[0], self.trunk.t_embed.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        # adaLN-Zero: each block starts as the identity and the output as zero.
+        for block in self.trunk.blocks:
+            nn.init.zeros_(block.ada[-1].weight)
+            nn.init.zeros_(block.ada[-1].bias)
+        for lin in (self.final_ada[-1], self.final):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def unpatchify(self, tokens):
+        tr = self.trunk
+        b, p, g, c = tokens.shape[0], tr.patch, tr.grid, tr.in_channels
+        x = tokens.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c, g * p, g * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        tokens, c = self.trunk(x, t, y)
+        shift, scale = self.final_ada(c).chunk(2, dim=1)
+        out = self.final(modulate(self.final_norm(tokens), shift, scale))
+        return self.unpatchify(out).to(x.dtype)
+
+    def forward_with_cfg(self, x, t, y, scale: float):
+        """Classifier-free guidance: v_uncond + scale * (v_cond - v_uncond), in one doubled batch."""
+        return guided(self, x, t, y, scale)
+
+
+def guided(model, x, t, y, scale: float):
+    """CFG for any ``model(x, t, y)`` whose null label is ``model.num_classes``."""
+    if scale == 1.0 or y is None:
+        return model(x, t, y)
+    null = torch.full_like(y, model.num_classes)
+    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+    v_cond, v_uncond = v.chunk(2)
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+class DiTClassifier(nn.Module):
+    """The router: a DiT trunk with a mean-pooled head giving K logits, ``r(x_t, t, y)``."""
+
+    def __init__(self, num_outputs: int, size: str = "DiT-N/4", image_size: int = 28,
+                 in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.num_outputs = num_outputs
+        self.trunk = DiTTrunk(size, image_size, in_channels, num_classes)
+        h = self.trunk.hidden
+        self.norm = nn.LayerNorm(h)
+        self.head = nn.Linear(2 * h, num_outputs)
+
+    @property
+    def num_classes(self) -> int:
+        return self.trunk.num_classes
+
+    def config(self) -> dict:
+        tr = self.trunk
+        return dict(num_outputs=self.num_outputs, size=tr.size, image_size=tr.image_size,
+                    in_channels=tr.in_channels, num_classes=tr.num_classes)
+
+    def forward(self, x, t, y=None):
+        tokens, c = self.trunk(x, t, y)
+        # Pooled image tokens plus the conditioning vector: the head sees t and y directly.
+        return self.head(torch.cat([self.norm(tokens.mean(dim=1)), c], dim=1))
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
