@@ -1,0 +1,21 @@
+"""Shared fixtures: configs composed exactly as the CLI composes them, in a temp run dir."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """``make_cfg("data=digits", ...)`` -> a composed config whose run_dir is a temp folder."""
+    from ddm.config import compose
+
+    def _make(*overrides, run_dir=None):
+        run_dir = run_dir or tmp_path / "run"
+        return compose([f"run_dir={run_dir}", *overrides])
+
+    return _make
