@@ -1,0 +1,74 @@
+"""Streaming training batches from webdataset shard sets.
+
+Shards are *resampled* (drawn with replacement, per rank and per worker, from a
+seed): the stream is infinite, every worker always has data however few shards
+a small cluster has (webdataset's split-by-worker hangs when shards < ranks x
+workers), and training is measured in steps, not epochs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import webdataset as wds
+
+
+def to_model_space(image: np.ndarray) -> torch.Tensor:
+    """uint8 HxW or HxWxC -> float32 CxHxW in [-1, 1] (the scale the models are trained in)."""
+    x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))  # decoded arrays are read-only
+    x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
+    return x.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float [B,C,H,W] in [-1, 1] -> uint8 [B,H,W] (C=1) or [B,H,W,C]."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    return x[:, 0].numpy() if x.shape[1] == 1 else x.permute(0, 2, 3, 1).numpy()
+
+
+def _decoder(channels: int) -> str:
+    return "l8" if channels == 1 else "rgb8"
+
+
+def sample_stream(urls: list[str], channels: int, seed: int, shuffle_buffer: int = 1000, tag: int | None = None):
+    """An infinite pipeline of ``(image, label)`` (or ``(image, label, tag)``) from resampled shards."""
+    if not urls:
+        raise ValueError("sample_stream needs at least one shard")
+
+    def to_tuple(sample):
+        x = to_model_space(sample["png"])
+        y = int(sample["cls"])
+        return (x, y) if tag is None else (x, y, tag)
+
+    return wds.DataPipeline(
+        wds.ResampledShards(urls, seed=seed, deterministic=True),
+        wds.tarfile_to_samples(),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100)),
+        wds.decode(_decoder(channels)),
+        wds.map(to_tuple),
+    )
+
+
+def _collate(samples):
+    cols = list(zip(*samples))
+    out = [torch.stack(cols[0]), torch.tensor(cols[1], dtype=torch.long)]
+    if len(cols) > 2:
+        out.append(torch.tensor(cols[2], dtype=torch.long))
+    return tuple(out)
+
+
+def batch_loader(dataset, batch_size: int, num_workers: int) -> wds.WebLoader:
+    """Batch inside the workers (cheap IPC); the loader just forwards batches."""
+    pipeline = wds.DataPipeline(dataset, wds.batched(batch_size, collation_fn=_collate, partial=False))
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
+                         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+
+
+def mixed_stream(parts: list[tuple[list[str], float]], channels: int, seed: int, shuffle_buffer: int = 1000):
+    """Samples from several shard sets, drawn with the given weights and tagged with their index.
+
+    The router trains on this: weighting by cluster size keeps the class prior
+    p(k) equal to the data's, which a uniform draw over shards would not.
+    """
+    streams = [sample_stream(urls, channels, seed + 7919 * i, shuffle_buffer, tag=i)
+               for i, (urls, _) in enumerate(parts)]
+    return wds.RandomMix(streams, probs=[w for _, w in parts])

@@ -1,0 +1,111 @@
+"""LightningModules: a flow-matching expert and the router classifier.
+
+Both draw their noisy inputs from the same ``FlowPath`` that the sampler uses.
+Nothing here communicates outside the island: the only collective operations
+are Lightning's own data-parallel ones among the devices of one job.
+"""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from ddm.flow import FlowPath
+from ddm.models.dit import DiT, DiTClassifier
+from ddm.train.ema import ema_decay_at, make_ema, update_ema
+
+
+def _warmup_cosine(warmup: int, total: int, min_ratio: float = 0.1):
+    """LR multiplier: linear warm-up, then cosine decay to ``min_ratio``."""
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return fn
+
+
+def _check_finite(loss: torch.Tensor, what: str, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"{what}: the loss is {loss.item()} at step {step}; training stopped. Lower the learning rate, "
+            f"check the input data for NaNs, or resume from an earlier checkpoint.")
+
+
+class _Base(L.LightningModule):
+    def __init__(self, flow: dict, lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
+                 label_dropout: float):
+        super().__init__()
+        self.path = FlowPath(**flow)
+        self._recent: list[float] = []   # losses of the last steps, for the record
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=(0.9, 0.99))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(hp.warmup_steps, hp.total_steps))
+        return dict(optimizer=opt, lr_scheduler=dict(scheduler=sched, interval="step"))
+
+    def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """Replace labels by the null label with probability label_dropout (trains the unconditional branch)."""
+        p = self.hparams.label_dropout
+        if p <= 0 or self.net.num_classes == 0:
+            return y
+        drop = torch.rand(y.shape, device=y.device) < p
+        return torch.where(drop, torch.full_like(y, self.net.num_classes), y)
+
+    def remember(self, loss: torch.Tensor, every: int = 10) -> None:
+        # Only sync with the device every few steps: .item() would stall a GPU each step.
+        if self.global_step % every == 0:
+            self._recent = (self._recent + [loss.item()])[-20:]
+
+    @property
+    def recent_loss(self) -> float | None:
+        return sum(self._recent) / len(self._recent) if self._recent else None
+
+
+class ExpertModule(_Base):
+    """Flow matching on one partition: regress the path's velocity with MSE."""
+
+    def __init__(self, model: dict, flow: dict, lr: float = 3e-4, weight_decay: float = 0.0,
+                 warmup_steps: int = 100, total_steps: int = 1000, label_dropout: float = 0.1,
+                 ema_decay: float = 0.999, expert_id: int = 0):
+        super().__init__(flow, lr, weight_decay, warmup_steps, total_steps, label_dropout)
+        self.save_hyperparameters()
+        self.net = DiT(**model)
+        self.ema = make_ema(self.net)
+
+    def training_step(self, batch, batch_idx):
+        x0, y = batch[0], batch[1]
+        x_t, t, _, target = self.path.noised(x0)
+        v = self.net(x_t, t, self.drop_labels(y))
+        loss = F.mse_loss(v.float(), target.float())
+        _check_finite(loss, f"expert {self.hparams.expert_id}", self.global_step)
+        self.log("train/loss", loss, prog_bar=True)
+        self.remember(loss)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        update_ema(self.ema, self.net, ema_decay_at(self.global_step, self.hparams.ema_decay))
+
+
+class RouterModule(_Base):
+    """Cross-entropy of r(x_t, t, y) against the cluster of the clean sample that was noised."""
+
+    def __init__(self, model: dict, flow: dict, lr: float = 3e-4, weight_decay: float = 0.0,
+                 warmup_steps: int = 100, total_steps: int = 1000, label_dropout: float = 0.1):
+        super().__init__(flow, lr, weight_decay, warmup_steps, total_steps, label_dropout)
+        self.save_hyperparameters()
+        self.net = DiTClassifier(**model)
+
+    def training_step(self, batch, batch_idx):
+        x0, y, k = batch
+        x_t, t, _, _ = self.path.noised(x0)
+        logits = self.net(x_t, t, self.drop_labels(y))
+        loss = F.cross_entropy(logits.float(), k)
+        _check_finite(loss, "router", self.global_step)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", (logits.argmax(1) == k).float().mean())
+        self.remember(loss)
+        return loss

@@ -1,0 +1,37 @@
+"""Tiny synthetic run directories for tests of later stages, built without the earlier ones."""
+from __future__ import annotations
+
+import numpy as np
+
+from ddm.artifacts import RunDir
+from ddm.data.shards import ShardSetWriter
+from ddm.io import sha256_strings, write_json
+
+
+def cluster_image(k: int, rng: np.random.Generator, size: int = 8) -> np.ndarray:
+    """Cluster k: a bright square in quadrant k (mod 4) on a noisy dark background; clearly separable."""
+    img = rng.integers(0, 60, size=(size, size))
+    h = size // 2
+    r, c = divmod(k % 4, 2)
+    img[r * h:(r + 1) * h, c * h:(c + 1) * h] += 180
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def make_partitions(run_dir, sizes=(40, 40), num_classes=3, size=8, shard_size=10, clustering_id="c0ffee",
+                    seed=0) -> RunDir:
+    """Write partitions/cluster-KK shard sets plus the partition index, as the partition stage does."""
+    rd = RunDir(run_dir)
+    rng = np.random.default_rng(seed)
+    K = len(sizes)
+    for k, n in enumerate(sizes):
+        keys = [f"syn-train-{k:02d}{i:06d}" for i in range(n)]
+        labels = [int(i % num_classes) for i in range(n)]
+        with ShardSetWriter(rd.partition(k), shard_size, cluster=k, num_clusters=K, clustering_id=clustering_id,
+                            keys_sha256=sha256_strings(keys), image_size=size, channels=1,
+                            num_classes=num_classes, class_names=None) as w:
+            for key, y in zip(keys, labels):
+                w.write(key, cluster_image(k, rng, size), y)
+    write_json(rd.partitions / "manifest.json",
+               dict(clustering_id=clustering_id, num_clusters=K, sizes=list(sizes),
+                    clusters=[rd.partition(k).name for k in range(K)]))
+    return rd
