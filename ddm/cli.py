@@ -26,6 +26,8 @@ def setup_logging(level: str = "INFO") -> None:
         handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     logger.propagate = False
+    # Lightning's start-up banners (accelerator availability, product tips) are noise in every job log.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
 
 def run_stage(stage: str, cfg):
@@ -48,7 +50,18 @@ def main(argv: list[str] | None = None) -> None:
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _entry(cfg):
         setup_logging(cfg.get("log_level", "INFO"))
-        run_stage(stage, cfg)
+        if stage == "pipeline":  # times each of its stages itself
+            run_stage(stage, cfg)
+            return
+        from ddm.artifacts import RunDir
+        from ddm.stages import timed
+        from ddm.stages.pipeline import record_timing
+
+        sink: dict = {}
+        with timed(stage, sink):
+            run_stage(stage, cfg)
+        name = f"train-expert-{int(cfg.expert.id):02d}" if stage == "train-expert" else stage
+        record_timing(RunDir(cfg.run_dir), name, sink[stage])
 
     # Hydra reads sys.argv; hand it the overrides only.
     sys.argv = [f"ddm {stage}"] + argv

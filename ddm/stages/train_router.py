@@ -3,7 +3,7 @@
 Trained with cross-entropy against the cluster of the clean sample that the
 shared ``FlowPath`` noised, over (a fraction of) every partition, drawn in
 proportion to cluster size so its optimum is the posterior p(k | x_t, t, y).
-Needs no expert. The last shard of each partition (when it has more than one)
+Needs no expert. The first shard of each partition (when it has more than one)
 is held out to measure accuracy in buckets of t.
 """
 from __future__ import annotations
@@ -47,11 +47,11 @@ def load_partitions(rd: RunDir) -> tuple[dict, list[dict]]:
 
 
 def split_shards(urls: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    """(training shards, held-out shards): the last shard is held out when there are two or more."""
-    held = urls[-1:] if len(urls) > 1 else []
-    train = urls[:-1] if held else urls
+    """(training shards, held-out shards): the first shard (always a full one; the last may hold
+    a remainder) is held out when there are two or more."""
+    held, train = (urls[:1], urls[1:]) if len(urls) > 1 else (urls, urls)
     n = max(1, math.ceil(fraction * len(train)))
-    return train[:n], held or urls[-1:]
+    return train[:n], held
 
 
 def eval_set(manifests, held, total: int):

@@ -1,0 +1,176 @@
+"""Image encoders for clustering: uint8 images in, L2-normalised float32 rows out.
+
+Every encoder has ``.name``, ``.dim``, ``.spec`` (the options that change its
+output, recorded with the embeddings) and ``__call__(images) -> [B, dim]``,
+where ``images`` is a uint8 array ``[B, H, W]`` (grayscale) or ``[B, H, W, 3]``.
+
+Rows are unit length so that k-means with faiss (L2 or inner product) is
+spherical k-means, i.e. clusters by cosine similarity, as is usual for
+CLIP/DINO features. (An all-constant image has no direction in the ``pixels``
+encoder and maps to the zero vector.)
+
+Encoders (``embed.encoder``):
+
+- ``pixels``: downsampled pixels, centred and normalised, optionally through a
+  fixed random projection. Needs no weights; clusters follow layout and
+  brightness, not meaning. The default, because no pretrained weights can be
+  downloaded on machines without internet.
+- ``open_clip``: an open_clip image tower (``embed.model``) with weights from
+  a local file, a hub tag (needs internet) or random init (for tests only).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("ddm")
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+class Encoder(Protocol):
+    name: str
+    dim: int
+    spec: dict
+
+    def __call__(self, images: np.ndarray) -> np.ndarray: ...
+
+
+def _to_nchw(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B,H,W] or [B,H,W,C] -> float [B,C,H,W] in 0..1."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+
+
+class PixelEncoder:
+    """Pixels at ``size`` x ``size``, centred per image, L2-normalised; optional random projection to ``dim``."""
+
+    name = "pixels"
+
+    def __init__(self, channels: int, size: int = 16, dim: int | None = None, seed: int = 0):
+        self.size = int(size)
+        self.channels = int(channels)
+        flat = self.channels * self.size * self.size
+        self.dim = int(dim) if dim else flat
+        self.spec = dict(encoder=self.name, size=self.size, channels=self.channels, dim=dim, seed=seed)
+        # A fixed Gaussian projection (Johnson-Lindenstrauss) keeps cosine similarities
+        # approximately while shrinking big images; numpy's seeded generator makes it
+        # the same on every machine, so resumed runs produce matching rows.
+        self.projection = None
+        if dim:
+            rng = np.random.default_rng(seed)
+            self.projection = torch.from_numpy(rng.standard_normal((flat, self.dim), dtype=np.float32))
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        x = _to_nchw(images)
+        if x.shape[1] != self.channels:
+            raise ValueError(f"pixels encoder was built for {self.channels} channels but got images of shape "
+                             f"{images.shape[1:]}")
+        # antialias: downsampling without it aliases fine texture into the embedding.
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        x = x.flatten(1)
+        # Centring removes overall brightness, so the direction encodes the pattern.
+        x = x - x.mean(dim=1, keepdim=True)
+        x = F.normalize(x, dim=1)
+        if self.projection is not None:
+            x = F.normalize(x @ self.projection, dim=1)
+        return x.numpy().astype(np.float32, copy=False)
+
+
+def _device(name: str | None) -> torch.device:
+    name = name or "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"embed.device={name} but no CUDA device is visible: use embed.device=cpu or auto")
+    return torch.device(name)
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or value.endswith(WEIGHT_SUFFIXES) or Path(value).exists()
+
+
+class OpenClipEncoder:
+    """The image tower of an open_clip model; features are L2-normalised ``encode_image`` outputs."""
+
+    name = "open_clip"
+
+    def __init__(self, model: str = "ViT-B-32", pretrained: str | None = None, image_size: int | None = None,
+                 device: str | None = "auto"):
+        import open_clip
+
+        if model not in open_clip.list_models():
+            raise ValueError(f"embed.model={model!r} is not an open_clip model; see open_clip.list_models(), "
+                             f"e.g. ViT-B-32, ViT-S-32-alt, RN50")
+        pretrained = str(pretrained) if pretrained else None
+        self.device = _device(device)
+        kwargs = dict(force_image_size=int(image_size)) if image_size else {}
+        self.model, self.preprocess = _create_open_clip(open_clip, model, pretrained, kwargs)
+        self.model.to(self.device).eval()
+        self.dim = int(open_clip.get_model_config(model)["embed_dim"])
+        self.spec = dict(encoder=self.name, model=model, pretrained=pretrained, image_size=image_size)
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        # open_clip's transforms expect RGB PIL images; grayscale is copied into three channels.
+        batch = torch.stack([self.preprocess(Image.fromarray(im).convert("RGB")) for im in images])
+        features = self.model.encode_image(batch.to(self.device))
+        return F.normalize(features.float(), dim=1).cpu().numpy()
+
+
+def _create_open_clip(open_clip, model: str, pretrained: str | None, kwargs: dict):
+    """(model, eval preprocess) with weights from nowhere, a local file or the hub; clear errors for each."""
+    if pretrained is None:
+        log.warning(f"embed: open_clip {model} has RANDOM weights (embed.pretrained=null): its embeddings carry "
+                    f"no meaning and the clusters will be meaningless. Use it for tests only; pass a local "
+                    f"weights file with embed.pretrained=/path/to/weights.pt")
+    elif _looks_like_path(pretrained):
+        if not Path(pretrained).is_file():
+            raise FileNotFoundError(f"embed.pretrained={pretrained}: no such weights file; give the path of an "
+                                    f"open_clip state dict (.pt/.bin/.safetensors) for {model}")
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        if pretrained not in tags:
+            raise ValueError(f"embed.pretrained={pretrained!r} is neither a file nor a hub tag of {model} "
+                             f"(tags: {tags}); pass a local weights file path instead")
+    try:
+        created, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, **kwargs)
+    except Exception as e:
+        if pretrained is None or _looks_like_path(pretrained):
+            raise RuntimeError(f"open_clip could not build {model} with embed.pretrained={pretrained}: {e}") from e
+        raise RuntimeError(f"could not get open_clip weights {model}/{pretrained} from the hub ({e}). Hub "
+                           f"weights cannot be downloaded on machines without internet: download them "
+                           f"elsewhere and pass the local file, embed.pretrained=/path/to/weights.bin") from e
+    return created, preprocess
+
+
+def _build_pixels(cfg, meta) -> PixelEncoder:
+    log.info("embed: 'pixels' encoder (downsampled pixels: no pretrained weights needed, and none can be "
+             "downloaded on these machines); for clusters by meaning use embed=open_clip with a local "
+             "embed.pretrained weights file")
+    return PixelEncoder(channels=meta.channels, size=cfg.get("size", 16), dim=cfg.get("dim"),
+                        seed=cfg.get("seed", 0))
+
+
+def _build_open_clip(cfg, meta) -> OpenClipEncoder:
+    return OpenClipEncoder(model=cfg.get("model", "ViT-B-32"), pretrained=cfg.get("pretrained"),
+                           image_size=cfg.get("image_size"), device=cfg.get("device", "auto"))
+
+
+ENCODERS: dict[str, Callable] = {"pixels": _build_pixels, "open_clip": _build_open_clip}
+
+
+def build_encoder(cfg_embed, data_meta) -> Encoder:
+    """The encoder named by ``cfg_embed.encoder``, for images described by ``data_meta`` (a SourceMeta)."""
+    name = cfg_embed.encoder
+    if name not in ENCODERS:
+        raise ValueError(f"embed.encoder={name!r} is not a known encoder; choose one of {sorted(ENCODERS)}")
+    return ENCODERS[name](cfg_embed, data_meta)

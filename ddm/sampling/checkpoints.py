@@ -1,0 +1,183 @@
+"""Loading the trained artefacts of a run (``expert.pt``, ``router.pt``) as plain PyTorch modules.
+
+Each file is a dict written by ``ddm.train.export.save_weights``::
+
+    kind="expert" | "router", model_config (constructor kwargs), state_dict,
+    flow (FlowPath.config()), num_experts=K, clustering_id, steps, [expert_id]
+
+``load_ensemble`` checks that the pieces belong together before sampling:
+experts and router trained on one clustering, with one K, one flow path and
+one label set. A mismatch is an error that names the files and the fix.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ddm.artifacts import RunDir
+from ddm.ensemble import Ensemble
+from ddm.flow import FlowPath, flow_path_from_config
+from ddm.io import read_json
+from ddm.models.dit import DiT, DiTClassifier
+
+# Fields of FlowPath.config() that define the path itself. The others (time
+# sampling during training, t_eps) may differ between jobs without changing
+# what a velocity or a posterior means.
+PATH_FIELDS = ("schedule",)
+
+
+def _load(path: str | os.PathLike, kind: str, map_location) -> dict:
+    path = Path(path)
+    if not path.exists():
+        stage = "train-expert" if kind == "expert" else "train-router"
+        raise FileNotFoundError(f"no {kind} weights at {path}: run `ddm {stage}` first")
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("kind") != kind:
+        found = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path} is not a {kind} file (kind={found!r}); expected what `ddm "
+                         f"{'train-expert' if kind == 'expert' else 'train-router'}` writes")
+    return payload
+
+
+def _build(cls, payload: dict, path) -> tuple[torch.nn.Module, dict]:
+    model = cls(**payload["model_config"])
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    meta["path"] = str(path)
+    return model, meta
+
+
+def load_expert(path: str | os.PathLike, map_location="cpu") -> tuple[DiT, dict]:
+    """One expert's EMA network and its metadata (everything in the file but the weights)."""
+    return _build(DiT, _load(path, "expert", map_location), path)
+
+
+def load_router(path: str | os.PathLike, map_location="cpu") -> tuple[DiTClassifier, dict]:
+    """The router network and its metadata."""
+    return _build(DiTClassifier, _load(path, "router", map_location), path)
+
+
+def expert_ids_on_disk(rd: RunDir) -> list[int]:
+    """Ids of the ``experts/expert-KK/`` folders that hold a finished ``expert.pt``."""
+    if not rd.experts.exists():
+        return []
+    ids = []
+    for folder in rd.experts.glob("expert-*"):
+        suffix = folder.name.split("-", 1)[1]
+        if suffix.isdigit() and (folder / "expert.pt").exists():
+            ids.append(int(suffix))
+    return sorted(ids)
+
+
+def load_ensemble(run_dir: str | os.PathLike, strategy: str = "top1", top_k: int = 2,
+                  subset: Sequence[int] | None = None, device="cpu", temperature: float = 1.0,
+                  generator: torch.Generator | None = None) -> tuple[Ensemble, FlowPath, dict]:
+    """Build the sampling-time ``Ensemble`` of a run from its router and expert files.
+
+    Args:
+        run_dir: the run directory (``experts/expert-KK/expert.pt``, ``router/router.pt``).
+        strategy, top_k, temperature, generator: passed to ``Ensemble``.
+        subset: expert ids to use; only these must exist. None: all K must exist.
+        device: where the modules are moved.
+
+    Returns ``(ensemble, flow_path, info)``; ``info`` holds K, the experts used,
+    the clustering id, the training steps of each network and the image shape.
+    """
+    rd = RunDir(run_dir)
+    router, rmeta = load_router(rd.router_weights)
+    K, cid = int(rmeta["num_experts"]), rmeta["clustering_id"]
+    _check_router(router, rmeta, rd)
+    wanted = _wanted_ids(rd, K, subset)
+
+    experts, metas = {}, {}
+    for k in wanted:
+        experts[k], metas[k] = load_expert(rd.expert_weights(k))
+        _check_expert(k, metas[k], rmeta)
+    _check_num_classes(experts, router, metas, rmeta)
+
+    ensemble = Ensemble(experts, router, strategy=strategy, top_k=top_k,
+                        subset=wanted if subset is not None else None, generator=generator,
+                        temperature=temperature, num_experts=K).to(device).eval()
+    first = metas[wanted[0]]["model_config"]
+    info = dict(num_experts=K, experts=wanted, clustering_id=cid, router_steps=rmeta.get("steps"),
+                expert_steps={k: metas[k].get("steps") for k in wanted}, flow=rmeta["flow"],
+                num_classes=first.get("num_classes", 0), image_size=first["image_size"],
+                in_channels=first["in_channels"])
+    return ensemble, flow_path_from_config(rmeta["flow"]), info
+
+
+def _check_router(router, rmeta: dict, rd: RunDir) -> None:
+    K = int(rmeta["num_experts"])
+    if router.num_outputs != K:
+        raise ValueError(f"{rmeta['path']} says num_experts={K} but its network has {router.num_outputs} "
+                         f"outputs: the file is inconsistent; retrain with `ddm train-router redo=true`")
+    if rd.cluster_report.exists():
+        report = read_json(rd.cluster_report)
+        k_report = report.get("k", report.get("num_clusters"))
+        if k_report is not None and int(k_report) != K:
+            raise ValueError(f"the router {rmeta['path']} was trained for K={K} experts but "
+                             f"{rd.cluster_report} has K={k_report} clusters: retrain the router "
+                             f"(`ddm train-router redo=true`) or use the run it belongs to")
+        cid_report = report.get("clustering_id")
+        if cid_report is not None and cid_report != rmeta["clustering_id"]:
+            raise ValueError(f"the router {rmeta['path']} was trained on clustering {rmeta['clustering_id']}, "
+                             f"but {rd.cluster_report} is clustering {cid_report}: retrain the router and "
+                             f"experts on the current clustering or use the matching run")
+
+
+def _wanted_ids(rd: RunDir, K: int, subset) -> list[int]:
+    on_disk = expert_ids_on_disk(rd)
+    extra = [k for k in on_disk if k >= K]
+    if extra:
+        raise ValueError(f"{rd.experts} holds experts {extra} but the router {rd.router_weights} has only "
+                         f"K={K} outputs: the experts and the router come from different clusterings; "
+                         f"retrain the router or use the matching run")
+    if subset is None:
+        wanted = list(range(K))
+    else:
+        wanted = sorted({int(k) for k in subset})
+        bad = [k for k in wanted if not 0 <= k < K]
+        if not wanted or bad:
+            raise ValueError(f"sample.experts={list(subset)} must name expert ids in 0..{K - 1}")
+    missing = [k for k in wanted if k not in on_disk]
+    if missing:
+        paths = ", ".join(str(rd.expert_weights(k)) for k in missing)
+        hint = ("" if subset is not None else
+                f", or sample with the ones you have: sample.experts={on_disk}" if on_disk else "")
+        raise FileNotFoundError(f"experts {missing} are missing ({paths}): train them with "
+                                f"`ddm train-expert expert.id=N`{hint}")
+    return wanted
+
+
+def _check_expert(k: int, meta: dict, rmeta: dict) -> None:
+    where = meta["path"]
+    if int(meta.get("expert_id", k)) != k:
+        raise ValueError(f"{where} holds expert {meta['expert_id']}, not expert {k}: the file was copied "
+                         f"into the wrong folder; retrain or move it to experts/expert-{meta['expert_id']:02d}")
+    if int(meta["num_experts"]) != int(rmeta["num_experts"]):
+        raise ValueError(f"expert {k} ({where}) was trained with K={meta['num_experts']} clusters, the router "
+                         f"({rmeta['path']}) with K={rmeta['num_experts']}: retrain one of them on the "
+                         f"same clustering or use the matching run")
+    if meta["clustering_id"] != rmeta["clustering_id"]:
+        raise ValueError(f"expert {k} was trained on clustering {meta['clustering_id']}, the router on "
+                         f"{rmeta['clustering_id']} ({where} vs {rmeta['path']}): retrain the router or "
+                         f"the expert on one clustering, or use the matching run")
+    mine = {f: meta["flow"].get(f) for f in PATH_FIELDS}
+    theirs = {f: rmeta["flow"].get(f) for f in PATH_FIELDS}
+    if mine != theirs:
+        raise ValueError(f"expert {k} was trained on flow path {mine}, the router on {theirs} "
+                         f"({where} vs {rmeta['path']}): they must share one path; retrain with the same "
+                         f"flow.schedule")
+
+
+def _check_num_classes(experts: dict, router, metas: dict, rmeta: dict) -> None:
+    by_model = {k: e.num_classes for k, e in experts.items()}
+    by_model["router"] = router.num_classes
+    if len(set(by_model.values())) > 1:
+        files = {k: (metas[k]["path"] if k in metas else rmeta["path"]) for k in by_model}
+        raise ValueError(f"models with num_classes mismatch: {by_model} ({files}); experts and router "
+                         f"must be trained on the same label set (data.num_classes)")

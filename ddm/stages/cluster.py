@@ -1,0 +1,158 @@
+"""Stage ``cluster``: partition the dataset by meaning (or at random, as a baseline).
+
+Reads embeddings/ (flat, two_stage) or only data/ shard keys (random); writes
+clusters/: centroids.npy (flat, two_stage), fine_centroids.npy and
+fine_to_coarse.npy (two_stage), assignments.npz (keys, cluster in dataset
+order) and, last, report.json with sizes, inertia and the ``clustering_id``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from ddm.artifacts import RunDir
+from ddm.cluster import clustering_id, save_assignments
+from ddm.cluster.kmeans import Clustering, check_k, effective_fine_k, flat_kmeans, random_partition, two_stage_kmeans
+from ddm.data.shards import iter_shard, load_manifest, shard_paths
+from ddm.io import atomic_path, read_json, sha256_strings, write_json
+from ddm.stages import skip
+
+log = logging.getLogger("ddm")
+
+METHODS = ("two_stage", "flat", "random")
+# Files a method may have written; a redo with another method removes the others' leftovers.
+OUTPUTS = ("centroids.npy", "fine_centroids.npy", "fine_to_coarse.npy", "assignments.npz")
+
+
+def run(cfg) -> dict:
+    """Cluster the run's dataset into ``cluster.k`` parts; return the report (also clusters/report.json)."""
+    run_dir = RunDir(cfg.run_dir)
+    c = cfg.cluster
+    if skip(run_dir.cluster_report, cfg):
+        report = read_json(run_dir.cluster_report)
+        _warn_if_config_differs(report, c)
+        log.info("cluster: done already (%s K=%d id=%s); redo=true recomputes -> %s",
+                 report["method"], report["k"], report["clustering_id"], run_dir.clusters)
+        return report
+    if c.method not in METHODS:
+        raise ValueError(f"cluster.method={c.method!r} is not one of {list(METHODS)}")
+    _set_threads(OmegaConf.select(cfg, "island.threads", default=None))
+
+    data_manifest = load_manifest(run_dir.data)
+    encoder = None
+    if c.method == "random":
+        keys = read_data_keys(run_dir.data, data_manifest)
+        result = random_partition(len(keys), int(c.k), seed=int(c.seed))
+    else:
+        x, keys, emb_manifest = load_embeddings(run_dir.embeddings, data_manifest)
+        encoder = emb_manifest.get("encoder")
+        result = _kmeans(x, c)
+        del x
+
+    report = _write_outputs(run_dir, c, keys, result, encoder)
+    log.info("cluster: %s K=%d sizes=%s inertia=%s id=%s -> %s", report["method"], report["k"], report["sizes"],
+             _fmt(report["inertia"]), report["clustering_id"], run_dir.clusters)
+    return report
+
+
+def load_embeddings(folder: Path, data_manifest: dict) -> tuple[np.ndarray, list[str], dict]:
+    """(float32 [N, D] matrix, keys, manifest) of embeddings/, checked against the data manifest.
+
+    Each shard is memory-mapped and copied into one preallocated matrix, so the
+    peak is the matrix itself rather than shards plus their concatenation.
+    """
+    path = Path(folder) / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no embeddings manifest at {path}: run the embed stage first "
+                                f"(or use cluster=random, which needs no embeddings)")
+    manifest = read_json(path)
+    data_sha = data_manifest.get("keys_sha256")
+    if data_sha is not None and manifest.get("keys_sha256") != data_sha:
+        raise ValueError(f"embeddings in {folder} were computed for different data (keys_sha256 "
+                         f"{manifest.get('keys_sha256')} != data's {data_sha}): rerun embed with redo=true")
+    x = np.empty((manifest["num_samples"], manifest["dim"]), dtype=np.float32)
+    keys: list[str] = []
+    row = 0
+    for shard in manifest["shards"]:
+        emb = np.load(Path(folder) / shard["embeddings"], mmap_mode="r")
+        shard_keys = (Path(folder) / shard["keys"]).read_text().splitlines()
+        if emb.shape[1:] != x.shape[1:] or len(emb) != len(shard_keys) or row + len(emb) > len(x):
+            raise ValueError(f"embeddings shard {shard['embeddings']} has shape {emb.shape} for "
+                             f"{len(shard_keys)} keys (manifest: {manifest['num_samples']} samples of dim "
+                             f"{manifest['dim']}): embeddings/ is inconsistent; rerun embed with redo=true")
+        x[row:row + len(emb)] = emb
+        keys.extend(shard_keys)
+        row += len(emb)
+    # The files must agree with the manifest that vouched for them.
+    if row != len(x) or sha256_strings(keys) != manifest.get("keys_sha256"):
+        raise ValueError(f"the keys files in {folder} do not match its manifest's keys_sha256 / num_samples: "
+                         f"rerun embed with redo=true")
+    return x, keys, manifest
+
+
+def read_data_keys(folder: Path, data_manifest: dict) -> list[str]:
+    """Sample keys of the data shard set in stored order (the random baseline needs nothing else)."""
+    return [sample["key"] for path in shard_paths(folder, data_manifest) for sample in iter_shard(path)]
+
+
+def _kmeans(x: np.ndarray, c) -> Clustering:
+    k, seed, niter, spherical = int(c.k), int(c.seed), int(c.niter), bool(c.spherical)
+    if c.method == "flat":
+        return flat_kmeans(x, k, niter=niter, seed=seed, spherical=spherical)
+    check_k(k, len(x))  # before effective_fine_k, so k > N gets the clearer message
+    fine_k = effective_fine_k(int(c.fine_k), k, len(x))
+    if fine_k < int(c.fine_k):
+        log.info("cluster: note: cluster.fine_k=%d reduced to %d for N=%d samples (at most N // 4, so each "
+                 "fine centroid has a few samples)", int(c.fine_k), fine_k, len(x))
+    return two_stage_kmeans(x, k, fine_k=fine_k, niter=niter, seed=seed, spherical=spherical)
+
+
+def _write_outputs(run_dir: RunDir, c, keys: list[str], result: Clustering, encoder: str | None) -> dict:
+    """Arrays first, report.json last: a clusters/ folder with a report is complete."""
+    folder = run_dir.clusters
+    folder.mkdir(parents=True, exist_ok=True)
+    run_dir.cluster_report.unlink(missing_ok=True)
+    for name in OUTPUTS:
+        (folder / name).unlink(missing_ok=True)
+    arrays = dict(centroids=result.centroids, fine_centroids=result.fine_centroids,
+                  fine_to_coarse=result.fine_to_coarse)
+    for name, array in arrays.items():
+        if array is not None:
+            with atomic_path(folder / f"{name}.npy") as tmp:
+                np.save(tmp, array)
+    save_assignments(run_dir.assignments, keys, result.labels)
+
+    k = int(c.k)
+    report = dict(
+        method=str(c.method), k=k, fine_k=result.fine_k, seed=int(c.seed),
+        niter=None if c.method == "random" else int(c.niter),
+        spherical=None if c.method == "random" else bool(c.spherical),
+        num_samples=len(keys), sizes=np.bincount(result.labels, minlength=k).tolist(),
+        inertia=result.inertia, fine_inertia=result.fine_inertia,
+        encoder=encoder, keys_sha256=sha256_strings(keys),
+        clustering_id=clustering_id(keys, result.labels),
+    )
+    write_json(run_dir.cluster_report, report)
+    return report
+
+
+def _warn_if_config_differs(report: dict, c) -> None:
+    """A skipped stage keeps the old clustering: say so when the config now asks for another."""
+    asked = dict(method=str(c.method), k=int(c.k), seed=int(c.seed))
+    made = {name: report.get(name) for name in asked}
+    if asked != made:
+        log.warning("cluster: clusters/ were made with %s but the config asks for %s; keeping them "
+                    "(pass redo=true to recluster)", made, asked)
+
+
+def _set_threads(threads) -> None:
+    if threads:
+        import faiss
+        faiss.omp_set_num_threads(int(threads))
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"

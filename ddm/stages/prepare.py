@@ -1,0 +1,69 @@
+"""Stage ``prepare``: shard the whole dataset into ``<run>/data/`` as webdataset tars.
+
+Reads the source named by ``cfg.data.source`` (see ``ddm.data.sources``) and
+writes ``shard-NNNNNN.tar`` files of ``cfg.data.shard_size`` samples, then
+``manifest.json`` with the shard list and, besides the shard-set fields::
+
+    source, split, image_size, channels, num_classes, class_names,
+    keys_sha256   # ddm.io.sha256_strings of every key in stored order
+
+Later stages get the dataset's metadata with
+``SourceMeta.from_manifest(load_manifest(RunDir(cfg.run_dir).data))`` and can
+check they still see the same samples by comparing ``keys_sha256``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ddm.artifacts import RunDir
+from ddm.data.shards import MANIFEST, ShardSetWriter, load_manifest
+from ddm.data.sources import open_source
+from ddm.io import sha256_strings
+from ddm.stages import skip
+
+log = logging.getLogger("ddm")
+
+
+def _clear(folder: Path) -> None:
+    """Remove an earlier shard set: the manifest first, so the folder never looks complete meanwhile."""
+    (folder / MANIFEST).unlink(missing_ok=True)
+    for path in list(folder.glob("shard-*.tar")) + list(folder.glob(".shard-*.tar.tmp")):
+        path.unlink()
+
+
+def _summary(manifest: dict, folder: Path, skipped: bool) -> dict:
+    return dict(stage="prepare", path=str(folder), skipped=skipped, num_samples=manifest["num_samples"],
+                num_shards=len(manifest["shards"]), source=manifest["source"], split=manifest["split"],
+                image_size=manifest["image_size"], channels=manifest["channels"],
+                num_classes=manifest["num_classes"])
+
+
+def run(cfg) -> dict:
+    """Write every sample of ``cfg.data`` into shards under ``<run_dir>/data``; return a summary."""
+    folder = RunDir(cfg.run_dir).data
+    if skip(folder / MANIFEST, cfg):
+        manifest = load_manifest(folder)
+        log.info(f"prepare: {manifest['num_samples']} samples in {len(manifest['shards'])} shards -> {folder} "
+                 f"(already there; redo=true rebuilds)")
+        return _summary(manifest, folder, skipped=True)
+
+    # Open (and so validate) the source before touching an earlier result.
+    source = open_source(cfg.data)
+    folder.mkdir(parents=True, exist_ok=True)
+    _clear(folder)
+    keys: list[str] = []
+    with ShardSetWriter(folder, int(cfg.data.shard_size), source=cfg.data.source, split=source.split,
+                        **source.meta.as_dict()) as writer:
+        for sample in tqdm(source.samples, desc="prepare", unit="img", disable=None):
+            writer.write(sample.key, sample.image, sample.label, sample.caption)
+            keys.append(sample.key)
+        if not keys:
+            raise ValueError(f"data.source={cfg.data.source} gave no samples; check data.root / data.urls")
+        # The writer puts its extra fields into the manifest when the block closes.
+        writer.extra["keys_sha256"] = sha256_strings(keys)
+    manifest = writer.manifest
+    log.info(f"prepare: {manifest['num_samples']} samples in {len(manifest['shards'])} shards -> {folder}")
+    return _summary(manifest, folder, skipped=False)

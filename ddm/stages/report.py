@@ -1,0 +1,136 @@
+"""Stage ``report``: ``report.md`` and a montage of real images per cluster, from the run's records.
+
+Reads only records and manifests already written (plus a few images per
+partition for the montage); it never trains or samples anything.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ddm.artifacts import RunDir
+from ddm.data.shards import iter_samples, load_manifest, shard_paths
+from ddm.io import read_json, write_text
+from ddm.viz import save_grid
+
+log = logging.getLogger("ddm")
+
+MONTAGE = "montage.png"
+
+
+def _read(path: Path):
+    return read_json(path) if path.exists() else None
+
+
+def cluster_montage(rd: RunDir, K: int, per_cluster: int = 12) -> Path | None:
+    """The first training images of each cluster, one row per cluster: what each expert specialises in."""
+    rows = []
+    for k in range(K):
+        if not (rd.partition(k) / "manifest.json").exists():
+            return None
+        images = []
+        for s in iter_samples(shard_paths(rd.partition(k))):
+            images.append(s["image"])
+            if len(images) == per_cluster:
+                break
+        blank = np.full_like(images[0], 255)
+        rows.extend(images + [blank] * (per_cluster - len(images)))
+    path = rd.root / MONTAGE
+    save_grid(np.stack(rows), per_cluster, path, row_labels=[f"cluster {k}" for k in range(K)])
+    return path
+
+
+def _stage_order(name: str) -> tuple:
+    from ddm.stages import STAGES
+
+    order = list(STAGES)
+    base = "train-expert" if name.startswith("train-expert") else name
+    return (order.index(base) if base in order else len(order), name)
+
+
+def _fmt(x, spec=".4f"):
+    return "-" if x is None else format(x, spec)
+
+
+def _class_mix(manifest: dict, names) -> str:
+    counts = manifest.get("class_counts") or {}
+    total = sum(counts.values()) or 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+    label = (lambda c: names[int(c)] if names and 0 <= int(c) < len(names) else str(c))
+    return ", ".join(f"{label(c)} {100 * n / total:.0f}%" for c, n in top)
+
+
+def build_report(rd: RunDir) -> str:
+    lines = [f"# Run `{rd.root.name}`", ""]
+    data = _read(rd.data_manifest) or {}
+    clusters = _read(rd.cluster_report)
+    router = _read(rd.router_record)
+    samples = _read(rd.samples_record)
+    timings = _read(rd.timings) or {}
+    if data:
+        lines += [f"Data: {data.get('num_samples')} samples from `{data.get('source')}` "
+                  f"({data.get('image_size')}px, {data.get('channels')} channel(s), "
+                  f"{data.get('num_classes')} classes) in {len(data.get('shards', []))} shards.", ""]
+    if clusters:
+        K = int(clusters["k"])
+        names = data.get("class_names")
+        lines += ["## Clusters", "",
+                  f"Method `{clusters['method']}`, K = {K}, embeddings `{clusters.get('encoder', '-')}`, "
+                  f"clustering id `{clusters['clustering_id']}`, inertia {_fmt(clusters.get('inertia'))}.", "",
+                  "| cluster | samples | share | main classes |", "|---|---|---|---|"]
+        total = sum(clusters["sizes"])
+        for k, n in enumerate(clusters["sizes"]):
+            mix = ""
+            if (rd.partition(k) / "manifest.json").exists():
+                mix = _class_mix(load_manifest(rd.partition(k)), names)
+            lines.append(f"| {k} | {n} | {100 * n / total:.1f}% | {mix} |")
+        lines.append("")
+        if (rd.root / MONTAGE).exists():
+            lines += [f"Real training images per cluster: ![montage]({MONTAGE})", ""]
+        lines += ["## Experts", "", "| expert | steps | batch | samples seen | final loss | params | train FLOPs | wall s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for k in range(K):
+            rec = _read(rd.expert_record(k))
+            if rec is None:
+                lines.append(f"| {k} | missing | | | | | | |")
+                continue
+            lines.append(f"| {k} | {rec['steps']} | {rec['batch_size']} | {rec['samples_seen']} | "
+                         f"{_fmt(rec['final_loss'])} | {rec['params']:,} | {rec['train_flops']:.3g} | {rec['wall_s']} |")
+        lines.append("")
+    if router:
+        lines += ["## Router", "",
+                  f"{router['steps']} steps, batch {router['batch_size']}, {router['params']:,} parameters, "
+                  f"final loss {_fmt(router['final_loss'])}. Accuracy on {router['eval_samples']} held-out samples "
+                  f"(weighted to the cluster sizes; the prior alone scores "
+                  f"{router['accuracy_by_t'][0]['prior_accuracy']:.3f}):", "",
+                  "| t | accuracy | entropy (nats) | calibration gap |", "|---|---|---|---|"]
+        for r in router["accuracy_by_t"]:
+            lines.append(f"| {r['t_lo']:.1f}-{r['t_hi']:.1f} | {r['accuracy']:.3f} | {r['entropy']:.3f} | "
+                         f"{r['calibration_gap']:.3f} |")
+        lines.append("")
+    if samples:
+        keys = ("strategy", "top_k", "experts", "solver", "steps", "cfg_scale", "seed")
+        settings = ", ".join(f"{k}={samples.get(k)}" for k in keys if k in samples)
+        lines += ["## Samples", "", f"Settings: {settings}.", "",
+                  "One row per class: ![samples](samples/grid.png)", "",
+                  "Expert usage against t: ![usage](samples/usage.png)", ""]
+    if timings:
+        lines += ["## Wall time and memory per stage", "", "| stage | wall s | peak RSS GiB | loader workers peak GiB |",
+                  "|---|---|---|---|"]
+        for name, t in sorted(timings.items(), key=lambda kv: _stage_order(kv[0])):
+            lines.append(f"| {name} | {t['wall_s']} | {t['peak_rss_gib']} | {t.get('workers_peak_rss_gib', '-')} |")
+        lines += ["", f"Total: {sum(t['wall_s'] for t in timings.values()):.0f} s "
+                      f"(excluding this report)."]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg) -> dict:
+    rd = RunDir(cfg.run_dir)
+    clusters = _read(rd.cluster_report)
+    if clusters:
+        cluster_montage(rd, int(clusters["k"]))
+    write_text(rd.report, build_report(rd))
+    log.info("report: %s", rd.report)
+    return dict(report=str(rd.report))

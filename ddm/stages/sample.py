@@ -1,0 +1,144 @@
+"""Stage ``sample``: draw a labelled grid (and optional evaluation samples) from the expert ensemble.
+
+Reads ``router/router.pt`` and ``experts/expert-KK/expert.pt``; writes, in ``samples/``::
+
+    grid.png      one row per class (class names from data/manifest.json when known)
+    samples.npz   images (uint8 [N, H, W] or [N, H, W, C]), labels (-1: unconditional),
+                  num_grid (the first num_grid images are the grid)
+    usage.json    one record per solver evaluation: t, samples per expert, mean routing weight
+    usage.png     each expert's share of the routing weight against t
+    record.json   settings and summary, written last (the stage's "done" marker)
+
+A rerun with the same settings returns the existing record; other settings (or
+``redo=true``) sample again.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from ddm.artifacts import RunDir
+from ddm.io import atomic_path, read_json, write_json
+from ddm.sampling import load_ensemble, num_evaluations, sample
+from ddm.viz import plot_usage, save_grid, to_uint8
+
+log = logging.getLogger("ddm")
+
+# The options that change what is sampled: a record with other values is stale.
+SETTINGS = ("strategy", "top_k", "experts", "temperature", "solver", "steps", "cfg_scale",
+            "per_class", "num_samples", "seed")
+
+
+def requested_settings(sc) -> dict:
+    sc = OmegaConf.to_container(sc, resolve=True) if OmegaConf.is_config(sc) else dict(sc)
+    out = {k: sc.get(k) for k in SETTINGS}
+    out["experts"] = None if out["experts"] is None else sorted(int(k) for k in out["experts"])
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def class_names(rd: RunDir, num_classes: int) -> list[str]:
+    """Names from the data manifest's ``class_names`` when present, else the class indices."""
+    names = read_json(rd.data_manifest).get("class_names") if rd.data_manifest.exists() else None
+    if names and len(names) == num_classes:
+        return [str(n) for n in names]
+    return [str(i) for i in range(num_classes)]
+
+
+def plan_labels(num_classes: int, per_class: int, num_samples: int, generator) -> tuple[torch.Tensor | None, int]:
+    """Labels of every sample to draw (grid first) and the grid size; None when unconditional."""
+    if num_classes == 0:
+        return None, per_class * per_class
+    grid = torch.arange(num_classes).repeat_interleave(per_class)
+    extra = torch.randint(num_classes, (num_samples,), generator=generator)
+    return torch.cat([grid, extra]), len(grid)
+
+
+def run(cfg) -> dict:
+    """Sample from the run's ensemble as ``cfg.sample`` says; return the record."""
+    rd = RunDir(cfg.run_dir)
+    sc = cfg.sample
+    settings = requested_settings(sc)
+    if rd.samples_record.exists() and not cfg.get("redo", False):
+        record = read_json(rd.samples_record)
+        if record.get("settings") == settings:
+            log.info("sample: done already (%d images, %s) -> %s", record["num_images"],
+                     settings["strategy"], rd.samples)
+            return record
+
+    start = time.perf_counter()
+    device = resolve_device(str(sc.device))
+    seed = int(settings["seed"])
+    # CPU generators: the same seed gives the same noise and routing draws on any device.
+    gen_noise = torch.Generator().manual_seed(seed)
+    gen_route = torch.Generator().manual_seed(seed + 1)
+    ensemble, path, info = load_ensemble(cfg.run_dir, strategy=settings["strategy"], top_k=settings["top_k"],
+                                         subset=settings["experts"], device=device,
+                                         temperature=float(settings["temperature"]), generator=gen_route)
+    num_classes = int(info["num_classes"])
+    labels, num_grid = plan_labels(num_classes, int(sc.per_class), int(settings["num_samples"]), gen_noise)
+    total = num_grid + int(settings["num_samples"]) if labels is None else len(labels)
+    shape = (info["in_channels"], info["image_size"], info["image_size"])
+
+    images, usage = _draw(ensemble, path, shape, labels, total, int(sc.batch_size), settings, gen_noise, device)
+    out = _write(rd, images, labels, num_grid, usage, num_classes, int(sc.per_class), settings)
+
+    used = [k for k in range(info["num_experts"]) if any(r["counts"][k] for r in usage)]
+    # settings twice: flat for readers (the report), nested for the skip check
+    record = dict(settings=settings, **settings,
+                  num_images=total, num_grid=num_grid, clustering_id=info["clustering_id"],
+                  num_experts=info["num_experts"], experts_loaded=info["experts"], experts_used=used,
+                  evaluations_per_batch=num_evaluations(int(settings["steps"]), settings["solver"]),
+                  flow=info["flow"], device=str(device), wall_s=round(time.perf_counter() - start, 2),
+                  outputs=out)
+    write_json(rd.samples_record, record)
+    log.info("sample: %d images, %s routing, %s x%d, cfg %.2g, experts used %s, %.1fs -> %s", total,
+             settings["strategy"], settings["solver"], settings["steps"], settings["cfg_scale"], used,
+             record["wall_s"], rd.samples)
+    return record
+
+
+def _draw(ensemble, path, shape, labels, total, batch_size, settings, generator, device):
+    """Sample ``total`` images in batches; usage records merged per solver evaluation."""
+    n_eval = num_evaluations(int(settings["steps"]), settings["solver"])
+    counts = np.zeros((n_eval, ensemble.num_experts))
+    weights = np.zeros((n_eval, ensemble.num_experts))
+    ts = np.zeros(n_eval)
+    chunks = []
+    for lo in range(0, total, batch_size):
+        n = min(batch_size, total - lo)
+        y = None if labels is None else labels[lo:lo + n].to(device)
+        ensemble.reset_usage()
+        x = sample(ensemble, path, (n, *shape), y=y, steps=int(settings["steps"]), solver=settings["solver"],
+                   cfg_scale=float(settings["cfg_scale"]), generator=generator, device=device)
+        chunks.append(to_uint8(x))
+        for i, rec in enumerate(ensemble.usage):
+            counts[i] += rec["counts"]
+            weights[i] += n * np.asarray(rec["weights"])  # batch-size weighted mean over batches
+            ts[i] = rec["t"]
+    usage = [dict(t=float(ts[i]), counts=[int(c) for c in counts[i]], weights=(weights[i] / total).tolist())
+             for i in range(n_eval)]
+    return np.concatenate(chunks), usage
+
+
+def _write(rd, images, labels, num_grid, usage, num_classes, per_class, settings) -> list[str]:
+    """Every artefact but record.json, each atomically."""
+    out = rd.samples
+    rows = class_names(rd, num_classes) if num_classes else None
+    save_grid(images[:num_grid], per_class, out / "grid.png", row_labels=rows)
+    label_array = np.full(len(images), -1, np.int64) if labels is None else labels.numpy()
+    with atomic_path(out / "samples.npz") as tmp:
+        np.savez(tmp, images=images, labels=label_array, num_grid=np.int64(num_grid))
+    write_json(out / "usage.json", usage)
+    plot_usage(usage, out / "usage.png", title=f"expert usage: {settings['strategy']}, {settings['solver']} "
+                                               f"x{settings['steps']}")
+    return ["grid.png", "samples.npz", "usage.json", "usage.png", "record.json"]

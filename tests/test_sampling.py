@@ -1,0 +1,326 @@
+"""Solvers against fields with known solutions, the checkpoint loader's checks, and the sample stage."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from omegaconf import OmegaConf
+
+from ddm.artifacts import RunDir
+from ddm.config import CONF_DIR
+from ddm.ensemble import Ensemble
+from ddm.flow import FlowPath
+from ddm.io import write_json
+from ddm.models.dit import DiT, DiTClassifier
+from ddm.sampling import load_ensemble, load_expert, num_evaluations, sample
+
+
+# ---- solvers on analytic fields --------------------------------------------------------------
+class ExpField(nn.Module):
+    """v(x, t) = c x: x(0) = x(1) exp(-c) when integrating from t = 1 to 0."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c, self.calls, self.ts = c, 0, []
+
+    def forward(self, x, t, y=None):
+        self.calls += 1
+        self.ts.append(t)
+        return self.c * x
+
+
+class PointFlow(nn.Module):
+    """Exact flow of a one-point dataset x0 = m: v = a' m + s' (x_t - a m) / s (linear: (x_t - m) / t)."""
+
+    def __init__(self, path, m):
+        super().__init__()
+        self.path, self.m = path, m
+
+    def forward(self, x, t, y=None):
+        p, tb = self.path, t[:, None]
+        return p.d_alpha(tb) * self.m + p.d_sigma(tb) * (x - p.alpha(tb) * self.m) / p.sigma(tb)
+
+
+def _x1(n=8, d=3):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def test_euler_gives_the_discrete_closed_form():
+    path, c, steps = FlowPath("linear"), 1.3, 10
+    x1 = _x1()
+    got = sample(ExpField(c), path, x1.shape, steps=steps, solver="euler", x_init=x1)
+    grid = path.time_grid(steps).double()
+    factor = torch.prod(1 + c * (grid[1:] - grid[:-1]))  # x_{n+1} = x_n (1 + c h_n)
+    torch.testing.assert_close(got, x1 * factor, rtol=1e-12, atol=0)
+
+
+def _error(solver, steps, c=1.3):
+    x1 = _x1()
+    x0 = sample(ExpField(c), FlowPath("linear"), x1.shape, steps=steps, solver=solver, x_init=x1)
+    return (x0 - x1 * math.exp(-c)).abs().max().item()
+
+
+def test_heun_is_second_order_and_euler_first():
+    e20, e40 = _error("euler", 20), _error("euler", 40)
+    h20, h40 = _error("heun", 20), _error("heun", 40)
+    assert 1.8 < e20 / e40 < 2.2, f"Euler should halve its error when steps double: {e20 / e40:.2f}"
+    assert 3.5 < h20 / h40 < 4.5, f"Heun should quarter its error when steps double: {h20 / h40:.2f}"
+    assert h20 < e20 / 20
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_single_point_dataset_lands_on_the_point_linear_path(solver):
+    path = FlowPath("linear")
+    m = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    x0 = sample(PointFlow(path, m), path, (16, 3), steps=7, solver=solver, dtype=torch.float64,
+                generator=torch.Generator().manual_seed(0))
+    # the exact flow is a straight line: both solvers are exact, even in 7 steps
+    torch.testing.assert_close(x0, m.expand(16, 3), rtol=0, atol=1e-12)
+
+
+def test_single_point_dataset_cosine_path_converges():
+    path = FlowPath("cosine")
+    m = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    x0 = sample(PointFlow(path, m), path, (16, 3), steps=100, solver="heun", dtype=torch.float64,
+                generator=torch.Generator().manual_seed(0))
+    # the curved path leaves the final Euler step an O(h^2) error: about 2.5e-4 here
+    torch.testing.assert_close(x0, m.expand(16, 3), rtol=0, atol=5e-4)
+
+
+def test_evaluation_count_and_time_inputs():
+    field = ExpField(0.5)
+    sample(field, FlowPath(), (4, 2), steps=5, solver="heun")
+    assert field.calls == num_evaluations(5, "heun") == 9
+    assert all(t.shape == (4,) and t.is_floating_point() for t in field.ts)
+    assert field.ts[0][0].item() == 1.0 and min(t.min().item() for t in field.ts) > 0  # t = 0 never evaluated
+
+
+class CfgSpy(nn.Module):
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.cfg_calls, self.plain_calls = 0, 0
+
+    def forward(self, x, t, y=None):
+        self.plain_calls += 1
+        return torch.zeros_like(x)
+
+    def forward_with_cfg(self, x, t, y, scale):
+        self.cfg_calls += 1
+        return torch.zeros_like(x)
+
+
+def test_guidance_uses_the_models_forward_with_cfg():
+    y = torch.zeros(4, dtype=torch.long)
+    spy = CfgSpy()
+    sample(spy, FlowPath(), (4, 2), y=y, steps=3, cfg_scale=2.0)
+    assert (spy.cfg_calls, spy.plain_calls) == (3, 0)
+    spy = CfgSpy()
+    sample(spy, FlowPath(), (4, 2), y=y, steps=3, cfg_scale=1.0)
+    assert (spy.cfg_calls, spy.plain_calls) == (0, 3)
+
+
+def test_guidance_falls_back_to_guided_for_plain_modules():
+    class Labelled(nn.Module):
+        num_classes = 2
+
+        def forward(self, x, t, y):  # cond label 0 -> +1, null label 2 -> 0
+            return (y == 0).to(x.dtype)[:, None].expand_as(x).clone()
+
+    y = torch.zeros(3, dtype=torch.long)
+    x1 = torch.zeros(3, 2)
+    x0 = sample(Labelled(), FlowPath(), x1.shape, y=y, steps=4, cfg_scale=3.0, x_init=x1)
+    # guided v = 0 + 3 (1 - 0) = 3 over a unit of time, integrated from 1 down to 0
+    torch.testing.assert_close(x0, torch.full((3, 2), -3.0))
+
+
+def test_unknown_solver_is_a_clear_error():
+    with pytest.raises(ValueError, match="sample.solver='rk4'"):
+        sample(ExpField(1.0), FlowPath(), (2, 2), solver="rk4")
+
+
+def test_noise_is_reproducible_from_the_seed():
+    a = sample(ExpField(0.0), FlowPath(), (4, 2), steps=1, generator=torch.Generator().manual_seed(5))
+    b = sample(ExpField(0.0), FlowPath(), (4, 2), steps=1, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+# ---- a fabricated run directory -------------------------------------------------------------
+NUM_CLASSES, IMAGE = 3, 8
+
+
+def _randomise(net, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():  # DiT starts with zero output (adaLN-Zero): give it a real function
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net
+
+
+def save_expert(rd: RunDir, k: int, K: int, clustering_id="abc", schedule="linear", num_classes=NUM_CLASSES,
+                expert_id=None):
+    net = _randomise(DiT(size="DiT-N/4", image_size=IMAGE, in_channels=1, num_classes=num_classes), k)
+    payload = dict(kind="expert", model_config=net.config(), state_dict=net.state_dict(),
+                   flow=FlowPath(schedule).config(), expert_id=k if expert_id is None else expert_id,
+                   num_experts=K, clustering_id=clustering_id, steps=10)
+    rd.expert(k).mkdir(parents=True, exist_ok=True)
+    torch.save(payload, rd.expert_weights(k))
+
+
+def save_router(rd: RunDir, K: int, clustering_id="abc", schedule="linear", num_classes=NUM_CLASSES):
+    net = _randomise(DiTClassifier(num_outputs=K, size="DiT-N/4", image_size=IMAGE, in_channels=1,
+                                   num_classes=num_classes), 100)
+    payload = dict(kind="router", model_config=net.config(), state_dict=net.state_dict(),
+                   flow=FlowPath(schedule).config(), num_experts=K, clustering_id=clustering_id, steps=20)
+    rd.router.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, rd.router_weights)
+
+
+def make_run(root: Path, K: int = 2, experts=None, num_classes=NUM_CLASSES) -> RunDir:
+    rd = RunDir(root)
+    save_router(rd, K, num_classes=num_classes)
+    for k in range(K) if experts is None else experts:
+        save_expert(rd, k, K, num_classes=num_classes)
+    return rd
+
+
+def test_load_expert_restores_the_weights(tmp_path):
+    rd = make_run(tmp_path, K=2)
+    net, meta = load_expert(rd.expert_weights(1))
+    saved = torch.load(rd.expert_weights(1), weights_only=True)
+    assert meta["expert_id"] == 1 and meta["clustering_id"] == "abc" and "state_dict" not in meta
+    assert all(torch.equal(v, saved["state_dict"][k]) for k, v in net.state_dict().items())
+
+
+def test_load_ensemble_builds_a_working_model(tmp_path):
+    rd = make_run(tmp_path, K=2)
+    ens, path, info = load_ensemble(rd.root, strategy="topk", top_k=2)
+    assert isinstance(ens, Ensemble) and path.schedule == "linear"
+    assert info["experts"] == [0, 1] and info["num_classes"] == NUM_CLASSES and info["clustering_id"] == "abc"
+    x = sample(ens, path, (4, 1, IMAGE, IMAGE), y=torch.arange(4) % 3, steps=2, cfg_scale=2.0)
+    assert x.shape == (4, 1, IMAGE, IMAGE) and torch.isfinite(x).all()
+
+
+def test_loader_rejects_a_k_mismatch(tmp_path):
+    rd = make_run(tmp_path, K=2)
+    write_json(rd.cluster_report, dict(k=3, clustering_id="abc"))
+    with pytest.raises(ValueError, match=r"trained for K=2 experts but .*report.json has K=3.*retrain the router"):
+        load_ensemble(rd.root)
+
+
+def test_loader_rejects_experts_beyond_the_routers_k(tmp_path):
+    rd = make_run(tmp_path, K=2)
+    save_expert(rd, 2, K=3)
+    with pytest.raises(ValueError, match=r"holds experts \[2\] but the router .* K=2"):
+        load_ensemble(rd.root)
+
+
+def test_loader_rejects_a_clustering_id_mismatch(tmp_path):
+    rd = make_run(tmp_path, K=2)
+    save_expert(rd, 1, K=2, clustering_id="def")
+    with pytest.raises(ValueError, match=r"expert 1 was trained on clustering def, the router on abc"
+                                         r".*expert-01.*router.pt.*retrain"):
+        load_ensemble(rd.root)
+
+
+def test_loader_rejects_a_flow_or_label_mismatch(tmp_path):
+    rd = make_run(tmp_path, K=2)
+    save_expert(rd, 0, K=2, schedule="cosine")
+    with pytest.raises(ValueError, match="flow path"):
+        load_ensemble(rd.root)
+    save_expert(rd, 0, K=2, num_classes=5)
+    with pytest.raises(ValueError, match="num_classes mismatch"):
+        load_ensemble(rd.root)
+
+
+def test_loader_lists_missing_experts_unless_a_subset_is_given(tmp_path):
+    rd = make_run(tmp_path, K=4, experts=[0, 2])
+    with pytest.raises(FileNotFoundError, match=r"experts \[1, 3\] are missing.*expert-01.*"
+                                                r"train-expert.*sample.experts=\[0, 2\]"):
+        load_ensemble(rd.root)
+    ens, _, info = load_ensemble(rd.root, subset=[0, 2])
+    assert info["experts"] == [0, 2] and ens.active_ids == [0, 2]
+    with pytest.raises(FileNotFoundError, match=r"experts \[3\] are missing"):
+        load_ensemble(rd.root, subset=[2, 3])
+
+
+def test_loader_needs_a_router(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train-router"):
+        load_ensemble(tmp_path)
+
+
+# ---- the sample stage -----------------------------------------------------------------------
+def stage_cfg(run_dir, **sample_overrides):
+    """The root keys the stage reads, with conf/sample/default.yaml as cfg.sample."""
+    sample_cfg = OmegaConf.load(CONF_DIR / "sample" / "default.yaml")
+    cfg = OmegaConf.create(dict(run_dir=str(run_dir), seed=7, redo=False, sample=sample_cfg))
+    settings = dict(device="cpu", steps=3, solver="heun", per_class=2, num_samples=2, batch_size=4)
+    for key, value in {**settings, **sample_overrides}.items():
+        OmegaConf.update(cfg, f"sample.{key}", value)
+    return cfg
+
+
+def test_sample_stage_end_to_end_and_skip(tmp_path):
+    from ddm.stages import sample as stage
+
+    rd = make_run(tmp_path, K=2)
+    write_json(rd.data_manifest, dict(num_samples=0, shards=[], class_names=["tee", "bag", "boot"]))
+    record = stage.run(stage_cfg(rd.root))
+
+    out = rd.samples
+    for name in ("grid.png", "samples.npz", "usage.json", "usage.png", "record.json"):
+        assert (out / name).exists(), name
+    npz = np.load(out / "samples.npz")
+    assert npz["images"].shape == (8, IMAGE, IMAGE) and npz["images"].dtype == np.uint8
+    assert npz["labels"][:6].tolist() == [0, 0, 1, 1, 2, 2] and int(npz["num_grid"]) == 6
+    usage = json.loads((out / "usage.json").read_text())
+    assert len(usage) == num_evaluations(3, "heun") == 5
+    assert all(sum(r["counts"]) == 8 for r in usage)  # top1: every sample to exactly one expert
+    assert usage[0]["t"] == pytest.approx(1.0)
+    assert record["num_images"] == 8 and record["clustering_id"] == "abc" and record["strategy"] == "top1"
+    assert set(record["experts_used"]) <= {0, 1} and record["experts_used"]
+    assert json.loads(rd.samples_record.read_text())["settings"] == record["settings"]
+
+    # same settings: skipped (the loader is not even reached); new settings or redo: sampled again
+    stamp = rd.samples_record.stat().st_mtime_ns
+    rd.router_weights.unlink()
+    assert stage.run(stage_cfg(rd.root)) == record
+    assert rd.samples_record.stat().st_mtime_ns == stamp
+    with pytest.raises(FileNotFoundError, match="train-router"):
+        stage.run(stage_cfg(rd.root, strategy="full"))
+
+
+def test_sample_stage_is_deterministic_in_the_seed(tmp_path):
+    from ddm.stages import sample as stage
+
+    rd = make_run(tmp_path / "a", K=2)
+    stage.run(stage_cfg(rd.root, strategy="sample", solver="euler", num_samples=0))
+    first = np.load(rd.samples / "samples.npz")["images"]
+    cfg = stage_cfg(rd.root, strategy="sample", solver="euler", num_samples=0)
+    cfg.redo = True
+    stage.run(cfg)
+    assert np.array_equal(first, np.load(rd.samples / "samples.npz")["images"])
+
+
+def test_sample_config_composes(make_cfg):
+    cfg = make_cfg("sample.strategy=topk", "sample.experts=[0,2]")
+    assert cfg.sample.strategy == "topk" and list(cfg.sample.experts) == [0, 2]
+    assert cfg.sample.seed == cfg.seed
+
+
+def test_sample_stage_unconditional_models(tmp_path):
+    from ddm.stages import sample as stage
+
+    rd = make_run(tmp_path, K=3, num_classes=0)
+    record = stage.run(stage_cfg(rd.root, strategy="topk", top_k=2, cfg_scale=2.0, num_samples=1))
+    npz = np.load(rd.samples / "samples.npz")
+    assert record["num_grid"] == 4 and npz["images"].shape[0] == 5 and (npz["labels"] == -1).all()
+    usage = json.loads((rd.samples / "usage.json").read_text())
+    assert all(sum(r["counts"]) == 2 * 5 for r in usage)  # top-2: two experts per sample
+    assert record["top_k"] == 2 and record["experts"] is None
