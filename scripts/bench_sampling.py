@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Sampling cost of the ensemble relative to one expert, at the same step count.
+
+Prints wall-time ratios (ensemble / one expert, router included) for each
+routing strategy, and the router's forward FLOPs relative to one expert's.
+
+    python scripts/bench_sampling.py --run runs/demo            # a trained run
+    python scripts/bench_sampling.py --size DiT-T/4 --k 4       # random weights, same shapes
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from ddm.ensemble import Ensemble
+from ddm.flow import FlowPath
+from ddm.models.dit import DiT, DiTClassifier
+from ddm.sampling.solvers import sample
+from ddm.train.trainer import forward_flops
+
+
+def load(args):
+    if args.run:
+        from ddm.sampling.checkpoints import load_ensemble
+
+        ens, path, _ = load_ensemble(args.run, strategy="top1")
+        experts = [ens.experts[str(k)] for k in ens.active_ids]
+        return experts, ens.router, path
+    torch.manual_seed(0)
+    experts = [DiT(args.size, args.image_size, 1, 10).eval() for _ in range(args.k)]
+    router = DiTClassifier(args.k, args.router_size, args.image_size, 1, 10).eval()
+    return experts, router, FlowPath()
+
+
+def time_sampling(model, path, n, image_size, channels, steps, cfg, repeats):
+    y = torch.arange(n) % 10
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sample(model, path, (n, channels, image_size, image_size), y=y, steps=steps, solver="euler",
+               cfg_scale=cfg, generator=torch.Generator().manual_seed(0))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", help="a run directory with trained experts and router")
+    ap.add_argument("--size", default="DiT-T/4", help="expert size when no --run is given")
+    ap.add_argument("--router-size", default="DiT-N/7", help="router size when no --run is given")
+    ap.add_argument("--k", type=int, default=4, help="number of experts when no --run is given")
+    ap.add_argument("--image-size", type=int, default=28)
+    ap.add_argument("--n", type=int, default=200, help="images per sampling run")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=1.5, help="guidance scale (same for every row)")
+    ap.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    args = ap.parse_args()
+
+    experts, router, path = load(args)
+    tr = experts[0].trunk
+    shape = (1, tr.in_channels, tr.image_size, tr.image_size)
+    x, t, y = torch.zeros(shape), torch.zeros(1), torch.zeros(1, dtype=torch.long)
+    f_expert, f_router = forward_flops(experts[0], (x, t, y)), forward_flops(router, (x, t, y))
+    print(f"host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    print(f"expert {tr.size}: {f_expert / 1e6:.1f} MFLOPs/image/call; router {router.trunk.size}: "
+          f"{f_router / 1e6:.1f} MFLOPs ({100 * f_router / f_expert:.1f}% of an expert)")
+    print(f"{args.n} images, {args.steps} Euler steps, cfg {args.cfg}, K={len(experts)}, best of {args.repeats}")
+    with torch.no_grad():
+        base = time_sampling(experts[0], path, args.n, tr.image_size, tr.in_channels, args.steps, args.cfg,
+                             args.repeats)
+        print(f"{'one expert':>14}: {base:7.2f} s   1.00x")
+        for strategy in ("top1", "topk", "sample", "full"):
+            ens = Ensemble(experts, router, strategy=strategy, top_k=2).eval()
+            s = time_sampling(ens, path, args.n, tr.image_size, tr.in_channels, args.steps, args.cfg,
+                              args.repeats)
+            label = "top2" if strategy == "topk" else strategy
+            print(f"{label:>14}: {s:7.2f} s   {s / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
