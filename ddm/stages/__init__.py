@@ -31,6 +31,8 @@ STAGES = {
     "sample": "sample",
     "report": "report",
     "pipeline": "pipeline",
+    "submit": "submit",
+    "status": "status",
 }
 
 
