@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         with timed(stage, sink):
             run_stage(stage, cfg)
         name = f"train-expert-{int(cfg.expert.id):02d}" if stage == "train-expert" else stage
-        record_timing(RunDir(cfg.run_dir), name, sink[stage])
+        if stage in sink:
+            record_timing(RunDir(cfg.run_dir), name, sink[stage])
 
     # Hydra reads sys.argv; hand it the overrides only.
     sys.argv = [f"ddm {stage}"] + argv

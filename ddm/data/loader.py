@@ -19,12 +19,6 @@ def to_model_space(image: np.ndarray) -> torch.Tensor:
     return x.float().div_(127.5).sub_(1.0)
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """float [B,C,H,W] in [-1, 1] -> uint8 [B,H,W] (C=1) or [B,H,W,C]."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    return x[:, 0].numpy() if x.shape[1] == 1 else x.permute(0, 2, 3, 1).numpy()
-
-
 def _decoder(channels: int) -> str:
     return "l8" if channels == 1 else "rgb8"
 

@@ -76,14 +76,33 @@ def children_peak_rss_gib() -> float:
 
 @contextmanager
 def timed(name: str, sink: dict):
-    """Record a block's wall time and peak memory (this process and its loader workers) in ``sink``."""
+    """Record a block's wall time and peak memory (this process and its loader workers) in ``sink``.
+
+    Nothing is recorded when the stage only found its results already there.
+    """
+    global _skipped
+    _skipped = False
     reset_peak_rss()
     start = time.perf_counter()
     yield
+    if _skipped:
+        return
     sink[name] = dict(wall_s=round(time.perf_counter() - start, 2), peak_rss_gib=round(peak_rss_gib(), 3),
                       workers_peak_rss_gib=round(children_peak_rss_gib(), 3))
 
 
+_skipped = False
+
+
+def note_skipped() -> None:
+    """A stage calls this when it returns existing results, so its earlier timing is kept."""
+    global _skipped
+    _skipped = True
+
+
 def skip(marker, cfg) -> bool:
     """True when a stage's final artefact exists and no redo was asked for."""
-    return marker.exists() and not cfg.get("redo", False)
+    done = marker.exists() and not cfg.get("redo", False)
+    if done:
+        note_skipped()
+    return done

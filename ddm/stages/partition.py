@@ -15,6 +15,7 @@ from ddm.cluster import load_assignments
 from ddm.cluster.partition import write_partitions
 from ddm.data.shards import MANIFEST, load_manifest
 from ddm.io import read_json, write_json
+from ddm.stages import note_skipped
 
 log = logging.getLogger("ddm")
 
@@ -31,6 +32,7 @@ def run(cfg) -> dict:
     if marker.exists():
         done = read_json(marker)
         if done.get("clustering_id") == current and not cfg.get("redo", False):
+            note_skipped()
             log.info("partition: done already (K=%d id=%s); redo=true rebuilds -> %s",
                      done["num_clusters"], current, run_dir.partitions)
             return done

@@ -38,7 +38,8 @@ def _run(stage: str, cfg, rd: RunDir, name: str | None = None):
     sink: dict = {}
     with timed(name, sink):
         result = run_stage(stage, cfg)
-    record_timing(rd, name, sink[name])
+    if name in sink:
+        record_timing(rd, name, sink[name])
     return result
 
 

@@ -62,6 +62,24 @@ def _class_mix(manifest: dict, names) -> str:
     return ", ".join(f"{label(c)} {100 * n / total:.0f}%" for c, n in top)
 
 
+def label_prior_accuracy(rd: RunDir, K: int) -> float | None:
+    """Accuracy of guessing the cluster from the class label alone, sum_y max_k n(k, y) / N.
+
+    At t = 1 a class-conditional router sees only noise and the label, so this
+    (not the cluster-size prior) is what its accuracy should fall to.
+    """
+    best: dict[str, int] = {}
+    total = 0
+    for k in range(K):
+        if not (rd.partition(k) / "manifest.json").exists():
+            return None
+        counts = load_manifest(rd.partition(k)).get("class_counts") or {}
+        for y, n in counts.items():
+            best[y] = max(best.get(y, 0), n)
+            total += n
+    return sum(best.values()) / total if total else None
+
+
 def build_report(rd: RunDir) -> str:
     lines = [f"# Run `{rd.root.name}`", ""]
     data = _read(rd.data_manifest) or {}
@@ -100,11 +118,14 @@ def build_report(rd: RunDir) -> str:
                          f"{_fmt(rec['final_loss'])} | {rec['params']:,} | {rec['train_flops']:.3g} | {rec['wall_s']} |")
         lines.append("")
     if router:
+        label_acc = label_prior_accuracy(rd, int(router["num_experts"]))
         lines += ["## Router", "",
                   f"{router['steps']} steps, batch {router['batch_size']}, {router['params']:,} parameters, "
                   f"final loss {_fmt(router['final_loss'])}. Accuracy on {router['eval_samples']} held-out samples "
                   f"(weighted to the cluster sizes; the prior alone scores "
-                  f"{router['accuracy_by_t'][0]['prior_accuracy']:.3f}):", "",
+                  f"{router['accuracy_by_t'][0]['prior_accuracy']:.3f}"
+                  + (f"; the class label alone, which is all a conditional router has at t = 1, scores "
+                     f"{label_acc:.3f}" if label_acc is not None else "") + "):", "",
                   "| t | accuracy | entropy (nats) | calibration gap |", "|---|---|---|---|"]
         for r in router["accuracy_by_t"]:
             lines.append(f"| {r['t_lo']:.1f}-{r['t_hi']:.1f} | {r['accuracy']:.3f} | {r['entropy']:.3f} | "
