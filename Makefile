@@ -10,7 +10,7 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test data clean-demo bench help
+.PHONY: install demo test data slurm clean-demo bench help
 
 help:
 	@echo "make demo   - install and run the whole pipeline on Fashion-MNIST (ARGS='key=value ...' to override)"
@@ -38,11 +38,24 @@ data:
 	       "or put the four *-ubyte.gz files in a folder and run: make demo ARGS='data.root=<folder>'"; exit 1; \
 	fi
 
+# SLURM for the integration test (tests/test_slurm.py starts its own single-node cluster):
+# Debian's slurm-wlm and munge, installed when missing and we are root with apt-get.
+slurm:
+	@if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
+	    && { command -v munged >/dev/null || [ -x /usr/sbin/munged ]; }; then exit 0; fi; \
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q slurm-wlm munge || { apt-get update -q && apt-get install -y -q slurm-wlm munge; }; \
+	else \
+	  echo "SLURM is not installed and cannot be installed here (needs root and apt-get)"; exit 1; \
+	fi
+
 demo: install data
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/ddm pipeline $(ARGS)
 
 test: install
 	-@$(MAKE) --no-print-directory data >/dev/null 2>&1 || echo "(Fashion-MNIST not installed: its test will be skipped)"
+	-@$(MAKE) --no-print-directory slurm >/dev/null 2>&1 || echo "(SLURM not installed: its integration test will be skipped)"
 	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install

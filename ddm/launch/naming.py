@@ -1,0 +1,47 @@
+"""How a run's SLURM jobs are named, so ``squeue`` can tell which are ours.
+
+An expert array is named ``ddm:<run>:expert`` (its array task id is the
+expert id), the router job ``ddm:<run>:router``, where ``<run>`` is the name
+of the run folder (``runs/<name>``: the run's ``name`` unless ``run_dir`` was
+set). Folder names repeat across places (every test run is called ``run``),
+so ``ddm submit`` also puts the absolute run directory in the job's comment;
+a job whose comment names another directory is not ours. Jobs submitted by hand with
+``scripts/slurm/*.sbatch`` carry no comment and are matched by name alone.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+PREFIX = "ddm"
+EXPERT = "expert"
+ROUTER = "router"
+
+
+def run_label(run_name: str) -> str:
+    """The run name as it appears in a job name: no whitespace, ',' (squeue's list separator)
+    or '|' (our field separator)."""
+    return re.sub(r"[\s|,]+", "_", str(run_name)) or "run"
+
+
+def job_name(run_name: str, job: str) -> str:
+    """``ddm:<run name>:expert`` or ``ddm:<run name>:router``."""
+    if job not in (EXPERT, ROUTER):
+        raise ValueError(f"job must be {EXPERT!r} or {ROUTER!r}, not {job!r}")
+    return f"{PREFIX}:{run_label(run_name)}:{job}"
+
+
+def run_comment(run_dir: str | Path) -> str:
+    """The comment that binds a job to one run directory."""
+    return str(Path(run_dir).resolve())
+
+
+def belongs_to(comment: str | None, run_dir: str | Path) -> bool:
+    """True when a queued job's comment names this run directory, or names none (a hand-submitted job)."""
+    comment = (comment or "").strip()
+    return comment in ("", "(null)") or comment == run_comment(run_dir)
+
+
+def run_job_name(run_dir: str | Path, job: str) -> str:
+    """The job name of a run directory's jobs: labelled by the run folder's name (``runs/<name>``)."""
+    return job_name(Path(run_dir).resolve().name, job)

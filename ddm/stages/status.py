@@ -1,0 +1,124 @@
+"""Stage ``status``: where each job of a run stands, from its files and (when there is one) SLURM's queue.
+
+    ddm status name=big
+
+prints one row per expert (0..K-1) and one for the router, in one of these states:
+
+- ``done``: ``record.json`` exists (its steps and final loss are shown);
+- ``running`` / ``queued``: SLURM lists the job (pending, requeued, ...);
+- ``failed``: the job wrote ``failed.json`` (its error is shown) and is not queued;
+- ``stopped``: checkpoints but no record and no queued job: interrupted, and
+  ``ddm submit`` resumes it from ``last.ckpt``;
+- ``missing``: nothing yet.
+
+Without SLURM (no ``squeue``) the queue column reads ``n/a``. Reads only;
+writes nothing.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from ddm.artifacts import RunDir
+from ddm.io import read_json
+from ddm.launch import slurm
+
+log = logging.getLogger("ddm")
+
+STATES = ("done", "running", "queued", "failed", "stopped", "missing")
+_STEP = re.compile(r"step[-=_]?(\d+)")
+
+
+def _last_step(ckpt_dir: Path) -> int | None:
+    """The highest step among the step checkpoints' names, None when there is none."""
+    steps = [int(m.group(1)) for p in ckpt_dir.glob("*.ckpt") if (m := _STEP.search(p.stem))]
+    return max(steps) if steps else None
+
+
+def _failure(path: Path) -> str:
+    try:
+        info = read_json(path)
+    except (OSError, ValueError) as e:
+        return f"unreadable failed.json ({e})"
+    if isinstance(info, dict):
+        for key in ("error", "message", "reason", "exception"):
+            if info.get(key):
+                return str(info[key])
+    return str(info)
+
+
+def job_status(job_dir: Path, record: Path, queued: slurm.QueuedJob | None) -> dict:
+    """The state of one job (an expert or the router) from its folder and its queue entry."""
+    logs = sorted(job_dir.glob("slurm-*.out"), key=lambda p: p.stat().st_mtime)
+    row = dict(state="missing", steps=None, loss=None, job=queued.job_id if queued else None,
+               slurm_state=queued.state if queued else None, detail="", log=str(logs[-1]) if logs else None)
+    ckpts = job_dir / "checkpoints"
+    if record.exists():
+        rec = read_json(record)
+        row.update(state="done", steps=rec.get("steps"), loss=rec.get("final_loss"))
+        if rec.get("resumed_from"):
+            row["detail"] = "resumed once or more"
+        if queued:
+            row["detail"] = f"finished, yet SLURM still lists job {queued.job_id}"
+    elif queued:
+        row.update(state="running" if queued.running else "queued", steps=_last_step(ckpts))
+        row["detail"] = f"last checkpoint at step {row['steps']}" if row["steps"] is not None else ""
+    elif (job_dir / "failed.json").exists():
+        row.update(state="failed", steps=_last_step(ckpts), detail=_failure(job_dir / "failed.json"))
+    elif any(ckpts.glob("*.ckpt")):
+        step = _last_step(ckpts)
+        row.update(state="stopped", steps=step,
+                   detail="interrupted" + (f" after step {step}" if step is not None else "")
+                   + "; `ddm submit` resumes it from last.ckpt")
+    return row
+
+
+def _queue(rd: RunDir) -> tuple[dict, object, str | None]:
+    """(queued experts, queued router, why the queue is unknown or None)."""
+    if not slurm.available():
+        return {}, None, "no SLURM here"
+    try:
+        experts, router = slurm.run_jobs(rd.root)
+        return experts, router, None
+    except slurm.SlurmError as e:
+        return {}, None, str(e)
+
+
+def format_table(rows: list[dict], queue_known: bool) -> str:
+    """A fixed-width table: job, state, steps, loss, SLURM job, detail."""
+    def cell(row):
+        if not queue_known:
+            q = "n/a"
+        else:
+            q = f"{row['job']} {row['slurm_state']}" if row["job"] else "-"
+        loss = f"{row['loss']:.4f}" if isinstance(row["loss"], (int, float)) else "-"
+        steps = "-" if row["steps"] is None else str(row["steps"])
+        return [row["name"], row["state"], steps, loss, q, row["detail"]]
+
+    table = [["job", "state", "steps", "loss", "slurm", "detail"]] + [cell(r) for r in rows]
+    widths = [max(len(str(line[i])) for line in table) for i in range(5)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line[:5], widths)) + "  " + line[5]
+                     for line in table).rstrip()
+
+
+def run(cfg) -> dict:
+    """Print the table for the run ``cfg.run_dir`` and return it as a dict."""
+    rd = RunDir(Path(cfg.run_dir).resolve())
+    if not rd.cluster_report.exists():
+        raise FileNotFoundError(f"no {rd.cluster_report}: this run has not been clustered yet, so it has no "
+                                f"experts (run `ddm cluster` and `ddm partition`, then `ddm submit`)")
+    k = int(read_json(rd.cluster_report)["k"])
+    queued_experts, queued_router, no_queue = _queue(rd)
+    experts = []
+    for i in range(k):
+        row = job_status(rd.expert(i), rd.expert_record(i), queued_experts.get(i))
+        experts.append(dict(name=f"expert-{i:02d}", id=i, **row))
+    router = dict(name="router", **job_status(rd.router, rd.router_record, queued_router))
+    counts = {s: sum(r["state"] == s for r in experts) for s in STATES}
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    print(f"run {rd.root}: K={k}; experts: {summary}; router: {router['state']}"
+          + (f" (queue: n/a, {no_queue})" if no_queue else ""))
+    print(format_table(experts + [router], queue_known=no_queue is None))
+    return dict(run_dir=str(rd.root), k=k, experts=experts, router=router, counts=counts,
+                queue=None if no_queue else "slurm", queue_error=no_queue)
