@@ -12,6 +12,7 @@ Data flows one way::
     router/       checkpoints, logs, router.pt, record.json
     samples/      grid.png, samples.npz, usage.json, usage.png, record.json
     report.md
+    timings/      wall time and peak memory per stage (experts: experts/expert-KK/timing.json)
 
 Shard format (webdataset tar): each sample has a stable key ``<source>-<split>-<index>``
 (no dots), an 8-bit PNG image under ``png``, the class label as text under
@@ -117,6 +118,16 @@ class RunDir:
     def report(self) -> Path:
         return self.root / "report.md"
 
-    @property
-    def timings(self) -> Path:
-        return self.root / "timings.json"
+    def timing(self, job: str) -> Path:
+        """Wall time and peak memory of one job. An expert's lives in its own folder, so that
+        experts running at once on different islands never write the same file."""
+        if job.startswith("train-expert-"):
+            return self.expert(int(job.rsplit("-", 1)[1])) / "timing.json"
+        return self.root / "timings" / f"{job}.json"
+
+    def all_timings(self) -> dict[str, dict]:
+        """Every recorded job timing of the run, by job name."""
+        from ddm.io import read_json
+
+        files = sorted((self.root / "timings").glob("*.json")) + sorted(self.experts.glob("expert-*/timing.json"))
+        return {read_json(f)["job"]: read_json(f) for f in files}

@@ -3,7 +3,7 @@
 prepare -> embed -> cluster -> partition -> train-expert (k = 0..K-1) ->
 train-router -> sample -> report. Each stage skips what is already complete,
 so rerunning the pipeline after an interruption continues where it stopped.
-Wall time and peak memory of each stage go to ``timings.json``.
+Wall time and peak memory of each stage go to ``RunDir.timing(job)``.
 """
 from __future__ import annotations
 
@@ -24,10 +24,8 @@ AFTER_EXPERTS = ("train-router", "sample")
 
 
 def record_timing(rd: RunDir, name: str, timing: dict) -> None:
-    """Merge one stage's timing into the run's timings.json."""
-    timings = read_json(rd.timings) if rd.timings.exists() else {}
-    timings[name] = timing
-    write_json(rd.timings, timings)
+    """Write one job's timing to its own file (see ``RunDir.timing``)."""
+    write_json(rd.timing(name), dict(job=name, **timing))
 
 
 def _run(stage: str, cfg, rd: RunDir, name: str | None = None):

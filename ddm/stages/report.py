@@ -86,7 +86,7 @@ def build_report(rd: RunDir) -> str:
     clusters = _read(rd.cluster_report)
     router = _read(rd.router_record)
     samples = _read(rd.samples_record)
-    timings = _read(rd.timings) or {}
+    timings = rd.all_timings()
     if data:
         lines += [f"Data: {data.get('num_samples')} samples from `{data.get('source')}` "
                   f"({data.get('image_size')}px, {data.get('channels')} channel(s), "
