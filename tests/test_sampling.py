@@ -324,3 +324,48 @@ def test_sample_stage_unconditional_models(tmp_path):
     usage = json.loads((rd.samples / "usage.json").read_text())
     assert all(sum(r["counts"]) == 2 * 5 for r in usage)  # top-2: two experts per sample
     assert record["top_k"] == 2 and record["experts"] is None
+
+
+# ---- a lost island: sampling with the experts that exist -------------------------------------
+def test_available_experts_sample_with_a_renormalised_router(tmp_path, caplog):
+    from ddm.stages import sample as stage
+
+    rd = make_run(tmp_path, K=4, experts=[0, 2])
+    with pytest.raises(FileNotFoundError, match=r"experts \[1, 3\] are missing.*sample.experts=available"):
+        load_ensemble(rd.root)
+    with caplog.at_level("WARNING", logger="ddm"):
+        ens, _, info = load_ensemble(rd.root, subset="available", strategy="full")
+    assert info["experts"] == [0, 2] and info["missing_experts"] == [1, 3] and ens.active_ids == [0, 2]
+    assert "experts [1, 3] are missing" in caplog.text
+    selected, weights = ens.route(torch.randn(5, 1, IMAGE, IMAGE), torch.full((5,), 0.5),
+                                  torch.zeros(5, dtype=torch.long))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(5))  # all the mass on the experts present
+
+    record = stage.run(stage_cfg(rd.root, experts="available"))
+    assert record["experts_loaded"] == [0, 2] and record["experts_missing"] == [1, 3]
+    assert set(record["experts_used"]) <= {0, 2} and record["experts"] == "available"
+    usage = json.loads((rd.samples / "usage.json").read_text())
+    assert all(r["counts"][1] == 0 and r["counts"][3] == 0 for r in usage)
+
+    # The same settings again: done. Once the lost expert is back, `available` samples again with it.
+    assert stage.run(stage_cfg(rd.root, experts="available")) == record
+    save_expert(rd, 1, K=4)
+    again = stage.run(stage_cfg(rd.root, experts="available"))
+    assert again["experts_loaded"] == [0, 1, 2] and again["experts_missing"] == [3]
+
+
+def test_available_needs_at_least_one_expert_and_a_known_word(tmp_path):
+    from ddm.stages import sample as stage
+
+    rd = make_run(tmp_path, K=2, experts=[])
+    with pytest.raises(FileNotFoundError, match="no expert of the K=2"):
+        load_ensemble(rd.root, subset="available")
+    with pytest.raises(ValueError, match="sample.experts='some'"):
+        stage.run(stage_cfg(rd.root, experts="some"))
+
+
+def test_available_still_refuses_another_clustering(tmp_path):
+    rd = make_run(tmp_path, K=3, experts=[0])
+    save_expert(rd, 2, K=3, clustering_id="def")
+    with pytest.raises(ValueError, match="expert 2 was trained on clustering def, the router on abc"):
+        load_ensemble(rd.root, subset="available")

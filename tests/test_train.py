@@ -119,3 +119,149 @@ def test_router_rejects_partitions_from_two_clusterings(make_cfg, tmp_path):
     shutil.copytree((tmp_path / "other" / "partitions" / "cluster-01"), rd.partition(1))
     with pytest.raises(ValueError, match="different clusterings"):
         train_router.run(make_cfg(*FAST))
+
+
+# ---- faults: broken checkpoints, failure records, clusterings, records across resumes ----------
+def _crash_at(monkeypatch, module_cls, step, exc=KeyboardInterrupt):
+    """Make training stop with ``exc`` when it reaches ``step`` (as a preemption would, without saving)."""
+    original = module_cls.training_step
+
+    def crashing(self, batch, idx):
+        if self.global_step == step:
+            raise exc("injected fault")
+        return original(self, batch, idx)
+
+    monkeypatch.setattr(module_cls, "training_step", crashing)
+    return original
+
+
+def test_truncated_last_checkpoint_resumes_from_the_newest_complete_one(make_cfg, tmp_path, monkeypatch,
+                                                                         caplog):
+    rd = make_partitions(tmp_path / "run")
+    cfg = make_cfg(*FAST, "expert.steps=7", "expert.ckpt_every=2", "expert.keep_checkpoints=3", "expert.log_every=1")
+    original = _crash_at(monkeypatch, train_expert.ExpertModule, 5)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        train_expert.run(cfg)
+    folder = rd.expert(0) / "checkpoints"
+    last = folder / "last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])  # a torn write, as a non-atomic save killed midway leaves
+    (folder / "step-0000002.ckpt").write_bytes(b"")  # and an empty one
+    (folder / ".last.ckpt.999.tmp").write_bytes(data[:100])  # and a dead writer's temp file
+
+    monkeypatch.setattr(train_expert.ExpertModule, "training_step", original)
+    with caplog.at_level("WARNING", logger="ddm"):
+        record = train_expert.run(cfg)
+    assert record["steps"] == 7 and record["resumed_from"].endswith("step-0000004.ckpt")
+    assert record["resumed_from_step"] == 4 and record["attempts"] == 2
+    assert record["wall_s"] >= record["wall_s_this_attempt"]
+    assert "last.ckpt" in caplog.text and "step-0000002.ckpt" in caplog.text and "skipping" in caplog.text
+    assert not (folder / ".last.ckpt.999.tmp").exists()
+    assert torch.load(last, weights_only=False)["global_step"] == 6  # rewritten whole at the next save
+    # each attempt keeps its own metrics file: the resumed one did not erase the first
+    logs = sorted((rd.expert(0) / "logs").glob("version_*/metrics.csv"))
+    assert len(logs) == 2 and all(len(p.read_text().splitlines()) > 1 for p in logs)
+
+
+def test_failed_training_writes_failed_json_and_success_clears_it(make_cfg, tmp_path, monkeypatch):
+    rd = make_partitions(tmp_path / "run")
+    cfg = make_cfg(*FAST, "expert.steps=4")
+    original = train_expert.ExpertModule.training_step
+
+    def poisoned(self, batch, idx):
+        x, y = batch
+        return original(self, (x * float("nan") if self.global_step == 2 else x, y), idx)
+
+    monkeypatch.setattr(train_expert.ExpertModule, "training_step", poisoned)
+    with pytest.raises(FloatingPointError):
+        train_expert.run(cfg)
+    failed = read_json(rd.expert(0) / "failed.json")
+    assert failed["error_type"] == "FloatingPointError" and failed["step"] == 2
+    assert "step 2" in failed["message"] and failed["job"] == "expert-00" and failed["time"]
+
+    monkeypatch.setattr(train_expert.ExpertModule, "training_step", original)
+    assert train_expert.run(cfg)["steps"] == 4
+    assert not (rd.expert(0) / "failed.json").exists()
+
+
+def test_an_interrupt_is_not_a_failure(make_cfg, tmp_path, monkeypatch):
+    rd = make_partitions(tmp_path / "run")
+    _crash_at(monkeypatch, train_expert.ExpertModule, 1)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        train_expert.run(make_cfg(*FAST, "expert.steps=3"))
+    assert not (rd.expert(0) / "failed.json").exists()
+
+
+def test_router_failure_writes_failed_json(make_cfg, tmp_path, monkeypatch):
+    rd = make_partitions(tmp_path / "run", sizes=(20, 20))
+    _crash_at(monkeypatch, train_router.RouterModule, 1, exc=RuntimeError)
+    with pytest.raises(RuntimeError, match="injected"):
+        train_router.run(make_cfg(*FAST, "router.steps=3"))
+    failed = read_json(rd.router / "failed.json")
+    assert failed["job"] == "router" and failed["error_type"] == "RuntimeError" and failed["step"] == 1
+
+
+def test_router_record_has_flops_and_resumes(make_cfg, tmp_path, monkeypatch):
+    rd = make_partitions(tmp_path / "run", sizes=(20, 20))
+    cfg = make_cfg(*FAST, "router.steps=5", "router.ckpt_every=2", "router.eval_samples=20")
+    original = _crash_at(monkeypatch, train_router.RouterModule, 3)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        train_router.run(cfg)
+    monkeypatch.setattr(train_router.RouterModule, "training_step", original)
+    record = train_router.run(cfg)
+    assert record["steps"] == 5 and record["resumed_from_step"] == 2 and record["attempts"] == 2
+    assert record["forward_flops_per_sample"] > 0
+    assert record["train_flops"] == 3 * record["forward_flops_per_sample"] * 5 * 16
+
+
+def test_resume_refuses_a_checkpoint_of_another_clustering(make_cfg, tmp_path, monkeypatch):
+    rd = make_partitions(tmp_path / "run")
+    cfg = make_cfg(*FAST, "expert.steps=4", "expert.ckpt_every=2")
+    original = _crash_at(monkeypatch, train_expert.ExpertModule, 3)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        train_expert.run(cfg)
+    monkeypatch.setattr(train_expert.ExpertModule, "training_step", original)
+    shutil.rmtree(rd.partitions)
+    make_partitions(tmp_path / "run", clustering_id="beef")  # the data were re-clustered meanwhile
+    with pytest.raises(ValueError, match=r"other data.*c0ffee.*beef.*redo=true"):
+        train_expert.run(cfg)
+    assert train_expert.run(make_cfg(*FAST, "expert.steps=4", "expert.ckpt_every=2", "redo=true"))["steps"] == 4
+
+
+def test_a_finished_expert_of_another_clustering_is_not_reused(make_cfg, tmp_path):
+    rd = make_partitions(tmp_path / "run")
+    train_expert.run(make_cfg(*FAST, "expert.steps=2"))
+    shutil.rmtree(rd.partitions)
+    make_partitions(tmp_path / "run", clustering_id="beef")
+    with pytest.raises(ValueError, match=r"clustering c0ffee.*now clustering beef.*redo=true"):
+        train_expert.run(make_cfg(*FAST, "expert.steps=2"))
+
+
+def test_router_signal_saves_and_stops_in_process(make_cfg, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from ddm.train.signals import Preempted
+
+    rd = make_partitions(tmp_path / "run", sizes=(20, 20))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    cfg = make_cfg(*FAST, "router.steps=6", "router.ckpt_every=4", "router.eval_samples=20")
+    original = train_router.RouterModule.training_step
+    handler_before = signal.getsignal(signal.SIGTERM)
+
+    def signalled(self, batch, idx):
+        if self.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step: the step must still complete
+        return original(self, batch, idx)
+
+    monkeypatch.setattr(train_router.RouterModule, "training_step", signalled)
+    with pytest.raises(Preempted) as stopped:
+        train_router.run(cfg)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert torch.load(rd.router / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert not rd.router_record.exists() and not (rd.router / "failed.json").exists()
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # the stage gave the signal back
+
+    monkeypatch.setattr(train_router.RouterModule, "training_step", original)
+    record = train_router.run(cfg)
+    assert record["steps"] == 6 and record["resumed_from_step"] == 3

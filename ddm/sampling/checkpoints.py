@@ -11,6 +11,7 @@ one label set. A mismatch is an error that names the files and the fix.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +23,11 @@ from ddm.ensemble import Ensemble
 from ddm.flow import FlowPath, flow_path_from_config
 from ddm.io import read_json
 from ddm.models.dit import DiT, DiTClassifier
+
+log = logging.getLogger("ddm")
+
+# ``subset="available"``: sample with the experts that exist (an island was lost).
+AVAILABLE = "available"
 
 # Fields of FlowPath.config() that define the path itself. The others (time
 # sampling during training, t_eps) may differ between jobs without changing
@@ -74,7 +80,7 @@ def expert_ids_on_disk(rd: RunDir) -> list[int]:
 
 
 def load_ensemble(run_dir: str | os.PathLike, strategy: str = "top1", top_k: int = 2,
-                  subset: Sequence[int] | None = None, device="cpu", temperature: float = 1.0,
+                  subset: Sequence[int] | str | None = None, device="cpu", temperature: float = 1.0,
                   generator: torch.Generator | None = None) -> tuple[Ensemble, FlowPath, dict]:
     """Build the sampling-time ``Ensemble`` of a run from its router and expert files.
 
@@ -82,16 +88,23 @@ def load_ensemble(run_dir: str | os.PathLike, strategy: str = "top1", top_k: int
         run_dir: the run directory (``experts/expert-KK/expert.pt``, ``router/router.pt``).
         strategy, top_k, temperature, generator: passed to ``Ensemble``.
         subset: expert ids to use; only these must exist. None: all K must exist.
+            ``"available"``: every expert that has an ``expert.pt`` (for a run that lost
+            an island); the router is renormalised over them and the missing ids are
+            logged and returned in ``info["missing_experts"]``.
         device: where the modules are moved.
 
     Returns ``(ensemble, flow_path, info)``; ``info`` holds K, the experts used,
-    the clustering id, the training steps of each network and the image shape.
+    the experts missing, the clustering id, the training steps of each network
+    and the image shape.
     """
     rd = RunDir(run_dir)
     router, rmeta = load_router(rd.router_weights)
     K, cid = int(rmeta["num_experts"]), rmeta["clustering_id"]
     _check_router(router, rmeta, rd)
+    if isinstance(subset, str):
+        subset = _available_ids(rd, K, subset)
     wanted = _wanted_ids(rd, K, subset)
+    missing = [k for k in range(K) if k not in wanted]
 
     experts, metas = {}, {}
     for k in wanted:
@@ -103,7 +116,8 @@ def load_ensemble(run_dir: str | os.PathLike, strategy: str = "top1", top_k: int
                         subset=wanted if subset is not None else None, generator=generator,
                         temperature=temperature, num_experts=K).to(device).eval()
     first = metas[wanted[0]]["model_config"]
-    info = dict(num_experts=K, experts=wanted, clustering_id=cid, router_steps=rmeta.get("steps"),
+    info = dict(num_experts=K, experts=wanted, missing_experts=missing, clustering_id=cid,
+                router_steps=rmeta.get("steps"),
                 expert_steps={k: metas[k].get("steps") for k in wanted}, flow=rmeta["flow"],
                 num_classes=first.get("num_classes", 0), image_size=first["image_size"],
                 in_channels=first["in_channels"])
@@ -129,6 +143,22 @@ def _check_router(router, rmeta: dict, rd: RunDir) -> None:
                              f"experts on the current clustering or use the matching run")
 
 
+def _available_ids(rd: RunDir, K: int, subset: str) -> list[int]:
+    """The ids of ``sample.experts=available``: the experts that exist, the missing ones logged."""
+    if subset != AVAILABLE:
+        raise ValueError(f"sample.experts={subset!r}: use null (all experts), a list of ids, or {AVAILABLE!r}")
+    on_disk = [k for k in expert_ids_on_disk(rd) if k < K]  # ids >= K are refused by _wanted_ids
+    if not on_disk:
+        raise FileNotFoundError(f"sample.experts=available: no expert of the K={K} has an expert.pt under "
+                                f"{rd.experts}; train at least one with `ddm train-expert expert.id=N`")
+    missing = [k for k in range(K) if k not in on_disk]
+    if missing:
+        log.warning("sample: experts %s are missing (%s); sampling with experts %s, the router "
+                    "renormalised over them: samples from the missing clusters' regions will be poorer",
+                    missing, ", ".join(str(rd.expert_weights(k)) for k in missing), on_disk)
+    return on_disk
+
+
 def _wanted_ids(rd: RunDir, K: int, subset) -> list[int]:
     on_disk = expert_ids_on_disk(rd)
     extra = [k for k in on_disk if k >= K]
@@ -146,8 +176,9 @@ def _wanted_ids(rd: RunDir, K: int, subset) -> list[int]:
     missing = [k for k in wanted if k not in on_disk]
     if missing:
         paths = ", ".join(str(rd.expert_weights(k)) for k in missing)
-        hint = ("" if subset is not None else
-                f", or sample with the ones you have: sample.experts={on_disk}" if on_disk else "")
+        hint = ("" if subset is not None or not on_disk else
+                f", or sample with the ones you have: sample.experts=available (or the list "
+                f"sample.experts={on_disk})")
         raise FileNotFoundError(f"experts {missing} are missing ({paths}): train them with "
                                 f"`ddm train-expert expert.id=N`{hint}")
     return wanted

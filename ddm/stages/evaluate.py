@@ -64,7 +64,8 @@ from ddm.eval.router_diag import router_diagnostics, usage_per_step
 from ddm.eval.tables import render_report
 from ddm.io import atomic_path, read_json, write_json, write_text
 from ddm.sampling import load_ensemble
-from ddm.stages.sample import _draw, requested_settings, resolve_device
+from ddm.stages import note_skipped
+from ddm.stages.sample import draw, requested_settings, resolve_device
 
 log = logging.getLogger("ddm")
 
@@ -100,6 +101,7 @@ def run(cfg) -> dict:
     if (out / "metrics.json").exists() and not redo:
         metrics = read_json(out / "metrics.json")
         if metrics.get("settings") == settings:
+            note_skipped()
             log.info("evaluate: done already -> %s", out / "metrics.json")
             return metrics
 
@@ -288,7 +290,7 @@ class _Context:
                                       else rng.integers(self.num_classes, size=n))
         sc = self.sc
         gen = torch.Generator().manual_seed(self.seed + 3)
-        images, usage = _draw(self.ensemble(strategy), self.path, self.shape, labels, n,
+        images, usage = draw(self.ensemble(strategy), self.path, self.shape, labels, n,
                               int(self.cfg.sample.batch_size), sc, gen, self.device)
         label_array = np.full(n, -1, np.int64) if labels is None else labels.numpy()
         target = evaluation_dir(self.rd) / f"samples-{strategy}.npz"

@@ -10,7 +10,10 @@ Reads ``router/router.pt`` and ``experts/expert-KK/expert.pt``; writes, in ``sam
     record.json   settings and summary, written last (the stage's "done" marker)
 
 A rerun with the same settings returns the existing record; other settings (or
-``redo=true``) sample again.
+``redo=true``) sample again. ``sample.experts=available`` samples with the
+experts that exist (a lost island), renormalising the router over them;
+the record's ``experts_missing`` names the others, and a rerun after more
+experts appeared samples again.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from omegaconf import OmegaConf
 from ddm.artifacts import RunDir
 from ddm.io import atomic_path, read_json, write_json
 from ddm.sampling import load_ensemble, num_evaluations, sample
+from ddm.sampling.checkpoints import AVAILABLE, expert_ids_on_disk
+from ddm.stages import note_skipped
 from ddm.viz import plot_usage, save_grid, to_uint8
 
 log = logging.getLogger("ddm")
@@ -36,8 +41,24 @@ SETTINGS = ("strategy", "top_k", "experts", "temperature", "solver", "steps", "c
 def requested_settings(sc) -> dict:
     sc = OmegaConf.to_container(sc, resolve=True) if OmegaConf.is_config(sc) else dict(sc)
     out = {k: sc.get(k) for k in SETTINGS}
-    out["experts"] = None if out["experts"] is None else sorted(int(k) for k in out["experts"])
+    experts = out["experts"]
+    if isinstance(experts, str):
+        if experts != AVAILABLE:
+            raise ValueError(f"sample.experts={experts!r}: use null (all experts), a list of ids such as "
+                             f"[0,2], or {AVAILABLE!r} (the experts that exist)")
+    elif experts is not None:
+        out["experts"] = sorted(int(k) for k in experts)
     return out
+
+
+def _still_valid(record: dict, settings: dict, rd: RunDir) -> bool:
+    """The existing samples answer these settings (for ``available``: with the same experts on disk)."""
+    if record.get("settings") != settings:
+        return False
+    if settings["experts"] == AVAILABLE:
+        return record.get("experts_loaded") == [k for k in expert_ids_on_disk(rd)
+                                                if k < int(record.get("num_experts", 0))]
+    return True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,7 +91,8 @@ def run(cfg) -> dict:
     settings = requested_settings(sc)
     if rd.samples_record.exists() and not cfg.get("redo", False):
         record = read_json(rd.samples_record)
-        if record.get("settings") == settings:
+        if _still_valid(record, settings, rd):
+            note_skipped()
             log.info("sample: done already (%d images, %s) -> %s", record["num_images"],
                      settings["strategy"], rd.samples)
             return record
@@ -89,7 +111,7 @@ def run(cfg) -> dict:
     total = num_grid + int(settings["num_samples"]) if labels is None else len(labels)
     shape = (info["in_channels"], info["image_size"], info["image_size"])
 
-    images, usage = _draw(ensemble, path, shape, labels, total, int(sc.batch_size), settings, gen_noise, device)
+    images, usage = draw(ensemble, path, shape, labels, total, int(sc.batch_size), settings, gen_noise, device)
     out = _write(rd, images, labels, num_grid, usage, num_classes, int(sc.per_class), settings)
 
     used = [k for k in range(info["num_experts"]) if any(r["counts"][k] for r in usage)]
@@ -97,6 +119,7 @@ def run(cfg) -> dict:
     record = dict(settings=settings, **settings,
                   num_images=total, num_grid=num_grid, clustering_id=info["clustering_id"],
                   num_experts=info["num_experts"], experts_loaded=info["experts"], experts_used=used,
+                  experts_missing=info["missing_experts"],
                   evaluations_per_batch=num_evaluations(int(settings["steps"]), settings["solver"]),
                   flow=info["flow"], device=str(device), wall_s=round(time.perf_counter() - start, 2),
                   outputs=out)
@@ -104,10 +127,13 @@ def run(cfg) -> dict:
     log.info("sample: %d images, %s routing, %s x%d, cfg %.2g, experts used %s, %.1fs -> %s", total,
              settings["strategy"], settings["solver"], settings["steps"], settings["cfg_scale"], used,
              record["wall_s"], rd.samples)
+    if settings["experts"] == AVAILABLE and info["missing_experts"]:
+        log.warning("sample: made without experts %s (missing); recorded in %s", info["missing_experts"],
+                    rd.samples_record)
     return record
 
 
-def _draw(ensemble, path, shape, labels, total, batch_size, settings, generator, device):
+def draw(ensemble, path, shape, labels, total, batch_size, settings, generator, device):
     """Sample ``total`` images in batches; usage records merged per solver evaluation."""
     n_eval = num_evaluations(int(settings["steps"]), settings["solver"])
     counts = np.zeros((n_eval, ensemble.num_experts))

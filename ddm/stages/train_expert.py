@@ -3,8 +3,12 @@
 Reads only ``partitions/cluster-<id>/``; writes only ``experts/expert-<id>/``.
 No process group, lock or file is shared with another expert: inside the
 island Lightning may use DDP/FSDP across the island's own devices, nothing more.
-Resumes from ``checkpoints/last.ckpt``; the finished expert is ``expert.pt``
-(EMA weights) plus ``record.json``, written last.
+Resumes from the newest complete checkpoint (``checkpoints/last.ckpt`` or a
+``step-*.ckpt``); on SIGUSR1/SIGTERM it saves ``last.ckpt`` and requeues its
+SLURM job (``expert.requeue``) or exits non-zero; when training raises it writes
+``failed.json``. The finished expert is ``expert.pt`` (EMA weights) plus
+``record.json``, written last; a finished expert is never trained again
+(unless ``redo=true``).
 """
 from __future__ import annotations
 
@@ -24,8 +28,10 @@ from ddm.models.dit import count_params
 from ddm.stages import skip
 from ddm.train.export import save_weights
 from ddm.train.modules import ExpertModule
-from ddm.train.trainer import (build_logger, build_trainer, forward_flops, hardware, last_checkpoint,
-                               per_device_batch)
+from ddm.train.records import FailureRecord, clear_failure
+from ddm.train.signals import PreemptionGuard
+from ddm.train.trainer import (JobState, build_logger, build_trainer, fit_job, forward_flops, hardware,
+                               last_checkpoint, per_device_batch)
 
 log = logging.getLogger("ddm")
 
@@ -37,11 +43,18 @@ def model_config(cfg_model, meta: dict) -> dict:
 
 
 def run(cfg) -> dict:
+    """Train expert ``cfg.expert.id``; return its record (at once if it is already finished).
+
+    Survives faults: resumes from the newest complete checkpoint, saves and
+    requeues (or exits non-zero) on SIGUSR1/SIGTERM, and writes ``failed.json``
+    when training raises.
+    """
     rd = RunDir(cfg.run_dir)
     k = int(cfg.expert.id)
     job_dir = rd.expert(k)
     if skip(rd.expert_record(k), cfg):
         record = read_json(rd.expert_record(k))
+        _check_still_current(record, rd, k)
         log.info("train-expert %d: already done (%d steps) -> %s", k, record["steps"], job_dir)
         return record
     if cfg.get("redo", False) and job_dir.exists():
@@ -56,24 +69,48 @@ def run(cfg) -> dict:
     if int(manifest["cluster"]) != k:
         raise ValueError(f"{part_dir}/manifest.json says cluster {manifest['cluster']}, expected {k}")
 
+    with PreemptionGuard() as guard, FailureRecord(job_dir, f"expert-{k:02d}") as failure:
+        return _train(cfg, rd, k, manifest, guard, failure)
+
+
+def _check_still_current(record: dict, rd: RunDir, k: int) -> None:
+    """A finished expert of an older clustering must not pass for one of the current partitions."""
+    path = rd.partition_manifest(k)
+    if not path.exists():
+        return
+    current = read_json(path)
+    if (record.get("clustering_id"), record.get("partition_keys_sha256")) != \
+            (current.get("clustering_id"), current.get("keys_sha256")):
+        raise ValueError(
+            f"{rd.expert_record(k)} was trained on clustering {record.get('clustering_id')} but "
+            f"{path} is now clustering {current.get('clustering_id')} (or other keys): retrain it with "
+            f"`ddm train-expert expert.id={k} redo=true`")
+
+
+def _train(cfg, rd: RunDir, k: int, manifest: dict, guard, failure) -> dict:
+    job_dir = rd.expert(k)
     start = time.time()
     L.seed_everything(int(cfg.seed) + 1000 * k, workers=True, verbose=False)
     ex = cfg.expert
+    identity = dict(job=f"expert-{k:02d}", clustering_id=manifest["clustering_id"],
+                    partition_keys_sha256=manifest["keys_sha256"])
     module = ExpertModule(model=model_config(cfg.model, manifest), flow=OmegaConf.to_container(cfg.flow),
                           lr=ex.lr, weight_decay=ex.weight_decay, warmup_steps=ex.warmup_steps,
                           total_steps=ex.steps, label_dropout=ex.label_dropout, ema_decay=ex.ema_decay,
                           expert_id=k)
     logger = build_logger(cfg.logger, job_dir, cfg.run_dir, f"expert-{k:02d}")
+    state = JobState(identity, started=start)
     trainer = build_trainer(cfg.island, job_dir, ex.steps, ex.ckpt_every, logger, ex.log_every,
-                            ex.keep_checkpoints)
+                            ex.keep_checkpoints, guard=guard, state=state)
+    failure.trainer = trainer
     batch = per_device_batch(int(ex.batch_size), trainer, "expert")
-    stream = sample_stream(shard_paths(part_dir, manifest), int(manifest["channels"]),
+    stream = sample_stream(shard_paths(rd.partition(k), manifest), int(manifest["channels"]),
                            seed=int(cfg.seed) + 1000 * k, shuffle_buffer=ex.shuffle_buffer)
     loader = batch_loader(stream, batch, int(cfg.island.num_workers))
-    resume = last_checkpoint(job_dir)
+    resume = last_checkpoint(job_dir, identity)
     if resume:
         log.info("train-expert %d: resuming from %s", k, resume)
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
+    fit_job(trainer, module, loader, resume, guard, bool(ex.get("requeue", True)), f"train-expert {k}")
 
     if trainer.global_rank != 0:
         return {}
@@ -88,12 +125,16 @@ def run(cfg) -> dict:
         final_loss=module.recent_loss, params=count_params(net), forward_flops_per_sample=flops,
         # training FLOPs: forward + backward ~ 3x forward, per sample seen
         train_flops=3 * flops * steps * int(ex.batch_size),
-        wall_s=round(time.time() - start, 1), resumed_from=str(resume) if resume else None,
+        # over every attempt, each counted up to the checkpoint it left (see JobState)
+        wall_s=round(state.wall_s(), 1), wall_s_this_attempt=round(time.time() - start, 1),
+        attempts=state.attempts, resumed_from=str(resume) if resume else None,
+        resumed_from_step=state.resumed_step,
         hardware=hardware(), config=OmegaConf.to_container(cfg, resolve=True),
     )
     save_weights(rd.expert_weights(k), "expert", net, module.path.config(), expert_id=k,
                  num_experts=record["num_experts"], clustering_id=record["clustering_id"], steps=steps)
     write_json(rd.expert_record(k), record)
+    clear_failure(job_dir)
     log.info("train-expert %d: %d steps on %d samples, loss %.4f, %.0fs -> %s", k, steps,
              record["partition_samples"], record["final_loss"] or float("nan"), record["wall_s"], job_dir)
     return record

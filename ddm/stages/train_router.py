@@ -5,6 +5,10 @@ shared ``FlowPath`` noised, over (a fraction of) every partition, drawn in
 proportion to cluster size so its optimum is the posterior p(k | x_t, t, y).
 Needs no expert. The first shard of each partition (when it has more than one)
 is held out to measure accuracy in buckets of t.
+
+Faults are handled as for an expert (see ``ddm.stages.train_expert``):
+resume from the newest complete checkpoint, save and requeue on a signal,
+``router/failed.json`` when training raises.
 """
 from __future__ import annotations
 
@@ -27,7 +31,10 @@ from ddm.models.dit import count_params
 from ddm.stages import skip
 from ddm.train.export import save_weights
 from ddm.train.modules import RouterModule
-from ddm.train.trainer import build_logger, build_trainer, hardware, last_checkpoint, per_device_batch
+from ddm.train.records import FailureRecord, clear_failure
+from ddm.train.signals import PreemptionGuard
+from ddm.train.trainer import (JobState, build_logger, build_trainer, fit_job, forward_flops, hardware,
+                               last_checkpoint, per_device_batch)
 
 log = logging.getLogger("ddm")
 
@@ -103,16 +110,40 @@ def accuracy_by_t(net, path: FlowPath, x0, y, k, prior: torch.Tensor, buckets: i
 
 
 def run(cfg) -> dict:
+    """Train the router over all partitions; return its record (at once if it is already finished).
+
+    Fault handling as for an expert: resume from the newest complete checkpoint,
+    save and requeue (``router.requeue``) or exit non-zero on SIGUSR1/SIGTERM,
+    ``failed.json`` when training raises.
+    """
     rd = RunDir(cfg.run_dir)
     job_dir = rd.router
     if skip(rd.router_record, cfg):
         record = read_json(rd.router_record)
+        _check_still_current(record, rd)
         log.info("train-router: already done (%d steps) -> %s", record["steps"], job_dir)
         return record
     if cfg.get("redo", False) and job_dir.exists():
         shutil.rmtree(job_dir)
 
     index, manifests = load_partitions(rd)
+    with PreemptionGuard() as guard, FailureRecord(job_dir, "router") as failure:
+        return _train(cfg, rd, index, manifests, guard, failure)
+
+
+def _check_still_current(record: dict, rd: RunDir) -> None:
+    """A finished router of an older clustering must not pass for one of the current partitions."""
+    index_path = rd.partitions / "manifest.json"
+    if not index_path.exists():
+        return
+    current = read_json(index_path).get("clustering_id")
+    if record.get("clustering_id") != current:
+        raise ValueError(f"{rd.router_record} was trained on clustering {record.get('clustering_id')} but "
+                         f"{index_path} is clustering {current}: retrain it with `ddm train-router redo=true`")
+
+
+def _train(cfg, rd: RunDir, index: dict, manifests: list[dict], guard, failure) -> dict:
+    job_dir = rd.router
     K = len(manifests)
     meta = manifests[0]
     rc = cfg.router
@@ -125,15 +156,21 @@ def run(cfg) -> dict:
     module = RouterModule(model=model, flow=OmegaConf.to_container(cfg.flow), lr=rc.lr,
                           weight_decay=rc.weight_decay, warmup_steps=rc.warmup_steps, total_steps=rc.steps,
                           label_dropout=rc.label_dropout)
+    identity = dict(job="router", clustering_id=index["clustering_id"],
+                    partition_keys_sha256=[m["keys_sha256"] for m in manifests])
     logger = build_logger(cfg.logger, job_dir, cfg.run_dir, "router")
+    state = JobState(identity, started=start)
     trainer = build_trainer(cfg.island, job_dir, rc.steps, rc.ckpt_every, logger, rc.log_every,
-                            rc.keep_checkpoints)
+                            rc.keep_checkpoints, guard=guard, state=state)
+    failure.trainer = trainer
     batch = per_device_batch(int(rc.batch_size), trainer, "router")
     parts = [(train, float(m["num_samples"])) for (train, _), m in zip(splits, manifests)]
     loader = batch_loader(mixed_stream(parts, int(meta["channels"]), int(cfg.seed), rc.shuffle_buffer),
                           batch, int(cfg.island.num_workers))
-    resume = last_checkpoint(job_dir)
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
+    resume = last_checkpoint(job_dir, identity)
+    if resume:
+        log.info("train-router: resuming from %s", resume)
+    fit_job(trainer, module, loader, resume, guard, bool(rc.get("requeue", True)), "train-router")
     if trainer.global_rank != 0:
         return {}
 
@@ -142,14 +179,23 @@ def run(cfg) -> dict:
     by_t = accuracy_by_t(module.net, module.path, x0, y, k, sizes / sizes.sum(), int(rc.t_buckets),
                          int(cfg.seed))
     steps = int(trainer.global_step)
+    x = torch.zeros(1, int(meta["channels"]), int(meta["image_size"]), int(meta["image_size"]))
+    flops = forward_flops(module.net, (x, torch.zeros(1), torch.zeros(1, dtype=torch.long)))
     record = dict(num_experts=K, clustering_id=index["clustering_id"], steps=steps,
                   batch_size=int(rc.batch_size), samples_seen=steps * int(rc.batch_size),
                   final_loss=module.recent_loss, params=count_params(module.net), eval_samples=len(k),
-                  accuracy_by_t=by_t, wall_s=round(time.time() - start, 1), hardware=hardware(),
+                  # one routing call per sample and solver evaluation costs forward_flops_per_sample;
+                  # training: forward + backward ~ 3x forward, per sample seen
+                  forward_flops_per_sample=flops, train_flops=3 * flops * steps * int(rc.batch_size),
+                  accuracy_by_t=by_t, wall_s=round(state.wall_s(), 1),
+                  wall_s_this_attempt=round(time.time() - start, 1), attempts=state.attempts,
+                  resumed_from=str(resume) if resume else None,
+                  resumed_from_step=state.resumed_step, hardware=hardware(),
                   config=OmegaConf.to_container(cfg, resolve=True))
     save_weights(rd.router_weights, "router", module.net, module.path.config(), num_experts=K,
                  clustering_id=index["clustering_id"], steps=steps)
     write_json(rd.router_record, record)
+    clear_failure(job_dir)
     acc = ", ".join(f"{r['accuracy']:.2f}" for r in by_t)
     log.info("train-router: %d steps, K=%d, accuracy by t [%s] -> %s", steps, K, acc, job_dir)
     return record

@@ -60,6 +60,13 @@ class _Base(L.LightningModule):
         if self.global_step % every == 0:
             self._recent = (self._recent + [loss.item()])[-20:]
 
+    def on_save_checkpoint(self, checkpoint) -> None:
+        # The recent losses travel with the checkpoint: a resumed job still reports its final loss.
+        checkpoint["ddm_recent_losses"] = list(self._recent)
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        self._recent = list(checkpoint.get("ddm_recent_losses", []))
+
     @property
     def recent_loss(self) -> float | None:
         return sum(self._recent) / len(self._recent) if self._recent else None

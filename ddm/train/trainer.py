@@ -1,14 +1,26 @@
-"""Building a Lightning Trainer for one job on one island, its logger and its checkpoints."""
+"""Building a Lightning Trainer for one job on one island, its logger and its checkpoints.
+
+A job must survive being stopped at any moment: checkpoints are written
+atomically (``AtomicCheckpointIO``), a resumed job starts from the newest
+complete checkpoint (``last_checkpoint``), a SIGUSR1/SIGTERM saves and stops
+at the next step (``JobCheckpoint`` with a ``PreemptionGuard``), and each
+checkpoint carries the job's identity and the wall time spent so far
+(``JobState``).
+"""
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+
+from ddm.train.checkpoint_io import AtomicCheckpointIO, latest_complete_checkpoint
+from ddm.train.signals import PreemptionGuard, stop_after_preemption
 
 log = logging.getLogger("ddm")
 
@@ -33,7 +45,9 @@ def build_logger(logger_cfg, job_dir: Path, run_dir: str | Path, job: str):
     kind = logger_cfg.get("kind", "csv")
     if kind == "csv":
         from lightning.pytorch.loggers import CSVLogger
-        return CSVLogger(job_dir, name="logs", version="")
+        # One folder per attempt (logs/version_0, version_1, ...): a resumed job would otherwise
+        # delete the metrics.csv of the attempts before it.
+        return CSVLogger(job_dir, name="logs")
     if kind == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
         return TensorBoardLogger(job_dir, name="logs", version="")
@@ -49,22 +63,128 @@ def build_logger(logger_cfg, job_dir: Path, run_dir: str | Path, job: str):
     raise ValueError(f"logger.kind={kind!r} is not one of csv, tensorboard, wandb")
 
 
+class JobCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that also saves ``last.ckpt`` and stops training when a signal arrived.
+
+    The save happens at a batch end after an optimizer step, after the periodic
+    checkpoint of that step (so a step is never saved twice), and ``should_stop``
+    lets Lightning finish the fit cleanly. Every rank takes the same decision.
+    """
+
+    def __init__(self, *args, guard: PreemptionGuard | None = None, **kwargs):
+        # No last-v1.ckpt beside a last.ckpt left by an earlier attempt: there is one last.ckpt.
+        super().__init__(*args, enable_version_counter=False, **kwargs)
+        self.guard = guard
+        self._seen_step: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._seen_step = trainer.global_step
+        if self.guard is not None:
+            # Lightning installed its own SIGTERM handler just before training; take the signals back.
+            self.guard.install()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        stepped, self._seen_step = trainer.global_step != self._seen_step, trainer.global_step
+        if self.guard is None or not stepped:  # mid gradient accumulation: the state is not resumable
+            return
+        if not trainer.strategy.reduce_boolean_decision(self.guard.requested, all=False):
+            return
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        log.warning("saved %s at step %d after %s; stopping", self.last_model_path, trainer.global_step,
+                    self.guard.signal_name if self.guard.requested else "a signal on another rank")
+        trainer.should_stop = True
+
+
+class JobState(Callback):
+    """What every checkpoint of a job carries under ``checkpoint["ddm"]``.
+
+    ``identity`` (clustering id, partition checksum) lets a resume refuse a
+    checkpoint of other data; ``wall_s`` and ``attempts`` add up over resumes,
+    so a record's wall time covers every attempt (up to the checkpoint each
+    one left).
+    """
+
+    def __init__(self, identity: dict, started: float | None = None):
+        self.identity = dict(identity)
+        self.started = time.time() if started is None else started
+        self.prior_wall_s = 0.0
+        self.prior_attempts = 0
+        self.resumed_step: int | None = None  # global step of the checkpoint this attempt resumed from
+
+    @property
+    def attempts(self) -> int:
+        return self.prior_attempts + 1
+
+    def wall_s(self) -> float:
+        """Seconds spent by this job so far, over all its attempts."""
+        return self.prior_wall_s + (time.time() - self.started)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["ddm"] = dict(self.identity, wall_s=self.wall_s(), attempts=self.attempts)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        stored = checkpoint.get("ddm") or {}
+        self.prior_wall_s = float(stored.get("wall_s", 0.0))
+        self.prior_attempts = int(stored.get("attempts", 0))
+        self.resumed_step = int(checkpoint.get("global_step", 0))
+
+
+def _plugins() -> list:
+    plugins: list = [AtomicCheckpointIO()]
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    if SLURMEnvironment.detect():
+        # Lightning would otherwise handle SIGUSR1 itself (hpc_ckpt_*.ckpt + its own requeue);
+        # ddm's PreemptionGuard and JobCheckpoint do that, once.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
+
+
 def build_trainer(island, job_dir: Path, max_steps: int, ckpt_every: int, logger, log_every: int = 10,
-                  keep_checkpoints: int = 2, callbacks=()) -> L.Trainer:
-    """A Trainer for one job: checkpoints every ``ckpt_every`` steps plus ``last.ckpt``."""
+                  keep_checkpoints: int = 2, callbacks=(), guard: PreemptionGuard | None = None,
+                  state: JobState | None = None) -> L.Trainer:
+    """A Trainer for one job: atomic checkpoints every ``ckpt_every`` steps plus ``last.ckpt``.
+
+    With a ``guard``, a SIGUSR1/SIGTERM saves ``last.ckpt`` at the next step and
+    stops the fit (the caller then requeues or exits: see ``ddm.train.signals``).
+    With a ``state``, each checkpoint records the job's identity and wall time.
+    """
     if island.get("threads"):
         torch.set_num_threads(int(island.threads))
-    checkpoint = ModelCheckpoint(
+    checkpoint = JobCheckpoint(
         dirpath=job_dir / "checkpoints", filename="step-{step:07d}", auto_insert_metric_name=False,
-        every_n_train_steps=ckpt_every, save_last=True, save_top_k=keep_checkpoints, monitor="step", mode="max")
+        every_n_train_steps=ckpt_every, save_last=True, save_top_k=keep_checkpoints, monitor="step", mode="max",
+        guard=guard)
+    extra = [state] if state is not None else []
     return L.Trainer(
         accelerator=island.accelerator, devices=island.devices, num_nodes=island.num_nodes,
         strategy=island.strategy, precision=island.precision,
-        accumulate_grad_batches=island.get("accumulate_grad_batches", 1),
-        max_steps=max_steps, logger=logger, callbacks=[checkpoint, TQDMProgressBar(refresh_rate=10), *callbacks],
+        accumulate_grad_batches=island.get("accumulate_grad_batches", 1), plugins=_plugins(),
+        max_steps=max_steps, logger=logger,
+        callbacks=[checkpoint, TQDMProgressBar(refresh_rate=10), *extra, *callbacks],
         log_every_n_steps=log_every, default_root_dir=job_dir, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
     )
+
+
+def fit_job(trainer: L.Trainer, module: L.LightningModule, loader, resume: Path | None,
+            guard: PreemptionGuard, requeue: bool, what: str) -> None:
+    """``trainer.fit`` from ``resume``; when a signal stopped it early, raise ``Preempted``.
+
+    ``Preempted`` (a ``SystemExit``) carries exit status 0 when the SLURM job was
+    requeued, else 128 + the signal number; ``last.ckpt`` is saved either way.
+    """
+    try:
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
+    except SystemExit:
+        # Lightning raises its SIGTERMException when a SIGTERM reached its own handler in the
+        # instant before the guard took the signal back; the guard saw that signal too.
+        if not guard.requested:
+            raise
+    if guard.requested and trainer.global_step < trainer.max_steps:
+        raise stop_after_preemption(guard, what, int(trainer.global_step), requeue, trainer.is_global_zero)
 
 
 def per_device_batch(global_batch: int, trainer: L.Trainer, what: str) -> int:
@@ -78,9 +198,13 @@ def per_device_batch(global_batch: int, trainer: L.Trainer, what: str) -> int:
     return global_batch // shards
 
 
-def last_checkpoint(job_dir: Path) -> Path | None:
-    path = job_dir / "checkpoints" / "last.ckpt"
-    return path if path.exists() else None
+def last_checkpoint(job_dir: Path, identity: dict | None = None) -> Path | None:
+    """The newest complete checkpoint of a job (``last.ckpt`` or a ``step-*.ckpt``), or None.
+
+    Broken checkpoints are skipped by name in the log; one written for other
+    data (``identity`` differs) is an error. See ``latest_complete_checkpoint``.
+    """
+    return latest_complete_checkpoint(job_dir / "checkpoints", identity)
 
 
 def hardware() -> dict:
