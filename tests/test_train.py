@@ -265,3 +265,17 @@ def test_router_signal_saves_and_stops_in_process(make_cfg, tmp_path, monkeypatc
     monkeypatch.setattr(train_router.RouterModule, "training_step", original)
     record = train_router.run(cfg)
     assert record["steps"] == 6 and record["resumed_from_step"] == 3
+
+
+def test_expert_reads_its_shards_from_a_url(make_cfg, tmp_path):
+    """An island that keeps only the manifest locally fetches its shards through webdataset (here `pipe:cat`)."""
+    rd = make_partitions(tmp_path / "run", sizes=(20, 20))
+    remote = tmp_path / "object-store" / "cluster-01"
+    remote.mkdir(parents=True)
+    for shard in rd.partition(1).glob("shard-*.tar"):
+        shard.rename(remote / shard.name)  # nothing but manifest.json stays on the island
+    template = f"pipe:cat {tmp_path}/object-store/{{folder}}/{{shard}}"
+    record = train_expert.run(make_cfg(*FAST, "expert.id=1", "expert.steps=3", f"expert.shard_url='{template}'"))
+    assert record["steps"] == 3 and record["partition_samples"] == 20
+    with pytest.raises(ValueError, match="must contain"):
+        train_expert.run(make_cfg(*FAST, "expert.id=0", "expert.steps=3", "expert.shard_url=pipe:cat"))

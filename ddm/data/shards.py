@@ -127,9 +127,20 @@ def load_manifest(folder: str | os.PathLike) -> dict:
     return read_json(path)
 
 
-def shard_paths(folder: str | os.PathLike, manifest: dict | None = None) -> list[str]:
-    """Absolute paths (or URLs, when the manifest holds URLs) of a shard set's shards."""
+def shard_paths(folder: str | os.PathLike, manifest: dict | None = None, url: str | None = None) -> list[str]:
+    """Absolute paths (or URLs, when the manifest holds URLs) of a shard set's shards.
+
+    ``url``, when given, is a template that says where the shards really are, for an
+    island that fetches only its own partition: ``{folder}`` is the shard set's folder
+    name (``cluster-03``) and ``{shard}`` the shard's file name, e.g.
+    ``pipe:aws s3 cp s3://bucket/run/partitions/{folder}/{shard} -`` or
+    ``https://host/run/partitions/{folder}/{shard}`` (anything webdataset opens).
+    """
     manifest = manifest or load_manifest(folder)
+    if url:
+        if "{shard}" not in url:
+            raise ValueError(f"shard url template {url!r} must contain {{shard}} (and usually {{folder}})")
+        return [url.format(folder=Path(folder).name, shard=s["path"]) for s in manifest["shards"]]
     out = []
     for s in manifest["shards"]:
         p = s["path"]

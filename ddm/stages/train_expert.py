@@ -104,7 +104,8 @@ def _train(cfg, rd: RunDir, k: int, manifest: dict, guard, failure) -> dict:
                             ex.keep_checkpoints, guard=guard, state=state)
     failure.trainer = trainer
     batch = per_device_batch(int(ex.batch_size), trainer, "expert")
-    stream = sample_stream(shard_paths(rd.partition(k), manifest), int(manifest["channels"]),
+    urls = shard_paths(rd.partition(k), manifest, url=ex.get("shard_url"))
+    stream = sample_stream(urls, int(manifest["channels"]),
                            seed=int(cfg.seed) + 1000 * k, shuffle_buffer=ex.shuffle_buffer)
     loader = batch_loader(stream, batch, int(cfg.island.num_workers))
     resume = last_checkpoint(job_dir, identity)
