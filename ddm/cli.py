@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 from ddm.stages import STAGES
@@ -39,11 +40,17 @@ def run_stage(stage: str, cfg):
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Lightning's DDP launcher starts ranks 1..n-1 by re-running this command with the
+    # same overrides but without the stage name (we hand Hydra the overrides only), so
+    # the stage travels to them in the environment.
+    if (not argv or argv[0] not in STAGES) and os.environ.get("DDM_STAGE") and "LOCAL_RANK" in os.environ:
+        argv.insert(0, os.environ["DDM_STAGE"])
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
         print(USAGE if not argv or argv[0] in ("-h", "--help") else f"unknown stage {argv[0]!r}\n{USAGE}",
               file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     stage = argv.pop(0)
+    os.environ["DDM_STAGE"] = stage
 
     import hydra
 

@@ -130,7 +130,9 @@ def _train(cfg, rd: RunDir, k: int, manifest: dict, guard, failure) -> dict:
         wall_s=round(state.wall_s(), 1), wall_s_this_attempt=round(time.time() - start, 1),
         attempts=state.attempts, resumed_from=str(resume) if resume else None,
         resumed_from_step=state.resumed_step,
-        hardware=hardware(), config=OmegaConf.to_container(cfg, resolve=True),
+        hardware=dict(hardware(), world_size=trainer.world_size, strategy=type(trainer.strategy).__name__,
+                      per_device_batch=batch, accumulate_grad_batches=trainer.accumulate_grad_batches),
+        config=OmegaConf.to_container(cfg, resolve=True),
     )
     save_weights(rd.expert_weights(k), "expert", net, module.path.config(), expert_id=k,
                  num_experts=record["num_experts"], clustering_id=record["clustering_id"], steps=steps)
