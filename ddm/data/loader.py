@@ -54,7 +54,7 @@ def batch_loader(dataset, batch_size: int, num_workers: int) -> wds.WebLoader:
     """Batch inside the workers (cheap IPC); the loader just forwards batches."""
     pipeline = wds.DataPipeline(dataset, wds.batched(batch_size, collation_fn=_collate, partial=False))
     return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
-                         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+                         pin_memory=torch.cuda.is_available())
 
 
 def mixed_stream(parts: list[tuple[list[str], float]], channels: int, seed: int, shuffle_buffer: int = 1000):
