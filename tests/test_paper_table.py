@@ -1,0 +1,142 @@
+"""The paper table end to end on digits (two budgets, seconds of training), its FLOP bookkeeping and its rerun."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ddm.ensemble import Ensemble
+from ddm.experiments.paper_table import CLASS_EXPERT, SINGLE, ClassRouter, make_plan, run
+from ddm.io import read_json
+
+pytestmark = pytest.mark.slow
+
+EXPECTED_ROWS = {("monolith", 6, SINGLE), ("monolith", 12, SINGLE), ("clustered-k2", 6, "top1"),
+                 ("clustered-k2", 12, "top1"), ("clustered-k2", 12, "full"), ("clustered-k2", 12, CLASS_EXPERT)}
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    from ddm.config import compose
+
+    root = tmp_path_factory.mktemp("paper-tiny")
+    cfg = compose(["experiment=paper_tiny", f"run_dir={root / 'table'}",
+                   f"eval.feature_net.cache_dir={root / 'cache'}"])
+    return cfg, run(cfg)
+
+
+def test_every_row_of_the_grid_is_in_the_table(table):
+    cfg, out = table
+    results = read_json(out["results"])
+    assert {(r["config"], r["budget"], r["strategy"]) for r in results["rows"]} == EXPECTED_ROWS
+    text = open(out["table"]).read()
+    for heading in ("Top-1 DDM against the monolith", "Routing strategies at 12 steps", "Every row"):
+        assert heading in text
+    assert "fixed per-class expert" in text and "classifier:" in text
+    for key in ("plot_train", "plot_sampling"):
+        with open(out[key], "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_sampler_and_one_feature_space_for_every_row(table):
+    _, out = table
+    results = read_json(out["results"])
+    assert len({r["feature_space"] for r in results["rows"]}) == 1
+    assert all(r["num_generated"] == 48 for r in results["rows"])
+    assert results["settings"]["sampler"] == dict(solver="euler", steps=4, cfg_scale=1.5, top_k=2, temperature=1.0)
+
+
+def test_ddm_and_monolith_spend_the_same_training_flops(table):
+    cfg, out = table
+    rows = read_json(out["results"])["rows"]
+    plan = make_plan(cfg)
+    one_monolith_step = 3 * plan.expert_forward * int(cfg.paper.monolith_batch)
+    for budget in (6, 12):
+        mono = next(r for r in rows if r["config"] == "monolith" and r["budget"] == budget)
+        ddm = next(r for r in rows if r["config"] == "clustered-k2" and r["budget"] == budget)
+        assert mono["train_flops_router"] == 0 and mono["expert_steps"] > budget
+        assert ddm["train_flops_router"] > 0 and ddm["expert_steps"] == budget and ddm["expert_batch"] == 16
+        # the experts alone spend the monolith's budget; the monolith's extra steps cover the router
+        assert ddm["train_flops_experts"] == 3 * plan.expert_forward * 32 * budget
+        assert ddm["train_flops"] <= mono["train_flops"] < ddm["train_flops"] + one_monolith_step
+    for r in rows:
+        assert r["train_flops"] > 0 and r["sampling_flops_per_image"] > 0
+        assert r["fd"] >= 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["fm_loss"] > 0
+
+
+def test_sampling_flops_follow_the_strategy(table):
+    _, out = table
+    rows = {(r["config"], r["strategy"]): r["sampling_flops_per_image"]
+            for r in read_json(out["results"])["rows"] if r["budget"] == 12}
+    single = rows[("monolith", SINGLE)]
+    # the fixed per-class expert runs one expert and no router network: a monolith's cost
+    assert rows[("clustered-k2", CLASS_EXPERT)] == single
+    assert single < rows[("clustered-k2", "top1")] < rows[("clustered-k2", "full")]
+
+
+def test_class_expert_is_the_cluster_holding_most_of_the_class(table):
+    cfg, out = table
+    result = read_json(f"{cfg.run_dir}/runs/clustered-k2-s12/evaluation/{CLASS_EXPERT}.json")
+    counts = torch.tensor(result["class_counts"])
+    assert result["expert_of_class"] == counts.argmax(dim=0).tolist()
+
+
+def test_rerun_skips_everything(table):
+    cfg, out = table
+    root = cfg.run_dir
+    files = [out["table"], out["results"], out["plot_train"], out["plot_sampling"],
+             f"{root}/runs/clustered-k2-s12/experts/expert-01/expert.pt",
+             f"{root}/runs/clustered-k2-s12/router/router.pt",
+             f"{root}/runs/monolith-s6/router/router.pt",
+             f"{root}/runs/clustered-k2-s12/evaluation/metrics.json",
+             f"{root}/runs/clustered-k2-s12/evaluation/{CLASS_EXPERT}.json"]
+    import os
+    before = {f: os.stat(f).st_mtime_ns for f in files}
+    again = run(cfg)
+    assert {f: os.stat(f).st_mtime_ns for f in files} == before
+    assert again["rows"] == out["rows"]
+
+
+class _Constant(nn.Module):
+    """A stand-in expert whose velocity is its id everywhere."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+        self.num_classes = 3
+
+    def forward(self, x, t, y=None):
+        return torch.full_like(x, self.value)
+
+
+def test_class_router_sends_each_class_to_its_expert():
+    router = ClassRouter([1, 0, 1], num_experts=2, fallback=0)
+    ensemble = Ensemble([_Constant(0.0), _Constant(1.0)], router, strategy="top1")
+    x, t = torch.zeros(4, 1, 2, 2), torch.full((4,), 0.5)
+    y = torch.tensor([0, 1, 2, 3])  # 3 is the null label: the fallback expert
+    v = ensemble(x, t, y)
+    assert v[:, 0, 0, 0].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert math.isclose(router(x, t, y).softmax(-1)[0, 1].item(), 1.0)
+
+
+def test_small_preset_plan_matches_the_paper_setup(make_cfg):
+    cfg = make_cfg("experiment=paper_small")
+    plan = make_plan(cfg)
+    batch = int(cfg.paper.monolith_batch)
+    runs = {(r.config.name, r.budget): r for r in plan.runs}
+    assert len(set(int(b) for b in cfg.paper.budgets)) >= 3
+    for r in plan.runs:
+        assert r.expert_batch * r.config.k == batch
+        if r.config.k > 1:
+            assert r.expert_steps == r.budget
+    largest = max(int(b) for b in cfg.paper.budgets)
+    assert CLASS_EXPERT in runs[("clustered-k4", largest)].rows
+    assert {"top1", "full", "sample"} <= set(runs[("clustered-k8", largest)].rows)
+    # the monolith's extra steps cost at least the largest router's training FLOPs, and less than one step more
+    for b, extra in plan.monolith_extra_steps.items():
+        router = max(3 * f * int(cfg.router.batch_size) * max(1, round(float(cfg.paper.router_steps_ratio) * b))
+                     for f in plan.router_forward.values())
+        step = 3 * plan.expert_forward * batch
+        assert extra * step >= router > (extra - 1) * step
