@@ -631,7 +631,8 @@ def render_table(results: dict) -> str:
     by = {(r["config"], r["budget"], r["strategy"]): r for r in rows}
     full = sorted({r["budget"] for r in rows if r["strategy"] not in (SINGLE, "top1")})
     for b in full:
-        strategies = list(dict.fromkeys(r["strategy"] for r in rows if r["budget"] == b and r["strategy"] != SINGLE))
+        present = {r["strategy"] for r in rows if r["budget"] == b and r["strategy"] != SINGLE}
+        strategies = [st for st in KNOWN_STRATEGIES if st in present]  # one fixed column order
         lines += [f"## Routing strategies at {b} steps", "",
                   "FD, held-out FM loss, then sampling FLOPs per image. The monolith: "
                   + ", ".join(f"FD {_num(r['fd'])}, FM loss {_num(r['fm_loss'])} at "
@@ -666,8 +667,14 @@ def render_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-METRICS = (("fd", "FD (classifier space)"), ("precision", "precision"), ("recall", "recall"),
-           ("fm_loss", "held-out FM loss"))
+METRICS = (("fd", "FD, classifier space (lower is better)"), ("precision", "precision"), ("recall", "recall"),
+           ("fm_loss", "held-out FM loss (lower is better)"))
+
+
+def config_colours(configs: list[str]) -> dict[str, str]:
+    """One colour per configuration, the same in both plots: the monolith black, the others matplotlib's cycle."""
+    others = [c for c in configs if c != "monolith"]
+    return {c: ("black" if c == "monolith" else f"C{others.index(c)}") for c in configs}
 
 
 def plot_train_flops(rows: list[dict], path: Path) -> None:
@@ -678,13 +685,14 @@ def plot_train_flops(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6))
     configs = list(dict.fromkeys(r["config"] for r in rows))
+    colours = config_colours(configs)
     for ax, (key, label) in zip(axes, METRICS):
         for c in configs:
             pts = sorted((r["train_flops"], r[key]) for r in rows
                          if r["config"] == c and r["strategy"] in (SINGLE, "top1") and r[key] is not None)
             if pts:
-                style = dict(color="black", lw=2) if c == "monolith" else dict(ls="--" if c.startswith("random") else "-")
-                ax.plot(*zip(*pts), marker="o", label=c, **style)
+                ax.plot(*zip(*pts), marker="o", label=c, color=colours[c], lw=2 if c == "monolith" else 1.5,
+                        ls="--" if c.startswith("random") else "-")
         ax.set_xscale("log")
         ax.set_xlabel("training FLOPs (experts + router)")
         ax.set_title(label)
@@ -706,7 +714,7 @@ def plot_sampling_flops(rows: list[dict], path: Path, top_k: int) -> None:
     budget = max(r["budget"] for r in rows)
     rows = [r for r in rows if r["budget"] == budget]
     configs = list(dict.fromkeys(r["config"] for r in rows))
-    colours = {c: ("black" if c == "monolith" else f"C{i}") for i, c in enumerate(configs)}
+    colours = config_colours(configs)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, (key, label) in zip(axes, (METRICS[0], METRICS[3])):
         for r in rows:
@@ -719,7 +727,8 @@ def plot_sampling_flops(rows: list[dict], path: Path, top_k: int) -> None:
         ax.grid(alpha=0.3)
     from matplotlib.lines import Line2D
     handles = [Line2D([], [], color=colours[c], marker="o", ls="", label=c) for c in configs]
-    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    present = {r["strategy"] for r in rows}
+    strategies = [st for st in (SINGLE, *KNOWN_STRATEGIES) if st in present]
     handles += [Line2D([], [], color="grey", marker=MARKERS.get(s, "o"), ls="", label=strategy_label(s, top_k))
                 for s in strategies]
     axes[1].legend(handles=handles, fontsize=7, loc="best")
