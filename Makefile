@@ -10,12 +10,13 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test data slurm weights clean-demo bench help
+.PHONY: install demo test data slurm weights clean-demo bench paper help
 
 help:
 	@echo "make demo   - install and run the whole pipeline on Fashion-MNIST (ARGS='key=value ...' to override)"
 	@echo "make test   - install and run the tests"
 	@echo "make bench  - sampling-cost benchmark on the demo run"
+	@echo "make paper  - the small-scale paper table on Fashion-MNIST (runs/paper_small; about 55 min on 2 idle cores)"
 	@echo "make weights - ImageNet MobileNetV2 weights for clustering by meaning (embed=torchvision)"
 
 # torch/torchvision are pinned to the builds known to work together on these
@@ -76,6 +77,11 @@ test: install
 
 bench: install
 	$(BIN)/python scripts/bench_sampling.py $(ARGS)
+
+# The small-scale paper table (docs/results.md): monolith vs DDM at equal training FLOPs.
+# ARGS=paper.dry_run=true prints the plan and a timed estimate; ARGS=island.threads=1 on shared cores.
+paper: install data
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python scripts/paper_table.py experiment=paper_small $(ARGS)
 
 clean-demo:
 	rm -rf runs/demo

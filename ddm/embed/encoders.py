@@ -259,9 +259,9 @@ def _drop_classifier(net: torch.nn.Module, model: str) -> None:
 
 
 def _build_pixels(cfg, meta) -> PixelEncoder:
-    log.info("embed: 'pixels' encoder (downsampled pixels: no pretrained weights needed, and none can be "
-             "downloaded on these machines); for clusters by meaning use embed=open_clip with a local "
-             "embed.pretrained weights file")
+    log.info("embed: 'pixels' encoder (downsampled pixels: needs no pretrained weights); for clusters by "
+             "meaning use embed=torchvision with a local embed.weights file (`make weights` fetches MobileNetV2) "
+             "or embed=open_clip with a local embed.pretrained file")
     return PixelEncoder(channels=meta.channels, size=cfg.get("size", 16), dim=cfg.get("dim"),
                         seed=cfg.get("seed", 0))
 

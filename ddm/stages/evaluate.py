@@ -107,7 +107,7 @@ def run(cfg) -> dict:
 
     start = time.perf_counter()
     inception = _load_inception(ec)  # fail on a missing file before any slow work
-    ctx = _Context(cfg, rd, settings, redo)
+    ctx = EvaluationContext(cfg, rd, settings, redo)
     metrics = dict(stage="evaluate", settings=settings, run=ctx.run_info(), heldout=ctx.heldout_info())
     metrics["flops"] = ctx.flops()
     generated = {s: ctx.generated(s) for s in ctx.strategies}
@@ -132,7 +132,7 @@ def run(cfg) -> dict:
     return metrics
 
 
-def _feature_spaces(ctx: "_Context", generated: dict, inception) -> dict:
+def _feature_spaces(ctx: "EvaluationContext", generated: dict, inception) -> dict:
     """Sample quality in each feature space, keyed by the space's name (the classifier's first)."""
     net, info = ctx.feature_net()
     classify = (lambda x: fnet.predict(net.net, x, ctx.batch)) if info["target"] == "class" else None
@@ -156,7 +156,7 @@ def _load_inception(ec):
     return load_inception(ec.inception_weights)
 
 
-class _Context:
+class EvaluationContext:
     """What every part of the evaluation shares: the run, its ensemble, the held-out set and fixed subsets."""
 
     def __init__(self, cfg, rd: RunDir, settings: dict, redo: bool):

@@ -28,7 +28,8 @@ def record_timing(rd: RunDir, name: str, timing: dict) -> None:
     write_json(rd.timing(name), dict(job=name, **timing))
 
 
-def _run(stage: str, cfg, rd: RunDir, name: str | None = None):
+def run_timed(stage: str, cfg, name: str | None = None):
+    """One stage, seeded and timed, its timing written into cfg.run_dir (a skipped stage keeps its earlier one)."""
     from ddm.cli import run_stage  # the same dispatch as the command line
 
     name = name or stage
@@ -37,7 +38,7 @@ def _run(stage: str, cfg, rd: RunDir, name: str | None = None):
     with timed(name, sink):
         result = run_stage(stage, cfg)
     if name in sink:
-        record_timing(rd, name, sink[name])
+        record_timing(RunDir(cfg.run_dir), name, sink[name])
     return result
 
 
@@ -45,17 +46,17 @@ def run(cfg) -> dict:
     rd = RunDir(cfg.run_dir)
     start = time.perf_counter()
     for stage in BEFORE_EXPERTS:
-        _run(stage, cfg, rd)
+        run_timed(stage, cfg)
     K = int(read_json(rd.cluster_report)["k"])
     for k in range(K):
         expert_cfg = copy.deepcopy(cfg)
         with open_dict(expert_cfg):
             expert_cfg.expert.id = k
-        _run("train-expert", expert_cfg, rd, name=f"train-expert-{k:02d}")
+        run_timed("train-expert", expert_cfg, name=f"train-expert-{k:02d}")
     for stage in AFTER_EXPERTS:
-        _run(stage, cfg, rd)
+        run_timed(stage, cfg)
     total = round(time.perf_counter() - start, 1)
     log.info("pipeline: all stages done in %.0fs -> %s", total, rd.root)
-    _run("report", cfg, rd)
+    run_timed("report", cfg)
     return dict(run_dir=str(rd.root), wall_s=total)
 
