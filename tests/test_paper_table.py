@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ddm.ensemble import Ensemble
-from ddm.experiments.paper_table import CLASS_EXPERT, SINGLE, ClassRouter, make_plan, run
+from ddm.experiments.paper_table import CLASS_EXPERT, SINGLE, ClassRouter, flops_ticks, make_plan, run
 from ddm.io import read_json
 
 pytestmark = pytest.mark.slow
@@ -119,6 +119,16 @@ def test_class_router_sends_each_class_to_its_expert():
     v = ensemble(x, t, y)
     assert v[:, 0, 0, 0].tolist() == [1.0, 0.0, 1.0, 0.0]
     assert math.isclose(router(x, t, y).softmax(-1)[0, 1].item(), 1.0)
+
+
+def test_flops_ticks_label_each_point_unless_labels_would_overlap():
+    # A narrow range (top-1 vs a single model): both values are ticks.
+    assert flops_ticks([3.33e9, 3.14e9, 3.33e9]) == [3.14e9, 3.33e9]
+    # A wide range (every strategy up to the full K=8 ensemble): 3.33 G is 6% from 3.14 G, under an
+    # eighth of the range in log space ((25.3 / 3.14) ** (1/8) = 1.30), so it is dropped.
+    assert flops_ticks([3.14e9, 3.33e9, 6.47e9, 12.7e9, 25.3e9]) == [3.14e9, 6.47e9, 12.7e9, 25.3e9]
+    assert flops_ticks([12.8e12]) == [12.8e12]
+    assert flops_ticks([]) == []
 
 
 def test_small_preset_plan_matches_the_paper_setup(make_cfg):

@@ -669,6 +669,36 @@ def config_colours(configs: list[str]) -> dict[str, str]:
     return {c: ("black" if c == "monolith" else f"C{others.index(c)}") for c in configs}
 
 
+def flops_ticks(values, max_ticks: int = 8) -> list[float]:
+    """The x ticks of a log FLOPs axis: the points' own values, dropping any too close to the last kept.
+
+    Matplotlib's log ticks label a narrow range (3.1-3.4 GFLOPs) with overlapping minor labels, or not at all.
+    "Too close" is an eighth of the range in log space (at least 3%), so labels never overlap.
+    """
+    values = sorted(set(values))
+    if not values:
+        return []
+    min_ratio = max(1.03, (values[-1] / values[0]) ** (1 / max_ticks))
+    ticks: list[float] = []
+    for v in values:
+        if not ticks or v / ticks[-1] >= min_ratio:
+            ticks.append(v)
+    return ticks
+
+
+def _flops_axis(ax, values, label: str) -> None:
+    """A log x axis labelled at the plotted FLOP counts, in readable units, with no minor labels."""
+    from matplotlib.ticker import NullFormatter, NullLocator
+    ax.set_xscale("log")
+    ticks = flops_ticks(values)
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(ticks, [fmt_flops(v).replace("FLOPs", "") for v in ticks])  # "3.14 G", "12.8 T"
+    if len(ticks) == 1:  # a lone point: widen the view so the axis does not collapse
+        ax.set_xlim(ticks[0] / 1.5, ticks[0] * 1.5)
+    ax.set_xlabel(label)
+
+
 def plot_train_flops(rows: list[dict], path: Path) -> None:
     """Each metric against training FLOPs, one line per configuration (top-1 rows; the monolith's single model)."""
     import matplotlib
@@ -685,8 +715,7 @@ def plot_train_flops(rows: list[dict], path: Path) -> None:
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=c, color=colours[c], lw=2 if c == "monolith" else 1.5,
                         ls="--" if c.startswith("random") else "-")
-        ax.set_xscale("log")
-        ax.set_xlabel("training FLOPs (experts + router)")
+        _flops_axis(ax, [r["train_flops"] for r in rows if r["train_flops"]], "training FLOPs (experts + router)")
         ax.set_title(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -713,8 +742,8 @@ def plot_sampling_flops(rows: list[dict], path: Path, top_k: int) -> None:
             if r[key] is not None:
                 ax.scatter(r["sampling_flops_per_image"], r[key], color=colours[r["config"]],
                            marker=MARKERS.get(r["strategy"], "o"), s=90 if r["strategy"] == SINGLE else 45)
-        ax.set_xscale("log")
-        ax.set_xlabel("sampling FLOPs per image")
+        _flops_axis(ax, [r["sampling_flops_per_image"] for r in rows if r["sampling_flops_per_image"]],
+                    "sampling FLOPs per image")
         ax.set_title(f"{label} at {budget} steps")
         ax.grid(alpha=0.3)
     from matplotlib.lines import Line2D
