@@ -19,8 +19,8 @@ help:
 	@echo "make paper  - the small-scale paper table on Fashion-MNIST (runs/paper_small; about 55 min on 2 idle cores)"
 	@echo "make weights - ImageNet MobileNetV2 weights for clustering by meaning (embed=torchvision)"
 
-# torch/torchvision are pinned to the builds known to work together on these
-# machines; elsewhere `pip install -e .` resolves any compatible torch.
+# torch/torchvision are pinned to a pair of builds known to work together;
+# elsewhere `pip install -e .` resolves any compatible torch.
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

@@ -61,6 +61,7 @@ from ddm.eval import feature_net as fnet
 from ddm.eval.flops import EXPERTS_PER_CALL, model_forward_flops, sampling_flops_per_image
 from ddm.eval.tables import fmt_flops
 from ddm.io import atomic_path, read_json, write_json, write_text
+from ddm.stages.pipeline import run_timed  # each stage seeded and timed as the pipeline runs it
 from ddm.models.dit import DiT, DiTClassifier
 from ddm.sampling import num_evaluations
 
@@ -245,18 +246,12 @@ def _link(target: Path, link: Path) -> None:
 
 # ---- running ---------------------------------------------------------------------------------------
 
-def _stage(stage: str, cfg, name: str | None = None):
-    """One stage, seeded and timed as the pipeline does."""
-    from ddm.stages.pipeline import run_timed
-    return run_timed(stage, cfg, name)
-
-
 def prepare_data(cfg, plan: Plan) -> None:
     """prepare (and embed, when a configuration clusters by embedding) once, into data-run/."""
     dcfg = derive(cfg, run_dir=str(data_dir(cfg)))
-    _stage("prepare", dcfg)
+    run_timed("prepare", dcfg)
     if any(c.method != "random" for c in plan.configs):
-        _stage("embed", dcfg)
+        run_timed("embed", dcfg)
 
 
 def prepare_clustering(cfg, config: Config) -> None:
@@ -265,8 +260,8 @@ def prepare_clustering(cfg, config: Config) -> None:
     _link(source.data, RunDir(folder).data)
     if source.embeddings_manifest.exists():
         _link(source.embeddings, RunDir(folder).embeddings)
-    _stage("cluster", ccfg)
-    _stage("partition", ccfg)
+    run_timed("cluster", ccfg)
+    run_timed("partition", ccfg)
 
 
 def train_run(cfg, r: Run) -> None:
@@ -277,9 +272,9 @@ def train_run(cfg, r: Run) -> None:
         if (shared.root / name).exists():
             _link(shared.root / name, rd.root / name)
     for k in range(r.config.k):
-        _stage("train-expert", derive(rcfg, **{"expert.id": k}), name=f"train-expert-{k:02d}")
+        run_timed("train-expert", derive(rcfg, **{"expert.id": k}), name=f"train-expert-{k:02d}")
     if r.config.k > 1:
-        _stage("train-router", rcfg)
+        run_timed("train-router", rcfg)
     else:
         write_constant_router(rcfg)
 
