@@ -27,6 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddm.io import read_json
+from ddm.jobs import expert_id_of, expert_job
+
 
 @dataclass(frozen=True)
 class RunDir:
@@ -83,7 +86,7 @@ class RunDir:
         return self.root / "experts"
 
     def expert(self, k: int) -> Path:
-        return self.experts / f"expert-{k:02d}"
+        return self.experts / expert_job(k)
 
     def expert_weights(self, k: int) -> Path:
         return self.expert(k) / "expert.pt"
@@ -121,13 +124,12 @@ class RunDir:
     def timing(self, job: str) -> Path:
         """Wall time and peak memory of one job. An expert's lives in its own folder, so that
         experts running at once on different islands never write the same file."""
-        if job.startswith("train-expert-"):
-            return self.expert(int(job.rsplit("-", 1)[1])) / "timing.json"
+        expert_id = expert_id_of(job)
+        if expert_id is not None:
+            return self.expert(expert_id) / "timing.json"
         return self.root / "timings" / f"{job}.json"
 
     def all_timings(self) -> dict[str, dict]:
         """Every recorded job timing of the run, by job name."""
-        from ddm.io import read_json
-
         files = sorted((self.root / "timings").glob("*.json")) + sorted(self.experts.glob("expert-*/timing.json"))
         return {read_json(f)["job"]: read_json(f) for f in files}

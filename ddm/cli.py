@@ -6,19 +6,32 @@ Examples::
     ddm prepare data=digits name=tiny
     ddm train-expert expert.id=3 island=gpu      # one expert, on one island
     ddm sample sample.strategy=topk sample.top_k=2
+    ddm sample --help                            # the config groups and their options
+
+An expected error (a missing folder, a bad value, a missing expert) prints one
+line and exits with status 2; ``debug=true`` or ``HYDRA_FULL_ERROR=1`` shows
+its traceback. Any other exception keeps its traceback.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
 
+from ddm.errors import UserError
 from ddm.stages import STAGES
 
-# The pipeline times each of its stages itself; submit and status do no work of the run's own.
-UNTIMED = ("pipeline", "submit", "status")
-USAGE = "usage: ddm <stage> [key=value ...]\nstages: " + ", ".join(STAGES)
+# Exit status of an expected user error (argparse's convention); a crash exits with 1.
+USER_ERROR_STATUS = 2
+
+
+def usage() -> str:
+    width = max(len(s) for s in STAGES)
+    lines = ["usage: ddm <stage> [key=value ...]     (ddm <stage> --help: its config groups and options)", "",
+             "stages, in the order data flows:"]
+    lines += [f"  {name.ljust(width)}  {stage.summary}" for name, stage in STAGES.items()]
+    lines += ["", "examples: ddm pipeline name=mine data=digits   |   ddm train-expert expert.id=3 island=gpu"]
+    return "\n".join(lines)
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -29,13 +42,16 @@ def setup_logging(level: str = "INFO") -> None:
         handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     logger.propagate = False
-    # Lightning's start-up banners (accelerator availability, product tips) are noise in every job log.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
 
-def run_stage(stage: str, cfg):
-    module = importlib.import_module(f"ddm.stages.{STAGES[stage]}")
-    return module.run(cfg)
+def show_tracebacks(cfg=None) -> bool:
+    """True when the user asked for full tracebacks of expected errors too."""
+    return bool(os.environ.get("HYDRA_FULL_ERROR") == "1" or (cfg is not None and cfg.get("debug", False)))
+
+
+def report_user_error(stage: str, error: UserError) -> None:
+    """One line on stderr: the stage and the message, which names the input and the fix."""
+    print(f"ddm {stage}: error: {error}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,10 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     # the stage travels to them in the environment.
     if (not argv or argv[0] not in STAGES) and os.environ.get("DDM_STAGE") and "LOCAL_RANK" in os.environ:
         argv.insert(0, os.environ["DDM_STAGE"])
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
-        print(USAGE if not argv or argv[0] in ("-h", "--help") else f"unknown stage {argv[0]!r}\n{USAGE}",
-              file=sys.stderr)
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        sys.exit(0)
+    if argv[0] not in STAGES:
+        print(f"ddm: unknown stage {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        sys.exit(USER_ERROR_STATUS)
     stage = argv.pop(0)
     os.environ["DDM_STAGE"] = stage
 
@@ -56,22 +74,24 @@ def main(argv: list[str] | None = None) -> None:
 
     from ddm.config import CONF_DIR
 
+    if any(a in ("-h", "--help") for a in argv):
+        from ddm.cli_help import stage_help
+
+        print(stage_help(stage, CONF_DIR))
+        sys.exit(0)
+
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _entry(cfg):
-        setup_logging(cfg.get("log_level", "INFO"))
-        if stage in UNTIMED:
-            run_stage(stage, cfg)
-            return
-        from ddm.artifacts import RunDir
-        from ddm.stages import timed
-        from ddm.stages.pipeline import record_timing
+        from ddm.stages.runner import run_stage
 
-        sink: dict = {}
-        with timed(stage, sink):
+        setup_logging(cfg.get("log_level", "INFO"))
+        try:
             run_stage(stage, cfg)
-        name = f"train-expert-{int(cfg.expert.id):02d}" if stage == "train-expert" else stage
-        if stage in sink:
-            record_timing(RunDir(cfg.run_dir), name, sink[stage])
+        except UserError as error:
+            if show_tracebacks(cfg):
+                raise
+            report_user_error(stage, error)
+            sys.exit(USER_ERROR_STATUS)
 
     # Hydra reads sys.argv; hand it the overrides only.
     sys.argv = [f"ddm {stage}"] + argv

@@ -27,12 +27,12 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ddm.models.dit import guided
+from ddm.models.velocity import Router, VelocityModel, guided_velocity, num_classes_of
 
 STRATEGIES = ("top1", "topk", "full", "sample")
 
 
-class Ensemble(nn.Module):
+class Ensemble(VelocityModel):
     """Experts plus a router, behaving like one velocity model.
 
     Args:
@@ -49,7 +49,7 @@ class Ensemble(nn.Module):
         num_experts: K; by default ``router.num_outputs``, else the number of experts.
     """
 
-    def __init__(self, experts: Sequence[nn.Module] | Mapping[int, nn.Module], router: nn.Module,
+    def __init__(self, experts: Sequence[VelocityModel] | Mapping[int, VelocityModel], router: Router,
                  strategy: str = "top1", top_k: int = 2, subset: Sequence[int] | None = None,
                  generator: torch.Generator | None = None, temperature: float = 1.0,
                  num_experts: int | None = None):
@@ -144,11 +144,11 @@ class Ensemble(nn.Module):
                 continue  # no sample routed here: the expert is not run at all
             expert = self.experts[str(k)]
             if counts[k] == x.shape[0]:
-                v = _expert_velocity(expert, x, t, y, scale)
+                v = guided_velocity(expert, x, t, y, scale)
                 out = out + (v * _bc(weights[:, j], v) if weighted else v)
                 continue
             idx = selected[:, j].nonzero().squeeze(1)
-            v = _expert_velocity(expert, x.index_select(0, idx), t.index_select(0, idx),
+            v = guided_velocity(expert, x.index_select(0, idx), t.index_select(0, idx),
                                  None if y is None else y.index_select(0, idx), scale)
             if weighted:
                 v = v * _bc(weights.index_select(0, idx)[:, j], v)
@@ -198,19 +198,11 @@ def _active_ids(given: dict, num_experts: int, subset) -> list[int]:
 
 
 def _common_num_classes(experts) -> int | None:
-    values = {getattr(e, "num_classes", None) for e in experts}
+    values = {num_classes_of(e) for e in experts}
     if len(values) > 1:
         raise ValueError(f"the experts disagree on num_classes ({sorted(values, key=str)}): they must "
                          f"all be trained on the same label set")
     return values.pop() if values else None
-
-
-def _expert_velocity(expert, x, t, y, scale):
-    if scale is None or y is None:
-        return expert(x, t, y)
-    if hasattr(expert, "forward_with_cfg"):
-        return expert.forward_with_cfg(x, t, y, scale)
-    return guided(expert, x, t, y, scale)
 
 
 def _multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

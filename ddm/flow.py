@@ -13,8 +13,24 @@ scaling for the timestep embedding happens inside the model.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class PathSample:
+    """A clean sample moved along the path: what a training step needs."""
+
+    x_t: torch.Tensor     # alpha(t) x0 + sigma(t) eps, shaped like x0
+    t: torch.Tensor       # [B] times in [0, 1]
+    eps: torch.Tensor     # the Gaussian noise, shaped like x0
+    target: torch.Tensor  # the conditional velocity d/dt x_t, the regression target
+
+
+def velocity_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error ``[B]``, in float32."""
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
 class FlowPath:
@@ -92,13 +108,29 @@ class FlowPath:
         tb = self._bc(t, x0)
         return self.d_alpha(tb) * x0 + self.d_sigma(tb) * eps
 
-    def noised(self, x0: torch.Tensor, t: torch.Tensor | None = None,
-               generator: torch.Generator | None = None):
-        """Draw (t, eps) and return ``(x_t, t, eps, target)``: one call for expert and router training."""
+    def noised(self, x0: torch.Tensor, t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> "PathSample":
+        """A point of the path for each clean sample: one call for expert and router training.
+
+        ``t`` and ``eps`` are drawn (from ``generator``) unless given; the evaluation
+        gives both, so every model sees the same noisy inputs.
+        """
         if t is None:
             t = self.sample_t(x0.shape[0], device=x0.device, generator=generator)
-        eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        return self.interpolate(x0, eps, t), t, eps, self.velocity(x0, eps, t)
+        if eps is None:
+            eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        return PathSample(x_t=self.interpolate(x0, eps, t), t=t, eps=eps, target=self.velocity(x0, eps, t))
+
+    def loss(self, model, x0: torch.Tensor, y: torch.Tensor | None = None, t: torch.Tensor | None = None,
+             eps: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The flow-matching loss of ``model(x_t, t, y)`` on clean ``x0``, per sample ``[B]``.
+
+        The one loss of ddm: experts train on its mean and the evaluation reports it
+        on held-out images. It is the mean squared error to the conditional velocity
+        over every element of a sample, computed in float32 whatever the model's dtype.
+        """
+        point = self.noised(x0, t=t, eps=eps, generator=generator)
+        return velocity_mse(model(point.x_t, point.t, y), point.target)
 
     # ---- conversions between predictions ------------------------------------------
     def x0_from_velocity(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

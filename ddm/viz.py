@@ -19,15 +19,6 @@ from ddm.io import atomic_path
 MIN_CELL_PX = 64
 
 
-def to_uint8(x) -> np.ndarray:
-    """Model outputs in [-1, 1], shape [N, C, H, W] -> uint8 [N, H, W] (C=1) or [N, H, W, C]."""
-    import torch
-
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-    x = x.transpose(0, 2, 3, 1)
-    return x[..., 0] if x.shape[-1] == 1 else x
-
-
 def mosaic(images: np.ndarray, nrow: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
     """Tile uint8 images [N, H, W] or [N, H, W, C] into rows of ``nrow``; empty cells are padding."""
     images = np.asarray(images)

@@ -12,6 +12,7 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
+from ddm.models.velocity import VelocityModel
 from ddm.config import CONF_DIR
 from ddm.ensemble import Ensemble
 from ddm.flow import FlowPath
@@ -100,7 +101,7 @@ def test_evaluation_count_and_time_inputs():
     assert field.ts[0][0].item() == 1.0 and min(t.min().item() for t in field.ts) > 0  # t = 0 never evaluated
 
 
-class CfgSpy(nn.Module):
+class CfgSpy(VelocityModel):
     num_classes = 3
 
     def __init__(self):

@@ -11,12 +11,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-
-def to_model_space(image: np.ndarray) -> torch.Tensor:
-    """uint8 HxW or HxWxC -> float32 CxHxW in [-1, 1] (the scale the models are trained in)."""
-    x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))  # decoded arrays are read-only
-    x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
-    return x.float().div_(127.5).sub_(1.0)
+from ddm.images import to_model_space
 
 
 def _decoder(channels: int) -> str:

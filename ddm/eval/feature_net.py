@@ -29,18 +29,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ddm.images import batch_to_model_space
 from ddm.io import atomic_path, sha256_strings
 
 log = logging.getLogger("ddm")
 
 # Bumped when the architecture or training loop changes, so old cache files are not reused.
 VERSION = 1
-
-
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W] or [N, H, W, C] -> float32 [N, C, H, W] in [-1, 1] (the models' scale)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(127.5).sub_(1.0)
-    return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
 
 
 def _groups(channels: int) -> int:
@@ -184,7 +179,7 @@ def _train(images, labels, settings: dict, device) -> tuple[FeatureNet, dict]:
     steps, batch = settings["steps"], min(settings["batch_size"], len(images))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings["lr"], total_steps=max(steps, 1),
                                                 pct_start=0.1)
-    x_all, y_all = images_to_tensor(images), torch.from_numpy(labels)
+    x_all, y_all = batch_to_model_space(images), torch.from_numpy(labels)
     g = torch.Generator().manual_seed(seed + 1)  # batch order, independent of the init's draws
     net.train()
     recent = []
@@ -209,7 +204,7 @@ def _train(images, labels, settings: dict, device) -> tuple[FeatureNet, dict]:
 
 @torch.no_grad()
 def _batched(fn, images: np.ndarray, batch_size: int, device) -> torch.Tensor:
-    out = [fn(images_to_tensor(images[i:i + batch_size]).to(device)).float().cpu()
+    out = [fn(batch_to_model_space(images[i:i + batch_size]).to(device)).float().cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 

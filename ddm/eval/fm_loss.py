@@ -56,10 +56,9 @@ def heldout_fm_loss(model, path: FlowPath, x0: torch.Tensor, y: torch.Tensor | N
             x = x0[lo:lo + batch_size].to(device)
             eps = eps_all[lo:lo + batch_size].to(device)
             t = torch.full((len(x),), float(t_value), device=device)
-            target = path.velocity(x, eps, t)
-            v = model(path.interpolate(x, eps, t), t, None if y is None else y[lo:lo + batch_size].to(device))
+            labels = None if y is None else y[lo:lo + batch_size].to(device)
             # Sum of per-sample means, so the total is a mean over samples whatever the batch split.
-            total += (v.float() - target.float()).pow(2).flatten(1).mean(1).sum().item()
+            total += path.loss(model, x, labels, t=t, eps=eps).sum().item()
         rows.append(dict(t=float(t_value), loss=total / len(x0)))
     if hasattr(model, "reset_usage"):
         model.reset_usage()

@@ -175,7 +175,7 @@ def _nearest_centroid(rd: RunDir, report: dict, images: np.ndarray, seed: int) -
     from ddm.cluster.kmeans import assign
     from ddm.data.sources import SourceMeta
     from ddm.embed import build_encoder, load_embeddings_manifest
-    from ddm.stages import seed_everything
+    from ddm.seeds import seed_everything
 
     manifest = load_embeddings_manifest(rd.embeddings)
     seed_everything(seed)  # as the embed stage does: random-init encoders must match

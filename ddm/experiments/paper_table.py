@@ -61,7 +61,7 @@ from ddm.eval import feature_net as fnet
 from ddm.eval.flops import EXPERTS_PER_CALL, model_forward_flops, sampling_flops_per_image
 from ddm.eval.tables import fmt_flops
 from ddm.io import atomic_path, read_json, write_json, write_text
-from ddm.stages.pipeline import run_timed  # each stage seeded and timed as the pipeline runs it
+from ddm.stages.runner import run_stage  # each stage seeded and timed as the command line runs it
 from ddm.models.dit import DiT, DiTClassifier
 from ddm.sampling import num_evaluations
 
@@ -249,9 +249,9 @@ def _link(target: Path, link: Path) -> None:
 def prepare_data(cfg, plan: Plan) -> None:
     """prepare (and embed, when a configuration clusters by embedding) once, into data-run/."""
     dcfg = derive(cfg, run_dir=str(data_dir(cfg)))
-    run_timed("prepare", dcfg)
+    run_stage("prepare", dcfg)
     if any(c.method != "random" for c in plan.configs):
-        run_timed("embed", dcfg)
+        run_stage("embed", dcfg)
 
 
 def prepare_clustering(cfg, config: Config) -> None:
@@ -260,8 +260,8 @@ def prepare_clustering(cfg, config: Config) -> None:
     _link(source.data, RunDir(folder).data)
     if source.embeddings_manifest.exists():
         _link(source.embeddings, RunDir(folder).embeddings)
-    run_timed("cluster", ccfg)
-    run_timed("partition", ccfg)
+    run_stage("cluster", ccfg)
+    run_stage("partition", ccfg)
 
 
 def train_run(cfg, r: Run) -> None:
@@ -272,9 +272,9 @@ def train_run(cfg, r: Run) -> None:
         if (shared.root / name).exists():
             _link(shared.root / name, rd.root / name)
     for k in range(r.config.k):
-        run_timed("train-expert", derive(rcfg, **{"expert.id": k}), name=f"train-expert-{k:02d}")
+        run_stage("train-expert", derive(rcfg, **{"expert.id": k}))
     if r.config.k > 1:
-        run_timed("train-router", rcfg)
+        run_stage("train-router", rcfg)
     else:
         write_constant_router(rcfg)
 
@@ -306,11 +306,8 @@ def write_constant_router(cfg) -> dict:
 
 def evaluate_run(cfg, r: Run) -> tuple[dict, dict | None]:
     """The evaluate stage's metrics (its own skip check applies) and the fixed per-class expert's, if asked."""
-    from ddm.stages import evaluate, seed_everything
-
     rcfg = run_cfg(cfg, r)
-    seed_everything(int(rcfg.seed))
-    metrics = evaluate.run(rcfg)
+    metrics = run_stage("evaluate", rcfg)
     return metrics, (evaluate_class_expert(rcfg) if r.class_expert else None)
 
 

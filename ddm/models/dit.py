@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ddm.models.velocity import VelocityModel
+
 
 @dataclass(frozen=True)
 class DiTSize:
@@ -72,7 +74,8 @@ class TimestepEmbedder(nn.Module):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         args = (t.float() * self.t_scale)[:, None] * freqs[None]
-        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
+        # The features in float32, then in the MLP's own dtype (float64 in exactness tests).
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -156,8 +159,8 @@ class DiTTrunk(nn.Module):
         return tokens, c
 
 
-class DiT(nn.Module):
-    """Velocity model ``v = DiT(x_t, t, y)``; the interface every sampler uses."""
+class DiT(VelocityModel):
+    """Velocity model ``v = DiT(x_t, t, y)`` (see ``ddm.models.velocity``); guidance is the doubled batch."""
 
     def __init__(self, size: str = "DiT-T/4", image_size: int = 28, in_channels: int = 1,
                  num_classes: int = 10):
@@ -210,19 +213,6 @@ class DiT(nn.Module):
         out = self.final(modulate(self.final_norm(tokens), shift, scale))
         return self.unpatchify(out).to(x.dtype)
 
-    def forward_with_cfg(self, x, t, y, scale: float):
-        """Classifier-free guidance: v_uncond + scale * (v_cond - v_uncond), in one doubled batch."""
-        return guided(self, x, t, y, scale)
-
-
-def guided(model, x, t, y, scale: float):
-    """CFG for any ``model(x, t, y)`` whose null label is ``model.num_classes``."""
-    if scale == 1.0 or y is None:
-        return model(x, t, y)
-    null = torch.full_like(y, model.num_classes)
-    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-    v_cond, v_uncond = v.chunk(2)
-    return v_uncond + scale * (v_cond - v_uncond)
 
 
 class DiTClassifier(nn.Module):

@@ -11,29 +11,20 @@ from typing import Callable
 import torch
 
 from ddm.flow import FlowPath
-from ddm.models.dit import guided
+from ddm.models.velocity import VelocityModel, check_guidable, guided_velocity
 
 SOLVERS = ("euler", "heun")
 
 
 def velocity_fn(model, cfg_scale: float = 1.0) -> Callable:
-    """``f(x, t, y) -> v`` for a model, with classifier-free guidance when asked for.
-
-    Guidance uses the model's own ``forward_with_cfg`` when it has one (an
-    ``Ensemble`` routes once and guides per expert), else ``guided``, which needs
-    ``model.num_classes`` as the null label.
-    """
+    """``f(x, t, y) -> v`` for a model, with classifier-free guidance when asked for (see ``guided_velocity``)."""
     if cfg_scale == 1.0:
-        return lambda x, t, y: model(x, t, y)
-    if hasattr(model, "forward_with_cfg"):
-        return lambda x, t, y: model(x, t, y) if y is None else model.forward_with_cfg(x, t, y, cfg_scale)
-    if getattr(model, "num_classes", None) is None:
-        raise ValueError(f"sample.cfg_scale={cfg_scale} needs a model with forward_with_cfg or num_classes "
-                         f"(its null label); {type(model).__name__} has neither: use cfg_scale=1")
-    return lambda x, t, y: guided(model, x, t, y, cfg_scale)
+        return model
+    check_guidable(model, cfg_scale)
+    return lambda x, t, y: guided_velocity(model, x, t, y, cfg_scale)
 
 
-def sample(model, path: FlowPath, shape, y: torch.Tensor | None = None, steps: int = 20,
+def sample(model: VelocityModel, path: FlowPath, shape, y: torch.Tensor | None = None, steps: int = 20,
            solver: str = "euler", cfg_scale: float = 1.0, generator: torch.Generator | None = None,
            device=None, x_init: torch.Tensor | None = None, progress: bool = False,
            dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -1,109 +1,39 @@
-"""One module per pipeline stage. Each exposes ``run(cfg) -> dict``.
+"""One module per stage of a run; each exposes ``run(cfg) -> dict``.
 
 Contract of a stage:
 - it reads only the artefacts of earlier stages it needs (paths from
   ``ddm.artifacts.RunDir``) and writes its own atomically;
 - it returns at once with the existing summary when its final artefact exists,
-  unless ``cfg.redo`` is true;
+  unless ``cfg.redo`` is true (and then calls ``runner.note_skipped``);
 - it logs one line with what it produced.
+
+Stages are run by ``ddm.stages.runner.run_stage``, which seeds, times and
+records them the same way whether they run alone or inside ``pipeline``.
 """
 from __future__ import annotations
 
-import logging
-import random
-import resource
-import time
-from contextlib import contextmanager
+from typing import NamedTuple
 
-import numpy as np
-import torch
 
-log = logging.getLogger("ddm")
+class Stage(NamedTuple):
+    module: str    # the module under ddm.stages
+    summary: str   # one line for `ddm --help`
+    timed: bool    # its wall time and memory go to the run's timings
+    groups: tuple[str, ...] = ()  # the config groups it reads (`ddm <stage> --help` shows them)
 
-# CLI name -> module under ddm.stages
-STAGES = {
-    "prepare": "prepare",
-    "embed": "embed",
-    "cluster": "cluster",
-    "partition": "partition",
-    "train-expert": "train_expert",
-    "train-router": "train_router",
-    "sample": "sample",
-    "evaluate": "evaluate",
-    "report": "report",
-    "pipeline": "pipeline",
-    "submit": "submit",
-    "status": "status",
+
+# In the order data flows through a run.
+STAGES: dict[str, Stage] = {
+    "prepare": Stage("prepare", "write the dataset as webdataset shards with a manifest", True, ("data", "paths")),
+    "embed": Stage("embed", "embed every image for clustering (pixels, open_clip, torchvision)", True, ("embed", "data")),
+    "cluster": Stage("cluster", "k-means the embeddings into K clusters (two-stage, flat or random)", True, ("cluster",)),
+    "partition": Stage("partition", "write one shard set per cluster", True, ("cluster",)),
+    "train-expert": Stage("train_expert", "train expert expert.id on its own partition, in isolation", True, ("expert", "model", "island", "logger")),
+    "train-router": Stage("train_router", "train the router that predicts a noisy sample's cluster", True, ("router", "island", "logger")),
+    "sample": Stage("sample", "sample a labelled grid from the experts and the router", True, ("sample",)),
+    "evaluate": Stage("evaluate", "FD, precision/recall, held-out FM loss, router diagnostics, FLOPs", True, ("eval", "sample")),
+    "report": Stage("report", "write report.md and a montage of each cluster", True, ()),
+    "pipeline": Stage("pipeline", "every stage from prepare to report, in order (what `make demo` runs)", False, ("data", "embed", "cluster", "model", "expert", "router", "sample", "island", "logger")),
+    "submit": Stage("submit", "submit the unfinished experts and the router to SLURM", False, ("island", "expert", "router")),
+    "status": Stage("status", "show where each job of a run stands (files and SLURM queue)", False, ()),
 }
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> None:
-    """Reset this process's high-water mark (Linux: writing 5 to clear_refs), so the next reading is per stage."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process since the last reset, or since it started, in GiB."""
-    hwm = _status_kib("VmHWM")
-    if hwm is None:
-        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return hwm / 2**20
-
-
-def children_peak_rss_gib() -> float:
-    """Largest peak of any finished child process (data-loader workers), in GiB."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-
-
-@contextmanager
-def timed(name: str, sink: dict):
-    """Record a block's wall time and peak memory (this process and its loader workers) in ``sink``.
-
-    Nothing is recorded when the stage only found its results already there.
-    """
-    global _skipped
-    _skipped = False
-    reset_peak_rss()
-    start = time.perf_counter()
-    yield
-    if _skipped:
-        return
-    sink[name] = dict(wall_s=round(time.perf_counter() - start, 2), peak_rss_gib=round(peak_rss_gib(), 3),
-                      workers_peak_rss_gib=round(children_peak_rss_gib(), 3))
-
-
-_skipped = False
-
-
-def note_skipped() -> None:
-    """A stage calls this when it returns existing results, so its earlier timing is kept."""
-    global _skipped
-    _skipped = True
-
-
-def skip(marker, cfg) -> bool:
-    """True when a stage's final artefact exists and no redo was asked for."""
-    done = marker.exists() and not cfg.get("redo", False)
-    if done:
-        note_skipped()
-    return done

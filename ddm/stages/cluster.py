@@ -18,7 +18,7 @@ from ddm.cluster import clustering_id, save_assignments
 from ddm.cluster.kmeans import Clustering, check_k, effective_fine_k, flat_kmeans, random_partition, two_stage_kmeans
 from ddm.data.shards import iter_shard, load_manifest, shard_paths
 from ddm.io import atomic_path, read_json, sha256_strings, write_json
-from ddm.stages import skip
+from ddm.stages.runner import skip
 
 log = logging.getLogger("ddm")
 

@@ -25,7 +25,8 @@ from ddm.data.shards import iter_samples, load_manifest, shard_paths
 from ddm.data.sources import SourceMeta
 from ddm.embed import build_encoder, embedding_file, keys_file, load_embeddings_manifest
 from ddm.io import atomic_path, read_json, sha256_strings, write_json, write_text
-from ddm.stages import seed_everything, skip
+from ddm.seeds import seed_everything
+from ddm.stages.runner import skip
 
 log = logging.getLogger("ddm")
 

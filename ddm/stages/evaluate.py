@@ -62,9 +62,10 @@ from ddm.eval.heldout import (cluster_labels, heldout_dir, load_images, prepare_
 from ddm.eval.prdc import precision_recall
 from ddm.eval.router_diag import router_diagnostics, usage_per_step
 from ddm.eval.tables import render_report
+from ddm.images import batch_to_model_space
 from ddm.io import atomic_path, read_json, write_json, write_text
 from ddm.sampling import load_ensemble
-from ddm.stages import note_skipped
+from ddm.stages.runner import note_skipped
 from ddm.stages.sample import draw, requested_settings, resolve_device
 
 log = logging.getLogger("ddm")
@@ -380,7 +381,7 @@ class EvaluationContext:
     def fm_loss(self) -> dict:
         fc = self.ec.fm_loss
         idx = self.subset(fc.num_samples)
-        x0 = fnet.images_to_tensor(self.real_x[idx])
+        x0 = batch_to_model_space(self.real_x[idx])
         y = self.labels_for_model(idx)
         t_grid = [float(t) for t in fc.t_grid]
         models = {}
@@ -403,7 +404,7 @@ class EvaluationContext:
             return dict(skipped=how)
         idx = self.subset(rc.num_samples)
         idx = idx[clusters[idx] >= 0]
-        x0 = fnet.images_to_tensor(self.real_x[idx])
+        x0 = batch_to_model_space(self.real_x[idx])
         rows = router_diagnostics(self.base.router, self.path, x0, self.labels_for_model(idx),
                                   torch.from_numpy(clusters[idx]), int(rc.t_buckets), self.seed, self.batch,
                                   int(rc.ece_bins), device=self.device)

@@ -15,7 +15,7 @@ from ddm.cluster import load_assignments
 from ddm.cluster.partition import write_partitions
 from ddm.data.shards import MANIFEST, load_manifest
 from ddm.io import read_json, write_json
-from ddm.stages import note_skipped
+from ddm.stages.runner import note_skipped
 
 log = logging.getLogger("ddm")
 

@@ -22,7 +22,7 @@ from ddm.artifacts import RunDir
 from ddm.data.shards import MANIFEST, ShardSetWriter, load_manifest
 from ddm.data.sources import open_source
 from ddm.io import sha256_strings
-from ddm.stages import skip
+from ddm.stages.runner import skip
 
 log = logging.getLogger("ddm")
 

@@ -28,8 +28,9 @@ from ddm.artifacts import RunDir
 from ddm.io import atomic_path, read_json, write_json
 from ddm.sampling import load_ensemble, num_evaluations, sample
 from ddm.sampling.checkpoints import AVAILABLE, expert_ids_on_disk
-from ddm.stages import note_skipped
-from ddm.viz import plot_usage, save_grid, to_uint8
+from ddm.stages.runner import note_skipped
+from ddm.images import to_uint8
+from ddm.viz import plot_usage, save_grid
 
 log = logging.getLogger("ddm")
 

@@ -25,7 +25,7 @@ from ddm.data.loader import batch_loader, sample_stream
 from ddm.data.shards import load_manifest, shard_paths
 from ddm.io import read_json, write_json
 from ddm.models.dit import count_params
-from ddm.stages import skip
+from ddm.stages.runner import skip
 from ddm.train.export import save_weights
 from ddm.train.modules import ExpertModule
 from ddm.train.records import FailureRecord, clear_failure

@@ -23,12 +23,13 @@ import torch
 from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
-from ddm.data.loader import batch_loader, mixed_stream, to_model_space
+from ddm.data.loader import batch_loader, mixed_stream
+from ddm.images import to_model_space
 from ddm.data.shards import iter_samples, load_manifest, shard_paths
 from ddm.flow import FlowPath
 from ddm.io import read_json, write_json
 from ddm.models.dit import count_params
-from ddm.stages import skip
+from ddm.stages.runner import skip
 from ddm.train.export import save_weights
 from ddm.train.modules import RouterModule
 from ddm.train.records import FailureRecord, clear_failure

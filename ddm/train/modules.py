@@ -85,9 +85,7 @@ class ExpertModule(_Base):
 
     def training_step(self, batch, batch_idx):
         x0, y = batch[0], batch[1]
-        x_t, t, _, target = self.path.noised(x0)
-        v = self.net(x_t, t, self.drop_labels(y))
-        loss = F.mse_loss(v.float(), target.float())
+        loss = self.path.loss(self.net, x0, self.drop_labels(y)).mean()
         _check_finite(loss, f"expert {self.hparams.expert_id}", self.global_step)
         self.log("train/loss", loss, prog_bar=True)
         self.remember(loss)
@@ -108,8 +106,8 @@ class RouterModule(_Base):
 
     def training_step(self, batch, batch_idx):
         x0, y, k = batch
-        x_t, t, _, _ = self.path.noised(x0)
-        logits = self.net(x_t, t, self.drop_labels(y))
+        point = self.path.noised(x0)
+        logits = self.net(point.x_t, point.t, self.drop_labels(y))
         loss = F.cross_entropy(logits.float(), k)
         _check_finite(loss, "router", self.global_step)
         self.log("train/loss", loss, prog_bar=True)

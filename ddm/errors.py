@@ -1,0 +1,32 @@
+"""Errors a user can fix: bad input, a missing artefact, a diverged job.
+
+The command line prints their message alone, on one line, and exits with
+status 2; every other exception is a bug and keeps its traceback
+(``HYDRA_FULL_ERROR=1`` or ``debug=true`` shows the traceback for these too).
+Each class also derives from the built-in exception a caller would expect
+(``ValueError``, ``FileNotFoundError``, ...), so library code can catch either.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An expected error whose message names the input and says what to do."""
+
+
+class BadInput(UserError, ValueError):
+    """A config value, file or dataset that cannot be used as given."""
+
+
+class MissingInput(UserError, FileNotFoundError):
+    """An artefact or file that a stage needs does not exist yet."""
+
+
+class MissingConfig(UserError, KeyError):
+    """A config group or key that a stage needs is absent."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class Diverged(UserError, FloatingPointError):
+    """Training produced a non-finite loss."""

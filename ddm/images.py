@@ -1,0 +1,29 @@
+"""The scale images live in: uint8 on disk and in pictures, float in [-1, 1] in the models.
+
+Every conversion between the two goes through these functions, so the data
+loader, the evaluation and the sample grids cannot disagree on the scale.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def to_model_space(image: np.ndarray) -> torch.Tensor:
+    """One uint8 image, HxW or HxWxC -> float32 CxHxW in [-1, 1]."""
+    x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))  # decoded arrays are read-only
+    x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
+    return x.float().div_(127.5).sub_(1.0)
+
+
+def batch_to_model_space(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W] or [N, H, W, C] -> float32 [N, C, H, W] in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(127.5).sub_(1.0)
+    return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Model outputs in [-1, 1], [N, C, H, W] -> uint8 [N, H, W] (C = 1) or [N, H, W, C]."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    x = x.transpose(0, 2, 3, 1)
+    return x[..., 0] if x.shape[-1] == 1 else x

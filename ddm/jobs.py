@@ -1,0 +1,33 @@
+"""Names of a run's jobs, built and read in one place.
+
+A run has one job per stage, except ``train-expert``, which has one job per
+expert: ``train-expert-03`` is expert 3's timing name, ``expert-03`` its
+folder, log and wandb name. Nothing else builds or parses these strings.
+"""
+from __future__ import annotations
+
+EXPERT_STAGE = "train-expert"
+ROUTER_JOB = "router"
+
+
+def expert_job(expert_id: int) -> str:
+    """``expert-03``: the folder under ``experts/``, the job in logs, records and wandb."""
+    return f"expert-{int(expert_id):02d}"
+
+
+def expert_stage_job(expert_id: int) -> str:
+    """``train-expert-03``: the name the stage runner records expert 3's timing under."""
+    return f"{EXPERT_STAGE}-{int(expert_id):02d}"
+
+
+def stage_job(stage: str, cfg) -> str:
+    """The job a stage run stands for: the stage name, or ``train-expert-KK`` for an expert."""
+    return expert_stage_job(int(cfg.expert.id)) if stage == EXPERT_STAGE else stage
+
+
+def expert_id_of(job: str) -> int | None:
+    """The expert id in ``expert-03`` or ``train-expert-03``; None for any other job."""
+    for prefix in (f"{EXPERT_STAGE}-", "expert-"):
+        if job.startswith(prefix) and job[len(prefix):].isdigit():
+            return int(job[len(prefix):])
+    return None

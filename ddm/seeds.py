@@ -1,0 +1,49 @@
+"""Every random stream of a run, derived from its one ``seed``.
+
+Streams that must not repeat one another get their own offset, named here, so
+a new stream cannot collide with an existing one by accident and a reader can
+see which seed each job uses. The numbers are fixed: changing one changes what
+every existing run reproduces.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+# Expert k trains with seed + EXPERT_STRIDE * k: experts of one run never share a stream.
+EXPERT_STRIDE = 1000
+# The router's training stream: a prime far from every expert's.
+ROUTER_OFFSET = 999_983
+# Partition i of the router's mixed stream reads its shards with seed + PARTITION_STRIDE * i.
+PARTITION_STRIDE = 7919
+# Sampling: the prior noise uses the sample seed itself, the ``sample`` strategy's draws this offset.
+ROUTING_OFFSET = 1
+# The evaluate stage: labels to sample (and its subset of samples/), its own prior noise.
+EVAL_LABELS_OFFSET = 2
+EVAL_NOISE_OFFSET = 3
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (every device) from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def expert_seed(seed: int, expert_id: int) -> int:
+    return int(seed) + EXPERT_STRIDE * int(expert_id)
+
+
+def router_seed(seed: int) -> int:
+    return int(seed) + ROUTER_OFFSET
+
+
+def partition_stream_seed(seed: int, index: int) -> int:
+    return int(seed) + PARTITION_STRIDE * int(index)
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator: the same seed gives the same draws on any device."""
+    return torch.Generator().manual_seed(int(seed))
