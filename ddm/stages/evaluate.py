@@ -66,7 +66,8 @@ from ddm.images import batch_to_model_space
 from ddm.io import atomic_path, read_json, write_json, write_text
 from ddm.sampling import load_ensemble
 from ddm.stages.runner import note_skipped
-from ddm.stages.sample import draw, requested_settings, resolve_device
+from ddm.devices import resolve_device
+from ddm.stages.sample import draw, requested_settings
 
 log = logging.getLogger("ddm")
 
@@ -165,7 +166,7 @@ class EvaluationContext:
         self.sc = settings["sample"]
         self.seed = int(self.ec.seed)
         self.batch = int(self.ec.batch_size)
-        self.device = resolve_device(str(self.ec.device))
+        self.device = resolve_device(self.ec.device, "eval.device")
         self.strategies = [str(s) for s in (self.ec.strategies or [self.sc["strategy"]])]
         self.base, self.path, self.info = load_ensemble(rd.root, strategy="top1", subset=self.sc["experts"],
                                                         device=self.device)

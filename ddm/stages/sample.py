@@ -25,6 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
+from ddm.devices import resolve_device
 from ddm.io import atomic_path, read_json, write_json
 from ddm.sampling import load_ensemble, num_evaluations, sample
 from ddm.sampling.checkpoints import AVAILABLE, expert_ids_on_disk
@@ -62,12 +63,6 @@ def _still_valid(record: dict, settings: dict, rd: RunDir) -> bool:
     return True
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def class_names(rd: RunDir, num_classes: int) -> list[str]:
     """Names from the data manifest's ``class_names`` when present, else the class indices."""
     names = read_json(rd.data_manifest).get("class_names") if rd.data_manifest.exists() else None
@@ -99,7 +94,7 @@ def run(cfg) -> dict:
             return record
 
     start = time.perf_counter()
-    device = resolve_device(str(sc.device))
+    device = resolve_device(sc.device, "sample.device")
     seed = int(settings["seed"])
     # CPU generators: the same seed gives the same noise and routing draws on any device.
     gen_noise = torch.Generator().manual_seed(seed)
