@@ -10,11 +10,12 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test data slurm weights clean-demo bench paper help
+.PHONY: install demo test lint format data slurm weights clean-demo bench paper help
 
 help:
 	@echo "make demo   - install and run the whole pipeline on Fashion-MNIST (ARGS='key=value ...' to override)"
-	@echo "make test   - install and run the tests"
+	@echo "make test   - install, lint and run the tests"
+	@echo "make lint   - ruff: lint and format check (make format rewrites the files)"
 	@echo "make bench  - sampling-cost benchmark on the demo run"
 	@echo "make paper  - the small-scale paper table on Fashion-MNIST (runs/paper_small; about 55 min on 2 idle cores)"
 	@echo "make weights - ImageNet MobileNetV2 weights for clustering by meaning (embed=torchvision)"
@@ -70,7 +71,16 @@ $(MOBILENET): | $(STAMP)
 demo: install data
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/ddm pipeline $(ARGS)
 
-test: install
+# ruff, configured in pyproject.toml; `make test` runs it first, so unformatted code fails CI.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: install lint
 	-@$(MAKE) --no-print-directory data >/dev/null 2>&1 || echo "(Fashion-MNIST not installed: its test will be skipped)"
 	-@$(MAKE) --no-print-directory slurm >/dev/null 2>&1 || echo "(SLURM not installed: its integration test will be skipped)"
 	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)

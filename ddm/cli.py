@@ -44,9 +44,32 @@ def setup_logging(level: str = "INFO") -> None:
     logger.propagate = False
 
 
+# Whether the user set HYDRA_FULL_ERROR=1: then every error shows its traceback. Read once, in main(),
+# because main() sets the variable itself so that Hydra raises its errors for us to print.
+_full_error_asked = False
+
+
 def show_tracebacks(cfg=None) -> bool:
     """True when the user asked for full tracebacks of expected errors too."""
-    return bool(os.environ.get("HYDRA_FULL_ERROR") == "1" or (cfg is not None and cfg.get("debug", False)))
+    return bool(_full_error_asked or os.environ.get("HYDRA_FULL_ERROR") == "1"
+                or (cfg is not None and cfg.get("debug", False)))
+
+
+def config_error_line(error: Exception) -> str:
+    """Hydra's message about a bad override or option, on one line, without its search path."""
+    text = str(error).split("Config search path:")[0]
+    out: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if raw.startswith("\t") and out and out[-1].endswith((":", ",")):
+            out[-1] = f"{out[-1]} {line},"  # an option list, one option per tab-indented line
+        else:
+            if out and not out[-1].endswith((".", ":", ",", ";")):
+                out[-1] += "."
+            out.append(line)
+    return " ".join(out).rstrip(",")
 
 
 def report_user_error(stage: str, error: UserError) -> None:
@@ -71,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["DDM_STAGE"] = stage
 
     import hydra
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
     from ddm.config import CONF_DIR
 
@@ -84,18 +108,45 @@ def main(argv: list[str] | None = None) -> None:
     def _entry(cfg):
         from ddm.stages.runner import run_stage
 
+        _restore_full_error()  # composition is done; child processes (DDP ranks) see the user's setting
         setup_logging(cfg.get("log_level", "INFO"))
         try:
-            run_stage(stage, cfg)
+            # submit passes the user's overrides on to the jobs it submits: Hydra knows them parsed
+            run_stage(stage, cfg, **({"overrides": task_overrides()} if stage == "submit" else {}))
         except UserError as error:
             if show_tracebacks(cfg):
                 raise
             report_user_error(stage, error)
             sys.exit(USER_ERROR_STATUS)
 
-    # Hydra reads sys.argv; hand it the overrides only.
+    # Hydra reads sys.argv; hand it the overrides only. With HYDRA_FULL_ERROR set, Hydra raises a bad
+    # override or option instead of printing it with a hint, so it can be reported on one line here.
+    global _full_error_asked
+    _full_error_asked = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv = [f"ddm {stage}"] + argv
-    _entry()
+    try:
+        _entry()
+    except (ConfigCompositionException, MissingConfigException, OverrideParseException) as error:
+        if _full_error_asked:
+            raise
+        print(f"ddm {stage}: error: {config_error_line(error)} (`ddm {stage} --help` lists the groups and keys)",
+              file=sys.stderr)
+        sys.exit(USER_ERROR_STATUS)
+    finally:
+        _restore_full_error()
+
+
+def task_overrides() -> list[str]:
+    """The overrides of the running Hydra job (``ddm submit a=b ...``), without Hydra's own."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _restore_full_error() -> None:
+    if not _full_error_asked:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ddm.models.velocity import Router, VelocityModel, guided_velocity, num_classes_of
+from ddm.errors import BadInput
 
 STRATEGIES = ("top1", "topk", "full", "sample")
 
@@ -55,9 +56,9 @@ class Ensemble(VelocityModel):
                  num_experts: int | None = None):
         super().__init__()
         if strategy not in STRATEGIES:
-            raise ValueError(f"sample.strategy={strategy!r} is not one of {STRATEGIES}")
+            raise BadInput(f"sample.strategy={strategy!r} is not one of {STRATEGIES}")
         if temperature <= 0:
-            raise ValueError(f"router temperature={temperature} must be positive")
+            raise BadInput(f"router temperature={temperature} must be positive")
         given = dict(experts) if isinstance(experts, Mapping) else dict(enumerate(experts))
         given = {int(k): m for k, m in given.items()}
         self.num_experts = int(num_experts or getattr(router, "num_outputs", None)
@@ -67,7 +68,7 @@ class Ensemble(VelocityModel):
         self.router = router
         self.strategy, self.top_k = strategy, int(top_k)
         if strategy == "topk" and not 1 <= self.top_k <= len(self.active_ids):
-            raise ValueError(f"sample.top_k={top_k} must be between 1 and the {len(self.active_ids)} experts in use")
+            raise BadInput(f"sample.top_k={top_k} must be between 1 and the {len(self.active_ids)} experts in use")
         self.generator, self.temperature = generator, float(temperature)
         # Restricting logits to a subset is an index_select; None means "all K, in order".
         full_set = self.active_ids == list(range(self.num_experts))
@@ -106,7 +107,7 @@ class Ensemble(VelocityModel):
         t = _as_batch_t(t, x)
         logits = self.router(x, t, y)
         if logits.shape[-1] != self.num_experts:
-            raise ValueError(f"the router gave {logits.shape[-1]} logits but the ensemble has "
+            raise BadInput(f"the router gave {logits.shape[-1]} logits but the ensemble has "
                              f"{self.num_experts} experts")
         if self._subset_index is not None:
             logits = logits.index_select(1, self._subset_index)
@@ -180,27 +181,27 @@ def _active_ids(given: dict, num_experts: int, subset) -> list[int]:
     """The expert ids to route among, checked against the experts supplied."""
     out_of_range = sorted(k for k in given if not 0 <= k < num_experts)
     if out_of_range:
-        raise ValueError(f"expert ids {out_of_range} are outside 0..{num_experts - 1} (the router has "
+        raise BadInput(f"expert ids {out_of_range} are outside 0..{num_experts - 1} (the router has "
                          f"{num_experts} outputs)")
     if subset is None:
         missing = [k for k in range(num_experts) if k not in given]
         if missing:
-            raise ValueError(f"experts {missing} of {num_experts} are missing; pass subset=[...] "
+            raise BadInput(f"experts {missing} of {num_experts} are missing; pass subset=[...] "
                              f"(sample.experts) to route among the experts you have")
         return list(range(num_experts))
     subset = sorted({int(k) for k in subset})
     if not subset:
-        raise ValueError("sample.experts (subset) is empty: name at least one expert id")
+        raise BadInput("sample.experts (subset) is empty: name at least one expert id")
     missing = [k for k in subset if k not in given]
     if missing:
-        raise ValueError(f"subset names experts {missing} but only {sorted(given)} were given")
+        raise BadInput(f"subset names experts {missing} but only {sorted(given)} were given")
     return subset
 
 
 def _common_num_classes(experts) -> int | None:
     values = {num_classes_of(e) for e in experts}
     if len(values) > 1:
-        raise ValueError(f"the experts disagree on num_classes ({sorted(values, key=str)}): they must "
+        raise BadInput(f"the experts disagree on num_classes ({sorted(values, key=str)}): they must "
                          f"all be trained on the same label set")
     return values.pop() if values else None
 

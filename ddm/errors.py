@@ -30,3 +30,7 @@ class MissingConfig(UserError, KeyError):
 
 class Diverged(UserError, FloatingPointError):
     """Training produced a non-finite loss."""
+
+
+class Unusable(UserError, RuntimeError):
+    """A file or resource that exists but cannot be used here (weights that do not fit, a hub offline)."""

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from ddm.errors import BadInput
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,9 @@ class FlowPath:
     def __init__(self, schedule: str = "linear", time_sampling: str = "uniform",
                  logit_mean: float = 0.0, logit_std: float = 1.0, t_eps: float = 1e-5):
         if schedule not in self.SCHEDULES:
-            raise ValueError(f"flow schedule={schedule!r} is not one of {self.SCHEDULES}")
+            raise BadInput(f"flow schedule={schedule!r} is not one of {self.SCHEDULES}")
         if time_sampling not in self.TIME_SAMPLINGS:
-            raise ValueError(f"flow time_sampling={time_sampling!r} is not one of {self.TIME_SAMPLINGS}")
+            raise BadInput(f"flow time_sampling={time_sampling!r} is not one of {self.TIME_SAMPLINGS}")
         self.schedule = schedule
         self.time_sampling = time_sampling
         self.logit_mean = logit_mean
@@ -147,7 +148,7 @@ class FlowPath:
     def time_grid(self, num_steps: int, device=None) -> torch.Tensor:
         """Integration times from 1 (noise) to 0 (data), ``num_steps + 1`` points."""
         if num_steps < 1:
-            raise ValueError(f"sample.steps={num_steps} must be at least 1")
+            raise BadInput(f"sample.steps={num_steps} must be at least 1")
         return torch.linspace(1.0, 0.0, num_steps + 1, device=device)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ddm.io import atomic_path
+from ddm.errors import BadInput
 
 # Small images (28 px) are upscaled to at least this many pixels per cell.
 MIN_CELL_PX = 64
@@ -23,7 +24,7 @@ def mosaic(images: np.ndarray, nrow: int, pad: int = 2, pad_value: int = 255) ->
     """Tile uint8 images [N, H, W] or [N, H, W, C] into rows of ``nrow``; empty cells are padding."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
-        raise ValueError(f"images must be uint8 [N, H, W] or [N, H, W, C], got {images.dtype} {images.shape}")
+        raise BadInput(f"images must be uint8 [N, H, W] or [N, H, W, C], got {images.dtype} {images.shape}")
     n, h, w = images.shape[:3]
     nrow = max(1, min(nrow, n))
     rows = math.ceil(n / nrow)
@@ -94,7 +95,7 @@ def plot_usage(usage: Sequence[dict], path: str | os.PathLike, title: str | None
     from matplotlib.figure import Figure
 
     if not usage:
-        raise ValueError("no usage records to plot: sample with an Ensemble first")
+        raise BadInput("no usage records to plot: sample with an Ensemble first")
     ts, _, weights = usage_by_t(usage)
     share = weights / np.clip(weights.sum(axis=1, keepdims=True), 1e-12, None)
     fig = Figure(figsize=(6, 3.5), dpi=120)

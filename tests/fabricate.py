@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
+from ddm.config import CONF_DIR
 from ddm.data.shards import ShardSetWriter
 from ddm.io import sha256_strings, write_json
 
@@ -35,3 +37,15 @@ def make_partitions(run_dir, sizes=(40, 40), num_classes=3, size=8, shard_size=1
                dict(clustering_id=clustering_id, num_clusters=K, sizes=list(sizes),
                     clusters=[rd.partition(k).name for k in range(K)]))
     return rd
+
+
+def cluster_cfg(run: RunDir, method: str, **overrides):
+    """The real conf/cluster/<method>.yaml under a minimal root, for the cluster and partition stages alone.
+
+    Keyword overrides use ``__`` for dots: ``cluster__k=2`` sets ``cluster.k``.
+    """
+    cfg = OmegaConf.create(dict(run_dir=str(run.root), seed=0, redo=False,
+                                cluster=OmegaConf.load(CONF_DIR / "cluster" / f"{method}.yaml")))
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key.replace("__", "."), value)
+    return cfg

@@ -5,17 +5,15 @@ import logging
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from sklearn.metrics import adjusted_rand_score
 
 from ddm.artifacts import RunDir
 from ddm.cluster import clustering_id, load_assignments
-from ddm.cluster.kmeans import (EmptyClusterError, flat_kmeans, random_partition, renumber_by_size,
-                                two_stage_kmeans)
-from ddm.config import CONF_DIR
+from ddm.cluster.kmeans import EmptyClusterError, flat_kmeans, random_partition, renumber_by_size, two_stage_kmeans
 from ddm.data.shards import ShardSetWriter, load_manifest
 from ddm.io import read_json, sha256_strings, write_json
 from ddm.stages import cluster as cluster_stage
+from tests.fabricate import cluster_cfg
 
 N, BLOBS, DIM, SHARD = 200, 4, 8, 30
 
@@ -57,12 +55,7 @@ def write_embeddings(run, keys, x, shard_sizes, encoder="toy-encoder", keys_sha2
 
 
 def cfg_for(run, method="two_stage", **overrides):
-    """The real conf/cluster/<method>.yaml under a minimal root (independent of the other config groups)."""
-    cfg = OmegaConf.create(dict(run_dir=str(run.root), seed=0, redo=False,
-                                cluster=OmegaConf.load(CONF_DIR / "cluster" / f"{method}.yaml")))
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key.replace("__", "."), value)
-    return cfg
+    return cluster_cfg(run, method, **overrides)
 
 
 # -- the algorithms ------------------------------------------------------------------------------
@@ -268,13 +261,7 @@ def test_unknown_method(tmp_path):
 
 @pytest.mark.parametrize("option", ["two_stage", "flat", "random"])
 def test_cluster_configs_compose_with_the_root_config(make_cfg, option):
-    from hydra.errors import MissingConfigException
-    try:
-        cfg = make_cfg(f"cluster={option}", "seed=7")
-    except MissingConfigException as err:  # another group of the root config is not written yet
-        if f"cluster/{option}" in str(err) or "'cluster'" in str(err):
-            raise
-        pytest.skip(f"root config does not compose yet: {err}")
+    cfg = make_cfg(f"cluster={option}", "seed=7")
     assert cfg.cluster.method == option and cfg.cluster.seed == 7
     assert set(cfg.cluster) == {"method", "k", "fine_k", "niter", "seed", "spherical",
                                 "min_shards_per_partition", "partition_shard_size"}

@@ -6,17 +6,16 @@ import math
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
 from ddm.artifacts import RunDir
 from ddm.cluster import clustering_id, load_assignments, save_assignments
 from ddm.cluster.partition import shard_size_for
-from ddm.config import CONF_DIR
 from ddm.data.shards import ShardSetWriter, iter_samples, load_manifest, shard_paths, verify
 from ddm.io import read_json, sha256_strings, write_json
 from ddm.stages import cluster as cluster_stage
 from ddm.stages import partition as partition_stage
+from tests.fabricate import cluster_cfg
 
 
 def png_bytes(image):
@@ -40,11 +39,7 @@ def make_data(root, n=120, shard_size=25):
 
 
 def cfg_for(run, method="random", **overrides):
-    cfg = OmegaConf.create(dict(run_dir=str(run.root), seed=0, redo=False,
-                                cluster=OmegaConf.load(CONF_DIR / "cluster" / f"{method}.yaml")))
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key.replace("__", "."), value)
-    return cfg
+    return cluster_cfg(run, method, **overrides)
 
 
 def cluster_and_partition(run, **overrides):

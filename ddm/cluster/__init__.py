@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ddm.io import atomic_path, sha256_strings
+from ddm.errors import MissingInput
 
 
 def clustering_id(keys, cluster) -> str:
@@ -59,7 +60,7 @@ def load_assignments(path: str | os.PathLike, num_clusters: int | None = None) -
     """Read assignments.npz; K is taken from the ids unless given (a report's ``k``)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no cluster assignments at {path}: run the cluster stage first")
+        raise MissingInput(f"no cluster assignments at {path}: run the cluster stage first")
     with np.load(path, allow_pickle=False) as z:
         keys, cluster = z["keys"], z["cluster"].astype(np.int32)
     k = num_clusters if num_clusters is not None else int(cluster.max()) + 1 if len(cluster) else 0

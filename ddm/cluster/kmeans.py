@@ -28,6 +28,7 @@ import numpy as np
 # ones it skips) at INFO; under Hydra's root logger that reads like a failure.
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 import faiss  # noqa: E402
+from ddm.errors import BadInput
 
 # Rows per block when assigning samples to centroids: bounds the temporary
 # memory (block x D floats) whatever the dataset size.
@@ -59,16 +60,16 @@ class EmptyClusterError(ValueError):
 def check_k(k: int, n: int) -> None:
     """Raise a ValueError that says what to change when k clusters cannot be made from n samples."""
     if k < 1:
-        raise ValueError(f"cluster.k={k}: the number of clusters must be at least 1")
+        raise BadInput(f"cluster.k={k}: the number of clusters must be at least 1")
     if k > n:
-        raise ValueError(f"cluster.k={k} is larger than the number of samples N={n}: every cluster needs "
+        raise BadInput(f"cluster.k={k} is larger than the number of samples N={n}: every cluster needs "
                          f"at least one sample; set cluster.k to at most {n} or prepare more data")
 
 
 def effective_fine_k(fine_k: int, k: int, n: int) -> int:
     """Fine centroids two-stage k-means can use: at most N // 4 (a centroid needs a few samples), never below k."""
     if fine_k < k:
-        raise ValueError(f"cluster.fine_k={fine_k} is smaller than cluster.k={k}: the coarse clusters are made "
+        raise BadInput(f"cluster.fine_k={fine_k} is smaller than cluster.k={k}: the coarse clusters are made "
                          f"of fine centroids, so fine_k must be at least k")
     return max(k, min(fine_k, n // 4))
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from ddm.data.shards import ShardSetWriter, iter_samples, shard_paths
 from ddm.io import sha256_strings
+from ddm.errors import BadInput
 
 # Data-manifest fields every partition carries, so an expert can build its model
 # from its own partition's manifest alone.
@@ -29,7 +30,7 @@ def shard_size_for(num_samples: int, min_shards: int, target_size: int) -> int:
     shards; a cluster with fewer samples than that gets one sample per shard.
     """
     if min_shards < 1 or target_size < 1:
-        raise ValueError(f"cluster.min_shards_per_partition={min_shards} and cluster.partition_shard_size="
+        raise BadInput(f"cluster.min_shards_per_partition={min_shards} and cluster.partition_shard_size="
                          f"{target_size} must both be at least 1")
     # floor (not ceil) guarantees ceil(n / size) >= min_shards.
     return max(1, min(target_size, num_samples // min_shards))
@@ -62,7 +63,7 @@ def write_partitions(data_dir: str | os.PathLike, data_manifest: dict, keys: Seq
         for sample in iter_samples(shard_paths(data_dir, data_manifest), decode=False):
             if count >= len(keys) or sample["key"] != keys[count]:
                 expected = keys[count] if count < len(keys) else "<end of assignments>"
-                raise ValueError(f"data sample {count} is {sample['key']!r} but the assignments expect "
+                raise BadInput(f"data sample {count} is {sample['key']!r} but the assignments expect "
                                  f"{expected!r}: clusters/ were made from different data; rerun cluster "
                                  f"with redo=true")
             k = int(cluster[count])
@@ -70,7 +71,7 @@ def write_partitions(data_dir: str | os.PathLike, data_manifest: dict, keys: Seq
             class_counts[k][sample["label"]] += 1
             count += 1
         if count != len(keys):
-            raise ValueError(f"data/ holds {count} samples but the assignments cover {len(keys)}: rerun "
+            raise BadInput(f"data/ holds {count} samples but the assignments cover {len(keys)}: rerun "
                              f"cluster with redo=true")
         # Known only now, and needed before the writers close and write their manifests.
         for k, counts in enumerate(class_counts):

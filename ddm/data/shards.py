@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ddm.io import atomic_path, read_json, sha256_file, write_json
+from ddm.errors import BadInput, MissingInput
 
 MANIFEST = "manifest.json"
 
@@ -46,7 +47,7 @@ class ShardSetWriter:
 
     def __init__(self, folder: str | os.PathLike, shard_size: int, **manifest_extra):
         if shard_size < 1:
-            raise ValueError(f"shard_size={shard_size} must be at least 1")
+            raise BadInput(f"shard_size={shard_size} must be at least 1")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.shard_size = shard_size
@@ -82,7 +83,7 @@ class ShardSetWriter:
 
     def write(self, key: str, image: np.ndarray, label: int, caption: str | None = None, png: bytes | None = None):
         if "." in key:
-            raise ValueError(f"sample key {key!r} must not contain '.' (webdataset splits keys on dots)")
+            raise BadInput(f"sample key {key!r} must not contain '.' (webdataset splits keys on dots)")
         if self._tar is None:
             self._open()
         self._add(f"{key}.png", png if png is not None else encode_png(image))
@@ -122,7 +123,7 @@ class ShardSetWriter:
 def load_manifest(folder: str | os.PathLike) -> dict:
     path = Path(folder) / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"no shard manifest at {path}: the stage that writes {Path(folder).name}/ "
+        raise MissingInput(f"no shard manifest at {path}: the stage that writes {Path(folder).name}/ "
                                 f"has not finished; run it first")
     return read_json(path)
 
@@ -139,7 +140,7 @@ def shard_paths(folder: str | os.PathLike, manifest: dict | None = None, url: st
     manifest = manifest or load_manifest(folder)
     if url:
         if "{shard}" not in url:
-            raise ValueError(f"shard url template {url!r} must contain {{shard}} (and usually {{folder}})")
+            raise BadInput(f"shard url template {url!r} must contain {{shard}} (and usually {{folder}})")
         return [url.format(folder=Path(folder).name, shard=s["path"]) for s in manifest["shards"]]
     out = []
     for s in manifest["shards"]:
@@ -184,8 +185,8 @@ def verify(folder: str | os.PathLike) -> dict:
     manifest = load_manifest(folder)
     for s, path in zip(manifest["shards"], shard_paths(folder, manifest)):
         if not Path(path).exists():
-            raise FileNotFoundError(f"shard {path} listed in {Path(folder) / MANIFEST} is missing")
+            raise MissingInput(f"shard {path} listed in {Path(folder) / MANIFEST} is missing")
         if sha256_file(path) != s["sha256"]:
-            raise ValueError(f"shard {path} does not match the checksum in its manifest: it was changed "
+            raise BadInput(f"shard {path} does not match the checksum in its manifest: it was changed "
                              f"or truncated; rerun the stage that wrote it with redo=true")
     return manifest

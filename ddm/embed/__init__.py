@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ddm.embed.encoders import ENCODERS, Encoder, OpenClipEncoder, PixelEncoder, TorchvisionEncoder, build_encoder
 from ddm.io import read_json
+from ddm.errors import MissingInput
 
 __all__ = ["ENCODERS", "Encoder", "OpenClipEncoder", "PixelEncoder", "TorchvisionEncoder", "build_encoder",
            "embedding_file", "keys_file", "load_embeddings_manifest"]
@@ -37,6 +38,6 @@ def keys_file(index: int) -> str:
 def load_embeddings_manifest(folder: str | os.PathLike) -> dict:
     path = Path(folder) / "manifest.json"
     if not path.exists():
-        raise FileNotFoundError(f"no embeddings manifest at {path}: run the embed stage first (ddm embed)")
+        raise MissingInput(f"no embeddings manifest at {path}: run the embed stage first (ddm embed)")
     return read_json(path)
 

@@ -32,6 +32,8 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ddm.devices import resolve_device
+from ddm.errors import BadInput, MissingInput, Unusable
 
 log = logging.getLogger("ddm")
 
@@ -74,7 +76,7 @@ class PixelEncoder:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         x = _to_nchw(images)
         if x.shape[1] != self.channels:
-            raise ValueError(f"pixels encoder was built for {self.channels} channels but got images of shape "
+            raise BadInput(f"pixels encoder was built for {self.channels} channels but got images of shape "
                              f"{images.shape[1:]}")
         # antialias: downsampling without it aliases fine texture into the embedding.
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
@@ -85,15 +87,6 @@ class PixelEncoder:
         if self.projection is not None:
             x = F.normalize(x @ self.projection, dim=1)
         return x.numpy().astype(np.float32, copy=False)
-
-
-def _device(name: str | None) -> torch.device:
-    name = name or "auto"
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"embed.device={name} but no CUDA device is visible: use embed.device=cpu or auto")
-    return torch.device(name)
 
 
 def _looks_like_path(value: str) -> bool:
@@ -110,10 +103,10 @@ class OpenClipEncoder:
         import open_clip
 
         if model not in open_clip.list_models():
-            raise ValueError(f"embed.model={model!r} is not an open_clip model; see open_clip.list_models(), "
+            raise BadInput(f"embed.model={model!r} is not an open_clip model; see open_clip.list_models(), "
                              f"e.g. ViT-B-32, ViT-S-32-alt, RN50")
         pretrained = str(pretrained) if pretrained else None
-        self.device = _device(device)
+        self.device = resolve_device(device, "embed.device")
         kwargs = dict(force_image_size=int(image_size)) if image_size else {}
         self.model, self.preprocess = _create_open_clip(open_clip, model, pretrained, kwargs)
         self.model.to(self.device).eval()
@@ -138,19 +131,19 @@ def _create_open_clip(open_clip, model: str, pretrained: str | None, kwargs: dic
                     f"weights file with embed.pretrained=/path/to/weights.pt")
     elif _looks_like_path(pretrained):
         if not Path(pretrained).is_file():
-            raise FileNotFoundError(f"embed.pretrained={pretrained}: no such weights file; give the path of an "
+            raise MissingInput(f"embed.pretrained={pretrained}: no such weights file; give the path of an "
                                     f"open_clip state dict (.pt/.bin/.safetensors) for {model}")
     else:
         tags = open_clip.list_pretrained_tags_by_model(model)
         if pretrained not in tags:
-            raise ValueError(f"embed.pretrained={pretrained!r} is neither a file nor a hub tag of {model} "
+            raise BadInput(f"embed.pretrained={pretrained!r} is neither a file nor a hub tag of {model} "
                              f"(tags: {tags}); pass a local weights file path instead")
     try:
         created, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, **kwargs)
     except Exception as e:
         if pretrained is None or _looks_like_path(pretrained):
-            raise RuntimeError(f"open_clip could not build {model} with embed.pretrained={pretrained}: {e}") from e
-        raise RuntimeError(f"could not get open_clip weights {model}/{pretrained} from the hub ({e}). Hub "
+            raise Unusable(f"open_clip could not build {model} with embed.pretrained={pretrained}: {e}") from e
+        raise Unusable(f"could not get open_clip weights {model}/{pretrained} from the hub ({e}). Hub "
                            f"weights cannot be downloaded on machines without internet: download them "
                            f"elsewhere and pass the local file, embed.pretrained=/path/to/weights.bin") from e
     return created, preprocess
@@ -177,9 +170,9 @@ class TorchvisionEncoder:
         import torchvision
 
         if model not in torchvision.models.list_models(module=torchvision.models):
-            raise ValueError(f"embed.model={model!r} is not a torchvision classification model; see "
+            raise BadInput(f"embed.model={model!r} is not a torchvision classification model; see "
                              f"torchvision.models.list_models(), e.g. mobilenet_v2, resnet18, resnet50")
-        self.device = _device(device)
+        self.device = resolve_device(device, "embed.device")
         self.image_size = int(image_size)
         net = torchvision.models.get_model(model, weights=None)
         digest = None
@@ -224,7 +217,7 @@ def _state_digest(state: dict) -> str:
 def _load_state_dict(net: torch.nn.Module, path: str, model: str) -> dict:
     """Load ``path`` (.pth/.pt state dict or .safetensors) into ``net`` exactly and return it; errors name embed.weights."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"embed.weights={path}: no such weights file; give the path of a torchvision "
+        raise MissingInput(f"embed.weights={path}: no such weights file; give the path of a torchvision "
                                 f"{model} state dict (.pth/.pt/.safetensors), e.g. the file torchvision downloads "
                                 f"into ~/.cache/torch/hub/checkpoints/ on a machine with internet")
     try:
@@ -238,7 +231,7 @@ def _load_state_dict(net: torch.nn.Module, path: str, model: str) -> dict:
         net.load_state_dict(state, strict=True)
         return state
     except Exception as e:
-        raise RuntimeError(f"embed.weights={path} does not hold {model}'s weights ({type(e).__name__}: "
+        raise Unusable(f"embed.weights={path} does not hold {model}'s weights ({type(e).__name__}: "
                            f"{str(e)[:300]}); give a state dict saved from torchvision's {model}") from e
 
 
@@ -254,7 +247,7 @@ def _drop_classifier(net: torch.nn.Module, model: str) -> None:
             if linear:
                 head[linear[-1]] = torch.nn.Identity()
                 return
-    raise ValueError(f"embed.model={model!r}: found no final Linear layer in fc/classifier/heads/head to drop; "
+    raise BadInput(f"embed.model={model!r}: found no final Linear layer in fc/classifier/heads/head to drop; "
                      f"use a classification model such as mobilenet_v2 or resnet50")
 
 
@@ -284,5 +277,5 @@ def build_encoder(cfg_embed, data_meta) -> Encoder:
     """The encoder named by ``cfg_embed.encoder``, for images described by ``data_meta`` (a SourceMeta)."""
     name = cfg_embed.encoder
     if name not in ENCODERS:
-        raise ValueError(f"embed.encoder={name!r} is not a known encoder; choose one of {sorted(ENCODERS)}")
+        raise BadInput(f"embed.encoder={name!r} is not a known encoder; choose one of {sorted(ENCODERS)}")
     return ENCODERS[name](cfg_embed, data_meta)

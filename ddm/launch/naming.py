@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from ddm.errors import BadInput
 
 PREFIX = "ddm"
 EXPERT = "expert"
@@ -27,7 +28,7 @@ def run_label(run_name: str) -> str:
 def job_name(run_name: str, job: str) -> str:
     """``ddm:<run name>:expert`` or ``ddm:<run name>:router``."""
     if job not in (EXPERT, ROUTER):
-        raise ValueError(f"job must be {EXPERT!r} or {ROUTER!r}, not {job!r}")
+        raise BadInput(f"job must be {EXPERT!r} or {ROUTER!r}, not {job!r}")
     return f"{PREFIX}:{run_label(run_name)}:{job}"
 
 

@@ -36,14 +36,3 @@ def job_overrides(user_overrides: list[str], run_name: str, run_dir: str) -> lis
     """The overrides a job is started with: ``name`` and the absolute ``run_dir`` first, then the user's."""
     kept = [o for o in user_overrides if not is_dropped(o)]
     return [f"name={hydra_value(run_name)}", f"run_dir={hydra_value(run_dir)}", *kept]
-
-
-def task_overrides() -> list[str] | None:
-    """The overrides of the running Hydra job (``ddm submit a=b ...``), or None outside one."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-    except ImportError:
-        return None
-    if not HydraConfig.initialized():
-        return None
-    return list(HydraConfig.get().overrides.task)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ddm.launch import naming
+from ddm.errors import BadInput
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 
@@ -24,7 +25,7 @@ def format_array(ids) -> str:
     """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"``: an ``--array`` spec holding exactly these ids."""
     ids = sorted({int(i) for i in ids})
     if not ids:
-        raise ValueError("an array job needs at least one index")
+        raise BadInput("an array job needs at least one index")
     parts, start, prev = [], ids[0], ids[0]
     for i in ids[1:] + [None]:
         if i is not None and i == prev + 1:

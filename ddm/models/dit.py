@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ddm.errors import BadInput
 from ddm.models.velocity import VelocityModel
 
 

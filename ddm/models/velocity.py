@@ -26,6 +26,8 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
+from ddm.errors import BadInput
+
 
 class VelocityModel(nn.Module):
     """Base class of every model with the velocity interface (see the module docstring)."""

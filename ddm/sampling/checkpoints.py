@@ -23,6 +23,7 @@ from ddm.ensemble import Ensemble
 from ddm.flow import FlowPath, flow_path_from_config
 from ddm.io import read_json
 from ddm.models.dit import DiT, DiTClassifier
+from ddm.errors import BadInput, MissingInput
 
 log = logging.getLogger("ddm")
 
@@ -39,11 +40,11 @@ def _load(path: str | os.PathLike, kind: str, map_location) -> dict:
     path = Path(path)
     if not path.exists():
         stage = "train-expert" if kind == "expert" else "train-router"
-        raise FileNotFoundError(f"no {kind} weights at {path}: run `ddm {stage}` first")
+        raise MissingInput(f"no {kind} weights at {path}: run `ddm {stage}` first")
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("kind") != kind:
         found = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"{path} is not a {kind} file (kind={found!r}); expected what `ddm "
+        raise BadInput(f"{path} is not a {kind} file (kind={found!r}); expected what `ddm "
                          f"{'train-expert' if kind == 'expert' else 'train-router'}` writes")
     return payload
 
@@ -127,18 +128,18 @@ def load_ensemble(run_dir: str | os.PathLike, strategy: str = "top1", top_k: int
 def _check_router(router, rmeta: dict, rd: RunDir) -> None:
     K = int(rmeta["num_experts"])
     if router.num_outputs != K:
-        raise ValueError(f"{rmeta['path']} says num_experts={K} but its network has {router.num_outputs} "
+        raise BadInput(f"{rmeta['path']} says num_experts={K} but its network has {router.num_outputs} "
                          f"outputs: the file is inconsistent; retrain with `ddm train-router redo=true`")
     if rd.cluster_report.exists():
         report = read_json(rd.cluster_report)
         k_report = report.get("k", report.get("num_clusters"))
         if k_report is not None and int(k_report) != K:
-            raise ValueError(f"the router {rmeta['path']} was trained for K={K} experts but "
+            raise BadInput(f"the router {rmeta['path']} was trained for K={K} experts but "
                              f"{rd.cluster_report} has K={k_report} clusters: retrain the router "
                              f"(`ddm train-router redo=true`) or use the run it belongs to")
         cid_report = report.get("clustering_id")
         if cid_report is not None and cid_report != rmeta["clustering_id"]:
-            raise ValueError(f"the router {rmeta['path']} was trained on clustering {rmeta['clustering_id']}, "
+            raise BadInput(f"the router {rmeta['path']} was trained on clustering {rmeta['clustering_id']}, "
                              f"but {rd.cluster_report} is clustering {cid_report}: retrain the router and "
                              f"experts on the current clustering or use the matching run")
 
@@ -146,10 +147,10 @@ def _check_router(router, rmeta: dict, rd: RunDir) -> None:
 def _available_ids(rd: RunDir, K: int, subset: str) -> list[int]:
     """The ids of ``sample.experts=available``: the experts that exist, the missing ones logged."""
     if subset != AVAILABLE:
-        raise ValueError(f"sample.experts={subset!r}: use null (all experts), a list of ids, or {AVAILABLE!r}")
+        raise BadInput(f"sample.experts={subset!r}: use null (all experts), a list of ids, or {AVAILABLE!r}")
     on_disk = [k for k in expert_ids_on_disk(rd) if k < K]  # ids >= K are refused by _wanted_ids
     if not on_disk:
-        raise FileNotFoundError(f"sample.experts=available: no expert of the K={K} has an expert.pt under "
+        raise MissingInput(f"sample.experts=available: no expert of the K={K} has an expert.pt under "
                                 f"{rd.experts}; train at least one with `ddm train-expert expert.id=N`")
     missing = [k for k in range(K) if k not in on_disk]
     if missing:
@@ -163,7 +164,7 @@ def _wanted_ids(rd: RunDir, K: int, subset) -> list[int]:
     on_disk = expert_ids_on_disk(rd)
     extra = [k for k in on_disk if k >= K]
     if extra:
-        raise ValueError(f"{rd.experts} holds experts {extra} but the router {rd.router_weights} has only "
+        raise BadInput(f"{rd.experts} holds experts {extra} but the router {rd.router_weights} has only "
                          f"K={K} outputs: the experts and the router come from different clusterings; "
                          f"retrain the router or use the matching run")
     if subset is None:
@@ -172,14 +173,14 @@ def _wanted_ids(rd: RunDir, K: int, subset) -> list[int]:
         wanted = sorted({int(k) for k in subset})
         bad = [k for k in wanted if not 0 <= k < K]
         if not wanted or bad:
-            raise ValueError(f"sample.experts={list(subset)} must name expert ids in 0..{K - 1}")
+            raise BadInput(f"sample.experts={list(subset)} must name expert ids in 0..{K - 1}")
     missing = [k for k in wanted if k not in on_disk]
     if missing:
         paths = ", ".join(str(rd.expert_weights(k)) for k in missing)
         hint = ("" if subset is not None or not on_disk else
                 f", or sample with the ones you have: sample.experts=available (or the list "
                 f"sample.experts={on_disk})")
-        raise FileNotFoundError(f"experts {missing} are missing ({paths}): train them with "
+        raise MissingInput(f"experts {missing} are missing ({paths}): train them with "
                                 f"`ddm train-expert expert.id=N`{hint}")
     return wanted
 
@@ -187,20 +188,20 @@ def _wanted_ids(rd: RunDir, K: int, subset) -> list[int]:
 def _check_expert(k: int, meta: dict, rmeta: dict) -> None:
     where = meta["path"]
     if int(meta.get("expert_id", k)) != k:
-        raise ValueError(f"{where} holds expert {meta['expert_id']}, not expert {k}: the file was copied "
+        raise BadInput(f"{where} holds expert {meta['expert_id']}, not expert {k}: the file was copied "
                          f"into the wrong folder; retrain or move it to experts/expert-{meta['expert_id']:02d}")
     if int(meta["num_experts"]) != int(rmeta["num_experts"]):
-        raise ValueError(f"expert {k} ({where}) was trained with K={meta['num_experts']} clusters, the router "
+        raise BadInput(f"expert {k} ({where}) was trained with K={meta['num_experts']} clusters, the router "
                          f"({rmeta['path']}) with K={rmeta['num_experts']}: retrain one of them on the "
                          f"same clustering or use the matching run")
     if meta["clustering_id"] != rmeta["clustering_id"]:
-        raise ValueError(f"expert {k} was trained on clustering {meta['clustering_id']}, the router on "
+        raise BadInput(f"expert {k} was trained on clustering {meta['clustering_id']}, the router on "
                          f"{rmeta['clustering_id']} ({where} vs {rmeta['path']}): retrain the router or "
                          f"the expert on one clustering, or use the matching run")
     mine = {f: meta["flow"].get(f) for f in PATH_FIELDS}
     theirs = {f: rmeta["flow"].get(f) for f in PATH_FIELDS}
     if mine != theirs:
-        raise ValueError(f"expert {k} was trained on flow path {mine}, the router on {theirs} "
+        raise BadInput(f"expert {k} was trained on flow path {mine}, the router on {theirs} "
                          f"({where} vs {rmeta['path']}): they must share one path; retrain with the same "
                          f"flow.schedule")
 
@@ -210,5 +211,5 @@ def _check_num_classes(experts: dict, router, metas: dict, rmeta: dict) -> None:
     by_model["router"] = router.num_classes
     if len(set(by_model.values())) > 1:
         files = {k: (metas[k]["path"] if k in metas else rmeta["path"]) for k in by_model}
-        raise ValueError(f"models with num_classes mismatch: {by_model} ({files}); experts and router "
+        raise BadInput(f"models with num_classes mismatch: {by_model} ({files}); experts and router "
                          f"must be trained on the same label set (data.num_classes)")

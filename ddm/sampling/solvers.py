@@ -12,6 +12,7 @@ import torch
 
 from ddm.flow import FlowPath
 from ddm.models.velocity import VelocityModel, check_guidable, guided_velocity
+from ddm.errors import BadInput
 
 SOLVERS = ("euler", "heun")
 
@@ -51,7 +52,7 @@ def sample(model: VelocityModel, path: FlowPath, shape, y: torch.Tensor | None =
     Euler step adds only O(h^2). Heun thus makes ``2 * steps - 1`` evaluations.
     """
     if solver not in SOLVERS:
-        raise ValueError(f"sample.solver={solver!r} is not one of {SOLVERS}")
+        raise BadInput(f"sample.solver={solver!r} is not one of {SOLVERS}")
     x = _initial(path, shape, x_init, generator, device, dtype)
     if y is not None:
         y = y.to(x.device)

@@ -19,6 +19,7 @@ from ddm.cluster.kmeans import Clustering, check_k, effective_fine_k, flat_kmean
 from ddm.data.shards import iter_shard, load_manifest, shard_paths
 from ddm.io import atomic_path, read_json, sha256_strings, write_json
 from ddm.stages.runner import skip
+from ddm.errors import BadInput, MissingInput
 
 log = logging.getLogger("ddm")
 
@@ -38,7 +39,7 @@ def run(cfg) -> dict:
                  report["method"], report["k"], report["clustering_id"], run_dir.clusters)
         return report
     if c.method not in METHODS:
-        raise ValueError(f"cluster.method={c.method!r} is not one of {list(METHODS)}")
+        raise BadInput(f"cluster.method={c.method!r} is not one of {list(METHODS)}")
     _set_threads(OmegaConf.select(cfg, "island.threads", default=None))
 
     data_manifest = load_manifest(run_dir.data)
@@ -66,12 +67,12 @@ def load_embeddings(folder: Path, data_manifest: dict) -> tuple[np.ndarray, list
     """
     path = Path(folder) / "manifest.json"
     if not path.exists():
-        raise FileNotFoundError(f"no embeddings manifest at {path}: run the embed stage first "
+        raise MissingInput(f"no embeddings manifest at {path}: run the embed stage first "
                                 f"(or use cluster=random, which needs no embeddings)")
     manifest = read_json(path)
     data_sha = data_manifest.get("keys_sha256")
     if data_sha is not None and manifest.get("keys_sha256") != data_sha:
-        raise ValueError(f"embeddings in {folder} were computed for different data (keys_sha256 "
+        raise BadInput(f"embeddings in {folder} were computed for different data (keys_sha256 "
                          f"{manifest.get('keys_sha256')} != data's {data_sha}): rerun embed with redo=true")
     x = np.empty((manifest["num_samples"], manifest["dim"]), dtype=np.float32)
     keys: list[str] = []
@@ -80,7 +81,7 @@ def load_embeddings(folder: Path, data_manifest: dict) -> tuple[np.ndarray, list
         emb = np.load(Path(folder) / shard["embeddings"], mmap_mode="r")
         shard_keys = (Path(folder) / shard["keys"]).read_text().splitlines()
         if emb.shape[1:] != x.shape[1:] or len(emb) != len(shard_keys) or row + len(emb) > len(x):
-            raise ValueError(f"embeddings shard {shard['embeddings']} has shape {emb.shape} for "
+            raise BadInput(f"embeddings shard {shard['embeddings']} has shape {emb.shape} for "
                              f"{len(shard_keys)} keys (manifest: {manifest['num_samples']} samples of dim "
                              f"{manifest['dim']}): embeddings/ is inconsistent; rerun embed with redo=true")
         x[row:row + len(emb)] = emb
@@ -88,7 +89,7 @@ def load_embeddings(folder: Path, data_manifest: dict) -> tuple[np.ndarray, list
         row += len(emb)
     # The files must agree with the manifest that vouched for them.
     if row != len(x) or sha256_strings(keys) != manifest.get("keys_sha256"):
-        raise ValueError(f"the keys files in {folder} do not match its manifest's keys_sha256 / num_samples: "
+        raise BadInput(f"the keys files in {folder} do not match its manifest's keys_sha256 / num_samples: "
                          f"rerun embed with redo=true")
     return x, keys, manifest
 

@@ -27,6 +27,7 @@ from ddm.embed import build_encoder, embedding_file, keys_file, load_embeddings_
 from ddm.io import atomic_path, read_json, sha256_strings, write_json, write_text
 from ddm.seeds import seed_everything
 from ddm.stages.runner import skip
+from ddm.errors import BadInput, Unusable
 
 log = logging.getLogger("ddm")
 
@@ -121,7 +122,7 @@ def run(cfg) -> dict:
         else:
             keys, emb = embed_shard(encoder, path, batch_size)
             if len(keys) != entry["num_samples"]:
-                raise ValueError(f"{path} holds {len(keys)} samples but data/manifest.json says "
+                raise BadInput(f"{path} holds {len(keys)} samples but data/manifest.json says "
                                  f"{entry['num_samples']}; the data changed: rerun prepare with redo=true")
             _write_shard(folder, index, keys, emb)
             computed += 1
@@ -131,7 +132,7 @@ def run(cfg) -> dict:
 
     # Later stages join embeddings to samples by position; make sure positions line up.
     if sha256_strings(all_keys) != data["keys_sha256"]:
-        raise RuntimeError(f"keys in {folder} do not match data/manifest.json's keys_sha256: "
+        raise Unusable(f"keys in {folder} do not match data/manifest.json's keys_sha256: "
                            f"rerun embed with redo=true")
     manifest = dict(encoder=encoder.name, encoder_config=OmegaConf.to_container(cfg.embed, resolve=True),
                     encoder_spec=encoder.spec, dim=encoder.dim, normalized="l2", num_samples=len(all_keys),

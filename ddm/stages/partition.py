@@ -16,6 +16,7 @@ from ddm.cluster.partition import write_partitions
 from ddm.data.shards import MANIFEST, load_manifest
 from ddm.io import read_json, write_json
 from ddm.stages.runner import note_skipped
+from ddm.errors import BadInput, MissingInput
 
 log = logging.getLogger("ddm")
 
@@ -25,7 +26,7 @@ def run(cfg) -> dict:
     run_dir = RunDir(cfg.run_dir)
     marker = run_dir.partitions / MANIFEST
     if not run_dir.cluster_report.exists():
-        raise FileNotFoundError(f"no clustering at {run_dir.cluster_report}: run the cluster stage first")
+        raise MissingInput(f"no clustering at {run_dir.cluster_report}: run the cluster stage first")
     report = read_json(run_dir.cluster_report)
     current = report["clustering_id"]
 
@@ -42,12 +43,12 @@ def run(cfg) -> dict:
 
     assignments = load_assignments(run_dir.assignments, num_clusters=report["k"])
     if assignments.clustering_id != current:
-        raise ValueError(f"{run_dir.assignments} does not match {run_dir.cluster_report} (clustering_id "
+        raise BadInput(f"{run_dir.assignments} does not match {run_dir.cluster_report} (clustering_id "
                          f"{assignments.clustering_id} != {current}): rerun cluster with redo=true")
     data_manifest = load_manifest(run_dir.data)
     data_sha = data_manifest.get("keys_sha256")
     if data_sha is not None and data_sha != report["keys_sha256"]:
-        raise ValueError(f"clusters/ were made from different data (keys_sha256 {report['keys_sha256']} != "
+        raise BadInput(f"clusters/ were made from different data (keys_sha256 {report['keys_sha256']} != "
                          f"data's {data_sha}): rerun cluster with redo=true")
 
     _clear(run_dir)

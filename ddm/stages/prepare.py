@@ -23,6 +23,7 @@ from ddm.data.shards import MANIFEST, ShardSetWriter, load_manifest
 from ddm.data.sources import open_source
 from ddm.io import sha256_strings
 from ddm.stages.runner import skip
+from ddm.errors import BadInput
 
 log = logging.getLogger("ddm")
 
@@ -61,7 +62,7 @@ def run(cfg) -> dict:
             writer.write(sample.key, sample.image, sample.label, sample.caption)
             keys.append(sample.key)
         if not keys:
-            raise ValueError(f"data.source={cfg.data.source} gave no samples; check data.root / data.urls")
+            raise BadInput(f"data.source={cfg.data.source} gave no samples; check data.root / data.urls")
         # The writer puts its extra fields into the manifest when the block closes.
         writer.extra["keys_sha256"] = sha256_strings(keys)
     manifest = writer.manifest

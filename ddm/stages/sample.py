@@ -32,6 +32,7 @@ from ddm.sampling.checkpoints import AVAILABLE, expert_ids_on_disk
 from ddm.stages.runner import note_skipped
 from ddm.images import to_uint8
 from ddm.viz import plot_usage, save_grid
+from ddm.errors import BadInput
 
 log = logging.getLogger("ddm")
 
@@ -46,7 +47,7 @@ def requested_settings(sc) -> dict:
     experts = out["experts"]
     if isinstance(experts, str):
         if experts != AVAILABLE:
-            raise ValueError(f"sample.experts={experts!r}: use null (all experts), a list of ids such as "
+            raise BadInput(f"sample.experts={experts!r}: use null (all experts), a list of ids such as "
                              f"[0,2], or {AVAILABLE!r} (the experts that exist)")
     elif experts is not None:
         out["experts"] = sorted(int(k) for k in experts)

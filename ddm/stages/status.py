@@ -23,6 +23,7 @@ from pathlib import Path
 from ddm.artifacts import RunDir
 from ddm.io import read_json
 from ddm.launch import slurm
+from ddm.errors import MissingInput
 
 log = logging.getLogger("ddm")
 
@@ -106,7 +107,7 @@ def run(cfg) -> dict:
     """Print the table for the run ``cfg.run_dir`` and return it as a dict."""
     rd = RunDir(Path(cfg.run_dir).resolve())
     if not rd.cluster_report.exists():
-        raise FileNotFoundError(f"no {rd.cluster_report}: this run has not been clustered yet, so it has no "
+        raise MissingInput(f"no {rd.cluster_report}: this run has not been clustered yet, so it has no "
                                 f"experts (run `ddm cluster` and `ddm partition`, then `ddm submit`)")
     k = int(read_json(rd.cluster_report)["k"])
     queued_experts, queued_router, no_queue = _queue(rd)

@@ -26,7 +26,8 @@ from pathlib import Path
 from ddm.artifacts import RunDir
 from ddm.io import read_json, write_text
 from ddm.launch import sbatch, slurm
-from ddm.launch.overrides import job_overrides, task_overrides
+from ddm.launch.overrides import job_overrides
+from ddm.errors import BadInput, MissingInput
 
 log = logging.getLogger("ddm")
 
@@ -36,17 +37,17 @@ def expert_ids(requested, k: int) -> list[int]:
     ids = list(range(k)) if requested is None else sorted({int(i) for i in requested})
     bad = [i for i in ids if not 0 <= i < k]
     if bad:
-        raise ValueError(f"submit.experts={list(requested)}: the run has K={k} clusters, so expert ids are "
+        raise BadInput(f"submit.experts={list(requested)}: the run has K={k} clusters, so expert ids are "
                          f"0..{k - 1}; {bad} do not exist")
     return ids
 
 
 def _require_inputs(rd: RunDir) -> int:
     if not rd.cluster_report.exists():
-        raise FileNotFoundError(f"no {rd.cluster_report}: run `ddm cluster` and `ddm partition` for this run "
+        raise MissingInput(f"no {rd.cluster_report}: run `ddm cluster` and `ddm partition` for this run "
                                 f"first (they are quick and run on this machine)")
     if not (rd.partitions / "manifest.json").exists():
-        raise FileNotFoundError(f"no partitions under {rd.partitions}: run `ddm partition` first")
+        raise MissingInput(f"no partitions under {rd.partitions}: run `ddm partition` first")
     return int(read_json(rd.cluster_report)["k"])
 
 
@@ -79,13 +80,13 @@ def run(cfg, overrides: list[str] | None = None) -> dict:
     """Submit what is neither finished nor queued; return what was done.
 
     ``overrides``: the Hydra overrides to pass to the jobs. From the command
-    line they are read from Hydra; a library caller passes them (the same list
+    line ``ddm.cli`` passes those Hydra parsed; a library caller passes them (the same list
     it composed ``cfg`` with).
     """
     rd = RunDir(Path(cfg.run_dir).resolve())
     sub = cfg.get("submit") or {}
     if cfg.get("redo", False):
-        raise ValueError("`ddm submit redo=true` is refused: a requeued job would start over and delete its own "
+        raise BadInput("`ddm submit redo=true` is refused: a requeued job would start over and delete its own "
                          "checkpoints. To retrain an expert, delete experts/expert-<id>/ and submit again.")
     k = _require_inputs(rd)
     ids = expert_ids(sub.get("experts"), k)
@@ -98,7 +99,7 @@ def run(cfg, overrides: list[str] | None = None) -> dict:
     queued = [i for i in ids if i not in done and i in queued_experts]
     todo = [i for i in ids if i not in done and i not in queued]
 
-    user = overrides if overrides is not None else (task_overrides() or [])
+    user = list(overrides or [])
     args = job_overrides(user, str(cfg.name), str(rd.root))
     python = sub.get("python") or sys.executable
     result = dict(run_dir=str(rd.root), k=k, dry_run=dry_run, experts_done=done, experts_queued=queued,

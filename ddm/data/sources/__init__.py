@@ -1,0 +1,77 @@
+"""Dataset sources: where the ``prepare`` stage reads images from.
+
+A source turns ``cfg.data`` into a :class:`Source`: its metadata and a lazy
+iterator of :class:`Sample` (stable key, uint8 image, int label, optional
+caption). ``open_source`` picks the source named by ``data.source`` and wraps
+its samples so that every image has the size and channel count the manifest
+will announce (``data.image_size``, ``data.channels``), resizing only when
+``data.resize`` asks for it, and stops after ``data.limit`` samples.
+
+Sources (``data.source``):
+
+- ``fashion_mnist``: the four gzipped IDX files of Fashion-MNIST in
+  ``data.root`` (Debian's ``dataset-fashion-mnist`` package puts them in
+  /usr/share/datasets/fashion-mnist). Splits ``train`` (60000) and ``test``
+  (10000); 28x28 grayscale, 10 classes.
+- ``digits``: scikit-learn's bundled 8x8 digits, scaled from 0..16 to 0..255.
+  There is one split, ``train``, holding all 1797 images (the set is only big
+  enough for tests and demos; hold-out evaluation uses another dataset).
+- ``image_folder``: ``data.root`` holds either one subfolder per class (labels
+  follow the sorted subfolder names) or the images directly (label -1). A
+  sibling ``<name>.txt`` next to an image is its caption.
+- ``webdataset``: existing webdataset shards (``data.urls``: a brace pattern or
+  a list of local paths, ``pipe:`` commands or URLs). Images are decoded to
+  uint8; the label is ``cls`` when present (else -1), the caption ``txt``.
+
+Keys are re-issued for every source as ``<prefix>-<split>-<index:08d>`` (the
+index counts samples in reading order), so they are stable across reruns and
+contain no dots, which webdataset would split on.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+from ddm.data.sources.base import PIL_MODES, Sample, Source, SourceMeta, conform, make_key, resize_square, resolve_meta
+from ddm.data.sources.builtin import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_FILES,
+    IDX_IMAGES_MAGIC,
+    IDX_LABELS_MAGIC,
+    digits,
+    fashion_mnist,
+    read_idx,
+)
+from ddm.data.sources.image_folder import IMAGE_SUFFIXES, image_folder
+from ddm.data.sources.webdataset import webdataset
+from ddm.errors import BadInput
+
+__all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_FILES", "IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC", "IMAGE_SUFFIXES",
+           "PIL_MODES", "SOURCES", "Sample", "Source", "SourceMeta", "conform", "make_key", "open_source",
+           "read_idx", "resize_square"]
+
+SOURCES: dict[str, Callable] = {
+    "fashion_mnist": fashion_mnist,
+    "digits": digits,
+    "image_folder": image_folder,
+    "webdataset": webdataset,
+}
+
+
+def open_source(cfg_data) -> Source:
+    """The source named by ``cfg_data.source``, with conformed images and ``cfg_data.limit`` applied.
+
+    Opening checks what can be checked before reading (paths, split, config
+    consistency) so that a bad config fails before anything is written; image
+    problems surface while the samples are iterated.
+    """
+    name = cfg_data.source
+    if name not in SOURCES:
+        raise BadInput(f"data.source={name!r} is not a known source; choose one of {sorted(SOURCES)}")
+    source = SOURCES[name](cfg_data)
+    meta = resolve_meta(source.meta, cfg_data)
+    limit = cfg_data.get("limit")
+    if limit is not None and int(limit) < 1:
+        raise BadInput(f"data.limit={limit}: use a positive number of samples, or null for all")
+    samples = itertools.islice(source.samples, int(limit)) if limit is not None else source.samples
+    return Source(source.prefix, source.split, meta, conform(samples, meta, cfg_data.get("resize")))
