@@ -17,9 +17,10 @@ from ddm.artifacts import RunDir
 from ddm.cluster import clustering_id, save_assignments
 from ddm.cluster.kmeans import Clustering, check_k, effective_fine_k, flat_kmeans, random_partition, two_stage_kmeans
 from ddm.data.shards import iter_shard, load_manifest, shard_paths
-from ddm.io import atomic_path, read_json, sha256_strings, write_json
-from ddm.stages.runner import skip
 from ddm.errors import BadInput, MissingInput
+from ddm.io import atomic_path, read_json, sha256_strings, write_json
+from ddm.markdown import num
+from ddm.stages.runner import skip
 
 log = logging.getLogger("ddm")
 
@@ -55,7 +56,7 @@ def run(cfg) -> dict:
 
     report = _write_outputs(run_dir, c, keys, result, encoder)
     log.info("cluster: %s K=%d sizes=%s inertia=%s id=%s -> %s", report["method"], report["k"], report["sizes"],
-             _fmt(report["inertia"]), report["clustering_id"], run_dir.clusters)
+             num(report["inertia"]), report["clustering_id"], run_dir.clusters)
     return report
 
 
@@ -155,5 +156,3 @@ def _set_threads(threads) -> None:
         faiss.omp_set_num_threads(int(threads))
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.4g}"

@@ -13,6 +13,9 @@ import numpy as np
 from ddm.artifacts import RunDir
 from ddm.data.shards import iter_samples, load_manifest, shard_paths
 from ddm.io import read_json, write_text
+from ddm.jobs import EXPERT_STAGE, expert_id_of
+from ddm.markdown import num, table
+from ddm.stages import STAGES
 from ddm.viz import save_grid
 
 log = logging.getLogger("ddm")
@@ -43,22 +46,19 @@ def cluster_montage(rd: RunDir, K: int, per_cluster: int = 12) -> Path | None:
 
 
 def _stage_order(name: str) -> tuple:
-    from ddm.stages import STAGES
-
     order = list(STAGES)
-    base = "train-expert" if name.startswith("train-expert") else name
+    base = EXPERT_STAGE if expert_id_of(name) is not None else name
     return (order.index(base) if base in order else len(order), name)
-
-
-def _fmt(x, spec=".4f"):
-    return "-" if x is None else format(x, spec)
 
 
 def _class_mix(manifest: dict, names) -> str:
     counts = manifest.get("class_counts") or {}
     total = sum(counts.values()) or 1
     top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
-    label = (lambda c: names[int(c)] if names and 0 <= int(c) < len(names) else str(c))
+
+    def label(c) -> str:
+        return names[int(c)] if names and 0 <= int(c) < len(names) else str(c)
+
     return ", ".join(f"{label(c)} {100 * n / total:.0f}%" for c, n in top)
 
 
@@ -80,70 +80,83 @@ def label_prior_accuracy(rd: RunDir, K: int) -> float | None:
     return sum(best.values()) / total if total else None
 
 
+def _clusters_section(rd: RunDir, clusters: dict, names) -> list[str]:
+    K = int(clusters["k"])
+    lines = ["## Clusters", "",
+             f"Method `{clusters['method']}`, K = {K}, embeddings `{clusters.get('encoder', '-')}`, "
+             f"clustering id `{clusters['clustering_id']}`, inertia {num(clusters.get('inertia'), '.4f')}.", ""]
+    total = sum(clusters["sizes"])
+    rows = []
+    for k, n in enumerate(clusters["sizes"]):
+        has_partition = (rd.partition(k) / "manifest.json").exists()
+        mix = _class_mix(load_manifest(rd.partition(k)), names) if has_partition else ""
+        rows.append([k, n, f"{100 * n / total:.1f}%", mix])
+    lines += table(["cluster", "samples", "share", "main classes"], rows)
+    if (rd.root / MONTAGE).exists():
+        lines += [f"Real training images per cluster: ![montage]({MONTAGE})", ""]
+    return lines
+
+
+def _experts_section(rd: RunDir, K: int) -> list[str]:
+    rows = []
+    for k in range(K):
+        rec = _read(rd.expert_record(k))
+        if rec is None:
+            rows.append([k, "missing", "", "", "", "", "", ""])
+            continue
+        rows.append([k, rec["steps"], rec["batch_size"], rec["samples_seen"], num(rec["final_loss"], ".4f"),
+                     f"{rec['params']:,}", f"{rec['train_flops']:.3g}", rec["wall_s"]])
+    header = ["expert", "steps", "batch", "samples seen", "final loss", "params", "train FLOPs", "wall s"]
+    return ["## Experts", "", *table(header, rows)]
+
+
+def _router_section(rd: RunDir, router: dict) -> list[str]:
+    label_acc = label_prior_accuracy(rd, int(router["num_experts"]))
+    by_label = (f"; the class label alone, which is all a conditional router has at t = 1, scores {label_acc:.3f}"
+                if label_acc is not None else "")
+    lines = ["## Router", "",
+             f"{router['steps']} steps, batch {router['batch_size']}, {router['params']:,} parameters, "
+             f"final loss {num(router['final_loss'], '.4f')}. Accuracy on {router['eval_samples']} held-out "
+             f"samples (weighted to the cluster sizes; the prior alone scores "
+             f"{router['accuracy_by_t'][0]['prior_accuracy']:.3f}{by_label}):", ""]
+    rows = [[f"{r['t_lo']:.1f}-{r['t_hi']:.1f}", f"{r['accuracy']:.3f}", f"{r['entropy']:.3f}",
+             f"{r['calibration_gap']:.3f}"] for r in router["accuracy_by_t"]]
+    return lines + table(["t", "accuracy", "entropy (nats)", "calibration gap"], rows)
+
+
+def _samples_section(samples: dict) -> list[str]:
+    keys = ("strategy", "top_k", "experts", "solver", "steps", "cfg_scale", "seed")
+    settings = ", ".join(f"{k}={samples.get(k)}" for k in keys if k in samples)
+    return ["## Samples", "", f"Settings: {settings}.", "", "One row per class: ![samples](samples/grid.png)", "",
+            "Expert usage against t: ![usage](samples/usage.png)", ""]
+
+
+def _timings_section(timings: dict) -> list[str]:
+    rows = [[name, t["wall_s"], t["peak_rss_gib"], t.get("workers_peak_rss_gib", "-")]
+            for name, t in sorted(timings.items(), key=lambda kv: _stage_order(kv[0]))]
+    lines = ["## Wall time and memory per stage", "",
+             *table(["stage", "wall s", "peak RSS GiB", "loader workers peak GiB"], rows)]
+    return lines + [f"Total: {sum(t['wall_s'] for t in timings.values()):.0f} s (excluding this report)."]
+
+
 def build_report(rd: RunDir) -> str:
     lines = [f"# Run `{rd.root.name}`", ""]
     data = _read(rd.data_manifest) or {}
-    clusters = _read(rd.cluster_report)
-    router = _read(rd.router_record)
-    samples = _read(rd.samples_record)
+    clusters, router, samples = _read(rd.cluster_report), _read(rd.router_record), _read(rd.samples_record)
     timings = rd.all_timings()
     if data:
         lines += [f"Data: {data.get('num_samples')} samples from `{data.get('source')}` "
                   f"({data.get('image_size')}px, {data.get('channels')} channel(s), "
                   f"{data.get('num_classes')} classes) in {len(data.get('shards', []))} shards.", ""]
     if clusters:
-        K = int(clusters["k"])
-        names = data.get("class_names")
-        lines += ["## Clusters", "",
-                  f"Method `{clusters['method']}`, K = {K}, embeddings `{clusters.get('encoder', '-')}`, "
-                  f"clustering id `{clusters['clustering_id']}`, inertia {_fmt(clusters.get('inertia'))}.", "",
-                  "| cluster | samples | share | main classes |", "|---|---|---|---|"]
-        total = sum(clusters["sizes"])
-        for k, n in enumerate(clusters["sizes"]):
-            mix = ""
-            if (rd.partition(k) / "manifest.json").exists():
-                mix = _class_mix(load_manifest(rd.partition(k)), names)
-            lines.append(f"| {k} | {n} | {100 * n / total:.1f}% | {mix} |")
-        lines.append("")
-        if (rd.root / MONTAGE).exists():
-            lines += [f"Real training images per cluster: ![montage]({MONTAGE})", ""]
-        lines += ["## Experts", "", "| expert | steps | batch | samples seen | final loss | params | train FLOPs | wall s |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for k in range(K):
-            rec = _read(rd.expert_record(k))
-            if rec is None:
-                lines.append(f"| {k} | missing | | | | | | |")
-                continue
-            lines.append(f"| {k} | {rec['steps']} | {rec['batch_size']} | {rec['samples_seen']} | "
-                         f"{_fmt(rec['final_loss'])} | {rec['params']:,} | {rec['train_flops']:.3g} | {rec['wall_s']} |")
-        lines.append("")
+        lines += _clusters_section(rd, clusters, data.get("class_names"))
+        lines += _experts_section(rd, int(clusters["k"]))
     if router:
-        label_acc = label_prior_accuracy(rd, int(router["num_experts"]))
-        lines += ["## Router", "",
-                  f"{router['steps']} steps, batch {router['batch_size']}, {router['params']:,} parameters, "
-                  f"final loss {_fmt(router['final_loss'])}. Accuracy on {router['eval_samples']} held-out samples "
-                  f"(weighted to the cluster sizes; the prior alone scores "
-                  f"{router['accuracy_by_t'][0]['prior_accuracy']:.3f}"
-                  + (f"; the class label alone, which is all a conditional router has at t = 1, scores "
-                     f"{label_acc:.3f}" if label_acc is not None else "") + "):", "",
-                  "| t | accuracy | entropy (nats) | calibration gap |", "|---|---|---|---|"]
-        for r in router["accuracy_by_t"]:
-            lines.append(f"| {r['t_lo']:.1f}-{r['t_hi']:.1f} | {r['accuracy']:.3f} | {r['entropy']:.3f} | "
-                         f"{r['calibration_gap']:.3f} |")
-        lines.append("")
+        lines += _router_section(rd, router)
     if samples:
-        keys = ("strategy", "top_k", "experts", "solver", "steps", "cfg_scale", "seed")
-        settings = ", ".join(f"{k}={samples.get(k)}" for k in keys if k in samples)
-        lines += ["## Samples", "", f"Settings: {settings}.", "",
-                  "One row per class: ![samples](samples/grid.png)", "",
-                  "Expert usage against t: ![usage](samples/usage.png)", ""]
+        lines += _samples_section(samples)
     if timings:
-        lines += ["## Wall time and memory per stage", "", "| stage | wall s | peak RSS GiB | loader workers peak GiB |",
-                  "|---|---|---|---|"]
-        for name, t in sorted(timings.items(), key=lambda kv: _stage_order(kv[0])):
-            lines.append(f"| {name} | {t['wall_s']} | {t['peak_rss_gib']} | {t.get('workers_peak_rss_gib', '-')} |")
-        lines += ["", f"Total: {sum(t['wall_s'] for t in timings.values()):.0f} s "
-                      f"(excluding this report)."]
+        lines += _timings_section(timings)
     return "\n".join(lines) + "\n"
 
 
