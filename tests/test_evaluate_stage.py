@@ -140,7 +140,9 @@ def test_heldout_test_split_gets_clusters_by_the_clustering_rule(tmp_path):
 
     from ddm.cluster import load_assignments
     from ddm.config import compose
-    from ddm.eval.heldout import _nearest_centroid, cluster_labels, heldout_dir, load_images, prepare_heldout
+    from ddm.eval.heldout import load_images
+    from ddm.stages.evaluation.clusters import cluster_labels, nearest_centroid
+    from ddm.stages.evaluation.heldout import heldout_dir, prepare_heldout
     from ddm.stages import cluster, embed, prepare
 
     cfg = compose([f"run_dir={tmp_path / 'run'}", *eval_group(), "data=fashion_mnist", "data.limit=400",
@@ -159,5 +161,5 @@ def test_heldout_test_split_gets_clusters_by_the_clustering_rule(tmp_path):
     train_x, _, train_keys = load_images(rd.data)
     report = read_json(rd.cluster_report)
     known = load_assignments(rd.assignments).cluster_of()
-    np.testing.assert_array_equal(_nearest_centroid(rd, report, train_x, int(cfg.seed)),
+    np.testing.assert_array_equal(nearest_centroid(rd, report, train_x, int(cfg.seed)),
                                   [known[k] for k in train_keys])

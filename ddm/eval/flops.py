@@ -15,15 +15,18 @@ Sampling FLOPs per image follow from how ``Ensemble`` and ``sample`` execute::
     per_image   = calls * (router + experts * cfg_factor * expert)
 
 ``measured_sampling_flops`` runs a real sampling call under the counter to
-check the formula.
+check the formula. ``flops_summary`` puts all of it together for one run.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ddm.ensemble import Ensemble
+from ddm.jobs import ROUTER_JOB, expert_job
 from ddm.sampling.solvers import num_evaluations, sample
 
 EXPERTS_PER_CALL = {"top1": lambda K, k: 1, "topk": lambda K, k: k, "full": lambda K, k: K, "sample": lambda K, k: 1}
@@ -78,8 +81,8 @@ def measured_sampling_flops(model, path, image_shape: Sequence[int], y: torch.Te
     device = param.device if param is not None else torch.device("cpu")
     flops = count_flops(sample, model, path, (n, *image_shape), y=y, steps=int(steps), solver=solver,
                         cfg_scale=float(cfg_scale), generator=generator, device=device)
-    if hasattr(model, "reset_usage"):
-        model.reset_usage()
+    if isinstance(model, Ensemble):
+        model.reset_usage()  # the counted call is not a sampling run: leave no usage records
     return flops // n
 
 
@@ -97,3 +100,81 @@ def training_flops(record: dict, forward_flops: int | None = None) -> tuple[int 
     if fwd is None or seen is None:
         return None, True
     return int(3 * int(fwd) * int(seen)), True
+
+
+COUNTER = "torch.utils.flop_counter (2 FLOPs per multiply-add)"
+
+
+def forward_flops(experts: Mapping[int, torch.nn.Module], router: torch.nn.Module, image_shape: Sequence[int],
+                  conditional: bool) -> dict:
+    """Measured forward FLOPs per sample: ``{"expert-KK": ..., "router": ...}``."""
+    fwd = {expert_job(k): model_forward_flops(m, image_shape, conditional) for k, m in experts.items()}
+    fwd[ROUTER_JOB] = model_forward_flops(router, image_shape, conditional)
+    return fwd
+
+
+def mean_expert_flops(forward: Mapping[str, int]) -> float:
+    """Mean forward FLOPs of the experts in a ``forward_flops`` dict (the router left out)."""
+    return float(np.mean([v for k, v in forward.items() if k != ROUTER_JOB]))
+
+
+def forward_per_call(forward: Mapping[str, int], strategy: str | None, top_k: int) -> int:
+    """Forward FLOPs of one model call (no guidance) of an ensemble strategy, or of one expert (None)."""
+    mean = mean_expert_flops(forward)
+    if strategy is None:
+        return int(mean)
+    num_experts = sum(1 for k in forward if k != ROUTER_JOB)
+    return int(forward[ROUTER_JOB] + EXPERTS_PER_CALL[strategy](num_experts, int(top_k)) * mean)
+
+
+def training_summary(forward: Mapping[str, int], records: Mapping[str, dict]) -> dict:
+    """Training FLOPs of every job and in total, from their records (``{}`` for a job without one).
+
+    ``records`` maps job names (``expert-KK``, ``router``) to ``record.json``
+    contents. Returns ``{jobs: {<job>: {flops, estimated, samples_seen}}, total,
+    router_share}``; ``total`` is None unless every job's FLOPs are known.
+    """
+    jobs = {}
+    for name, record in records.items():
+        flops, estimated = training_flops(record, forward[name])
+        jobs[name] = dict(flops=flops, estimated=estimated, samples_seen=record.get("samples_seen"))
+    known = [j["flops"] for j in jobs.values() if j["flops"] is not None]
+    total = sum(known) if len(known) == len(jobs) else None
+    router = jobs.get(ROUTER_JOB, {}).get("flops")
+    return dict(jobs=jobs, total=total, router_share=router / total if total and router is not None else None)
+
+
+def flops_summary(forward: Mapping[str, int], records: Mapping[str, dict], strategies: Sequence[str], *,
+                  steps: int, solver: str, cfg_scale: float, conditional: bool, num_experts: int, top_k: int,
+                  measured: Mapping[str, int] | None = None, measured_images: int = 0) -> dict:
+    """The ``flops`` section of the evaluate stage's metrics.json.
+
+    Args:
+        forward: ``forward_flops`` of the run's networks.
+        records: ``record.json`` of every training job, see ``training_summary``.
+        strategies: the routing strategies evaluated; ``single_model`` is added,
+            a monolith of one expert's size (no router).
+        steps, solver, cfg_scale, conditional, num_experts, top_k: the sampling settings.
+        measured: counted FLOPs per image of a real sampling call, per strategy
+            (``measured_sampling_flops`` on ``measured_images`` images); none when empty.
+
+    Returns::
+
+        forward_per_sample  {"expert-KK" | "router": FLOPs}
+        train               {jobs: {"expert-KK" | "router": {flops, estimated, samples_seen}}, total, router_share}
+        sampling            {<strategy> | "single_model": {per_image, per_call, calls, experts_per_call,
+                             cfg_factor, router_per_call, expert_forward, measured_per_image, measured_images}}
+        counter             how the FLOPs were counted
+    """
+    expert_mean = mean_expert_flops(forward)
+    common = dict(steps=int(steps), solver=solver, cfg_scale=float(cfg_scale), conditional=conditional,
+                  num_experts=int(num_experts), top_k=int(top_k))
+    sampling = {}
+    for s in strategies:
+        row = sampling_flops_per_image(expert_mean, forward[ROUTER_JOB], s, **common)
+        if measured:
+            row.update(measured_per_image=measured[s], measured_images=int(measured_images))
+        sampling[s] = row
+    sampling["single_model"] = sampling_flops_per_image(expert_mean, 0, None, **common)
+    return dict(forward_per_sample=dict(forward), train=training_summary(forward, records), sampling=sampling,
+                counter=COUNTER)

@@ -14,11 +14,14 @@ numbers do not depend on the batch size. ``mean`` averages the grid points
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
+from ddm.ensemble import Ensemble
 from ddm.flow import FlowPath
+
+NOTE = "per-element MSE to the path's velocity; same noise for every model"
 
 
 def model_device(model) -> torch.device:
@@ -60,6 +63,23 @@ def heldout_fm_loss(model, path: FlowPath, x0: torch.Tensor, y: torch.Tensor | N
             # Sum of per-sample means, so the total is a mean over samples whatever the batch split.
             total += path.loss(model, x, labels, t=t, eps=eps).sum().item()
         rows.append(dict(t=float(t_value), loss=total / len(x0)))
-    if hasattr(model, "reset_usage"):
+    if isinstance(model, Ensemble):
         model.reset_usage()
     return dict(per_t=rows, mean=sum(r["loss"] for r in rows) / len(rows), num_samples=int(len(x0)))
+
+
+def fm_loss_summary(models: Mapping[str, tuple[object, int]], path: FlowPath, x0: torch.Tensor,
+                    y: torch.Tensor | None, t_grid: Sequence[float], seed: int = 0, batch_size: int = 256,
+                    device=None) -> dict:
+    """The ``fm_loss`` section of the evaluate stage's metrics.json: ``heldout_fm_loss`` of several models.
+
+    ``models`` maps a name (``ensemble-<strategy>``, ``expert-KK``) to ``(model,
+    forward FLOPs of one call)``; every model sees the same images, t and noise. Returns::
+
+        t_grid, num_samples, seed, note
+        models  {<name>: {per_t: [{t, loss}], mean, num_samples, forward_flops_per_call}}
+    """
+    t_grid = [float(t) for t in t_grid]
+    rows = {name: dict(heldout_fm_loss(model, path, x0, y, t_grid, seed, batch_size, device),
+                       forward_flops_per_call=flops) for name, (model, flops) in models.items()}
+    return dict(t_grid=t_grid, num_samples=len(x0), seed=seed, models=rows, note=NOTE)

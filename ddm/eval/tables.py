@@ -5,52 +5,36 @@ comparison is read without its cost.
 """
 from __future__ import annotations
 
+# fmt_flops is re-exported: reports of several runs import it from here.
+from ddm.markdown import fmt_flops, num, table
+
+__all__ = ["SAMPLING_LABELS", "fmt_flops", "render_report"]
 
 SAMPLING_LABELS = {"single_model": "one expert-sized model, no router (monolith of the same size)"}
-
-
-def fmt_flops(x) -> str:
-    """A FLOP count with a readable unit: 3.32 MFLOPs, 6.37 GFLOPs."""
-    if x is None:
-        return "-"
-    for unit, scale in (("PFLOPs", 1e15), ("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6), ("kFLOPs", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g} {unit}"
-    return f"{x:.3g} FLOPs"
-
-
-def _num(x, spec=".4g") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines + [""]
 
 
 def _quality(name: str, space: dict, sampling: dict) -> list[str]:
     acc = space.get("test_accuracy")
     what = (f"a classifier trained on the training split ({space['target']} labels, {space['feature_dim']}-d "
-            f"features, held-out accuracy {_num(acc, '.3f')})" if space.get("kind") == "classifier"
+            f"features, held-out accuracy {num(acc, '.3f')})" if space.get("kind") == "classifier"
             else f"{space.get('kind')} from {space.get('file')}")
     lines = [f"## Sample quality in `{name}`", "", f"Feature space: {what}. Compared with "
              f"{space['num_real']} held-out images. FD: Fréchet distance; precision/recall: k-NN manifolds.", ""]
     rows = []
     for s, r in space["strategies"].items():
-        rows.append([s, r["num_generated"], _num(r["fd"]), _num(r["precision"], ".3f"), _num(r["recall"], ".3f"),
-                     _num(r.get("classifier_accuracy"), ".3f"), fmt_flops(sampling.get(s, {}).get("per_image"))])
+        rows.append([s, r["num_generated"], num(r["fd"]), num(r["precision"], ".3f"), num(r["recall"], ".3f"),
+                     num(r.get("classifier_accuracy"), ".3f"), fmt_flops(sampling.get(s, {}).get("per_image"))])
     ref = space["reference_training_images"]
-    rows.append(["training images (reference)", ref["num_images"], _num(ref["fd"]), _num(ref["precision"], ".3f"),
-                 _num(ref["recall"], ".3f"), "-", "-"])
-    lines += _table(["strategy", "images", "FD", "precision", "recall", "class accuracy", "sampling FLOPs/image"],
+    rows.append(["training images (reference)", ref["num_images"], num(ref["fd"]), num(ref["precision"], ".3f"),
+                 num(ref["recall"], ".3f"), "-", "-"])
+    lines += table(["strategy", "images", "FD", "precision", "recall", "class accuracy", "sampling FLOPs/image"],
                     rows)
     per_class = {s: r.get("per_class") or {} for s, r in space["strategies"].items()}
     classes = sorted({c for pc in per_class.values() for c in pc}, key=int)
     if classes:
         lines += [f"Per class, FD in `{name}` (classes with enough images):", ""]
         header = ["class"] + [f"{s} FD ({fmt_flops(sampling.get(s, {}).get('per_image'))}/image)" for s in per_class]
-        lines += _table(header, [[c] + [_num(per_class[s].get(c, {}).get("fd")) for s in per_class]
+        lines += table(header, [[c] + [num(per_class[s].get(c, {}).get("fd")) for s in per_class]
                                  for c in classes])
     return lines
 
@@ -69,8 +53,8 @@ def render_report(m: dict) -> str:
     lines += ["## Held-out flow-matching loss", "",
               f"{fm['num_samples']} held-out images, fixed noise (seed {fm['seed']}); {fm['note']}.", ""]
     header = ["model", "forward FLOPs/call", "mean"] + [f"t={t:g}" for t in fm["t_grid"]]
-    lines += _table(header, [[name, fmt_flops(r["forward_flops_per_call"]), _num(r["mean"])]
-                             + [_num(p["loss"]) for p in r["per_t"]] for name, r in fm["models"].items()])
+    lines += table(header, [[name, fmt_flops(r["forward_flops_per_call"]), num(r["mean"])]
+                             + [num(p["loss"]) for p in r["per_t"]] for name, r in fm["models"].items()])
 
     rt = m["router"]
     lines += ["## Router by t", ""]
@@ -79,30 +63,30 @@ def render_report(m: dict) -> str:
     else:
         lines += [f"{rt['num_images']} held-out images, clusters from {rt['cluster_labels']}; router forward "
                   f"{fmt_flops(rt['forward_flops_per_sample'])}/sample.", ""]
-        lines += _table(["t", "accuracy", "entropy", "confidence", "ECE", "NLL", "prior accuracy"],
-                        [[f"{b['t_lo']:.1f}-{b['t_hi']:.1f}", _num(b["accuracy"], ".3f"), _num(b["entropy"], ".3f"),
-                          _num(b["confidence"], ".3f"), _num(b["ece"], ".3f"), _num(b["nll"], ".3f"),
-                          _num(b["prior_accuracy"], ".3f")] for b in rt["buckets"]])
+        lines += table(["t", "accuracy", "entropy", "confidence", "ECE", "NLL", "prior accuracy"],
+                        [[f"{b['t_lo']:.1f}-{b['t_hi']:.1f}", num(b["accuracy"], ".3f"), num(b["entropy"], ".3f"),
+                          num(b["confidence"], ".3f"), num(b["ece"], ".3f"), num(b["nll"], ".3f"),
+                          num(b["prior_accuracy"], ".3f")] for b in rt["buckets"]])
 
     for s, steps in m.get("usage", {}).items():
         lines += [f"## Expert usage per sampling step ({s})", ""]
         k = len(steps[0]["weight"]) if steps else 0
         lines += ["Mean routing weight of each expert at each solver evaluation (images each expert ran on, "
                   "as a fraction, in brackets).", ""]
-        lines += _table(["step", "t"] + [f"expert {i}" for i in range(k)],
+        lines += table(["step", "t"] + [f"expert {i}" for i in range(k)],
                         [[r["step"], f"{r['t']:.3f}"]
                          + [f"{w:.2f} ({s:.2f})" for w, s in zip(r["weight"], r["selected"])] for r in steps])
 
     lines += ["## FLOPs", "", f"Counted with {fl['counter']}.", ""]
     train = fl["train"]
-    lines += _table(["network", "forward FLOPs/sample", "training FLOPs", "samples seen"],
+    lines += table(["network", "forward FLOPs/sample", "training FLOPs", "samples seen"],
                     [[name, fmt_flops(fl["forward_per_sample"].get(name)),
                       fmt_flops(j["flops"]) + (" (estimated: 3 x forward x samples)" if j["estimated"] else ""),
-                      _num(j["samples_seen"], "d")] for name, j in train["jobs"].items()]
+                      num(j["samples_seen"], "d")] for name, j in train["jobs"].items()]
                     + [["total", "-", fmt_flops(train["total"]), "-"]])
     if train.get("router_share") is not None:
         lines += [f"The router is {100 * train['router_share']:.1f}% of training FLOPs.", ""]
-    lines += _table(["strategy", "model calls", "experts/call", "guidance factor", "FLOPs/image (formula)",
+    lines += table(["strategy", "model calls", "experts/call", "guidance factor", "FLOPs/image (formula)",
                      "FLOPs/image (measured)"],
                     [[SAMPLING_LABELS.get(s, s), r["calls"], r["experts_per_call"], r["cfg_factor"],
                       fmt_flops(r["per_image"]), fmt_flops(r.get("measured_per_image"))] for s, r in sampling.items()])

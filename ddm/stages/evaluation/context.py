@@ -1,0 +1,217 @@
+"""``EvaluationContext``: a run loaded once for its evaluation, and one method per section of metrics.json.
+
+The context holds what every section shares: the ensemble's modules, the flow
+path, the held-out images and one seeded order of them (each metric takes a
+prefix, so the metrics of one evaluation see the same images). Its methods read
+``cfg.eval`` and the run directory and call the plain functions of ``ddm.eval``.
+
+A strategy becomes a model in ``ensemble`` and a cost in ``forward_per_call``:
+a subclass that adds a strategy overrides those two, and every section follows
+(``ddm.experiments.paper_table`` adds a fixed per-class expert this way).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from ddm.artifacts import RunDir
+from ddm.devices import resolve_device
+from ddm.ensemble import Ensemble
+from ddm.eval import flops as flop_count
+from ddm.eval.fm_loss import fm_loss_summary
+from ddm.eval.heldout import load_images
+from ddm.eval.quality import sample_quality
+from ddm.eval.router_diag import router_diagnostics
+from ddm.images import batch_to_model_space
+from ddm.io import read_json
+from ddm.jobs import ROUTER_JOB, expert_job
+from ddm.sampling import load_ensemble
+from ddm.seeds import ROUTING_OFFSET, generator
+from ddm.stages.evaluation import evaluation_dir
+from ddm.stages.evaluation.clusters import cluster_labels
+from ddm.stages.evaluation.feature_spaces import classifier_info, train_classifier
+from ddm.stages.evaluation.generated import from_samples_stage, labels_to_sample, sample_now
+from ddm.stages.evaluation.heldout import heldout_dir, prepare_heldout
+
+
+class EvaluationContext:
+    """The run's ensemble, the held-out set and its fixed subsets, shared by every part of the evaluation.
+
+    ``settings`` is the stage's ``settings_of(cfg)``; ``redo`` rewrites the held-out shards.
+    """
+
+    def __init__(self, cfg, rd: RunDir, settings: dict, redo: bool):
+        self.cfg, self.rd, self.ec = cfg, rd, cfg.eval
+        self.sc = settings["sample"]
+        self.seed = int(self.ec.seed)
+        self.batch = int(self.ec.batch_size)
+        self.device = resolve_device(self.ec.device, "eval.device")
+        self.strategies = [str(s) for s in (self.ec.strategies or [self.sc["strategy"]])]
+        self.base, self.path, self.info = load_ensemble(rd.root, strategy="top1", subset=self.sc["experts"],
+                                                        device=self.device)
+        self.num_classes = int(self.info["num_classes"])
+        self.conditional = self.num_classes > 0
+        self.shape = (int(self.info["in_channels"]), int(self.info["image_size"]), int(self.info["image_size"]))
+        self.heldout = prepare_heldout(cfg, redo=redo)
+        self.real_x, self.real_y, self.real_keys = load_images(heldout_dir(rd))
+        # One seeded order of the held-out set: every metric takes a prefix of it.
+        self.order = np.random.default_rng(self.seed).permutation(len(self.real_x))
+        self._clusters = None
+
+    # ---- the run and its held-out set ----------------------------------------------
+    def run_info(self) -> dict:
+        """metrics.json ``run``: run_dir, clustering_id, num_experts, experts, num_classes, image_shape,
+        flow, expert_steps, router_steps."""
+        i = self.info
+        return dict(run_dir=str(self.rd.root), clustering_id=i["clustering_id"], num_experts=i["num_experts"],
+                    experts=i["experts"], num_classes=self.num_classes, image_shape=list(self.shape),
+                    flow=i["flow"], expert_steps=i["expert_steps"], router_steps=i["router_steps"])
+
+    def heldout_info(self) -> dict:
+        """metrics.json ``heldout``: mode (split | slice), num_images, keys_sha256, note, labelled, path."""
+        h = self.heldout
+        return dict(mode=h["mode"], num_images=h["num_samples"], keys_sha256=h["keys_sha256"], note=h["note"],
+                    labelled=bool((self.real_y >= 0).any()), path=str(heldout_dir(self.rd)))
+
+    def ensemble(self, strategy: str) -> Ensemble:
+        """The run's experts and router under another strategy (sharing the loaded modules)."""
+        experts = {int(k): m for k, m in self.base.experts.items()}
+        # The ids actually loaded: sample.experts may be a list or a rule (all, or those on disk).
+        ids = list(self.base.active_ids)
+        return Ensemble(experts, self.base.router, strategy=strategy, top_k=int(self.sc["top_k"]),
+                        subset=None if ids == list(range(self.base.num_experts)) else ids,
+                        temperature=float(self.sc["temperature"]), generator=generator(self.seed + ROUTING_OFFSET),
+                        num_experts=self.base.num_experts).eval()
+
+    def subset(self, n) -> np.ndarray:
+        """Indices of the first ``n`` held-out images in the seeded order, sorted."""
+        return np.sort(self.order[:min(int(n), len(self.order))])
+
+    def clusters(self) -> tuple[np.ndarray | None, str]:
+        """Cluster of every held-out image in the prefix any metric uses (-1 elsewhere), computed once."""
+        if self._clusters is None:
+            need = self.subset(max(int(self.ec.router.num_samples), int(self.ec.num_samples)))
+            labels, how = cluster_labels(self.rd, [self.real_keys[i] for i in need], self.real_x[need],
+                                         int(self.cfg.seed))
+            full = None
+            if labels is not None:
+                full = np.full(len(self.real_x), -1, dtype=np.int64)
+                full[need] = labels
+            self._clusters = (full, how)
+        return self._clusters
+
+    def labels_for_model(self, idx) -> torch.Tensor | None:
+        """Held-out labels as model input; unlabelled images get the null label."""
+        if not self.conditional:
+            return None
+        y = torch.from_numpy(self.real_y[idx])
+        return torch.where(y < 0, torch.full_like(y, self.num_classes), y)
+
+    def excluded_from_training(self) -> set | None:
+        """Keys of held-out images that are in ``data/`` (a slice) and must stay out of training data."""
+        return set(self.real_keys) if self.heldout.get("excluded_from_training") else None
+
+    # ---- FLOPs ---------------------------------------------------------------------
+    @functools.cached_property
+    def forward(self) -> dict:
+        """Measured forward FLOPs per sample of each expert and of the router."""
+        return flop_count.forward_flops(self.base.experts, self.base.router, self.shape, self.conditional)
+
+    def flops(self) -> dict:
+        """metrics.json ``flops``: see ``ddm.eval.flops.flops_summary``."""
+        rd, sc, n_measure = self.rd, self.sc, int(self.ec.flops.measure_images)
+        records = {expert_job(k): rd.expert_record(k) for k in self.info["experts"]}
+        records[ROUTER_JOB] = rd.router_record
+        records = {job: read_json(p) if p.exists() else {} for job, p in records.items()}
+        measured = None
+        if n_measure > 0:
+            y = self.labels_for_model(self.subset(n_measure))
+            measured = {s: flop_count.measured_sampling_flops(self.ensemble(s), self.path, self.shape, y,
+                                                              int(sc["steps"]), sc["solver"], float(sc["cfg_scale"]),
+                                                              seed=self.seed)
+                        for s in self.strategies}
+        return flop_count.flops_summary(self.forward, records, self.strategies, steps=int(sc["steps"]),
+                                        solver=sc["solver"], cfg_scale=float(sc["cfg_scale"]),
+                                        conditional=self.conditional, num_experts=len(self.info["experts"]),
+                                        top_k=int(sc["top_k"]), measured=measured, measured_images=n_measure)
+
+    def forward_per_call(self, strategy: str | None) -> int:
+        """Forward FLOPs of one model call (no guidance) of an ensemble strategy, or of one expert (None)."""
+        return flop_count.forward_per_call(self.forward, strategy, int(self.sc["top_k"]))
+
+    # ---- generated images ----------------------------------------------------------
+    def generated(self, strategy: str) -> dict:
+        """``eval.num_samples`` images of ``strategy``: from samples/ when it has them, else sampled now."""
+        n = int(self.ec.num_samples)
+        reused = from_samples_stage(self.rd, strategy, n, self.sc, self.seed)
+        if reused is not None:
+            return reused
+        labels = labels_to_sample(self.real_y, self.num_classes, n, self.seed)
+        return sample_now(self.ensemble(strategy), self.path, self.shape, labels, n, int(self.cfg.sample.batch_size),
+                          self.sc, self.seed, self.device, evaluation_dir(self.rd) / f"samples-{strategy}.npz",
+                          self.rd.root)
+
+    # ---- feature spaces ------------------------------------------------------------
+    def feature_net(self):
+        """``(net, info)``: the classifier feature net and its description (see ``classifier_info``)."""
+        labelled = self.num_classes > 0 and (self.real_y >= 0).any()
+        target = "class" if labelled else "cluster"
+        num_classes = self.num_classes if labelled else int(self.info["num_experts"])
+        net = train_classifier(self.rd, self.ec.feature_net, self.heldout, self.excluded_from_training(), target,
+                               num_classes, self.shape[0], int(self.cfg.seed), self.device)
+        if target == "class":
+            test_x, test_y = self.real_x, self.real_y
+        else:
+            clusters, _ = self.clusters()
+            keep = clusters >= 0 if clusters is not None else np.zeros(len(self.real_x), bool)
+            test_x, test_y = self.real_x[keep], (clusters[keep] if clusters is not None else np.zeros(0))
+        return net, classifier_info(net, target, test_x, test_y, self.batch)
+
+    def quality(self, extract, generated: dict, classify=None) -> dict:
+        """FD, precision and recall of each strategy (and of training images) against held-out images.
+
+        ``generated`` maps strategies to ``generated(strategy)`` results; see
+        ``ddm.eval.quality.sample_quality`` for what is returned.
+        """
+        idx = self.subset(self.ec.num_samples)
+        reference, _, _ = load_images(self.rd.data, limit=len(idx), exclude=self.excluded_from_training())
+        return sample_quality(extract, self.real_x[idx], self.real_y[idx],
+                              {s: (g["images"], g["labels"]) for s, g in generated.items()}, reference,
+                              k=int(self.ec.prdc_k), per_class_min=int(self.ec.per_class_min), classify=classify)
+
+    # ---- flow-matching loss and router -------------------------------------------
+    def fm_loss(self) -> dict:
+        """metrics.json ``fm_loss`` of each ``eval.fm_loss.strategies`` ensemble and, with ``per_expert``, each expert.
+
+        See ``ddm.eval.fm_loss.fm_loss_summary``; models are named ``ensemble-<strategy>`` and ``expert-KK``.
+        """
+        fc = self.ec.fm_loss
+        idx = self.subset(fc.num_samples)
+        models = {f"ensemble-{s}": (self.ensemble(str(s)), self.forward_per_call(str(s))) for s in fc.strategies}
+        if fc.per_expert:
+            models.update({expert_job(k): (m, self.forward[expert_job(k)]) for k, m in self.base.experts.items()})
+        return fm_loss_summary(models, self.path, batch_to_model_space(self.real_x[idx]), self.labels_for_model(idx),
+                               fc.t_grid, self.seed, self.batch, self.device)
+
+    def router(self) -> dict:
+        """metrics.json ``router``, or ``{skipped: why}`` when held-out images have no cluster::
+
+            cluster_labels            assignments | nearest_centroid (how the images got their cluster)
+            num_images, forward_flops_per_sample
+            buckets                   [{t_lo, t_hi, n, accuracy, entropy, confidence, ece, nll,
+                                        prior_accuracy, prior_entropy, max_entropy}]  (ddm.eval.router_diag)
+        """
+        rc = self.ec.router
+        clusters, how = self.clusters()
+        if clusters is None:
+            return dict(skipped=how)
+        idx = self.subset(rc.num_samples)
+        idx = idx[clusters[idx] >= 0]
+        x0 = batch_to_model_space(self.real_x[idx])
+        rows = router_diagnostics(self.base.router, self.path, x0, self.labels_for_model(idx),
+                                  torch.from_numpy(clusters[idx]), int(rc.t_buckets), self.seed, self.batch,
+                                  int(rc.ece_bins), device=self.device)
+        return dict(cluster_labels=how, num_images=len(idx), buckets=rows,
+                    forward_flops_per_sample=self.forward[ROUTER_JOB])

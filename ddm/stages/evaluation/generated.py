@@ -1,0 +1,70 @@
+"""The generated images a strategy is evaluated on: the sample stage's, when they fit, else sampled here.
+
+``samples/samples.npz`` stands for a strategy when the sample stage used that
+strategy with the same sampling settings (``SAME_SAMPLING``) and made enough
+images. Otherwise the evaluate stage samples ``eval.num_samples`` images itself
+and keeps them as ``evaluation/samples-<strategy>.npz``.
+
+Each result is a dict ``{images, labels, usage, usage_images, source}``: uint8
+images, labels (-1: unconditional), the ensemble's merged usage records and the
+number of images they cover, and the file the images came from (relative to the run).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddm.artifacts import RunDir
+from ddm.io import atomic_path, read_json
+from ddm.seeds import EVAL_LABELS_OFFSET, EVAL_NOISE_OFFSET, generator
+from ddm.stages.sample import draw
+
+# Sampling settings that must match for samples/samples.npz to stand for a strategy.
+SAME_SAMPLING = ("top_k", "experts", "temperature", "solver", "steps", "cfg_scale")
+
+
+def from_samples_stage(rd: RunDir, strategy: str, n: int, sampling: dict, seed: int) -> dict | None:
+    """``n`` images of ``samples/`` when it was made with ``strategy`` and ``sampling``, else None."""
+    npz_path = rd.samples / "samples.npz"
+    if not (rd.samples_record.exists() and npz_path.exists()):
+        return None
+    record = read_json(rd.samples_record)
+    made = record.get("settings", {})
+    if made.get("strategy") != strategy or any(made.get(k) != sampling.get(k) for k in SAME_SAMPLING):
+        return None
+    npz = np.load(npz_path)
+    if len(npz["images"]) < n:
+        return None
+    # A seeded subset, not the first n: the first images are the class-sorted grid.
+    idx = np.sort(np.random.default_rng(seed + EVAL_LABELS_OFFSET).permutation(len(npz["images"]))[:n])
+    usage_path = rd.samples / "usage.json"
+    usage = read_json(usage_path) if usage_path.exists() else []
+    usage = usage.get("records", []) if isinstance(usage, dict) else usage
+    return dict(images=npz["images"][idx], labels=npz["labels"][idx], usage=usage,
+                usage_images=int(record.get("num_images", len(npz["images"]))), source="samples/samples.npz")
+
+
+def labels_to_sample(real_labels: np.ndarray, num_classes: int, n: int, seed: int) -> torch.Tensor | None:
+    """``n`` class labels in the held-out set's class proportions (uniform when it has none); None if unconditional.
+
+    Matching proportions make per-class and overall figures compare like with like.
+    """
+    if num_classes == 0:
+        return None
+    rng = np.random.default_rng(seed + EVAL_LABELS_OFFSET)
+    pool = real_labels[real_labels >= 0]
+    return torch.from_numpy(np.resize(rng.permutation(pool), n) if len(pool) else rng.integers(num_classes, size=n))
+
+
+def sample_now(ensemble, path, shape, labels: torch.Tensor | None, n: int, batch_size: int, sampling: dict,
+               seed: int, device, target: Path, run_root: Path) -> dict:
+    """Sample ``n`` images from ``ensemble`` with the evaluation's own prior noise; save them to ``target``."""
+    images, usage = draw(ensemble, path, shape, labels, n, batch_size, sampling,
+                         generator(seed + EVAL_NOISE_OFFSET), device)
+    label_array = np.full(n, -1, np.int64) if labels is None else labels.numpy()
+    with atomic_path(target) as tmp:
+        np.savez(tmp, images=images, labels=label_array)
+    return dict(images=images, labels=label_array, usage=usage, usage_images=n,
+                source=str(target.relative_to(run_root)))
