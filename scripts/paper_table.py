@@ -8,6 +8,8 @@
 Arguments are Hydra overrides of conf/config.yaml, as for `ddm <stage>`. The grid
 is `paper:` in the experiment file; the outputs (table.md, results.json, plots)
 go into run_dir (runs/<name>/ by default). Rerunning continues where it stopped.
+An expected error (no `paper:` grid, a bad value) prints one line and exits with
+status 2, as `ddm <stage>` does; `debug=true` or `HYDRA_FULL_ERROR=1` shows its traceback.
 """
 from __future__ import annotations
 
@@ -19,13 +21,28 @@ def main(argv: list[str] | None = None) -> dict:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return {}
-    from ddm.cli import setup_logging
+    from hydra.errors import CompactHydraException
+
+    from ddm.cli import USER_ERROR_STATUS, report_user_error, setup_logging, show_tracebacks
     from ddm.config import compose
+    from ddm.errors import UserError
     from ddm.experiments.paper_table import run
 
-    cfg = compose(argv)
+    try:
+        cfg = compose(argv)
+    except CompactHydraException as error:  # a bad override: Hydra's message and status, as `ddm <stage>` gets
+        if show_tracebacks():
+            raise
+        print(error, file=sys.stderr)
+        sys.exit(1)
     setup_logging(cfg.get("log_level", "INFO"))
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except UserError as error:  # as `ddm <stage>`: one line, status 2; debug=true shows the traceback
+        if show_tracebacks(cfg):
+            raise
+        report_user_error("paper_table", error)
+        sys.exit(USER_ERROR_STATUS)
     if "table" in result:
         print(f"table: {result['table']}")
     return result

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
 from ddm.ensemble import Ensemble
-from ddm.experiments.paper_table import CLASS_EXPERT, SINGLE, ClassRouter, flops_ticks, make_plan, run
+from ddm.experiments.paper_table import CLASS_EXPERT, SINGLE, make_plan, run
+from ddm.experiments.paper_table.class_expert import ClassRouter
+from ddm.experiments.paper_table.plots import flops_ticks
 from ddm.io import read_json
 
 pytestmark = pytest.mark.slow
@@ -92,7 +96,6 @@ def test_rerun_skips_everything(table):
              f"{root}/runs/monolith-s6/router/router.pt",
              f"{root}/runs/clustered-k2-s12/evaluation/metrics.json",
              f"{root}/runs/clustered-k2-s12/evaluation/{CLASS_EXPERT}.json"]
-    import os
     before = {f: os.stat(f).st_mtime_ns for f in files}
     again = run(cfg)
     assert {f: os.stat(f).st_mtime_ns for f in files} == before
@@ -150,3 +153,29 @@ def test_small_preset_plan_matches_the_paper_setup(make_cfg):
                      for f in plan.router_forward.values())
         step = 3 * plan.expert_forward * batch
         assert extra * step >= router > (extra - 1) * step
+
+
+def test_script_reports_a_config_without_a_grid_in_one_line(capsys, monkeypatch):
+    # as `ddm <stage>`: an expected error is one line on stderr and exit status 2, no traceback
+    import runpy
+
+    from ddm.cli import USER_ERROR_STATUS
+
+    monkeypatch.setattr("ddm.cli.setup_logging", lambda level: None)  # keep the "ddm" logger as other tests expect
+    main = runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / "paper_table.py"))["main"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["name=no-grid"])
+    assert exit_.value.code == USER_ERROR_STATUS
+    err = capsys.readouterr().err
+    assert err.startswith("ddm paper_table: error: the config has no `paper` key") and err.count("\n") == 1
+
+
+def test_estimate_times_a_gpu_island_on_the_gpu_it_finds_else_the_cpu():
+    from omegaconf import OmegaConf
+
+    from ddm.experiments.paper_table.estimate import training_device
+
+    visible = "cuda" if torch.cuda.is_available() else "cpu"
+    assert training_device(OmegaConf.create({"accelerator": "gpu"})).type == visible  # no error without a GPU
+    assert training_device(OmegaConf.create({"accelerator": "auto"})).type == visible
+    assert training_device(OmegaConf.create({"accelerator": "cpu"})).type == "cpu"

@@ -1,0 +1,117 @@
+"""The fixed per-class expert: for class c, always the expert whose cluster holds most training images of c.
+
+An oracle-like baseline for class-conditional runs, evaluated on the same
+trained experts as the routed rows. Its metrics are cached beside the evaluate
+stage's, in ``evaluation/class_expert.json``, keyed by the evaluate stage's settings.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ddm.artifacts import RunDir
+from ddm.data.shards import load_manifest
+from ddm.ensemble import Ensemble
+from ddm.eval import feature_net as fnet
+from ddm.eval.flops import sampling_flops_per_image
+from ddm.io import read_json, write_json
+from ddm.stages import evaluate
+
+from .layout import derive
+from .plan import CLASS_EXPERT
+
+log = logging.getLogger("ddm")
+
+
+class ClassRouter(nn.Module):
+    """A router that ignores x_t and t: label c goes to ``expert_of_class[c]`` (one-hot logits).
+
+    Wrapped in an ``Ensemble`` with strategy ``top1`` it runs exactly that expert
+    on its samples, with the ensemble's sparse execution and guidance. The null
+    label (unconditional) goes to ``fallback``.
+    """
+
+    def __init__(self, expert_of_class: list[int], num_experts: int, fallback: int):
+        super().__init__()
+        self.num_outputs = int(num_experts)
+        self.register_buffer("table", torch.tensor([*expert_of_class, fallback], dtype=torch.long))
+
+    def forward(self, x, t, y=None):
+        null = len(self.table) - 1
+        y = torch.full((x.shape[0],), null, device=x.device) if y is None else y.clamp(0, null)
+        chosen = nn.functional.one_hot(self.table[y], self.num_outputs).to(x.dtype)  # (N, K)
+        return (chosen - 1.0) * 1e9  # 0 for the chosen expert, -1e9 elsewhere: a softmax of exactly one-hot
+
+
+def expert_of_class(rd: RunDir, num_experts: int, num_classes: int) -> tuple[list[int], list[list[int]]]:
+    """For each class, the cluster with most of its training images (from the partition manifests)."""
+    counts = np.zeros((num_experts, num_classes), dtype=np.int64)
+    for k in range(num_experts):
+        for c, n in (load_manifest(rd.partition(k)).get("class_counts") or {}).items():
+            if 0 <= int(c) < num_classes:
+                counts[k, int(c)] = int(n)
+    return counts.argmax(axis=0).tolist(), counts.tolist()
+
+
+class ClassExpertContext(evaluate.EvaluationContext):
+    """The evaluate stage's context with one more strategy, ``class_expert``, built on its loaded experts.
+
+    So the held-out subset, the generated labels, the prior noise and the feature
+    net are those of the other rows.
+    """
+
+    def __init__(self, cfg, rd: RunDir, settings: dict):
+        super().__init__(cfg, rd, settings, redo=False)
+        K = self.base.num_experts
+        self.table, self.class_counts = expert_of_class(rd, K, self.num_classes)
+        largest = int(np.argmax(np.sum(self.class_counts, axis=1)))
+        self.class_router = ClassRouter(self.table, K, fallback=largest).to(self.device)
+
+    def ensemble(self, strategy: str) -> Ensemble:
+        if strategy != CLASS_EXPERT:
+            return super().ensemble(strategy)
+        experts = {int(k): m for k, m in self.base.experts.items()}
+        return Ensemble(experts, self.class_router, strategy="top1", num_experts=self.base.num_experts).eval()
+
+    def forward_per_call(self, strategy):
+        # one expert and no router network: the cost of a single model
+        return super().forward_per_call(None if strategy == CLASS_EXPERT else strategy)
+
+
+def evaluate_class_expert(cfg) -> dict:
+    """FD, precision, recall, FM loss and sampling FLOPs of the fixed per-class expert of run ``cfg.run_dir``.
+
+    Returns the cached result when the evaluate stage's settings are unchanged (and ``redo`` is not set).
+    """
+    rd = RunDir(cfg.run_dir)
+    target = evaluate.evaluation_dir(rd) / f"{CLASS_EXPERT}.json"
+    settings = evaluate.settings_of(cfg)
+    if target.exists() and not cfg.get("redo", False):
+        cached = read_json(target)
+        if cached.get("settings") == settings:
+            return cached
+    start = time.perf_counter()
+    ctx = ClassExpertContext(derive(cfg, **{"eval.fm_loss.strategies": [CLASS_EXPERT],
+                                            "eval.fm_loss.per_expert": False}), rd, settings)
+    generated = ctx.generated(CLASS_EXPERT)
+    net, info = ctx.feature_net()
+    classify = (lambda x: fnet.predict(net.net, x, ctx.batch)) if info["target"] == "class" else None
+    quality = ctx.quality(lambda x: fnet.features(net.net, x, ctx.batch), {CLASS_EXPERT: generated},
+                          classify=classify)
+    fm = ctx.fm_loss()["models"][f"ensemble-{CLASS_EXPERT}"]
+    sc = ctx.sc
+    expert_mean = float(np.mean([v for k, v in ctx.forward.items() if k != "router"]))
+    sampling = sampling_flops_per_image(expert_mean, 0, "top1", steps=int(sc["steps"]), solver=sc["solver"],
+                                        cfg_scale=float(sc["cfg_scale"]), conditional=ctx.conditional,
+                                        num_experts=ctx.base.num_experts, top_k=int(sc["top_k"]))
+    result = dict(settings=settings, feature_space=net.space, expert_of_class=ctx.table,
+                  class_counts=ctx.class_counts, quality=quality["strategies"][CLASS_EXPERT], fm_loss=fm,
+                  sampling=sampling, generated=generated["source"], wall_s=round(time.perf_counter() - start, 2))
+    write_json(target, result)
+    log.info("paper table: %s fixed per-class expert %s: FD %.4g (%s) -> %s", rd.root.name, ctx.table,
+             result["quality"]["fd"], net.space, target)
+    return read_json(target)  # what a rerun returns: JSON types throughout

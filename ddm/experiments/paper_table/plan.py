@@ -1,0 +1,154 @@
+"""The grid of the table: its configurations, its runs, and the training steps that make their FLOPs equal."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ddm.ensemble import STRATEGIES
+from ddm.errors import BadInput, MissingConfig
+from ddm.eval.flops import model_forward_flops
+from ddm.models.dit import DiT, DiTClassifier
+
+CLASS_EXPERT = "class_expert"       # the fixed per-class expert baseline
+SINGLE = "single"                   # the strategy label of a monolith row (one model, no router)
+KNOWN_STRATEGIES = (*STRATEGIES, CLASS_EXPERT)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One way to split the data: the monolith (K = 1), or K clustered or random experts."""
+    name: str
+    method: str       # cluster.method: two_stage | flat | random
+    k: int
+
+    @property
+    def partition(self) -> str:
+        if self.k == 1:
+            return "-"
+        return "random" if self.method == "random" else "clustered"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One configuration trained at one budget, and what is evaluated on it."""
+    config: Config
+    budget: int                   # the nominal steps of the row (the x of the training curves)
+    expert_steps: int             # = budget, plus the router-matching extra for the monolith
+    expert_batch: int             # monolith batch / K
+    router_steps: int             # 0 for K = 1 (no router is trained)
+    strategies: tuple[str, ...]   # ensemble strategies the evaluate stage computes
+    class_expert: bool            # also evaluate the fixed per-class expert
+    folder: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.config.name}-s{self.budget}"
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        """The strategy label of each table row this run gives."""
+        if self.config.k == 1:
+            return (SINGLE,)
+        return self.strategies + ((CLASS_EXPERT,) if self.class_expert else ())
+
+
+@dataclass
+class Plan:
+    configs: list[Config]
+    runs: list[Run]
+    expert_forward: int                     # FLOPs per sample of one expert forward
+    router_forward: dict[int, int]          # K -> FLOPs per sample of the router forward
+    monolith_extra_steps: dict[int, int]    # budget -> extra monolith steps (router FLOPs matched)
+    notes: list[str] = field(default_factory=list)
+
+
+def paper_grid(cfg) -> DictConfig:
+    """``cfg.paper``, the grid, or a one-line error naming the experiments that define it."""
+    if "paper" not in cfg:
+        raise MissingConfig("the config has no `paper` key: run with an experiment that defines the grid, e.g. "
+                            "experiment=paper_small (see conf/experiment/paper_small.yaml)")
+    return cfg.paper
+
+
+def make_plan(cfg) -> Plan:
+    """The configurations and runs of ``cfg.paper``, with the monolith's extra steps worked out."""
+    p = paper_grid(cfg)
+    batch = int(p.monolith_batch)
+    budgets = sorted({int(b) for b in p.budgets})
+    strategies = [str(s) for s in p.strategies]
+    unknown = [s for s in strategies if s not in KNOWN_STRATEGIES]
+    if unknown or not budgets:
+        raise BadInput(f"paper.strategies {unknown} are not among {KNOWN_STRATEGIES}, or paper.budgets is empty")
+    if cfg.sample.get("experts") is not None:
+        raise BadInput("sample.experts must be null for the paper table: every row uses all of its experts")
+    if str(p.strategies_at) not in ("all", "largest"):
+        raise BadInput(f"paper.strategies_at={p.strategies_at!r} must be `all` or `largest`")
+
+    configs = [Config("monolith", "random", 1)]
+    configs += [Config(f"clustered-k{int(k)}", str(p.clustering), int(k)) for k in p.ks]
+    configs += [Config(f"random-k{int(k)}", "random", int(k)) for k in p.random_ks]
+    for c in configs:
+        if c.k < 1 or batch % c.k:
+            raise BadInput(f"paper.monolith_batch={batch} must split evenly over K={c.k} experts "
+                           f"(each expert trains at batch B / K)")
+
+    shape = (int(cfg.data.channels), int(cfg.data.image_size), int(cfg.data.image_size))
+    classes = int(cfg.data.num_classes)
+    expert_fwd = model_forward_flops(DiT(str(cfg.model.size), shape[1], shape[0], classes), shape, classes > 0)
+    router_fwd = {c.k: model_forward_flops(DiTClassifier(c.k, str(cfg.router.size), shape[1], shape[0], classes),
+                                           shape, classes > 0) for c in configs if c.k > 1}
+    extra = {b: monolith_extra_steps(cfg, b, expert_fwd, router_fwd) for b in budgets}
+
+    full_grid = budgets if str(p.strategies_at) == "all" else budgets[-1:]
+    notes = []
+    runs = []
+    for b in budgets:
+        for c in configs:
+            folder = Path(cfg.run_dir) / "runs" / f"{c.name}-s{b}"
+            if c.k == 1:
+                runs.append(Run(c, b, b + extra[b], batch, 0, ("top1",), False, folder))
+                continue
+            wanted = strategies if b in full_grid else ["top1"]
+            ens = [s for s in wanted if s in STRATEGIES]
+            if "topk" in ens and int(cfg.sample.top_k) >= c.k:
+                # top-k of k experts is the full ensemble: evaluating it twice would only cost time
+                ens.remove("topk")
+                notes.append(f"{c.name}: sample.top_k={cfg.sample.top_k} >= K, so top-k equals `full`; not repeated")
+            if "top1" not in ens:
+                ens.insert(0, "top1")  # the training curves are drawn from top-1 rows
+            cls = CLASS_EXPERT in wanted and classes > 0
+            runs.append(Run(c, b, b, batch // c.k, router_steps(cfg, b), tuple(ens), cls, folder))
+    if CLASS_EXPERT in strategies and classes == 0:
+        notes.append("the data has no class labels: the fixed per-class expert is skipped")
+    return Plan(configs, runs, expert_fwd, router_fwd, extra, list(dict.fromkeys(notes)))
+
+
+def router_steps(cfg, budget: int) -> int:
+    """The router's training steps at a budget: ``paper.router_steps_ratio`` of it, at least one."""
+    return max(1, round(float(cfg.paper.router_steps_ratio) * budget))
+
+
+def monolith_extra_steps(cfg, budget: int, expert_forward: int, router_forward: dict[int, int]) -> int:
+    """Steps the monolith trains beyond ``budget`` so that it spends the largest router's training FLOPs too.
+
+    Training FLOPs are 3 x forward x samples seen; the extra steps are rounded up, so
+    the monolith never spends less than a DDM (0 unless ``paper.monolith_matches_router``).
+    """
+    if not cfg.paper.monolith_matches_router:
+        return 0
+    router_batch = int(cfg.router.batch_size)
+    router_train = max([3 * f * router_batch * router_steps(cfg, budget) for f in router_forward.values()], default=0)
+    return math.ceil(router_train / (3 * expert_forward * int(cfg.paper.monolith_batch)))
+
+
+def describe(plan: Plan) -> str:
+    """The plan in a few lines: each run's experts, steps, batch, router and table rows."""
+    lines = [f"{len(plan.runs)} trained runs, {sum(len(r.rows) for r in plan.runs)} table rows:"]
+    for r in plan.runs:
+        router = f", router {r.router_steps} steps" if r.router_steps else ""
+        lines.append(f"  {r.name:<22} {r.config.k} x ({r.expert_steps} steps at batch {r.expert_batch}){router}; "
+                     f"rows: {', '.join(r.rows)}")
+    return "\n".join(lines + plan.notes)

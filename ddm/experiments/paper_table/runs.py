@@ -1,0 +1,93 @@
+"""Running the table's work: the shared data, each configuration's clustering, each run's training and evaluation.
+
+Every step is a stage run through ``ddm.stages.runner.run_stage`` (seeded, timed
+and recorded as on the command line), so it skips work that is done and a rerun
+continues an interrupted table.
+
+K = 1: a one-output router is the constant 1 (a softmax over one logit), so none
+is trained: ``router/router.pt`` holds an untrained one-output router and its
+record 0 training FLOPs. That lets the same sampler and the same evaluate stage
+serve the monolith; its sampling FLOPs are those of one model without a router
+call (``flops.sampling.single_model``).
+"""
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from ddm.artifacts import RunDir
+from ddm.eval.flops import model_forward_flops
+from ddm.flow import flow_path_from_config
+from ddm.io import read_json, write_json
+from ddm.models.dit import DiTClassifier
+from ddm.stages.runner import run_stage
+from ddm.stages.train_router import load_partitions
+from ddm.train.export import save_weights
+
+from .class_expert import evaluate_class_expert
+from .layout import clustering_cfg, clustering_dir, data_cfg, data_dir, derive, link, run_cfg
+from .plan import Config, Plan, Run
+
+# The artefacts a run shares with its configuration's clustering folder (links, not copies).
+SHARED = ("data", "embeddings", "clusters", "partitions")
+
+
+def prepare_data(cfg, plan: Plan) -> None:
+    """prepare (and embed, when a configuration clusters by embedding) once, into data-run/."""
+    dcfg = data_cfg(cfg)
+    run_stage("prepare", dcfg)
+    if any(c.method != "random" for c in plan.configs):
+        run_stage("embed", dcfg)
+
+
+def prepare_clustering(cfg, config: Config) -> None:
+    """Link the shared data (and embeddings) into the configuration's folder, then cluster and partition it."""
+    ccfg = clustering_cfg(cfg, config)
+    folder, source = RunDir(ccfg.run_dir), RunDir(data_dir(cfg))
+    link(source.data, folder.data)
+    if source.embeddings_manifest.exists():
+        link(source.embeddings, folder.embeddings)
+    run_stage("cluster", ccfg)
+    run_stage("partition", ccfg)
+
+
+def train_run(cfg, r: Run) -> None:
+    """Link the shared artefacts into the run's folder, then train its experts and router."""
+    rcfg = run_cfg(cfg, r)
+    rd, shared = RunDir(r.folder), RunDir(clustering_dir(cfg, r.config))
+    for name in SHARED:
+        if (shared.root / name).exists():
+            link(shared.root / name, rd.root / name)
+    for k in range(r.config.k):
+        run_stage("train-expert", derive(rcfg, **{"expert.id": k}))
+    if r.config.k > 1:
+        run_stage("train-router", rcfg)
+    else:
+        write_constant_router(rcfg)
+
+
+def write_constant_router(cfg) -> dict:
+    """router.pt for K = 1: a one-output router, which is the constant 1 whatever its weights; 0 training FLOPs."""
+    rd = RunDir(cfg.run_dir)
+    if rd.router_record.exists() and rd.router_weights.exists():
+        return read_json(rd.router_record)
+    index, manifests = load_partitions(rd)
+    if len(manifests) != 1:
+        raise ValueError(f"{rd.partitions} has {len(manifests)} partitions; a constant router is for K = 1 only")
+    meta = manifests[0]
+    shape = (int(meta["channels"]), int(meta["image_size"]), int(meta["image_size"]))
+    net = DiTClassifier(1, str(cfg.router.size), shape[1], shape[0], int(meta["num_classes"]))
+    flow = flow_path_from_config(OmegaConf.to_container(cfg.flow, resolve=True)).config()
+    save_weights(rd.router_weights, "router", net, flow, num_experts=1, clustering_id=index["clustering_id"], steps=0)
+    record = dict(num_experts=1, clustering_id=index["clustering_id"], steps=0, batch_size=0, samples_seen=0,
+                  train_flops=0, forward_flops_per_sample=model_forward_flops(net, shape, int(meta["num_classes"]) > 0),
+                  note="K = 1: softmax over one logit is 1 for every input, so this router is untrained and costs "
+                       "no training FLOPs; the monolith's sampling FLOPs leave it out (single_model)")
+    write_json(rd.router_record, record)
+    return record
+
+
+def evaluate_run(cfg, r: Run) -> tuple[dict, dict | None]:
+    """The evaluate stage's metrics (its own skip check applies) and the fixed per-class expert's, if asked."""
+    rcfg = run_cfg(cfg, r)
+    metrics = run_stage("evaluate", rcfg)
+    return metrics, (evaluate_class_expert(rcfg) if r.class_expert else None)
