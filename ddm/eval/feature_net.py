@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ddm.errors import BadInput
 from ddm.images import batch_to_model_space
 from ddm.io import atomic_path, sha256_strings
 
@@ -121,7 +122,7 @@ def train_feature_net(data, num_classes: int, *, cache_dir, data_sha: str | None
     """
     arrays = None if callable(data) else _check_data(*data, num_classes)
     if arrays is None and (data_sha is None or channels is None):
-        raise ValueError("train_feature_net: a data function needs data_sha and channels")
+        raise BadInput("train_feature_net: a data function needs data_sha and channels")
     if channels is None:
         channels = 1 if arrays[0].ndim == 3 else arrays[0].shape[-1]
     settings = dict(arch=dict(in_channels=int(channels), num_classes=int(num_classes), width=int(width)),
@@ -163,9 +164,9 @@ def load_cached(path: Path, checksum: str, device="cpu") -> TrainedFeatureNet | 
 def _check_data(images, labels, num_classes: int):
     images, labels = np.asarray(images), np.asarray(labels, dtype=np.int64)
     if len(images) != len(labels) or len(images) == 0:
-        raise ValueError(f"feature net: {len(images)} images and {len(labels)} labels; need equal, non-zero counts")
+        raise BadInput(f"feature net: {len(images)} images and {len(labels)} labels; need equal, non-zero counts")
     if num_classes < 2 or labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"feature net: labels must lie in [0, {num_classes}) with at least 2 classes; got "
+        raise BadInput(f"feature net: labels must lie in [0, {num_classes}) with at least 2 classes; got "
                          f"{labels.min()}..{labels.max()}")
     return images, labels
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ddm.errors import BadInput
+
 
 def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
     """Mean and (unbiased, N - 1) covariance of ``features`` [N, D], in float64."""
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2 or len(x) < 2:
-        raise ValueError(f"features must be [N, D] with N >= 2 to estimate a covariance, got shape {x.shape}")
+        raise BadInput(f"features must be [N, D] with N >= 2 to estimate a covariance, got shape {x.shape}")
     return x.mean(axis=0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
 
 
@@ -46,7 +48,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
-        raise ValueError(f"shapes do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+        raise BadInput(f"shapes do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
     diff = mu1 - mu2
     fd = diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1, s2)
     # Identical inputs give ~1e-13 of either sign from rounding; the distance itself is >= 0.

@@ -26,6 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddm.ensemble import Ensemble
+from ddm.errors import BadInput
 from ddm.jobs import ROUTER_JOB, expert_job
 from ddm.sampling.solvers import num_evaluations, sample
 
@@ -63,7 +64,7 @@ def sampling_flops_per_image(expert_flops: float, router_flops: float, strategy:
     if strategy is None:
         experts, router_flops = 1, 0
     elif strategy not in EXPERTS_PER_CALL:
-        raise ValueError(f"strategy={strategy!r} is not one of {sorted(EXPERTS_PER_CALL)}")
+        raise BadInput(f"strategy={strategy!r} is not one of {sorted(EXPERTS_PER_CALL)}")
     else:
         experts = EXPERTS_PER_CALL[strategy](int(num_experts), int(top_k))
     per_call = router_flops + experts * cfg_factor * expert_flops

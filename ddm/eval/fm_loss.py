@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ddm.ensemble import Ensemble
+from ddm.errors import BadInput
 from ddm.flow import FlowPath
 
 NOTE = "per-element MSE to the path's velocity; same noise for every model"
@@ -46,10 +47,10 @@ def heldout_fm_loss(model, path: FlowPath, x0: torch.Tensor, y: torch.Tensor | N
     usage on every call; it is cleared afterwards so evaluation leaves no trace.
     """
     if len(t_grid) == 0:
-        raise ValueError("eval.fm_loss.t_grid is empty: give at least one t in (0, 1)")
+        raise BadInput("eval.fm_loss.t_grid is empty: give at least one t in (0, 1)")
     bad = [t for t in t_grid if not 0.0 <= float(t) <= 1.0]
     if bad:
-        raise ValueError(f"eval.fm_loss.t_grid values {bad} are outside [0, 1]")
+        raise BadInput(f"eval.fm_loss.t_grid values {bad} are outside [0, 1]")
     device = device or model_device(model)
     rows = []
     for j, t_value in enumerate(t_grid):

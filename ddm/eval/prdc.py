@@ -16,13 +16,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ddm.errors import BadInput
+
 BLOCK = 2048
 
 
 def _as_tensor(x) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(x), dtype=torch.float64)
     if t.ndim != 2:
-        raise ValueError(f"features must be [N, D], got shape {tuple(t.shape)}")
+        raise BadInput(f"features must be [N, D], got shape {tuple(t.shape)}")
     return t
 
 
@@ -30,7 +32,7 @@ def knn_radii(x, k: int) -> torch.Tensor:
     """Distance of every row of x to its k-th nearest other row of x."""
     x = _as_tensor(x)
     if not 1 <= k < len(x):
-        raise ValueError(f"k={k} nearest neighbours need more than k points; the set has {len(x)}")
+        raise BadInput(f"k={k} nearest neighbours need more than k points; the set has {len(x)}")
     radii = []
     for lo in range(0, len(x), BLOCK):
         d = torch.cdist(x[lo:lo + BLOCK], x)

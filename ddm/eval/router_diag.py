@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from ddm.errors import BadInput
 from ddm.flow import FlowPath
 
 
@@ -78,7 +79,7 @@ def router_diagnostics(router, path: FlowPath, x0: torch.Tensor, y: torch.Tensor
     the cluster frequencies of ``k``: what the router should fall to at t = 1.
     """
     if buckets < 1:
-        raise ValueError(f"router diagnostics need at least one t bucket, got {buckets}")
+        raise BadInput(f"router diagnostics need at least one t bucket, got {buckets}")
     num = int(max(int(k.max()) + 1, getattr(router, "num_outputs", 0)))
     w = torch.ones(len(k)) if weights is None else weights.float()
     prior = torch.zeros(num).index_add_(0, k, w) / w.sum()

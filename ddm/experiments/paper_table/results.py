@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ddm.artifacts import RunDir
+from ddm.errors import BadInput
 from ddm.io import read_json, write_text
 
 from .layout import clustering_dir, data_dir
@@ -35,7 +36,7 @@ def rows_of(r: Run, metrics: dict, class_metrics: dict | None, root: Path) -> li
         if s == CLASS_EXPERT:
             q, fm, sampling = class_metrics["quality"], class_metrics["fm_loss"], class_metrics["sampling"]
             if class_metrics["feature_space"] != name:
-                raise ValueError(f"{r.folder}: the fixed per-class expert was measured in "
+                raise BadInput(f"{r.folder}: the fixed per-class expert was measured in "
                                  f"{class_metrics['feature_space']}, the other rows in {name}")
         else:
             key = "top1" if s == SINGLE else s

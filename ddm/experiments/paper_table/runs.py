@@ -15,6 +15,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
+from ddm.errors import BadInput
 from ddm.eval.flops import model_forward_flops
 from ddm.flow import flow_path_from_config
 from ddm.io import read_json, write_json
@@ -72,7 +73,7 @@ def write_constant_router(cfg) -> dict:
         return read_json(rd.router_record)
     index, manifests = load_partitions(rd)
     if len(manifests) != 1:
-        raise ValueError(f"{rd.partitions} has {len(manifests)} partitions; a constant router is for K = 1 only")
+        raise BadInput(f"{rd.partitions} has {len(manifests)} partitions; a constant router is for K = 1 only")
     meta = manifests[0]
     shape = (int(meta["channels"]), int(meta["image_size"]), int(meta["image_size"]))
     net = DiTClassifier(1, str(cfg.router.size), shape[1], shape[0], int(meta["num_classes"]))
