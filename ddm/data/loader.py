@@ -7,7 +7,6 @@ workers), and training is measured in steps, not epochs.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import webdataset as wds
 

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from ddm.io import atomic_path, read_json, sha256_file, write_json
+from ddm.io import read_json, sha256_file, write_json
 from ddm.errors import BadInput, MissingInput
 
 MANIFEST = "manifest.json"

@@ -9,7 +9,7 @@ classification head is the router (``DiTClassifier``).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -46,7 +46,7 @@ def parse_size(name: str) -> tuple[DiTSize, int]:
         return SIZES[size_name], int(patch)
     except (ValueError, KeyError, AssertionError):
         known = ", ".join(f"DiT-{s}/{p}" for s in SIZES for p in (2, 4, 8))
-        raise ValueError(f"model.size={name!r} is not a known DiT size; use one of: {known}") from None
+        raise BadInput(f"model.size={name!r} is not a known DiT size; use one of: {known}") from None
 
 
 def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
@@ -134,7 +134,7 @@ class DiTTrunk(nn.Module):
         super().__init__()
         dims, patch = parse_size(size)
         if image_size % patch:
-            raise ValueError(f"image size {image_size} is not divisible by the patch size {patch} of {size}")
+            raise BadInput(f"image size {image_size} is not divisible by the patch size {patch} of {size}")
         self.size, self.patch, self.hidden = size, patch, dims.hidden
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         self.grid = image_size // patch

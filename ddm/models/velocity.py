@@ -63,7 +63,7 @@ def guided(model, x, t, y, scale: float):
         return model(x, t, y)
     num_classes = num_classes_of(model)
     if not num_classes:
-        raise ValueError(f"classifier-free guidance (scale {scale}) needs a conditional model: "
+        raise BadInput(f"classifier-free guidance (scale {scale}) needs a conditional model: "
                          f"{type(model).__name__} has num_classes={num_classes!r}; use cfg_scale=1")
     null = torch.full_like(y, num_classes)
     v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
@@ -83,5 +83,5 @@ def guided_velocity(model, x, t, y, scale: float | None):
 def check_guidable(model, scale: float) -> None:
     """Fail before sampling when ``model`` cannot be guided at ``scale``."""
     if scale != 1.0 and not isinstance(model, VelocityModel) and num_classes_of(model) is None:
-        raise ValueError(f"sample.cfg_scale={scale} needs a VelocityModel or a model with num_classes "
+        raise BadInput(f"sample.cfg_scale={scale} needs a VelocityModel or a model with num_classes "
                          f"(its null label); {type(model).__name__} has neither: use cfg_scale=1")
