@@ -20,10 +20,11 @@ import torch
 
 from ddm.artifacts import RunDir
 from ddm.ensemble import Ensemble
+from ddm.errors import BadInput, MissingInput
 from ddm.flow import FlowPath, flow_path_from_config
 from ddm.io import read_json
+from ddm.jobs import expert_id_of, expert_job
 from ddm.models.dit import DiT, DiTClassifier
-from ddm.errors import BadInput, MissingInput
 
 log = logging.getLogger("ddm")
 
@@ -74,9 +75,9 @@ def expert_ids_on_disk(rd: RunDir) -> list[int]:
         return []
     ids = []
     for folder in rd.experts.glob("expert-*"):
-        suffix = folder.name.split("-", 1)[1]
-        if suffix.isdigit() and (folder / "expert.pt").exists():
-            ids.append(int(suffix))
+        k = expert_id_of(folder.name)
+        if k is not None and (folder / "expert.pt").exists():
+            ids.append(k)
     return sorted(ids)
 
 
@@ -189,7 +190,7 @@ def _check_expert(k: int, meta: dict, rmeta: dict) -> None:
     where = meta["path"]
     if int(meta.get("expert_id", k)) != k:
         raise BadInput(f"{where} holds expert {meta['expert_id']}, not expert {k}: the file was copied "
-                         f"into the wrong folder; retrain or move it to experts/expert-{meta['expert_id']:02d}")
+                         f"into the wrong folder; retrain or move it to experts/{expert_job(meta['expert_id'])}")
     if int(meta["num_experts"]) != int(rmeta["num_experts"]):
         raise BadInput(f"expert {k} ({where}) was trained with K={meta['num_experts']} clusters, the router "
                          f"({rmeta['path']}) with K={rmeta['num_experts']}: retrain one of them on the "

@@ -21,9 +21,10 @@ import re
 from pathlib import Path
 
 from ddm.artifacts import RunDir
-from ddm.io import read_json
-from ddm.launch import slurm
 from ddm.errors import MissingInput
+from ddm.io import read_json
+from ddm.jobs import expert_job
+from ddm.launch import slurm
 
 log = logging.getLogger("ddm")
 
@@ -114,7 +115,7 @@ def run(cfg) -> dict:
     experts = []
     for i in range(k):
         row = job_status(rd.expert(i), rd.expert_record(i), queued_experts.get(i))
-        experts.append(dict(name=f"expert-{i:02d}", id=i, **row))
+        experts.append(dict(name=expert_job(i), id=i, **row))
     router = dict(name="router", **job_status(rd.router, rd.router_record, queued_router))
     counts = {s: sum(r["state"] == s for r in experts) for s in STATES}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)

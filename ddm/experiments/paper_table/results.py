@@ -12,6 +12,7 @@ import torch
 from ddm.artifacts import RunDir
 from ddm.errors import BadInput
 from ddm.io import read_json, write_text
+from ddm.jobs import expert_id_of
 
 from .layout import clustering_dir, data_dir
 from .plan import CLASS_EXPERT, SINGLE, Plan, Run
@@ -25,7 +26,7 @@ def rows_of(r: Run, metrics: dict, class_metrics: dict | None, root: Path) -> li
     fl = metrics["flops"]
     jobs = fl["train"]["jobs"]
     router = jobs.get("router", {}).get("flops") or 0
-    experts = sum(j["flops"] for k, j in jobs.items() if k.startswith("expert-"))
+    experts = sum(j["flops"] for k, j in jobs.items() if expert_id_of(k) is not None)
     common = dict(config=r.config.name, k=r.config.k, partition=r.config.partition, budget=r.budget,
                   expert_steps=r.expert_steps, expert_batch=r.expert_batch, router_steps=r.router_steps,
                   train_flops=experts + router, train_flops_experts=experts, train_flops_router=router,
