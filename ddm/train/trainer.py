@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 
+from ddm.errors import BadInput
 from ddm.train.checkpoint_io import AtomicCheckpointIO, latest_complete_checkpoint
 from ddm.train.signals import PreemptionGuard, stop_after_preemption
 
@@ -60,7 +61,7 @@ def build_logger(logger_cfg, job_dir: Path, run_dir: str | Path, job: str):
         return WandbLogger(project=logger_cfg.get("project", "ddm"), entity=logger_cfg.get("entity"),
                            name=f"{run_name}/{job}", group=run_name, id=stable_run_id(run_dir, job),
                            resume="allow", save_dir=str(job_dir), mode=mode)
-    raise ValueError(f"logger.kind={kind!r} is not one of csv, tensorboard, wandb")
+    raise BadInput(f"logger.kind={kind!r} is not one of csv, tensorboard, wandb: pick one with logger=<kind>")
 
 
 class JobCheckpoint(ModelCheckpoint):
@@ -192,9 +193,9 @@ def per_device_batch(global_batch: int, trainer: L.Trainer, what: str) -> int:
     accumulate = trainer.accumulate_grad_batches
     shards = trainer.world_size * accumulate
     if global_batch % shards:
-        raise ValueError(f"{what}.batch_size={global_batch} is not divisible by devices x nodes x "
-                         f"accumulate_grad_batches = {shards}; choose a batch size that is, so every "
-                         f"island reproduces the same global batch")
+        raise BadInput(f"{what}.batch_size={global_batch} is not divisible by devices x nodes x "
+                       f"accumulate_grad_batches = {shards}; choose a batch size that is, so every "
+                       f"island reproduces the same global batch")
     return global_batch // shards
 
 
