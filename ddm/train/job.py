@@ -157,7 +157,7 @@ def _fit(job: Job, guard: PreemptionGuard, failure: FailureRecord) -> Trained | 
     logger = build_logger(job.logger, job.folder, job.run_dir, job.name)
     state = JobState(job.identity, started=started)
     trainer = build_trainer(job.island, job.folder, s.steps, s.ckpt_every, logger, s.log_every,
-                            s.keep_checkpoints, guard=guard, state=state)
+                            s.keep_checkpoints, guard=guard, state=state, name=job.title)
     failure.trainer = trainer
     batch = per_device_batch(s.batch_size, trainer, s.kind)
     loader = job.build_loader(batch)

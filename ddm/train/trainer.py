@@ -17,10 +17,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from ddm.errors import BadInput
 from ddm.train.checkpoint_io import AtomicCheckpointIO, latest_complete_checkpoint
+from ddm.train.progress import interactive, progress_callbacks
+from ddm.train.quiet import quiet_lightning
 from ddm.train.signals import PreemptionGuard, stop_after_preemption
 
 log = logging.getLogger("ddm")
@@ -145,13 +147,16 @@ def _plugins() -> list:
 
 def build_trainer(island, job_dir: Path, max_steps: int, ckpt_every: int, logger, log_every: int = 10,
                   keep_checkpoints: int = 2, callbacks=(), guard: PreemptionGuard | None = None,
-                  state: JobState | None = None) -> L.Trainer:
+                  state: JobState | None = None, name: str = "train") -> L.Trainer:
     """A Trainer for one job: atomic checkpoints every ``ckpt_every`` steps plus ``last.ckpt``.
 
     With a ``guard``, a SIGUSR1/SIGTERM saves ``last.ckpt`` at the next step and
     stops the fit (the caller then requeues or exits: see ``ddm.train.signals``).
     With a ``state``, each checkpoint records the job's identity and wall time.
+    Progress shows as a bar on a terminal, else as a log line every ``log_every``
+    steps that starts with ``name`` (see ``ddm.train.progress``).
     """
+    quiet_lightning()
     if island.get("threads"):
         torch.set_num_threads(int(island.threads))
     checkpoint = JobCheckpoint(
@@ -164,8 +169,9 @@ def build_trainer(island, job_dir: Path, max_steps: int, ckpt_every: int, logger
         strategy=island.strategy, precision=island.precision,
         accumulate_grad_batches=island.get("accumulate_grad_batches", 1), plugins=_plugins(),
         max_steps=max_steps, logger=logger,
-        callbacks=[checkpoint, TQDMProgressBar(refresh_rate=10), *extra, *callbacks],
-        log_every_n_steps=log_every, default_root_dir=job_dir, enable_model_summary=False,
+        callbacks=[checkpoint, *progress_callbacks(name, log_every), *extra, *callbacks],
+        enable_progress_bar=interactive(), log_every_n_steps=log_every, default_root_dir=job_dir,
+        enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
     )
 
