@@ -116,6 +116,7 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict) -> Job:
 
 
 def _record(trained: Trained, k: int, manifest: dict) -> dict:
+    """The common fields plus the partition the expert trained on; hardware adds how the island split the job."""
     return dict(expert_id=k, num_experts=int(manifest["num_clusters"]), clustering_id=manifest["clustering_id"],
                 partition_keys_sha256=manifest["keys_sha256"], partition_samples=int(manifest["num_samples"]),
                 **trained.common_record(parallelism=True))
