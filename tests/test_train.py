@@ -73,18 +73,22 @@ def test_interrupted_expert_resumes_to_exact_step_count(make_cfg, tmp_path, monk
     assert record["resumed_from"].endswith("last.ckpt")
 
 
-def test_nan_loss_stops_and_names_the_step(make_cfg, tmp_path, monkeypatch):
-    rd = make_partitions(tmp_path / "run")
-    cfg = make_cfg(*FAST, "expert.steps=5")
+def _poison_at(monkeypatch, step):
+    """Make the expert's batch NaN at ``step``, so its loss is not finite there."""
     original = train_expert.ExpertModule.training_step
 
     def poisoned(self, batch, idx):
         x, y = batch
-        if self.global_step == 2:
-            x = x * float("nan")
-        return original(self, (x, y), idx)
+        return original(self, (x * float("nan") if self.global_step == step else x, y), idx)
 
     monkeypatch.setattr(train_expert.ExpertModule, "training_step", poisoned)
+    return original
+
+
+def test_nan_loss_stops_and_names_the_step(make_cfg, tmp_path, monkeypatch):
+    rd = make_partitions(tmp_path / "run")
+    cfg = make_cfg(*FAST, "expert.steps=5")
+    _poison_at(monkeypatch, 2)
     with pytest.raises(FloatingPointError, match="expert 0.*step 2"):
         train_expert.run(cfg)
     assert not rd.expert_record(0).exists()
@@ -166,13 +170,7 @@ def test_truncated_last_checkpoint_resumes_from_the_newest_complete_one(make_cfg
 def test_failed_training_writes_failed_json_and_success_clears_it(make_cfg, tmp_path, monkeypatch):
     rd = make_partitions(tmp_path / "run")
     cfg = make_cfg(*FAST, "expert.steps=4")
-    original = train_expert.ExpertModule.training_step
-
-    def poisoned(self, batch, idx):
-        x, y = batch
-        return original(self, (x * float("nan") if self.global_step == 2 else x, y), idx)
-
-    monkeypatch.setattr(train_expert.ExpertModule, "training_step", poisoned)
+    original = _poison_at(monkeypatch, 2)
     with pytest.raises(FloatingPointError):
         train_expert.run(cfg)
     failed = read_json(rd.expert(0) / "failed.json")

@@ -11,6 +11,7 @@ import torch
 import webdataset as wds
 
 from ddm.images import to_model_space
+from ddm.seeds import partition_stream_seed
 
 
 def _decoder(channels: int) -> str:
@@ -57,6 +58,6 @@ def mixed_stream(parts: list[tuple[list[str], float]], channels: int, seed: int,
     The router trains on this: weighting by cluster size keeps the class prior
     p(k) equal to the data's, which a uniform draw over shards would not.
     """
-    streams = [sample_stream(urls, channels, seed + 7919 * i, shuffle_buffer, tag=i)
+    streams = [sample_stream(urls, channels, partition_stream_seed(seed, i), shuffle_buffer, tag=i)
                for i, (urls, _) in enumerate(parts)]
     return wds.RandomMix(streams, probs=[w for _, w in parts])

@@ -14,24 +14,19 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 
-import lightning as L
-import torch
 from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
 from ddm.data.loader import batch_loader, sample_stream
 from ddm.data.shards import load_manifest, shard_paths
-from ddm.io import read_json, write_json
-from ddm.models.dit import count_params
+from ddm.errors import BadInput, MissingInput
+from ddm.io import read_json
+from ddm.jobs import expert_job
+from ddm.seeds import expert_seed
 from ddm.stages.runner import skip
-from ddm.train.export import save_weights
+from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.modules import ExpertModule
-from ddm.train.records import FailureRecord, clear_failure
-from ddm.train.signals import PreemptionGuard
-from ddm.train.trainer import (JobState, build_logger, build_trainer, fit_job, forward_flops, hardware,
-                               last_checkpoint, per_device_batch)
 
 log = logging.getLogger("ddm")
 
@@ -62,15 +57,19 @@ def run(cfg) -> dict:
 
     part_dir = rd.partition(k)
     if not (part_dir / "manifest.json").exists():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"expert.id={k}: no partition at {part_dir} (run `ddm partition` first, or check that "
             f"expert.id is below the number of clusters)")
     manifest = load_manifest(part_dir)
     if int(manifest["cluster"]) != k:
-        raise ValueError(f"{part_dir}/manifest.json says cluster {manifest['cluster']}, expected {k}")
+        raise BadInput(f"{part_dir}/manifest.json says cluster {manifest['cluster']}, expected {k}: rerun "
+                       f"`ddm partition redo=true`")
 
-    with PreemptionGuard() as guard, FailureRecord(job_dir, f"expert-{k:02d}") as failure:
-        return _train(cfg, rd, k, manifest, guard, failure)
+    record = run_job(_job(cfg, rd, k, manifest), lambda trained: _record(trained, k, manifest))
+    if record:
+        log.info("train-expert %d: %d steps on %d samples, loss %.4f, %.0fs -> %s", k, record["steps"],
+                 record["partition_samples"], record["final_loss"] or float("nan"), record["wall_s"], job_dir)
+    return record
 
 
 def _check_still_current(record: dict, rd: RunDir, k: int) -> None:
@@ -81,63 +80,43 @@ def _check_still_current(record: dict, rd: RunDir, k: int) -> None:
     current = read_json(path)
     if (record.get("clustering_id"), record.get("partition_keys_sha256")) != \
             (current.get("clustering_id"), current.get("keys_sha256")):
-        raise ValueError(
+        raise BadInput(
             f"{rd.expert_record(k)} was trained on clustering {record.get('clustering_id')} but "
             f"{path} is now clustering {current.get('clustering_id')} (or other keys): retrain it with "
             f"`ddm train-expert expert.id={k} redo=true`")
 
 
-def _train(cfg, rd: RunDir, k: int, manifest: dict, guard, failure) -> dict:
-    job_dir = rd.expert(k)
-    start = time.time()
-    L.seed_everything(int(cfg.seed) + 1000 * k, workers=True, verbose=False)
+def _job(cfg, rd: RunDir, k: int, manifest: dict) -> Job:
+    """Expert ``k``'s training job: its own partition, seed and folder, nothing shared with another expert."""
     ex = cfg.expert
-    identity = dict(job=f"expert-{k:02d}", clustering_id=manifest["clustering_id"],
-                    partition_keys_sha256=manifest["keys_sha256"])
-    module = ExpertModule(model=model_config(cfg.model, manifest), flow=OmegaConf.to_container(cfg.flow),
-                          lr=ex.lr, weight_decay=ex.weight_decay, warmup_steps=ex.warmup_steps,
-                          total_steps=ex.steps, label_dropout=ex.label_dropout, ema_decay=ex.ema_decay,
-                          expert_id=k)
-    logger = build_logger(cfg.logger, job_dir, cfg.run_dir, f"expert-{k:02d}")
-    state = JobState(identity, started=start)
-    trainer = build_trainer(cfg.island, job_dir, ex.steps, ex.ckpt_every, logger, ex.log_every,
-                            ex.keep_checkpoints, guard=guard, state=state)
-    failure.trainer = trainer
-    batch = per_device_batch(int(ex.batch_size), trainer, "expert")
-    urls = shard_paths(rd.partition(k), manifest, url=ex.get("shard_url"))
-    stream = sample_stream(urls, int(manifest["channels"]),
-                           seed=int(cfg.seed) + 1000 * k, shuffle_buffer=ex.shuffle_buffer)
-    loader = batch_loader(stream, batch, int(cfg.island.num_workers))
-    resume = last_checkpoint(job_dir, identity)
-    if resume:
-        log.info("train-expert %d: resuming from %s", k, resume)
-    fit_job(trainer, module, loader, resume, guard, bool(ex.get("requeue", True)), f"train-expert {k}")
+    seed = expert_seed(cfg.seed, k)
 
-    if trainer.global_rank != 0:
-        return {}
-    net = module.ema
-    x = torch.zeros(1, net.trunk.in_channels, net.trunk.image_size, net.trunk.image_size)
-    flops = forward_flops(net, (x, torch.zeros(1), torch.zeros(1, dtype=torch.long)))
-    steps = int(trainer.global_step)
-    record = dict(
-        expert_id=k, num_experts=int(manifest["num_clusters"]), clustering_id=manifest["clustering_id"],
-        partition_keys_sha256=manifest["keys_sha256"], partition_samples=int(manifest["num_samples"]),
-        steps=steps, batch_size=int(ex.batch_size), samples_seen=steps * int(ex.batch_size),
-        final_loss=module.recent_loss, params=count_params(net), forward_flops_per_sample=flops,
-        # training FLOPs: forward + backward ~ 3x forward, per sample seen
-        train_flops=3 * flops * steps * int(ex.batch_size),
-        # over every attempt, each counted up to the checkpoint it left (see JobState)
-        wall_s=round(state.wall_s(), 1), wall_s_this_attempt=round(time.time() - start, 1),
-        attempts=state.attempts, resumed_from=str(resume) if resume else None,
-        resumed_from_step=state.resumed_step,
-        hardware=dict(hardware(), world_size=trainer.world_size, strategy=type(trainer.strategy).__name__,
-                      per_device_batch=batch, accumulate_grad_batches=trainer.accumulate_grad_batches),
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
-    save_weights(rd.expert_weights(k), "expert", net, module.path.config(), expert_id=k,
-                 num_experts=record["num_experts"], clustering_id=record["clustering_id"], steps=steps)
-    write_json(rd.expert_record(k), record)
-    clear_failure(job_dir)
-    log.info("train-expert %d: %d steps on %d samples, loss %.4f, %.0fs -> %s", k, steps,
-             record["partition_samples"], record["final_loss"] or float("nan"), record["wall_s"], job_dir)
-    return record
+    def build_module() -> ExpertModule:
+        return ExpertModule(model=model_config(cfg.model, manifest), flow=OmegaConf.to_container(cfg.flow),
+                            lr=ex.lr, weight_decay=ex.weight_decay, warmup_steps=ex.warmup_steps,
+                            total_steps=ex.steps, label_dropout=ex.label_dropout, ema_decay=ex.ema_decay,
+                            expert_id=k)
+
+    def build_loader(batch: int):
+        # Inside the job: a bad shard_url is a failure of this job, recorded in its failed.json.
+        urls = shard_paths(rd.partition(k), manifest, url=ex.get("shard_url"))
+        stream = sample_stream(urls, int(manifest["channels"]), seed=seed, shuffle_buffer=ex.shuffle_buffer)
+        return batch_loader(stream, batch, int(cfg.island.num_workers))
+
+    return Job(
+        name=expert_job(k), title=f"train-expert {k}", folder=rd.expert(k),
+        identity=dict(job=expert_job(k), clustering_id=manifest["clustering_id"],
+                      partition_keys_sha256=manifest["keys_sha256"]),
+        seed=seed, build_module=build_module, build_loader=build_loader,
+        schedule=Schedule.from_config("expert", ex), island=cfg.island, logger=cfg.logger, run_dir=rd.root,
+        weights=rd.expert_weights(k), record=rd.expert_record(k),
+        export_meta=dict(expert_id=k, num_experts=int(manifest["num_clusters"]),
+                         clustering_id=manifest["clustering_id"]),
+        config=OmegaConf.to_container(cfg, resolve=True))
+
+
+def _record(trained: Trained, k: int, manifest: dict) -> dict:
+    """The common fields plus the partition the expert trained on; hardware adds how the island split the job."""
+    return dict(expert_id=k, num_experts=int(manifest["num_clusters"]), clustering_id=manifest["clustering_id"],
+                partition_keys_sha256=manifest["keys_sha256"], partition_samples=int(manifest["num_samples"]),
+                **trained.common_record(parallelism=True))

@@ -94,6 +94,11 @@ class ExpertModule(_Base):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         update_ema(self.ema, self.net, ema_decay_at(self.global_step, self.hparams.ema_decay))
 
+    @property
+    def export_net(self) -> DiT:
+        """The network a finished expert exports and samples with: the EMA of its weights."""
+        return self.ema
+
 
 class RouterModule(_Base):
     """Cross-entropy of r(x_t, t, y) against the cluster of the clean sample that was noised."""
@@ -114,3 +119,8 @@ class RouterModule(_Base):
         self.log("train/acc", (logits.argmax(1) == k).float().mean())
         self.remember(loss)
         return loss
+
+    @property
+    def export_net(self) -> DiTClassifier:
+        """The network a finished router exports: the trained classifier itself (no EMA)."""
+        return self.net

@@ -17,9 +17,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from ddm.errors import BadInput
 from ddm.train.checkpoint_io import AtomicCheckpointIO, latest_complete_checkpoint
+from ddm.train.progress import interactive, progress_callbacks
+from ddm.train.quiet import quiet_lightning
 from ddm.train.signals import PreemptionGuard, stop_after_preemption
 
 log = logging.getLogger("ddm")
@@ -60,7 +63,7 @@ def build_logger(logger_cfg, job_dir: Path, run_dir: str | Path, job: str):
         return WandbLogger(project=logger_cfg.get("project", "ddm"), entity=logger_cfg.get("entity"),
                            name=f"{run_name}/{job}", group=run_name, id=stable_run_id(run_dir, job),
                            resume="allow", save_dir=str(job_dir), mode=mode)
-    raise ValueError(f"logger.kind={kind!r} is not one of csv, tensorboard, wandb")
+    raise BadInput(f"logger.kind={kind!r} is not one of csv, tensorboard, wandb: pick one with logger=<kind>")
 
 
 class JobCheckpoint(ModelCheckpoint):
@@ -144,13 +147,16 @@ def _plugins() -> list:
 
 def build_trainer(island, job_dir: Path, max_steps: int, ckpt_every: int, logger, log_every: int = 10,
                   keep_checkpoints: int = 2, callbacks=(), guard: PreemptionGuard | None = None,
-                  state: JobState | None = None) -> L.Trainer:
+                  state: JobState | None = None, name: str = "train") -> L.Trainer:
     """A Trainer for one job: atomic checkpoints every ``ckpt_every`` steps plus ``last.ckpt``.
 
     With a ``guard``, a SIGUSR1/SIGTERM saves ``last.ckpt`` at the next step and
     stops the fit (the caller then requeues or exits: see ``ddm.train.signals``).
     With a ``state``, each checkpoint records the job's identity and wall time.
+    Progress shows as a bar on a terminal, else as a log line every ``log_every``
+    steps that starts with ``name`` (see ``ddm.train.progress``).
     """
+    quiet_lightning()
     if island.get("threads"):
         torch.set_num_threads(int(island.threads))
     checkpoint = JobCheckpoint(
@@ -163,8 +169,9 @@ def build_trainer(island, job_dir: Path, max_steps: int, ckpt_every: int, logger
         strategy=island.strategy, precision=island.precision,
         accumulate_grad_batches=island.get("accumulate_grad_batches", 1), plugins=_plugins(),
         max_steps=max_steps, logger=logger,
-        callbacks=[checkpoint, TQDMProgressBar(refresh_rate=10), *extra, *callbacks],
-        log_every_n_steps=log_every, default_root_dir=job_dir, enable_model_summary=False,
+        callbacks=[checkpoint, *progress_callbacks(name, log_every), *extra, *callbacks],
+        enable_progress_bar=interactive(), log_every_n_steps=log_every, default_root_dir=job_dir,
+        enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
     )
 
@@ -192,9 +199,9 @@ def per_device_batch(global_batch: int, trainer: L.Trainer, what: str) -> int:
     accumulate = trainer.accumulate_grad_batches
     shards = trainer.world_size * accumulate
     if global_batch % shards:
-        raise ValueError(f"{what}.batch_size={global_batch} is not divisible by devices x nodes x "
-                         f"accumulate_grad_batches = {shards}; choose a batch size that is, so every "
-                         f"island reproduces the same global batch")
+        raise BadInput(f"{what}.batch_size={global_batch} is not divisible by devices x nodes x "
+                       f"accumulate_grad_batches = {shards}; choose a batch size that is, so every "
+                       f"island reproduces the same global batch")
     return global_batch // shards
 
 
