@@ -12,7 +12,8 @@ CONF_DIR = Path(os.environ.get("DDM_CONF_DIR", Path(__file__).resolve().parent.p
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
     """Compose ``conf/config.yaml`` with Hydra overrides, exactly as the CLI would."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()

@@ -27,8 +27,8 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ddm.models.velocity import Router, VelocityModel, guided_velocity, num_classes_of
 from ddm.errors import BadInput
+from ddm.models.velocity import Router, VelocityModel, guided_velocity, num_classes_of
 
 STRATEGIES = ("top1", "topk", "full", "sample")
 

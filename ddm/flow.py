@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+
 from ddm.errors import BadInput
 
 

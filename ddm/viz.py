@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ddm.io import atomic_path
 from ddm.errors import BadInput
+from ddm.io import atomic_path
 
 # Small images (28 px) are upscaled to at least this many pixels per cell.
 MIN_CELL_PX = 64

@@ -18,10 +18,10 @@ import time
 import torch
 
 from ddm.ensemble import Ensemble
+from ddm.eval.flops import count_flops
 from ddm.flow import FlowPath
 from ddm.models.dit import DiT, DiTClassifier
 from ddm.sampling.solvers import sample
-from ddm.train.trainer import forward_flops
 
 
 def load(args):
@@ -67,7 +67,7 @@ def main():
     tr = experts[0].trunk
     shape = (1, tr.in_channels, tr.image_size, tr.image_size)
     x, t, y = torch.zeros(shape), torch.zeros(1), torch.zeros(1, dtype=torch.long)
-    f_expert, f_router = forward_flops(experts[0], (x, t, y)), forward_flops(router, (x, t, y))
+    f_expert, f_router = count_flops(experts[0], x, t, y), count_flops(router, x, t, y)
     print(f"host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     print(f"expert {tr.size}: {f_expert / 1e6:.1f} MFLOPs/image/call; router {router.trunk.size}: "

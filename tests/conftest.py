@@ -19,3 +19,11 @@ def make_cfg(tmp_path):
         return compose([f"run_dir={run_dir}", *overrides])
 
     return _make
+
+
+@pytest.fixture
+def fast_cfg(make_cfg):
+    """``fast_cfg("expert.steps=3", ...)``: ``make_cfg`` with the fast job settings (``tests.fabricate.FAST_JOB``)."""
+    from tests.fabricate import FAST_JOB
+
+    return lambda *overrides, run_dir=None: make_cfg(*FAST_JOB, *overrides, run_dir=run_dir)

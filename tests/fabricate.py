@@ -9,6 +9,11 @@ from ddm.config import CONF_DIR
 from ddm.data.shards import ShardSetWriter
 from ddm.io import sha256_strings, write_json
 
+# One expert or router job in seconds on 2 CPU cores, on a fabricated partition: the tests' one fast setting.
+FAST_JOB = ("model.size=DiT-N/2", "island.num_workers=0", "island.threads=1", "expert.batch_size=8",
+            "expert.warmup_steps=2", "expert.shuffle_buffer=10", "router.size=DiT-N/2", "router.batch_size=16",
+            "router.shuffle_buffer=50", "router.warmup_steps=5", "router.eval_samples=200")
+
 
 def cluster_image(k: int, rng: np.random.Generator, size: int = 8) -> np.ndarray:
     """Cluster k: a bright square in quadrant k (mod 4) on a noisy dark background; clearly separable."""

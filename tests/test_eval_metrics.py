@@ -13,8 +13,13 @@ import torch.nn as nn
 from ddm.ensemble import Ensemble
 from ddm.eval.feature_net import FeatureNet, accuracy, features, train_feature_net
 from ddm.eval.fid import frechet_distance, frechet_distance_features, gaussian_stats
-from ddm.eval.flops import (count_flops, measured_sampling_flops, model_forward_flops, sampling_flops_per_image,
-                            training_flops)
+from ddm.eval.flops import (
+    count_flops,
+    measured_sampling_flops,
+    model_forward_flops,
+    sampling_flops_per_image,
+    training_flops,
+)
 from ddm.eval.fm_loss import heldout_fm_loss
 from ddm.eval.inception import load_inception
 from ddm.eval.prdc import precision_recall

@@ -21,16 +21,19 @@ import pytest
 import torch
 
 from ddm.io import read_json
-from ddm.train.checkpoint_io import (SLOW_CHECKPOINT_ENV, AtomicCheckpointIO, inspect_checkpoint, is_temp_file,
-                                     latest_complete_checkpoint)
+from ddm.train.checkpoint_io import (
+    SLOW_CHECKPOINT_ENV,
+    AtomicCheckpointIO,
+    inspect_checkpoint,
+    is_temp_file,
+    latest_complete_checkpoint,
+)
 from ddm.train.signals import PreemptionGuard, stop_after_preemption
-from tests.fabricate import make_partitions
+from tests.fabricate import FAST_JOB, make_partitions
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, CKPT_EVERY = 24, 4
-FAST = ["model.size=DiT-N/2", "island.num_workers=0", "island.threads=1", "expert.batch_size=8",
-        "expert.warmup_steps=2", "expert.shuffle_buffer=10", "expert.log_every=1",
-        f"expert.steps={STEPS}", f"expert.ckpt_every={CKPT_EVERY}"]
+FAST = [*FAST_JOB, "expert.log_every=1", f"expert.steps={STEPS}", f"expert.ckpt_every={CKPT_EVERY}"]
 TIMEOUT = 240  # generous: other test suites may share these two cores
 
 
@@ -118,6 +121,23 @@ class Job:
         with open(log, "w") as out:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**base, **(env or {})}, stdout=out,
                                          stderr=subprocess.STDOUT)
+
+    def kill_all(self) -> None:
+        """SIGKILL the job and every process it started, as SLURM kills a job's whole cgroup.
+
+        wandb's service runs in a session of its own and outlives a killed parent for a
+        while; left alive it would still hold the run id when the rerun starts.
+        """
+        import psutil
+
+        helpers = psutil.Process(self.proc.pid).children(recursive=True)
+        self.proc.kill()  # the job itself first, so it starts nothing more; its status is read by finish()
+        for p in helpers:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(helpers, timeout=30)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -238,7 +258,7 @@ def test_kill_9_at_a_random_moment_resumes_with_the_same_wandb_run(tmp_path):
     time.sleep(delay)
     if job.proc.poll() is not None:
         pytest.fail(f"the job finished before the kill after {delay:.2f}s:\n{job.output()[-3000:]}")
-    job.proc.send_signal(signal.SIGKILL)
+    job.kill_all()
     assert job.finish() == -signal.SIGKILL
 
     assert not rd.expert_record(0).exists()
@@ -257,7 +277,7 @@ def test_kill_9_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     job.wait_for(lambda: complete(folder / "last.ckpt"), "a first checkpoint")
     job.wait_for(lambda: folder.is_dir() and any(is_temp_file(p) for p in folder.iterdir()),
                  "the next checkpoint write")
-    job.proc.send_signal(signal.SIGKILL)
+    job.kill_all()
     assert job.finish() == -signal.SIGKILL
 
     temps = [p for p in folder.iterdir() if is_temp_file(p)]

@@ -6,16 +6,15 @@ import subprocess
 import sys
 
 from ddm.io import read_json
-from tests.fabricate import make_partitions
+from tests.fabricate import FAST_JOB, make_partitions
 
 
 def test_two_rank_ddp_island_trains_one_expert(tmp_path):
     rd = make_partitions(tmp_path / "run", sizes=(40, 40))
     env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1")
     env.pop("DDM_STAGE", None)
-    cmd = [sys.executable, "-m", "ddm", "train-expert", f"run_dir={rd.root}", "expert.id=1", "model.size=DiT-N/2",
-           "island.num_workers=0", "island.devices=2", "island.strategy=ddp", "island.threads=1",
-           "expert.batch_size=8", "expert.steps=4", "expert.warmup_steps=1"]
+    cmd = [sys.executable, "-m", "ddm", "train-expert", f"run_dir={rd.root}", *FAST_JOB, "expert.id=1",
+           "island.devices=2", "island.strategy=ddp", "expert.steps=4"]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     record = read_json(rd.expert_record(1))

@@ -4,10 +4,9 @@ from __future__ import annotations
 import pytest
 
 from ddm.stages import train_expert
-from tests.fabricate import make_partitions
+from tests.fabricate import FAST_JOB, make_partitions
 
-FAST = ["model.size=DiT-N/2", "island.num_workers=0", "expert.batch_size=8", "expert.warmup_steps=1",
-        "expert.shuffle_buffer=10", "expert.steps=3", "expert.log_every=1"]
+FAST = [*FAST_JOB, "expert.steps=3", "expert.log_every=1"]
 
 
 @pytest.mark.parametrize("logger,pattern", [

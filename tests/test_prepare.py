@@ -14,8 +14,7 @@ from ddm.artifacts import RunDir
 from ddm.config import CONF_DIR
 from ddm.data import sources
 from ddm.data.shards import ShardSetWriter, iter_samples, load_manifest, shard_paths, verify
-from ddm.data.sources import (FASHION_MNIST_CLASSES, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, SourceMeta,
-                              read_idx)
+from ddm.data.sources import FASHION_MNIST_CLASSES, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, SourceMeta, read_idx
 from ddm.io import sha256_strings
 from ddm.stages import prepare
 

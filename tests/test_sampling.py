@@ -12,12 +12,12 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
-from ddm.models.velocity import VelocityModel
 from ddm.config import CONF_DIR
 from ddm.ensemble import Ensemble
 from ddm.flow import FlowPath
 from ddm.io import write_json
 from ddm.models.dit import DiT, DiTClassifier
+from ddm.models.velocity import VelocityModel
 from ddm.sampling import load_ensemble, load_expert, num_evaluations, sample
 
 

@@ -10,23 +10,19 @@ from ddm.io import read_json
 from ddm.stages import train_expert, train_router
 from tests.fabricate import make_partitions
 
-FAST = ["model.size=DiT-N/2", "island.num_workers=0", "expert.batch_size=8", "expert.warmup_steps=2",
-        "expert.shuffle_buffer=10", "router.size=DiT-N/2", "router.batch_size=16", "router.shuffle_buffer=50",
-        "router.warmup_steps=5", "router.eval_samples=200"]
-
 
 def files_under(root):
     return {p.relative_to(root): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
-def test_expert_trains_alone_and_touches_only_its_own_folder(make_cfg, tmp_path):
+def test_expert_trains_alone_and_touches_only_its_own_folder(fast_cfg, tmp_path):
     rd = make_partitions(tmp_path / "run", sizes=(30, 20, 25))
     # Every other partition is absent: the expert must not need them.
     shutil.rmtree(rd.partition(0))
     shutil.rmtree(rd.partition(2))
     (rd.partitions / "manifest.json").unlink()
     before = files_under(rd.root)
-    cfg = make_cfg(*FAST, "expert.id=1", "expert.steps=5", "expert.ckpt_every=2")
+    cfg = fast_cfg("expert.id=1", "expert.steps=5", "expert.ckpt_every=2")
     record = train_expert.run(cfg)
 
     assert not torch.distributed.is_initialized()  # no process group on a single-device island
@@ -40,20 +36,20 @@ def test_expert_trains_alone_and_touches_only_its_own_folder(make_cfg, tmp_path)
     assert payload["kind"] == "expert" and payload["expert_id"] == 1 and payload["steps"] == 5
 
 
-def test_expert_rerun_skips_and_redo_retrains(make_cfg, tmp_path):
+def test_expert_rerun_skips_and_redo_retrains(fast_cfg, tmp_path):
     rd = make_partitions(tmp_path / "run")
-    cfg = make_cfg(*FAST, "expert.steps=2")
+    cfg = fast_cfg("expert.steps=2")
     train_expert.run(cfg)
     mtime = rd.expert_weights(0).stat().st_mtime_ns
     train_expert.run(cfg)
     assert rd.expert_weights(0).stat().st_mtime_ns == mtime
-    train_expert.run(make_cfg(*FAST, "expert.steps=3", "redo=true"))
+    train_expert.run(fast_cfg("expert.steps=3", "redo=true"))
     assert read_json(rd.expert_record(0))["steps"] == 3
 
 
-def test_interrupted_expert_resumes_to_exact_step_count(make_cfg, tmp_path, monkeypatch):
+def test_interrupted_expert_resumes_to_exact_step_count(fast_cfg, tmp_path, monkeypatch):
     rd = make_partitions(tmp_path / "run")
-    cfg = make_cfg(*FAST, "expert.steps=6", "expert.ckpt_every=2")
+    cfg = fast_cfg("expert.steps=6", "expert.ckpt_every=2")
     original = train_expert.ExpertModule.training_step
 
     def crash_at_step_5(self, batch, idx):
@@ -85,25 +81,25 @@ def _poison_at(monkeypatch, step):
     return original
 
 
-def test_nan_loss_stops_and_names_the_step(make_cfg, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_names_the_step(fast_cfg, tmp_path, monkeypatch):
     rd = make_partitions(tmp_path / "run")
-    cfg = make_cfg(*FAST, "expert.steps=5")
+    cfg = fast_cfg("expert.steps=5")
     _poison_at(monkeypatch, 2)
     with pytest.raises(FloatingPointError, match="expert 0.*step 2"):
         train_expert.run(cfg)
     assert not rd.expert_record(0).exists()
 
 
-def test_missing_partition_is_a_clear_error(make_cfg, tmp_path):
+def test_missing_partition_is_a_clear_error(fast_cfg, tmp_path):
     make_partitions(tmp_path / "run", sizes=(10, 10))
     with pytest.raises(FileNotFoundError, match="expert.id=5"):
-        train_expert.run(make_cfg(*FAST, "expert.id=5"))
+        train_expert.run(fast_cfg("expert.id=5"))
 
 
-def test_router_learns_separable_clusters_and_falls_to_prior_at_noise(make_cfg, tmp_path):
+def test_router_learns_separable_clusters_and_falls_to_prior_at_noise(fast_cfg, tmp_path):
     torch.manual_seed(0)
     rd = make_partitions(tmp_path / "run", sizes=(150, 50), shard_size=25)  # prior 0.75 / 0.25
-    cfg = make_cfg(*FAST, "router.steps=150", "router.lr=3e-3", "router.t_buckets=10")
+    cfg = fast_cfg("router.steps=150", "router.lr=3e-3", "router.t_buckets=10")
     record = train_router.run(cfg)
     by_t = record["accuracy_by_t"]
     assert len(by_t) == 10 and record["num_experts"] == 2
@@ -116,13 +112,13 @@ def test_router_learns_separable_clusters_and_falls_to_prior_at_noise(make_cfg, 
     assert payload["num_experts"] == 2 and payload["clustering_id"] == "c0ffee"
 
 
-def test_router_rejects_partitions_from_two_clusterings(make_cfg, tmp_path):
+def test_router_rejects_partitions_from_two_clusterings(fast_cfg, tmp_path):
     rd = make_partitions(tmp_path / "run", sizes=(10, 10))
     make_partitions(tmp_path / "other", sizes=(10, 10), clustering_id="beef")
     shutil.rmtree(rd.partition(1))
     shutil.copytree((tmp_path / "other" / "partitions" / "cluster-01"), rd.partition(1))
     with pytest.raises(ValueError, match="different clusterings"):
-        train_router.run(make_cfg(*FAST))
+        train_router.run(fast_cfg())
 
 
 # ---- faults: broken checkpoints, failure records, clusterings, records across resumes ----------
@@ -139,10 +135,10 @@ def _crash_at(monkeypatch, module_cls, step, exc=KeyboardInterrupt):
     return original
 
 
-def test_truncated_last_checkpoint_resumes_from_the_newest_complete_one(make_cfg, tmp_path, monkeypatch,
+def test_truncated_last_checkpoint_resumes_from_the_newest_complete_one(fast_cfg, tmp_path, monkeypatch,
                                                                          caplog):
     rd = make_partitions(tmp_path / "run")
-    cfg = make_cfg(*FAST, "expert.steps=7", "expert.ckpt_every=2", "expert.keep_checkpoints=3", "expert.log_every=1")
+    cfg = fast_cfg("expert.steps=7", "expert.ckpt_every=2", "expert.keep_checkpoints=3", "expert.log_every=1")
     original = _crash_at(monkeypatch, train_expert.ExpertModule, 5)
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         train_expert.run(cfg)
@@ -167,9 +163,9 @@ def test_truncated_last_checkpoint_resumes_from_the_newest_complete_one(make_cfg
     assert len(logs) == 2 and all(len(p.read_text().splitlines()) > 1 for p in logs)
 
 
-def test_failed_training_writes_failed_json_and_success_clears_it(make_cfg, tmp_path, monkeypatch):
+def test_failed_training_writes_failed_json_and_success_clears_it(fast_cfg, tmp_path, monkeypatch):
     rd = make_partitions(tmp_path / "run")
-    cfg = make_cfg(*FAST, "expert.steps=4")
+    cfg = fast_cfg("expert.steps=4")
     original = _poison_at(monkeypatch, 2)
     with pytest.raises(FloatingPointError):
         train_expert.run(cfg)
@@ -182,26 +178,26 @@ def test_failed_training_writes_failed_json_and_success_clears_it(make_cfg, tmp_
     assert not (rd.expert(0) / "failed.json").exists()
 
 
-def test_an_interrupt_is_not_a_failure(make_cfg, tmp_path, monkeypatch):
+def test_an_interrupt_is_not_a_failure(fast_cfg, tmp_path, monkeypatch):
     rd = make_partitions(tmp_path / "run")
     _crash_at(monkeypatch, train_expert.ExpertModule, 1)
     with pytest.raises((KeyboardInterrupt, SystemExit)):
-        train_expert.run(make_cfg(*FAST, "expert.steps=3"))
+        train_expert.run(fast_cfg("expert.steps=3"))
     assert not (rd.expert(0) / "failed.json").exists()
 
 
-def test_router_failure_writes_failed_json(make_cfg, tmp_path, monkeypatch):
+def test_router_failure_writes_failed_json(fast_cfg, tmp_path, monkeypatch):
     rd = make_partitions(tmp_path / "run", sizes=(20, 20))
     _crash_at(monkeypatch, train_router.RouterModule, 1, exc=RuntimeError)
     with pytest.raises(RuntimeError, match="injected"):
-        train_router.run(make_cfg(*FAST, "router.steps=3"))
+        train_router.run(fast_cfg("router.steps=3"))
     failed = read_json(rd.router / "failed.json")
     assert failed["job"] == "router" and failed["error_type"] == "RuntimeError" and failed["step"] == 1
 
 
-def test_router_record_has_flops_and_resumes(make_cfg, tmp_path, monkeypatch):
-    rd = make_partitions(tmp_path / "run", sizes=(20, 20))
-    cfg = make_cfg(*FAST, "router.steps=5", "router.ckpt_every=2", "router.eval_samples=20")
+def test_router_record_has_flops_and_resumes(fast_cfg, tmp_path, monkeypatch):
+    make_partitions(tmp_path / "run", sizes=(20, 20))
+    cfg = fast_cfg("router.steps=5", "router.ckpt_every=2", "router.eval_samples=20")
     original = _crash_at(monkeypatch, train_router.RouterModule, 3)
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         train_router.run(cfg)
@@ -212,9 +208,9 @@ def test_router_record_has_flops_and_resumes(make_cfg, tmp_path, monkeypatch):
     assert record["train_flops"] == 3 * record["forward_flops_per_sample"] * 5 * 16
 
 
-def test_resume_refuses_a_checkpoint_of_another_clustering(make_cfg, tmp_path, monkeypatch):
+def test_resume_refuses_a_checkpoint_of_another_clustering(fast_cfg, tmp_path, monkeypatch):
     rd = make_partitions(tmp_path / "run")
-    cfg = make_cfg(*FAST, "expert.steps=4", "expert.ckpt_every=2")
+    cfg = fast_cfg("expert.steps=4", "expert.ckpt_every=2")
     original = _crash_at(monkeypatch, train_expert.ExpertModule, 3)
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         train_expert.run(cfg)
@@ -223,19 +219,19 @@ def test_resume_refuses_a_checkpoint_of_another_clustering(make_cfg, tmp_path, m
     make_partitions(tmp_path / "run", clustering_id="beef")  # the data were re-clustered meanwhile
     with pytest.raises(ValueError, match=r"other data.*c0ffee.*beef.*redo=true"):
         train_expert.run(cfg)
-    assert train_expert.run(make_cfg(*FAST, "expert.steps=4", "expert.ckpt_every=2", "redo=true"))["steps"] == 4
+    assert train_expert.run(fast_cfg("expert.steps=4", "expert.ckpt_every=2", "redo=true"))["steps"] == 4
 
 
-def test_a_finished_expert_of_another_clustering_is_not_reused(make_cfg, tmp_path):
+def test_a_finished_expert_of_another_clustering_is_not_reused(fast_cfg, tmp_path):
     rd = make_partitions(tmp_path / "run")
-    train_expert.run(make_cfg(*FAST, "expert.steps=2"))
+    train_expert.run(fast_cfg("expert.steps=2"))
     shutil.rmtree(rd.partitions)
     make_partitions(tmp_path / "run", clustering_id="beef")
     with pytest.raises(ValueError, match=r"clustering c0ffee.*now clustering beef.*redo=true"):
-        train_expert.run(make_cfg(*FAST, "expert.steps=2"))
+        train_expert.run(fast_cfg("expert.steps=2"))
 
 
-def test_router_signal_saves_and_stops_in_process(make_cfg, tmp_path, monkeypatch):
+def test_router_signal_saves_and_stops_in_process(fast_cfg, tmp_path, monkeypatch):
     import os
     import signal
 
@@ -243,7 +239,7 @@ def test_router_signal_saves_and_stops_in_process(make_cfg, tmp_path, monkeypatc
 
     rd = make_partitions(tmp_path / "run", sizes=(20, 20))
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    cfg = make_cfg(*FAST, "router.steps=6", "router.ckpt_every=4", "router.eval_samples=20")
+    cfg = fast_cfg("router.steps=6", "router.ckpt_every=4", "router.eval_samples=20")
     original = train_router.RouterModule.training_step
     handler_before = signal.getsignal(signal.SIGTERM)
 
@@ -265,7 +261,7 @@ def test_router_signal_saves_and_stops_in_process(make_cfg, tmp_path, monkeypatc
     assert record["steps"] == 6 and record["resumed_from_step"] == 3
 
 
-def test_expert_reads_its_shards_from_a_url(make_cfg, tmp_path):
+def test_expert_reads_its_shards_from_a_url(fast_cfg, tmp_path):
     """An island that keeps only the manifest locally fetches its shards through webdataset (here `pipe:cat`)."""
     rd = make_partitions(tmp_path / "run", sizes=(20, 20))
     remote = tmp_path / "object-store" / "cluster-01"
@@ -273,7 +269,7 @@ def test_expert_reads_its_shards_from_a_url(make_cfg, tmp_path):
     for shard in rd.partition(1).glob("shard-*.tar"):
         shard.rename(remote / shard.name)  # nothing but manifest.json stays on the island
     template = f"pipe:cat {tmp_path}/object-store/{{folder}}/{{shard}}"
-    record = train_expert.run(make_cfg(*FAST, "expert.id=1", "expert.steps=3", f"expert.shard_url='{template}'"))
+    record = train_expert.run(fast_cfg("expert.id=1", "expert.steps=3", f"expert.shard_url='{template}'"))
     assert record["steps"] == 3 and record["partition_samples"] == 20
     with pytest.raises(ValueError, match="must contain"):
-        train_expert.run(make_cfg(*FAST, "expert.id=0", "expert.steps=3", "expert.shard_url=pipe:cat"))
+        train_expert.run(fast_cfg("expert.id=0", "expert.steps=3", "expert.shard_url=pipe:cat"))

@@ -11,11 +11,10 @@ from pathlib import Path
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from ddm.train import progress
-from tests.fabricate import make_partitions
+from tests.fabricate import FAST_JOB, make_partitions
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["model.size=DiT-N/2", "island.num_workers=0", "island.threads=1", "expert.batch_size=8",
-        "expert.warmup_steps=1", "expert.shuffle_buffer=10", "expert.steps=6", "expert.log_every=2"]
+FAST = [*FAST_JOB, "expert.steps=6", "expert.log_every=2"]
 
 
 def test_a_non_interactive_training_log_has_one_line_per_logged_step(tmp_path):

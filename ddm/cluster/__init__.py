@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ddm.io import atomic_path, sha256_strings
 from ddm.errors import MissingInput
+from ddm.io import atomic_path, sha256_strings
 
 
 def clustering_id(keys, cluster) -> str:

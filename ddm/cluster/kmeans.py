@@ -28,6 +28,7 @@ import numpy as np
 # ones it skips) at INFO; under Hydra's root logger that reads like a failure.
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 import faiss  # noqa: E402
+
 from ddm.errors import BadInput
 
 # Rows per block when assigning samples to centroids: bounds the temporary

@@ -15,8 +15,8 @@ from typing import Sequence
 import numpy as np
 
 from ddm.data.shards import ShardSetWriter, iter_samples, shard_paths
-from ddm.io import sha256_strings
 from ddm.errors import BadInput
+from ddm.io import sha256_strings
 
 # Data-manifest fields every partition carries, so an expert can build its model
 # from its own partition's manifest alone.

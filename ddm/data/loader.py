@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import webdataset as wds
 
+from ddm.errors import BadInput
 from ddm.images import to_model_space
 from ddm.seeds import partition_stream_seed
 
@@ -21,7 +22,7 @@ def _decoder(channels: int) -> str:
 def sample_stream(urls: list[str], channels: int, seed: int, shuffle_buffer: int = 1000, tag: int | None = None):
     """An infinite pipeline of ``(image, label)`` (or ``(image, label, tag)``) from resampled shards."""
     if not urls:
-        raise ValueError("sample_stream needs at least one shard")
+        raise BadInput("sample_stream needs at least one shard")
 
     def to_tuple(sample):
         x = to_model_space(sample["png"])

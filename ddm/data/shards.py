@@ -20,8 +20,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from ddm.io import read_json, sha256_file, write_json
 from ddm.errors import BadInput, MissingInput
+from ddm.io import read_json, sha256_file, write_json
 
 MANIFEST = "manifest.json"
 

@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 
 from ddm.embed.encoders import ENCODERS, Encoder, OpenClipEncoder, PixelEncoder, TorchvisionEncoder, build_encoder
-from ddm.io import read_json
 from ddm.errors import MissingInput
+from ddm.io import read_json
 
 __all__ = ["ENCODERS", "Encoder", "OpenClipEncoder", "PixelEncoder", "TorchvisionEncoder", "build_encoder",
            "embedding_file", "keys_file", "load_embeddings_manifest"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+
 from ddm.errors import BadInput
 
 PREFIX = "ddm"

@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from ddm.launch import naming
 from ddm.errors import BadInput
+from ddm.launch import naming
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 

@@ -10,9 +10,9 @@ from typing import Callable
 
 import torch
 
+from ddm.errors import BadInput
 from ddm.flow import FlowPath
 from ddm.models.velocity import VelocityModel, check_guidable, guided_velocity
-from ddm.errors import BadInput
 
 SOLVERS = ("euler", "heun")
 

@@ -24,10 +24,10 @@ from ddm.artifacts import RunDir
 from ddm.data.shards import iter_samples, load_manifest, shard_paths
 from ddm.data.sources import SourceMeta
 from ddm.embed import build_encoder, embedding_file, keys_file, load_embeddings_manifest
+from ddm.errors import BadInput, Unusable
 from ddm.io import atomic_path, read_json, sha256_strings, write_json, write_text
 from ddm.seeds import seed_everything
 from ddm.stages.runner import skip
-from ddm.errors import BadInput, Unusable
 
 log = logging.getLogger("ddm")
 

@@ -14,9 +14,9 @@ from ddm.artifacts import RunDir
 from ddm.cluster import load_assignments
 from ddm.cluster.partition import write_partitions
 from ddm.data.shards import MANIFEST, load_manifest
+from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json, write_json
 from ddm.stages.runner import note_skipped
-from ddm.errors import BadInput, MissingInput
 
 log = logging.getLogger("ddm")
 

@@ -21,9 +21,9 @@ from tqdm import tqdm
 from ddm.artifacts import RunDir
 from ddm.data.shards import MANIFEST, ShardSetWriter, load_manifest
 from ddm.data.sources import open_source
+from ddm.errors import BadInput
 from ddm.io import sha256_strings
 from ddm.stages.runner import skip
-from ddm.errors import BadInput
 
 log = logging.getLogger("ddm")
 

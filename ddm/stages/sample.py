@@ -26,13 +26,13 @@ from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
 from ddm.devices import resolve_device
+from ddm.errors import BadInput
+from ddm.images import to_uint8
 from ddm.io import atomic_path, read_json, write_json
 from ddm.sampling import load_ensemble, num_evaluations, sample
 from ddm.sampling.checkpoints import AVAILABLE, expert_ids_on_disk
 from ddm.stages.runner import note_skipped
-from ddm.images import to_uint8
 from ddm.viz import plot_usage, save_grid
-from ddm.errors import BadInput
 
 log = logging.getLogger("ddm")
 

@@ -24,10 +24,10 @@ import sys
 from pathlib import Path
 
 from ddm.artifacts import RunDir
+from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json, write_text
 from ddm.launch import sbatch, slurm
 from ddm.launch.overrides import job_overrides
-from ddm.errors import BadInput, MissingInput
 
 log = logging.getLogger("ddm")
 

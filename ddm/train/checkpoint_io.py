@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ddm.errors import BadInput
+
 log = logging.getLogger("ddm")
 
 # For tests only: seconds to sleep after a checkpoint's temp file is complete and
@@ -155,6 +157,6 @@ def _check_identity(path: Path, stored: dict, identity: dict | None) -> None:
     differs = {k: (stored[k], v) for k, v in identity.items() if k in stored and stored[k] != v}
     if differs:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differs.items())
-        raise ValueError(f"{path} was written by a job on other data ({detail}); resuming would mix "
+        raise BadInput(f"{path} was written by a job on other data ({detail}); resuming would mix "
                          f"artefacts of different clusterings. Start this job afresh with redo=true, "
                          f"or use the run directory it belongs to")

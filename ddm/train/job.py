@@ -27,13 +27,21 @@ from typing import Any, Callable, Iterable
 import lightning as L
 import torch
 
+from ddm.eval.flops import count_flops
 from ddm.io import write_json
 from ddm.models.dit import count_params
 from ddm.train.export import save_weights
 from ddm.train.records import FailureRecord, clear_failure
 from ddm.train.signals import PreemptionGuard
-from ddm.train.trainer import (JobState, build_logger, build_trainer, fit_job, forward_flops, hardware,
-                               last_checkpoint, per_device_batch)
+from ddm.train.trainer import (
+    JobState,
+    build_logger,
+    build_trainer,
+    fit_job,
+    hardware,
+    last_checkpoint,
+    per_device_batch,
+)
 
 log = logging.getLogger("ddm")
 
@@ -103,7 +111,7 @@ class Trained:
     def common_record(self, parallelism: bool = False) -> dict:
         """The fields of every training record, measured now; ``parallelism`` adds ``parallelism()`` to hardware."""
         net, batch, steps = self.module.export_net, self.job.schedule.batch_size, self.steps
-        flops = forward_flops(net, example_inputs(net))
+        flops = count_flops(net, *example_inputs(net))
         return dict(
             steps=steps, batch_size=batch, samples_seen=steps * batch, final_loss=self.module.recent_loss,
             params=count_params(net),

@@ -220,11 +220,3 @@ def hardware() -> dict:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpus"] = torch.cuda.device_count()
     return info
-
-
-def forward_flops(model: torch.nn.Module, example_args) -> int:
-    """FLOPs of one forward pass, counted by torch's FLOP counter (matmuls and convolutions)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(*example_args)
-    return int(counter.get_total_flops())
