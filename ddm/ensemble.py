@@ -22,7 +22,7 @@ to it, so the cost per call is about that of one expert plus the router.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn

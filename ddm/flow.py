@@ -111,7 +111,7 @@ class FlowPath:
         return self.d_alpha(tb) * x0 + self.d_sigma(tb) * eps
 
     def noised(self, x0: torch.Tensor, t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> "PathSample":
+               generator: torch.Generator | None = None) -> PathSample:
         """A point of the path for each clean sample: one call for expert and router training.
 
         ``t`` and ``eps`` are drawn (from ``generator``) unless given; the evaluation

@@ -177,7 +177,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         raise RuntimeError(f"{what} within {timeout:.0f}s: {self.logs()}")
 
     # -- life cycle
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         """Start munged, slurmctld and slurmd; return once the node is idle. SLURM_CONF is set for children."""
         self._write_conf()
         self._saved_env = os.environ.get("SLURM_CONF")
@@ -221,7 +221,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         else:
             os.environ["SLURM_CONF"] = self._saved_env
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ddm.errors import BadInput
+
 # faiss's loader logs each CPU-specific build it tries (and the ImportError of the
 # ones it skips) at INFO; under Hydra's root logger that reads like a failure.
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 import faiss  # noqa: E402
-
-from ddm.errors import BadInput
 
 # Rows per block when assigning samples to centroids: bounds the temporary
 # memory (block x D floats) whatever the dataset size.

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from contextlib import ExitStack
-from typing import Sequence
 
 import numpy as np
 

@@ -25,7 +25,7 @@ Encoders (``embed.encoder``):
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from ddm.embed.base import WEIGHT_SUFFIXES, Encoder
 from ddm.embed.openclip import OpenClipEncoder

@@ -19,7 +19,7 @@ check the formula. ``flops_summary`` puts all of it together for one run.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch

@@ -14,7 +14,7 @@ numbers do not depend on the batch size. ``mean`` averages the grid points
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 

@@ -7,7 +7,7 @@ classifier of ``ddm.eval.feature_net``, Inception, or any other function.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 

@@ -6,7 +6,7 @@ or an analytic field in a test. The model is called as ``model(x, t, y)`` with
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import lightning as L
 import torch
@@ -59,7 +60,7 @@ class Schedule:
     requeue: bool = True   # requeue the SLURM job after SIGUSR1 (see ddm.train.signals)
 
     @classmethod
-    def from_config(cls, kind: str, section) -> "Schedule":
+    def from_config(cls, kind: str, section) -> Schedule:
         """From the config section ``kind`` (``cfg.expert`` or ``cfg.router``), which holds these keys."""
         return cls(kind, int(section.steps), int(section.batch_size), int(section.ckpt_every),
                    int(section.log_every), int(section.keep_checkpoints), bool(section.get("requeue", True)))

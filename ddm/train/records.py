@@ -55,7 +55,7 @@ class FailureRecord:
         self.job_dir, self.job = Path(job_dir), job
         self.trainer = None
 
-    def __enter__(self) -> "FailureRecord":
+    def __enter__(self) -> FailureRecord:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

@@ -72,7 +72,7 @@ class PreemptionGuard:
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
 
-    def __enter__(self) -> "PreemptionGuard":
+    def __enter__(self) -> PreemptionGuard:
         self.install()
         return self
 
@@ -99,7 +99,7 @@ def requeue_slurm_job(job_id: str) -> bool:
 
 
 def stop_after_preemption(guard: PreemptionGuard, what: str, step: int, requeue: bool,
-                          is_global_zero: bool = True) -> "Preempted":
+                          is_global_zero: bool = True) -> Preempted:
     """What a stage raises after a signal stopped training at ``step`` (``last.ckpt`` already saved).
 
     Under SLURM with ``requeue`` on, rank 0 requeues the job and the process

@@ -9,7 +9,7 @@ Inception, when ``eval.inception_weights`` names a local file.
 from __future__ import annotations
 
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
