@@ -10,4 +10,5 @@ sampling-time model. Library entry points::
     from ddm.ensemble import Ensemble
     from ddm.sampling import sample
 """
+
 __version__ = "0.1.0"

@@ -22,6 +22,7 @@ caption under ``txt``.
 A ``manifest.json`` names its shards (relative paths), the sample count and a
 sha256 per shard; it is written last, so a folder with a manifest is complete.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -12,6 +12,7 @@ An expected error (a missing folder, a bad value, a missing expert) prints one
 line and exits with status 2; ``debug=true`` or ``HYDRA_FULL_ERROR=1`` shows
 its traceback. Any other exception keeps its traceback.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,11 @@ USER_ERROR_STATUS = 2
 
 def usage() -> str:
     width = max(len(s) for s in STAGES)
-    lines = ["usage: ddm <stage> [key=value ...]     (ddm <stage> --help: its config groups and options)", "",
-             "stages, in the order data flows:"]
+    lines = [
+        "usage: ddm <stage> [key=value ...]     (ddm <stage> --help: its config groups and options)",
+        "",
+        "stages, in the order data flows:",
+    ]
     lines += [f"  {name.ljust(width)}  {stage.summary}" for name, stage in STAGES.items()]
     lines += ["", "examples: ddm pipeline name=mine data=digits   |   ddm train-expert expert.id=3 island=gpu"]
     return "\n".join(lines)
@@ -51,8 +55,9 @@ _full_error_asked = False
 
 def show_tracebacks(cfg=None) -> bool:
     """True when the user asked for full tracebacks of expected errors too."""
-    return bool(_full_error_asked or os.environ.get("HYDRA_FULL_ERROR") == "1"
-                or (cfg is not None and cfg.get("debug", False)))
+    return bool(
+        _full_error_asked or os.environ.get("HYDRA_FULL_ERROR") == "1" or (cfg is not None and cfg.get("debug", False))
+    )
 
 
 def config_error_line(error: Exception) -> str:
@@ -130,8 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigCompositionException, MissingConfigException, OverrideParseException) as error:
         if _full_error_asked:
             raise
-        print(f"ddm {stage}: error: {config_error_line(error)} (`ddm {stage} --help` lists the groups and keys)",
-              file=sys.stderr)
+        print(
+            f"ddm {stage}: error: {config_error_line(error)} (`ddm {stage} --help` lists the groups and keys)",
+            file=sys.stderr,
+        )
         sys.exit(USER_ERROR_STATUS)
     finally:
         _restore_full_error()

@@ -3,6 +3,7 @@
 Read straight from ``conf/``: the yaml comments are the documentation of every
 option, so the help cannot drift from the config.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,7 +41,9 @@ def stage_help(stage: str, conf_dir: Path) -> str:
             if default.exists():
                 lines += [f"--- {g}={defaults[g]} ({default}) ---", default.read_text().rstrip(), ""]
     other = [g for g in defaults if g not in info.groups and g not in ("experiment", "_self_")]
-    lines += [f"other groups: {', '.join(other)}; top-level keys: {TOP_LEVEL}; presets: experiment=<name> "
-              f"({', '.join(group_options(conf_dir, 'experiment'))}).",
-              f"`ddm {stage} --cfg job` prints the whole composed config; `--hydra-help` Hydra's own flags."]
+    lines += [
+        f"other groups: {', '.join(other)}; top-level keys: {TOP_LEVEL}; presets: experiment=<name> "
+        f"({', '.join(group_options(conf_dir, 'experiment'))}).",
+        f"`ddm {stage} --cfg job` prints the whole composed config; `--hydra-help` Hydra's own flags.",
+    ]
     return "\n".join(lines)

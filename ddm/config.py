@@ -1,4 +1,5 @@
 """Config access without the command line: compose the same Hydra config in tests and notebooks."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Choosing a torch device from a config string."""
+
 from __future__ import annotations
 
 import torch

@@ -20,6 +20,7 @@ solver evaluation):
 Sparse strategies run each selected expert once on exactly the samples routed
 to it, so the cost per call is about that of one expert plus the router.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -50,10 +51,17 @@ class Ensemble(VelocityModel):
         num_experts: K; by default ``router.num_outputs``, else the number of experts.
     """
 
-    def __init__(self, experts: Sequence[VelocityModel] | Mapping[int, VelocityModel], router: Router,
-                 strategy: str = "top1", top_k: int = 2, subset: Sequence[int] | None = None,
-                 generator: torch.Generator | None = None, temperature: float = 1.0,
-                 num_experts: int | None = None):
+    def __init__(
+        self,
+        experts: Sequence[VelocityModel] | Mapping[int, VelocityModel],
+        router: Router,
+        strategy: str = "top1",
+        top_k: int = 2,
+        subset: Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        num_experts: int | None = None,
+    ):
         super().__init__()
         if strategy not in STRATEGIES:
             raise BadInput(f"sample.strategy={strategy!r} is not one of {STRATEGIES}")
@@ -61,8 +69,7 @@ class Ensemble(VelocityModel):
             raise BadInput(f"router temperature={temperature} must be positive")
         given = dict(experts) if isinstance(experts, Mapping) else dict(enumerate(experts))
         given = {int(k): m for k, m in given.items()}
-        self.num_experts = int(num_experts or getattr(router, "num_outputs", None)
-                               or (max(given) + 1 if given else 0))
+        self.num_experts = int(num_experts or getattr(router, "num_outputs", None) or (max(given) + 1 if given else 0))
         self.active_ids = _active_ids(given, self.num_experts, subset)
         self.experts = nn.ModuleDict({str(k): given[k] for k in self.active_ids})
         self.router = router
@@ -72,8 +79,7 @@ class Ensemble(VelocityModel):
         self.generator, self.temperature = generator, float(temperature)
         # Restricting logits to a subset is an index_select; None means "all K, in order".
         full_set = self.active_ids == list(range(self.num_experts))
-        self.register_buffer("_subset_index", None if full_set else torch.tensor(self.active_ids),
-                             persistent=False)
+        self.register_buffer("_subset_index", None if full_set else torch.tensor(self.active_ids), persistent=False)
         self._num_classes = _common_num_classes(self.experts.values())
         self.usage: list[dict] = []
 
@@ -95,8 +101,10 @@ class Ensemble(VelocityModel):
         return self._combine(x, t, y, scale=scale)
 
     def extra_repr(self) -> str:
-        return (f"strategy={self.strategy!r}, top_k={self.top_k}, experts={self.active_ids}, "
-                f"num_experts={self.num_experts}, temperature={self.temperature}")
+        return (
+            f"strategy={self.strategy!r}, top_k={self.top_k}, experts={self.active_ids}, "
+            f"num_experts={self.num_experts}, temperature={self.temperature}"
+        )
 
     # ---- routing --------------------------------------------------------------------
     def route(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
@@ -107,8 +115,7 @@ class Ensemble(VelocityModel):
         t = _as_batch_t(t, x)
         logits = self.router(x, t, y)
         if logits.shape[-1] != self.num_experts:
-            raise BadInput(f"the router gave {logits.shape[-1]} logits but the ensemble has "
-                             f"{self.num_experts} experts")
+            raise BadInput(f"the router gave {logits.shape[-1]} logits but the ensemble has {self.num_experts} experts")
         if self._subset_index is not None:
             logits = logits.index_select(1, self._subset_index)
         probs = (logits / self.temperature).softmax(dim=-1)
@@ -149,8 +156,13 @@ class Ensemble(VelocityModel):
                 out = out + (v * _bc(weights[:, j], v) if weighted else v)
                 continue
             idx = selected[:, j].nonzero().squeeze(1)
-            v = guided_velocity(expert, x.index_select(0, idx), t.index_select(0, idx),
-                                 None if y is None else y.index_select(0, idx), scale)
+            v = guided_velocity(
+                expert,
+                x.index_select(0, idx),
+                t.index_select(0, idx),
+                None if y is None else y.index_select(0, idx),
+                scale,
+            )
             if weighted:
                 v = v * _bc(weights.index_select(0, idx)[:, j], v)
             out.index_add_(0, idx, v.to(out.dtype))
@@ -164,8 +176,9 @@ class Ensemble(VelocityModel):
         skip idle experts, so t and the mean weights ride along for free.
         """
         n = len(self.active_ids)
-        stats = torch.cat([selected.sum(dim=0).to(weights.dtype), weights.mean(dim=0),
-                           t.mean().reshape(1).to(weights.dtype)]).tolist()
+        stats = torch.cat(
+            [selected.sum(dim=0).to(weights.dtype), weights.mean(dim=0), t.mean().reshape(1).to(weights.dtype)]
+        ).tolist()
         counts = [0] * self.num_experts
         mean_w = [0.0] * self.num_experts
         for j, k in enumerate(self.active_ids):
@@ -181,13 +194,16 @@ def _active_ids(given: dict, num_experts: int, subset) -> list[int]:
     """The expert ids to route among, checked against the experts supplied."""
     out_of_range = sorted(k for k in given if not 0 <= k < num_experts)
     if out_of_range:
-        raise BadInput(f"expert ids {out_of_range} are outside 0..{num_experts - 1} (the router has "
-                         f"{num_experts} outputs)")
+        raise BadInput(
+            f"expert ids {out_of_range} are outside 0..{num_experts - 1} (the router has {num_experts} outputs)"
+        )
     if subset is None:
         missing = [k for k in range(num_experts) if k not in given]
         if missing:
-            raise BadInput(f"experts {missing} of {num_experts} are missing; pass subset=[...] "
-                             f"(sample.experts) to route among the experts you have")
+            raise BadInput(
+                f"experts {missing} of {num_experts} are missing; pass subset=[...] "
+                f"(sample.experts) to route among the experts you have"
+            )
         return list(range(num_experts))
     subset = sorted({int(k) for k in subset})
     if not subset:
@@ -201,8 +217,10 @@ def _active_ids(given: dict, num_experts: int, subset) -> list[int]:
 def _common_num_classes(experts) -> int | None:
     values = {num_classes_of(e) for e in experts}
     if len(values) > 1:
-        raise BadInput(f"the experts disagree on num_classes ({sorted(values, key=str)}): they must "
-                         f"all be trained on the same label set")
+        raise BadInput(
+            f"the experts disagree on num_classes ({sorted(values, key=str)}): they must "
+            f"all be trained on the same label set"
+        )
     return values.pop() if values else None
 
 

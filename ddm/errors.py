@@ -6,6 +6,7 @@ status 2; every other exception is a bug and keeps its traceback
 Each class also derives from the built-in exception a caller would expect
 (``ValueError``, ``FileNotFoundError``, ...), so library code can catch either.
 """
+
 from __future__ import annotations
 
 

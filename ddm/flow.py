@@ -10,6 +10,7 @@ Sampling integrates ``dx/dt = v`` from ``t = 1`` down to ``t = 0``. Models
 receive ``t`` exactly as defined here (no rescaling to integer steps); any
 scaling for the timestep embedding happens inside the model.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,9 +25,9 @@ from ddm.errors import BadInput
 class PathSample:
     """A clean sample moved along the path: what a training step needs."""
 
-    x_t: torch.Tensor     # alpha(t) x0 + sigma(t) eps, shaped like x0
-    t: torch.Tensor       # [B] times in [0, 1]
-    eps: torch.Tensor     # the Gaussian noise, shaped like x0
+    x_t: torch.Tensor  # alpha(t) x0 + sigma(t) eps, shaped like x0
+    t: torch.Tensor  # [B] times in [0, 1]
+    eps: torch.Tensor  # the Gaussian noise, shaped like x0
     target: torch.Tensor  # the conditional velocity d/dt x_t, the regression target
 
 
@@ -51,8 +52,14 @@ class FlowPath:
     SCHEDULES = ("linear", "cosine")
     TIME_SAMPLINGS = ("uniform", "logit_normal")
 
-    def __init__(self, schedule: str = "linear", time_sampling: str = "uniform",
-                 logit_mean: float = 0.0, logit_std: float = 1.0, t_eps: float = 1e-5):
+    def __init__(
+        self,
+        schedule: str = "linear",
+        time_sampling: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        t_eps: float = 1e-5,
+    ):
         if schedule not in self.SCHEDULES:
             raise BadInput(f"flow schedule={schedule!r} is not one of {self.SCHEDULES}")
         if time_sampling not in self.TIME_SAMPLINGS:
@@ -67,8 +74,13 @@ class FlowPath:
         return f"FlowPath(schedule={self.schedule!r}, time_sampling={self.time_sampling!r})"
 
     def config(self) -> dict:
-        return dict(schedule=self.schedule, time_sampling=self.time_sampling,
-                    logit_mean=self.logit_mean, logit_std=self.logit_std, t_eps=self.t_eps)
+        return dict(
+            schedule=self.schedule,
+            time_sampling=self.time_sampling,
+            logit_mean=self.logit_mean,
+            logit_std=self.logit_std,
+            t_eps=self.t_eps,
+        )
 
     # ---- coefficients -------------------------------------------------------------
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
@@ -110,8 +122,13 @@ class FlowPath:
         tb = self._bc(t, x0)
         return self.d_alpha(tb) * x0 + self.d_sigma(tb) * eps
 
-    def noised(self, x0: torch.Tensor, t: torch.Tensor | None = None, eps: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> PathSample:
+    def noised(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor | None = None,
+        eps: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> PathSample:
         """A point of the path for each clean sample: one call for expert and router training.
 
         ``t`` and ``eps`` are drawn (from ``generator``) unless given; the evaluation
@@ -123,8 +140,15 @@ class FlowPath:
             eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         return PathSample(x_t=self.interpolate(x0, eps, t), t=t, eps=eps, target=self.velocity(x0, eps, t))
 
-    def loss(self, model, x0: torch.Tensor, y: torch.Tensor | None = None, t: torch.Tensor | None = None,
-             eps: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        model,
+        x0: torch.Tensor,
+        y: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+        eps: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """The flow-matching loss of ``model(x_t, t, y)`` on clean ``x0``, per sample ``[B]``.
 
         The one loss of ddm: experts train on its mean and the evaluation reports it
@@ -156,4 +180,6 @@ class FlowPath:
 def flow_path_from_config(cfg) -> FlowPath:
     """Build the path from a mapping (a Hydra ``flow`` node or a saved dict)."""
     cfg = dict(cfg or {})
-    return FlowPath(**{k: cfg[k] for k in ("schedule", "time_sampling", "logit_mean", "logit_std", "t_eps") if k in cfg})
+    return FlowPath(
+        **{k: cfg[k] for k in ("schedule", "time_sampling", "logit_mean", "logit_std", "t_eps") if k in cfg}
+    )

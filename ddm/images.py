@@ -3,6 +3,7 @@
 Every conversion between the two goes through these functions, so the data
 loader, the evaluation and the sample grids cannot disagree on the scale.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -4,6 +4,7 @@ Every artefact of a run is written to a temporary file in the same folder and
 renamed into place, so a crash never leaves a half-written file that looks
 complete. A stage is "done" when its final marker file exists.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -4,6 +4,7 @@ A run has one job per stage, except ``train-expert``, which has one job per
 expert: ``train-expert-03`` is expert 3's timing name, ``expert-03`` its
 folder, log and wandb name. Nothing else builds or parses these strings.
 """
+
 from __future__ import annotations
 
 EXPERT_STAGE = "train-expert"
@@ -28,6 +29,6 @@ def stage_job(stage: str, cfg) -> str:
 def expert_id_of(job: str) -> int | None:
     """The expert id in ``expert-03`` or ``train-expert-03``; None for any other job."""
     for prefix in (f"{EXPERT_STAGE}-", "expert-"):
-        if job.startswith(prefix) and job[len(prefix):].isdigit():
-            return int(job[len(prefix):])
+        if job.startswith(prefix) and job[len(prefix) :].isdigit():
+            return int(job[len(prefix) :])
     return None

@@ -1,4 +1,5 @@
 """Markdown tables and number formats shared by every report ddm writes."""
+
 from __future__ import annotations
 
 

@@ -5,6 +5,7 @@ a new stream cannot collide with an existing one by accident and a reader can
 see which seed each job uses. The numbers are fixed: changing one changes what
 every existing run reproduces.
 """
+
 from __future__ import annotations
 
 import random

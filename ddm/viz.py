@@ -3,6 +3,7 @@
 Everything renders off-screen (PIL, matplotlib's Agg canvas) and is written
 atomically, so it works on headless cluster nodes and never leaves half a file.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,12 +32,18 @@ def mosaic(images: np.ndarray, nrow: int, pad: int = 2, pad_value: int = 255) ->
     out = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, *images.shape[3:]), pad_value, np.uint8)
     for i, im in enumerate(images):
         r, c = divmod(i, nrow)
-        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
+        out[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = im
     return out
 
 
-def save_grid(images: np.ndarray, nrow: int, path: str | os.PathLike,
-              row_labels: Sequence[str] | None = None, scale: int | None = None, pad: int = 2) -> np.ndarray:
+def save_grid(
+    images: np.ndarray,
+    nrow: int,
+    path: str | os.PathLike,
+    row_labels: Sequence[str] | None = None,
+    scale: int | None = None,
+    pad: int = 2,
+) -> np.ndarray:
     """Write a PNG grid of uint8 images (``nrow`` per row), upscaled with nearest neighbours.
 
     Args:

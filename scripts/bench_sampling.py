@@ -9,6 +9,7 @@ router's forward FLOPs relative to one expert's.
     python scripts/bench_sampling.py --run runs/demo            # a trained run
     python scripts/bench_sampling.py --size DiT-T/4 --k 4       # random weights, same shapes
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,16 @@ def time_once(model, path, n, image_size, channels, steps, cfg) -> tuple[float, 
     """(wall seconds, CPU seconds of this process) for one sampling run."""
     y = torch.arange(n) % 10
     wall, cpu = time.perf_counter(), time.process_time()
-    sample(model, path, (n, channels, image_size, image_size), y=y, steps=steps, solver="euler",
-           cfg_scale=cfg, generator=torch.Generator().manual_seed(0))
+    sample(
+        model,
+        path,
+        (n, channels, image_size, image_size),
+        y=y,
+        steps=steps,
+        solver="euler",
+        cfg_scale=cfg,
+        generator=torch.Generator().manual_seed(0),
+    )
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -68,10 +77,14 @@ def main():
     shape = (1, tr.in_channels, tr.image_size, tr.image_size)
     x, t, y = torch.zeros(shape), torch.zeros(1), torch.zeros(1, dtype=torch.long)
     f_expert, f_router = count_flops(experts[0], x, t, y), count_flops(router, x, t, y)
-    print(f"host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
-    print(f"expert {tr.size}: {f_expert / 1e6:.1f} MFLOPs/image/call; router {router.trunk.size}: "
-          f"{f_router / 1e6:.1f} MFLOPs ({100 * f_router / f_expert:.1f}% of an expert)")
+    print(
+        f"host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"expert {tr.size}: {f_expert / 1e6:.1f} MFLOPs/image/call; router {router.trunk.size}: "
+        f"{f_router / 1e6:.1f} MFLOPs ({100 * f_router / f_expert:.1f}% of an expert)"
+    )
     print(f"{args.n} images, {args.steps} Euler steps, cfg {args.cfg}, K={len(experts)}, best of {args.repeats}")
     models = {"one expert": experts[0]}
     for strategy in args.strategies.split(","):

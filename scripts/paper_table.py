@@ -11,6 +11,7 @@ go into run_dir (runs/<name>/ by default). Rerunning continues where it stopped.
 An expected error (no `paper:` grid, a bad value) prints one line and exits with
 status 2, as `ddm <stage>` does; `debug=true` or `HYDRA_FULL_ERROR=1` shows its traceback.
 """
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """Shared fixtures: configs composed exactly as the CLI composes them, in a temp run dir."""
+
 from __future__ import annotations
 
 import os

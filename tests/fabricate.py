@@ -1,4 +1,5 @@
 """Tiny synthetic run directories for tests of later stages, built without the earlier ones."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,9 +11,19 @@ from ddm.data.shards import ShardSetWriter
 from ddm.io import sha256_strings, write_json
 
 # One expert or router job in seconds on 2 CPU cores, on a fabricated partition: the tests' one fast setting.
-FAST_JOB = ("model.size=DiT-N/2", "island.num_workers=0", "island.threads=1", "expert.batch_size=8",
-            "expert.warmup_steps=2", "expert.shuffle_buffer=10", "router.size=DiT-N/2", "router.batch_size=16",
-            "router.shuffle_buffer=50", "router.warmup_steps=5", "router.eval_samples=200")
+FAST_JOB = (
+    "model.size=DiT-N/2",
+    "island.num_workers=0",
+    "island.threads=1",
+    "expert.batch_size=8",
+    "expert.warmup_steps=2",
+    "expert.shuffle_buffer=10",
+    "router.size=DiT-N/2",
+    "router.batch_size=16",
+    "router.shuffle_buffer=50",
+    "router.warmup_steps=5",
+    "router.eval_samples=200",
+)
 
 
 def cluster_image(k: int, rng: np.random.Generator, size: int = 8) -> np.ndarray:
@@ -20,12 +31,13 @@ def cluster_image(k: int, rng: np.random.Generator, size: int = 8) -> np.ndarray
     img = rng.integers(0, 60, size=(size, size))
     h = size // 2
     r, c = divmod(k % 4, 2)
-    img[r * h:(r + 1) * h, c * h:(c + 1) * h] += 180
+    img[r * h : (r + 1) * h, c * h : (c + 1) * h] += 180
     return img.clip(0, 255).astype(np.uint8)
 
 
-def make_partitions(run_dir, sizes=(40, 40), num_classes=3, size=8, shard_size=10, clustering_id="c0ffee",
-                    seed=0) -> RunDir:
+def make_partitions(
+    run_dir, sizes=(40, 40), num_classes=3, size=8, shard_size=10, clustering_id="c0ffee", seed=0
+) -> RunDir:
     """Write partitions/cluster-KK shard sets plus the partition index, as the partition stage does."""
     rd = RunDir(run_dir)
     rng = np.random.default_rng(seed)
@@ -33,14 +45,29 @@ def make_partitions(run_dir, sizes=(40, 40), num_classes=3, size=8, shard_size=1
     for k, n in enumerate(sizes):
         keys = [f"syn-train-{k:02d}{i:06d}" for i in range(n)]
         labels = [int(i % num_classes) for i in range(n)]
-        with ShardSetWriter(rd.partition(k), shard_size, cluster=k, num_clusters=K, clustering_id=clustering_id,
-                            keys_sha256=sha256_strings(keys), image_size=size, channels=1,
-                            num_classes=num_classes, class_names=None) as w:
+        with ShardSetWriter(
+            rd.partition(k),
+            shard_size,
+            cluster=k,
+            num_clusters=K,
+            clustering_id=clustering_id,
+            keys_sha256=sha256_strings(keys),
+            image_size=size,
+            channels=1,
+            num_classes=num_classes,
+            class_names=None,
+        ) as w:
             for key, y in zip(keys, labels):
                 w.write(key, cluster_image(k, rng, size), y)
-    write_json(rd.partitions / "manifest.json",
-               dict(clustering_id=clustering_id, num_clusters=K, sizes=list(sizes),
-                    clusters=[rd.partition(k).name for k in range(K)]))
+    write_json(
+        rd.partitions / "manifest.json",
+        dict(
+            clustering_id=clustering_id,
+            num_clusters=K,
+            sizes=list(sizes),
+            clusters=[rd.partition(k).name for k in range(K)],
+        ),
+    )
     return rd
 
 
@@ -49,8 +76,9 @@ def cluster_cfg(run: RunDir, method: str, **overrides):
 
     Keyword overrides use ``__`` for dots: ``cluster__k=2`` sets ``cluster.k``.
     """
-    cfg = OmegaConf.create(dict(run_dir=str(run.root), seed=0, redo=False,
-                                cluster=OmegaConf.load(CONF_DIR / "cluster" / f"{method}.yaml")))
+    cfg = OmegaConf.create(
+        dict(run_dir=str(run.root), seed=0, redo=False, cluster=OmegaConf.load(CONF_DIR / "cluster" / f"{method}.yaml"))
+    )
     for key, value in overrides.items():
         OmegaConf.update(cfg, key.replace("__", "."), value)
     return cfg

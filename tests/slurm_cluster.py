@@ -12,6 +12,7 @@ running undisturbed, and two clusters can run side by side.
 Debian's ``slurm-wlm`` and ``munge`` once with apt-get when running as root),
 or the reason why a cluster cannot be started here.
 """
+
 from __future__ import annotations
 
 import os
@@ -154,15 +155,23 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         except KeyError:  # no munge account: run it as ourselves
             as_user = {}
         m = self.munge_dir
-        cmd = [_which("munged"), "--foreground", f"--socket={self.socket}", f"--key-file={key}",
-               f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed"]
+        cmd = [
+            _which("munged"),
+            "--foreground",
+            f"--socket={self.socket}",
+            f"--key-file={key}",
+            f"--pid-file={m}/munged.pid",
+            f"--log-file={m}/munged.log",
+            f"--seed-file={m}/munged.seed",
+        ]
         self._spawn("munged", cmd, **as_user)
         self._wait(lambda: self.socket.exists(), 20, "munged did not create its socket")
 
     def _spawn(self, name: str, cmd: list[str], **kwargs) -> None:
         out = open(self.root / f"{name}.stdout", "wb")
-        self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True, **kwargs)
+        self.procs[name] = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, **kwargs
+        )
         out.close()
 
     def _wait(self, ready, timeout: float, what: str) -> None:
@@ -185,8 +194,9 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         try:
             self._start_munged()
             self._spawn("slurmctld", [_which("slurmctld"), "-D", "-f", str(self.conf)])
-            self._wait(lambda: self.command(["scontrol", "ping"]).stdout.count("UP") >= 1, 60,
-                       "slurmctld did not answer")
+            self._wait(
+                lambda: self.command(["scontrol", "ping"]).stdout.count("UP") >= 1, 60, "slurmctld did not answer"
+            )
             self._spawn("slurmd", [_which("slurmd"), "-D", "-f", str(self.conf)])
             self._wait(lambda: self.node_state().startswith("idle"), 60, "the node did not become idle")
         except BaseException:
@@ -245,8 +255,11 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 
     def logs(self, *names: str) -> str:
         """The tail of each daemon's log, for error messages."""
-        files = [self.root / f"{n}.log" for n in ("slurmctld", "slurmd")] + [self.munge_dir / "munged.log"] \
+        files = (
+            [self.root / f"{n}.log" for n in ("slurmctld", "slurmd")]
+            + [self.munge_dir / "munged.log"]
             + [self.root / f"{n}.stdout" for n in ("munged", "slurmctld", "slurmd")]
+        )
         if names:
             files = [f for f in files if any(n in f.name for n in names)]
         out = []

@@ -1,4 +1,5 @@
 """The command line as a person meets it: help, one-line errors for expected mistakes, tracebacks for bugs."""
+
 from __future__ import annotations
 
 import os
@@ -68,8 +69,10 @@ def test_an_unknown_stage_names_it_and_lists_the_stages(run_cli):
 def test_a_missing_artefact_is_one_line_naming_the_file_and_the_fix(run_cli, tmp_path):
     code, _, err = run_cli("sample", f"run_dir={tmp_path / 'run'}")
     assert code == cli.USER_ERROR_STATUS
-    assert lines(err) == [f"ddm sample: error: no router weights at {tmp_path / 'run' / 'router' / 'router.pt'}: "
-                          f"run `ddm train-router` first"]
+    assert lines(err) == [
+        f"ddm sample: error: no router weights at {tmp_path / 'run' / 'router' / 'router.pt'}: "
+        f"run `ddm train-router` first"
+    ]
 
 
 def test_full_error_shows_the_traceback_of_an_expected_error(run_cli, tmp_path):
@@ -83,12 +86,18 @@ def test_debug_shows_the_traceback_of_an_expected_error(run_cli, tmp_path):
     assert "Traceback" in err and "MissingInput: no router weights" in err
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("sample.stepz=3", "Could not override 'sample.stepz'. To append to your config use +sample.stepz=3"),
-    ("no_such_group.key=1", "Could not override 'no_such_group.key'."),
-    ("data=no_such_source", "Could not find 'data/no_such_source'. Available options in 'data': digits, "
-                            "fashion_mnist, image_folder, webdataset"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("sample.stepz=3", "Could not override 'sample.stepz'. To append to your config use +sample.stepz=3"),
+        ("no_such_group.key=1", "Could not override 'no_such_group.key'."),
+        (
+            "data=no_such_source",
+            "Could not find 'data/no_such_source'. Available options in 'data': digits, "
+            "fashion_mnist, image_folder, webdataset",
+        ),
+    ],
+)
 def test_a_bad_override_is_one_line_naming_it(run_cli, tmp_path, override, expected):
     code, _, err = run_cli("sample", f"run_dir={tmp_path / 'run'}", override)
     assert code == cli.USER_ERROR_STATUS

@@ -1,4 +1,5 @@
 """The cluster stage and its k-means functions, on small synthetic runs built here (no embed stage needed)."""
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,15 @@ def make_run(root, n=N, embeddings=None, encoder="toy-encoder"):
     run = RunDir(root)
     rng = np.random.default_rng(1)
     keys = [f"toy-train-{i:06d}" for i in range(n)]
-    with ShardSetWriter(run.data, SHARD, image_size=4, channels=1, num_classes=3, class_names=["a", "b", "c"],
-                        keys_sha256=sha256_strings(keys)) as writer:
+    with ShardSetWriter(
+        run.data,
+        SHARD,
+        image_size=4,
+        channels=1,
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        keys_sha256=sha256_strings(keys),
+    ) as writer:
         for key in keys:
             writer.write(key, rng.integers(0, 256, (4, 4), dtype=np.uint8), int(rng.integers(0, 3)))
     if embeddings is not False:
@@ -46,12 +54,20 @@ def write_embeddings(run, keys, x, shard_sizes, encoder="toy-encoder", keys_sha2
     run.embeddings.mkdir(parents=True, exist_ok=True)
     shards, start = [], 0
     for i, size in enumerate(shard_sizes):
-        np.save(run.embeddings / f"emb-{i:06d}.npy", x[start:start + size])
-        (run.embeddings / f"keys-{i:06d}.txt").write_text("\n".join(keys[start:start + size]) + "\n")
+        np.save(run.embeddings / f"emb-{i:06d}.npy", x[start : start + size])
+        (run.embeddings / f"keys-{i:06d}.txt").write_text("\n".join(keys[start : start + size]) + "\n")
         shards.append(dict(embeddings=f"emb-{i:06d}.npy", keys=f"keys-{i:06d}.txt", num_samples=size))
         start += size
-    write_json(run.embeddings_manifest, dict(encoder=encoder, dim=x.shape[1], num_samples=len(keys),
-                                             keys_sha256=keys_sha256 or sha256_strings(keys), shards=shards))
+    write_json(
+        run.embeddings_manifest,
+        dict(
+            encoder=encoder,
+            dim=x.shape[1],
+            num_samples=len(keys),
+            keys_sha256=keys_sha256 or sha256_strings(keys),
+            shards=shards,
+        ),
+    )
 
 
 def cfg_for(run, method="two_stage", **overrides):
@@ -59,6 +75,7 @@ def cfg_for(run, method="two_stage", **overrides):
 
 
 # -- the algorithms ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", ["flat", "two_stage"])
 def test_kmeans_recovers_separated_blobs(tmp_path, method):
@@ -147,6 +164,7 @@ def test_degenerate_data_leaves_an_empty_cluster(method):
 
 
 # -- the stage ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", ["flat", "two_stage", "random"])
 def test_same_seed_same_clustering(tmp_path, method):
@@ -263,5 +281,13 @@ def test_unknown_method(tmp_path):
 def test_cluster_configs_compose_with_the_root_config(make_cfg, option):
     cfg = make_cfg(f"cluster={option}", "seed=7")
     assert cfg.cluster.method == option and cfg.cluster.seed == 7
-    assert set(cfg.cluster) == {"method", "k", "fine_k", "niter", "seed", "spherical",
-                                "min_shards_per_partition", "partition_shard_size"}
+    assert set(cfg.cluster) == {
+        "method",
+        "k",
+        "fine_k",
+        "niter",
+        "seed",
+        "spherical",
+        "min_shards_per_partition",
+        "partition_shard_size",
+    }

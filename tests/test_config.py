@@ -1,4 +1,5 @@
 """Every config option composes, and every option documents itself."""
+
 from __future__ import annotations
 
 import re
@@ -11,8 +12,10 @@ from ddm.config import CONF_DIR
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.yaml"))]
 # Options whose required values (???) a user must supply.
-REQUIRED = {("data", "image_folder"): ["data.root=/tmp/images"],
-            ("data", "webdataset"): ["data.urls='/tmp/shards/shard-{000000..000001}.tar'"]}
+REQUIRED = {
+    ("data", "image_folder"): ["data.root=/tmp/images"],
+    ("data", "webdataset"): ["data.urls='/tmp/shards/shard-{000000..000001}.tar'"],
+}
 
 
 def test_config_groups_mirror_the_parts():

@@ -1,4 +1,5 @@
 """What can be checked of the Dockerfile without a Docker engine."""
+
 from __future__ import annotations
 
 import re
@@ -9,8 +10,7 @@ DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()
 
 
 def test_every_copied_path_exists():
-    copied = [src for line in DOCKERFILE.splitlines() if line.startswith("COPY")
-              for src in line.split()[1:-1]]
+    copied = [src for line in DOCKERFILE.splitlines() if line.startswith("COPY") for src in line.split()[1:-1]]
     assert copied
     for src in copied:
         assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
@@ -27,5 +27,6 @@ def test_install_commands_are_the_documented_ones():
 def test_entry_point_is_the_cli():
     assert 'ENTRYPOINT ["ddm"]' in DOCKERFILE
     import tomllib
+
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["ddm"] == "ddm.cli:main"

@@ -1,4 +1,5 @@
 """Stage ``embed`` and the encoders: alignment with keys, resumability, weights loading."""
+
 from __future__ import annotations
 
 import re
@@ -51,6 +52,7 @@ def count_shard_calls(monkeypatch) -> list:
 
 # ------------------------------------------------------------------ the stage
 
+
 def test_embeddings_aligned_with_keys(digits_run):
     cfg = digits_run
     summary = embed.run(cfg)
@@ -89,8 +91,9 @@ def test_embed_resumes_only_the_missing_shard(digits_run, monkeypatch):
     assert len(calls) == 1 and calls[0].endswith("shard-000002.tar")
     assert summary["computed_shards"] == 1
     after = mtimes(folder)
-    assert {k: v for k, v in after.items() if k != "emb-000002.npy"} == \
-           {k: v for k, v in before.items() if k != "emb-000002.npy"}
+    assert {k: v for k, v in after.items() if k != "emb-000002.npy"} == {
+        k: v for k, v in before.items() if k != "emb-000002.npy"
+    }
     np.testing.assert_array_equal(np.load(folder / "emb-000002.npy"), old)
     assert (folder / "manifest.json").exists()
 
@@ -123,6 +126,7 @@ def test_embed_needs_prepared_data(make_cfg):
 
 
 # ------------------------------------------------------------------ pixels encoder
+
 
 def test_pixels_identical_images_match_and_different_ones_do_not():
     encoder = PixelEncoder(channels=1, size=8)
@@ -158,9 +162,11 @@ def test_unknown_encoder_is_named():
 
 # ------------------------------------------------------------------ open_clip encoder
 
+
 def clip_cfg(**kw):
-    return OmegaConf.create(dict(encoder="open_clip", model=SMALL_CLIP, pretrained=None, image_size=64,
-                                 device="cpu", batch_size=16) | kw)
+    return OmegaConf.create(
+        dict(encoder="open_clip", model=SMALL_CLIP, pretrained=None, image_size=64, device="cpu", batch_size=16) | kw
+    )
 
 
 def test_open_clip_loads_local_weights_exactly(tmp_path):
@@ -204,8 +210,16 @@ def test_open_clip_hub_tag_offline_says_to_use_a_local_file():
 
 
 def test_embed_stage_with_open_clip_is_reproducible(make_cfg):
-    overrides = ["data=digits", "data.limit=40", "data.shard_size=20", "embed=open_clip",
-                 f"embed.model={SMALL_CLIP}", "embed.image_size=64", "embed.device=cpu", "embed.batch_size=16"]
+    overrides = [
+        "data=digits",
+        "data.limit=40",
+        "data.shard_size=20",
+        "embed=open_clip",
+        f"embed.model={SMALL_CLIP}",
+        "embed.image_size=64",
+        "embed.device=cpu",
+        "embed.batch_size=16",
+    ]
     cfg = make_cfg(*overrides)
     prepare.run(cfg)
     embed.run(cfg)
@@ -221,9 +235,11 @@ def test_embed_stage_with_open_clip_is_reproducible(make_cfg):
 
 # ------------------------------------------------------------------ torchvision encoder
 
+
 def torchvision_cfg(**kw):
-    return OmegaConf.create(dict(encoder="torchvision", model="mobilenet_v2", weights=None, image_size=32,
-                                 device="cpu", batch_size=16) | kw)
+    return OmegaConf.create(
+        dict(encoder="torchvision", model="mobilenet_v2", weights=None, image_size=32, device="cpu", batch_size=16) | kw
+    )
 
 
 def saved_mobilenet(path, seed: int = 123):
@@ -233,6 +249,7 @@ def saved_mobilenet(path, seed: int = 123):
     source = torchvision.models.mobilenet_v2(weights=None).eval()
     if str(path).endswith(".safetensors"):
         from safetensors.torch import save_file
+
         save_file(source.state_dict(), str(path))
     else:
         torch.save(source.state_dict(), path)
@@ -253,7 +270,9 @@ def test_torchvision_features_are_the_loaded_networks_pooled_features(tmp_path, 
     # by hand: gray -> RGB, resize, ImageNet normalisation, conv trunk, global average pool, unit length
     x = torch.from_numpy(images).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
     x = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
-    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1
+    )
     with torch.no_grad():
         expected = F.normalize(F.adaptive_avg_pool2d(source.features(x), 1).flatten(1), dim=1).numpy()
     rows = encoder(images)
@@ -266,8 +285,10 @@ def test_torchvision_weights_digest_names_the_weights_not_the_file(tmp_path):
     saved_mobilenet(tmp_path / "a.pth", seed=1)
     saved_mobilenet(tmp_path / "b.safetensors", seed=1)
     saved_mobilenet(tmp_path / "c.pth", seed=2)
-    spec = {f: build_encoder(torchvision_cfg(weights=str(tmp_path / f)), DIGITS_META).spec
-            for f in ("a.pth", "b.safetensors", "c.pth")}
+    spec = {
+        f: build_encoder(torchvision_cfg(weights=str(tmp_path / f)), DIGITS_META).spec
+        for f in ("a.pth", "b.safetensors", "c.pth")
+    }
     assert spec["a.pth"] == spec["b.safetensors"] and spec["a.pth"] != spec["c.pth"]
 
 
@@ -288,8 +309,15 @@ def test_torchvision_bad_inputs_name_the_setting(tmp_path):
 def test_embed_stage_with_torchvision_weights(make_cfg, tmp_path):
     weights = tmp_path / "mobilenet_v2.pth"
     saved_mobilenet(weights)
-    cfg = make_cfg("data=digits", "data.limit=40", "data.shard_size=20", "embed=torchvision",
-                   f"embed.weights={weights}", "embed.image_size=32", "embed.device=cpu")
+    cfg = make_cfg(
+        "data=digits",
+        "data.limit=40",
+        "data.shard_size=20",
+        "embed=torchvision",
+        f"embed.weights={weights}",
+        "embed.image_size=32",
+        "embed.device=cpu",
+    )
     prepare.run(cfg)
     embed.run(cfg)
     folder = RunDir(cfg.run_dir).embeddings

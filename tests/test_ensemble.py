@@ -5,6 +5,7 @@ results with weights computed independently from the router's softmax; the
 Ensemble must agree while calling each selected expert once, on exactly its
 samples. Analytic experts in float64 make the comparison exact.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -124,7 +125,7 @@ def test_top1_picks_the_argmax_expert_per_sample():
     choice = router(x, t, y).argmax(1)
     got = Ensemble(ex, router, strategy="top1")(x, t, y)
     for i in range(B):
-        assert torch.equal(got[i], ex[choice[i]](x[i:i + 1], t[i:i + 1], y[i:i + 1])[0])
+        assert torch.equal(got[i], ex[choice[i]](x[i : i + 1], t[i : i + 1], y[i : i + 1])[0])
 
 
 @pytest.mark.parametrize("strategy", ["top1", "topk", "full"])
@@ -175,8 +176,9 @@ def test_each_selected_expert_runs_once_on_exactly_its_samples(strategy):
 
 def test_sample_strategy_frequencies_match_router_probabilities():
     probs = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
-    ens = Ensemble(experts(), ConstantRouter(probs.log().tolist()), strategy="sample",
-                   generator=torch.Generator().manual_seed(0))
+    ens = Ensemble(
+        experts(), ConstantRouter(probs.log().tolist()), strategy="sample", generator=torch.Generator().manual_seed(0)
+    )
     x, t, y = batch(n=20000)
     ens(x, t, y)
     ens(x, t, y)  # a fresh draw at every call
@@ -200,8 +202,7 @@ def test_cfg_with_a_constant_router_is_that_experts_guided_velocity():
     ex = experts()
     ens = Ensemble(ex, ConstantRouter([0.0, 3.0, 1.0, -1.0]), strategy="top1")
     x, t, y = batch()
-    torch.testing.assert_close(ens.forward_with_cfg(x, t, y, 2.5), guided(ex[1], x, t, y, 2.5),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(ens.forward_with_cfg(x, t, y, 2.5), guided(ex[1], x, t, y, 2.5), rtol=0, atol=0)
 
 
 def test_cfg_keeps_the_cond_and_uncond_pair_on_one_expert():
@@ -210,16 +211,16 @@ def test_cfg_keeps_the_cond_and_uncond_pair_on_one_expert():
     x, t, y = batch()
     chosen = router(x, t, y).argmax(1)
     assert (chosen != router(x, t, None).argmax(1)).any(), "test needs labels that change the routing"
-    want = torch.stack([guided(ex[k], x[i:i + 1], t[i:i + 1], y[i:i + 1], 3.0)[0]
-                        for i, k in enumerate(chosen.tolist())])
+    want = torch.stack(
+        [guided(ex[k], x[i : i + 1], t[i : i + 1], y[i : i + 1], 3.0)[0] for i, k in enumerate(chosen.tolist())]
+    )
     got = Ensemble(ex, router, strategy="top1").forward_with_cfg(x, t, y, 3.0)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("strategy,per_sample", [("top1", 1), ("sample", 1), ("topk", 2), ("full", K)])
 def test_usage_records_one_entry_per_call(strategy, per_sample):
-    ens = Ensemble(experts(), LinearRouter(), strategy=strategy, top_k=2,
-                   generator=torch.Generator().manual_seed(0))
+    ens = Ensemble(experts(), LinearRouter(), strategy=strategy, top_k=2, generator=torch.Generator().manual_seed(0))
     x, t, y = batch()
     for _ in range(3):
         ens(x, t, y)

@@ -1,4 +1,5 @@
 """Every evaluation metric against a case whose answer is known."""
+
 from __future__ import annotations
 
 import math
@@ -35,6 +36,7 @@ def _random_cov(rng, d, rank=None):
 
 
 # --------------------------------------------------------------------------- Fréchet distance
+
 
 def test_fd_of_identical_sets_is_zero():
     x = np.random.default_rng(0).normal(size=(400, 32)) * 3 + 5
@@ -84,6 +86,7 @@ def test_fd_is_symmetric_and_non_negative_even_for_singular_covariances():
 
 # --------------------------------------------------------------------------- precision / recall
 
+
 def test_precision_recall_of_identical_sets_is_one():
     x = np.random.default_rng(4).normal(size=(300, 10))
     assert precision_recall(x, x, k=3) == dict(precision=1.0, recall=1.0, k=3)
@@ -110,8 +113,10 @@ def test_precision_recall_by_hand():
 
 # --------------------------------------------------------------------------- router diagnostics
 
+
 class OracleRouter(nn.Module):
     """Clusters at x0 = -1 and x0 = +1 everywhere: the sign of the image mean names the cluster."""
+
     num_outputs = 2
 
     def forward(self, x, t, y=None):
@@ -121,6 +126,7 @@ class OracleRouter(nn.Module):
 
 class ConstantRouter(nn.Module):
     """Always p = (0.7, 0.3), whatever the input."""
+
     num_outputs = 2
 
     def forward(self, x, t, y=None):
@@ -147,9 +153,9 @@ def test_calibration_of_a_constant_probability_router():
     entropy = -(0.7 * math.log(0.7) + 0.3 * math.log(0.3))
     nll = -(0.5 * math.log(0.7) + 0.5 * math.log(0.3))
     for r in rows:
-        assert r["accuracy"] == pytest.approx(0.5)      # always answers cluster 0; half the images are
+        assert r["accuracy"] == pytest.approx(0.5)  # always answers cluster 0; half the images are
         assert r["confidence"] == pytest.approx(0.7)
-        assert r["ece"] == pytest.approx(0.2)           # |0.7 - 0.5| in the one bin used
+        assert r["ece"] == pytest.approx(0.2)  # |0.7 - 0.5| in the one bin used
         assert r["entropy"] == pytest.approx(entropy, rel=1e-5)
         assert r["nll"] == pytest.approx(nll, rel=1e-5)
         assert r["prior_entropy"] == pytest.approx(math.log(2))
@@ -163,6 +169,7 @@ def test_ece_by_hand():
 
 
 # --------------------------------------------------------------------------- FLOPs
+
 
 def test_flops_of_a_linear_stack():
     a, b, c = 7, 11, 5
@@ -178,21 +185,24 @@ def _tiny_ensemble(strategy, top_k=2):
         for p in e.parameters():
             nn.init.normal_(p, std=0.05)
     router = DiTClassifier(3, "DiT-N/4", image_size=8, in_channels=1, num_classes=3)
-    return Ensemble(experts, router, strategy=strategy, top_k=top_k,
-                    generator=torch.Generator().manual_seed(0)).eval()
+    return Ensemble(experts, router, strategy=strategy, top_k=top_k, generator=torch.Generator().manual_seed(0)).eval()
 
 
-@pytest.mark.parametrize("strategy,solver,cfg_scale", [("top1", "euler", 1.5), ("topk", "heun", 1.0),
-                                                        ("full", "heun", 1.5), ("sample", "euler", 1.0)])
+@pytest.mark.parametrize(
+    "strategy,solver,cfg_scale",
+    [("top1", "euler", 1.5), ("topk", "heun", 1.0), ("full", "heun", 1.5), ("sample", "euler", 1.0)],
+)
 def test_sampling_flops_formula_matches_the_counter(strategy, solver, cfg_scale):
     ens = _tiny_ensemble(strategy)
     shape = (1, 8, 8)
     expert = model_forward_flops(ens.experts["0"], shape)
     router = model_forward_flops(ens.router, shape)
-    formula = sampling_flops_per_image(expert, router, strategy, steps=3, solver=solver, cfg_scale=cfg_scale,
-                                       num_experts=3, top_k=2)
-    measured = measured_sampling_flops(ens, FlowPath(), shape, torch.tensor([0, 1, 2]), steps=3, solver=solver,
-                                       cfg_scale=cfg_scale)
+    formula = sampling_flops_per_image(
+        expert, router, strategy, steps=3, solver=solver, cfg_scale=cfg_scale, num_experts=3, top_k=2
+    )
+    measured = measured_sampling_flops(
+        ens, FlowPath(), shape, torch.tensor([0, 1, 2]), steps=3, solver=solver, cfg_scale=cfg_scale
+    )
     assert measured == formula["per_image"]
 
 
@@ -213,6 +223,7 @@ def test_training_flops_from_records():
 
 
 # --------------------------------------------------------------------------- flow-matching loss
+
 
 class ExactSinglePointVelocity(nn.Module):
     """The marginal velocity when the data is one point c (linear path): v(x, t) = (x - c) / t."""
@@ -239,7 +250,7 @@ def test_fm_loss_of_a_zero_model_is_its_expected_value():
     x0 = c.expand(2000, 1, 4, 4).clone()
     zero = lambda x, t, y: torch.zeros_like(x)  # noqa: E731 - an analytic model is a plain function
     out = heldout_fm_loss(zero, FlowPath(), x0, None, [0.2, 0.8], seed=0, batch_size=512)
-    expected = 1 + (c ** 2).mean().item()
+    expected = 1 + (c**2).mean().item()
     assert all(r["loss"] == pytest.approx(expected, abs=0.05) for r in out["per_t"])
 
 
@@ -254,6 +265,7 @@ def test_fm_loss_noise_is_fixed_whatever_the_batch_size():
 
 
 # --------------------------------------------------------------------------- feature net
+
 
 def _quadrant_data(n=240, seed=0, size=8):
     rng = np.random.default_rng(seed)
@@ -313,6 +325,7 @@ def test_feature_net_handles_any_image_size_and_channels():
 
 
 # --------------------------------------------------------------------------- Inception from a local file
+
 
 def test_inception_missing_file_names_the_config_key(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"eval\.inception_weights"):

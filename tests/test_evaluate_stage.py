@@ -1,4 +1,5 @@
 """The evaluate stage on the tiny experiment: every part of metrics.json, the report, and skipping."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,10 +11,20 @@ from ddm.io import read_json
 from ddm.stages import evaluate, pipeline
 
 # Small enough for seconds on 2 cores; the pipeline trains for a few steps only.
-OVERRIDES = ["expert.steps=6", "router.steps=6", "eval.num_samples=40", "eval.per_class_min=3",
-             "eval.feature_net.steps=30", "eval.feature_net.width=8", "eval.feature_net.batch_size=32",
-             "eval.fm_loss.num_samples=30", "eval.fm_loss.t_grid=[0.25,0.75]", "eval.router.num_samples=60",
-             "eval.router.t_buckets=4", "eval.strategies=[top1,full]"]
+OVERRIDES = [
+    "expert.steps=6",
+    "router.steps=6",
+    "eval.num_samples=40",
+    "eval.per_class_min=3",
+    "eval.feature_net.steps=30",
+    "eval.feature_net.width=8",
+    "eval.feature_net.batch_size=32",
+    "eval.fm_loss.num_samples=30",
+    "eval.fm_loss.t_grid=[0.25,0.75]",
+    "eval.router.num_samples=60",
+    "eval.router.t_buckets=4",
+    "eval.strategies=[top1,full]",
+]
 
 
 def eval_group() -> list[str]:
@@ -34,8 +45,16 @@ def evaluated(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-eval")
 
     def make_cfg(*extra):
-        return compose(["experiment=tiny", f"run_dir={root / 'run'}", *eval_group(),
-                        f"eval.feature_net.cache_dir={root / 'cache'}", *OVERRIDES, *extra])
+        return compose(
+            [
+                "experiment=tiny",
+                f"run_dir={root / 'run'}",
+                *eval_group(),
+                f"eval.feature_net.cache_dir={root / 'cache'}",
+                *OVERRIDES,
+                *extra,
+            ]
+        )
 
     cfg = make_cfg()
     pipeline.run(cfg)
@@ -53,7 +72,7 @@ def test_metrics_file_holds_every_part(evaluated):
 
 def test_sample_quality_is_named_by_its_feature_space(evaluated):
     _, _, metrics = evaluated
-    (name, space), = metrics["feature_spaces"].items()  # no inception file given: one space only
+    ((name, space),) = metrics["feature_spaces"].items()  # no inception file given: one space only
     assert name == f"classifier:{space['checksum'][:12]}"
     assert 0 <= space["test_accuracy"] <= 1 and space["target"] == "class"
     for s in ("top1", "full"):
@@ -93,8 +112,9 @@ def test_flops_are_stated_and_the_formula_matches_the_counter(evaluated):
     assert set(fl["forward_per_sample"]) == {"expert-00", "expert-01", "router"}
     record = read_json(rd.expert_record(0))
     assert fl["forward_per_sample"]["expert-00"] == record["forward_flops_per_sample"]
-    assert fl["train"]["jobs"]["expert-00"] == dict(flops=record["train_flops"], estimated=False,
-                                                    samples_seen=record["samples_seen"])
+    assert fl["train"]["jobs"]["expert-00"] == dict(
+        flops=record["train_flops"], estimated=False, samples_seen=record["samples_seen"]
+    )
     assert fl["train"]["total"] > 0 and 0 < fl["train"]["router_share"] < 1
     for s in ("top1", "full"):
         assert fl["sampling"][s]["per_image"] == fl["sampling"][s]["measured_per_image"]
@@ -117,8 +137,9 @@ def test_rerun_skips_and_new_settings_evaluate_again(evaluated):
     assert evaluate.run(make_cfg()) == metrics
     assert marker.stat().st_mtime_ns == before
     # Another setting: evaluated again; the cached feature net is reused, not retrained.
-    again = evaluate.run(make_cfg("eval.fm_loss.per_expert=false", "eval.strategies=[top1]",
-                                  "eval.flops.measure_images=0"))
+    again = evaluate.run(
+        make_cfg("eval.fm_loss.per_expert=false", "eval.strategies=[top1]", "eval.flops.measure_images=0")
+    )
     assert set(again["fm_loss"]["models"]) == {"ensemble-top1", "ensemble-full"}
     assert next(iter(again["feature_spaces"].values()))["cached"] is True
 
@@ -132,8 +153,10 @@ def test_a_missing_inception_file_names_the_config_key(evaluated, tmp_path):
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.mark.skipif(not (REAL_FMNIST / "t10k-images-idx3-ubyte.gz").exists(),
-                    reason="Debian's dataset-fashion-mnist is not installed (apt-get install -y dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not (REAL_FMNIST / "t10k-images-idx3-ubyte.gz").exists(),
+    reason="Debian's dataset-fashion-mnist is not installed (apt-get install -y dataset-fashion-mnist)",
+)
 def test_heldout_test_split_gets_clusters_by_the_clustering_rule(tmp_path):
     """Fashion-MNIST's test images become the held-out set; new images go to clusters as training images did."""
     import numpy as np
@@ -145,8 +168,17 @@ def test_heldout_test_split_gets_clusters_by_the_clustering_rule(tmp_path):
     from ddm.stages.evaluation.clusters import cluster_labels, nearest_centroid
     from ddm.stages.evaluation.heldout import heldout_dir, prepare_heldout
 
-    cfg = compose([f"run_dir={tmp_path / 'run'}", *eval_group(), "data=fashion_mnist", "data.limit=400",
-                   "cluster.k=3", "cluster.fine_k=16", "eval.heldout.limit=50"])
+    cfg = compose(
+        [
+            f"run_dir={tmp_path / 'run'}",
+            *eval_group(),
+            "data=fashion_mnist",
+            "data.limit=400",
+            "cluster.k=3",
+            "cluster.fine_k=16",
+            "eval.heldout.limit=50",
+        ]
+    )
     for stage in (prepare, embed, cluster):
         stage.run(cfg)
     rd = RunDir(cfg.run_dir)
@@ -161,5 +193,4 @@ def test_heldout_test_split_gets_clusters_by_the_clustering_rule(tmp_path):
     train_x, _, train_keys = load_images(rd.data)
     report = read_json(rd.cluster_report)
     known = load_assignments(rd.assignments).cluster_of()
-    np.testing.assert_array_equal(nearest_centroid(rd, report, train_x, int(cfg.seed)),
-                                  [known[k] for k in train_keys])
+    np.testing.assert_array_equal(nearest_centroid(rd, report, train_x, int(cfg.seed)), [known[k] for k in train_keys])

@@ -7,6 +7,7 @@ The first process is kept alive long enough to be hurt by the test-only hook
 DDM_FAULT_SLOW_CHECKPOINT_S (every checkpoint save sleeps before its rename);
 reruns go at full speed.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,7 @@ TIMEOUT = 240  # generous: other test suites may share these two cores
 
 # ---- the pieces, in this process ---------------------------------------------------------------
 def fake_checkpoint(step: int, **ddm) -> dict:
-    return dict(global_step=step, state_dict={"w": torch.ones(3)}, loops={}, optimizer_states=[], callbacks={},
-                ddm=ddm)
+    return dict(global_step=step, state_dict={"w": torch.ones(3)}, loops={}, optimizer_states=[], callbacks={}, ddm=ddm)
 
 
 def test_atomic_save_keeps_the_old_file_when_a_save_fails(tmp_path):
@@ -120,8 +120,9 @@ class Job:
         base["PYTHONPATH"] = str(ROOT) + os.pathsep + base.get("PYTHONPATH", "")
         cmd = [sys.executable, "-m", "ddm", "train-expert", f"run_dir={run_dir}", *FAST, *overrides]
         with open(log, "w") as out:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**base, **(env or {})}, stdout=out,
-                                         stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, env={**base, **(env or {})}, stdout=out, stderr=subprocess.STDOUT
+            )
 
     def kill_all(self) -> None:
         """SIGKILL the job and every process it started, as SLURM kills a job's whole cgroup.
@@ -199,15 +200,22 @@ def fake_scontrol(tmp_path):
 
 
 # A SLURM batch step as Lightning sees it: with these it would install its own SIGUSR1 requeue handler.
-SLURM_ENV = dict(SLURM_JOB_ID="4242", SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1", SLURM_PROCID="0",
-                 SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_JOB_NAME="ddm-test", SLURM_NODELIST="localhost")
+SLURM_ENV = dict(
+    SLURM_JOB_ID="4242",
+    SLURM_NTASKS="1",
+    SLURM_NTASKS_PER_NODE="1",
+    SLURM_PROCID="0",
+    SLURM_LOCALID="0",
+    SLURM_NODEID="0",
+    SLURM_JOB_NAME="ddm-test",
+    SLURM_NODELIST="localhost",
+)
 
 
 def test_sigusr1_under_slurm_saves_requeues_and_resumes(tmp_path, fake_scontrol):
     rd = make_partitions(tmp_path / "run")
     path_env, calls = fake_scontrol
-    job = Job(rd.root, tmp_path / "first.log",
-              env={**path_env, **SLURM_ENV, SLOW_CHECKPOINT_ENV: "1"})
+    job = Job(rd.root, tmp_path / "first.log", env={**path_env, **SLURM_ENV, SLOW_CHECKPOINT_ENV: "1"})
     job.wait_for(lambda: complete(ckpt_dir(rd) / "last.ckpt"), "a first checkpoint")
     job.proc.send_signal(signal.SIGUSR1)
     assert job.finish() == 0, job.output()[-3000:]  # requeued: a clean exit
@@ -236,8 +244,12 @@ def test_sigterm_without_requeue_saves_and_exits_nonzero(tmp_path, fake_scontrol
     rd = make_partitions(tmp_path / "run")
     path_env, calls = fake_scontrol
     # Under SLURM but with expert.requeue=false: save, no requeue, exit 128 + SIGTERM.
-    job = Job(rd.root, tmp_path / "first.log", "expert.requeue=false",
-              env={**path_env, "SLURM_JOB_ID": "77", SLOW_CHECKPOINT_ENV: "1"})
+    job = Job(
+        rd.root,
+        tmp_path / "first.log",
+        "expert.requeue=false",
+        env={**path_env, "SLURM_JOB_ID": "77", SLOW_CHECKPOINT_ENV: "1"},
+    )
     job.wait_for(lambda: complete(ckpt_dir(rd) / "last.ckpt"), "a first checkpoint")
     job.proc.send_signal(signal.SIGTERM)
     assert job.finish() == 128 + signal.SIGTERM, job.output()[-3000:]
@@ -276,8 +288,9 @@ def test_kill_9_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     job = Job(rd.root, tmp_path / "first.log", env={SLOW_CHECKPOINT_ENV: "3"})
     folder = ckpt_dir(rd)
     job.wait_for(lambda: complete(folder / "last.ckpt"), "a first checkpoint")
-    job.wait_for(lambda: folder.is_dir() and any(is_temp_file(p) for p in folder.iterdir()),
-                 "the next checkpoint write")
+    job.wait_for(
+        lambda: folder.is_dir() and any(is_temp_file(p) for p in folder.iterdir()), "the next checkpoint write"
+    )
     job.kill_all()
     assert job.finish() == -signal.SIGKILL
 

@@ -11,6 +11,7 @@ Mixing these with the component posteriors gives each cluster's exact flow v_k
 (a perfect expert), the exact router log p(k | x_t) and the global flow computed
 from all components at once. The ensemble identity sum_k p(k|x_t) v_k = v must hold.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,9 +51,9 @@ class MixtureFlow(nn.Module):
     def log_joint(self, x, t):
         """log w_c + log N(x; a mu_c, var_c I) for every component: [B, C]."""
         a, s = self.path.alpha(t)[:, None], self.path.sigma(t)[:, None]
-        var = a ** 2 * self.s0[None] ** 2 + s ** 2
+        var = a**2 * self.s0[None] ** 2 + s**2
         diff = x[:, None, :] - a[..., None] * self.mu[None]
-        sq = (diff ** 2).sum(-1)
+        sq = (diff**2).sum(-1)
         return self.log_w[None] - 0.5 * sq / var - 0.5 * D * torch.log(2 * math.pi * var)
 
     def forward(self, x, t, y=None):
@@ -60,11 +61,11 @@ class MixtureFlow(nn.Module):
         a, s = self.path.alpha(t)[:, None, None], self.path.sigma(t)[:, None, None]
         da, ds = self.path.d_alpha(t)[:, None, None], self.path.d_sigma(t)[:, None, None]
         s0sq = self.s0[None, :, None] ** 2
-        var = a ** 2 * s0sq + s ** 2
+        var = a**2 * s0sq + s**2
         diff = x[:, None, :] - a * self.mu[None]
         e_x0 = self.mu[None] + a * s0sq / var * diff
         e_eps = s / var * diff
-        v_comp = da * e_x0 + ds * e_eps                        # [B, C, D]
+        v_comp = da * e_x0 + ds * e_eps  # [B, C, D]
         post = self.log_joint(x, t).softmax(dim=-1)[..., None]  # p(component | x_t, cluster)
         return (post * v_comp).sum(1)
 
@@ -97,7 +98,7 @@ def mixture_moments():
         for m, s, w in comps:
             mu = torch.tensor(m, dtype=torch.float64)
             mean += pi * w * mu
-            second += pi * w * (torch.outer(mu, mu) + s ** 2 * torch.eye(D, dtype=torch.float64))
+            second += pi * w * (torch.outer(mu, mu) + s**2 * torch.eye(D, dtype=torch.float64))
     return mean, second - torch.outer(mean, mean)
 
 
@@ -112,8 +113,13 @@ def test_full_ensemble_equals_global_marginal_flow(schedule):
         # points along the noised data at this t plus broad ones, so every cluster is in play
         x = 4.0 * torch.randn(512, D, generator=g, dtype=torch.float64)
         tt = torch.full((512,), t, dtype=torch.float64)
-        torch.testing.assert_close(ensemble(x, tt), global_flow(x, tt), rtol=1e-9, atol=1e-9,
-                                   msg=f"ensemble != global flow at t={t} ({schedule})")
+        torch.testing.assert_close(
+            ensemble(x, tt),
+            global_flow(x, tt),
+            rtol=1e-9,
+            atol=1e-9,
+            msg=f"ensemble != global flow at t={t} ({schedule})",
+        )
 
 
 def test_the_identity_is_not_trivial():
@@ -140,8 +146,9 @@ class _UniformRouter(nn.Module):
 def test_sampling_the_exact_ensemble_recovers_the_mixture(schedule):
     path, ensemble, _, router = build(schedule)
     n = 6000
-    x0 = sample(ensemble, path, (n, D), steps=40, solver="heun", dtype=torch.float64,
-                generator=torch.Generator().manual_seed(2))
+    x0 = sample(
+        ensemble, path, (n, D), steps=40, solver="heun", dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+    )
     mean, cov = mixture_moments()
     torch.testing.assert_close(x0.mean(0), mean, atol=0.1, rtol=0)
     torch.testing.assert_close(torch.cov(x0.T), cov, atol=0.25, rtol=0.05)

@@ -1,4 +1,5 @@
 """Data parallelism inside one island: two CPU ranks (gloo) train one expert, launched as a user would."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,18 @@ def test_two_rank_ddp_island_trains_one_expert(tmp_path):
     rd = make_partitions(tmp_path / "run", sizes=(40, 40))
     env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1")
     env.pop("DDM_STAGE", None)
-    cmd = [sys.executable, "-m", "ddm", "train-expert", f"run_dir={rd.root}", *FAST_JOB, "expert.id=1",
-           "island.devices=2", "island.strategy=ddp", "expert.steps=4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ddm",
+        "train-expert",
+        f"run_dir={rd.root}",
+        *FAST_JOB,
+        "expert.id=1",
+        "island.devices=2",
+        "island.strategy=ddp",
+        "expert.steps=4",
+    ]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     record = read_json(rd.expert_record(1))

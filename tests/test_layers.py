@@ -8,6 +8,7 @@
   (``ddm.cli``) and the config composer (``ddm.config``);
 - no ddm module imports itself back through a cycle.
 """
+
 from __future__ import annotations
 
 import ast
@@ -18,12 +19,39 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "ddm"
 
-CORE = ("ddm.models", "ddm.flow", "ddm.ensemble", "ddm.sampling", "ddm.eval", "ddm.images", "ddm.markdown",
-        "ddm.errors", "ddm.seeds", "ddm.devices", "ddm.io", "ddm.jobs", "ddm.artifacts")
-ABOVE_CORE = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "ddm.stages", "ddm.train", "ddm.experiments",
-              "ddm.launch", "ddm.cli", "ddm.cli_help", "ddm.config")
-ONLY_IMPORTED_BY = {"lightning": ("ddm.train",), "pytorch_lightning": ("ddm.train",),
-                    "hydra": ("ddm.cli", "ddm.config")}
+CORE = (
+    "ddm.models",
+    "ddm.flow",
+    "ddm.ensemble",
+    "ddm.sampling",
+    "ddm.eval",
+    "ddm.images",
+    "ddm.markdown",
+    "ddm.errors",
+    "ddm.seeds",
+    "ddm.devices",
+    "ddm.io",
+    "ddm.jobs",
+    "ddm.artifacts",
+)
+ABOVE_CORE = (
+    "lightning",
+    "pytorch_lightning",
+    "hydra",
+    "omegaconf",
+    "ddm.stages",
+    "ddm.train",
+    "ddm.experiments",
+    "ddm.launch",
+    "ddm.cli",
+    "ddm.cli_help",
+    "ddm.config",
+)
+ONLY_IMPORTED_BY = {
+    "lightning": ("ddm.train",),
+    "pytorch_lightning": ("ddm.train",),
+    "hydra": ("ddm.cli", "ddm.config"),
+}
 
 
 def module_name(path: Path) -> str:
@@ -139,7 +167,7 @@ def test_no_import_cycles(graph):
             if nxt not in graph:
                 continue  # a third-party module
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(path[path.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[name] = 2

@@ -1,4 +1,5 @@
 """Each logger option writes where a user would look for it, without any service running."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,11 +10,14 @@ from tests.fabricate import FAST_JOB, make_partitions
 FAST = [*FAST_JOB, "expert.steps=3", "expert.log_every=1"]
 
 
-@pytest.mark.parametrize("logger,pattern", [
-    ("csv", "logs/**/metrics.csv"),
-    ("tensorboard", "logs/**/events.out.tfevents.*"),
-    ("wandb", "wandb/offline-run-*"),
-])
+@pytest.mark.parametrize(
+    "logger,pattern",
+    [
+        ("csv", "logs/**/metrics.csv"),
+        ("tensorboard", "logs/**/events.out.tfevents.*"),
+        ("wandb", "wandb/offline-run-*"),
+    ],
+)
 def test_logger_writes_under_the_experts_folder(make_cfg, tmp_path, monkeypatch, logger, pattern):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -1,4 +1,5 @@
 """The paper table end to end on digits (two budgets, seconds of training), its FLOP bookkeeping and its rerun."""
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,14 @@ from ddm.io import read_json
 
 pytestmark = pytest.mark.slow
 
-EXPECTED_ROWS = {("monolith", 6, SINGLE), ("monolith", 12, SINGLE), ("clustered-k2", 6, "top1"),
-                 ("clustered-k2", 12, "top1"), ("clustered-k2", 12, "full"), ("clustered-k2", 12, CLASS_EXPERT)}
+EXPECTED_ROWS = {
+    ("monolith", 6, SINGLE),
+    ("monolith", 12, SINGLE),
+    ("clustered-k2", 6, "top1"),
+    ("clustered-k2", 12, "top1"),
+    ("clustered-k2", 12, "full"),
+    ("clustered-k2", 12, CLASS_EXPERT),
+}
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +33,9 @@ def table(tmp_path_factory):
     from ddm.config import compose
 
     root = tmp_path_factory.mktemp("paper-tiny")
-    cfg = compose(["experiment=paper_tiny", f"run_dir={root / 'table'}",
-                   f"eval.feature_net.cache_dir={root / 'cache'}"])
+    cfg = compose(
+        ["experiment=paper_tiny", f"run_dir={root / 'table'}", f"eval.feature_net.cache_dir={root / 'cache'}"]
+    )
     return cfg, run(cfg)
 
 
@@ -72,8 +80,11 @@ def test_ddm_and_monolith_spend_the_same_training_flops(table):
 
 def test_sampling_flops_follow_the_strategy(table):
     _, out = table
-    rows = {(r["config"], r["strategy"]): r["sampling_flops_per_image"]
-            for r in read_json(out["results"])["rows"] if r["budget"] == 12}
+    rows = {
+        (r["config"], r["strategy"]): r["sampling_flops_per_image"]
+        for r in read_json(out["results"])["rows"]
+        if r["budget"] == 12
+    }
     single = rows[("monolith", SINGLE)]
     # the fixed per-class expert runs one expert and no router network: a monolith's cost
     assert rows[("clustered-k2", CLASS_EXPERT)] == single
@@ -90,12 +101,17 @@ def test_class_expert_is_the_cluster_holding_most_of_the_class(table):
 def test_rerun_skips_everything(table):
     cfg, out = table
     root = cfg.run_dir
-    files = [out["table"], out["results"], out["plot_train"], out["plot_sampling"],
-             f"{root}/runs/clustered-k2-s12/experts/expert-01/expert.pt",
-             f"{root}/runs/clustered-k2-s12/router/router.pt",
-             f"{root}/runs/monolith-s6/router/router.pt",
-             f"{root}/runs/clustered-k2-s12/evaluation/metrics.json",
-             f"{root}/runs/clustered-k2-s12/evaluation/{CLASS_EXPERT}.json"]
+    files = [
+        out["table"],
+        out["results"],
+        out["plot_train"],
+        out["plot_sampling"],
+        f"{root}/runs/clustered-k2-s12/experts/expert-01/expert.pt",
+        f"{root}/runs/clustered-k2-s12/router/router.pt",
+        f"{root}/runs/monolith-s6/router/router.pt",
+        f"{root}/runs/clustered-k2-s12/evaluation/metrics.json",
+        f"{root}/runs/clustered-k2-s12/evaluation/{CLASS_EXPERT}.json",
+    ]
     before = {f: os.stat(f).st_mtime_ns for f in files}
     again = run(cfg)
     assert {f: os.stat(f).st_mtime_ns for f in files} == before
@@ -149,8 +165,10 @@ def test_small_preset_plan_matches_the_paper_setup(make_cfg):
     assert {"top1", "full", "sample"} <= set(runs[("clustered-k8", largest)].rows)
     # the monolith's extra steps cost at least the largest router's training FLOPs, and less than one step more
     for b, extra in plan.monolith_extra_steps.items():
-        router = max(3 * f * int(cfg.router.batch_size) * max(1, round(float(cfg.paper.router_steps_ratio) * b))
-                     for f in plan.router_forward.values())
+        router = max(
+            3 * f * int(cfg.router.batch_size) * max(1, round(float(cfg.paper.router_steps_ratio) * b))
+            for f in plan.router_forward.values()
+        )
         step = 3 * plan.expert_forward * batch
         assert extra * step >= router > (extra - 1) * step
 

@@ -1,4 +1,5 @@
 """The partition stage: per-cluster shard sets that hold exactly their cluster's samples, byte for byte."""
+
 from __future__ import annotations
 
 import io
@@ -30,8 +31,15 @@ def make_data(root, n=120, shard_size=25):
     run = RunDir(root)
     rng = np.random.default_rng(0)
     keys = [f"toy-train-{i:06d}" for i in range(n)]
-    with ShardSetWriter(run.data, shard_size, image_size=4, channels=3, num_classes=5,
-                        class_names=list("abcde"), keys_sha256=sha256_strings(keys)) as writer:
+    with ShardSetWriter(
+        run.data,
+        shard_size,
+        image_size=4,
+        channels=3,
+        num_classes=5,
+        class_names=list("abcde"),
+        keys_sha256=sha256_strings(keys),
+    ) as writer:
         for key in keys:
             image = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
             writer.write(key, image, int(rng.integers(0, 5)), caption=f"caption of {key}", png=png_bytes(image))
@@ -85,8 +93,19 @@ def test_partition_manifests_describe_their_cluster(tmp_path):
     assert read_json(run.partitions / "manifest.json")["clustering_id"] == report["clustering_id"]
 
 
-@pytest.mark.parametrize("n,min_shards,target", [(1000, 8, 100), (1000, 8, 1000), (10, 8, 1000), (15, 8, 1000),
-                                                 (8, 8, 1000), (7, 8, 1000), (1, 8, 1000), (64, 8, 3)])
+@pytest.mark.parametrize(
+    "n,min_shards,target",
+    [
+        (1000, 8, 100),
+        (1000, 8, 1000),
+        (10, 8, 1000),
+        (15, 8, 1000),
+        (8, 8, 1000),
+        (7, 8, 1000),
+        (1, 8, 1000),
+        (64, 8, 3),
+    ],
+)
 def test_shard_size_gives_enough_shards(n, min_shards, target):
     size = shard_size_for(n, min_shards, target)
     shards = math.ceil(n / size)
@@ -116,8 +135,9 @@ def test_tiny_clusters_get_one_sample_per_shard(tmp_path):
 
 def test_large_clusters_use_the_target_shard_size(tmp_path):
     run, _ = make_data(tmp_path, n=120)
-    summary = cluster_and_partition(run, cluster__k=1, cluster__min_shards_per_partition=2,
-                                    cluster__partition_shard_size=50)
+    summary = cluster_and_partition(
+        run, cluster__k=1, cluster__min_shards_per_partition=2, cluster__partition_shard_size=50
+    )
     assert [s["num_samples"] for s in load_manifest(run.partition(0))["shards"]] == [50, 50, 20]
     assert summary["num_shards"] == [3]
 

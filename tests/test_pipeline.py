@@ -1,4 +1,5 @@
 """End to end: the tiny experiment through every stage, from the library and from the command line."""
+
 from __future__ import annotations
 
 import os
@@ -14,10 +15,22 @@ from ddm.data.shards import iter_samples, load_manifest, shard_paths
 from ddm.io import read_json
 from ddm.stages import pipeline
 
-STAGE_OUTPUTS = ("data/manifest.json", "embeddings/manifest.json", "clusters/report.json",
-                 "partitions/manifest.json", "experts/expert-00/record.json", "experts/expert-01/record.json",
-                 "router/record.json", "samples/record.json", "samples/grid.png", "samples/usage.png",
-                 "montage.png", "report.md", "timings/prepare.json", "experts/expert-01/timing.json")
+STAGE_OUTPUTS = (
+    "data/manifest.json",
+    "embeddings/manifest.json",
+    "clusters/report.json",
+    "partitions/manifest.json",
+    "experts/expert-00/record.json",
+    "experts/expert-01/record.json",
+    "router/record.json",
+    "samples/record.json",
+    "samples/grid.png",
+    "samples/usage.png",
+    "montage.png",
+    "report.md",
+    "timings/prepare.json",
+    "experts/expert-01/timing.json",
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +92,7 @@ def test_report_names_each_part(tiny_run):
 
 def test_rerun_skips_every_stage(tiny_run):
     cfg, rd = tiny_run
-    watched = [rd.data_manifest, rd.cluster_report, rd.expert_weights(0), rd.router_weights,
-               rd.samples_record]
+    watched = [rd.data_manifest, rd.cluster_report, rd.expert_weights(0), rd.router_weights, rd.samples_record]
     before = [p.stat().st_mtime_ns for p in watched]
     pipeline.run(cfg)
     assert [p.stat().st_mtime_ns for p in watched] == before
@@ -88,8 +100,9 @@ def test_rerun_skips_every_stage(tiny_run):
 
 def _ddm(*args, cwd):
     env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "ddm", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ddm", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_runs_a_stage_alone(tmp_path):
@@ -118,6 +131,7 @@ def test_a_library_user_needs_no_config(tiny_run):
     from ddm.sampling.solvers import sample
 
     ensemble, path, _ = load_ensemble(rd.root, strategy="topk", top_k=2)
-    x = sample(ensemble, path, (3, 1, 8, 8), y=torch.tensor([0, 1, 2]), steps=3,
-               generator=torch.Generator().manual_seed(0))
+    x = sample(
+        ensemble, path, (3, 1, 8, 8), y=torch.tensor([0, 1, 2]), steps=3, generator=torch.Generator().manual_seed(0)
+    )
     assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()

@@ -1,4 +1,5 @@
 """Stage ``prepare`` and the dataset sources: keys, manifests, readers, errors, resumability."""
+
 from __future__ import annotations
 
 import gzip
@@ -55,6 +56,7 @@ def save_png(path: Path, size: tuple[int, int], value: int = 0, mode: str = "RGB
 
 # ------------------------------------------------------------------ IDX reader
 
+
 def test_read_idx_returns_known_pixels_and_labels(tmp_path):
     images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     labels = np.array([7, 1], dtype=np.uint8)
@@ -85,6 +87,7 @@ def test_read_idx_rejects_truncated_and_non_gzip_files(tmp_path):
 
 # ------------------------------------------------------------------ Fashion-MNIST
 
+
 def test_fashion_mnist_prepare_from_idx_files(make_cfg, tmp_path):
     images, labels = fake_fashion_mnist(tmp_path / "fm", n=7)
     cfg = make_cfg("data=fashion_mnist", f"data.root={tmp_path / 'fm'}", "data.shard_size=3")
@@ -97,8 +100,13 @@ def test_fashion_mnist_prepare_from_idx_files(make_cfg, tmp_path):
     assert [s["num_samples"] for s in manifest["shards"]] == [3, 3, 1]
     assert manifest["keys_sha256"] == sha256_strings(keys)
     assert manifest["class_names"] == FASHION_MNIST_CLASSES
-    assert (manifest["source"], manifest["split"], manifest["image_size"], manifest["channels"],
-            manifest["num_classes"]) == ("fashion_mnist", "train", 28, 1, 10)
+    assert (
+        manifest["source"],
+        manifest["split"],
+        manifest["image_size"],
+        manifest["channels"],
+        manifest["num_classes"],
+    ) == ("fashion_mnist", "train", 28, 1, 10)
     for i, s in enumerate(samples):
         assert np.array_equal(s["image"], images[i]) and s["label"] == labels[i]
     verify(RunDir(cfg.run_dir).data)  # shard checksums match the manifest
@@ -114,8 +122,10 @@ def test_fashion_mnist_missing_files_name_the_directory(make_cfg, tmp_path):
     assert not RunDir(cfg.run_dir).data_manifest.exists()
 
 
-@pytest.mark.skipif(not (REAL_FMNIST / "train-images-idx3-ubyte.gz").exists(),
-                    reason="Debian's dataset-fashion-mnist is not installed (apt-get install -y dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not (REAL_FMNIST / "train-images-idx3-ubyte.gz").exists(),
+    reason="Debian's dataset-fashion-mnist is not installed (apt-get install -y dataset-fashion-mnist)",
+)
 def test_real_fashion_mnist_with_limit(make_cfg):
     cfg = make_cfg("data=fashion_mnist", "data.limit=120", "data.shard_size=50", "data.split=test")
     prepare.run(cfg)
@@ -130,6 +140,7 @@ def test_real_fashion_mnist_with_limit(make_cfg):
 
 
 # ------------------------------------------------------------------ digits, keys, rerun, crash
+
 
 def test_digits_keys_stable_unique_and_data_exact(make_cfg, tmp_path):
     from sklearn.datasets import load_digits
@@ -189,6 +200,7 @@ def test_crash_mid_prepare_leaves_no_manifest(make_cfg, monkeypatch):
                 if i == 250:
                     raise RuntimeError("disk full")
                 yield s
+
         src.samples = samples(src.samples)
         return src
 
@@ -201,6 +213,7 @@ def test_crash_mid_prepare_leaves_no_manifest(make_cfg, monkeypatch):
 
 
 # ------------------------------------------------------------------ image folders
+
 
 def test_image_folder_with_classes_and_captions(make_cfg, tmp_path):
     root = tmp_path / "imgs"
@@ -267,6 +280,7 @@ def test_resize_must_agree_with_image_size(make_cfg):
 
 # ------------------------------------------------------------------ existing webdataset shards
 
+
 def test_webdataset_source_reissues_keys(make_cfg, tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 10, 10, 3), dtype=np.uint8)
@@ -274,8 +288,9 @@ def test_webdataset_source_reissues_keys(make_cfg, tmp_path):
         for i, im in enumerate(images):
             w.write(f"orig_{i}", im, label=i % 3, caption=f"caption {i}" if i != 2 else None)
     pattern = str(tmp_path / "in" / "shard-{000000..000002}.tar")
-    cfg = make_cfg("data=webdataset", f"data.urls='{pattern}'", "data.image_size=10", "data.num_classes=3",
-                   "data.split=val")
+    cfg = make_cfg(
+        "data=webdataset", f"data.urls='{pattern}'", "data.image_size=10", "data.num_classes=3", "data.split=val"
+    )
     prepare.run(cfg)
     manifest, samples = read_back(cfg.run_dir)
     assert [s["key"] for s in samples] == [f"wds-val-{i:08d}" for i in range(5)]
@@ -284,14 +299,27 @@ def test_webdataset_source_reissues_keys(make_cfg, tmp_path):
     assert all(np.array_equal(s["image"], im) for s, im in zip(samples, images))
 
     with pytest.raises(FileNotFoundError, match="shard-000009.tar"):
-        prepare.run(make_cfg("data=webdataset", f"data.urls=[{tmp_path / 'in' / 'shard-000009.tar'}]",
-                             run_dir=tmp_path / "other"))
+        prepare.run(
+            make_cfg(
+                "data=webdataset", f"data.urls=[{tmp_path / 'in' / 'shard-000009.tar'}]", run_dir=tmp_path / "other"
+            )
+        )
 
 
 # ------------------------------------------------------------------ configs
 
-REQUIRED = {"source", "root", "split", "limit", "image_size", "channels", "num_classes", "class_names",
-            "shard_size", "resize"}
+REQUIRED = {
+    "source",
+    "root",
+    "split",
+    "limit",
+    "image_size",
+    "channels",
+    "num_classes",
+    "class_names",
+    "shard_size",
+    "resize",
+}
 
 
 @pytest.mark.parametrize("name", ["fashion_mnist", "digits", "image_folder", "webdataset"])

@@ -1,4 +1,5 @@
 """Solvers against fields with known solutions, the checkpoint loader's checks, and the sample stage."""
+
 from __future__ import annotations
 
 import json
@@ -78,8 +79,15 @@ def test_heun_is_second_order_and_euler_first():
 def test_single_point_dataset_lands_on_the_point_linear_path(solver):
     path = FlowPath("linear")
     m = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
-    x0 = sample(PointFlow(path, m), path, (16, 3), steps=7, solver=solver, dtype=torch.float64,
-                generator=torch.Generator().manual_seed(0))
+    x0 = sample(
+        PointFlow(path, m),
+        path,
+        (16, 3),
+        steps=7,
+        solver=solver,
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(0),
+    )
     # the exact flow is a straight line: both solvers are exact, even in 7 steps
     torch.testing.assert_close(x0, m.expand(16, 3), rtol=0, atol=1e-12)
 
@@ -87,8 +95,15 @@ def test_single_point_dataset_lands_on_the_point_linear_path(solver):
 def test_single_point_dataset_cosine_path_converges():
     path = FlowPath("cosine")
     m = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
-    x0 = sample(PointFlow(path, m), path, (16, 3), steps=100, solver="heun", dtype=torch.float64,
-                generator=torch.Generator().manual_seed(0))
+    x0 = sample(
+        PointFlow(path, m),
+        path,
+        (16, 3),
+        steps=100,
+        solver="heun",
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(0),
+    )
     # the curved path leaves the final Euler step an O(h^2) error: about 2.5e-4 here
     torch.testing.assert_close(x0, m.expand(16, 3), rtol=0, atol=5e-4)
 
@@ -164,21 +179,37 @@ def _randomise(net, seed):
     return net
 
 
-def save_expert(rd: RunDir, k: int, K: int, clustering_id="abc", schedule="linear", num_classes=NUM_CLASSES,
-                expert_id=None):
+def save_expert(
+    rd: RunDir, k: int, K: int, clustering_id="abc", schedule="linear", num_classes=NUM_CLASSES, expert_id=None
+):
     net = _randomise(DiT(size="DiT-N/4", image_size=IMAGE, in_channels=1, num_classes=num_classes), k)
-    payload = dict(kind="expert", model_config=net.config(), state_dict=net.state_dict(),
-                   flow=FlowPath(schedule).config(), expert_id=k if expert_id is None else expert_id,
-                   num_experts=K, clustering_id=clustering_id, steps=10)
+    payload = dict(
+        kind="expert",
+        model_config=net.config(),
+        state_dict=net.state_dict(),
+        flow=FlowPath(schedule).config(),
+        expert_id=k if expert_id is None else expert_id,
+        num_experts=K,
+        clustering_id=clustering_id,
+        steps=10,
+    )
     rd.expert(k).mkdir(parents=True, exist_ok=True)
     torch.save(payload, rd.expert_weights(k))
 
 
 def save_router(rd: RunDir, K: int, clustering_id="abc", schedule="linear", num_classes=NUM_CLASSES):
-    net = _randomise(DiTClassifier(num_outputs=K, size="DiT-N/4", image_size=IMAGE, in_channels=1,
-                                   num_classes=num_classes), 100)
-    payload = dict(kind="router", model_config=net.config(), state_dict=net.state_dict(),
-                   flow=FlowPath(schedule).config(), num_experts=K, clustering_id=clustering_id, steps=20)
+    net = _randomise(
+        DiTClassifier(num_outputs=K, size="DiT-N/4", image_size=IMAGE, in_channels=1, num_classes=num_classes), 100
+    )
+    payload = dict(
+        kind="router",
+        model_config=net.config(),
+        state_dict=net.state_dict(),
+        flow=FlowPath(schedule).config(),
+        num_experts=K,
+        clustering_id=clustering_id,
+        steps=20,
+    )
     rd.router.mkdir(parents=True, exist_ok=True)
     torch.save(payload, rd.router_weights)
 
@@ -225,8 +256,11 @@ def test_loader_rejects_experts_beyond_the_routers_k(tmp_path):
 def test_loader_rejects_a_clustering_id_mismatch(tmp_path):
     rd = make_run(tmp_path, K=2)
     save_expert(rd, 1, K=2, clustering_id="def")
-    with pytest.raises(ValueError, match=r"expert 1 was trained on clustering def, the router on abc"
-                                         r".*expert-01.*router.pt.*retrain"):
+    with pytest.raises(
+        ValueError,
+        match=r"expert 1 was trained on clustering def, the router on abc"
+        r".*expert-01.*router.pt.*retrain",
+    ):
         load_ensemble(rd.root)
 
 
@@ -242,8 +276,11 @@ def test_loader_rejects_a_flow_or_label_mismatch(tmp_path):
 
 def test_loader_lists_missing_experts_unless_a_subset_is_given(tmp_path):
     rd = make_run(tmp_path, K=4, experts=[0, 2])
-    with pytest.raises(FileNotFoundError, match=r"experts \[1, 3\] are missing.*expert-01.*"
-                                                r"train-expert.*sample.experts=\[0, 2\]"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"experts \[1, 3\] are missing.*expert-01.*"
+        r"train-expert.*sample.experts=\[0, 2\]",
+    ):
         load_ensemble(rd.root)
     ens, _, info = load_ensemble(rd.root, subset=[0, 2])
     assert info["experts"] == [0, 2] and ens.active_ids == [0, 2]
@@ -338,8 +375,9 @@ def test_available_experts_sample_with_a_renormalised_router(tmp_path, caplog):
         ens, _, info = load_ensemble(rd.root, subset="available", strategy="full")
     assert info["experts"] == [0, 2] and info["missing_experts"] == [1, 3] and ens.active_ids == [0, 2]
     assert "experts [1, 3] are missing" in caplog.text
-    selected, weights = ens.route(torch.randn(5, 1, IMAGE, IMAGE), torch.full((5,), 0.5),
-                                  torch.zeros(5, dtype=torch.long))
+    selected, weights = ens.route(
+        torch.randn(5, 1, IMAGE, IMAGE), torch.full((5,), 0.5), torch.zeros(5, dtype=torch.long)
+    )
     torch.testing.assert_close(weights.sum(-1), torch.ones(5))  # all the mass on the experts present
 
     record = stage.run(stage_cfg(rd.root, experts="available"))

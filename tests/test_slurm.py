@@ -7,6 +7,7 @@ from its last checkpoint. Also: the Hydra submitit launcher and the plain
 sbatch scripts in scripts/slurm/. Skipped, with the reason, only where SLURM
 cannot be installed or started (not root, no apt-get).
 """
+
 from __future__ import annotations
 
 import os
@@ -62,11 +63,13 @@ def tiny(tmp_path_factory):
 
 def _compose(ovr):
     from ddm.config import compose
+
     return compose(ovr)
 
 
 def _submit(ovr):
     from ddm.stages import submit
+
     return submit.run(_compose(ovr), overrides=ovr)
 
 
@@ -84,8 +87,10 @@ def wait_for(cluster: SlurmCluster, job_ids, timeout: float, rd: RunDir | None =
         if not any(j == jid or j.startswith(jid + "_") for j in listed for jid in job_ids):
             return
         time.sleep(1)
-    pytest.fail(f"jobs {sorted(job_ids)} still queued after {timeout:.0f}s: {cluster.queue()}\n"
-                f"{_logs(rd) if rd else ''}\n{cluster.logs()}")
+    pytest.fail(
+        f"jobs {sorted(job_ids)} still queued after {timeout:.0f}s: {cluster.queue()}\n"
+        f"{_logs(rd) if rd else ''}\n{cluster.logs()}"
+    )
 
 
 def cancel_for_good(cluster: SlurmCluster, job_id: str, timeout: float = 90) -> None:
@@ -115,8 +120,9 @@ def test_submit_trains_every_expert_and_the_router(cluster, tiny):
     seen = status.run(cfg)
     assert {e["state"] for e in seen["experts"]} <= {"queued", "running"}, seen["experts"]
     again = _submit(ovr)
-    assert again["experts_submitted"] == [] and sorted(again["experts_queued"] + again["experts_done"]) == \
-        list(range(k))
+    assert again["experts_submitted"] == [] and sorted(again["experts_queued"] + again["experts_done"]) == list(
+        range(k)
+    )
     assert again["expert_job"] is None and again["router_job"] is None
 
     wait_for(cluster, [first["expert_job"], first["router_job"]], 300, rd)
@@ -181,9 +187,21 @@ def test_hydra_submitit_launcher_trains_experts(cluster, tiny, tmp_path):
     """`ddm train-expert -m expert.id=0,1 hydra/launcher=submitit_slurm` sends one job per expert and waits."""
     _, _, rd = tiny
     other = _copy_partitions(rd, tmp_path / "launched")
-    cmd = [sys.executable, "-m", "ddm", "train-expert", "-m", "expert.id=0,1", "hydra/launcher=submitit_slurm",
-           "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
-           f"hydra.sweep.dir={tmp_path / 'sweep'}", *JOB_OVERRIDES, f"run_dir={other.root}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ddm",
+        "train-expert",
+        "-m",
+        "expert.id=0,1",
+        "hydra/launcher=submitit_slurm",
+        "hydra.launcher.partition=debug",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=10",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        *JOB_OVERRIDES,
+        f"run_dir={other.root}",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     for i in (0, 1):
@@ -201,18 +219,28 @@ def test_plain_sbatch_scripts(cluster, tiny, tmp_path):
     common = ["--cpus-per-task=1", f"--chdir={tmp_path}"]
     name = other.root.name
     ids = []
-    for script, opts in (("experts.sbatch", ["--array=0-1", f"--job-name=ddm:{name}:expert",
-                                             f"--output={tmp_path}/slurm-expert-%A_%a.out"]),
-                         ("router.sbatch", [f"--job-name=ddm:{name}:router",
-                                            f"--output={tmp_path}/slurm-router-%j.out"])):
-        out = subprocess.run(["sbatch", "--parsable", *common, *opts, str(REPO / "scripts" / "slurm" / script),
-                              *args], capture_output=True, text=True, env=env, timeout=60)
+    for script, opts in (
+        (
+            "experts.sbatch",
+            ["--array=0-1", f"--job-name=ddm:{name}:expert", f"--output={tmp_path}/slurm-expert-%A_%a.out"],
+        ),
+        ("router.sbatch", [f"--job-name=ddm:{name}:router", f"--output={tmp_path}/slurm-router-%j.out"]),
+    ):
+        out = subprocess.run(
+            ["sbatch", "--parsable", *common, *opts, str(REPO / "scripts" / "slurm" / script), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         ids.append(out.stdout.strip().split(";")[0])
     # `ddm status` finds hand-submitted jobs by their names
     seen = status.run(_compose(args))
-    assert all(e["state"] in ("queued", "running") for e in seen["experts"]) and \
-        seen["router"]["state"] in ("queued", "running")
+    assert all(e["state"] in ("queued", "running") for e in seen["experts"]) and seen["router"]["state"] in (
+        "queued",
+        "running",
+    )
     wait_for(cluster, ids, 300)
     logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in tmp_path.glob("slurm-*.out"))
     assert all(other.expert_record(i).exists() for i in (0, 1)), logs

@@ -1,4 +1,5 @@
 """`ddm submit` and `ddm status` without a cluster: rendered scripts, what gets submitted, job states."""
+
 from __future__ import annotations
 
 import os
@@ -55,6 +56,7 @@ def cfg_for(make_cfg, run_dir, *extra):
 
 # -- rendering -----------------------------------------------------------------------------------
 
+
 def test_array_spec_holds_exactly_the_given_ids():
     assert sbatch.format_array([3]) == "3"
     assert sbatch.format_array([1, 3]) == "1,3"
@@ -64,11 +66,27 @@ def test_array_spec_holds_exactly_the_given_ids():
 
 
 def test_overrides_pass_through_except_what_the_job_sets_itself():
-    user = ["experiment=tiny", "island=gpu", "expert.steps=400", "+foo.bar=1", "submit.experts=[0,1]",
-            "submit.dry_run=true", "expert.id=3", "name=x", "run_dir=/elsewhere", "hydra.verbose=true"]
+    user = [
+        "experiment=tiny",
+        "island=gpu",
+        "expert.steps=400",
+        "+foo.bar=1",
+        "submit.experts=[0,1]",
+        "submit.dry_run=true",
+        "expert.id=3",
+        "name=x",
+        "run_dir=/elsewhere",
+        "hydra.verbose=true",
+    ]
     out = overrides.job_overrides(user, "big", "/runs/big run")
-    assert out == ["name=big", "run_dir='/runs/big run'", "experiment=tiny", "island=gpu", "expert.steps=400",
-                   "+foo.bar=1"]
+    assert out == [
+        "name=big",
+        "run_dir='/runs/big run'",
+        "experiment=tiny",
+        "island=gpu",
+        "expert.steps=400",
+        "+foo.bar=1",
+    ]
 
 
 def test_expert_script_requeues_signals_and_runs_this_python(make_cfg, tmp_path):
@@ -77,10 +95,16 @@ def test_expert_script_requeues_signals_and_runs_this_python(make_cfg, tmp_path)
     text = sbatch.expert_array_script(tmp_path / "run", [1, 3], args, cfg.island)
     lines = text.splitlines()
     assert lines[0] == "#!/bin/bash"
-    for directive in ("--array=1,3", "--requeue", "--signal=B:USR1@90", "--nodes=1", "--ntasks-per-node=1",
-                      f"--job-name={naming.run_job_name(tmp_path / 'run', 'expert')}",
-                      f"--comment={(tmp_path / 'run').resolve()}",
-                      f"--output={(tmp_path / 'run').resolve()}/experts/expert-%2a/slurm-%A_%a.out"):
+    for directive in (
+        "--array=1,3",
+        "--requeue",
+        "--signal=B:USR1@90",
+        "--nodes=1",
+        "--ntasks-per-node=1",
+        f"--job-name={naming.run_job_name(tmp_path / 'run', 'expert')}",
+        f"--comment={(tmp_path / 'run').resolve()}",
+        f"--output={(tmp_path / 'run').resolve()}/experts/expert-%2a/slurm-%A_%a.out",
+    ):
         assert f"#SBATCH {directive}" in lines, directive
     assert "--gres" not in text and "srun" not in text.split("exec ", 1)[1]  # a one-CPU island
     assert f"exec {shlex.quote(sys.executable)} -m ddm train-expert" in text
@@ -88,11 +112,25 @@ def test_expert_script_requeues_signals_and_runs_this_python(make_cfg, tmp_path)
 
 
 def test_gpu_islands_ask_for_their_gpus_and_start_ranks_with_srun(make_cfg, tmp_path):
-    cfg, _ = cfg_for(make_cfg, tmp_path / "run", "island=gpu16_2node_fsdp", "island.slurm.partition=a100",
-                     "island.slurm.account=lab", "island.slurm.extra=['--qos=high']")
+    cfg, _ = cfg_for(
+        make_cfg,
+        tmp_path / "run",
+        "island=gpu16_2node_fsdp",
+        "island.slurm.partition=a100",
+        "island.slurm.account=lab",
+        "island.slurm.extra=['--qos=high']",
+    )
     text = sbatch.expert_array_script(tmp_path / "run", [0], [], cfg.island)
-    for directive in ("--nodes=2", "--ntasks-per-node=8", "--gres=gpu:8", "--partition=a100", "--account=lab",
-                      "--qos=high", "--time=48:00:00", "--mem=480G"):
+    for directive in (
+        "--nodes=2",
+        "--ntasks-per-node=8",
+        "--gres=gpu:8",
+        "--partition=a100",
+        "--account=lab",
+        "--qos=high",
+        "--time=48:00:00",
+        "--mem=480G",
+    ):
         assert f"#SBATCH {directive}\n" in text, directive
     assert "exec srun --kill-on-bad-exit=1 " in text
     one_gpu = make_cfg("island=gpu", "island.slurm.gres=gpu:a100:1").island
@@ -108,18 +146,29 @@ def test_rendered_script_runs_the_right_command(make_cfg, tmp_path):
     fake_python.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
     fake_python.chmod(0o755)
     user = ["experiment=tiny", "data.urls='/data/a {0..1}.tar'"]
-    text = sbatch.expert_array_script(run_dir, [3], overrides.job_overrides(user, "tiny", str(run_dir)),
-                                      cfg.island, python=str(fake_python))
+    text = sbatch.expert_array_script(
+        run_dir, [3], overrides.job_overrides(user, "tiny", str(run_dir)), cfg.island, python=str(fake_python)
+    )
     script = tmp_path / "job.sbatch"
     script.write_text(text)
-    env = dict(os.environ, SLURM_ARRAY_TASK_ID="3", SLURM_ARRAY_JOB_ID="77", SLURM_CPUS_PER_TASK="2",
-               ARGS_OUT=str(tmp_path / "args.txt"))
+    env = dict(
+        os.environ,
+        SLURM_ARRAY_TASK_ID="3",
+        SLURM_ARRAY_JOB_ID="77",
+        SLURM_CPUS_PER_TASK="2",
+        ARGS_OUT=str(tmp_path / "args.txt"),
+    )
     subprocess.run(["bash", str(script)], env=env, check=True, timeout=30)
     argv = (tmp_path / "args.txt").read_text().splitlines()
     assert argv[:3] == ["-m", "ddm", "train-expert"]
-    assert argv[3:] == ["expert.id=3", f"hydra.run.dir={run_dir.resolve()}/experts/expert-03/hydra/slurm-77_3",
-                        "name=tiny", f"run_dir='{run_dir.resolve()}'", "experiment=tiny",
-                        "data.urls='/data/a {0..1}.tar'"]
+    assert argv[3:] == [
+        "expert.id=3",
+        f"hydra.run.dir={run_dir.resolve()}/experts/expert-03/hydra/slurm-77_3",
+        "name=tiny",
+        f"run_dir='{run_dir.resolve()}'",
+        "experiment=tiny",
+        "data.urls='/data/a {0..1}.tar'",
+    ]
 
 
 def test_plain_sbatch_scripts_are_valid_and_documented():
@@ -132,6 +181,7 @@ def test_plain_sbatch_scripts_are_valid_and_documented():
 
 
 # -- what gets submitted -------------------------------------------------------------------------
+
 
 def test_submit_sends_only_unfinished_unqueued_experts_as_one_array(make_cfg, tmp_path, fake_slurm):
     rd = fake_run(tmp_path / "run")
@@ -177,8 +227,10 @@ def test_two_islands_in_one_run(make_cfg, tmp_path, fake_slurm):
     rd = fake_run(tmp_path / "run")
     cfg, ovr = cfg_for(make_cfg, rd.root, "submit.experts=[0,1]", "island=gpu8_ddp")
     first = submit.run(cfg, overrides=ovr)
-    fake_slurm["queued"] = ({i: slurm.QueuedJob(f"101_{i}", i, "PENDING", "ddm:run:expert", str(rd.root))
-                             for i in (0, 1)}, slurm.QueuedJob("102", None, "PENDING", "ddm:run:router", str(rd.root)))
+    fake_slurm["queued"] = (
+        {i: slurm.QueuedJob(f"101_{i}", i, "PENDING", "ddm:run:expert", str(rd.root)) for i in (0, 1)},
+        slurm.QueuedJob("102", None, "PENDING", "ddm:run:router", str(rd.root)),
+    )
     cfg, ovr = cfg_for(make_cfg, rd.root, "island=gpu")  # all experts asked for: 0 and 1 are queued
     second = submit.run(cfg, overrides=ovr)
     assert first["experts_submitted"] == [0, 1] and second["experts_submitted"] == [2, 3]
@@ -220,9 +272,23 @@ def test_command_line_passes_its_overrides_to_the_jobs(tmp_path):
     """From `ddm submit ...`, the overrides come from Hydra itself."""
     rd = fake_run(tmp_path / "run", k=2)
     env = dict(os.environ, PATH=str(tmp_path / "no-slurm-here"), WANDB_MODE="offline")
-    out = subprocess.run([sys.executable, "-m", "ddm", "submit", "experiment=tiny", f"run_dir={rd.root}",
-                          "expert.steps=77", "submit.dry_run=true", "submit.router=false"],
-                         capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ddm",
+            "submit",
+            "experiment=tiny",
+            f"run_dir={rd.root}",
+            "expert.steps=77",
+            "submit.dry_run=true",
+            "submit.router=false",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "#SBATCH --array=0-1" in out.stdout and "expert.steps=77" in out.stdout
     assert "submit.dry_run" not in out.stdout.split("#SBATCH --array")[1] and "train-router" not in out.stdout
@@ -230,12 +296,17 @@ def test_command_line_passes_its_overrides_to_the_jobs(tmp_path):
 
 # -- the queue and status ------------------------------------------------------------------------
 
+
 def test_queue_lines_are_parsed_and_filtered_by_run(monkeypatch, tmp_path):
     run_dir = (tmp_path / "run").resolve()
-    text = "\n".join([f"7_1|1|RUNNING|ddm:run:expert|{run_dir}",
-                      "7_3|3|PENDING|ddm:run:expert|/some/other/run",   # same folder name, other run
-                      "8_2|2|PENDING|ddm:run:expert|",                  # submitted by hand: no comment
-                      "9|N/A|PENDING|ddm:run:router|a|b"])               # a comment may hold the separator
+    text = "\n".join(
+        [
+            f"7_1|1|RUNNING|ddm:run:expert|{run_dir}",
+            "7_3|3|PENDING|ddm:run:expert|/some/other/run",  # same folder name, other run
+            "8_2|2|PENDING|ddm:run:expert|",  # submitted by hand: no comment
+            "9|N/A|PENDING|ddm:run:router|a|b",
+        ]
+    )  # a comment may hold the separator
     jobs = slurm.parse_queue(text)
     assert jobs[3].task_id is None and jobs[3].comment == "a|b" and jobs[0].running and not jobs[1].running
     monkeypatch.setattr(slurm, "queue", lambda names: [j for j in jobs if j.name in names])
@@ -250,8 +321,13 @@ def test_status_names_each_state(make_cfg, tmp_path, fake_slurm, capsys):
     (rd.expert(2) / "checkpoints").mkdir(parents=True)
     for name in ("step-0000040.ckpt", "last.ckpt"):
         (rd.expert(2) / "checkpoints" / name).write_bytes(b"")
-    fake_slurm["queued"] = ({3: slurm.QueuedJob("4_3", 3, "RUNNING", "ddm:run:expert", ""),
-                             4: slurm.QueuedJob("4_4", 4, "PENDING", "ddm:run:expert", "")}, None)
+    fake_slurm["queued"] = (
+        {
+            3: slurm.QueuedJob("4_3", 3, "RUNNING", "ddm:run:expert", ""),
+            4: slurm.QueuedJob("4_4", 4, "PENDING", "ddm:run:expert", ""),
+        },
+        None,
+    )
     cfg, _ = cfg_for(make_cfg, rd.root)
     result = status.run(cfg)
     states = [e["state"] for e in result["experts"]]

@@ -1,4 +1,5 @@
 """Expert and router training: isolation, exact step counts, resume, NaN handling, router accuracy by t."""
+
 from __future__ import annotations
 
 import shutil
@@ -103,7 +104,7 @@ def test_router_learns_separable_clusters_and_falls_to_prior_at_noise(fast_cfg, 
     record = train_router.run(cfg)
     by_t = record["accuracy_by_t"]
     assert len(by_t) == 10 and record["num_experts"] == 2
-    assert by_t[0]["accuracy"] > 0.95, by_t[0]           # clean images: clusters are obvious
+    assert by_t[0]["accuracy"] > 0.95, by_t[0]  # clean images: clusters are obvious
     prior = by_t[-1]["prior_accuracy"]
     assert abs(prior - 0.75) < 0.05
     assert by_t[-1]["accuracy"] < prior + 0.1, by_t[-1]  # pure noise: no better than the prior
@@ -135,8 +136,7 @@ def _crash_at(monkeypatch, module_cls, step, exc=KeyboardInterrupt):
     return original
 
 
-def test_truncated_last_checkpoint_resumes_from_the_newest_complete_one(fast_cfg, tmp_path, monkeypatch,
-                                                                         caplog):
+def test_truncated_last_checkpoint_resumes_from_the_newest_complete_one(fast_cfg, tmp_path, monkeypatch, caplog):
     rd = make_partitions(tmp_path / "run")
     cfg = fast_cfg("expert.steps=7", "expert.ckpt_every=2", "expert.keep_checkpoints=3", "expert.log_every=1")
     original = _crash_at(monkeypatch, train_expert.ExpertModule, 5)

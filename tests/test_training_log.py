@@ -1,4 +1,5 @@
 """A training job's log, as it reads in a SLURM log file: one line per few steps, no Lightning noise."""
+
 from __future__ import annotations
 
 import os
@@ -19,13 +20,18 @@ FAST = [*FAST_JOB, "expert.steps=6", "expert.log_every=2"]
 
 def test_a_non_interactive_training_log_has_one_line_per_logged_step(tmp_path):
     rd = make_partitions(tmp_path / "run", sizes=(20, 20))
-    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        WANDB_MODE="offline",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.pop("DDM_STAGE", None)
     cmd = [sys.executable, "-m", "ddm", "train-expert", f"run_dir={rd.root}", *FAST]
     # stdout and stderr to a pipe, as to a SLURM log file: not a terminal
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300
+    )
     log = out.stdout
     assert out.returncode == 0, log[-3000:]
 

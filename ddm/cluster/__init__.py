@@ -13,6 +13,7 @@ what later stages need to *read* a clustering, with numpy only (no faiss)::
 Each artefact made from a clustering records it (partition manifests, expert and
 router records), so a mismatch shows that something was built from an older clustering.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,9 @@ def clustering_id(keys, cluster) -> str:
 @dataclass
 class Assignments:
     """The cluster of every sample, in dataset order (the order of data/ shards and their samples)."""
-    keys: np.ndarray        # str [N]
-    cluster: np.ndarray     # int32 [N]
+
+    keys: np.ndarray  # str [N]
+    cluster: np.ndarray  # int32 [N]
     num_clusters: int
 
     @property

@@ -17,6 +17,7 @@ Seeding is k-means++ (computed here, then handed to faiss as its initial
 centroids): faiss's default of k random points often puts two centroids in one
 well-separated group and none in another, and Lloyd iterations never repair that.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,13 +46,14 @@ SEED_POINTS_PER_CENTROID = 64
 @dataclass
 class Clustering:
     """What a clustering method produced. Fields a method does not use are None."""
-    labels: np.ndarray                         # int32 [N]: cluster of each sample
-    centroids: np.ndarray | None = None        # float32 [k, D]
-    inertia: float | None = None               # mean squared distance to the assigned centroid
-    fine_centroids: np.ndarray | None = None   # two_stage: float32 [fine_k, D]
-    fine_to_coarse: np.ndarray | None = None   # two_stage: int32 [fine_k]
-    fine_inertia: float | None = None          # two_stage: mean squared distance to the nearest fine centroid
-    fine_k: int | None = None                  # two_stage: fine centroids actually used
+
+    labels: np.ndarray  # int32 [N]: cluster of each sample
+    centroids: np.ndarray | None = None  # float32 [k, D]
+    inertia: float | None = None  # mean squared distance to the assigned centroid
+    fine_centroids: np.ndarray | None = None  # two_stage: float32 [fine_k, D]
+    fine_to_coarse: np.ndarray | None = None  # two_stage: int32 [fine_k]
+    fine_inertia: float | None = None  # two_stage: mean squared distance to the nearest fine centroid
+    fine_k: int | None = None  # two_stage: fine centroids actually used
 
 
 class EmptyClusterError(ValueError):
@@ -63,15 +65,19 @@ def check_k(k: int, n: int) -> None:
     if k < 1:
         raise BadInput(f"cluster.k={k}: the number of clusters must be at least 1")
     if k > n:
-        raise BadInput(f"cluster.k={k} is larger than the number of samples N={n}: every cluster needs "
-                         f"at least one sample; set cluster.k to at most {n} or prepare more data")
+        raise BadInput(
+            f"cluster.k={k} is larger than the number of samples N={n}: every cluster needs "
+            f"at least one sample; set cluster.k to at most {n} or prepare more data"
+        )
 
 
 def effective_fine_k(fine_k: int, k: int, n: int) -> int:
     """Fine centroids two-stage k-means can use: at most N // 4 (a centroid needs a few samples), never below k."""
     if fine_k < k:
-        raise BadInput(f"cluster.fine_k={fine_k} is smaller than cluster.k={k}: the coarse clusters are made "
-                         f"of fine centroids, so fine_k must be at least k")
+        raise BadInput(
+            f"cluster.fine_k={fine_k} is smaller than cluster.k={k}: the coarse clusters are made "
+            f"of fine centroids, so fine_k must be at least k"
+        )
     return max(k, min(fine_k, n // 4))
 
 
@@ -113,22 +119,37 @@ def _draw(rng: np.random.Generator, p: np.ndarray) -> int:
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(p) - 1))
 
 
-def train_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, spherical: bool = False,
-                 weights: np.ndarray | None = None,
-                 max_points_per_centroid: int = MAX_POINTS_PER_CENTROID) -> np.ndarray:
+def train_kmeans(
+    x: np.ndarray,
+    k: int,
+    *,
+    niter: int,
+    seed: int,
+    spherical: bool = False,
+    weights: np.ndarray | None = None,
+    max_points_per_centroid: int = MAX_POINTS_PER_CENTROID,
+) -> np.ndarray:
     """faiss k-means from a k-means++ start; returns float32 centroids [k, D]."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     init = kmeans_plusplus(x, k, seed, weights)
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed % 2**31, spherical=spherical, verbose=False,
-                      max_points_per_centroid=max_points_per_centroid,
-                      # faiss warns below 39 points per centroid; small runs are legitimate here.
-                      min_points_per_centroid=1)
+    km = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=niter,
+        seed=seed % 2**31,
+        spherical=spherical,
+        verbose=False,
+        max_points_per_centroid=max_points_per_centroid,
+        # faiss warns below 39 points per centroid; small runs are legitimate here.
+        min_points_per_centroid=1,
+    )
     km.train(x, weights=None if weights is None else np.asarray(weights, dtype=np.float32), init_centroids=init)
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 
-def assign(x: np.ndarray, centroids: np.ndarray, *, spherical: bool = False,
-           chunk: int = CHUNK) -> tuple[np.ndarray, float]:
+def assign(
+    x: np.ndarray, centroids: np.ndarray, *, spherical: bool = False, chunk: int = CHUNK
+) -> tuple[np.ndarray, float]:
     """Nearest centroid of every row, block by block: (int32 labels [N], mean squared L2 distance).
 
     Spherical k-means compares by inner product (as faiss did while training);
@@ -141,10 +162,10 @@ def assign(x: np.ndarray, centroids: np.ndarray, *, spherical: bool = False,
     labels = np.empty(len(x), dtype=np.int32)
     total = 0.0
     for start in range(0, len(x), chunk):
-        block = np.ascontiguousarray(x[start:start + chunk], dtype=np.float32)
+        block = np.ascontiguousarray(x[start : start + chunk], dtype=np.float32)
         score, nearest = index.search(block, 1)
         nearest, score = nearest[:, 0], score[:, 0]
-        labels[start:start + len(block)] = nearest
+        labels[start : start + len(block)] = nearest
         sq = np.einsum("ij,ij->i", block, block) + c_sq[nearest] - 2 * score if spherical else score
         total += float(np.maximum(sq, 0).sum(dtype=np.float64))
     return labels, total / max(len(x), 1)
@@ -154,7 +175,7 @@ def mean_sq_distance(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, c
     """Mean squared L2 distance of each row to the centroid it is assigned to (not necessarily its nearest)."""
     total = 0.0
     for start in range(0, len(x), chunk):
-        diff = np.asarray(x[start:start + chunk], dtype=np.float32) - centroids[labels[start:start + chunk]]
+        diff = np.asarray(x[start : start + chunk], dtype=np.float32) - centroids[labels[start : start + chunk]]
         total += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
     return total / max(len(x), 1)
 
@@ -166,7 +187,8 @@ def raise_if_empty(labels: np.ndarray, k: int) -> None:
         raise EmptyClusterError(
             f"k-means left cluster(s) {empty.tolist()} of cluster.k={k} empty over N={len(labels)} samples: "
             f"the embeddings have fewer distinct groups than clusters. Use a smaller cluster.k or "
-            f"another cluster.seed")
+            f"another cluster.seed"
+        )
 
 
 def renumber_by_size(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -177,7 +199,7 @@ def renumber_by_size(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
     sizes = np.bincount(labels, minlength=k)
     first = np.full(k, len(labels), dtype=np.int64)
     np.minimum.at(first, labels, np.arange(len(labels)))
-    order = np.lexsort((first, -sizes))          # last key is the primary one
+    order = np.lexsort((first, -sizes))  # last key is the primary one
     new_id = np.empty(k, dtype=np.int32)
     new_id[order] = np.arange(k, dtype=np.int32)
     return new_id[labels], order
@@ -193,8 +215,9 @@ def flat_kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, spheri
     return Clustering(labels=labels, centroids=centroids[order], inertia=inertia)
 
 
-def two_stage_kmeans(x: np.ndarray, k: int, *, fine_k: int = 1024, niter: int = 20, seed: int = 0,
-                     spherical: bool = False) -> Clustering:
+def two_stage_kmeans(
+    x: np.ndarray, k: int, *, fine_k: int = 1024, niter: int = 20, seed: int = 0, spherical: bool = False
+) -> Clustering:
     """The paper's scheme: fine_k centroids over the samples, then k coarse clusters over the fine centroids.
 
     The coarse k-means weights each fine centroid by its number of samples, so
@@ -208,8 +231,9 @@ def two_stage_kmeans(x: np.ndarray, k: int, *, fine_k: int = 1024, niter: int = 
     fine_labels, fine_inertia = assign(x, fine, spherical=spherical)
     counts = np.bincount(fine_labels, minlength=fine_k)
     # Never subsample the fine centroids: there are few of them and each carries its weight.
-    coarse = train_kmeans(fine, k, niter=niter, seed=seed, spherical=spherical, weights=counts,
-                          max_points_per_centroid=fine_k)
+    coarse = train_kmeans(
+        fine, k, niter=niter, seed=seed, spherical=spherical, weights=counts, max_points_per_centroid=fine_k
+    )
     fine_to_coarse, _ = assign(fine, coarse, spherical=spherical)
     labels = fine_to_coarse[fine_labels]
     del fine_labels
@@ -217,9 +241,15 @@ def two_stage_kmeans(x: np.ndarray, k: int, *, fine_k: int = 1024, niter: int = 
     labels, order = renumber_by_size(labels, k)
     new_id = np.argsort(order).astype(np.int32)
     coarse = coarse[order]
-    return Clustering(labels=labels, centroids=coarse, inertia=mean_sq_distance(x, coarse, labels),
-                      fine_centroids=fine, fine_to_coarse=new_id[fine_to_coarse], fine_inertia=fine_inertia,
-                      fine_k=fine_k)
+    return Clustering(
+        labels=labels,
+        centroids=coarse,
+        inertia=mean_sq_distance(x, coarse, labels),
+        fine_centroids=fine,
+        fine_to_coarse=new_id[fine_to_coarse],
+        fine_inertia=fine_inertia,
+        fine_k=fine_k,
+    )
 
 
 def random_partition(n: int, k: int, seed: int = 0) -> Clustering:

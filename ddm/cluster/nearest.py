@@ -5,6 +5,7 @@ fine centroid, a flat one the nearest of its K centroids. New embeddings (a
 held-out test split, say) follow the same rule, so they land where a training
 image with the same embedding would have.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,9 @@ import numpy as np
 from ddm.cluster.kmeans import assign
 
 
-def nearest_cluster(embeddings: np.ndarray, centroids: np.ndarray, *, fine_to_coarse: np.ndarray | None = None,
-                    spherical: bool = False) -> np.ndarray:
+def nearest_cluster(
+    embeddings: np.ndarray, centroids: np.ndarray, *, fine_to_coarse: np.ndarray | None = None, spherical: bool = False
+) -> np.ndarray:
     """Cluster id (int64 [N]) of each embedding [N, D].
 
     Flat: ``centroids`` are the K cluster centroids [K, D]. Two-stage: they are

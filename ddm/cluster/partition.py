@@ -5,6 +5,7 @@ that were embedded and clustered. Shard counts are planned per cluster before
 writing, because webdataset starves (or hangs at the end of an epoch) when a
 shard set has fewer shards than ranks x data-loader workers.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,15 +31,25 @@ def shard_size_for(num_samples: int, min_shards: int, target_size: int) -> int:
     shards; a cluster with fewer samples than that gets one sample per shard.
     """
     if min_shards < 1 or target_size < 1:
-        raise BadInput(f"cluster.min_shards_per_partition={min_shards} and cluster.partition_shard_size="
-                         f"{target_size} must both be at least 1")
+        raise BadInput(
+            f"cluster.min_shards_per_partition={min_shards} and cluster.partition_shard_size="
+            f"{target_size} must both be at least 1"
+        )
     # floor (not ceil) guarantees ceil(n / size) >= min_shards.
     return max(1, min(target_size, num_samples // min_shards))
 
 
-def write_partitions(data_dir: str | os.PathLike, data_manifest: dict, keys: Sequence[str], cluster: np.ndarray,
-                     folders: Sequence[str | os.PathLike], clustering_id: str, *, min_shards: int,
-                     target_size: int) -> list[dict]:
+def write_partitions(
+    data_dir: str | os.PathLike,
+    data_manifest: dict,
+    keys: Sequence[str],
+    cluster: np.ndarray,
+    folders: Sequence[str | os.PathLike],
+    clustering_id: str,
+    *,
+    min_shards: int,
+    target_size: int,
+) -> list[dict]:
     """Write cluster ``k``'s samples to ``folders[k]`` as a shard set; return the K manifests.
 
     ``keys``/``cluster`` are the assignments in dataset order; the data shards
@@ -55,24 +66,33 @@ def write_partitions(data_dir: str | os.PathLike, data_manifest: dict, keys: Seq
     with ExitStack() as stack:
         writers = []
         for k, folder in enumerate(folders):
-            writer = ShardSetWriter(folder, shard_size_for(int(sizes[k]), min_shards, target_size),
-                                    cluster=k, num_clusters=num_clusters, clustering_id=clustering_id,
-                                    keys_sha256=sha256_strings(keys[cluster == k]), **copied)
+            writer = ShardSetWriter(
+                folder,
+                shard_size_for(int(sizes[k]), min_shards, target_size),
+                cluster=k,
+                num_clusters=num_clusters,
+                clustering_id=clustering_id,
+                keys_sha256=sha256_strings(keys[cluster == k]),
+                **copied,
+            )
             writers.append(stack.enter_context(writer))
         count = 0
         for sample in iter_samples(shard_paths(data_dir, data_manifest), decode=False):
             if count >= len(keys) or sample["key"] != keys[count]:
                 expected = keys[count] if count < len(keys) else "<end of assignments>"
-                raise BadInput(f"data sample {count} is {sample['key']!r} but the assignments expect "
-                                 f"{expected!r}: clusters/ were made from different data; rerun cluster "
-                                 f"with redo=true")
+                raise BadInput(
+                    f"data sample {count} is {sample['key']!r} but the assignments expect "
+                    f"{expected!r}: clusters/ were made from different data; rerun cluster "
+                    f"with redo=true"
+                )
             k = int(cluster[count])
             writers[k].write(sample["key"], None, sample["label"], sample.get("caption"), png=sample["png"])
             class_counts[k][sample["label"]] += 1
             count += 1
         if count != len(keys):
-            raise BadInput(f"data/ holds {count} samples but the assignments cover {len(keys)}: rerun "
-                             f"cluster with redo=true")
+            raise BadInput(
+                f"data/ holds {count} samples but the assignments cover {len(keys)}: rerun cluster with redo=true"
+            )
         # Known only now, and needed before the writers close and write their manifests.
         for k, counts in enumerate(class_counts):
             writers[k].extra["class_counts"] = {str(label): n for label, n in sorted(counts.items())}

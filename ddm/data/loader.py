@@ -5,6 +5,7 @@ seed): the stream is infinite, every worker always has data however few shards
 a small cluster has (webdataset's split-by-worker hangs when shards < ranks x
 workers), and training is measured in steps, not epochs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,8 +50,7 @@ def _collate(samples):
 def batch_loader(dataset, batch_size: int, num_workers: int) -> wds.WebLoader:
     """Batch inside the workers (cheap IPC); the loader just forwards batches."""
     pipeline = wds.DataPipeline(dataset, wds.batched(batch_size, collation_fn=_collate, partial=False))
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
-                         pin_memory=torch.cuda.is_available())
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available())
 
 
 def mixed_stream(parts: list[tuple[list[str], float]], channels: int, seed: int, shuffle_buffer: int = 1000):
@@ -59,6 +59,8 @@ def mixed_stream(parts: list[tuple[list[str], float]], channels: int, seed: int,
     The router trains on this: weighting by cluster size keeps the class prior
     p(k) equal to the data's, which a uniform draw over shards would not.
     """
-    streams = [sample_stream(urls, channels, partition_stream_seed(seed, i), shuffle_buffer, tag=i)
-               for i, (urls, _) in enumerate(parts)]
+    streams = [
+        sample_stream(urls, channels, partition_stream_seed(seed, i), shuffle_buffer, tag=i)
+        for i, (urls, _) in enumerate(parts)
+    ]
     return wds.RandomMix(streams, probs=[w for _, w in parts])

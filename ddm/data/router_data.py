@@ -5,6 +5,7 @@ them; they must come from one clustering, or its classes would not be the
 experts' clusters. The first shard of each partition (when it has more than
 one) is held out, and the held-out evaluation set is drawn from those shards.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,10 @@ def load_partitions(rd: RunDir) -> tuple[dict, list[dict]]:
     manifests = [load_manifest(rd.partition(k)) for k in range(int(index["num_clusters"]))]
     ids = {m["clustering_id"] for m in manifests} | {index["clustering_id"]}
     if len(ids) != 1:
-        raise BadInput(f"the partitions under {rd.partitions} come from different clusterings {sorted(ids)}; "
-                       f"rerun `ddm partition redo=true`")
+        raise BadInput(
+            f"the partitions under {rd.partitions} come from different clusterings {sorted(ids)}; "
+            f"rerun `ddm partition redo=true`"
+        )
     return index, manifests
 
 

@@ -9,6 +9,7 @@ A shard set is a folder of ``shard-NNNNNN.tar`` files plus ``manifest.json``::
 Each tar is written under a temporary name and renamed when closed; the manifest
 is written last, so a folder with a manifest is a complete shard set.
 """
+
 from __future__ import annotations
 
 import io
@@ -71,8 +72,15 @@ class ShardSetWriter:
             return
         self._tar.close()
         os.replace(self._tmp, self._final)
-        self.shards.append(dict(path=self._final.name, num_samples=self._count,
-                                sha256=sha256_file(self._final), first_key=self._first, last_key=self._last))
+        self.shards.append(
+            dict(
+                path=self._final.name,
+                num_samples=self._count,
+                sha256=sha256_file(self._final),
+                first_key=self._first,
+                last_key=self._last,
+            )
+        )
         self._tar = None
 
     def _add(self, name: str, data: bytes):
@@ -123,8 +131,9 @@ class ShardSetWriter:
 def load_manifest(folder: str | os.PathLike) -> dict:
     path = Path(folder) / MANIFEST
     if not path.exists():
-        raise MissingInput(f"no shard manifest at {path}: the stage that writes {Path(folder).name}/ "
-                                f"has not finished; run it first")
+        raise MissingInput(
+            f"no shard manifest at {path}: the stage that writes {Path(folder).name}/ has not finished; run it first"
+        )
     return read_json(path)
 
 
@@ -187,6 +196,8 @@ def verify(folder: str | os.PathLike) -> dict:
         if not Path(path).exists():
             raise MissingInput(f"shard {path} listed in {Path(folder) / MANIFEST} is missing")
         if sha256_file(path) != s["sha256"]:
-            raise BadInput(f"shard {path} does not match the checksum in its manifest: it was changed "
-                             f"or truncated; rerun the stage that wrote it with redo=true")
+            raise BadInput(
+                f"shard {path} does not match the checksum in its manifest: it was changed "
+                f"or truncated; rerun the stage that wrote it with redo=true"
+            )
     return manifest

@@ -12,6 +12,7 @@ Layout of ``<run>/embeddings/`` (written by ``ddm.stages.embed``)::
 
 ``ddm.stages.cluster.load_embeddings`` reads them back into one matrix.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,17 @@ from ddm.embed.encoders import ENCODERS, Encoder, OpenClipEncoder, PixelEncoder,
 from ddm.errors import MissingInput
 from ddm.io import read_json
 
-__all__ = ["ENCODERS", "Encoder", "OpenClipEncoder", "PixelEncoder", "TorchvisionEncoder", "build_encoder",
-           "embedding_file", "keys_file", "load_embeddings_manifest"]
+__all__ = [
+    "ENCODERS",
+    "Encoder",
+    "OpenClipEncoder",
+    "PixelEncoder",
+    "TorchvisionEncoder",
+    "build_encoder",
+    "embedding_file",
+    "keys_file",
+    "load_embeddings_manifest",
+]
 
 
 def embedding_file(index: int) -> str:
@@ -40,4 +50,3 @@ def load_embeddings_manifest(folder: str | os.PathLike) -> dict:
     if not path.exists():
         raise MissingInput(f"no embeddings manifest at {path}: run the embed stage first (ddm embed)")
     return read_json(path)
-

@@ -1,4 +1,5 @@
 """What every clustering encoder is, and the helpers they share."""
+
 from __future__ import annotations
 
 import os

@@ -22,6 +22,7 @@ Encoders (``embed.encoder``):
   a local file (``embed.weights``); never downloads. Pretrained ImageNet
   features cluster by meaning, as the paper's DINOv2 features do.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,32 +34,51 @@ from ddm.embed.pixels import PixelEncoder
 from ddm.embed.torchvision_features import TorchvisionEncoder
 from ddm.errors import BadInput
 
-__all__ = ["ENCODERS", "WEIGHT_SUFFIXES", "Encoder", "OpenClipEncoder", "PixelEncoder", "TorchvisionEncoder",
-           "build_encoder"]
+__all__ = [
+    "ENCODERS",
+    "WEIGHT_SUFFIXES",
+    "Encoder",
+    "OpenClipEncoder",
+    "PixelEncoder",
+    "TorchvisionEncoder",
+    "build_encoder",
+]
 
 log = logging.getLogger("ddm")
 
 
 def _build_pixels(cfg, meta) -> PixelEncoder:
-    log.info("embed: 'pixels' encoder (downsampled pixels: needs no pretrained weights); for clusters by "
-             "meaning use embed=torchvision with a local embed.weights file (`make weights` fetches MobileNetV2) "
-             "or embed=open_clip with a local embed.pretrained file")
-    return PixelEncoder(channels=meta.channels, size=cfg.get("size", 16), dim=cfg.get("dim"),
-                        seed=cfg.get("seed", 0))
+    log.info(
+        "embed: 'pixels' encoder (downsampled pixels: needs no pretrained weights); for clusters by "
+        "meaning use embed=torchvision with a local embed.weights file (`make weights` fetches MobileNetV2) "
+        "or embed=open_clip with a local embed.pretrained file"
+    )
+    return PixelEncoder(channels=meta.channels, size=cfg.get("size", 16), dim=cfg.get("dim"), seed=cfg.get("seed", 0))
 
 
 def _build_open_clip(cfg, meta) -> OpenClipEncoder:
-    return OpenClipEncoder(model=cfg.get("model", "ViT-B-32"), pretrained=cfg.get("pretrained"),
-                           image_size=cfg.get("image_size"), device=cfg.get("device", "auto"))
+    return OpenClipEncoder(
+        model=cfg.get("model", "ViT-B-32"),
+        pretrained=cfg.get("pretrained"),
+        image_size=cfg.get("image_size"),
+        device=cfg.get("device", "auto"),
+    )
 
 
 def _build_torchvision(cfg, meta) -> TorchvisionEncoder:
-    return TorchvisionEncoder(model=cfg.get("model", "mobilenet_v2"), weights=cfg.get("weights"),
-                              image_size=cfg.get("image_size") or 96, device=cfg.get("device", "auto"))
+    return TorchvisionEncoder(
+        model=cfg.get("model", "mobilenet_v2"),
+        weights=cfg.get("weights"),
+        image_size=cfg.get("image_size") or 96,
+        device=cfg.get("device", "auto"),
+    )
 
 
-ENCODERS: dict[str, Callable] = {"pixels": _build_pixels, "open_clip": _build_open_clip,
-                                 "torchvision": _build_torchvision}
+ENCODERS: dict[str, Callable] = {
+    "pixels": _build_pixels,
+    "open_clip": _build_open_clip,
+    "torchvision": _build_torchvision,
+}
 
 
 def build_encoder(cfg_embed, data_meta) -> Encoder:

@@ -1,4 +1,5 @@
 """The ``open_clip`` encoder: an open_clip image tower, weights from a local file (or a hub tag online)."""
+
 from __future__ import annotations
 
 import logging
@@ -14,18 +15,26 @@ from ddm.errors import BadInput, MissingInput, Unusable
 
 log = logging.getLogger("ddm")
 
+
 class OpenClipEncoder:
     """The image tower of an open_clip model; features are L2-normalised ``encode_image`` outputs."""
 
     name = "open_clip"
 
-    def __init__(self, model: str = "ViT-B-32", pretrained: str | None = None, image_size: int | None = None,
-                 device: str | None = "auto"):
+    def __init__(
+        self,
+        model: str = "ViT-B-32",
+        pretrained: str | None = None,
+        image_size: int | None = None,
+        device: str | None = "auto",
+    ):
         import open_clip
 
         if model not in open_clip.list_models():
-            raise BadInput(f"embed.model={model!r} is not an open_clip model; see open_clip.list_models(), "
-                             f"e.g. ViT-B-32, ViT-S-32-alt, RN50")
+            raise BadInput(
+                f"embed.model={model!r} is not an open_clip model; see open_clip.list_models(), "
+                f"e.g. ViT-B-32, ViT-S-32-alt, RN50"
+            )
         pretrained = str(pretrained) if pretrained else None
         self.device = resolve_device(device, "embed.device")
         kwargs = dict(force_image_size=int(image_size)) if image_size else {}
@@ -47,26 +56,34 @@ class OpenClipEncoder:
 def _create_open_clip(open_clip, model: str, pretrained: str | None, kwargs: dict):
     """(model, eval preprocess) with weights from nowhere, a local file or the hub; clear errors for each."""
     if pretrained is None:
-        log.warning(f"embed: open_clip {model} has RANDOM weights (embed.pretrained=null): its embeddings carry "
-                    f"no meaning and the clusters will be meaningless. Use it for tests only; pass a local "
-                    f"weights file with embed.pretrained=/path/to/weights.pt")
+        log.warning(
+            f"embed: open_clip {model} has RANDOM weights (embed.pretrained=null): its embeddings carry "
+            f"no meaning and the clusters will be meaningless. Use it for tests only; pass a local "
+            f"weights file with embed.pretrained=/path/to/weights.pt"
+        )
     elif _looks_like_path(pretrained):
         if not Path(pretrained).is_file():
-            raise MissingInput(f"embed.pretrained={pretrained}: no such weights file; give the path of an "
-                                    f"open_clip state dict (.pt/.bin/.safetensors) for {model}")
+            raise MissingInput(
+                f"embed.pretrained={pretrained}: no such weights file; give the path of an "
+                f"open_clip state dict (.pt/.bin/.safetensors) for {model}"
+            )
     else:
         tags = open_clip.list_pretrained_tags_by_model(model)
         if pretrained not in tags:
-            raise BadInput(f"embed.pretrained={pretrained!r} is neither a file nor a hub tag of {model} "
-                             f"(tags: {tags}); pass a local weights file path instead")
+            raise BadInput(
+                f"embed.pretrained={pretrained!r} is neither a file nor a hub tag of {model} "
+                f"(tags: {tags}); pass a local weights file path instead"
+            )
     try:
         created, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, **kwargs)
     except Exception as e:
         if pretrained is None or _looks_like_path(pretrained):
             raise Unusable(f"open_clip could not build {model} with embed.pretrained={pretrained}: {e}") from e
-        raise Unusable(f"could not get open_clip weights {model}/{pretrained} from the hub ({e}). Hub "
-                           f"weights cannot be downloaded on machines without internet: download them "
-                           f"elsewhere and pass the local file, embed.pretrained=/path/to/weights.bin") from e
+        raise Unusable(
+            f"could not get open_clip weights {model}/{pretrained} from the hub ({e}). Hub "
+            f"weights cannot be downloaded on machines without internet: download them "
+            f"elsewhere and pass the local file, embed.pretrained=/path/to/weights.bin"
+        ) from e
     return created, preprocess
 
 

@@ -1,4 +1,5 @@
 """The ``pixels`` encoder: downsampled pixels, no weights needed."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,9 @@ class PixelEncoder:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         x = _to_nchw(images)
         if x.shape[1] != self.channels:
-            raise BadInput(f"pixels encoder was built for {self.channels} channels but got images of shape "
-                             f"{images.shape[1:]}")
+            raise BadInput(
+                f"pixels encoder was built for {self.channels} channels but got images of shape {images.shape[1:]}"
+            )
         # antialias: downsampling without it aliases fine texture into the embedding.
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         x = x.flatten(1)

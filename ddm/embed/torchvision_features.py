@@ -1,4 +1,5 @@
 """The ``torchvision`` encoder: pooled features of a torchvision classifier, its weights from a local file."""
+
 from __future__ import annotations
 
 import hashlib
@@ -30,21 +31,26 @@ class TorchvisionEncoder:
 
     name = "torchvision"
 
-    def __init__(self, model: str = "mobilenet_v2", weights: str | None = None, image_size: int = 96,
-                 device: str | None = "auto"):
+    def __init__(
+        self, model: str = "mobilenet_v2", weights: str | None = None, image_size: int = 96, device: str | None = "auto"
+    ):
         import torchvision
 
         if model not in torchvision.models.list_models(module=torchvision.models):
-            raise BadInput(f"embed.model={model!r} is not a torchvision classification model; see "
-                             f"torchvision.models.list_models(), e.g. mobilenet_v2, resnet18, resnet50")
+            raise BadInput(
+                f"embed.model={model!r} is not a torchvision classification model; see "
+                f"torchvision.models.list_models(), e.g. mobilenet_v2, resnet18, resnet50"
+            )
         self.device = resolve_device(device, "embed.device")
         self.image_size = int(image_size)
         net = torchvision.models.get_model(model, weights=None)
         digest = None
         if weights is None:
-            log.warning(f"embed: torchvision {model} has RANDOM weights (embed.weights=null): its embeddings "
-                        f"carry no meaning and the clusters will be meaningless. Use it for tests only; pass "
-                        f"a local state-dict file with embed.weights=/path/to/{model}.pth")
+            log.warning(
+                f"embed: torchvision {model} has RANDOM weights (embed.weights=null): its embeddings "
+                f"carry no meaning and the clusters will be meaningless. Use it for tests only; pass "
+                f"a local state-dict file with embed.weights=/path/to/{model}.pth"
+            )
         else:
             digest = _state_digest(_load_state_dict(net, str(weights), model))
         _drop_classifier(net, model)
@@ -61,8 +67,9 @@ class TorchvisionEncoder:
         x = _to_nchw(images)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
-                          align_corners=False)
+        x = F.interpolate(
+            x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False
+        )
         features = self.net(((x - self.mean) / self.std).to(self.device))
         return F.normalize(features.float().flatten(1), dim=1).cpu().numpy()
 
@@ -84,12 +91,15 @@ def _load_state_dict(net: torch.nn.Module, path: str, model: str) -> dict:
     Its errors name ``embed.weights``.
     """
     if not Path(path).is_file():
-        raise MissingInput(f"embed.weights={path}: no such weights file; give the path of a torchvision "
-                                f"{model} state dict (.pth/.pt/.safetensors), e.g. the file torchvision downloads "
-                                f"into ~/.cache/torch/hub/checkpoints/ on a machine with internet")
+        raise MissingInput(
+            f"embed.weights={path}: no such weights file; give the path of a torchvision "
+            f"{model} state dict (.pth/.pt/.safetensors), e.g. the file torchvision downloads "
+            f"into ~/.cache/torch/hub/checkpoints/ on a machine with internet"
+        )
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
+
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -98,8 +108,10 @@ def _load_state_dict(net: torch.nn.Module, path: str, model: str) -> dict:
         net.load_state_dict(state, strict=True)
         return state
     except Exception as e:
-        raise Unusable(f"embed.weights={path} does not hold {model}'s weights ({type(e).__name__}: "
-                           f"{str(e)[:300]}); give a state dict saved from torchvision's {model}") from e
+        raise Unusable(
+            f"embed.weights={path} does not hold {model}'s weights ({type(e).__name__}: "
+            f"{str(e)[:300]}); give a state dict saved from torchvision's {model}"
+        ) from e
 
 
 def _drop_classifier(net: torch.nn.Module, model: str) -> None:
@@ -114,5 +126,7 @@ def _drop_classifier(net: torch.nn.Module, model: str) -> None:
             if linear:
                 head[linear[-1]] = torch.nn.Identity()
                 return
-    raise BadInput(f"embed.model={model!r}: found no final Linear layer in fc/classifier/heads/head to drop; "
-                     f"use a classification model such as mobilenet_v2 or resnet50")
+    raise BadInput(
+        f"embed.model={model!r}: found no final Linear layer in fc/classifier/heads/head to drop; "
+        f"use a classification model such as mobilenet_v2 or resnet50"
+    )

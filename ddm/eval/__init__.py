@@ -16,11 +16,19 @@
 The ``evaluate`` stage (``ddm.stages.evaluate``, with what it reads from a run
 in ``ddm.stages.evaluation``) runs all of them on a run.
 """
+
 from ddm.eval.fid import frechet_distance, frechet_distance_features, gaussian_stats
 from ddm.eval.fm_loss import heldout_fm_loss
 from ddm.eval.prdc import precision_recall
 from ddm.eval.quality import sample_quality
 from ddm.eval.router_diag import router_diagnostics
 
-__all__ = ["frechet_distance", "frechet_distance_features", "gaussian_stats", "heldout_fm_loss",
-           "precision_recall", "router_diagnostics", "sample_quality"]
+__all__ = [
+    "frechet_distance",
+    "frechet_distance_features",
+    "gaussian_stats",
+    "heldout_fm_loss",
+    "precision_recall",
+    "router_diagnostics",
+    "sample_quality",
+]

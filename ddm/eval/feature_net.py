@@ -15,6 +15,7 @@ checksum and so a new net; the same data reuses the file. The feature space is
 named ``classifier:<checksum[:12]>`` in every report, so numbers from different
 nets are never put side by side.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,8 +58,14 @@ class FeatureNet(nn.Module):
         def block(cin, cout, stride):
             return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.GroupNorm(_groups(cout), cout), nn.ReLU()]
 
-        self.body = nn.Sequential(*block(in_channels, w, 1), *block(w, w, 1), *block(w, 2 * w, 2),
-                                  *block(2 * w, 4 * w, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.body = nn.Sequential(
+            *block(in_channels, w, 1),
+            *block(w, w, 1),
+            *block(w, 2 * w, 2),
+            *block(2 * w, 4 * w, 2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(4 * w, num_classes)
 
     @property
@@ -75,10 +82,11 @@ class FeatureNet(nn.Module):
 @dataclass
 class TrainedFeatureNet:
     """A trained (or cached) feature net and where it came from."""
+
     net: FeatureNet
     checksum: str
     path: Path
-    cached: bool                       # True: loaded from the cache, not trained now
+    cached: bool  # True: loaded from the cache, not trained now
     info: dict = field(default_factory=dict)
 
     @property
@@ -105,9 +113,21 @@ def cache_checksum(data_sha: str, settings: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def train_feature_net(data, num_classes: int, *, cache_dir, data_sha: str | None = None,
-                      channels: int | None = None, keys=None, steps: int = 1000, batch_size: int = 128,
-                      lr: float = 1e-3, width: int = 32, seed: int = 0, device="cpu") -> TrainedFeatureNet:
+def train_feature_net(
+    data,
+    num_classes: int,
+    *,
+    cache_dir,
+    data_sha: str | None = None,
+    channels: int | None = None,
+    keys=None,
+    steps: int = 1000,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    width: int = 32,
+    seed: int = 0,
+    device="cpu",
+) -> TrainedFeatureNet:
     """Train the classifier on uint8 images with labels in ``[0, num_classes)``, or load it from the cache.
 
     Args:
@@ -125,8 +145,13 @@ def train_feature_net(data, num_classes: int, *, cache_dir, data_sha: str | None
         raise BadInput("train_feature_net: a data function needs data_sha and channels")
     if channels is None:
         channels = 1 if arrays[0].ndim == 3 else arrays[0].shape[-1]
-    settings = dict(arch=dict(in_channels=int(channels), num_classes=int(num_classes), width=int(width)),
-                    steps=int(steps), batch_size=int(batch_size), lr=float(lr), seed=int(seed))
+    settings = dict(
+        arch=dict(in_channels=int(channels), num_classes=int(num_classes), width=int(width)),
+        steps=int(steps),
+        batch_size=int(batch_size),
+        lr=float(lr),
+        seed=int(seed),
+    )
     data_sha = data_sha or data_checksum(arrays[0], arrays[1], keys)
     checksum = cache_checksum(data_sha, settings)
     path = Path(cache_dir) / f"{checksum[:16]}.pt"
@@ -137,8 +162,12 @@ def train_feature_net(data, num_classes: int, *, cache_dir, data_sha: str | None
     images, labels = arrays if arrays is not None else _check_data(*data(), num_classes)
     net, info = _train(images, labels, settings, device)
     info.update(data_sha256=data_sha, num_train=len(images))
-    payload = dict(checksum=checksum, arch=settings["arch"], info=info,
-                   state_dict={k: v.detach().cpu() for k, v in net.state_dict().items()})
+    payload = dict(
+        checksum=checksum,
+        arch=settings["arch"],
+        info=info,
+        state_dict={k: v.detach().cpu() for k, v in net.state_dict().items()},
+    )
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return TrainedFeatureNet(net.eval(), checksum, path, False, info)
@@ -166,8 +195,10 @@ def _check_data(images, labels, num_classes: int):
     if len(images) != len(labels) or len(images) == 0:
         raise BadInput(f"feature net: {len(images)} images and {len(labels)} labels; need equal, non-zero counts")
     if num_classes < 2 or labels.min() < 0 or labels.max() >= num_classes:
-        raise BadInput(f"feature net: labels must lie in [0, {num_classes}) with at least 2 classes; got "
-                         f"{labels.min()}..{labels.max()}")
+        raise BadInput(
+            f"feature net: labels must lie in [0, {num_classes}) with at least 2 classes; got "
+            f"{labels.min()}..{labels.max()}"
+        )
     return images, labels
 
 
@@ -178,8 +209,7 @@ def _train(images, labels, settings: dict, device) -> tuple[FeatureNet, dict]:
         net = FeatureNet(**settings["arch"]).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=settings["lr"], weight_decay=1e-4)
     steps, batch = settings["steps"], min(settings["batch_size"], len(images))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings["lr"], total_steps=max(steps, 1),
-                                                pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings["lr"], total_steps=max(steps, 1), pct_start=0.1)
     x_all, y_all = batch_to_model_space(images), torch.from_numpy(labels)
     g = torch.Generator().manual_seed(seed + 1)  # batch order, independent of the init's draws
     net.train()
@@ -188,7 +218,7 @@ def _train(images, labels, settings: dict, device) -> tuple[FeatureNet, dict]:
     for _ in range(steps):
         if pos + batch > len(perm):  # epochs without replacement: every image is seen equally often
             perm, pos = torch.randperm(len(x_all), generator=g), 0
-        idx = perm[pos:pos + batch]
+        idx = perm[pos : pos + batch]
         pos += batch
         logits = net(x_all[idx].to(device))
         loss = F.cross_entropy(logits, y_all[idx].to(device))
@@ -199,14 +229,21 @@ def _train(images, labels, settings: dict, device) -> tuple[FeatureNet, dict]:
         recent = (recent + [loss.item()])[-20:]
     net.eval()
     train_acc = accuracy(net, images[:5000], labels[:5000])  # a bounded sample: enough to spot underfitting
-    return net, dict(steps=steps, final_loss=float(np.mean(recent)) if recent else None, train_accuracy=train_acc,
-                     feature_dim=net.feature_dim, torch=str(torch.__version__))
+    return net, dict(
+        steps=steps,
+        final_loss=float(np.mean(recent)) if recent else None,
+        train_accuracy=train_acc,
+        feature_dim=net.feature_dim,
+        torch=str(torch.__version__),
+    )
 
 
 @torch.no_grad()
 def _batched(fn, images: np.ndarray, batch_size: int, device) -> torch.Tensor:
-    out = [fn(batch_to_model_space(images[i:i + batch_size]).to(device)).float().cpu()
-           for i in range(0, len(images), batch_size)]
+    out = [
+        fn(batch_to_model_space(images[i : i + batch_size]).to(device)).float().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out)
 
 

@@ -14,6 +14,7 @@ square roots of those eigenvalues. Everything is symmetric ``eigh`` in float64;
 eigenvalues that round below zero are clipped, which keeps the result real and
 exact for singular covariances too.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -17,6 +17,7 @@ Sampling FLOPs per image follow from how ``Ensemble`` and ``sample`` execute::
 ``measured_sampling_flops`` runs a real sampling call under the counter to
 check the formula. ``flops_summary`` puts all of it together for one run.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -40,8 +41,9 @@ def count_flops(fn, *args, **kwargs) -> int:
     return int(counter.get_total_flops())
 
 
-def model_forward_flops(model: torch.nn.Module, image_shape: Sequence[int], conditional: bool = True,
-                        batch: int = 1) -> int:
+def model_forward_flops(
+    model: torch.nn.Module, image_shape: Sequence[int], conditional: bool = True, batch: int = 1
+) -> int:
     """Forward FLOPs per sample of a ``model(x, t, y)`` (an expert or a router) on images ``image_shape`` (C, H, W)."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -51,9 +53,17 @@ def model_forward_flops(model: torch.nn.Module, image_shape: Sequence[int], cond
     return count_flops(model, x, t, y) // batch
 
 
-def sampling_flops_per_image(expert_flops: float, router_flops: float, strategy: str | None, steps: int,
-                             solver: str = "euler", cfg_scale: float = 1.0, conditional: bool = True,
-                             num_experts: int = 1, top_k: int = 2) -> dict:
+def sampling_flops_per_image(
+    expert_flops: float,
+    router_flops: float,
+    strategy: str | None,
+    steps: int,
+    solver: str = "euler",
+    cfg_scale: float = 1.0,
+    conditional: bool = True,
+    num_experts: int = 1,
+    top_k: int = 2,
+) -> dict:
     """FLOPs to sample one image; ``strategy=None`` is a single model (a monolith: no router).
 
     ``expert_flops`` is the forward FLOPs of one expert per sample (the mean when
@@ -68,20 +78,44 @@ def sampling_flops_per_image(expert_flops: float, router_flops: float, strategy:
     else:
         experts = EXPERTS_PER_CALL[strategy](int(num_experts), int(top_k))
     per_call = router_flops + experts * cfg_factor * expert_flops
-    return dict(per_image=int(round(calls * per_call)), per_call=int(round(per_call)), calls=calls,
-                experts_per_call=experts, cfg_factor=cfg_factor, router_per_call=int(router_flops),
-                expert_forward=int(round(expert_flops)))
+    return dict(
+        per_image=int(round(calls * per_call)),
+        per_call=int(round(per_call)),
+        calls=calls,
+        experts_per_call=experts,
+        cfg_factor=cfg_factor,
+        router_per_call=int(router_flops),
+        expert_forward=int(round(expert_flops)),
+    )
 
 
-def measured_sampling_flops(model, path, image_shape: Sequence[int], y: torch.Tensor | None, steps: int,
-                            solver: str = "euler", cfg_scale: float = 1.0, seed: int = 0) -> int:
+def measured_sampling_flops(
+    model,
+    path,
+    image_shape: Sequence[int],
+    y: torch.Tensor | None,
+    steps: int,
+    solver: str = "euler",
+    cfg_scale: float = 1.0,
+    seed: int = 0,
+) -> int:
     """FLOPs per image of a real ``sample`` call on ``len(y)`` images (or 2 when unconditional), counted."""
     n = len(y) if y is not None else 2
     generator = torch.Generator().manual_seed(int(seed))
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    flops = count_flops(sample, model, path, (n, *image_shape), y=y, steps=int(steps), solver=solver,
-                        cfg_scale=float(cfg_scale), generator=generator, device=device)
+    flops = count_flops(
+        sample,
+        model,
+        path,
+        (n, *image_shape),
+        y=y,
+        steps=int(steps),
+        solver=solver,
+        cfg_scale=float(cfg_scale),
+        generator=generator,
+        device=device,
+    )
     if isinstance(model, Ensemble):
         model.reset_usage()  # the counted call is not a sampling run: leave no usage records
     return flops // n
@@ -106,8 +140,9 @@ def training_flops(record: dict, forward_flops: int | None = None) -> tuple[int 
 COUNTER = "torch.utils.flop_counter (2 FLOPs per multiply-add)"
 
 
-def forward_flops(experts: Mapping[int, torch.nn.Module], router: torch.nn.Module, image_shape: Sequence[int],
-                  conditional: bool) -> dict:
+def forward_flops(
+    experts: Mapping[int, torch.nn.Module], router: torch.nn.Module, image_shape: Sequence[int], conditional: bool
+) -> dict:
     """Measured forward FLOPs per sample: ``{"expert-KK": ..., "router": ...}``."""
     fwd = {expert_job(k): model_forward_flops(m, image_shape, conditional) for k, m in experts.items()}
     fwd[ROUTER_JOB] = model_forward_flops(router, image_shape, conditional)
@@ -145,9 +180,20 @@ def training_summary(forward: Mapping[str, int], records: Mapping[str, dict]) ->
     return dict(jobs=jobs, total=total, router_share=router / total if total and router is not None else None)
 
 
-def flops_summary(forward: Mapping[str, int], records: Mapping[str, dict], strategies: Sequence[str], *,
-                  steps: int, solver: str, cfg_scale: float, conditional: bool, num_experts: int, top_k: int,
-                  measured: Mapping[str, int] | None = None, measured_images: int = 0) -> dict:
+def flops_summary(
+    forward: Mapping[str, int],
+    records: Mapping[str, dict],
+    strategies: Sequence[str],
+    *,
+    steps: int,
+    solver: str,
+    cfg_scale: float,
+    conditional: bool,
+    num_experts: int,
+    top_k: int,
+    measured: Mapping[str, int] | None = None,
+    measured_images: int = 0,
+) -> dict:
     """The ``flops`` section of the evaluate stage's metrics.json.
 
     Args:
@@ -168,8 +214,14 @@ def flops_summary(forward: Mapping[str, int], records: Mapping[str, dict], strat
         counter             how the FLOPs were counted
     """
     expert_mean = mean_expert_flops(forward)
-    common = dict(steps=int(steps), solver=solver, cfg_scale=float(cfg_scale), conditional=conditional,
-                  num_experts=int(num_experts), top_k=int(top_k))
+    common = dict(
+        steps=int(steps),
+        solver=solver,
+        cfg_scale=float(cfg_scale),
+        conditional=conditional,
+        num_experts=int(num_experts),
+        top_k=int(top_k),
+    )
     sampling = {}
     for s in strategies:
         row = sampling_flops_per_image(expert_mean, forward[ROUTER_JOB], s, **common)
@@ -177,5 +229,6 @@ def flops_summary(forward: Mapping[str, int], records: Mapping[str, dict], strat
             row.update(measured_per_image=measured[s], measured_images=int(measured_images))
         sampling[s] = row
     sampling["single_model"] = sampling_flops_per_image(expert_mean, 0, None, **common)
-    return dict(forward_per_sample=dict(forward), train=training_summary(forward, records), sampling=sampling,
-                counter=COUNTER)
+    return dict(
+        forward_per_sample=dict(forward), train=training_summary(forward, records), sampling=sampling, counter=COUNTER
+    )

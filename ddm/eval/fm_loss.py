@@ -12,6 +12,7 @@ with the same path and the same per-element MSE as training. The noise of
 numbers do not depend on the batch size. ``mean`` averages the grid points
 (a Riemann sum of the loss over uniform t when the grid is evenly spaced).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -39,8 +40,16 @@ def fixed_noise(shape, seed: int, index: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def heldout_fm_loss(model, path: FlowPath, x0: torch.Tensor, y: torch.Tensor | None, t_grid: Sequence[float],
-                    seed: int = 0, batch_size: int = 256, device=None) -> dict:
+def heldout_fm_loss(
+    model,
+    path: FlowPath,
+    x0: torch.Tensor,
+    y: torch.Tensor | None,
+    t_grid: Sequence[float],
+    seed: int = 0,
+    batch_size: int = 256,
+    device=None,
+) -> dict:
     """``{"per_t": [{"t", "loss"}], "mean", "num_samples"}`` of ``model`` on clean images ``x0`` (model scale).
 
     ``y`` holds labels (``None``: unconditional calls). Ensembles record routing
@@ -57,10 +66,10 @@ def heldout_fm_loss(model, path: FlowPath, x0: torch.Tensor, y: torch.Tensor | N
         eps_all = fixed_noise(x0.shape, seed, j)
         total = 0.0
         for lo in range(0, len(x0), batch_size):
-            x = x0[lo:lo + batch_size].to(device)
-            eps = eps_all[lo:lo + batch_size].to(device)
+            x = x0[lo : lo + batch_size].to(device)
+            eps = eps_all[lo : lo + batch_size].to(device)
             t = torch.full((len(x),), float(t_value), device=device)
-            labels = None if y is None else y[lo:lo + batch_size].to(device)
+            labels = None if y is None else y[lo : lo + batch_size].to(device)
             # Sum of per-sample means, so the total is a mean over samples whatever the batch split.
             total += path.loss(model, x, labels, t=t, eps=eps).sum().item()
         rows.append(dict(t=float(t_value), loss=total / len(x0)))
@@ -69,9 +78,16 @@ def heldout_fm_loss(model, path: FlowPath, x0: torch.Tensor, y: torch.Tensor | N
     return dict(per_t=rows, mean=sum(r["loss"] for r in rows) / len(rows), num_samples=int(len(x0)))
 
 
-def fm_loss_summary(models: Mapping[str, tuple[object, int]], path: FlowPath, x0: torch.Tensor,
-                    y: torch.Tensor | None, t_grid: Sequence[float], seed: int = 0, batch_size: int = 256,
-                    device=None) -> dict:
+def fm_loss_summary(
+    models: Mapping[str, tuple[object, int]],
+    path: FlowPath,
+    x0: torch.Tensor,
+    y: torch.Tensor | None,
+    t_grid: Sequence[float],
+    seed: int = 0,
+    batch_size: int = 256,
+    device=None,
+) -> dict:
     """The ``fm_loss`` section of the evaluate stage's metrics.json: ``heldout_fm_loss`` of several models.
 
     ``models`` maps a name (``ensemble-<strategy>``, ``expert-KK``) to ``(model,
@@ -81,6 +97,8 @@ def fm_loss_summary(models: Mapping[str, tuple[object, int]], path: FlowPath, x0
         models  {<name>: {per_t: [{t, loss}], mean, num_samples, forward_flops_per_call}}
     """
     t_grid = [float(t) for t in t_grid]
-    rows = {name: dict(heldout_fm_loss(model, path, x0, y, t_grid, seed, batch_size, device),
-                       forward_flops_per_call=flops) for name, (model, flops) in models.items()}
+    rows = {
+        name: dict(heldout_fm_loss(model, path, x0, y, t_grid, seed, batch_size, device), forward_flops_per_call=flops)
+        for name, (model, flops) in models.items()
+    }
     return dict(t_grid=t_grid, num_samples=len(x0), seed=seed, models=rows, note=NOTE)

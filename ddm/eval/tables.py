@@ -3,6 +3,7 @@
 Every table that compares models or strategies has a FLOPs column, so no
 comparison is read without its cost.
 """
+
 from __future__ import annotations
 
 # fmt_flops is re-exported: reports of several runs import it from here.
@@ -15,80 +16,164 @@ SAMPLING_LABELS = {"single_model": "one expert-sized model, no router (monolith 
 
 def _quality(name: str, space: dict, sampling: dict) -> list[str]:
     acc = space.get("test_accuracy")
-    what = (f"a classifier trained on the training split ({space['target']} labels, {space['feature_dim']}-d "
-            f"features, held-out accuracy {num(acc, '.3f')})" if space.get("kind") == "classifier"
-            else f"{space.get('kind')} from {space.get('file')}")
-    lines = [f"## Sample quality in `{name}`", "", f"Feature space: {what}. Compared with "
-             f"{space['num_real']} held-out images. FD: Fréchet distance; precision/recall: k-NN manifolds.", ""]
+    what = (
+        f"a classifier trained on the training split ({space['target']} labels, {space['feature_dim']}-d "
+        f"features, held-out accuracy {num(acc, '.3f')})"
+        if space.get("kind") == "classifier"
+        else f"{space.get('kind')} from {space.get('file')}"
+    )
+    lines = [
+        f"## Sample quality in `{name}`",
+        "",
+        f"Feature space: {what}. Compared with "
+        f"{space['num_real']} held-out images. FD: Fréchet distance; precision/recall: k-NN manifolds.",
+        "",
+    ]
     rows = []
     for s, r in space["strategies"].items():
-        rows.append([s, r["num_generated"], num(r["fd"]), num(r["precision"], ".3f"), num(r["recall"], ".3f"),
-                     num(r.get("classifier_accuracy"), ".3f"), fmt_flops(sampling.get(s, {}).get("per_image"))])
+        rows.append(
+            [
+                s,
+                r["num_generated"],
+                num(r["fd"]),
+                num(r["precision"], ".3f"),
+                num(r["recall"], ".3f"),
+                num(r.get("classifier_accuracy"), ".3f"),
+                fmt_flops(sampling.get(s, {}).get("per_image")),
+            ]
+        )
     ref = space["reference_training_images"]
-    rows.append(["training images (reference)", ref["num_images"], num(ref["fd"]), num(ref["precision"], ".3f"),
-                 num(ref["recall"], ".3f"), "-", "-"])
-    lines += table(["strategy", "images", "FD", "precision", "recall", "class accuracy", "sampling FLOPs/image"],
-                    rows)
+    rows.append(
+        [
+            "training images (reference)",
+            ref["num_images"],
+            num(ref["fd"]),
+            num(ref["precision"], ".3f"),
+            num(ref["recall"], ".3f"),
+            "-",
+            "-",
+        ]
+    )
+    lines += table(["strategy", "images", "FD", "precision", "recall", "class accuracy", "sampling FLOPs/image"], rows)
     per_class = {s: r.get("per_class") or {} for s, r in space["strategies"].items()}
     classes = sorted({c for pc in per_class.values() for c in pc}, key=int)
     if classes:
         lines += [f"Per class, FD in `{name}` (classes with enough images):", ""]
         header = ["class"] + [f"{s} FD ({fmt_flops(sampling.get(s, {}).get('per_image'))}/image)" for s in per_class]
-        lines += table(header, [[c] + [num(per_class[s].get(c, {}).get("fd")) for s in per_class]
-                                 for c in classes])
+        lines += table(header, [[c] + [num(per_class[s].get(c, {}).get("fd")) for s in per_class] for c in classes])
     return lines
 
 
 def render_report(m: dict) -> str:
     run, h, fl = m["run"], m["heldout"], m["flops"]
-    lines = [f"# Evaluation of {run['run_dir']}", "",
-             f"K = {run['num_experts']} experts (clustering {run['clustering_id']}), images "
-             f"{'x'.join(str(s) for s in run['image_shape'])}, {run['num_classes']} classes.", "",
-             f"Held-out set ({h['mode']}): {h['num_images']} images; {h['note']}.", ""]
+    lines = [
+        f"# Evaluation of {run['run_dir']}",
+        "",
+        f"K = {run['num_experts']} experts (clustering {run['clustering_id']}), images "
+        f"{'x'.join(str(s) for s in run['image_shape'])}, {run['num_classes']} classes.",
+        "",
+        f"Held-out set ({h['mode']}): {h['num_images']} images; {h['note']}.",
+        "",
+    ]
     sampling = fl["sampling"]
     for name, space in m["feature_spaces"].items():
         lines += _quality(name, space, sampling)
 
     fm = m["fm_loss"]
-    lines += ["## Held-out flow-matching loss", "",
-              f"{fm['num_samples']} held-out images, fixed noise (seed {fm['seed']}); {fm['note']}.", ""]
+    lines += [
+        "## Held-out flow-matching loss",
+        "",
+        f"{fm['num_samples']} held-out images, fixed noise (seed {fm['seed']}); {fm['note']}.",
+        "",
+    ]
     header = ["model", "forward FLOPs/call", "mean"] + [f"t={t:g}" for t in fm["t_grid"]]
-    lines += table(header, [[name, fmt_flops(r["forward_flops_per_call"]), num(r["mean"])]
-                             + [num(p["loss"]) for p in r["per_t"]] for name, r in fm["models"].items()])
+    lines += table(
+        header,
+        [
+            [name, fmt_flops(r["forward_flops_per_call"]), num(r["mean"])] + [num(p["loss"]) for p in r["per_t"]]
+            for name, r in fm["models"].items()
+        ],
+    )
 
     rt = m["router"]
     lines += ["## Router by t", ""]
     if "skipped" in rt:
         lines += [f"Skipped: {rt['skipped']}.", ""]
     else:
-        lines += [f"{rt['num_images']} held-out images, clusters from {rt['cluster_labels']}; router forward "
-                  f"{fmt_flops(rt['forward_flops_per_sample'])}/sample.", ""]
-        lines += table(["t", "accuracy", "entropy", "confidence", "ECE", "NLL", "prior accuracy"],
-                        [[f"{b['t_lo']:.1f}-{b['t_hi']:.1f}", num(b["accuracy"], ".3f"), num(b["entropy"], ".3f"),
-                          num(b["confidence"], ".3f"), num(b["ece"], ".3f"), num(b["nll"], ".3f"),
-                          num(b["prior_accuracy"], ".3f")] for b in rt["buckets"]])
+        lines += [
+            f"{rt['num_images']} held-out images, clusters from {rt['cluster_labels']}; router forward "
+            f"{fmt_flops(rt['forward_flops_per_sample'])}/sample.",
+            "",
+        ]
+        lines += table(
+            ["t", "accuracy", "entropy", "confidence", "ECE", "NLL", "prior accuracy"],
+            [
+                [
+                    f"{b['t_lo']:.1f}-{b['t_hi']:.1f}",
+                    num(b["accuracy"], ".3f"),
+                    num(b["entropy"], ".3f"),
+                    num(b["confidence"], ".3f"),
+                    num(b["ece"], ".3f"),
+                    num(b["nll"], ".3f"),
+                    num(b["prior_accuracy"], ".3f"),
+                ]
+                for b in rt["buckets"]
+            ],
+        )
 
     for s, steps in m.get("usage", {}).items():
         lines += [f"## Expert usage per sampling step ({s})", ""]
         k = len(steps[0]["weight"]) if steps else 0
-        lines += ["Mean routing weight of each expert at each solver evaluation (images each expert ran on, "
-                  "as a fraction, in brackets).", ""]
-        lines += table(["step", "t"] + [f"expert {i}" for i in range(k)],
-                        [[r["step"], f"{r['t']:.3f}"]
-                         + [f"{w:.2f} ({s:.2f})" for w, s in zip(r["weight"], r["selected"])] for r in steps])
+        lines += [
+            "Mean routing weight of each expert at each solver evaluation (images each expert ran on, "
+            "as a fraction, in brackets).",
+            "",
+        ]
+        lines += table(
+            ["step", "t"] + [f"expert {i}" for i in range(k)],
+            [
+                [r["step"], f"{r['t']:.3f}"] + [f"{w:.2f} ({s:.2f})" for w, s in zip(r["weight"], r["selected"])]
+                for r in steps
+            ],
+        )
 
     lines += ["## FLOPs", "", f"Counted with {fl['counter']}.", ""]
     train = fl["train"]
-    lines += table(["network", "forward FLOPs/sample", "training FLOPs", "samples seen"],
-                    [[name, fmt_flops(fl["forward_per_sample"].get(name)),
-                      fmt_flops(j["flops"]) + (" (estimated: 3 x forward x samples)" if j["estimated"] else ""),
-                      num(j["samples_seen"], "d")] for name, j in train["jobs"].items()]
-                    + [["total", "-", fmt_flops(train["total"]), "-"]])
+    lines += table(
+        ["network", "forward FLOPs/sample", "training FLOPs", "samples seen"],
+        [
+            [
+                name,
+                fmt_flops(fl["forward_per_sample"].get(name)),
+                fmt_flops(j["flops"]) + (" (estimated: 3 x forward x samples)" if j["estimated"] else ""),
+                num(j["samples_seen"], "d"),
+            ]
+            for name, j in train["jobs"].items()
+        ]
+        + [["total", "-", fmt_flops(train["total"]), "-"]],
+    )
     if train.get("router_share") is not None:
         lines += [f"The router is {100 * train['router_share']:.1f}% of training FLOPs.", ""]
-    lines += table(["strategy", "model calls", "experts/call", "guidance factor", "FLOPs/image (formula)",
-                     "FLOPs/image (measured)"],
-                    [[SAMPLING_LABELS.get(s, s), r["calls"], r["experts_per_call"], r["cfg_factor"],
-                      fmt_flops(r["per_image"]), fmt_flops(r.get("measured_per_image"))] for s, r in sampling.items()])
+    lines += table(
+        [
+            "strategy",
+            "model calls",
+            "experts/call",
+            "guidance factor",
+            "FLOPs/image (formula)",
+            "FLOPs/image (measured)",
+        ],
+        [
+            [
+                SAMPLING_LABELS.get(s, s),
+                r["calls"],
+                r["experts_per_call"],
+                r["cfg_factor"],
+                fmt_flops(r["per_image"]),
+                fmt_flops(r.get("measured_per_image")),
+            ]
+            for s, r in sampling.items()
+        ],
+    )
     lines += [f"Evaluation took {m['wall_s']:.1f} s.", ""]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ so ``ddm submit`` also puts the absolute run directory in the job's comment;
 a job whose comment names another directory is not ours. Jobs submitted by hand with
 ``scripts/slurm/*.sbatch`` carry no comment and are matched by name alone.
 """
+
 from __future__ import annotations
 
 import re

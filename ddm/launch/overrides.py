@@ -6,6 +6,7 @@ expert id, from the array task), those that belong to ``submit`` alone, and
 the run's location, which is passed once, resolved to an absolute path, so a
 job on another node or in another working directory finds the same run.
 """
+
 from __future__ import annotations
 
 import re

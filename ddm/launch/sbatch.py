@@ -8,6 +8,7 @@ that ``--signal`` sends before the time limit, and the SIGTERM of ``scancel``.
 The interpreter is the one running ``ddm submit`` (``sys.executable``), not
 whatever ``python`` a job's PATH holds.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -51,9 +52,14 @@ def resource_options(island) -> list[str]:
     gres = slurm.get("gres")
     if gres is None and str(island.get("accelerator", "cpu")).lower() in GPU_ACCELERATORS:
         gres = f"gpu:{devices}"
-    for flag, value in (("--partition", slurm.get("partition")), ("--time", slurm.get("time")),
-                        ("--cpus-per-task", slurm.get("cpus_per_task")), ("--mem", slurm.get("mem")),
-                        ("--gres", gres), ("--account", slurm.get("account"))):
+    for flag, value in (
+        ("--partition", slurm.get("partition")),
+        ("--time", slurm.get("time")),
+        ("--cpus-per-task", slurm.get("cpus_per_task")),
+        ("--mem", slurm.get("mem")),
+        ("--gres", gres),
+        ("--account", slurm.get("account")),
+    ):
         if value not in (None, ""):
             opts.append(f"{flag}={_directive_value(value)}")
     opts += [str(o) for o in slurm.get("extra") or []]
@@ -64,8 +70,15 @@ def tasks_per_job(island) -> int:
     return int(island.get("devices", 1) or 1) * int(island.get("num_nodes", 1) or 1)
 
 
-def _render(header: list[str], options: list[str], setup: list[str], prelude: list[str],
-            program: list[str], args: list[str], multi_task: bool) -> str:
+def _render(
+    header: list[str],
+    options: list[str],
+    setup: list[str],
+    prelude: list[str],
+    program: list[str],
+    args: list[str],
+    multi_task: bool,
+) -> str:
     lines = ["#!/bin/bash", *[f"# {h}" if h else "#" for h in header]]
     lines += [f"#SBATCH {o}" for o in options]
     lines += [
@@ -79,10 +92,13 @@ def _render(header: list[str], options: list[str], setup: list[str], prelude: li
     if setup:
         lines += ["", "# island.slurm.setup", *[str(s) for s in setup]]
     launcher = ["srun", "--kill-on-bad-exit=1"] if multi_task else []
-    lines += ["",
-              "# exec: the training process (or srun, which forwards signals to every rank) receives",
-              "# SIGUSR1 before the time limit and SIGTERM on scancel, not an intermediate shell.",
-              " \\\n    ".join(["exec " + " ".join(launcher + program), *args]), ""]
+    lines += [
+        "",
+        "# exec: the training process (or srun, which forwards signals to every rank) receives",
+        "# SIGUSR1 before the time limit and SIGTERM on scancel, not an intermediate shell.",
+        " \\\n    ".join(["exec " + " ".join(launcher + program), *args]),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -90,15 +106,14 @@ def _common_options(name: str, run_dir: Path, signal_before_s: int, cwd: Path) -
     return [
         f"--job-name={_directive_value(name)}",
         f"--comment={_directive_value(naming.run_comment(run_dir))}",  # which run directory this job serves
-        "--requeue",                                    # preempted or failed nodes: back to the queue
-        f"--signal=B:USR1@{int(signal_before_s)}",      # time to checkpoint and requeue before the limit
-        "--open-mode=append",                           # a requeued job continues its own log
+        "--requeue",  # preempted or failed nodes: back to the queue
+        f"--signal=B:USR1@{int(signal_before_s)}",  # time to checkpoint and requeue before the limit
+        "--open-mode=append",  # a requeued job continues its own log
         f"--chdir={_directive_value(cwd)}",
     ]
 
 
-def expert_array_script(run_dir, expert_ids, overrides: list[str], island,
-                        python: str | None = None, cwd=None) -> str:
+def expert_array_script(run_dir, expert_ids, overrides: list[str], island, python: str | None = None, cwd=None) -> str:
     """The sbatch script of one array job: task ``i`` trains expert ``i`` of the run.
 
     ``overrides`` are the jobs' Hydra overrides (``ddm.launch.overrides.job_overrides``).
@@ -107,37 +122,57 @@ def expert_array_script(run_dir, expert_ids, overrides: list[str], island,
     run_dir = Path(run_dir).resolve()
     slurm = dict(island.get("slurm") or {})
     out = run_dir / "experts" / "expert-%2a" / "slurm-%A_%a.out"  # %2a: zero-padded like expert-03
-    options = [*_common_options(naming.run_job_name(run_dir, naming.EXPERT), run_dir,
-                                slurm.get("signal_before_s", 120), Path(cwd or Path.cwd()).resolve()),
-               f"--array={format_array(expert_ids)}", f"--output={_directive_value(out)}",
-               *resource_options(island)]
-    prelude = ["printf -v EXPERT '%02d' \"$SLURM_ARRAY_TASK_ID\"",
-               f"EXPERT_DIR={shlex.quote(str(run_dir))}/experts/expert-$EXPERT"]
+    options = [
+        *_common_options(
+            naming.run_job_name(run_dir, naming.EXPERT),
+            run_dir,
+            slurm.get("signal_before_s", 120),
+            Path(cwd or Path.cwd()).resolve(),
+        ),
+        f"--array={format_array(expert_ids)}",
+        f"--output={_directive_value(out)}",
+        *resource_options(island),
+    ]
+    prelude = [
+        "printf -v EXPERT '%02d' \"$SLURM_ARRAY_TASK_ID\"",
+        f"EXPERT_DIR={shlex.quote(str(run_dir))}/experts/expert-$EXPERT",
+    ]
     program = [shlex.quote(python or sys.executable), "-m", "ddm", "train-expert"]
-    args = ['"expert.id=$SLURM_ARRAY_TASK_ID"',
-            # each job keeps Hydra's own logs in its folder instead of one shared, timestamped one
-            '"hydra.run.dir=$EXPERT_DIR/hydra/slurm-${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
-            *[shlex.quote(o) for o in overrides]]
-    header = [f"Expert array of the run {run_dir}, written by `ddm submit` on {time.strftime('%Y-%m-%d %H:%M:%S')}.",
-              "Array task i trains expert i; `ddm status` shows where each one stands.",
-              "To rerun some tasks by hand: sbatch --array=<ids> <this file>"]
+    args = [
+        '"expert.id=$SLURM_ARRAY_TASK_ID"',
+        # each job keeps Hydra's own logs in its folder instead of one shared, timestamped one
+        '"hydra.run.dir=$EXPERT_DIR/hydra/slurm-${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
+        *[shlex.quote(o) for o in overrides],
+    ]
+    header = [
+        f"Expert array of the run {run_dir}, written by `ddm submit` on {time.strftime('%Y-%m-%d %H:%M:%S')}.",
+        "Array task i trains expert i; `ddm status` shows where each one stands.",
+        "To rerun some tasks by hand: sbatch --array=<ids> <this file>",
+    ]
     return _render(header, options, slurm.get("setup") or [], prelude, program, args, tasks_per_job(island) > 1)
 
 
-def router_script(run_dir, overrides: list[str], island, python: str | None = None,
-                  cwd=None) -> str:
+def router_script(run_dir, overrides: list[str], island, python: str | None = None, cwd=None) -> str:
     """The sbatch script of the router job; its log is ``router/slurm-<job id>.out``."""
     run_dir = Path(run_dir).resolve()
     slurm = dict(island.get("slurm") or {})
     out = run_dir / "router" / "slurm-%j.out"
-    options = [*_common_options(naming.run_job_name(run_dir, naming.ROUTER), run_dir,
-                                slurm.get("signal_before_s", 120), Path(cwd or Path.cwd()).resolve()),
-               f"--output={_directive_value(out)}", *resource_options(island)]
+    options = [
+        *_common_options(
+            naming.run_job_name(run_dir, naming.ROUTER),
+            run_dir,
+            slurm.get("signal_before_s", 120),
+            Path(cwd or Path.cwd()).resolve(),
+        ),
+        f"--output={_directive_value(out)}",
+        *resource_options(island),
+    ]
     program = [shlex.quote(python or sys.executable), "-m", "ddm", "train-router"]
-    args = [f'"hydra.run.dir={_dq(run_dir)}/router/hydra/slurm-$SLURM_JOB_ID"',
-            *[shlex.quote(o) for o in overrides]]
-    header = [f"Router job of the run {run_dir}, written by `ddm submit` on {time.strftime('%Y-%m-%d %H:%M:%S')}.",
-              "It needs no expert, so it runs beside them."]
+    args = [f'"hydra.run.dir={_dq(run_dir)}/router/hydra/slurm-$SLURM_JOB_ID"', *[shlex.quote(o) for o in overrides]]
+    header = [
+        f"Router job of the run {run_dir}, written by `ddm submit` on {time.strftime('%Y-%m-%d %H:%M:%S')}.",
+        "It needs no expert, so it runs beside them.",
+    ]
     return _render(header, options, slurm.get("setup") or [], [], program, args, tasks_per_job(island) > 1)
 
 

@@ -4,6 +4,7 @@ Every function reads the cluster through the ordinary client commands (so
 ``SLURM_CONF`` and the user's environment apply) and never needs accounting
 (``sacct``): many small clusters run without ``slurmdbd``.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -19,7 +20,8 @@ RUNNING_STATES = frozenset({"RUNNING", "CONFIGURING", "COMPLETING", "RESIZING", 
 
 NOT_AVAILABLE = (
     "SLURM is not available here (no `sbatch` on PATH). Run the jobs on this machine instead: "
-    "`ddm train-expert expert.id=<k>` for each expert and `ddm train-router`, or `ddm pipeline` for all stages.")
+    "`ddm train-expert expert.id=<k>` for each expert and `ddm train-router`, or `ddm pipeline` for all stages."
+)
 
 
 class SlurmError(RuntimeError):
@@ -29,9 +31,10 @@ class SlurmError(RuntimeError):
 @dataclass(frozen=True)
 class QueuedJob:
     """One line of ``squeue -r``: a job, or one task of an array job."""
-    job_id: str               # "12" or "12_3"
-    task_id: int | None       # the array task id (= expert id for an expert array), None outside arrays
-    state: str                # PENDING, RUNNING, REQUEUED, ...
+
+    job_id: str  # "12" or "12_3"
+    task_id: int | None  # the array task id (= expert id for an expert array), None outside arrays
+    state: str  # PENDING, RUNNING, REQUEUED, ...
     name: str
     comment: str
 
@@ -66,8 +69,15 @@ def parse_queue(text: str) -> list[QueuedJob]:
         if not line.strip():
             continue
         job_id, task, state, name, comment = line.split("|", 4)
-        jobs.append(QueuedJob(job_id=job_id.strip(), task_id=int(task) if task.strip().isdigit() else None,
-                              state=state.strip(), name=name.strip(), comment=comment.strip()))
+        jobs.append(
+            QueuedJob(
+                job_id=job_id.strip(),
+                task_id=int(task) if task.strip().isdigit() else None,
+                state=state.strip(),
+                name=name.strip(),
+                comment=comment.strip(),
+            )
+        )
     return jobs
 
 

@@ -6,6 +6,7 @@ latents, any channel count). ``t`` is a float in [0, 1] (see ``ddm.flow``);
 label" (the classifier-free guidance null token). The same trunk with a pooled
 classification head is the router (``DiTClassifier``).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,8 @@ class DiTSize:
 
 # Standard DiT widths (S/B/L/XL) plus two small ones that train on a laptop CPU.
 SIZES = {
-    "N": DiTSize(hidden=64, depth=2, heads=2),     # "nano": unit tests
-    "T": DiTSize(hidden=128, depth=4, heads=4),    # "tiny": CPU demo
+    "N": DiTSize(hidden=64, depth=2, heads=2),  # "nano": unit tests
+    "T": DiTSize(hidden=128, depth=4, heads=4),  # "tiny": CPU demo
     "S": DiTSize(hidden=384, depth=12, heads=6),
     "B": DiTSize(hidden=768, depth=12, heads=12),
     "L": DiTSize(hidden=1024, depth=24, heads=16),
@@ -163,8 +164,7 @@ class DiTTrunk(nn.Module):
 class DiT(VelocityModel):
     """Velocity model ``v = DiT(x_t, t, y)`` (see ``ddm.models.velocity``); guidance is the doubled batch."""
 
-    def __init__(self, size: str = "DiT-T/4", image_size: int = 28, in_channels: int = 1,
-                 num_classes: int = 10):
+    def __init__(self, size: str = "DiT-T/4", image_size: int = 28, in_channels: int = 1, num_classes: int = 10):
         super().__init__()
         self.trunk = DiTTrunk(size, image_size, in_channels, num_classes)
         h, p = self.trunk.hidden, self.trunk.patch
@@ -186,6 +186,7 @@ class DiT(VelocityModel):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+
         self.apply(xavier)
         w = self.trunk.patch_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -215,12 +216,12 @@ class DiT(VelocityModel):
         return self.unpatchify(out).to(x.dtype)
 
 
-
 class DiTClassifier(nn.Module):
     """The router: a DiT trunk with a mean-pooled head giving K logits, ``r(x_t, t, y)``."""
 
-    def __init__(self, num_outputs: int, size: str = "DiT-N/4", image_size: int = 28,
-                 in_channels: int = 1, num_classes: int = 10):
+    def __init__(
+        self, num_outputs: int, size: str = "DiT-N/4", image_size: int = 28, in_channels: int = 1, num_classes: int = 10
+    ):
         super().__init__()
         self.num_outputs = num_outputs
         self.trunk = DiTTrunk(size, image_size, in_channels, num_classes)
@@ -234,8 +235,13 @@ class DiTClassifier(nn.Module):
 
     def config(self) -> dict:
         tr = self.trunk
-        return dict(num_outputs=self.num_outputs, size=tr.size, image_size=tr.image_size,
-                    in_channels=tr.in_channels, num_classes=tr.num_classes)
+        return dict(
+            num_outputs=self.num_outputs,
+            size=tr.size,
+            image_size=tr.image_size,
+            in_channels=tr.in_channels,
+            num_classes=tr.num_classes,
+        )
 
     def forward(self, x, t, y=None):
         tokens, c = self.trunk(x, t, y)

@@ -19,6 +19,7 @@ that decides how a model is guided. Plain modules and analytic fields (tests)
 work too: without ``forward_with_cfg`` they are guided through the doubled
 batch, which needs their ``num_classes``.
 """
+
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
@@ -37,8 +38,7 @@ class VelocityModel(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
-                         scale: float) -> torch.Tensor:
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, scale: float) -> torch.Tensor:
         """Classifier-free guidance: v_uncond + scale * (v_cond - v_uncond), in one doubled batch."""
         return guided(self, x, t, y, scale)
 
@@ -63,8 +63,10 @@ def guided(model, x, t, y, scale: float):
         return model(x, t, y)
     num_classes = num_classes_of(model)
     if not num_classes:
-        raise BadInput(f"classifier-free guidance (scale {scale}) needs a conditional model: "
-                         f"{type(model).__name__} has num_classes={num_classes!r}; use cfg_scale=1")
+        raise BadInput(
+            f"classifier-free guidance (scale {scale}) needs a conditional model: "
+            f"{type(model).__name__} has num_classes={num_classes!r}; use cfg_scale=1"
+        )
     null = torch.full_like(y, num_classes)
     v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
     v_cond, v_uncond = v.chunk(2)
@@ -83,5 +85,7 @@ def guided_velocity(model, x, t, y, scale: float | None):
 def check_guidable(model, scale: float) -> None:
     """Fail before sampling when ``model`` cannot be guided at ``scale``."""
     if scale != 1.0 and not isinstance(model, VelocityModel) and num_classes_of(model) is None:
-        raise BadInput(f"sample.cfg_scale={scale} needs a VelocityModel or a model with num_classes "
-                         f"(its null label); {type(model).__name__} has neither: use cfg_scale=1")
+        raise BadInput(
+            f"sample.cfg_scale={scale} needs a VelocityModel or a model with num_classes "
+            f"(its null label); {type(model).__name__} has neither: use cfg_scale=1"
+        )

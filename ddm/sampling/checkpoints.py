@@ -9,6 +9,7 @@ Each file is a dict written by ``ddm.train.export.save_weights``::
 experts and router trained on one clustering, with one K, one flow path and
 one label set. A mismatch is an error that names the files and the fix.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,8 +46,10 @@ def _load(path: str | os.PathLike, kind: str, map_location) -> dict:
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("kind") != kind:
         found = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
-        raise BadInput(f"{path} is not a {kind} file (kind={found!r}); expected what `ddm "
-                         f"{'train-expert' if kind == 'expert' else 'train-router'}` writes")
+        raise BadInput(
+            f"{path} is not a {kind} file (kind={found!r}); expected what `ddm "
+            f"{'train-expert' if kind == 'expert' else 'train-router'}` writes"
+        )
     return payload
 
 
@@ -81,9 +84,15 @@ def expert_ids_on_disk(rd: RunDir) -> list[int]:
     return sorted(ids)
 
 
-def load_ensemble(run_dir: str | os.PathLike, strategy: str = "top1", top_k: int = 2,
-                  subset: Sequence[int] | str | None = None, device="cpu", temperature: float = 1.0,
-                  generator: torch.Generator | None = None) -> tuple[Ensemble, FlowPath, dict]:
+def load_ensemble(
+    run_dir: str | os.PathLike,
+    strategy: str = "top1",
+    top_k: int = 2,
+    subset: Sequence[int] | str | None = None,
+    device="cpu",
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Ensemble, FlowPath, dict]:
     """Build the sampling-time ``Ensemble`` of a run from its router and expert files.
 
     Args:
@@ -114,35 +123,59 @@ def load_ensemble(run_dir: str | os.PathLike, strategy: str = "top1", top_k: int
         _check_expert(k, metas[k], rmeta)
     _check_num_classes(experts, router, metas, rmeta)
 
-    ensemble = Ensemble(experts, router, strategy=strategy, top_k=top_k,
-                        subset=wanted if subset is not None else None, generator=generator,
-                        temperature=temperature, num_experts=K).to(device).eval()
+    ensemble = (
+        Ensemble(
+            experts,
+            router,
+            strategy=strategy,
+            top_k=top_k,
+            subset=wanted if subset is not None else None,
+            generator=generator,
+            temperature=temperature,
+            num_experts=K,
+        )
+        .to(device)
+        .eval()
+    )
     first = metas[wanted[0]]["model_config"]
-    info = dict(num_experts=K, experts=wanted, missing_experts=missing, clustering_id=cid,
-                router_steps=rmeta.get("steps"),
-                expert_steps={k: metas[k].get("steps") for k in wanted}, flow=rmeta["flow"],
-                num_classes=first.get("num_classes", 0), image_size=first["image_size"],
-                in_channels=first["in_channels"])
+    info = dict(
+        num_experts=K,
+        experts=wanted,
+        missing_experts=missing,
+        clustering_id=cid,
+        router_steps=rmeta.get("steps"),
+        expert_steps={k: metas[k].get("steps") for k in wanted},
+        flow=rmeta["flow"],
+        num_classes=first.get("num_classes", 0),
+        image_size=first["image_size"],
+        in_channels=first["in_channels"],
+    )
     return ensemble, flow_path_from_config(rmeta["flow"]), info
 
 
 def _check_router(router, rmeta: dict, rd: RunDir) -> None:
     K = int(rmeta["num_experts"])
     if router.num_outputs != K:
-        raise BadInput(f"{rmeta['path']} says num_experts={K} but its network has {router.num_outputs} "
-                         f"outputs: the file is inconsistent; retrain with `ddm train-router redo=true`")
+        raise BadInput(
+            f"{rmeta['path']} says num_experts={K} but its network has {router.num_outputs} "
+            f"outputs: the file is inconsistent; retrain with `ddm train-router redo=true`"
+        )
     if rd.cluster_report.exists():
         report = read_json(rd.cluster_report)
         k_report = report.get("k", report.get("num_clusters"))
         if k_report is not None and int(k_report) != K:
-            raise BadInput(f"the router {rmeta['path']} was trained for K={K} experts but "
-                             f"{rd.cluster_report} has K={k_report} clusters: retrain the router "
-                             f"(`ddm train-router redo=true`) or use the run it belongs to")
+            raise BadInput(
+                f"the router {rmeta['path']} was trained for K={K} experts but "
+                f"{rd.cluster_report} has K={k_report} clusters: retrain the router "
+                f"(`ddm train-router redo=true`) or use the run it belongs to"
+            )
         cid_report = report.get("clustering_id")
         if cid_report is not None and cid_report != rmeta["clustering_id"]:
-            raise BadInput(f"the router {rmeta['path']} was trained on clustering {rmeta['clustering_id']}, "
-                             f"but {rd.cluster_report} is clustering {cid_report}: retrain the router and "
-                             f"experts on the current clustering or use the matching run")
+            raise BadInput(
+                f"the router {rmeta['path']} was trained on clustering {rmeta['clustering_id']}, "
+                f"but {rd.cluster_report} is clustering {cid_report}: retrain the router and "
+                f"experts on the current clustering or use the matching run"
+            )
 
 
 def _available_ids(rd: RunDir, K: int, subset: str) -> list[int]:
@@ -151,13 +184,19 @@ def _available_ids(rd: RunDir, K: int, subset: str) -> list[int]:
         raise BadInput(f"sample.experts={subset!r}: use null (all experts), a list of ids, or {AVAILABLE!r}")
     on_disk = [k for k in expert_ids_on_disk(rd) if k < K]  # ids >= K are refused by _wanted_ids
     if not on_disk:
-        raise MissingInput(f"sample.experts=available: no expert of the K={K} has an expert.pt under "
-                                f"{rd.experts}; train at least one with `ddm train-expert expert.id=N`")
+        raise MissingInput(
+            f"sample.experts=available: no expert of the K={K} has an expert.pt under "
+            f"{rd.experts}; train at least one with `ddm train-expert expert.id=N`"
+        )
     missing = [k for k in range(K) if k not in on_disk]
     if missing:
-        log.warning("sample: experts %s are missing (%s); sampling with experts %s, the router "
-                    "renormalised over them: samples from the missing clusters' regions will be poorer",
-                    missing, ", ".join(str(rd.expert_weights(k)) for k in missing), on_disk)
+        log.warning(
+            "sample: experts %s are missing (%s); sampling with experts %s, the router "
+            "renormalised over them: samples from the missing clusters' regions will be poorer",
+            missing,
+            ", ".join(str(rd.expert_weights(k)) for k in missing),
+            on_disk,
+        )
     return on_disk
 
 
@@ -165,9 +204,11 @@ def _wanted_ids(rd: RunDir, K: int, subset) -> list[int]:
     on_disk = expert_ids_on_disk(rd)
     extra = [k for k in on_disk if k >= K]
     if extra:
-        raise BadInput(f"{rd.experts} holds experts {extra} but the router {rd.router_weights} has only "
-                         f"K={K} outputs: the experts and the router come from different clusterings; "
-                         f"retrain the router or use the matching run")
+        raise BadInput(
+            f"{rd.experts} holds experts {extra} but the router {rd.router_weights} has only "
+            f"K={K} outputs: the experts and the router come from different clusterings; "
+            f"retrain the router or use the matching run"
+        )
     if subset is None:
         wanted = list(range(K))
     else:
@@ -178,33 +219,44 @@ def _wanted_ids(rd: RunDir, K: int, subset) -> list[int]:
     missing = [k for k in wanted if k not in on_disk]
     if missing:
         paths = ", ".join(str(rd.expert_weights(k)) for k in missing)
-        hint = ("" if subset is not None or not on_disk else
-                f", or sample with the ones you have: sample.experts=available (or the list "
-                f"sample.experts={on_disk})")
-        raise MissingInput(f"experts {missing} are missing ({paths}): train them with "
-                                f"`ddm train-expert expert.id=N`{hint}")
+        hint = (
+            ""
+            if subset is not None or not on_disk
+            else f", or sample with the ones you have: sample.experts=available (or the list sample.experts={on_disk})"
+        )
+        raise MissingInput(
+            f"experts {missing} are missing ({paths}): train them with `ddm train-expert expert.id=N`{hint}"
+        )
     return wanted
 
 
 def _check_expert(k: int, meta: dict, rmeta: dict) -> None:
     where = meta["path"]
     if int(meta.get("expert_id", k)) != k:
-        raise BadInput(f"{where} holds expert {meta['expert_id']}, not expert {k}: the file was copied "
-                         f"into the wrong folder; retrain or move it to experts/{expert_job(meta['expert_id'])}")
+        raise BadInput(
+            f"{where} holds expert {meta['expert_id']}, not expert {k}: the file was copied "
+            f"into the wrong folder; retrain or move it to experts/{expert_job(meta['expert_id'])}"
+        )
     if int(meta["num_experts"]) != int(rmeta["num_experts"]):
-        raise BadInput(f"expert {k} ({where}) was trained with K={meta['num_experts']} clusters, the router "
-                         f"({rmeta['path']}) with K={rmeta['num_experts']}: retrain one of them on the "
-                         f"same clustering or use the matching run")
+        raise BadInput(
+            f"expert {k} ({where}) was trained with K={meta['num_experts']} clusters, the router "
+            f"({rmeta['path']}) with K={rmeta['num_experts']}: retrain one of them on the "
+            f"same clustering or use the matching run"
+        )
     if meta["clustering_id"] != rmeta["clustering_id"]:
-        raise BadInput(f"expert {k} was trained on clustering {meta['clustering_id']}, the router on "
-                         f"{rmeta['clustering_id']} ({where} vs {rmeta['path']}): retrain the router or "
-                         f"the expert on one clustering, or use the matching run")
+        raise BadInput(
+            f"expert {k} was trained on clustering {meta['clustering_id']}, the router on "
+            f"{rmeta['clustering_id']} ({where} vs {rmeta['path']}): retrain the router or "
+            f"the expert on one clustering, or use the matching run"
+        )
     mine = {f: meta["flow"].get(f) for f in PATH_FIELDS}
     theirs = {f: rmeta["flow"].get(f) for f in PATH_FIELDS}
     if mine != theirs:
-        raise BadInput(f"expert {k} was trained on flow path {mine}, the router on {theirs} "
-                         f"({where} vs {rmeta['path']}): they must share one path; retrain with the same "
-                         f"flow.schedule")
+        raise BadInput(
+            f"expert {k} was trained on flow path {mine}, the router on {theirs} "
+            f"({where} vs {rmeta['path']}): they must share one path; retrain with the same "
+            f"flow.schedule"
+        )
 
 
 def _check_num_classes(experts: dict, router, metas: dict, rmeta: dict) -> None:
@@ -212,5 +264,7 @@ def _check_num_classes(experts: dict, router, metas: dict, rmeta: dict) -> None:
     by_model["router"] = router.num_classes
     if len(set(by_model.values())) > 1:
         files = {k: (metas[k]["path"] if k in metas else rmeta["path"]) for k in by_model}
-        raise BadInput(f"models with num_classes mismatch: {by_model} ({files}); experts and router "
-                         f"must be trained on the same label set (data.num_classes)")
+        raise BadInput(
+            f"models with num_classes mismatch: {by_model} ({files}); experts and router "
+            f"must be trained on the same label set (data.num_classes)"
+        )

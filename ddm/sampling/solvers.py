@@ -4,6 +4,7 @@ One sampler for every velocity model: a single DiT, an ``Ensemble`` of experts,
 or an analytic field in a test. The model is called as ``model(x, t, y)`` with
 ``t`` a ``[B]`` float tensor on the path's own time scale (no rescaling).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -25,10 +26,20 @@ def velocity_fn(model, cfg_scale: float = 1.0) -> Callable:
     return lambda x, t, y: guided_velocity(model, x, t, y, cfg_scale)
 
 
-def sample(model: VelocityModel, path: FlowPath, shape, y: torch.Tensor | None = None, steps: int = 20,
-           solver: str = "euler", cfg_scale: float = 1.0, generator: torch.Generator | None = None,
-           device=None, x_init: torch.Tensor | None = None, progress: bool = False,
-           dtype: torch.dtype | None = None) -> torch.Tensor:
+def sample(
+    model: VelocityModel,
+    path: FlowPath,
+    shape,
+    y: torch.Tensor | None = None,
+    steps: int = 20,
+    solver: str = "euler",
+    cfg_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    device=None,
+    x_init: torch.Tensor | None = None,
+    progress: bool = False,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Integrate ``dx/dt = v`` over ``path.time_grid(steps)`` and return x at t = 0.
 
     Args:
@@ -61,6 +72,7 @@ def sample(model: VelocityModel, path: FlowPath, shape, y: torch.Tensor | None =
     intervals = zip(grid[:-1], grid[1:])
     if progress:
         from tqdm.auto import tqdm
+
         intervals = tqdm(list(intervals), desc=f"sampling ({solver})")
 
     def v_at(x, t):

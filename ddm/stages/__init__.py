@@ -10,30 +10,51 @@ Contract of a stage:
 Stages are run by ``ddm.stages.runner.run_stage``, which seeds, times and
 records them the same way whether they run alone or inside ``pipeline``.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
 
 
 class Stage(NamedTuple):
-    module: str    # the module under ddm.stages
-    summary: str   # one line for `ddm --help`
-    timed: bool    # its wall time and memory go to the run's timings
+    module: str  # the module under ddm.stages
+    summary: str  # one line for `ddm --help`
+    timed: bool  # its wall time and memory go to the run's timings
     groups: tuple[str, ...] = ()  # the config groups it reads (`ddm <stage> --help` shows them)
 
 
 # In the order data flows through a run.
 STAGES: dict[str, Stage] = {
     "prepare": Stage("prepare", "write the dataset as webdataset shards with a manifest", True, ("data", "paths")),
-    "embed": Stage("embed", "embed every image for clustering (pixels, open_clip, torchvision)", True, ("embed", "data")),
-    "cluster": Stage("cluster", "k-means the embeddings into K clusters (two-stage, flat or random)", True, ("cluster",)),
+    "embed": Stage(
+        "embed", "embed every image for clustering (pixels, open_clip, torchvision)", True, ("embed", "data")
+    ),
+    "cluster": Stage(
+        "cluster", "k-means the embeddings into K clusters (two-stage, flat or random)", True, ("cluster",)
+    ),
     "partition": Stage("partition", "write one shard set per cluster", True, ("cluster",)),
-    "train-expert": Stage("train_expert", "train expert expert.id on its own partition, in isolation", True, ("expert", "model", "island", "logger")),
-    "train-router": Stage("train_router", "train the router that predicts a noisy sample's cluster", True, ("router", "island", "logger")),
+    "train-expert": Stage(
+        "train_expert",
+        "train expert expert.id on its own partition, in isolation",
+        True,
+        ("expert", "model", "island", "logger"),
+    ),
+    "train-router": Stage(
+        "train_router", "train the router that predicts a noisy sample's cluster", True, ("router", "island", "logger")
+    ),
     "sample": Stage("sample", "sample a labelled grid from the experts and the router", True, ("sample",)),
-    "evaluate": Stage("evaluate", "FD, precision/recall, held-out FM loss, router diagnostics, FLOPs", True, ("eval", "sample")),
+    "evaluate": Stage(
+        "evaluate", "FD, precision/recall, held-out FM loss, router diagnostics, FLOPs", True, ("eval", "sample")
+    ),
     "report": Stage("report", "write report.md and a montage of each cluster", True, ()),
-    "pipeline": Stage("pipeline", "every stage from prepare to report, in order (what `make demo` runs)", False, ("data", "embed", "cluster", "model", "expert", "router", "sample", "island", "logger")),
-    "submit": Stage("submit", "submit the unfinished experts and the router to SLURM", False, ("island", "expert", "router")),
+    "pipeline": Stage(
+        "pipeline",
+        "every stage from prepare to report, in order (what `make demo` runs)",
+        False,
+        ("data", "embed", "cluster", "model", "expert", "router", "sample", "island", "logger"),
+    ),
+    "submit": Stage(
+        "submit", "submit the unfinished experts and the router to SLURM", False, ("island", "expert", "router")
+    ),
     "status": Stage("status", "show where each job of a run stands (files and SLURM queue)", False, ()),
 }

@@ -5,6 +5,7 @@ clusters/: centroids.npy (flat, two_stage), fine_centroids.npy and
 fine_to_coarse.npy (two_stage), assignments.npz (keys, cluster in dataset
 order) and, last, report.json with sizes, inertia and the ``clustering_id``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,13 @@ def run(cfg) -> dict:
     if skip(run_dir.cluster_report, cfg):
         report = read_json(run_dir.cluster_report)
         _warn_if_config_differs(report, c)
-        log.info("cluster: done already (%s K=%d id=%s); redo=true recomputes -> %s",
-                 report["method"], report["k"], report["clustering_id"], run_dir.clusters)
+        log.info(
+            "cluster: done already (%s K=%d id=%s); redo=true recomputes -> %s",
+            report["method"],
+            report["k"],
+            report["clustering_id"],
+            run_dir.clusters,
+        )
         return report
     if c.method not in METHODS:
         raise BadInput(f"cluster.method={c.method!r} is not one of {list(METHODS)}")
@@ -55,8 +61,15 @@ def run(cfg) -> dict:
         del x
 
     report = _write_outputs(run_dir, c, keys, result, encoder)
-    log.info("cluster: %s K=%d sizes=%s inertia=%s id=%s -> %s", report["method"], report["k"], report["sizes"],
-             num(report["inertia"]), report["clustering_id"], run_dir.clusters)
+    log.info(
+        "cluster: %s K=%d sizes=%s inertia=%s id=%s -> %s",
+        report["method"],
+        report["k"],
+        report["sizes"],
+        num(report["inertia"]),
+        report["clustering_id"],
+        run_dir.clusters,
+    )
     return report
 
 
@@ -68,13 +81,17 @@ def load_embeddings(folder: Path, data_manifest: dict) -> tuple[np.ndarray, list
     """
     path = Path(folder) / "manifest.json"
     if not path.exists():
-        raise MissingInput(f"no embeddings manifest at {path}: run the embed stage first "
-                                f"(or use cluster=random, which needs no embeddings)")
+        raise MissingInput(
+            f"no embeddings manifest at {path}: run the embed stage first "
+            f"(or use cluster=random, which needs no embeddings)"
+        )
     manifest = read_json(path)
     data_sha = data_manifest.get("keys_sha256")
     if data_sha is not None and manifest.get("keys_sha256") != data_sha:
-        raise BadInput(f"embeddings in {folder} were computed for different data (keys_sha256 "
-                         f"{manifest.get('keys_sha256')} != data's {data_sha}): rerun embed with redo=true")
+        raise BadInput(
+            f"embeddings in {folder} were computed for different data (keys_sha256 "
+            f"{manifest.get('keys_sha256')} != data's {data_sha}): rerun embed with redo=true"
+        )
     x = np.empty((manifest["num_samples"], manifest["dim"]), dtype=np.float32)
     keys: list[str] = []
     row = 0
@@ -82,16 +99,20 @@ def load_embeddings(folder: Path, data_manifest: dict) -> tuple[np.ndarray, list
         emb = np.load(Path(folder) / shard["embeddings"], mmap_mode="r")
         shard_keys = (Path(folder) / shard["keys"]).read_text().splitlines()
         if emb.shape[1:] != x.shape[1:] or len(emb) != len(shard_keys) or row + len(emb) > len(x):
-            raise BadInput(f"embeddings shard {shard['embeddings']} has shape {emb.shape} for "
-                             f"{len(shard_keys)} keys (manifest: {manifest['num_samples']} samples of dim "
-                             f"{manifest['dim']}): embeddings/ is inconsistent; rerun embed with redo=true")
-        x[row:row + len(emb)] = emb
+            raise BadInput(
+                f"embeddings shard {shard['embeddings']} has shape {emb.shape} for "
+                f"{len(shard_keys)} keys (manifest: {manifest['num_samples']} samples of dim "
+                f"{manifest['dim']}): embeddings/ is inconsistent; rerun embed with redo=true"
+            )
+        x[row : row + len(emb)] = emb
         keys.extend(shard_keys)
         row += len(emb)
     # The files must agree with the manifest that vouched for them.
     if row != len(x) or sha256_strings(keys) != manifest.get("keys_sha256"):
-        raise BadInput(f"the keys files in {folder} do not match its manifest's keys_sha256 / num_samples: "
-                         f"rerun embed with redo=true")
+        raise BadInput(
+            f"the keys files in {folder} do not match its manifest's keys_sha256 / num_samples: "
+            f"rerun embed with redo=true"
+        )
     return x, keys, manifest
 
 
@@ -107,8 +128,13 @@ def _kmeans(x: np.ndarray, c) -> Clustering:
     check_k(k, len(x))  # before effective_fine_k, so k > N gets the clearer message
     fine_k = effective_fine_k(int(c.fine_k), k, len(x))
     if fine_k < int(c.fine_k):
-        log.info("cluster: note: cluster.fine_k=%d reduced to %d for N=%d samples (at most N // 4, so each "
-                 "fine centroid has a few samples)", int(c.fine_k), fine_k, len(x))
+        log.info(
+            "cluster: note: cluster.fine_k=%d reduced to %d for N=%d samples (at most N // 4, so each "
+            "fine centroid has a few samples)",
+            int(c.fine_k),
+            fine_k,
+            len(x),
+        )
     return two_stage_kmeans(x, k, fine_k=fine_k, niter=niter, seed=seed, spherical=spherical)
 
 
@@ -119,8 +145,9 @@ def _write_outputs(run_dir: RunDir, c, keys: list[str], result: Clustering, enco
     run_dir.cluster_report.unlink(missing_ok=True)
     for name in OUTPUTS:
         (folder / name).unlink(missing_ok=True)
-    arrays = dict(centroids=result.centroids, fine_centroids=result.fine_centroids,
-                  fine_to_coarse=result.fine_to_coarse)
+    arrays = dict(
+        centroids=result.centroids, fine_centroids=result.fine_centroids, fine_to_coarse=result.fine_to_coarse
+    )
     for name, array in arrays.items():
         if array is not None:
             with atomic_path(folder / f"{name}.npy") as tmp:
@@ -129,12 +156,18 @@ def _write_outputs(run_dir: RunDir, c, keys: list[str], result: Clustering, enco
 
     k = int(c.k)
     report = dict(
-        method=str(c.method), k=k, fine_k=result.fine_k, seed=int(c.seed),
+        method=str(c.method),
+        k=k,
+        fine_k=result.fine_k,
+        seed=int(c.seed),
         niter=None if c.method == "random" else int(c.niter),
         spherical=None if c.method == "random" else bool(c.spherical),
-        num_samples=len(keys), sizes=np.bincount(result.labels, minlength=k).tolist(),
-        inertia=result.inertia, fine_inertia=result.fine_inertia,
-        encoder=encoder, keys_sha256=sha256_strings(keys),
+        num_samples=len(keys),
+        sizes=np.bincount(result.labels, minlength=k).tolist(),
+        inertia=result.inertia,
+        fine_inertia=result.fine_inertia,
+        encoder=encoder,
+        keys_sha256=sha256_strings(keys),
         clustering_id=clustering_id(keys, result.labels),
     )
     write_json(run_dir.cluster_report, report)
@@ -146,13 +179,16 @@ def _warn_if_config_differs(report: dict, c) -> None:
     asked = dict(method=str(c.method), k=int(c.k), seed=int(c.seed))
     made = {name: report.get(name) for name in asked}
     if asked != made:
-        log.warning("cluster: clusters/ were made with %s but the config asks for %s; keeping them "
-                    "(pass redo=true to recluster)", made, asked)
+        log.warning(
+            "cluster: clusters/ were made with %s but the config asks for %s; keeping them "
+            "(pass redo=true to recluster)",
+            made,
+            asked,
+        )
 
 
 def _set_threads(threads) -> None:
     if threads:
         import faiss
+
         faiss.omp_set_num_threads(int(threads))
-
-

@@ -10,6 +10,7 @@ first/last key is not recomputed. ``encoder.json`` records the encoder and the
 data shards' checksums; if either changed since the files were written, all
 per-shard files are discarded first, so a resumed run never mixes encoders.
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,8 +57,12 @@ def _shard_done(emb_path: Path, keys_path: Path, entry: dict, dim: int) -> bool:
     except (ValueError, OSError):  # a foreign or damaged file: recompute it
         return False
     keys = keys_path.read_text().splitlines()
-    return (shape == (entry["num_samples"], dim) and len(keys) == entry["num_samples"]
-            and keys[0] == entry["first_key"] and keys[-1] == entry["last_key"])
+    return (
+        shape == (entry["num_samples"], dim)
+        and len(keys) == entry["num_samples"]
+        and keys[0] == entry["first_key"]
+        and keys[-1] == entry["last_key"]
+    )
 
 
 @torch.no_grad()
@@ -86,9 +91,16 @@ def _write_shard(folder: Path, index: int, keys: list[str], emb: np.ndarray) -> 
 
 
 def _summary(manifest: dict, folder: Path, skipped: bool, computed: int = 0) -> dict:
-    return dict(stage="embed", path=str(folder), skipped=skipped, encoder=manifest["encoder"],
-                dim=manifest["dim"], num_samples=manifest["num_samples"], num_shards=len(manifest["shards"]),
-                computed_shards=computed)
+    return dict(
+        stage="embed",
+        path=str(folder),
+        skipped=skipped,
+        encoder=manifest["encoder"],
+        dim=manifest["dim"],
+        num_samples=manifest["num_samples"],
+        num_shards=len(manifest["shards"]),
+        computed_shards=computed,
+    )
 
 
 def run(cfg) -> dict:
@@ -97,8 +109,10 @@ def run(cfg) -> dict:
     folder = run_dir.embeddings
     if skip(run_dir.embeddings_manifest, cfg):
         manifest = load_embeddings_manifest(folder)
-        log.info(f"embed: {manifest['num_samples']} x {manifest['dim']} ({manifest['encoder']}) -> {folder} "
-                 f"(already there; redo=true recomputes)")
+        log.info(
+            f"embed: {manifest['num_samples']} x {manifest['dim']} ({manifest['encoder']}) -> {folder} "
+            f"(already there; redo=true recomputes)"
+        )
         return _summary(manifest, folder, skipped=True)
 
     data = load_manifest(run_dir.data)
@@ -108,36 +122,49 @@ def run(cfg) -> dict:
     run_dir.embeddings_manifest.unlink(missing_ok=True)
     if cfg.get("redo", False):
         _clear_shard_files(folder)
-    _reset_if_changed(folder, dict(encoder=encoder.spec, seed=int(cfg.seed),
-                                   data_shards=[s["sha256"] for s in data["shards"]]))
+    _reset_if_changed(
+        folder, dict(encoder=encoder.spec, seed=int(cfg.seed), data_shards=[s["sha256"] for s in data["shards"]])
+    )
 
     batch_size = int(cfg.embed.batch_size)
     shards, all_keys, computed = [], [], 0
     paths = shard_paths(run_dir.data, data)
-    for index, (entry, path) in enumerate(tqdm(list(zip(data["shards"], paths)), desc="embed", unit="shard",
-                                               disable=None)):
+    for index, (entry, path) in enumerate(
+        tqdm(list(zip(data["shards"], paths)), desc="embed", unit="shard", disable=None)
+    ):
         emb_path, keys_path = folder / embedding_file(index), folder / keys_file(index)
         if _shard_done(emb_path, keys_path, entry, encoder.dim):
             keys = keys_path.read_text().splitlines()
         else:
             keys, emb = embed_shard(encoder, path, batch_size)
             if len(keys) != entry["num_samples"]:
-                raise BadInput(f"{path} holds {len(keys)} samples but data/manifest.json says "
-                                 f"{entry['num_samples']}; the data changed: rerun prepare with redo=true")
+                raise BadInput(
+                    f"{path} holds {len(keys)} samples but data/manifest.json says "
+                    f"{entry['num_samples']}; the data changed: rerun prepare with redo=true"
+                )
             _write_shard(folder, index, keys, emb)
             computed += 1
         all_keys.extend(keys)
-        shards.append(dict(embeddings=emb_path.name, keys=keys_path.name, num_samples=len(keys),
-                           data_shard=entry["path"]))
+        shards.append(
+            dict(embeddings=emb_path.name, keys=keys_path.name, num_samples=len(keys), data_shard=entry["path"])
+        )
 
     # Later stages join embeddings to samples by position; make sure positions line up.
     if sha256_strings(all_keys) != data["keys_sha256"]:
-        raise Unusable(f"keys in {folder} do not match data/manifest.json's keys_sha256: "
-                           f"rerun embed with redo=true")
-    manifest = dict(encoder=encoder.name, encoder_config=OmegaConf.to_container(cfg.embed, resolve=True),
-                    encoder_spec=encoder.spec, dim=encoder.dim, normalized="l2", num_samples=len(all_keys),
-                    shards=shards, keys_sha256=data["keys_sha256"])
+        raise Unusable(f"keys in {folder} do not match data/manifest.json's keys_sha256: rerun embed with redo=true")
+    manifest = dict(
+        encoder=encoder.name,
+        encoder_config=OmegaConf.to_container(cfg.embed, resolve=True),
+        encoder_spec=encoder.spec,
+        dim=encoder.dim,
+        normalized="l2",
+        num_samples=len(all_keys),
+        shards=shards,
+        keys_sha256=data["keys_sha256"],
+    )
     write_json(run_dir.embeddings_manifest, manifest)
-    log.info(f"embed: {len(all_keys)} x {encoder.dim} ({encoder.name}) in {len(shards)} shards -> {folder} "
-             f"({computed} computed, {len(shards) - computed} reused)")
+    log.info(
+        f"embed: {len(all_keys)} x {encoder.dim} ({encoder.name}) in {len(shards)} shards -> {folder} "
+        f"({computed} computed, {len(shards) - computed} reused)"
+    )
     return _summary(manifest, folder, skipped=False, computed=computed)

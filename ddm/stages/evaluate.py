@@ -29,6 +29,7 @@ A rerun with the same settings and networks returns the existing metrics; other
 settings (or ``redo=true``) evaluate again. ``redo`` rebuilds the held-out shards
 but reuses a cached feature net: its cache is keyed by content, so it is the same net.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,10 +61,15 @@ def settings_of(cfg) -> dict:
     networks: {<file under the run>: [size, mtime_ns]} of router.pt and every expert.pt}``
     """
     if "eval" not in cfg:
-        raise MissingConfig("the config has no `eval` group: add `- eval: default` to the defaults of "
-                            "conf/config.yaml or pass +eval=default on the command line")
-    return dict(eval=OmegaConf.to_container(cfg.eval, resolve=True), sample=requested_settings(cfg.sample),
-                networks=_network_files(RunDir(cfg.run_dir)))
+        raise MissingConfig(
+            "the config has no `eval` group: add `- eval: default` to the defaults of "
+            "conf/config.yaml or pass +eval=default on the command line"
+        )
+    return dict(
+        eval=OmegaConf.to_container(cfg.eval, resolve=True),
+        sample=requested_settings(cfg.sample),
+        networks=_network_files(RunDir(cfg.run_dir)),
+    )
 
 
 def _network_files(rd: RunDir) -> dict:
@@ -116,8 +122,12 @@ def feature_spaces(ctx: EvaluationContext, generated: dict, inception) -> dict:
     spaces = {net.space: dict(info, **ctx.quality(extract, generated, classify=classify))}
     if inception is not None:
         batch = int(ctx.ec.inception_batch_size)
-        spaces[inception.space] = dict(kind=inception.kind, file=str(inception.path), sha256=inception.sha256,
-                                       **ctx.quality(lambda x: inception(x, batch), generated))
+        spaces[inception.space] = dict(
+            kind=inception.kind,
+            file=str(inception.path),
+            sha256=inception.sha256,
+            **ctx.quality(lambda x: inception(x, batch), generated),
+        )
     return spaces
 
 
@@ -129,17 +139,29 @@ def generated_summary(generated: dict) -> dict:
     selected: [K], weight: [K]}]}`` per solver evaluation (``ddm.eval.router_diag.usage_per_step``),
     for strategies whose sampling recorded it.
     """
-    return dict(generated={s: dict(num_images=len(g["images"]), source=g["source"]) for s, g in generated.items()},
-                usage={s: usage_per_step(g["usage"], g["usage_images"]) for s, g in generated.items() if g["usage"]})
+    return dict(
+        generated={s: dict(num_images=len(g["images"]), source=g["source"]) for s, g in generated.items()},
+        usage={s: usage_per_step(g["usage"], g["usage_images"]) for s, g in generated.items() if g["usage"]},
+    )
 
 
 def _log_summary(metrics: dict, strategy: str, out) -> None:
     name, space = next(iter(metrics["feature_spaces"].items()))
     first = space["strategies"][strategy]
-    ensembles = ", ".join(f"{k} {v['mean']:.4f}" for k, v in metrics["fm_loss"]["models"].items()
-                          if not k.startswith("expert"))
-    log.info("evaluate: %s FD %.4g, precision %s, recall %s (%s, %d images, feature net test acc %s), "
-             "FM loss %s, %.0fs -> %s", strategy, first["fd"], num(first["precision"], ".3f"),
-             num(first["recall"], ".3f"), name, first["num_generated"], num(space["test_accuracy"], ".3f"), ensembles,
-             metrics["wall_s"], out)
-
+    ensembles = ", ".join(
+        f"{k} {v['mean']:.4f}" for k, v in metrics["fm_loss"]["models"].items() if not k.startswith("expert")
+    )
+    log.info(
+        "evaluate: %s FD %.4g, precision %s, recall %s (%s, %d images, feature net test acc %s), "
+        "FM loss %s, %.0fs -> %s",
+        strategy,
+        first["fd"],
+        num(first["precision"], ".3f"),
+        num(first["recall"], ".3f"),
+        name,
+        first["num_generated"],
+        num(space["test_accuracy"], ".3f"),
+        ensembles,
+        metrics["wall_s"],
+        out,
+    )

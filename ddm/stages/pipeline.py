@@ -5,6 +5,7 @@ train-router -> sample -> report. Each stage skips what is already complete,
 so rerunning the pipeline after an interruption continues where it stopped.
 Each runs through ``run_stage``, exactly as ``ddm <stage>`` would run it.
 """
+
 from __future__ import annotations
 
 import copy

@@ -11,6 +11,7 @@ Later stages get the dataset's metadata with
 ``SourceMeta.from_manifest(load_manifest(RunDir(cfg.run_dir).data))`` and can
 check they still see the same samples by comparing ``keys_sha256``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,10 +37,18 @@ def _clear(folder: Path) -> None:
 
 
 def _summary(manifest: dict, folder: Path, skipped: bool) -> dict:
-    return dict(stage="prepare", path=str(folder), skipped=skipped, num_samples=manifest["num_samples"],
-                num_shards=len(manifest["shards"]), source=manifest["source"], split=manifest["split"],
-                image_size=manifest["image_size"], channels=manifest["channels"],
-                num_classes=manifest["num_classes"])
+    return dict(
+        stage="prepare",
+        path=str(folder),
+        skipped=skipped,
+        num_samples=manifest["num_samples"],
+        num_shards=len(manifest["shards"]),
+        source=manifest["source"],
+        split=manifest["split"],
+        image_size=manifest["image_size"],
+        channels=manifest["channels"],
+        num_classes=manifest["num_classes"],
+    )
 
 
 def run(cfg) -> dict:
@@ -47,8 +56,10 @@ def run(cfg) -> dict:
     folder = RunDir(cfg.run_dir).data
     if skip(folder / MANIFEST, cfg):
         manifest = load_manifest(folder)
-        log.info(f"prepare: {manifest['num_samples']} samples in {len(manifest['shards'])} shards -> {folder} "
-                 f"(already there; redo=true rebuilds)")
+        log.info(
+            f"prepare: {manifest['num_samples']} samples in {len(manifest['shards'])} shards -> {folder} "
+            f"(already there; redo=true rebuilds)"
+        )
         return _summary(manifest, folder, skipped=True)
 
     # Open (and so validate) the source before touching an earlier result.
@@ -56,8 +67,9 @@ def run(cfg) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     _clear(folder)
     keys: list[str] = []
-    with ShardSetWriter(folder, int(cfg.data.shard_size), source=cfg.data.source, split=source.split,
-                        **source.meta.as_dict()) as writer:
+    with ShardSetWriter(
+        folder, int(cfg.data.shard_size), source=cfg.data.source, split=source.split, **source.meta.as_dict()
+    ) as writer:
         for sample in tqdm(source.samples, desc="prepare", unit="img", disable=None):
             writer.write(sample.key, sample.image, sample.label, sample.caption)
             keys.append(sample.key)

@@ -3,6 +3,7 @@
 Reads only records and manifests already written (plus a few images per
 partition for the montage); it never trains or samples anything.
 """
+
 from __future__ import annotations
 
 import logging
@@ -82,9 +83,13 @@ def label_prior_accuracy(rd: RunDir, K: int) -> float | None:
 
 def _clusters_section(rd: RunDir, clusters: dict, names) -> list[str]:
     K = int(clusters["k"])
-    lines = ["## Clusters", "",
-             f"Method `{clusters['method']}`, K = {K}, embeddings `{clusters.get('encoder', '-')}`, "
-             f"clustering id `{clusters['clustering_id']}`, inertia {num(clusters.get('inertia'), '.4f')}.", ""]
+    lines = [
+        "## Clusters",
+        "",
+        f"Method `{clusters['method']}`, K = {K}, embeddings `{clusters.get('encoder', '-')}`, "
+        f"clustering id `{clusters['clustering_id']}`, inertia {num(clusters.get('inertia'), '.4f')}.",
+        "",
+    ]
     total = sum(clusters["sizes"])
     rows = []
     for k, n in enumerate(clusters["sizes"]):
@@ -104,38 +109,75 @@ def _experts_section(rd: RunDir, K: int) -> list[str]:
         if rec is None:
             rows.append([k, "missing", "", "", "", "", "", ""])
             continue
-        rows.append([k, rec["steps"], rec["batch_size"], rec["samples_seen"], num(rec["final_loss"], ".4f"),
-                     f"{rec['params']:,}", f"{rec['train_flops']:.3g}", rec["wall_s"]])
+        rows.append(
+            [
+                k,
+                rec["steps"],
+                rec["batch_size"],
+                rec["samples_seen"],
+                num(rec["final_loss"], ".4f"),
+                f"{rec['params']:,}",
+                f"{rec['train_flops']:.3g}",
+                rec["wall_s"],
+            ]
+        )
     header = ["expert", "steps", "batch", "samples seen", "final loss", "params", "train FLOPs", "wall s"]
     return ["## Experts", "", *table(header, rows)]
 
 
 def _router_section(rd: RunDir, router: dict) -> list[str]:
     label_acc = label_prior_accuracy(rd, int(router["num_experts"]))
-    by_label = (f"; the class label alone, which is all a conditional router has at t = 1, scores {label_acc:.3f}"
-                if label_acc is not None else "")
-    lines = ["## Router", "",
-             f"{router['steps']} steps, batch {router['batch_size']}, {router['params']:,} parameters, "
-             f"final loss {num(router['final_loss'], '.4f')}. Accuracy on {router['eval_samples']} held-out "
-             f"samples (weighted to the cluster sizes; the prior alone scores "
-             f"{router['accuracy_by_t'][0]['prior_accuracy']:.3f}{by_label}):", ""]
-    rows = [[f"{r['t_lo']:.1f}-{r['t_hi']:.1f}", f"{r['accuracy']:.3f}", f"{r['entropy']:.3f}",
-             f"{r['calibration_gap']:.3f}"] for r in router["accuracy_by_t"]]
+    by_label = (
+        f"; the class label alone, which is all a conditional router has at t = 1, scores {label_acc:.3f}"
+        if label_acc is not None
+        else ""
+    )
+    lines = [
+        "## Router",
+        "",
+        f"{router['steps']} steps, batch {router['batch_size']}, {router['params']:,} parameters, "
+        f"final loss {num(router['final_loss'], '.4f')}. Accuracy on {router['eval_samples']} held-out "
+        f"samples (weighted to the cluster sizes; the prior alone scores "
+        f"{router['accuracy_by_t'][0]['prior_accuracy']:.3f}{by_label}):",
+        "",
+    ]
+    rows = [
+        [
+            f"{r['t_lo']:.1f}-{r['t_hi']:.1f}",
+            f"{r['accuracy']:.3f}",
+            f"{r['entropy']:.3f}",
+            f"{r['calibration_gap']:.3f}",
+        ]
+        for r in router["accuracy_by_t"]
+    ]
     return lines + table(["t", "accuracy", "entropy (nats)", "calibration gap"], rows)
 
 
 def _samples_section(samples: dict) -> list[str]:
     keys = ("strategy", "top_k", "experts", "solver", "steps", "cfg_scale", "seed")
     settings = ", ".join(f"{k}={samples.get(k)}" for k in keys if k in samples)
-    return ["## Samples", "", f"Settings: {settings}.", "", "One row per class: ![samples](samples/grid.png)", "",
-            "Expert usage against t: ![usage](samples/usage.png)", ""]
+    return [
+        "## Samples",
+        "",
+        f"Settings: {settings}.",
+        "",
+        "One row per class: ![samples](samples/grid.png)",
+        "",
+        "Expert usage against t: ![usage](samples/usage.png)",
+        "",
+    ]
 
 
 def _timings_section(timings: dict) -> list[str]:
-    rows = [[name, t["wall_s"], t["peak_rss_gib"], t.get("workers_peak_rss_gib", "-")]
-            for name, t in sorted(timings.items(), key=lambda kv: _stage_order(kv[0]))]
-    lines = ["## Wall time and memory per stage", "",
-             *table(["stage", "wall s", "peak RSS GiB", "loader workers peak GiB"], rows)]
+    rows = [
+        [name, t["wall_s"], t["peak_rss_gib"], t.get("workers_peak_rss_gib", "-")]
+        for name, t in sorted(timings.items(), key=lambda kv: _stage_order(kv[0]))
+    ]
+    lines = [
+        "## Wall time and memory per stage",
+        "",
+        *table(["stage", "wall s", "peak RSS GiB", "loader workers peak GiB"], rows),
+    ]
     return lines + [f"Total: {sum(t['wall_s'] for t in timings.values()):.0f} s (excluding this report)."]
 
 
@@ -145,9 +187,12 @@ def build_report(rd: RunDir) -> str:
     clusters, router, samples = _read(rd.cluster_report), _read(rd.router_record), _read(rd.samples_record)
     timings = rd.all_timings()
     if data:
-        lines += [f"Data: {data.get('num_samples')} samples from `{data.get('source')}` "
-                  f"({data.get('image_size')}px, {data.get('channels')} channel(s), "
-                  f"{data.get('num_classes')} classes) in {len(data.get('shards', []))} shards.", ""]
+        lines += [
+            f"Data: {data.get('num_samples')} samples from `{data.get('source')}` "
+            f"({data.get('image_size')}px, {data.get('channels')} channel(s), "
+            f"{data.get('num_classes')} classes) in {len(data.get('shards', []))} shards.",
+            "",
+        ]
     if clusters:
         lines += _clusters_section(rd, clusters, data.get("class_names"))
         lines += _experts_section(rd, int(clusters["k"]))

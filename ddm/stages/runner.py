@@ -6,6 +6,7 @@ and peak memory are written to ``RunDir.timing(job)`` unless it only found its
 results already there (then the earlier timing, of the run that did the work,
 stays).
 """
+
 from __future__ import annotations
 
 import importlib

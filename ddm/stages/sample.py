@@ -15,6 +15,7 @@ experts that exist (a lost island), renormalising the router over them;
 the record's ``experts_missing`` names the others, and a rerun after more
 experts appeared samples again.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,18 @@ from ddm.viz import plot_usage, save_grid
 log = logging.getLogger("ddm")
 
 # The options that change what is sampled: a record with other values is stale.
-SETTINGS = ("strategy", "top_k", "experts", "temperature", "solver", "steps", "cfg_scale",
-            "per_class", "num_samples", "seed")
+SETTINGS = (
+    "strategy",
+    "top_k",
+    "experts",
+    "temperature",
+    "solver",
+    "steps",
+    "cfg_scale",
+    "per_class",
+    "num_samples",
+    "seed",
+)
 
 
 def requested_settings(sc) -> dict:
@@ -47,8 +58,10 @@ def requested_settings(sc) -> dict:
     experts = out["experts"]
     if isinstance(experts, str):
         if experts != AVAILABLE:
-            raise BadInput(f"sample.experts={experts!r}: use null (all experts), a list of ids such as "
-                             f"[0,2], or {AVAILABLE!r} (the experts that exist)")
+            raise BadInput(
+                f"sample.experts={experts!r}: use null (all experts), a list of ids such as "
+                f"[0,2], or {AVAILABLE!r} (the experts that exist)"
+            )
     elif experts is not None:
         out["experts"] = sorted(int(k) for k in experts)
     return out
@@ -59,8 +72,9 @@ def _still_valid(record: dict, settings: dict, rd: RunDir) -> bool:
     if record.get("settings") != settings:
         return False
     if settings["experts"] == AVAILABLE:
-        return record.get("experts_loaded") == [k for k in expert_ids_on_disk(rd)
-                                                if k < int(record.get("num_experts", 0))]
+        return record.get("experts_loaded") == [
+            k for k in expert_ids_on_disk(rd) if k < int(record.get("num_experts", 0))
+        ]
     return True
 
 
@@ -90,8 +104,9 @@ def run(cfg) -> dict:
         record = read_json(rd.samples_record)
         if _still_valid(record, settings, rd):
             note_skipped()
-            log.info("sample: done already (%d images, %s) -> %s", record["num_images"],
-                     settings["strategy"], rd.samples)
+            log.info(
+                "sample: done already (%d images, %s) -> %s", record["num_images"], settings["strategy"], rd.samples
+            )
             return record
 
     start = time.perf_counter()
@@ -100,9 +115,15 @@ def run(cfg) -> dict:
     # CPU generators: the same seed gives the same noise and routing draws on any device.
     gen_noise = torch.Generator().manual_seed(seed)
     gen_route = torch.Generator().manual_seed(seed + 1)
-    ensemble, path, info = load_ensemble(cfg.run_dir, strategy=settings["strategy"], top_k=settings["top_k"],
-                                         subset=settings["experts"], device=device,
-                                         temperature=float(settings["temperature"]), generator=gen_route)
+    ensemble, path, info = load_ensemble(
+        cfg.run_dir,
+        strategy=settings["strategy"],
+        top_k=settings["top_k"],
+        subset=settings["experts"],
+        device=device,
+        temperature=float(settings["temperature"]),
+        generator=gen_route,
+    )
     num_classes = int(info["num_classes"])
     labels, num_grid = plan_labels(num_classes, int(sc.per_class), int(settings["num_samples"]), gen_noise)
     total = num_grid + int(settings["num_samples"]) if labels is None else len(labels)
@@ -113,20 +134,38 @@ def run(cfg) -> dict:
 
     used = [k for k in range(info["num_experts"]) if any(r["counts"][k] for r in usage)]
     # settings twice: flat for readers (the report), nested for the skip check
-    record = dict(settings=settings, **settings,
-                  num_images=total, num_grid=num_grid, clustering_id=info["clustering_id"],
-                  num_experts=info["num_experts"], experts_loaded=info["experts"], experts_used=used,
-                  experts_missing=info["missing_experts"],
-                  evaluations_per_batch=num_evaluations(int(settings["steps"]), settings["solver"]),
-                  flow=info["flow"], device=str(device), wall_s=round(time.perf_counter() - start, 2),
-                  outputs=out)
+    record = dict(
+        settings=settings,
+        **settings,
+        num_images=total,
+        num_grid=num_grid,
+        clustering_id=info["clustering_id"],
+        num_experts=info["num_experts"],
+        experts_loaded=info["experts"],
+        experts_used=used,
+        experts_missing=info["missing_experts"],
+        evaluations_per_batch=num_evaluations(int(settings["steps"]), settings["solver"]),
+        flow=info["flow"],
+        device=str(device),
+        wall_s=round(time.perf_counter() - start, 2),
+        outputs=out,
+    )
     write_json(rd.samples_record, record)
-    log.info("sample: %d images, %s routing, %s x%d, cfg %.2g, experts used %s, %.1fs -> %s", total,
-             settings["strategy"], settings["solver"], settings["steps"], settings["cfg_scale"], used,
-             record["wall_s"], rd.samples)
+    log.info(
+        "sample: %d images, %s routing, %s x%d, cfg %.2g, experts used %s, %.1fs -> %s",
+        total,
+        settings["strategy"],
+        settings["solver"],
+        settings["steps"],
+        settings["cfg_scale"],
+        used,
+        record["wall_s"],
+        rd.samples,
+    )
     if settings["experts"] == AVAILABLE and info["missing_experts"]:
-        log.warning("sample: made without experts %s (missing); recorded in %s", info["missing_experts"],
-                    rd.samples_record)
+        log.warning(
+            "sample: made without experts %s (missing); recorded in %s", info["missing_experts"], rd.samples_record
+        )
     return record
 
 
@@ -139,17 +178,28 @@ def draw(ensemble, path, shape, labels, total, batch_size, settings, generator, 
     chunks = []
     for lo in range(0, total, batch_size):
         n = min(batch_size, total - lo)
-        y = None if labels is None else labels[lo:lo + n].to(device)
+        y = None if labels is None else labels[lo : lo + n].to(device)
         ensemble.reset_usage()
-        x = sample(ensemble, path, (n, *shape), y=y, steps=int(settings["steps"]), solver=settings["solver"],
-                   cfg_scale=float(settings["cfg_scale"]), generator=generator, device=device)
+        x = sample(
+            ensemble,
+            path,
+            (n, *shape),
+            y=y,
+            steps=int(settings["steps"]),
+            solver=settings["solver"],
+            cfg_scale=float(settings["cfg_scale"]),
+            generator=generator,
+            device=device,
+        )
         chunks.append(to_uint8(x))
         for i, rec in enumerate(ensemble.usage):
             counts[i] += rec["counts"]
             weights[i] += n * np.asarray(rec["weights"])  # batch-size weighted mean over batches
             ts[i] = rec["t"]
-    usage = [dict(t=float(ts[i]), counts=[int(c) for c in counts[i]], weights=(weights[i] / total).tolist())
-             for i in range(n_eval)]
+    usage = [
+        dict(t=float(ts[i]), counts=[int(c) for c in counts[i]], weights=(weights[i] / total).tolist())
+        for i in range(n_eval)
+    ]
     return np.concatenate(chunks), usage
 
 
@@ -162,6 +212,9 @@ def _write(rd, images, labels, num_grid, usage, num_classes, per_class, settings
     with atomic_path(out / "samples.npz") as tmp:
         np.savez(tmp, images=images, labels=label_array, num_grid=np.int64(num_grid))
     write_json(out / "usage.json", usage)
-    plot_usage(usage, out / "usage.png", title=f"expert usage: {settings['strategy']}, {settings['solver']} "
-                                               f"x{settings['steps']}")
+    plot_usage(
+        usage,
+        out / "usage.png",
+        title=f"expert usage: {settings['strategy']}, {settings['solver']} x{settings['steps']}",
+    )
     return ["grid.png", "samples.npz", "usage.json", "usage.png", "record.json"]

@@ -14,6 +14,7 @@ prints one row per expert (0..K-1) and one for the router, in one of these state
 Without SLURM (no ``squeue``) the queue column reads ``n/a``. Reads only;
 writes nothing.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,8 +54,15 @@ def _failure(path: Path) -> str:
 def job_status(job_dir: Path, record: Path, queued: slurm.QueuedJob | None) -> dict:
     """The state of one job (an expert or the router) from its folder and its queue entry."""
     logs = sorted(job_dir.glob("slurm-*.out"), key=lambda p: p.stat().st_mtime)
-    row = dict(state="missing", steps=None, loss=None, job=queued.job_id if queued else None,
-               slurm_state=queued.state if queued else None, detail="", log=str(logs[-1]) if logs else None)
+    row = dict(
+        state="missing",
+        steps=None,
+        loss=None,
+        job=queued.job_id if queued else None,
+        slurm_state=queued.state if queued else None,
+        detail="",
+        log=str(logs[-1]) if logs else None,
+    )
     ckpts = job_dir / "checkpoints"
     if record.exists():
         rec = read_json(record)
@@ -70,9 +78,13 @@ def job_status(job_dir: Path, record: Path, queued: slurm.QueuedJob | None) -> d
         row.update(state="failed", steps=_last_step(ckpts), detail=_failure(job_dir / "failed.json"))
     elif any(ckpts.glob("*.ckpt")):
         step = _last_step(ckpts)
-        row.update(state="stopped", steps=step,
-                   detail="interrupted" + (f" after step {step}" if step is not None else "")
-                   + "; `ddm submit` resumes it from last.ckpt")
+        row.update(
+            state="stopped",
+            steps=step,
+            detail="interrupted"
+            + (f" after step {step}" if step is not None else "")
+            + "; `ddm submit` resumes it from last.ckpt",
+        )
     return row
 
 
@@ -89,6 +101,7 @@ def _queue(rd: RunDir) -> tuple[dict, object, str | None]:
 
 def format_table(rows: list[dict], queue_known: bool) -> str:
     """A fixed-width table: job, state, steps, loss, SLURM job, detail."""
+
     def cell(row):
         if not queue_known:
             q = "n/a"
@@ -100,16 +113,19 @@ def format_table(rows: list[dict], queue_known: bool) -> str:
 
     table = [["job", "state", "steps", "loss", "slurm", "detail"]] + [cell(r) for r in rows]
     widths = [max(len(str(line[i])) for line in table) for i in range(5)]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line[:5], widths)) + "  " + line[5]
-                     for line in table).rstrip()
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(line[:5], widths)) + "  " + line[5] for line in table
+    ).rstrip()
 
 
 def run(cfg) -> dict:
     """Print the table for the run ``cfg.run_dir`` and return it as a dict."""
     rd = RunDir(Path(cfg.run_dir).resolve())
     if not rd.cluster_report.exists():
-        raise MissingInput(f"no {rd.cluster_report}: this run has not been clustered yet, so it has no "
-                                f"experts (run `ddm cluster` and `ddm partition`, then `ddm submit`)")
+        raise MissingInput(
+            f"no {rd.cluster_report}: this run has not been clustered yet, so it has no "
+            f"experts (run `ddm cluster` and `ddm partition`, then `ddm submit`)"
+        )
     k = int(read_json(rd.cluster_report)["k"])
     queued_experts, queued_router, no_queue = _queue(rd)
     experts = []
@@ -119,8 +135,17 @@ def run(cfg) -> dict:
     router = dict(name="router", **job_status(rd.router, rd.router_record, queued_router))
     counts = {s: sum(r["state"] == s for r in experts) for s in STATES}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-    print(f"run {rd.root}: K={k}; experts: {summary}; router: {router['state']}"
-          + (f" (queue: n/a, {no_queue})" if no_queue else ""))
+    print(
+        f"run {rd.root}: K={k}; experts: {summary}; router: {router['state']}"
+        + (f" (queue: n/a, {no_queue})" if no_queue else "")
+    )
     print(format_table(experts + [router], queue_known=no_queue is None))
-    return dict(run_dir=str(rd.root), k=k, experts=experts, router=router, counts=counts,
-                queue=None if no_queue else "slurm", queue_error=no_queue)
+    return dict(
+        run_dir=str(rd.root),
+        k=k,
+        experts=experts,
+        router=router,
+        counts=counts,
+        queue=None if no_queue else "slurm",
+        queue_error=no_queue,
+    )

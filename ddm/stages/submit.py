@@ -17,6 +17,7 @@ Every other override of the ``ddm submit`` call (``island=...``,
 same config. Each script is kept under ``<run>/slurm/``; each job's log is
 ``slurm-*.out`` in the job's own folder.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,15 +38,19 @@ def expert_ids(requested, k: int) -> list[int]:
     ids = list(range(k)) if requested is None else sorted({int(i) for i in requested})
     bad = [i for i in ids if not 0 <= i < k]
     if bad:
-        raise BadInput(f"submit.experts={list(requested)}: the run has K={k} clusters, so expert ids are "
-                         f"0..{k - 1}; {bad} do not exist")
+        raise BadInput(
+            f"submit.experts={list(requested)}: the run has K={k} clusters, so expert ids are "
+            f"0..{k - 1}; {bad} do not exist"
+        )
     return ids
 
 
 def _require_inputs(rd: RunDir) -> int:
     if not rd.cluster_report.exists():
-        raise MissingInput(f"no {rd.cluster_report}: run `ddm cluster` and `ddm partition` for this run "
-                                f"first (they are quick and run on this machine)")
+        raise MissingInput(
+            f"no {rd.cluster_report}: run `ddm cluster` and `ddm partition` for this run "
+            f"first (they are quick and run on this machine)"
+        )
     if not (rd.partitions / "manifest.json").exists():
         raise MissingInput(f"no partitions under {rd.partitions}: run `ddm partition` first")
     return int(read_json(rd.cluster_report)["k"])
@@ -86,8 +91,10 @@ def run(cfg, overrides: list[str] | None = None) -> dict:
     rd = RunDir(Path(cfg.run_dir).resolve())
     sub = cfg.get("submit") or {}
     if cfg.get("redo", False):
-        raise BadInput("`ddm submit redo=true` is refused: a requeued job would start over and delete its own "
-                         "checkpoints. To retrain an expert, delete experts/expert-<id>/ and submit again.")
+        raise BadInput(
+            "`ddm submit redo=true` is refused: a requeued job would start over and delete its own "
+            "checkpoints. To retrain an expert, delete experts/expert-<id>/ and submit again."
+        )
     k = _require_inputs(rd)
     ids = expert_ids(sub.get("experts"), k)
     dry_run = bool(sub.get("dry_run", False))
@@ -102,8 +109,18 @@ def run(cfg, overrides: list[str] | None = None) -> dict:
     user = list(overrides or [])
     args = job_overrides(user, str(cfg.name), str(rd.root))
     python = sub.get("python") or sys.executable
-    result = dict(run_dir=str(rd.root), k=k, dry_run=dry_run, experts_done=done, experts_queued=queued,
-                  experts_submitted=todo, expert_job=None, router="not asked", router_job=None, scripts=[])
+    result = dict(
+        run_dir=str(rd.root),
+        k=k,
+        dry_run=dry_run,
+        experts_done=done,
+        experts_queued=queued,
+        experts_submitted=todo,
+        expert_job=None,
+        router="not asked",
+        router_job=None,
+        scripts=[],
+    )
 
     if todo:
         path = sbatch.sbatch_script_path(rd.root, "expert-array")
@@ -136,8 +153,10 @@ def _log_summary(r: dict, queued_experts: dict) -> None:
     if r["experts_done"]:
         parts.append(f"experts {r['experts_done']} done")
     if r["experts_queued"]:
-        parts.append("experts already queued: " + ", ".join(
-            f"{i} ({queued_experts[i].job_id} {queued_experts[i].state})" for i in r["experts_queued"]))
+        parts.append(
+            "experts already queued: "
+            + ", ".join(f"{i} ({queued_experts[i].job_id} {queued_experts[i].state})" for i in r["experts_queued"])
+        )
     router = r["router"]
     if router == "submitted":
         router = f"{verb} router" + (f" as job {r['router_job']}" if r["router_job"] else "")

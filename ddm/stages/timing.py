@@ -1,4 +1,5 @@
 """Wall time and peak memory of one stage, read from the operating system."""
+
 from __future__ import annotations
 
 import resource
@@ -44,5 +45,8 @@ def measured(out: dict):
     reset_peak_rss()
     start = time.perf_counter()
     yield out
-    out.update(wall_s=round(time.perf_counter() - start, 2), peak_rss_gib=round(peak_rss_gib(), 3),
-               workers_peak_rss_gib=round(children_peak_rss_gib(), 3))
+    out.update(
+        wall_s=round(time.perf_counter() - start, 2),
+        peak_rss_gib=round(peak_rss_gib(), 3),
+        workers_peak_rss_gib=round(children_peak_rss_gib(), 3),
+    )

@@ -10,6 +10,7 @@ SLURM job (``expert.requeue``) or exits non-zero; when training raises it writes
 ``record.json``, written last; a finished expert is never trained again
 (unless ``redo=true``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,12 @@ log = logging.getLogger("ddm")
 
 def model_config(cfg_model, meta: dict) -> dict:
     """The network's arguments: its size from the config, its input shape from the data it trains on."""
-    return dict(size=cfg_model.size, image_size=int(meta["image_size"]), in_channels=int(meta["channels"]),
-                num_classes=int(meta["num_classes"]))
+    return dict(
+        size=cfg_model.size,
+        image_size=int(meta["image_size"]),
+        in_channels=int(meta["channels"]),
+        num_classes=int(meta["num_classes"]),
+    )
 
 
 def run(cfg) -> dict:
@@ -59,16 +64,26 @@ def run(cfg) -> dict:
     if not (part_dir / "manifest.json").exists():
         raise MissingInput(
             f"expert.id={k}: no partition at {part_dir} (run `ddm partition` first, or check that "
-            f"expert.id is below the number of clusters)")
+            f"expert.id is below the number of clusters)"
+        )
     manifest = load_manifest(part_dir)
     if int(manifest["cluster"]) != k:
-        raise BadInput(f"{part_dir}/manifest.json says cluster {manifest['cluster']}, expected {k}: rerun "
-                       f"`ddm partition redo=true`")
+        raise BadInput(
+            f"{part_dir}/manifest.json says cluster {manifest['cluster']}, expected {k}: rerun "
+            f"`ddm partition redo=true`"
+        )
 
     record = run_job(_job(cfg, rd, k, manifest), lambda trained: _record(trained, k, manifest))
     if record:
-        log.info("train-expert %d: %d steps on %d samples, loss %.4f, %.0fs -> %s", k, record["steps"],
-                 record["partition_samples"], record["final_loss"] or float("nan"), record["wall_s"], job_dir)
+        log.info(
+            "train-expert %d: %d steps on %d samples, loss %.4f, %.0fs -> %s",
+            k,
+            record["steps"],
+            record["partition_samples"],
+            record["final_loss"] or float("nan"),
+            record["wall_s"],
+            job_dir,
+        )
     return record
 
 
@@ -78,12 +93,15 @@ def _check_still_current(record: dict, rd: RunDir, k: int) -> None:
     if not path.exists():
         return
     current = read_json(path)
-    if (record.get("clustering_id"), record.get("partition_keys_sha256")) != \
-            (current.get("clustering_id"), current.get("keys_sha256")):
+    if (record.get("clustering_id"), record.get("partition_keys_sha256")) != (
+        current.get("clustering_id"),
+        current.get("keys_sha256"),
+    ):
         raise BadInput(
             f"{rd.expert_record(k)} was trained on clustering {record.get('clustering_id')} but "
             f"{path} is now clustering {current.get('clustering_id')} (or other keys): retrain it with "
-            f"`ddm train-expert expert.id={k} redo=true`")
+            f"`ddm train-expert expert.id={k} redo=true`"
+        )
 
 
 def _job(cfg, rd: RunDir, k: int, manifest: dict) -> Job:
@@ -92,10 +110,17 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict) -> Job:
     seed = expert_seed(cfg.seed, k)
 
     def build_module() -> ExpertModule:
-        return ExpertModule(model=model_config(cfg.model, manifest), flow=OmegaConf.to_container(cfg.flow),
-                            lr=ex.lr, weight_decay=ex.weight_decay, warmup_steps=ex.warmup_steps,
-                            total_steps=ex.steps, label_dropout=ex.label_dropout, ema_decay=ex.ema_decay,
-                            expert_id=k)
+        return ExpertModule(
+            model=model_config(cfg.model, manifest),
+            flow=OmegaConf.to_container(cfg.flow),
+            lr=ex.lr,
+            weight_decay=ex.weight_decay,
+            warmup_steps=ex.warmup_steps,
+            total_steps=ex.steps,
+            label_dropout=ex.label_dropout,
+            ema_decay=ex.ema_decay,
+            expert_id=k,
+        )
 
     def build_loader(batch: int):
         # Inside the job: a bad shard_url is a failure of this job, recorded in its failed.json.
@@ -104,19 +129,35 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict) -> Job:
         return batch_loader(stream, batch, int(cfg.island.num_workers))
 
     return Job(
-        name=expert_job(k), title=f"train-expert {k}", folder=rd.expert(k),
-        identity=dict(job=expert_job(k), clustering_id=manifest["clustering_id"],
-                      partition_keys_sha256=manifest["keys_sha256"]),
-        seed=seed, build_module=build_module, build_loader=build_loader,
-        schedule=Schedule.from_config("expert", ex), island=cfg.island, logger=cfg.logger, run_dir=rd.root,
-        weights=rd.expert_weights(k), record=rd.expert_record(k),
-        export_meta=dict(expert_id=k, num_experts=int(manifest["num_clusters"]),
-                         clustering_id=manifest["clustering_id"]),
-        config=OmegaConf.to_container(cfg, resolve=True))
+        name=expert_job(k),
+        title=f"train-expert {k}",
+        folder=rd.expert(k),
+        identity=dict(
+            job=expert_job(k), clustering_id=manifest["clustering_id"], partition_keys_sha256=manifest["keys_sha256"]
+        ),
+        seed=seed,
+        build_module=build_module,
+        build_loader=build_loader,
+        schedule=Schedule.from_config("expert", ex),
+        island=cfg.island,
+        logger=cfg.logger,
+        run_dir=rd.root,
+        weights=rd.expert_weights(k),
+        record=rd.expert_record(k),
+        export_meta=dict(
+            expert_id=k, num_experts=int(manifest["num_clusters"]), clustering_id=manifest["clustering_id"]
+        ),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
 
 
 def _record(trained: Trained, k: int, manifest: dict) -> dict:
     """The common fields plus the partition the expert trained on; hardware adds how the island split the job."""
-    return dict(expert_id=k, num_experts=int(manifest["num_clusters"]), clustering_id=manifest["clustering_id"],
-                partition_keys_sha256=manifest["keys_sha256"], partition_samples=int(manifest["num_samples"]),
-                **trained.common_record(parallelism=True))
+    return dict(
+        expert_id=k,
+        num_experts=int(manifest["num_clusters"]),
+        clustering_id=manifest["clustering_id"],
+        partition_keys_sha256=manifest["keys_sha256"],
+        partition_samples=int(manifest["num_samples"]),
+        **trained.common_record(parallelism=True),
+    )

@@ -10,6 +10,7 @@ Faults are handled as for an expert (see ``ddm.stages.train_expert``):
 resume from the newest complete checkpoint, save and requeue on a signal,
 ``router/failed.json`` when training raises.
 """
+
 from __future__ import annotations
 
 import logging
@@ -68,14 +69,19 @@ def run(cfg) -> dict:
         shutil.rmtree(job_dir)
 
     index, manifests = load_partitions(rd)
-    splits = [split_shards(shard_paths(rd.partition(k), m), float(cfg.router.sample_fraction))
-              for k, m in enumerate(manifests)]
-    record = run_job(_job(cfg, rd, index, manifests, [train for train, _ in splits]),
-                     lambda trained: _record(trained, cfg, index, manifests, [held for _, held in splits]))
+    splits = [
+        split_shards(shard_paths(rd.partition(k), m), float(cfg.router.sample_fraction))
+        for k, m in enumerate(manifests)
+    ]
+    record = run_job(
+        _job(cfg, rd, index, manifests, [train for train, _ in splits]),
+        lambda trained: _record(trained, cfg, index, manifests, [held for _, held in splits]),
+    )
     if record:
         acc = ", ".join(f"{r['accuracy']:.2f}" for r in record["accuracy_by_t"])
-        log.info("train-router: %d steps, K=%d, accuracy by t [%s] -> %s", record["steps"], len(manifests), acc,
-                 job_dir)
+        log.info(
+            "train-router: %d steps, K=%d, accuracy by t [%s] -> %s", record["steps"], len(manifests), acc, job_dir
+        )
     return record
 
 
@@ -86,8 +92,10 @@ def _check_still_current(record: dict, rd: RunDir) -> None:
         return
     current = read_json(index_path).get("clustering_id")
     if record.get("clustering_id") != current:
-        raise BadInput(f"{rd.router_record} was trained on clustering {record.get('clustering_id')} but "
-                       f"{index_path} is clustering {current}: retrain it with `ddm train-router redo=true`")
+        raise BadInput(
+            f"{rd.router_record} was trained on clustering {record.get('clustering_id')} but "
+            f"{index_path} is clustering {current}: retrain it with `ddm train-router redo=true`"
+        )
 
 
 def _job(cfg, rd: RunDir, index: dict, manifests: list[dict], train_shards: list[list[str]]) -> Job:
@@ -95,11 +103,22 @@ def _job(cfg, rd: RunDir, index: dict, manifests: list[dict], train_shards: list
     rc, meta = cfg.router, manifests[0]
 
     def build_module() -> RouterModule:
-        model = dict(num_outputs=len(manifests), size=rc.size, image_size=int(meta["image_size"]),
-                     in_channels=int(meta["channels"]), num_classes=int(meta["num_classes"]))
-        return RouterModule(model=model, flow=OmegaConf.to_container(cfg.flow), lr=rc.lr,
-                            weight_decay=rc.weight_decay, warmup_steps=rc.warmup_steps, total_steps=rc.steps,
-                            label_dropout=rc.label_dropout)
+        model = dict(
+            num_outputs=len(manifests),
+            size=rc.size,
+            image_size=int(meta["image_size"]),
+            in_channels=int(meta["channels"]),
+            num_classes=int(meta["num_classes"]),
+        )
+        return RouterModule(
+            model=model,
+            flow=OmegaConf.to_container(cfg.flow),
+            lr=rc.lr,
+            weight_decay=rc.weight_decay,
+            warmup_steps=rc.warmup_steps,
+            total_steps=rc.steps,
+            label_dropout=rc.label_dropout,
+        )
 
     def build_loader(batch: int):
         parts = [(urls, float(m["num_samples"])) for urls, m in zip(train_shards, manifests)]
@@ -107,14 +126,26 @@ def _job(cfg, rd: RunDir, index: dict, manifests: list[dict], train_shards: list
         return batch_loader(stream, batch, int(cfg.island.num_workers))
 
     return Job(
-        name=ROUTER_JOB, title="train-router", folder=rd.router,
-        identity=dict(job=ROUTER_JOB, clustering_id=index["clustering_id"],
-                      partition_keys_sha256=[m["keys_sha256"] for m in manifests]),
-        seed=router_seed(cfg.seed), build_module=build_module, build_loader=build_loader,
-        schedule=Schedule.from_config("router", rc), island=cfg.island, logger=cfg.logger, run_dir=rd.root,
-        weights=rd.router_weights, record=rd.router_record,
+        name=ROUTER_JOB,
+        title="train-router",
+        folder=rd.router,
+        identity=dict(
+            job=ROUTER_JOB,
+            clustering_id=index["clustering_id"],
+            partition_keys_sha256=[m["keys_sha256"] for m in manifests],
+        ),
+        seed=router_seed(cfg.seed),
+        build_module=build_module,
+        build_loader=build_loader,
+        schedule=Schedule.from_config("router", rc),
+        island=cfg.island,
+        logger=cfg.logger,
+        run_dir=rd.root,
+        weights=rd.router_weights,
+        record=rd.router_record,
         export_meta=dict(num_experts=len(manifests), clustering_id=index["clustering_id"]),
-        config=OmegaConf.to_container(cfg, resolve=True))
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
 
 
 def _record(trained: Trained, cfg, index: dict, manifests: list[dict], held: list[list[str]]) -> dict:
@@ -123,5 +154,10 @@ def _record(trained: Trained, cfg, index: dict, manifests: list[dict], held: lis
     x0, y, k = eval_set(manifests, held, int(rc.eval_samples))
     sizes = torch.tensor([float(m["num_samples"]) for m in manifests])
     by_t = accuracy_by_t(module.net, module.path, x0, y, k, sizes / sizes.sum(), int(rc.t_buckets), int(cfg.seed))
-    return dict(num_experts=len(manifests), clustering_id=index["clustering_id"], eval_samples=len(k),
-                accuracy_by_t=by_t, **trained.common_record())
+    return dict(
+        num_experts=len(manifests),
+        clustering_id=index["clustering_id"],
+        eval_samples=len(k),
+        accuracy_by_t=by_t,
+        **trained.common_record(),
+    )

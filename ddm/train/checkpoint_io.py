@@ -11,6 +11,7 @@ SIGKILL after the grace period), also while it writes a checkpoint. So:
   checkpoint that loads and holds what a resume needs, names and skips any
   that do not, and removes temp files left by a writer that died.
 """
+
 from __future__ import annotations
 
 import logging
@@ -136,8 +137,7 @@ def latest_complete_checkpoint(ckpt_dir: Path, identity: dict | None = None) -> 
     if not ckpt_dir.is_dir():
         return None
     for tmp in remove_temp_files(ckpt_dir):
-        log.warning("removed %s: a checkpoint write that never finished (the job was killed while saving)",
-                    tmp)
+        log.warning("removed %s: a checkpoint write that never finished (the job was killed while saving)", tmp)
     best, best_step = None, -1
     for path in candidate_checkpoints(ckpt_dir):
         ckpt, problem = inspect_checkpoint(path)
@@ -157,6 +157,8 @@ def _check_identity(path: Path, stored: dict, identity: dict | None) -> None:
     differs = {k: (stored[k], v) for k, v in identity.items() if k in stored and stored[k] != v}
     if differs:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differs.items())
-        raise BadInput(f"{path} was written by a job on other data ({detail}); resuming would mix "
-                         f"artefacts of different clusterings. Start this job afresh with redo=true, "
-                         f"or use the run directory it belongs to")
+        raise BadInput(
+            f"{path} was written by a job on other data ({detail}); resuming would mix "
+            f"artefacts of different clusterings. Start this job afresh with redo=true, "
+            f"or use the run directory it belongs to"
+        )

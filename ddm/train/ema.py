@@ -1,4 +1,5 @@
 """Exponential moving average of weights: the experts are sampled with their EMA."""
+
 from __future__ import annotations
 
 import copy

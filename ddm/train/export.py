@@ -3,6 +3,7 @@
 They hold the network's constructor arguments, its weights, the flow path and
 the clustering id, so a notebook can rebuild the model without Lightning or Hydra.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

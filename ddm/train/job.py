@@ -16,6 +16,7 @@ All of it runs under a ``PreemptionGuard`` (SIGUSR1/SIGTERM save and stop, see
 ``ddm.train.signals``) and a ``FailureRecord`` (an exception writes
 ``failed.json``, see ``ddm.train.records``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,40 +52,47 @@ log = logging.getLogger("ddm")
 class Schedule:
     """How long a job trains, on what batch, and how often it saves and logs."""
 
-    kind: str              # "expert" or "router": its config section, and the kind of weights it exports
+    kind: str  # "expert" or "router": its config section, and the kind of weights it exports
     steps: int
-    batch_size: int        # global: over every device and gradient-accumulation step
+    batch_size: int  # global: over every device and gradient-accumulation step
     ckpt_every: int
     log_every: int
     keep_checkpoints: int
-    requeue: bool = True   # requeue the SLURM job after SIGUSR1 (see ddm.train.signals)
+    requeue: bool = True  # requeue the SLURM job after SIGUSR1 (see ddm.train.signals)
 
     @classmethod
     def from_config(cls, kind: str, section) -> Schedule:
         """From the config section ``kind`` (``cfg.expert`` or ``cfg.router``), which holds these keys."""
-        return cls(kind, int(section.steps), int(section.batch_size), int(section.ckpt_every),
-                   int(section.log_every), int(section.keep_checkpoints), bool(section.get("requeue", True)))
+        return cls(
+            kind,
+            int(section.steps),
+            int(section.batch_size),
+            int(section.ckpt_every),
+            int(section.log_every),
+            int(section.keep_checkpoints),
+            bool(section.get("requeue", True)),
+        )
 
 
 @dataclass
 class Job:
     """One training job: what it trains on, how long, and where its files go."""
 
-    name: str              # "expert-03" or "router": failed.json, the logger's run name
-    title: str             # "train-expert 3" or "train-router": how log lines name the job
-    folder: Path           # checkpoints/, logs/, failed.json
-    identity: dict         # stored in every checkpoint: a resume refuses a checkpoint of other data
+    name: str  # "expert-03" or "router": failed.json, the logger's run name
+    title: str  # "train-expert 3" or "train-router": how log lines name the job
+    folder: Path  # checkpoints/, logs/, failed.json
+    identity: dict  # stored in every checkpoint: a resume refuses a checkpoint of other data
     seed: int
-    build_module: Callable[[], L.LightningModule]   # called after seeding
-    build_loader: Callable[[int], Iterable]          # the per-device batch size -> training batches
+    build_module: Callable[[], L.LightningModule]  # called after seeding
+    build_loader: Callable[[int], Iterable]  # the per-device batch size -> training batches
     schedule: Schedule
-    island: Any            # the island's config: devices, strategy, precision, threads
-    logger: Any            # the logger's config: csv, tensorboard or wandb
+    island: Any  # the island's config: devices, strategy, precision, threads
+    logger: Any  # the logger's config: csv, tensorboard or wandb
     run_dir: Path
-    weights: Path          # where the finished network goes (expert.pt, router.pt)
-    record: Path           # record.json
-    export_meta: dict      # stored in the weights file beside the network (and the steps trained)
-    config: dict           # the run's resolved config, kept in the record
+    weights: Path  # where the finished network goes (expert.pt, router.pt)
+    record: Path  # record.json
+    export_meta: dict  # stored in the weights file beside the network (and the steps trained)
+    config: dict  # the run's resolved config, kept in the record
 
 
 @dataclass
@@ -95,9 +103,9 @@ class Trained:
     module: L.LightningModule
     trainer: L.Trainer
     state: JobState
-    resume: Path | None      # the checkpoint this attempt resumed from
+    resume: Path | None  # the checkpoint this attempt resumed from
     per_device_batch: int
-    started: float           # time.time() when this attempt started
+    started: float  # time.time() when this attempt started
 
     @property
     def steps(self) -> int:
@@ -106,23 +114,32 @@ class Trained:
     def parallelism(self) -> dict:
         """How the island split the job: devices, strategy, batch per device, accumulation."""
         t = self.trainer
-        return dict(world_size=t.world_size, strategy=type(t.strategy).__name__,
-                    per_device_batch=self.per_device_batch, accumulate_grad_batches=t.accumulate_grad_batches)
+        return dict(
+            world_size=t.world_size,
+            strategy=type(t.strategy).__name__,
+            per_device_batch=self.per_device_batch,
+            accumulate_grad_batches=t.accumulate_grad_batches,
+        )
 
     def common_record(self, parallelism: bool = False) -> dict:
         """The fields of every training record, measured now; ``parallelism`` adds ``parallelism()`` to hardware."""
         net, batch, steps = self.module.export_net, self.job.schedule.batch_size, self.steps
         flops = count_flops(net, *example_inputs(net))
         return dict(
-            steps=steps, batch_size=batch, samples_seen=steps * batch, final_loss=self.module.recent_loss,
+            steps=steps,
+            batch_size=batch,
+            samples_seen=steps * batch,
+            final_loss=self.module.recent_loss,
             params=count_params(net),
             # one call of the network per sample (per solver evaluation when sampling)
             forward_flops_per_sample=flops,
             # training FLOPs: forward + backward ~ 3x forward, per sample seen
             train_flops=3 * flops * steps * batch,
             # over every attempt, each counted up to the checkpoint it left (see JobState)
-            wall_s=round(self.state.wall_s(), 1), wall_s_this_attempt=round(time.time() - self.started, 1),
-            attempts=self.state.attempts, resumed_from=str(self.resume) if self.resume else None,
+            wall_s=round(self.state.wall_s(), 1),
+            wall_s_this_attempt=round(time.time() - self.started, 1),
+            attempts=self.state.attempts,
+            resumed_from=str(self.resume) if self.resume else None,
             resumed_from_step=self.state.resumed_step,
             hardware=dict(hardware(), **(self.parallelism() if parallelism else {})),
             config=self.job.config,
@@ -151,8 +168,9 @@ def run_job(job: Job, finish: Callable[[Trained], dict]) -> dict:
             return {}
         record = finish(trained)
         net = trained.module.export_net
-        save_weights(job.weights, job.schedule.kind, net, trained.module.path.config(), **job.export_meta,
-                     steps=trained.steps)
+        save_weights(
+            job.weights, job.schedule.kind, net, trained.module.path.config(), **job.export_meta, steps=trained.steps
+        )
         write_json(job.record, record)
         clear_failure(job.folder)
         return record
@@ -165,8 +183,18 @@ def _fit(job: Job, guard: PreemptionGuard, failure: FailureRecord) -> Trained | 
     s = job.schedule
     logger = build_logger(job.logger, job.folder, job.run_dir, job.name)
     state = JobState(job.identity, started=started)
-    trainer = build_trainer(job.island, job.folder, s.steps, s.ckpt_every, logger, s.log_every,
-                            s.keep_checkpoints, guard=guard, state=state, name=job.title)
+    trainer = build_trainer(
+        job.island,
+        job.folder,
+        s.steps,
+        s.ckpt_every,
+        logger,
+        s.log_every,
+        s.keep_checkpoints,
+        guard=guard,
+        state=state,
+        name=job.title,
+    )
     failure.trainer = trainer
     batch = per_device_batch(s.batch_size, trainer, s.kind)
     loader = job.build_loader(batch)

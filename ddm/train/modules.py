@@ -4,6 +4,7 @@ Both draw their noisy inputs from the same ``FlowPath`` that the sampler uses.
 Nothing here communicates outside the island: the only collective operations
 are Lightning's own data-parallel ones among the devices of one job.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,11 +20,13 @@ from ddm.train.ema import ema_decay_at, make_ema, update_ema
 
 def _warmup_cosine(warmup: int, total: int, min_ratio: float = 0.1):
     """LR multiplier: linear warm-up, then cosine decay to ``min_ratio``."""
+
     def fn(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return fn
 
 
@@ -31,15 +34,17 @@ def _check_finite(loss: torch.Tensor, what: str, step: int) -> None:
     if not torch.isfinite(loss):
         raise FloatingPointError(
             f"{what}: the loss is {loss.item()} at step {step}; training stopped. Lower the learning rate, "
-            f"check the input data for NaNs, or resume from an earlier checkpoint.")
+            f"check the input data for NaNs, or resume from an earlier checkpoint."
+        )
 
 
 class _Base(L.LightningModule):
-    def __init__(self, flow: dict, lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
-                 label_dropout: float):
+    def __init__(
+        self, flow: dict, lr: float, weight_decay: float, warmup_steps: int, total_steps: int, label_dropout: float
+    ):
         super().__init__()
         self.path = FlowPath(**flow)
-        self._recent: list[float] = []   # losses of the last steps, for the record
+        self._recent: list[float] = []  # losses of the last steps, for the record
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -75,9 +80,18 @@ class _Base(L.LightningModule):
 class ExpertModule(_Base):
     """Flow matching on one partition: regress the path's velocity with MSE."""
 
-    def __init__(self, model: dict, flow: dict, lr: float = 3e-4, weight_decay: float = 0.0,
-                 warmup_steps: int = 100, total_steps: int = 1000, label_dropout: float = 0.1,
-                 ema_decay: float = 0.999, expert_id: int = 0):
+    def __init__(
+        self,
+        model: dict,
+        flow: dict,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
+        total_steps: int = 1000,
+        label_dropout: float = 0.1,
+        ema_decay: float = 0.999,
+        expert_id: int = 0,
+    ):
         super().__init__(flow, lr, weight_decay, warmup_steps, total_steps, label_dropout)
         self.save_hyperparameters()
         self.net = DiT(**model)
@@ -103,8 +117,16 @@ class ExpertModule(_Base):
 class RouterModule(_Base):
     """Cross-entropy of r(x_t, t, y) against the cluster of the clean sample that was noised."""
 
-    def __init__(self, model: dict, flow: dict, lr: float = 3e-4, weight_decay: float = 0.0,
-                 warmup_steps: int = 100, total_steps: int = 1000, label_dropout: float = 0.1):
+    def __init__(
+        self,
+        model: dict,
+        flow: dict,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
+        total_steps: int = 1000,
+        label_dropout: float = 0.1,
+    ):
         super().__init__(flow, lr, weight_decay, warmup_steps, total_steps, label_dropout)
         self.save_hyperparameters()
         self.net = DiTClassifier(**model)

@@ -6,6 +6,7 @@ updates. So the bar is shown only when stderr is a terminal, and otherwise
 ``StepLog`` writes ``<job>: step 40/200, loss 0.4312, 23.5 steps/s`` through the
 ``ddm`` logger every ``log_every`` optimizer steps.
 """
+
 from __future__ import annotations
 
 import logging

@@ -9,6 +9,7 @@ is called whenever a trainer is built (``ddm.train.trainer.build_trainer``).
 
 With ``log_level=DEBUG`` Lightning's INFO lines stay.
 """
+
 from __future__ import annotations
 
 import logging

@@ -8,6 +8,7 @@ Fields: ``job`` (expert-KK or router), ``error_type``, ``message``, ``step``
 (the trainer's global step when it raised, or null before training started),
 ``time`` (ISO 8601, UTC), ``traceback`` (its last lines), ``slurm_job_id``.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -31,9 +32,18 @@ def write_failure(job_dir: Path, job: str, exc: BaseException, step: int | None)
     """Record ``exc`` in ``job_dir/failed.json`` and return its path."""
     path = failure_path(job_dir)
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    write_json(path, dict(job=job, error_type=type(exc).__name__, message=str(exc), step=step,
-                          time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                          traceback=tb[-4000:], slurm_job_id=os.environ.get("SLURM_JOB_ID")))
+    write_json(
+        path,
+        dict(
+            job=job,
+            error_type=type(exc).__name__,
+            message=str(exc),
+            step=step,
+            time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            traceback=tb[-4000:],
+            slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+        ),
+    )
     log.error("%s failed at step %s with %s: %s (recorded in %s)", job, step, type(exc).__name__, exc, path)
     return path
 
@@ -73,4 +83,5 @@ class FailureRecord:
         if self.trainer is not None:
             return bool(self.trainer.is_global_zero)
         from lightning.fabric.utilities.rank_zero import rank_zero_only  # rank from the launcher's env
+
         return getattr(rank_zero_only, "rank", 0) == 0

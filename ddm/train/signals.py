@@ -15,6 +15,7 @@ flag; the checkpoint callback sees it at the next batch end, saves
 Lightning's own SLURM handling (SIGUSR1 -> ``hpc_ckpt_*.ckpt`` + requeue) is
 switched off where the trainer is built, so exactly one mechanism acts.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,8 +55,10 @@ class PreemptionGuard:
     def _handle(self, signum, frame) -> None:
         # Only a flag: the process may be in the middle of a step or a checkpoint write.
         if self.signum is None:
-            log.warning("received %s: will save a checkpoint at the end of the current step and stop",
-                        signal.Signals(signum).name)
+            log.warning(
+                "received %s: will save a checkpoint at the end of the current step and stop",
+                signal.Signals(signum).name,
+            )
         self.signum = signum
 
     def install(self) -> None:
@@ -92,14 +95,19 @@ def requeue_slurm_job(job_id: str) -> bool:
         log.error("could not run `scontrol requeue %s`: %s", job_id, exc)
         return False
     if result.returncode != 0:
-        log.error("`scontrol requeue %s` failed (exit %d): %s", job_id, result.returncode,
-                  (result.stderr or result.stdout).strip())
+        log.error(
+            "`scontrol requeue %s` failed (exit %d): %s",
+            job_id,
+            result.returncode,
+            (result.stderr or result.stdout).strip(),
+        )
         return False
     return True
 
 
-def stop_after_preemption(guard: PreemptionGuard, what: str, step: int, requeue: bool,
-                          is_global_zero: bool = True) -> Preempted:
+def stop_after_preemption(
+    guard: PreemptionGuard, what: str, step: int, requeue: bool, is_global_zero: bool = True
+) -> Preempted:
     """What a stage raises after a signal stopped training at ``step`` (``last.ckpt`` already saved).
 
     Under SLURM with ``requeue`` on, rank 0 requeues the job and the process
@@ -111,11 +119,20 @@ def stop_after_preemption(guard: PreemptionGuard, what: str, step: int, requeue:
         if not is_global_zero:
             return Preempted(0)
         if requeue_slurm_job(job_id):
-            log.warning("%s: %s at step %d; checkpoint saved, SLURM job %s requeued: it will resume from "
-                        "last.ckpt", what, guard.signal_name, step, job_id)
+            log.warning(
+                "%s: %s at step %d; checkpoint saved, SLURM job %s requeued: it will resume from last.ckpt",
+                what,
+                guard.signal_name,
+                step,
+                job_id,
+            )
             return Preempted(0)
-        log.error("%s: %s at step %d; checkpoint saved but the requeue failed: resubmit the job to resume",
-                  what, guard.signal_name, step)
+        log.error(
+            "%s: %s at step %d; checkpoint saved but the requeue failed: resubmit the job to resume",
+            what,
+            guard.signal_name,
+            step,
+        )
         return Preempted(128 + int(guard.signum))
     if not job_id:
         why = "not running under SLURM (no SLURM_JOB_ID)"
@@ -124,6 +141,12 @@ def stop_after_preemption(guard: PreemptionGuard, what: str, step: int, requeue:
     else:
         why = "requeue is off"
     code = 128 + int(guard.signum)
-    log.warning("%s: %s at step %d; checkpoint saved, exiting with status %d since %s: run the same "
-                "command again to resume", what, guard.signal_name, step, code, why)
+    log.warning(
+        "%s: %s at step %d; checkpoint saved, exiting with status %d since %s: run the same command again to resume",
+        what,
+        guard.signal_name,
+        step,
+        code,
+        why,
+    )
     return Preempted(code)

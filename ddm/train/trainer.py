@@ -7,6 +7,7 @@ at the next step (``JobCheckpoint`` with a ``PreemptionGuard``), and each
 checkpoint carries the job's identity and the wall time spent so far
 (``JobState``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,11 @@ def _wandb_mode(requested: str | None) -> str:
         return requested
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").exists() \
+    has_key = (
+        bool(os.environ.get("WANDB_API_KEY"))
+        or (Path.home() / ".netrc").exists()
         and "api.wandb.ai" in (Path.home() / ".netrc").read_text()
+    )
     return "online" if has_key else "offline"
 
 
@@ -48,21 +52,31 @@ def build_logger(logger_cfg, job_dir: Path, run_dir: str | Path, job: str):
     kind = logger_cfg.get("kind", "csv")
     if kind == "csv":
         from lightning.pytorch.loggers import CSVLogger
+
         # One folder per attempt (logs/version_0, version_1, ...): a resumed job would otherwise
         # delete the metrics.csv of the attempts before it.
         return CSVLogger(job_dir, name="logs")
     if kind == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
+
         return TensorBoardLogger(job_dir, name="logs", version="")
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
+
         mode = _wandb_mode(logger_cfg.get("mode"))
         if mode == "offline":
             log.info("wandb: no API key found, logging offline under %s/wandb", job_dir)
         run_name = Path(run_dir).name
-        return WandbLogger(project=logger_cfg.get("project", "ddm"), entity=logger_cfg.get("entity"),
-                           name=f"{run_name}/{job}", group=run_name, id=stable_run_id(run_dir, job),
-                           resume="allow", save_dir=str(job_dir), mode=mode)
+        return WandbLogger(
+            project=logger_cfg.get("project", "ddm"),
+            entity=logger_cfg.get("entity"),
+            name=f"{run_name}/{job}",
+            group=run_name,
+            id=stable_run_id(run_dir, job),
+            resume="allow",
+            save_dir=str(job_dir),
+            mode=mode,
+        )
     raise BadInput(f"logger.kind={kind!r} is not one of csv, tensorboard, wandb: pick one with logger=<kind>")
 
 
@@ -96,8 +110,12 @@ class JobCheckpoint(ModelCheckpoint):
             return
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        log.warning("saved %s at step %d after %s; stopping", self.last_model_path, trainer.global_step,
-                    self.guard.signal_name if self.guard.requested else "a signal on another rank")
+        log.warning(
+            "saved %s at step %d after %s; stopping",
+            self.last_model_path,
+            trainer.global_step,
+            self.guard.signal_name if self.guard.requested else "a signal on another rank",
+        )
         trainer.should_stop = True
 
 
@@ -138,6 +156,7 @@ class JobState(Callback):
 def _plugins() -> list:
     plugins: list = [AtomicCheckpointIO()]
     from lightning.fabric.plugins.environments import SLURMEnvironment
+
     if SLURMEnvironment.detect():
         # Lightning would otherwise handle SIGUSR1 itself (hpc_ckpt_*.ckpt + its own requeue);
         # ddm's PreemptionGuard and JobCheckpoint do that, once.
@@ -145,9 +164,19 @@ def _plugins() -> list:
     return plugins
 
 
-def build_trainer(island, job_dir: Path, max_steps: int, ckpt_every: int, logger, log_every: int = 10,
-                  keep_checkpoints: int = 2, callbacks=(), guard: PreemptionGuard | None = None,
-                  state: JobState | None = None, name: str = "train") -> L.Trainer:
+def build_trainer(
+    island,
+    job_dir: Path,
+    max_steps: int,
+    ckpt_every: int,
+    logger,
+    log_every: int = 10,
+    keep_checkpoints: int = 2,
+    callbacks=(),
+    guard: PreemptionGuard | None = None,
+    state: JobState | None = None,
+    name: str = "train",
+) -> L.Trainer:
     """A Trainer for one job: atomic checkpoints every ``ckpt_every`` steps plus ``last.ckpt``.
 
     With a ``guard``, a SIGUSR1/SIGTERM saves ``last.ckpt`` at the next step and
@@ -160,24 +189,47 @@ def build_trainer(island, job_dir: Path, max_steps: int, ckpt_every: int, logger
     if island.get("threads"):
         torch.set_num_threads(int(island.threads))
     checkpoint = JobCheckpoint(
-        dirpath=job_dir / "checkpoints", filename="step-{step:07d}", auto_insert_metric_name=False,
-        every_n_train_steps=ckpt_every, save_last=True, save_top_k=keep_checkpoints, monitor="step", mode="max",
-        guard=guard)
+        dirpath=job_dir / "checkpoints",
+        filename="step-{step:07d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=ckpt_every,
+        save_last=True,
+        save_top_k=keep_checkpoints,
+        monitor="step",
+        mode="max",
+        guard=guard,
+    )
     extra = [state] if state is not None else []
     return L.Trainer(
-        accelerator=island.accelerator, devices=island.devices, num_nodes=island.num_nodes,
-        strategy=island.strategy, precision=island.precision,
-        accumulate_grad_batches=island.get("accumulate_grad_batches", 1), plugins=_plugins(),
-        max_steps=max_steps, logger=logger,
+        accelerator=island.accelerator,
+        devices=island.devices,
+        num_nodes=island.num_nodes,
+        strategy=island.strategy,
+        precision=island.precision,
+        accumulate_grad_batches=island.get("accumulate_grad_batches", 1),
+        plugins=_plugins(),
+        max_steps=max_steps,
+        logger=logger,
         callbacks=[checkpoint, *progress_callbacks(name, log_every), *extra, *callbacks],
-        enable_progress_bar=interactive(), log_every_n_steps=log_every, default_root_dir=job_dir,
+        enable_progress_bar=interactive(),
+        log_every_n_steps=log_every,
+        default_root_dir=job_dir,
         enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
     )
 
 
-def fit_job(trainer: L.Trainer, module: L.LightningModule, loader, resume: Path | None,
-            guard: PreemptionGuard, requeue: bool, what: str) -> None:
+def fit_job(
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    loader,
+    resume: Path | None,
+    guard: PreemptionGuard,
+    requeue: bool,
+    what: str,
+) -> None:
     """``trainer.fit`` from ``resume``; when a signal stopped it early, raise ``Preempted``.
 
     ``Preempted`` (a ``SystemExit``) carries exit status 0 when the SLURM job was
@@ -199,9 +251,11 @@ def per_device_batch(global_batch: int, trainer: L.Trainer, what: str) -> int:
     accumulate = trainer.accumulate_grad_batches
     shards = trainer.world_size * accumulate
     if global_batch % shards:
-        raise BadInput(f"{what}.batch_size={global_batch} is not divisible by devices x nodes x "
-                       f"accumulate_grad_batches = {shards}; choose a batch size that is, so every "
-                       f"island reproduces the same global batch")
+        raise BadInput(
+            f"{what}.batch_size={global_batch} is not divisible by devices x nodes x "
+            f"accumulate_grad_batches = {shards}; choose a batch size that is, so every "
+            f"island reproduces the same global batch"
+        )
     return global_batch // shards
 
 

@@ -27,6 +27,7 @@ Keys are re-issued for every source as ``<prefix>-<split>-<index:08d>`` (the
 index counts samples in reading order), so they are stable across reruns and
 contain no dots, which webdataset would split on.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -46,9 +47,23 @@ from ddm.data.sources.image_folder import IMAGE_SUFFIXES, image_folder
 from ddm.data.sources.webdataset import webdataset
 from ddm.errors import BadInput
 
-__all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_FILES", "IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC", "IMAGE_SUFFIXES",
-           "PIL_MODES", "SOURCES", "Sample", "Source", "SourceMeta", "conform", "make_key", "open_source",
-           "read_idx", "resize_square"]
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_FILES",
+    "IDX_IMAGES_MAGIC",
+    "IDX_LABELS_MAGIC",
+    "IMAGE_SUFFIXES",
+    "PIL_MODES",
+    "SOURCES",
+    "Sample",
+    "Source",
+    "SourceMeta",
+    "conform",
+    "make_key",
+    "open_source",
+    "read_idx",
+    "resize_square",
+]
 
 SOURCES: dict[str, Callable] = {
     "fashion_mnist": fashion_mnist,

@@ -1,4 +1,5 @@
 """What every source yields (``Sample``, ``SourceMeta``, ``Source``), and making samples fit the manifest."""
+
 from __future__ import annotations
 
 import re
@@ -16,10 +17,10 @@ PIL_MODES = {1: "L", 3: "RGB"}
 
 class Sample(NamedTuple):
     key: str
-    image: np.ndarray     # uint8, HxW (grayscale) or HxWx3 (RGB)
-    label: int            # class index, -1 when unlabelled
+    image: np.ndarray  # uint8, HxW (grayscale) or HxWx3 (RGB)
+    label: int  # class index, -1 when unlabelled
     caption: str | None
-    origin: str           # where it came from (file, shard#key): named in error messages
+    origin: str  # where it came from (file, shard#key): named in error messages
 
 
 @dataclass(frozen=True)
@@ -29,15 +30,20 @@ class SourceMeta:
     The ``prepare`` stage writes these fields into ``data/manifest.json``; later
     stages read them back with ``SourceMeta.from_manifest(load_manifest(run.data))``.
     """
-    image_size: int | None    # side of the square images (None: not known before reading)
-    channels: int | None      # 1 (grayscale) or 3 (RGB)
-    num_classes: int          # 0: unlabelled / unconditional
+
+    image_size: int | None  # side of the square images (None: not known before reading)
+    channels: int | None  # 1 (grayscale) or 3 (RGB)
+    num_classes: int  # 0: unlabelled / unconditional
     class_names: list[str] | None
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> SourceMeta:
-        return cls(image_size=manifest["image_size"], channels=manifest["channels"],
-                   num_classes=manifest["num_classes"], class_names=manifest.get("class_names"))
+        return cls(
+            image_size=manifest["image_size"],
+            channels=manifest["channels"],
+            num_classes=manifest["num_classes"],
+            class_names=manifest.get("class_names"),
+        )
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -45,7 +51,7 @@ class SourceMeta:
 
 @dataclass
 class Source:
-    prefix: str                 # first part of every key, e.g. "fmnist"
+    prefix: str  # first part of every key, e.g. "fmnist"
     split: str
     meta: SourceMeta
     samples: Iterator[Sample]
@@ -59,8 +65,9 @@ def check_split(split) -> str:
     split = str(split)
     # The split becomes part of every key; webdataset splits keys at dots.
     if not re.fullmatch(r"[A-Za-z0-9_]+", split):
-        raise BadInput(f"data.split={split!r}: use letters, digits and underscores only "
-                         f"(it becomes part of every sample key)")
+        raise BadInput(
+            f"data.split={split!r}: use letters, digits and underscores only (it becomes part of every sample key)"
+        )
     return split
 
 
@@ -76,8 +83,10 @@ def resolve_meta(native: SourceMeta, cfg) -> SourceMeta:
     resize = cfg.get("resize")
     size = cfg.get("image_size")
     if resize is not None and size is not None and int(resize) != int(size):
-        raise BadInput(f"data.resize={resize} but data.image_size={size}: the prepared images will be "
-                         f"{resize}x{resize}, so set data.image_size={resize} as well")
+        raise BadInput(
+            f"data.resize={resize} but data.image_size={size}: the prepared images will be "
+            f"{resize}x{resize}, so set data.image_size={resize} as well"
+        )
     image_size = int(resize or size or native.image_size or 0)
     if image_size < 1:
         raise BadInput("data.image_size is not set: give the side of the (square) images, or data.resize=<side>")
@@ -88,15 +97,18 @@ def resolve_meta(native: SourceMeta, cfg) -> SourceMeta:
     num_classes = native.num_classes
     asked = int(cfg.get("num_classes") or 0)
     if asked and num_classes and asked != num_classes:
-        raise BadInput(f"data.num_classes={asked} but the source has {num_classes} classes "
-                         f"({native.class_names}): set data.num_classes={num_classes} or 0")
+        raise BadInput(
+            f"data.num_classes={asked} but the source has {num_classes} classes "
+            f"({native.class_names}): set data.num_classes={num_classes} or 0"
+        )
     num_classes = num_classes or asked
 
     class_names = cfg.get("class_names")
     class_names = list(class_names) if class_names is not None else native.class_names
     if class_names is not None and len(class_names) != num_classes:
-        raise BadInput(f"data.class_names has {len(class_names)} names for {num_classes} classes: "
-                         f"give one name per class, or null")
+        raise BadInput(
+            f"data.class_names has {len(class_names)} names for {num_classes} classes: give one name per class, or null"
+        )
     return SourceMeta(image_size, channels, num_classes, [str(c) for c in class_names] if class_names else None)
 
 
@@ -115,7 +127,7 @@ def resize_square(image: np.ndarray, side: int) -> np.ndarray:
     h, w = image.shape[:2]
     crop = min(h, w)
     top, left = (h - crop) // 2, (w - crop) // 2
-    im = Image.fromarray(np.ascontiguousarray(image[top:top + crop, left:left + crop]))
+    im = Image.fromarray(np.ascontiguousarray(image[top : top + crop, left : left + crop]))
     return np.asarray(im.resize((side, side), Image.Resampling.BICUBIC, reducing_gap=3.0))
 
 
@@ -133,10 +145,14 @@ def conform(samples: Iterable[Sample], meta: SourceMeta, resize: int | None) -> 
                 image = resize_square(image, side)
         elif image.shape[:2] != (side, side):
             h, w = image.shape[:2]
-            raise BadInput(f"{s.origin}: image is {w}x{h} but data.image_size={side} expects {side}x{side}; "
-                             f"resize the images beforehand, or set data.resize=<side> (and data.image_size "
-                             f"to the same) to resize every image while preparing")
+            raise BadInput(
+                f"{s.origin}: image is {w}x{h} but data.image_size={side} expects {side}x{side}; "
+                f"resize the images beforehand, or set data.resize=<side> (and data.image_size "
+                f"to the same) to resize every image while preparing"
+            )
         if meta.num_classes and not -1 <= s.label < meta.num_classes:
-            raise BadInput(f"{s.origin}: label {s.label} is outside 0..{meta.num_classes - 1} "
-                             f"(data.num_classes={meta.num_classes}); fix the labels or data.num_classes")
+            raise BadInput(
+                f"{s.origin}: label {s.label} is outside 0..{meta.num_classes - 1} "
+                f"(data.num_classes={meta.num_classes}); fix the labels or data.num_classes"
+            )
         yield s._replace(image=image)

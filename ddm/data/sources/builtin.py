@@ -1,4 +1,5 @@
 """The built-in datasets: Fashion-MNIST from its gzipped IDX files, and scikit-learn's 8x8 digits."""
+
 from __future__ import annotations
 
 import gzip
@@ -10,8 +11,18 @@ import numpy as np
 from ddm.data.sources.base import Sample, Source, SourceMeta, check_split, make_key
 from ddm.errors import BadInput, MissingInput
 
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -31,19 +42,25 @@ def read_idx(path: str | Path, magic: int) -> np.ndarray:
         with gzip.open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:  # BadGzipFile is an OSError; a cut file ends early
-        raise BadInput(f"{path} is not a readable gzip file ({e}); the file is corrupt or truncated: "
-                         f"reinstall it (apt-get install --reinstall dataset-fashion-mnist)") from e
+        raise BadInput(
+            f"{path} is not a readable gzip file ({e}); the file is corrupt or truncated: "
+            f"reinstall it (apt-get install --reinstall dataset-fashion-mnist)"
+        ) from e
     found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
     if found != magic:
         shown = "none (file shorter than 4 bytes)" if found is None else f"0x{found:x}"
-        raise BadInput(f"{path}: IDX magic number {shown}, expected 0x{magic:x}; this is not the IDX file "
-                         f"it is named as, or it is corrupt: reinstall it or point data.root at good copies")
+        raise BadInput(
+            f"{path}: IDX magic number {shown}, expected 0x{magic:x}; this is not the IDX file "
+            f"it is named as, or it is corrupt: reinstall it or point data.root at good copies"
+        )
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if len(raw) - header != math.prod(dims):
-        raise BadInput(f"{path}: header announces shape {dims} ({math.prod(dims)} bytes) but the file holds "
-                         f"{max(len(raw) - header, 0)} bytes of data; it is truncated or corrupt: reinstall it")
+        raise BadInput(
+            f"{path}: header announces shape {dims} ({math.prod(dims)} bytes) but the file holds "
+            f"{max(len(raw) - header, 0)} bytes of data; it is truncated or corrupt: reinstall it"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -55,7 +72,8 @@ def _fashion_mnist_files(root: Path, split: str) -> tuple[Path, Path]:
     if missing:
         raise MissingInput(
             f"Fashion-MNIST files {missing} not found in {root}: install Debian's dataset-fashion-mnist "
-            f"(apt-get install -y dataset-fashion-mnist) or set data.root=<dir with the IDX .gz files>")
+            f"(apt-get install -y dataset-fashion-mnist) or set data.root=<dir with the IDX .gz files>"
+        )
     return paths
 
 
@@ -65,12 +83,15 @@ def fashion_mnist(cfg) -> Source:
     images = read_idx(images_path, IDX_IMAGES_MAGIC)
     labels = read_idx(labels_path, IDX_LABELS_MAGIC)
     if len(images) != len(labels):
-        raise BadInput(f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels: "
-                         f"the files do not belong together; reinstall them")
-    samples = (Sample(make_key("fmnist", split, i), images[i], int(labels[i]), None, f"{images_path}[{i}]")
-               for i in range(len(images)))
-    meta = SourceMeta(image_size=images.shape[1], channels=1, num_classes=10,
-                      class_names=list(FASHION_MNIST_CLASSES))
+        raise BadInput(
+            f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels: "
+            f"the files do not belong together; reinstall them"
+        )
+    samples = (
+        Sample(make_key("fmnist", split, i), images[i], int(labels[i]), None, f"{images_path}[{i}]")
+        for i in range(len(images))
+    )
+    meta = SourceMeta(image_size=images.shape[1], channels=1, num_classes=10, class_names=list(FASHION_MNIST_CLASSES))
     return Source("fmnist", split, meta, samples)
 
 
@@ -83,7 +104,9 @@ def digits(cfg) -> Source:
     bunch = load_digits()
     # Pixel values are counts 0..16 (4x4 blocks of a 32x32 bitmap): stretch to 0..255.
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
-    samples = (Sample(make_key("digits", split, i), images[i], int(bunch.target[i]), None, f"sklearn digits[{i}]")
-               for i in range(len(images)))
+    samples = (
+        Sample(make_key("digits", split, i), images[i], int(bunch.target[i]), None, f"sklearn digits[{i}]")
+        for i in range(len(images))
+    )
     meta = SourceMeta(image_size=8, channels=1, num_classes=10, class_names=[str(d) for d in range(10)])
     return Source("digits", split, meta, samples)

@@ -1,4 +1,5 @@
 """A folder of images: one subfolder per class, or a flat folder (unlabelled); ``<name>.txt`` is a caption."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -30,17 +31,21 @@ def _list_image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str] | 
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = sorted(p for p in root.iterdir() if _is_image(p))
     if class_dirs and loose:
-        raise BadInput(f"{root} has both class subfolders ({', '.join(d.name for d in class_dirs[:3])}, ...) "
-                         f"and loose images ({loose[0].name}, ...): put every image in a class folder, "
-                         f"or use a flat folder with no subfolders")
+        raise BadInput(
+            f"{root} has both class subfolders ({', '.join(d.name for d in class_dirs[:3])}, ...) "
+            f"and loose images ({loose[0].name}, ...): put every image in a class folder, "
+            f"or use a flat folder with no subfolders"
+        )
     if class_dirs:
         files = [(p, label) for label, d in enumerate(class_dirs) for p in _images_under(d)]
         names = [d.name for d in class_dirs]
     else:
         files, names = [(p, -1) for p in loose], None
     if not files:
-        raise BadInput(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root}: "
-                         f"put images there, or set data.root to the folder that has them")
+        raise BadInput(
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root}: "
+            f"put images there, or set data.root to the folder that has them"
+        )
     return files, names
 
 
@@ -64,6 +69,7 @@ def image_folder(cfg) -> Source:
             caption = caption_file.read_text().strip() if caption_file.is_file() else None
             yield Sample(make_key("folder", split, i), _read_image(path, channels), label, caption, str(path))
 
-    meta = SourceMeta(image_size=None, channels=channels,
-                      num_classes=len(class_names) if class_names else 0, class_names=class_names)
+    meta = SourceMeta(
+        image_size=None, channels=channels, num_classes=len(class_names) if class_names else 0, class_names=class_names
+    )
     return Source("folder", split, meta, samples())

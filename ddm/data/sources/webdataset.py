@@ -1,4 +1,5 @@
 """Existing webdataset shards (``data.urls``), read in order and re-keyed."""
+
 from __future__ import annotations
 
 import io
@@ -42,14 +43,15 @@ def webdataset(cfg) -> Source:
 
     def samples() -> Iterator[Sample]:
         # Ordered, unshuffled, one process: keys must follow the shards' order.
-        dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False,
-                                 nodesplitter=None, workersplitter=None)
+        dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
         for i, raw in enumerate(dataset):
             origin = f"{raw.get('__url__', '?')}#{raw.get('__key__', '?')}"
             ext = next((e for e in WDS_IMAGE_EXTS if e in raw), None)
             if ext is None:
-                raise BadInput(f"sample {origin} has no image (looked for .{', .'.join(WDS_IMAGE_EXTS)}): "
-                                 f"every sample of data.urls needs one")
+                raise BadInput(
+                    f"sample {origin} has no image (looked for .{', .'.join(WDS_IMAGE_EXTS)}): "
+                    f"every sample of data.urls needs one"
+                )
             try:
                 with Image.open(io.BytesIO(raw[ext])) as im:
                     image = np.asarray(im.convert(PIL_MODES[channels])).copy()

@@ -33,6 +33,7 @@ The modules, in the order the work flows:
 - ``results``: the rows of a run, the shared settings, the files written;
 - ``table`` and ``plots``: table.md and the two plots.
 """
+
 from __future__ import annotations
 
 import logging
@@ -77,10 +78,17 @@ def _run(cfg) -> dict:
     log.info("paper table -> %s\n%s", root, describe(plan))
     est = estimate.estimate(cfg, plan) if paper_grid(cfg).get("estimate", True) else None
     if est:
-        log.info("paper table: estimated time left %.0f min (training %.0f, evaluation %.0f, data %.0f, feature "
-                 "net %.0f s; from timed steps: expert %s s/step by batch, router %s s/step)", est["total_s"] / 60,
-                 est["train_s"], est["eval_s"], est["data_s"], est["feature_net_s"], est["expert_step_s"],
-                 est["router_step_s"])
+        log.info(
+            "paper table: estimated time left %.0f min (training %.0f, evaluation %.0f, data %.0f, feature "
+            "net %.0f s; from timed steps: expert %s s/step by batch, router %s s/step)",
+            est["total_s"] / 60,
+            est["train_s"],
+            est["eval_s"],
+            est["data_s"],
+            est["feature_net_s"],
+            est["expert_step_s"],
+            est["router_step_s"],
+        )
     if paper_grid(cfg).get("dry_run", False):
         return dict(plan=describe(plan), estimate=est)
 
@@ -97,11 +105,18 @@ def _run(cfg) -> dict:
         first = first or metrics
         rows += rows_of(r, metrics, class_metrics, root)
         per_run[r.name] = dict(wall_s=run_wall_s(r, metrics, class_metrics), run_dir=os.path.relpath(r.folder, root))
-    results = dict(settings=settings_summary(cfg, plan, first), rows=rows, runs=per_run,
-                   wall_s_prep=prep_s, wall_s_work=round(prep_s + sum(v["wall_s"] for v in per_run.values()), 1))
+    results = dict(
+        settings=settings_summary(cfg, plan, first),
+        rows=rows,
+        runs=per_run,
+        wall_s_prep=prep_s,
+        wall_s_work=round(prep_s + sum(v["wall_s"] for v in per_run.values()), 1),
+    )
     outputs = write_outputs(cfg, results)
     wall = round(time.perf_counter() - start, 1)
-    write_json(root / "timings.json", dict(last_invocation_wall_s=wall, estimate=est,
-                                           work_wall_s=results["wall_s_work"], runs=per_run))
+    write_json(
+        root / "timings.json",
+        dict(last_invocation_wall_s=wall, estimate=est, work_wall_s=results["wall_s_work"], runs=per_run),
+    )
     log.info("paper table: %d rows in %.0f s -> %s", len(rows), wall, outputs["table"])
     return dict(outputs, rows=rows, wall_s=wall, estimate=est)

@@ -4,6 +4,7 @@ An oracle-like baseline for class-conditional runs, evaluated on the same
 trained experts as the routed rows. Its metrics are cached beside the evaluate
 stage's, in ``evaluation/class_expert.json``, keyed by the evaluate stage's settings.
 """
+
 from __future__ import annotations
 
 import logging
@@ -95,23 +96,45 @@ def evaluate_class_expert(cfg) -> dict:
         if cached.get("settings") == settings:
             return cached
     start = time.perf_counter()
-    ctx = ClassExpertContext(derive(cfg, **{"eval.fm_loss.strategies": [CLASS_EXPERT],
-                                            "eval.fm_loss.per_expert": False}), rd, settings)
+    ctx = ClassExpertContext(
+        derive(cfg, **{"eval.fm_loss.strategies": [CLASS_EXPERT], "eval.fm_loss.per_expert": False}), rd, settings
+    )
     generated = ctx.generated(CLASS_EXPERT)
     net, info = ctx.feature_net()
     classify = (lambda x: fnet.predict(net.net, x, ctx.batch)) if info["target"] == "class" else None
-    quality = ctx.quality(lambda x: fnet.features(net.net, x, ctx.batch), {CLASS_EXPERT: generated},
-                          classify=classify)
+    quality = ctx.quality(lambda x: fnet.features(net.net, x, ctx.batch), {CLASS_EXPERT: generated}, classify=classify)
     fm = ctx.fm_loss()["models"][f"ensemble-{CLASS_EXPERT}"]
     sc = ctx.sc
     expert_mean = float(np.mean([v for k, v in ctx.forward.items() if k != "router"]))
-    sampling = sampling_flops_per_image(expert_mean, 0, "top1", steps=int(sc["steps"]), solver=sc["solver"],
-                                        cfg_scale=float(sc["cfg_scale"]), conditional=ctx.conditional,
-                                        num_experts=ctx.base.num_experts, top_k=int(sc["top_k"]))
-    result = dict(settings=settings, feature_space=net.space, expert_of_class=ctx.table,
-                  class_counts=ctx.class_counts, quality=quality["strategies"][CLASS_EXPERT], fm_loss=fm,
-                  sampling=sampling, generated=generated["source"], wall_s=round(time.perf_counter() - start, 2))
+    sampling = sampling_flops_per_image(
+        expert_mean,
+        0,
+        "top1",
+        steps=int(sc["steps"]),
+        solver=sc["solver"],
+        cfg_scale=float(sc["cfg_scale"]),
+        conditional=ctx.conditional,
+        num_experts=ctx.base.num_experts,
+        top_k=int(sc["top_k"]),
+    )
+    result = dict(
+        settings=settings,
+        feature_space=net.space,
+        expert_of_class=ctx.table,
+        class_counts=ctx.class_counts,
+        quality=quality["strategies"][CLASS_EXPERT],
+        fm_loss=fm,
+        sampling=sampling,
+        generated=generated["source"],
+        wall_s=round(time.perf_counter() - start, 2),
+    )
     write_json(target, result)
-    log.info("paper table: %s fixed per-class expert %s: FD %.4g (%s) -> %s", rd.root.name, ctx.table,
-             result["quality"]["fd"], net.space, target)
+    log.info(
+        "paper table: %s fixed per-class expert %s: FD %.4g (%s) -> %s",
+        rd.root.name,
+        ctx.table,
+        result["quality"]["fd"],
+        net.space,
+        target,
+    )
     return read_json(target)  # what a rerun returns: JSON types throughout

@@ -1,4 +1,5 @@
 """A rough wall-time estimate of the table's work left, from a few training steps timed on this machine."""
+
 from __future__ import annotations
 
 import time
@@ -19,11 +20,11 @@ from .plan import CLASS_EXPERT, SINGLE, Plan
 # A Lightning step (data loading, EMA, logging) against the bare step timed here. Measured on 2 CPU cores
 # (paper_small): 0.76-0.88x, the bare timing taken at start-up being the slower; 1.0 keeps it conservative.
 TRAINER_FACTOR = 1.0
-JOB_OVERHEAD_S = 8.0                # a Lightning job: start, loader worker, checkpoint, export
-EVAL_OVERHEAD_S = 20.0              # held-out shards, loading, features, router diagnostics
-DATA_S = 60.0                       # prepare + embed of the whole dataset, once
-CLUSTERING_S = 20.0                 # cluster + partition of one configuration
-FEATURE_NET_STEP_S = 0.1            # a feature-net training step: unknown until the data exists
+JOB_OVERHEAD_S = 8.0  # a Lightning job: start, loader worker, checkpoint, export
+EVAL_OVERHEAD_S = 20.0  # held-out shards, loading, features, router diagnostics
+DATA_S = 60.0  # prepare + embed of the whole dataset, once
+CLUSTERING_S = 20.0  # cluster + partition of one configuration
+FEATURE_NET_STEP_S = 0.1  # a feature-net training step: unknown until the data exists
 
 # island.accelerator values whose training jobs run on a GPU when one is visible.
 GPU_ACCELERATORS = ("gpu", "cuda", "auto")
@@ -92,10 +93,13 @@ def estimate(cfg, plan: Plan) -> dict:
     device = training_device(cfg.island)
     bf16 = device.type == "cuda" and str(cfg.island.precision).startswith("bf16")
     expert = DiT(str(cfg.model.size), shape[1], shape[0], classes)
-    step_s = {b: train_step_s(expert, b, shape, classes, device, bf16) * TRAINER_FACTOR
-              for b in sorted({r.expert_batch for r in plan.runs})}
-    router_s = TRAINER_FACTOR * train_step_s(DiTClassifier(2, str(cfg.router.size), shape[1], shape[0], classes),
-                                             rb, shape, classes, device, bf16)
+    step_s = {
+        b: train_step_s(expert, b, shape, classes, device, bf16) * TRAINER_FACTOR
+        for b in sorted({r.expert_batch for r in plan.runs})
+    }
+    router_s = TRAINER_FACTOR * train_step_s(
+        DiTClassifier(2, str(cfg.router.size), shape[1], shape[0], classes), rb, shape, classes, device, bf16
+    )
     fwd_s = forward_s_per_image(expert, min(1024, 2 * int(cfg.sample.batch_size)), shape, classes, device)
     del expert
     sc, ec = cfg.sample, cfg.eval
@@ -121,7 +125,14 @@ def estimate(cfg, plan: Plan) -> dict:
     data += sum(CLUSTERING_S for c in plan.configs if not RunDir(clustering_dir(cfg, c)).cluster_report.exists())
     feature = float(ec.feature_net.steps) * FEATURE_NET_STEP_S
     total = train + evaluation + data + feature
-    return dict(total_s=round(total), train_s=round(train), eval_s=round(evaluation), data_s=round(data),
-                feature_net_s=round(feature), device=str(device),
-                expert_step_s={str(b): round(s, 4) for b, s in step_s.items()},
-                router_step_s=round(router_s, 4), forward_s_per_image=round(fwd_s, 6))
+    return dict(
+        total_s=round(total),
+        train_s=round(train),
+        eval_s=round(evaluation),
+        data_s=round(data),
+        feature_net_s=round(feature),
+        device=str(device),
+        expert_step_s={str(b): round(s, 4) for b, s in step_s.items()},
+        router_step_s=round(router_s, 4),
+        forward_s_per_image=round(fwd_s, 6),
+    )

@@ -8,6 +8,7 @@ Layout of the table's folder (``run_dir``)::
                                 (data, embeddings, clusters and partitions are links)
     table.md  results.json  train_flops.png  sampling_flops.png  timings.json
 """
+
 from __future__ import annotations
 
 import copy
@@ -49,16 +50,25 @@ def data_cfg(cfg) -> DictConfig:
 
 def clustering_cfg(cfg, config: Config) -> DictConfig:
     """The config of cluster and partition for one configuration."""
-    return derive(cfg, run_dir=str(clustering_dir(cfg, config)), **{"cluster.method": config.method,
-                                                                    "cluster.k": config.k})
+    return derive(
+        cfg, run_dir=str(clustering_dir(cfg, config)), **{"cluster.method": config.method, "cluster.k": config.k}
+    )
 
 
 def run_cfg(cfg, r: Run) -> DictConfig:
     """The config every stage of run ``r`` sees."""
-    return derive(clustering_cfg(cfg, r.config), run_dir=str(r.folder), **{
-        "expert.batch_size": r.expert_batch, "expert.steps": r.expert_steps,
-        "router.steps": max(1, r.router_steps), "eval.strategies": list(r.strategies),
-        "eval.fm_loss.strategies": list(r.strategies), "sample.experts": None})
+    return derive(
+        clustering_cfg(cfg, r.config),
+        run_dir=str(r.folder),
+        **{
+            "expert.batch_size": r.expert_batch,
+            "expert.steps": r.expert_steps,
+            "router.steps": max(1, r.router_steps),
+            "eval.strategies": list(r.strategies),
+            "eval.fm_loss.strategies": list(r.strategies),
+            "sample.experts": None,
+        },
+    )
 
 
 def link(target: Path, path: Path) -> None:

@@ -1,4 +1,5 @@
 """The grid of the table: its configurations, its runs, and the training steps that make their FLOPs equal."""
+
 from __future__ import annotations
 
 import math
@@ -12,16 +13,17 @@ from ddm.errors import BadInput, MissingConfig
 from ddm.eval.flops import model_forward_flops
 from ddm.models.dit import DiT, DiTClassifier
 
-CLASS_EXPERT = "class_expert"       # the fixed per-class expert baseline
-SINGLE = "single"                   # the strategy label of a monolith row (one model, no router)
+CLASS_EXPERT = "class_expert"  # the fixed per-class expert baseline
+SINGLE = "single"  # the strategy label of a monolith row (one model, no router)
 KNOWN_STRATEGIES = (*STRATEGIES, CLASS_EXPERT)
 
 
 @dataclass(frozen=True)
 class Config:
     """One way to split the data: the monolith (K = 1), or K clustered or random experts."""
+
     name: str
-    method: str       # cluster.method: two_stage | flat | random
+    method: str  # cluster.method: two_stage | flat | random
     k: int
 
     @property
@@ -34,13 +36,14 @@ class Config:
 @dataclass(frozen=True)
 class Run:
     """One configuration trained at one budget, and what is evaluated on it."""
+
     config: Config
-    budget: int                   # the nominal steps of the row (the x of the training curves)
-    expert_steps: int             # = budget, plus the router-matching extra for the monolith
-    expert_batch: int             # monolith batch / K
-    router_steps: int             # 0 for K = 1 (no router is trained)
-    strategies: tuple[str, ...]   # ensemble strategies the evaluate stage computes
-    class_expert: bool            # also evaluate the fixed per-class expert
+    budget: int  # the nominal steps of the row (the x of the training curves)
+    expert_steps: int  # = budget, plus the router-matching extra for the monolith
+    expert_batch: int  # monolith batch / K
+    router_steps: int  # 0 for K = 1 (no router is trained)
+    strategies: tuple[str, ...]  # ensemble strategies the evaluate stage computes
+    class_expert: bool  # also evaluate the fixed per-class expert
     folder: Path
 
     @property
@@ -59,17 +62,19 @@ class Run:
 class Plan:
     configs: list[Config]
     runs: list[Run]
-    expert_forward: int                     # FLOPs per sample of one expert forward
-    router_forward: dict[int, int]          # K -> FLOPs per sample of the router forward
-    monolith_extra_steps: dict[int, int]    # budget -> extra monolith steps (router FLOPs matched)
+    expert_forward: int  # FLOPs per sample of one expert forward
+    router_forward: dict[int, int]  # K -> FLOPs per sample of the router forward
+    monolith_extra_steps: dict[int, int]  # budget -> extra monolith steps (router FLOPs matched)
     notes: list[str] = field(default_factory=list)
 
 
 def paper_grid(cfg) -> DictConfig:
     """``cfg.paper``, the grid, or a one-line error naming the experiments that define it."""
     if "paper" not in cfg:
-        raise MissingConfig("the config has no `paper` key: run with an experiment that defines the grid, e.g. "
-                            "experiment=paper_small (see conf/experiment/paper_small.yaml)")
+        raise MissingConfig(
+            "the config has no `paper` key: run with an experiment that defines the grid, e.g. "
+            "experiment=paper_small (see conf/experiment/paper_small.yaml)"
+        )
     return cfg.paper
 
 
@@ -92,14 +97,21 @@ def make_plan(cfg) -> Plan:
     configs += [Config(f"random-k{int(k)}", "random", int(k)) for k in p.random_ks]
     for c in configs:
         if c.k < 1 or batch % c.k:
-            raise BadInput(f"paper.monolith_batch={batch} must split evenly over K={c.k} experts "
-                           f"(each expert trains at batch B / K)")
+            raise BadInput(
+                f"paper.monolith_batch={batch} must split evenly over K={c.k} experts "
+                f"(each expert trains at batch B / K)"
+            )
 
     shape = (int(cfg.data.channels), int(cfg.data.image_size), int(cfg.data.image_size))
     classes = int(cfg.data.num_classes)
     expert_fwd = model_forward_flops(DiT(str(cfg.model.size), shape[1], shape[0], classes), shape, classes > 0)
-    router_fwd = {c.k: model_forward_flops(DiTClassifier(c.k, str(cfg.router.size), shape[1], shape[0], classes),
-                                           shape, classes > 0) for c in configs if c.k > 1}
+    router_fwd = {
+        c.k: model_forward_flops(
+            DiTClassifier(c.k, str(cfg.router.size), shape[1], shape[0], classes), shape, classes > 0
+        )
+        for c in configs
+        if c.k > 1
+    }
     extra = {b: monolith_extra_steps(cfg, b, expert_fwd, router_fwd) for b in budgets}
 
     full_grid = budgets if str(p.strategies_at) == "all" else budgets[-1:]
@@ -149,6 +161,8 @@ def describe(plan: Plan) -> str:
     lines = [f"{len(plan.runs)} trained runs, {sum(len(r.rows) for r in plan.runs)} table rows:"]
     for r in plan.runs:
         router = f", router {r.router_steps} steps" if r.router_steps else ""
-        lines.append(f"  {r.name:<22} {r.config.k} x ({r.expert_steps} steps at batch {r.expert_batch}){router}; "
-                     f"rows: {', '.join(r.rows)}")
+        lines.append(
+            f"  {r.name:<22} {r.config.k} x ({r.expert_steps} steps at batch {r.expert_batch}){router}; "
+            f"rows: {', '.join(r.rows)}"
+        )
     return "\n".join(lines + plan.notes)

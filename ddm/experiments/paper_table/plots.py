@@ -1,5 +1,6 @@
 """The table's two plots: each metric against training FLOPs (one line per configuration), and FD and FM loss
 against sampling FLOPs per image at the largest budget (colour: configuration, marker: strategy)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,12 @@ from ddm.markdown import fmt_flops
 from .plan import CLASS_EXPERT, KNOWN_STRATEGIES, SINGLE
 from .table import strategy_label
 
-METRICS = (("fd", "FD, classifier space (lower is better)"), ("precision", "precision"), ("recall", "recall"),
-           ("fm_loss", "held-out FM loss (lower is better)"))
+METRICS = (
+    ("fd", "FD, classifier space (lower is better)"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("fm_loss", "held-out FM loss (lower is better)"),
+)
 # The marker of each strategy in the sampling-FLOPs plot.
 MARKERS = {SINGLE: "*", "top1": "o", "topk": "s", "full": "D", "sample": "v", CLASS_EXPERT: "P"}
 
@@ -19,8 +24,10 @@ MARKERS = {SINGLE: "*", "top1": "o", "topk": "s", "full": "D", "sample": "v", CL
 def _pyplot():
     """matplotlib.pyplot on the file-only Agg backend (no display is needed), imported when a plot is drawn."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -50,6 +57,7 @@ def flops_ticks(values, max_ticks: int = 8) -> list[float]:
 def _flops_axis(ax, values, label: str) -> None:
     """A log x axis labelled at the plotted FLOP counts, in readable units, with no minor labels."""
     from matplotlib.ticker import NullFormatter, NullLocator
+
     ax.set_xscale("log")
     ticks = flops_ticks(values)
     ax.xaxis.set_minor_locator(NullLocator())
@@ -68,11 +76,20 @@ def plot_train_flops(rows: list[dict], path: Path) -> None:
     colours = config_colours(configs)
     for ax, (key, label) in zip(axes, METRICS):
         for c in configs:
-            pts = sorted((r["train_flops"], r[key]) for r in rows
-                         if r["config"] == c and r["strategy"] in (SINGLE, "top1") and r[key] is not None)
+            pts = sorted(
+                (r["train_flops"], r[key])
+                for r in rows
+                if r["config"] == c and r["strategy"] in (SINGLE, "top1") and r[key] is not None
+            )
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=c, color=colours[c], lw=2 if c == "monolith" else 1.5,
-                        ls="--" if c.startswith("random") else "-")
+                ax.plot(
+                    *zip(*pts),
+                    marker="o",
+                    label=c,
+                    color=colours[c],
+                    lw=2 if c == "monolith" else 1.5,
+                    ls="--" if c.startswith("random") else "-",
+                )
         _flops_axis(ax, [r["train_flops"] for r in rows if r["train_flops"]], "training FLOPs (experts + router)")
         ax.set_title(label)
         ax.grid(alpha=0.3)
@@ -95,18 +112,29 @@ def plot_sampling_flops(rows: list[dict], path: Path, top_k: int) -> None:
     for ax, (key, label) in zip(axes, (METRICS[0], METRICS[3])):
         for r in rows:
             if r[key] is not None:
-                ax.scatter(r["sampling_flops_per_image"], r[key], color=colours[r["config"]],
-                           marker=MARKERS.get(r["strategy"], "o"), s=90 if r["strategy"] == SINGLE else 45)
-        _flops_axis(ax, [r["sampling_flops_per_image"] for r in rows if r["sampling_flops_per_image"]],
-                    "sampling FLOPs per image")
+                ax.scatter(
+                    r["sampling_flops_per_image"],
+                    r[key],
+                    color=colours[r["config"]],
+                    marker=MARKERS.get(r["strategy"], "o"),
+                    s=90 if r["strategy"] == SINGLE else 45,
+                )
+        _flops_axis(
+            ax,
+            [r["sampling_flops_per_image"] for r in rows if r["sampling_flops_per_image"]],
+            "sampling FLOPs per image",
+        )
         ax.set_title(f"{label} at {budget} steps")
         ax.grid(alpha=0.3)
     from matplotlib.lines import Line2D
+
     handles = [Line2D([], [], color=colours[c], marker="o", ls="", label=c) for c in configs]
     present = {r["strategy"] for r in rows}
     strategies = [st for st in (SINGLE, *KNOWN_STRATEGIES) if st in present]
-    handles += [Line2D([], [], color="grey", marker=MARKERS.get(s, "o"), ls="", label=strategy_label(s, top_k))
-                for s in strategies]
+    handles += [
+        Line2D([], [], color="grey", marker=MARKERS.get(s, "o"), ls="", label=strategy_label(s, top_k))
+        for s in strategies
+    ]
     axes[1].legend(handles=handles, fontsize=7, loc="best")
     fig.tight_layout()
     _save(fig, path)
@@ -118,4 +146,3 @@ def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
-

@@ -1,5 +1,6 @@
 """The table's results: one row per strategy of each run, the settings every row shares, wall times, and
 the files they are written to (results.json, table.md and the two plots)."""
+
 from __future__ import annotations
 
 import json
@@ -27,26 +28,47 @@ def rows_of(r: Run, metrics: dict, class_metrics: dict | None, root: Path) -> li
     jobs = fl["train"]["jobs"]
     router = jobs.get("router", {}).get("flops") or 0
     experts = sum(j["flops"] for k, j in jobs.items() if expert_id_of(k) is not None)
-    common = dict(config=r.config.name, k=r.config.k, partition=r.config.partition, budget=r.budget,
-                  expert_steps=r.expert_steps, expert_batch=r.expert_batch, router_steps=r.router_steps,
-                  train_flops=experts + router, train_flops_experts=experts, train_flops_router=router,
-                  router_share=router / (experts + router) if experts + router else None,
-                  feature_space=name, run_dir=os.path.relpath(r.folder, root))
+    common = dict(
+        config=r.config.name,
+        k=r.config.k,
+        partition=r.config.partition,
+        budget=r.budget,
+        expert_steps=r.expert_steps,
+        expert_batch=r.expert_batch,
+        router_steps=r.router_steps,
+        train_flops=experts + router,
+        train_flops_experts=experts,
+        train_flops_router=router,
+        router_share=router / (experts + router) if experts + router else None,
+        feature_space=name,
+        run_dir=os.path.relpath(r.folder, root),
+    )
     rows = []
     for s in r.rows:
         if s == CLASS_EXPERT:
             q, fm, sampling = class_metrics["quality"], class_metrics["fm_loss"], class_metrics["sampling"]
             if class_metrics["feature_space"] != name:
-                raise BadInput(f"{r.folder}: the fixed per-class expert was measured in "
-                                 f"{class_metrics['feature_space']}, the other rows in {name}")
+                raise BadInput(
+                    f"{r.folder}: the fixed per-class expert was measured in "
+                    f"{class_metrics['feature_space']}, the other rows in {name}"
+                )
         else:
             key = "top1" if s == SINGLE else s
             q, fm = space["strategies"][key], metrics["fm_loss"]["models"].get(f"ensemble-{key}", {})
             sampling = fl["sampling"]["single_model" if s == SINGLE else key]
-        rows.append(dict(common, strategy=s, sampling_flops_per_image=sampling["per_image"],
-                         fd=q["fd"], precision=q["precision"], recall=q["recall"],
-                         classifier_accuracy=q.get("classifier_accuracy"), num_generated=q["num_generated"],
-                         fm_loss=fm.get("mean")))
+        rows.append(
+            dict(
+                common,
+                strategy=s,
+                sampling_flops_per_image=sampling["per_image"],
+                fd=q["fd"],
+                precision=q["precision"],
+                recall=q["recall"],
+                classifier_accuracy=q.get("classifier_accuracy"),
+                num_generated=q["num_generated"],
+                fm_loss=fm.get("mean"),
+            )
+        )
     return rows
 
 
@@ -68,26 +90,49 @@ def settings_summary(cfg, plan: Plan, first: dict) -> dict:
     p, sc, ec = cfg.paper, cfg.sample, cfg.eval
     space = next(v for n, v in first["feature_spaces"].items() if n.startswith("classifier:"))
     extra = ", ".join(f"{b}: +{e}" for b, e in plan.monolith_extra_steps.items())
-    flops_note = (f"The monolith trains extra steps that cost the router's training FLOPs (budget: extra steps "
-                  f"{extra}), so at each budget it spends at least as much as every DDM."
-                  if p.monolith_matches_router else
-                  "The monolith trains exactly the budget's steps: a DDM spends its router's FLOPs on top.")
-    return dict(name=str(cfg.get("name")), data=str(cfg.data.source), num_train_images=_train_images(cfg),
-                model=str(cfg.model.size), router=str(cfg.router.size), monolith_batch=int(p.monolith_batch),
-                budgets=sorted(int(b) for b in p.budgets), router_steps_ratio=float(p.router_steps_ratio),
-                router_batch=int(cfg.router.batch_size), ks=list(p.ks), random_ks=list(p.random_ks),
-                clustering=str(p.clustering), strategies=[str(s) for s in p.strategies],
-                strategies_at=str(p.strategies_at),
-                sampler=dict(solver=str(sc.solver), steps=int(sc.steps), cfg_scale=float(sc.cfg_scale),
-                             top_k=int(sc.top_k), temperature=float(sc.temperature)),
-                num_samples=int(ec.num_samples), num_real=space["num_real"],
-                fm_loss_images=int(ec.fm_loss.num_samples), fm_loss_t=len(ec.fm_loss.t_grid),
-                seed=int(cfg.seed), eval_seed=int(ec.seed), feature_net_accuracy=space.get("test_accuracy"),
-                reference_fd=space["reference_training_images"]["fd"], flops_note=flops_note,
-                expert_forward_flops=plan.expert_forward,
-                router_forward_flops={str(k): v for k, v in plan.router_forward.items()},
-                monolith_extra_steps={str(b): e for b, e in plan.monolith_extra_steps.items()},
-                hardware=hardware_line(plan), notes=plan.notes)
+    flops_note = (
+        f"The monolith trains extra steps that cost the router's training FLOPs (budget: extra steps "
+        f"{extra}), so at each budget it spends at least as much as every DDM."
+        if p.monolith_matches_router
+        else "The monolith trains exactly the budget's steps: a DDM spends its router's FLOPs on top."
+    )
+    return dict(
+        name=str(cfg.get("name")),
+        data=str(cfg.data.source),
+        num_train_images=_train_images(cfg),
+        model=str(cfg.model.size),
+        router=str(cfg.router.size),
+        monolith_batch=int(p.monolith_batch),
+        budgets=sorted(int(b) for b in p.budgets),
+        router_steps_ratio=float(p.router_steps_ratio),
+        router_batch=int(cfg.router.batch_size),
+        ks=list(p.ks),
+        random_ks=list(p.random_ks),
+        clustering=str(p.clustering),
+        strategies=[str(s) for s in p.strategies],
+        strategies_at=str(p.strategies_at),
+        sampler=dict(
+            solver=str(sc.solver),
+            steps=int(sc.steps),
+            cfg_scale=float(sc.cfg_scale),
+            top_k=int(sc.top_k),
+            temperature=float(sc.temperature),
+        ),
+        num_samples=int(ec.num_samples),
+        num_real=space["num_real"],
+        fm_loss_images=int(ec.fm_loss.num_samples),
+        fm_loss_t=len(ec.fm_loss.t_grid),
+        seed=int(cfg.seed),
+        eval_seed=int(ec.seed),
+        feature_net_accuracy=space.get("test_accuracy"),
+        reference_fd=space["reference_training_images"]["fd"],
+        flops_note=flops_note,
+        expert_forward_flops=plan.expert_forward,
+        router_forward_flops={str(k): v for k, v in plan.router_forward.items()},
+        monolith_extra_steps={str(b): e for b, e in plan.monolith_extra_steps.items()},
+        hardware=hardware_line(plan),
+        notes=plan.notes,
+    )
 
 
 def _train_images(cfg) -> int | None:
@@ -97,12 +142,18 @@ def _train_images(cfg) -> int | None:
 
 def hardware_line(plan: Plan) -> str:
     """The machine, with the torch threads and GPUs the training jobs recorded (not those of this process)."""
-    recorded = [read_json(RunDir(r.folder).expert_record(k)).get("hardware") or {}
-                for r in plan.runs for k in range(r.config.k) if RunDir(r.folder).expert_record(k).exists()]
+    recorded = [
+        read_json(RunDir(r.folder).expert_record(k)).get("hardware") or {}
+        for r in plan.runs
+        for k in range(r.config.k)
+        if RunDir(r.folder).expert_record(k).exists()
+    ]
     threads = sorted({h.get("cpu_threads") for h in recorded if h.get("cpu_threads")})
     gpus = sorted({h["gpu"] for h in recorded if h.get("gpu")})
-    cpu = (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch "
-           f"{torch.__version__}, training with {'/'.join(map(str, threads)) or '?'} torch thread(s)")
+    cpu = (
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch "
+        f"{torch.__version__}, training with {'/'.join(map(str, threads)) or '?'} torch thread(s)"
+    )
     return f"{', '.join(gpus)} GPU, {cpu}" if gpus else f"no GPU, {cpu}"
 
 
@@ -115,8 +166,11 @@ def write_outputs(cfg, results: dict) -> dict:
     if changed or not all(p.exists() for p in plots.values()):
         plot_train_flops(results["rows"], plots["train"])
         plot_sampling_flops(results["rows"], plots["sampling"], int(cfg.sample.top_k))
-    return dict(table=str(root / "table.md"), results=str(root / "results.json"),
-                **{f"plot_{k}": str(v) for k, v in plots.items()})
+    return dict(
+        table=str(root / "table.md"),
+        results=str(root / "results.json"),
+        **{f"plot_{k}": str(v) for k, v in plots.items()},
+    )
 
 
 def _write_if_changed(path: Path, text: str) -> bool:

@@ -10,6 +10,7 @@ record 0 training FLOPs. That lets the same sampler and the same evaluate stage
 serve the monolith; its sampling FLOPs are those of one model without a router
 call (``flops.sampling.single_model``).
 """
+
 from __future__ import annotations
 
 from omegaconf import OmegaConf
@@ -79,10 +80,17 @@ def write_constant_router(cfg) -> dict:
     net = DiTClassifier(1, str(cfg.router.size), shape[1], shape[0], int(meta["num_classes"]))
     flow = flow_path_from_config(OmegaConf.to_container(cfg.flow, resolve=True)).config()
     save_weights(rd.router_weights, "router", net, flow, num_experts=1, clustering_id=index["clustering_id"], steps=0)
-    record = dict(num_experts=1, clustering_id=index["clustering_id"], steps=0, batch_size=0, samples_seen=0,
-                  train_flops=0, forward_flops_per_sample=model_forward_flops(net, shape, int(meta["num_classes"]) > 0),
-                  note="K = 1: softmax over one logit is 1 for every input, so this router is untrained and costs "
-                       "no training FLOPs; the monolith's sampling FLOPs leave it out (single_model)")
+    record = dict(
+        num_experts=1,
+        clustering_id=index["clustering_id"],
+        steps=0,
+        batch_size=0,
+        samples_seen=0,
+        train_flops=0,
+        forward_flops_per_sample=model_forward_flops(net, shape, int(meta["num_classes"]) > 0),
+        note="K = 1: softmax over one logit is 1 for every input, so this router is untrained and costs "
+        "no training FLOPs; the monolith's sampling FLOPs leave it out (single_model)",
+    )
     write_json(rd.router_record, record)
     return record
 

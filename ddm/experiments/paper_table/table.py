@@ -1,5 +1,6 @@
 """table.md: the settings every row shares, top-1 DDMs against the monolith per budget, the routing strategies,
 then every row with its training and sampling FLOPs."""
+
 from __future__ import annotations
 
 from ddm.markdown import fmt_flops, num
@@ -7,8 +8,13 @@ from ddm.markdown import table as md_table
 
 from .plan import CLASS_EXPERT, KNOWN_STRATEGIES, SINGLE
 
-STRATEGY_LABELS = {SINGLE: "single model", "top1": "top-1", "full": "full ensemble",
-                   "sample": "sample one per step", CLASS_EXPERT: "fixed per-class expert"}
+STRATEGY_LABELS = {
+    SINGLE: "single model",
+    "top1": "top-1",
+    "full": "full ensemble",
+    "sample": "sample one per step",
+    CLASS_EXPERT: "fixed per-class expert",
+}
 
 
 def strategy_label(s: str, top_k: int) -> str:
@@ -55,23 +61,34 @@ def render_table(results: dict) -> str:
     configs = list(dict.fromkeys(r["config"] for r in rows))
     space = rows[0]["feature_space"] if rows else "-"
     sampler = s["sampler"]
-    lines = [f"# Paper table: {s['name']}", "",
-             f"Data: `{s['data']}` ({s['num_train_images']} training images); experts `{s['model']}`, router "
-             f"`{s['router']}`; monolith batch {s['monolith_batch']}, each of K experts at batch "
-             f"{s['monolith_batch']} / K for the same steps.", "",
-             f"Sampler, the same for every row: {sampler['solver']}, {sampler['steps']} steps, guidance scale "
-             f"{sampler['cfg_scale']}, {s['num_samples']} generated images per row against {s['num_real']} "
-             f"held-out images, seed {s['seed']}.", "",
-             f"FD, precision and recall are measured in `{space}`: the penultimate features of a small classifier "
-             f"trained on the training split (held-out accuracy {num(s.get('feature_net_accuracy'), '.3f')}); "
-             f"not Inception FID. Training images score FD {num(s.get('reference_fd'))} against the same held-out "
-             f"images (the floor at this sample size). FM loss: held-out flow-matching loss "
-             f"({s['fm_loss_images']} images x {s['fm_loss_t']} values of t).", "",
-             f"Training FLOPs = 3 x forward x samples seen, experts plus router. {s['flops_note']}", ""]
+    lines = [
+        f"# Paper table: {s['name']}",
+        "",
+        f"Data: `{s['data']}` ({s['num_train_images']} training images); experts `{s['model']}`, router "
+        f"`{s['router']}`; monolith batch {s['monolith_batch']}, each of K experts at batch "
+        f"{s['monolith_batch']} / K for the same steps.",
+        "",
+        f"Sampler, the same for every row: {sampler['solver']}, {sampler['steps']} steps, guidance scale "
+        f"{sampler['cfg_scale']}, {s['num_samples']} generated images per row against {s['num_real']} "
+        f"held-out images, seed {s['seed']}.",
+        "",
+        f"FD, precision and recall are measured in `{space}`: the penultimate features of a small classifier "
+        f"trained on the training split (held-out accuracy {num(s.get('feature_net_accuracy'), '.3f')}); "
+        f"not Inception FID. Training images score FD {num(s.get('reference_fd'))} against the same held-out "
+        f"images (the floor at this sample size). FM loss: held-out flow-matching loss "
+        f"({s['fm_loss_images']} images x {s['fm_loss_t']} values of t).",
+        "",
+        f"Training FLOPs = 3 x forward x samples seen, experts plus router. {s['flops_note']}",
+        "",
+    ]
 
-    lines += ["## Top-1 DDM against the monolith", "",
-              "FD (lower is better) and its change against the monolith of the same budget; each run's training "
-              "FLOPs below it.", ""]
+    lines += [
+        "## Top-1 DDM against the monolith",
+        "",
+        "FD (lower is better) and its change against the monolith of the same budget; each run's training "
+        "FLOPs below it.",
+        "",
+    ]
     lines += _pivot(rows, budgets, configs, "fd", show_flops=True)
     lines += ["Held-out flow-matching loss (lower is better) of the same models:", ""]
     lines += _pivot(rows, budgets, configs, "fm_loss", show_flops=False)
@@ -81,11 +98,18 @@ def render_table(results: dict) -> str:
     for b in full:
         present = {r["strategy"] for r in rows if r["budget"] == b and r["strategy"] != SINGLE}
         strategies = [st for st in KNOWN_STRATEGIES if st in present]  # one fixed column order
-        lines += [f"## Routing strategies at {b} steps", "",
-                  "FD, held-out FM loss, then sampling FLOPs per image. The monolith: "
-                  + ", ".join(f"FD {num(r['fd'])}, FM loss {num(r['fm_loss'])} at "
-                              f"{fmt_flops(r['sampling_flops_per_image'])}/image"
-                              for r in rows if r["budget"] == b and r["strategy"] == SINGLE) + ".", ""]
+        lines += [
+            f"## Routing strategies at {b} steps",
+            "",
+            "FD, held-out FM loss, then sampling FLOPs per image. The monolith: "
+            + ", ".join(
+                f"FD {num(r['fd'])}, FM loss {num(r['fm_loss'])} at {fmt_flops(r['sampling_flops_per_image'])}/image"
+                for r in rows
+                if r["budget"] == b and r["strategy"] == SINGLE
+            )
+            + ".",
+            "",
+        ]
         table = []
         for c in configs:
             if c == "monolith":
@@ -94,18 +118,52 @@ def render_table(results: dict) -> str:
         lines += md_table(["configuration"] + [strategy_label(st, top_k) for st in strategies], table)
 
     lines += ["## Every row", ""]
-    header = ["configuration", "K", "partition", "budget (steps)", "expert steps x batch", "router steps",
-              "strategy", "training FLOPs (router share)", "sampling FLOPs/image", "FD", "precision", "recall",
-              "class acc.", "FM loss"]
-    table = [[r["config"], r["k"], r["partition"], r["budget"], f"{r['expert_steps']} x {r['expert_batch']}",
-              r["router_steps"] or "-", strategy_label(r["strategy"], top_k),
-              f"{fmt_flops(r['train_flops'])} ({num(100 * r['router_share'] if r['router_share'] else 0, '.1f')}%)",
-              fmt_flops(r["sampling_flops_per_image"]), num(r["fd"]), num(r["precision"], ".3f"),
-              num(r["recall"], ".3f"), num(r["classifier_accuracy"], ".3f"), num(r["fm_loss"])] for r in rows]
+    header = [
+        "configuration",
+        "K",
+        "partition",
+        "budget (steps)",
+        "expert steps x batch",
+        "router steps",
+        "strategy",
+        "training FLOPs (router share)",
+        "sampling FLOPs/image",
+        "FD",
+        "precision",
+        "recall",
+        "class acc.",
+        "FM loss",
+    ]
+    table = [
+        [
+            r["config"],
+            r["k"],
+            r["partition"],
+            r["budget"],
+            f"{r['expert_steps']} x {r['expert_batch']}",
+            r["router_steps"] or "-",
+            strategy_label(r["strategy"], top_k),
+            f"{fmt_flops(r['train_flops'])} ({num(100 * r['router_share'] if r['router_share'] else 0, '.1f')}%)",
+            fmt_flops(r["sampling_flops_per_image"]),
+            num(r["fd"]),
+            num(r["precision"], ".3f"),
+            num(r["recall"], ".3f"),
+            num(r["classifier_accuracy"], ".3f"),
+            num(r["fm_loss"]),
+        ]
+        for r in rows
+    ]
     lines += md_table(header, table)
-    lines += [f"Notes: {' '.join(s['notes'])}" if s["notes"] else "",
-              "", "![training FLOPs](train_flops.png)", "", "![sampling FLOPs](sampling_flops.png)", "",
-              f"Hardware: {s['hardware']}. Wall time of the work in the table: {results['wall_s_work']:.0f} s "
-              f"(data preparation and clustering {results.get('wall_s_prep', 0):.0f} s, then training and evaluation "
-              f"summed over runs; timings.json has the last invocation's).", ""]
+    lines += [
+        f"Notes: {' '.join(s['notes'])}" if s["notes"] else "",
+        "",
+        "![training FLOPs](train_flops.png)",
+        "",
+        "![sampling FLOPs](sampling_flops.png)",
+        "",
+        f"Hardware: {s['hardware']}. Wall time of the work in the table: {results['wall_s_work']:.0f} s "
+        f"(data preparation and clustering {results.get('wall_s_prep', 0):.0f} s, then training and evaluation "
+        f"summed over runs; timings.json has the last invocation's).",
+        "",
+    ]
     return "\n".join(lines)

@@ -8,6 +8,7 @@
 
 The metrics themselves are plain functions in ``ddm.eval``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

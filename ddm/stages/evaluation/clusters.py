@@ -4,6 +4,7 @@ Images of ``data/`` have their cluster in ``clusters/assignments.npz``. Other
 images are embedded with the run's encoder and go where a training image
 would (``ddm.cluster.nearest``). A random partition has no rule for new images.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,8 +44,9 @@ def nearest_centroid(rd: RunDir, report: dict, images: np.ndarray, seed: int) ->
     spherical = bool(report.get("spherical"))
     fine_path = rd.clusters / "fine_centroids.npy"
     if fine_path.exists():
-        return nearest_cluster(emb, np.load(fine_path), fine_to_coarse=np.load(rd.clusters / "fine_to_coarse.npy"),
-                               spherical=spherical)
+        return nearest_cluster(
+            emb, np.load(fine_path), fine_to_coarse=np.load(rd.clusters / "fine_to_coarse.npy"), spherical=spherical
+        )
     return nearest_cluster(emb, np.load(rd.clusters / "centroids.npy"), spherical=spherical)
 
 
@@ -54,6 +56,7 @@ def embed_like_training(rd: RunDir, images: np.ndarray, seed: int) -> np.ndarray
 
     manifest = load_embeddings_manifest(rd.embeddings)
     seed_everything(seed)  # as the embed stage does: random-init encoders must match
-    encoder = build_encoder(OmegaConf.create(manifest["encoder_config"]),
-                            SourceMeta.from_manifest(load_manifest(rd.data)))
-    return np.concatenate([encoder(images[i:i + EMBED_BATCH]) for i in range(0, len(images), EMBED_BATCH)])
+    encoder = build_encoder(
+        OmegaConf.create(manifest["encoder_config"]), SourceMeta.from_manifest(load_manifest(rd.data))
+    )
+    return np.concatenate([encoder(images[i : i + EMBED_BATCH]) for i in range(0, len(images), EMBED_BATCH)])

@@ -9,6 +9,7 @@ A strategy becomes a model in ``ensemble`` and a cost in ``forward_per_call``:
 a subclass that adds a strategy overrides those two, and every section follows
 (``ddm.experiments.paper_table`` adds a fixed per-class expert this way).
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,8 +50,9 @@ class EvaluationContext:
         self.batch = int(self.ec.batch_size)
         self.device = resolve_device(self.ec.device, "eval.device")
         self.strategies = [str(s) for s in (self.ec.strategies or [self.sc["strategy"]])]
-        self.base, self.path, self.info = load_ensemble(rd.root, strategy="top1", subset=self.sc["experts"],
-                                                        device=self.device)
+        self.base, self.path, self.info = load_ensemble(
+            rd.root, strategy="top1", subset=self.sc["experts"], device=self.device
+        )
         self.num_classes = int(self.info["num_classes"])
         self.conditional = self.num_classes > 0
         self.shape = (int(self.info["in_channels"]), int(self.info["image_size"]), int(self.info["image_size"]))
@@ -65,36 +67,57 @@ class EvaluationContext:
         """metrics.json ``run``: run_dir, clustering_id, num_experts, experts, num_classes, image_shape,
         flow, expert_steps, router_steps."""
         i = self.info
-        return dict(run_dir=str(self.rd.root), clustering_id=i["clustering_id"], num_experts=i["num_experts"],
-                    experts=i["experts"], num_classes=self.num_classes, image_shape=list(self.shape),
-                    flow=i["flow"], expert_steps=i["expert_steps"], router_steps=i["router_steps"])
+        return dict(
+            run_dir=str(self.rd.root),
+            clustering_id=i["clustering_id"],
+            num_experts=i["num_experts"],
+            experts=i["experts"],
+            num_classes=self.num_classes,
+            image_shape=list(self.shape),
+            flow=i["flow"],
+            expert_steps=i["expert_steps"],
+            router_steps=i["router_steps"],
+        )
 
     def heldout_info(self) -> dict:
         """metrics.json ``heldout``: mode (split | slice), num_images, keys_sha256, note, labelled, path."""
         h = self.heldout
-        return dict(mode=h["mode"], num_images=h["num_samples"], keys_sha256=h["keys_sha256"], note=h["note"],
-                    labelled=bool((self.real_y >= 0).any()), path=str(heldout_dir(self.rd)))
+        return dict(
+            mode=h["mode"],
+            num_images=h["num_samples"],
+            keys_sha256=h["keys_sha256"],
+            note=h["note"],
+            labelled=bool((self.real_y >= 0).any()),
+            path=str(heldout_dir(self.rd)),
+        )
 
     def ensemble(self, strategy: str) -> Ensemble:
         """The run's experts and router under another strategy (sharing the loaded modules)."""
         experts = {int(k): m for k, m in self.base.experts.items()}
         # The ids actually loaded: sample.experts may be a list or a rule (all, or those on disk).
         ids = list(self.base.active_ids)
-        return Ensemble(experts, self.base.router, strategy=strategy, top_k=int(self.sc["top_k"]),
-                        subset=None if ids == list(range(self.base.num_experts)) else ids,
-                        temperature=float(self.sc["temperature"]), generator=generator(self.seed + ROUTING_OFFSET),
-                        num_experts=self.base.num_experts).eval()
+        return Ensemble(
+            experts,
+            self.base.router,
+            strategy=strategy,
+            top_k=int(self.sc["top_k"]),
+            subset=None if ids == list(range(self.base.num_experts)) else ids,
+            temperature=float(self.sc["temperature"]),
+            generator=generator(self.seed + ROUTING_OFFSET),
+            num_experts=self.base.num_experts,
+        ).eval()
 
     def subset(self, n) -> np.ndarray:
         """Indices of the first ``n`` held-out images in the seeded order, sorted."""
-        return np.sort(self.order[:min(int(n), len(self.order))])
+        return np.sort(self.order[: min(int(n), len(self.order))])
 
     def clusters(self) -> tuple[np.ndarray | None, str]:
         """Cluster of every held-out image in the prefix any metric uses (-1 elsewhere), computed once."""
         if self._clusters is None:
             need = self.subset(max(int(self.ec.router.num_samples), int(self.ec.num_samples)))
-            labels, how = cluster_labels(self.rd, [self.real_keys[i] for i in need], self.real_x[need],
-                                         int(self.cfg.seed))
+            labels, how = cluster_labels(
+                self.rd, [self.real_keys[i] for i in need], self.real_x[need], int(self.cfg.seed)
+            )
             full = None
             if labels is not None:
                 full = np.full(len(self.real_x), -1, dtype=np.int64)
@@ -128,14 +151,32 @@ class EvaluationContext:
         measured = None
         if n_measure > 0:
             y = self.labels_for_model(self.subset(n_measure))
-            measured = {s: flop_count.measured_sampling_flops(self.ensemble(s), self.path, self.shape, y,
-                                                              int(sc["steps"]), sc["solver"], float(sc["cfg_scale"]),
-                                                              seed=self.seed)
-                        for s in self.strategies}
-        return flop_count.flops_summary(self.forward, records, self.strategies, steps=int(sc["steps"]),
-                                        solver=sc["solver"], cfg_scale=float(sc["cfg_scale"]),
-                                        conditional=self.conditional, num_experts=len(self.info["experts"]),
-                                        top_k=int(sc["top_k"]), measured=measured, measured_images=n_measure)
+            measured = {
+                s: flop_count.measured_sampling_flops(
+                    self.ensemble(s),
+                    self.path,
+                    self.shape,
+                    y,
+                    int(sc["steps"]),
+                    sc["solver"],
+                    float(sc["cfg_scale"]),
+                    seed=self.seed,
+                )
+                for s in self.strategies
+            }
+        return flop_count.flops_summary(
+            self.forward,
+            records,
+            self.strategies,
+            steps=int(sc["steps"]),
+            solver=sc["solver"],
+            cfg_scale=float(sc["cfg_scale"]),
+            conditional=self.conditional,
+            num_experts=len(self.info["experts"]),
+            top_k=int(sc["top_k"]),
+            measured=measured,
+            measured_images=n_measure,
+        )
 
     def forward_per_call(self, strategy: str | None) -> int:
         """Forward FLOPs of one model call (no guidance) of an ensemble strategy, or of one expert (None)."""
@@ -149,9 +190,19 @@ class EvaluationContext:
         if reused is not None:
             return reused
         labels = labels_to_sample(self.real_y, self.num_classes, n, self.seed)
-        return sample_now(self.ensemble(strategy), self.path, self.shape, labels, n, int(self.cfg.sample.batch_size),
-                          self.sc, self.seed, self.device, evaluation_dir(self.rd) / f"samples-{strategy}.npz",
-                          self.rd.root)
+        return sample_now(
+            self.ensemble(strategy),
+            self.path,
+            self.shape,
+            labels,
+            n,
+            int(self.cfg.sample.batch_size),
+            self.sc,
+            self.seed,
+            self.device,
+            evaluation_dir(self.rd) / f"samples-{strategy}.npz",
+            self.rd.root,
+        )
 
     # ---- feature spaces ------------------------------------------------------------
     def feature_net(self):
@@ -159,8 +210,17 @@ class EvaluationContext:
         labelled = self.num_classes > 0 and (self.real_y >= 0).any()
         target = "class" if labelled else "cluster"
         num_classes = self.num_classes if labelled else int(self.info["num_experts"])
-        net = train_classifier(self.rd, self.ec.feature_net, self.heldout, self.excluded_from_training(), target,
-                               num_classes, self.shape[0], int(self.cfg.seed), self.device)
+        net = train_classifier(
+            self.rd,
+            self.ec.feature_net,
+            self.heldout,
+            self.excluded_from_training(),
+            target,
+            num_classes,
+            self.shape[0],
+            int(self.cfg.seed),
+            self.device,
+        )
         if target == "class":
             test_x, test_y = self.real_x, self.real_y
         else:
@@ -177,9 +237,16 @@ class EvaluationContext:
         """
         idx = self.subset(self.ec.num_samples)
         reference, _, _ = load_images(self.rd.data, limit=len(idx), exclude=self.excluded_from_training())
-        return sample_quality(extract, self.real_x[idx], self.real_y[idx],
-                              {s: (g["images"], g["labels"]) for s, g in generated.items()}, reference,
-                              k=int(self.ec.prdc_k), per_class_min=int(self.ec.per_class_min), classify=classify)
+        return sample_quality(
+            extract,
+            self.real_x[idx],
+            self.real_y[idx],
+            {s: (g["images"], g["labels"]) for s, g in generated.items()},
+            reference,
+            k=int(self.ec.prdc_k),
+            per_class_min=int(self.ec.per_class_min),
+            classify=classify,
+        )
 
     # ---- flow-matching loss and router -------------------------------------------
     def fm_loss(self) -> dict:
@@ -192,16 +259,24 @@ class EvaluationContext:
         models = {f"ensemble-{s}": (self.ensemble(str(s)), self.forward_per_call(str(s))) for s in fc.strategies}
         if fc.per_expert:
             models.update({expert_job(k): (m, self.forward[expert_job(k)]) for k, m in self.base.experts.items()})
-        return fm_loss_summary(models, self.path, batch_to_model_space(self.real_x[idx]), self.labels_for_model(idx),
-                               fc.t_grid, self.seed, self.batch, self.device)
+        return fm_loss_summary(
+            models,
+            self.path,
+            batch_to_model_space(self.real_x[idx]),
+            self.labels_for_model(idx),
+            fc.t_grid,
+            self.seed,
+            self.batch,
+            self.device,
+        )
 
     def router(self) -> dict:
         """metrics.json ``router``, or ``{skipped: why}`` when held-out images have no cluster::
 
-            cluster_labels            assignments | nearest_centroid (how the images got their cluster)
-            num_images, forward_flops_per_sample
-            buckets                   [{t_lo, t_hi, n, accuracy, entropy, confidence, ece, nll,
-                                        prior_accuracy, prior_entropy, max_entropy}]  (ddm.eval.router_diag)
+        cluster_labels            assignments | nearest_centroid (how the images got their cluster)
+        num_images, forward_flops_per_sample
+        buckets                   [{t_lo, t_hi, n, accuracy, entropy, confidence, ece, nll,
+                                    prior_accuracy, prior_entropy, max_entropy}]  (ddm.eval.router_diag)
         """
         rc = self.ec.router
         clusters, how = self.clusters()
@@ -210,8 +285,18 @@ class EvaluationContext:
         idx = self.subset(rc.num_samples)
         idx = idx[clusters[idx] >= 0]
         x0 = batch_to_model_space(self.real_x[idx])
-        rows = router_diagnostics(self.base.router, self.path, x0, self.labels_for_model(idx),
-                                  torch.from_numpy(clusters[idx]), int(rc.t_buckets), self.seed, self.batch,
-                                  int(rc.ece_bins), device=self.device)
-        return dict(cluster_labels=how, num_images=len(idx), buckets=rows,
-                    forward_flops_per_sample=self.forward[ROUTER_JOB])
+        rows = router_diagnostics(
+            self.base.router,
+            self.path,
+            x0,
+            self.labels_for_model(idx),
+            torch.from_numpy(clusters[idx]),
+            int(rc.t_buckets),
+            self.seed,
+            self.batch,
+            int(rc.ece_bins),
+            device=self.device,
+        )
+        return dict(
+            cluster_labels=how, num_images=len(idx), buckets=rows, forward_flops_per_sample=self.forward[ROUTER_JOB]
+        )

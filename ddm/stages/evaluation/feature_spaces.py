@@ -6,6 +6,7 @@ class labels when the data has them and cluster labels otherwise; cached by a
 checksum of its training data and settings. ``inception:<sha[:12]>``: the FID
 Inception, when ``eval.inception_weights`` names a local file.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,16 +29,22 @@ def training_data_sha(rd: RunDir, heldout: dict, target: str, max_samples, seed:
     ``max_samples`` and ``seed`` the subsample of ``eval.feature_net``.
     """
     data = load_manifest(rd.data)
-    parts = dict(keys=data.get("keys_sha256"), shards=[s["sha256"] for s in data["shards"]],
-                 excluded=heldout["keys_sha256"] if heldout.get("excluded_from_training") else None,
-                 target=target, max_samples=max_samples, subsample_seed=seed)
+    parts = dict(
+        keys=data.get("keys_sha256"),
+        shards=[s["sha256"] for s in data["shards"]],
+        excluded=heldout["keys_sha256"] if heldout.get("excluded_from_training") else None,
+        target=target,
+        max_samples=max_samples,
+        subsample_seed=seed,
+    )
     if target == "cluster":
         parts["clustering_id"] = read_json(rd.cluster_report)["clustering_id"]
     return sha256_strings([json.dumps(parts, sort_keys=True)])
 
 
-def training_images(rd: RunDir, exclude: set | None, target: str, max_samples, subsample_seed: int,
-                    run_seed: int) -> tuple[np.ndarray, np.ndarray]:
+def training_images(
+    rd: RunDir, exclude: set | None, target: str, max_samples, subsample_seed: int, run_seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) the feature net trains on: ``data/`` without ``exclude``, at most ``max_samples``."""
     x, y, keys = load_images(rd.data, exclude=exclude)
     if target == "cluster":
@@ -48,8 +55,17 @@ def training_images(rd: RunDir, exclude: set | None, target: str, max_samples, s
     return x, y
 
 
-def train_classifier(rd: RunDir, fc, heldout: dict, exclude: set | None, target: str, num_classes: int,
-                     channels: int, run_seed: int, device) -> fnet.TrainedFeatureNet:
+def train_classifier(
+    rd: RunDir,
+    fc,
+    heldout: dict,
+    exclude: set | None,
+    target: str,
+    num_classes: int,
+    channels: int,
+    run_seed: int,
+    device,
+) -> fnet.TrainedFeatureNet:
     """The feature net for ``eval.feature_net`` settings ``fc``, from the cache when it holds one.
 
     The training images are read only on a cache miss: the cache key comes from the manifests.
@@ -57,13 +73,23 @@ def train_classifier(rd: RunDir, fc, heldout: dict, exclude: set | None, target:
     max_samples = None if fc.max_train_samples is None else int(fc.max_train_samples)
     data_sha = training_data_sha(rd, heldout, target, max_samples, int(fc.seed))
     return fnet.train_feature_net(
-        lambda: training_images(rd, exclude, target, max_samples, int(fc.seed), run_seed), num_classes,
-        cache_dir=fc.cache_dir, data_sha=data_sha, channels=channels, steps=int(fc.steps),
-        batch_size=int(fc.batch_size), lr=float(fc.lr), width=int(fc.width), seed=int(fc.seed), device=device)
+        lambda: training_images(rd, exclude, target, max_samples, int(fc.seed), run_seed),
+        num_classes,
+        cache_dir=fc.cache_dir,
+        data_sha=data_sha,
+        channels=channels,
+        steps=int(fc.steps),
+        batch_size=int(fc.batch_size),
+        lr=float(fc.lr),
+        width=int(fc.width),
+        seed=int(fc.seed),
+        device=device,
+    )
 
 
-def classifier_info(net: fnet.TrainedFeatureNet, target: str, test_images: np.ndarray, test_labels: np.ndarray,
-                    batch_size: int) -> dict:
+def classifier_info(
+    net: fnet.TrainedFeatureNet, target: str, test_images: np.ndarray, test_labels: np.ndarray, batch_size: int
+) -> dict:
     """What a classifier feature space's entry in metrics.json says about the net itself.
 
     ``{kind: "classifier", target (class | cluster), checksum, cache_file, cached,
@@ -71,13 +97,20 @@ def classifier_info(net: fnet.TrainedFeatureNet, target: str, test_images: np.nd
     feature_dim, train (its training summary)}``
     """
     acc = fnet.accuracy(net.net, test_images, test_labels, batch_size) if len(test_labels) else None
-    return dict(kind="classifier", target=target, checksum=net.checksum, cache_file=str(net.path),
-                cached=net.cached, test_accuracy=acc, test_images=int((np.asarray(test_labels) >= 0).sum()),
-                feature_dim=net.net.feature_dim, train=net.info)
+    return dict(
+        kind="classifier",
+        target=target,
+        checksum=net.checksum,
+        cache_file=str(net.path),
+        cached=net.cached,
+        test_accuracy=acc,
+        test_images=int((np.asarray(test_labels) >= 0).sum()),
+        feature_dim=net.net.feature_dim,
+        train=net.info,
+    )
 
 
-def classifier_functions(net: fnet.TrainedFeatureNet, target: str,
-                         batch_size: int) -> tuple[Callable, Callable | None]:
+def classifier_functions(net: fnet.TrainedFeatureNet, target: str, batch_size: int) -> tuple[Callable, Callable | None]:
     """``(extract, classify)`` of a classifier net; ``classify`` only when it predicts classes, not clusters."""
     classify = (lambda x: fnet.predict(net.net, x, batch_size)) if target == "class" else None
     return (lambda x: fnet.features(net.net, x, batch_size)), classify
@@ -88,4 +121,5 @@ def load_inception(ec):
     if ec.get("inception_weights") is None:
         return None
     from ddm.eval.inception import load_inception as load  # torch.jit and torchvision: only when asked for
+
     return load(ec.inception_weights)

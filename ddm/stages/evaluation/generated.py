@@ -9,6 +9,7 @@ Each result is a dict ``{images, labels, usage, usage_images, source}``: uint8
 images, labels (-1: unconditional), the ensemble's merged usage records and the
 number of images they cover, and the file the images came from (relative to the run).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,8 +43,13 @@ def from_samples_stage(rd: RunDir, strategy: str, n: int, sampling: dict, seed: 
     usage_path = rd.samples / "usage.json"
     usage = read_json(usage_path) if usage_path.exists() else []
     usage = usage.get("records", []) if isinstance(usage, dict) else usage
-    return dict(images=npz["images"][idx], labels=npz["labels"][idx], usage=usage,
-                usage_images=int(record.get("num_images", len(npz["images"]))), source="samples/samples.npz")
+    return dict(
+        images=npz["images"][idx],
+        labels=npz["labels"][idx],
+        usage=usage,
+        usage_images=int(record.get("num_images", len(npz["images"]))),
+        source="samples/samples.npz",
+    )
 
 
 def labels_to_sample(real_labels: np.ndarray, num_classes: int, n: int, seed: int) -> torch.Tensor | None:
@@ -58,13 +64,26 @@ def labels_to_sample(real_labels: np.ndarray, num_classes: int, n: int, seed: in
     return torch.from_numpy(np.resize(rng.permutation(pool), n) if len(pool) else rng.integers(num_classes, size=n))
 
 
-def sample_now(ensemble, path, shape, labels: torch.Tensor | None, n: int, batch_size: int, sampling: dict,
-               seed: int, device, target: Path, run_root: Path) -> dict:
+def sample_now(
+    ensemble,
+    path,
+    shape,
+    labels: torch.Tensor | None,
+    n: int,
+    batch_size: int,
+    sampling: dict,
+    seed: int,
+    device,
+    target: Path,
+    run_root: Path,
+) -> dict:
     """Sample ``n`` images from ``ensemble`` with the evaluation's own prior noise; save them to ``target``."""
-    images, usage = draw(ensemble, path, shape, labels, n, batch_size, sampling,
-                         generator(seed + EVAL_NOISE_OFFSET), device)
+    images, usage = draw(
+        ensemble, path, shape, labels, n, batch_size, sampling, generator(seed + EVAL_NOISE_OFFSET), device
+    )
     label_array = np.full(n, -1, np.int64) if labels is None else labels.numpy()
     with atomic_path(target) as tmp:
         np.savez(tmp, images=images, labels=label_array)
-    return dict(images=images, labels=label_array, usage=usage, usage_images=n,
-                source=str(target.relative_to(run_root)))
+    return dict(
+        images=images, labels=label_array, usage=usage, usage_images=n, source=str(target.relative_to(run_root))
+    )

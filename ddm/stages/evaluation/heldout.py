@@ -19,6 +19,7 @@ or a set of shards read again with another split name would be the same images.
 The manifest records a fingerprint of these settings and of ``data/``; a
 later evaluation with the same fingerprint reuses the folder.
 """
+
 from __future__ import annotations
 
 import logging
@@ -94,9 +95,14 @@ def prepare_heldout(cfg, redo: bool = False) -> dict:
     if folder.exists():
         shutil.rmtree(folder)
     shard_size = int(cfg.data.shard_size)
-    common = dict(mode=mode, fingerprint=fp, image_size=data_manifest["image_size"],
-                  channels=data_manifest["channels"], num_classes=data_manifest["num_classes"],
-                  class_names=data_manifest.get("class_names"))
+    common = dict(
+        mode=mode,
+        fingerprint=fp,
+        image_size=data_manifest["image_size"],
+        channels=data_manifest["channels"],
+        num_classes=data_manifest["num_classes"],
+        class_names=data_manifest.get("class_names"),
+    )
     keys: list[str] = []
     if mode == "split":
         source = open_source(_split_data_cfg(cfg))
@@ -105,27 +111,36 @@ def prepare_heldout(cfg, redo: bool = False) -> dict:
                 w.write(s.key, s.image, s.label, s.caption)
                 keys.append(s.key)
             _check_nonempty(keys, cfg)
-            w.extra.update(keys_sha256=sha256_strings(keys), excluded_from_training=False,
-                           note=f"data.split={source.split} of data.source={cfg.data.source}")
+            w.extra.update(
+                keys_sha256=sha256_strings(keys),
+                excluded_from_training=False,
+                note=f"data.split={source.split} of data.source={cfg.data.source}",
+            )
     else:
         total = int(data_manifest["num_samples"])
         n = max(1, int(round(float(cfg.eval.heldout.fraction) * total)))
         if cfg.eval.heldout.limit is not None:
             n = min(n, int(cfg.eval.heldout.limit))
         if n >= total:
-            raise BadInput(f"eval.heldout.fraction={cfg.eval.heldout.fraction} leaves no training images "
-                           f"({total} in data/); use a smaller fraction")
+            raise BadInput(
+                f"eval.heldout.fraction={cfg.eval.heldout.fraction} leaves no training images "
+                f"({total} in data/); use a smaller fraction"
+            )
         first = total - n
-        with ShardSetWriter(folder, shard_size, source=cfg.data.source, split=data_manifest.get("split"),
-                            **common) as w:
+        with ShardSetWriter(
+            folder, shard_size, source=cfg.data.source, split=data_manifest.get("split"), **common
+        ) as w:
             # PNG bytes copied as stored: the held-out images are exactly the training set's
             for i, s in enumerate(iter_samples(shard_paths(rd.data, data_manifest), decode=False)):
                 if i >= first:
                     w.write(s["key"], None, s["label"], s.get("caption"), png=s["png"])
                     keys.append(s["key"])
-            w.extra.update(keys_sha256=sha256_strings(keys), excluded_from_training=True,
-                           note=f"the last {n} of {total} samples of data/ (experts and router trained on "
-                                f"them; the feature net did not)")
+            w.extra.update(
+                keys_sha256=sha256_strings(keys),
+                excluded_from_training=True,
+                note=f"the last {n} of {total} samples of data/ (experts and router trained on "
+                f"them; the feature net did not)",
+            )
     manifest = w.manifest
     log.debug("evaluate: held-out set (%s): %d images -> %s", mode, manifest["num_samples"], folder)
     return manifest
@@ -133,5 +148,7 @@ def prepare_heldout(cfg, redo: bool = False) -> dict:
 
 def _check_nonempty(keys, cfg) -> None:
     if not keys:
-        raise BadInput(f"the held-out source (data.source={cfg.data.source}, split={cfg.eval.heldout.split}) "
-                       f"gave no images; check eval.heldout.data")
+        raise BadInput(
+            f"the held-out source (data.source={cfg.data.source}, split={cfg.eval.heldout.split}) "
+            f"gave no images; check eval.heldout.data"
+        )
