@@ -77,9 +77,9 @@ def config_error_line(error: Exception) -> str:
     return " ".join(out).rstrip(",")
 
 
-def report_user_error(stage: str, error: UserError) -> None:
-    """One line on stderr: the stage and the message, which names the input and the fix."""
-    print(f"ddm {stage}: error: {error}", file=sys.stderr)
+def report_user_error(prog: str, error: Exception | str) -> None:
+    """One line on stderr: the command (``ddm sample``) and the message, which names the input and the fix."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,9 +89,12 @@ def main(argv: list[str] | None = None) -> None:
     # the stage travels to them in the environment.
     if (not argv or argv[0] not in STAGES) and os.environ.get("DDM_STAGE") and "LOCAL_RANK" in os.environ:
         argv.insert(0, os.environ["DDM_STAGE"])
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(usage())
         sys.exit(0)
+    if not argv:
+        print(usage(), file=sys.stderr)
+        sys.exit(USER_ERROR_STATUS)
     if argv[0] not in STAGES:
         print(f"ddm: unknown stage {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(USER_ERROR_STATUS)
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         except UserError as error:
             if show_tracebacks(cfg):
                 raise
-            report_user_error(stage, error)
+            report_user_error(f"ddm {stage}", error)
             sys.exit(USER_ERROR_STATUS)
 
     # Hydra reads sys.argv; hand it the overrides only. With HYDRA_FULL_ERROR set, Hydra raises a bad
@@ -135,9 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigCompositionException, MissingConfigException, OverrideParseException) as error:
         if _full_error_asked:
             raise
-        print(
-            f"ddm {stage}: error: {config_error_line(error)} (`ddm {stage} --help` lists the groups and keys)",
-            file=sys.stderr,
+        report_user_error(
+            f"ddm {stage}", f"{config_error_line(error)} (`ddm {stage} --help` lists the groups and keys)"
         )
         sys.exit(USER_ERROR_STATUS)
     finally:

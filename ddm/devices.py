@@ -7,6 +7,13 @@ import torch
 from ddm.errors import BadInput
 
 
+def module_device(model) -> torch.device:
+    """Where a module's parameters live; the CPU for parameter-free modules and plain functions."""
+    params = getattr(model, "parameters", None)
+    first = next(iter(params()), None) if callable(params) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
 def resolve_device(name: str | None, key: str = "device") -> torch.device:
     """``auto`` (or None): the GPU when one is visible, else the CPU; otherwise the device named.
 

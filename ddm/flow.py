@@ -155,7 +155,11 @@ class FlowPath:
         on held-out images. It is the mean squared error to the conditional velocity
         over every element of a sample, computed in float32 whatever the model's dtype.
         """
-        point = self.noised(x0, t=t, eps=eps, generator=generator)
+        return self.loss_at(model, self.noised(x0, t=t, eps=eps, generator=generator), y)
+
+    @staticmethod
+    def loss_at(model, point: PathSample, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The same loss at a point already drawn: training draws (t, eps) before it drops labels."""
         return velocity_mse(model(point.x_t, point.t, y), point.target)
 
     # ---- conversions between predictions ------------------------------------------

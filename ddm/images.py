@@ -17,10 +17,20 @@ def to_model_space(image: np.ndarray) -> torch.Tensor:
     return x.float().div_(127.5).sub_(1.0)
 
 
+def batch_to_nchw(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W] or [N, H, W, C] -> float32 [N, C, H, W], values still 0..255."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float()
+    return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+
+
 def batch_to_model_space(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, H, W] or [N, H, W, C] -> float32 [N, C, H, W] in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(127.5).sub_(1.0)
-    return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    return batch_to_nchw(images).div_(127.5).sub_(1.0)
+
+
+def batch_to_unit_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W] or [N, H, W, C] -> float32 [N, C, H, W] in [0, 1] (what pretrained encoders expect)."""
+    return batch_to_nchw(images).div_(255.0)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -2,13 +2,16 @@
 
 A run has one job per stage, except ``train-expert``, which has one job per
 expert: ``train-expert-03`` is expert 3's timing name, ``expert-03`` its
-folder, log and wandb name. Nothing else builds or parses these strings.
+folder, log and wandb name; ``ensemble-top1`` names an ensemble in the
+metrics. Nothing else builds or parses these strings (SLURM's own patterns
+for them live in ``ddm.launch.sbatch``).
 """
 
 from __future__ import annotations
 
 EXPERT_STAGE = "train-expert"
 ROUTER_JOB = "router"
+ROUTER_STAGE = "train-router"
 
 
 def expert_job(expert_id: int) -> str:
@@ -24,6 +27,21 @@ def expert_stage_job(expert_id: int) -> str:
 def stage_job(stage: str, cfg) -> str:
     """The job a stage run stands for: the stage name, or ``train-expert-KK`` for an expert."""
     return expert_stage_job(int(cfg.expert.id)) if stage == EXPERT_STAGE else stage
+
+
+def ensemble_name(strategy: str) -> str:
+    """``ensemble-top1``: an ensemble under one routing strategy, beside ``expert-KK`` in the metrics."""
+    return f"ensemble-{strategy}"
+
+
+def is_expert(name: str) -> bool:
+    """True for ``expert-03`` and ``train-expert-03``."""
+    return expert_id_of(name) is not None
+
+
+def is_training_job(name: str) -> bool:
+    """The jobs that train a network: ``train-expert-KK`` and ``train-router``."""
+    return name.startswith(f"{EXPERT_STAGE}-") or name == ROUTER_STAGE
 
 
 def expert_id_of(job: str) -> int | None:

@@ -45,6 +45,11 @@ def partition_stream_seed(seed: int, index: int) -> int:
     return int(seed) + PARTITION_STRIDE * int(index)
 
 
+def grid_noise_seed(seed: int, index: int) -> int:
+    """The noise of point ``index`` of a fixed evaluation grid (the held-out FM loss's t grid)."""
+    return int(seed) * 1_000_003 + int(index)
+
+
 def generator(seed: int) -> torch.Generator:
     """A CPU generator: the same seed gives the same draws on any device."""
     return torch.Generator().manual_seed(int(seed))

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import sys
 
+PROG = "scripts/paper_table.py"
+
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -24,25 +26,25 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     from hydra.errors import CompactHydraException
 
-    from ddm.cli import USER_ERROR_STATUS, report_user_error, setup_logging, show_tracebacks
+    from ddm.cli import USER_ERROR_STATUS, config_error_line, report_user_error, setup_logging, show_tracebacks
     from ddm.config import compose
     from ddm.errors import UserError
     from ddm.experiments.paper_table import run
 
     try:
         cfg = compose(argv)
-    except CompactHydraException as error:  # a bad override: Hydra's message and status, as `ddm <stage>` gets
+    except CompactHydraException as error:  # a bad override: one line, as `ddm <stage>` prints it
         if show_tracebacks():
             raise
-        print(error, file=sys.stderr)
-        sys.exit(1)
+        report_user_error(PROG, config_error_line(error))
+        sys.exit(USER_ERROR_STATUS)
     setup_logging(cfg.get("log_level", "INFO"))
     try:
         result = run(cfg)
     except UserError as error:  # as `ddm <stage>`: one line, status 2; debug=true shows the traceback
         if show_tracebacks(cfg):
             raise
-        report_user_error("paper_table", error)
+        report_user_error(PROG, error)
         sys.exit(USER_ERROR_STATUS)
     if "table" in result:
         print(f"table: {result['table']}")

@@ -60,6 +60,18 @@ def test_stage_help_shows_its_groups_options_and_commented_keys(run_cli):
     assert "island" in out and "gpu8_ddp" in out and "local_cpu (default)" in out
 
 
+def test_no_stage_prints_the_usage_as_an_error(run_cli):
+    code, out, err = run_cli()
+    assert code == cli.USER_ERROR_STATUS and out == ""
+    assert "usage: ddm <stage>" in err and "train-expert" in err
+
+
+def test_submit_help_shows_its_own_keys(run_cli):
+    code, out, _ = run_cli("submit", "--help")
+    assert code == 0
+    assert "dry_run: false" in out and "# true: print the sbatch scripts" in out
+
+
 def test_an_unknown_stage_names_it_and_lists_the_stages(run_cli):
     code, _, err = run_cli("trian-expert")
     assert code == cli.USER_ERROR_STATUS

@@ -185,7 +185,7 @@ def test_script_reports_a_config_without_a_grid_in_one_line(capsys, monkeypatch)
         main(["name=no-grid"])
     assert exit_.value.code == USER_ERROR_STATUS
     err = capsys.readouterr().err
-    assert err.startswith("ddm paper_table: error: the config has no `paper` key") and err.count("\n") == 1
+    assert err.startswith("scripts/paper_table.py: error: the config has no `paper` key") and err.count("\n") == 1
 
 
 def test_estimate_times_a_gpu_island_on_the_gpu_it_finds_else_the_cpu():

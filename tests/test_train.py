@@ -170,7 +170,7 @@ def test_failed_training_writes_failed_json_and_success_clears_it(fast_cfg, tmp_
     with pytest.raises(FloatingPointError):
         train_expert.run(cfg)
     failed = read_json(rd.expert(0) / "failed.json")
-    assert failed["error_type"] == "FloatingPointError" and failed["step"] == 2
+    assert failed["error_type"] == "Diverged" and failed["step"] == 2  # a FloatingPointError the user can act on
     assert "step 2" in failed["message"] and failed["job"] == "expert-00" and failed["time"]
 
     monkeypatch.setattr(train_expert.ExpertModule, "training_step", original)

@@ -56,7 +56,7 @@ class Clustering:
     fine_k: int | None = None  # two_stage: fine centroids actually used
 
 
-class EmptyClusterError(ValueError):
+class EmptyClusterError(BadInput):
     """k-means produced a cluster that no sample is nearest to."""
 
 

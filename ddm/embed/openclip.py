@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ddm.devices import resolve_device
-from ddm.embed.base import _looks_like_path
+from ddm.embed.base import looks_like_path
 from ddm.errors import BadInput, MissingInput, Unusable
 
 log = logging.getLogger("ddm")
@@ -61,7 +61,7 @@ def _create_open_clip(open_clip, model: str, pretrained: str | None, kwargs: dic
             f"no meaning and the clusters will be meaningless. Use it for tests only; pass a local "
             f"weights file with embed.pretrained=/path/to/weights.pt"
         )
-    elif _looks_like_path(pretrained):
+    elif looks_like_path(pretrained):
         if not Path(pretrained).is_file():
             raise MissingInput(
                 f"embed.pretrained={pretrained}: no such weights file; give the path of an "
@@ -77,7 +77,7 @@ def _create_open_clip(open_clip, model: str, pretrained: str | None, kwargs: dic
     try:
         created, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, **kwargs)
     except Exception as e:
-        if pretrained is None or _looks_like_path(pretrained):
+        if pretrained is None or looks_like_path(pretrained):
             raise Unusable(f"open_clip could not build {model} with embed.pretrained={pretrained}: {e}") from e
         raise Unusable(
             f"could not get open_clip weights {model}/{pretrained} from the hub ({e}). Hub "

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ddm.embed.base import _to_nchw
 from ddm.errors import BadInput
+from ddm.images import batch_to_unit_range
 
 
 class PixelEncoder:
@@ -30,7 +30,7 @@ class PixelEncoder:
             self.projection = torch.from_numpy(rng.standard_normal((flat, self.dim), dtype=np.float32))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        x = _to_nchw(images)
+        x = batch_to_unit_range(images)
         if x.shape[1] != self.channels:
             raise BadInput(
                 f"pixels encoder was built for {self.channels} channels but got images of shape {images.shape[1:]}"

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ddm.devices import resolve_device
-from ddm.embed.base import _to_nchw
 from ddm.errors import BadInput, MissingInput, Unusable
+from ddm.images import batch_to_unit_range
 
 log = logging.getLogger("ddm")
 
@@ -64,7 +64,7 @@ class TorchvisionEncoder:
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        x = _to_nchw(images)
+        x = batch_to_unit_range(images)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = F.interpolate(

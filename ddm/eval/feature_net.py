@@ -33,11 +33,14 @@ import torch.nn.functional as F
 from ddm.errors import BadInput
 from ddm.images import batch_to_model_space
 from ddm.io import atomic_path, sha256_strings
+from ddm.seeds import generator
 
 log = logging.getLogger("ddm")
 
 # Bumped when the architecture or training loop changes, so old cache files are not reused.
 VERSION = 1
+# The feature net's batch order is drawn from its seed + this; its initialisation from the seed itself.
+BATCH_ORDER_OFFSET = 1
 
 
 def _groups(channels: int) -> int:
@@ -211,7 +214,7 @@ def _train(images, labels, settings: dict, device) -> tuple[FeatureNet, dict]:
     steps, batch = settings["steps"], min(settings["batch_size"], len(images))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings["lr"], total_steps=max(steps, 1), pct_start=0.1)
     x_all, y_all = batch_to_model_space(images), torch.from_numpy(labels)
-    g = torch.Generator().manual_seed(seed + 1)  # batch order, independent of the init's draws
+    g = generator(seed + BATCH_ORDER_OFFSET)  # batch order, independent of the init's draws
     net.train()
     recent = []
     perm, pos = torch.randperm(len(x_all), generator=g), 0

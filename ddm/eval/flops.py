@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ddm.devices import module_device
 from ddm.ensemble import Ensemble
 from ddm.errors import BadInput
 from ddm.jobs import ROUTER_JOB, expert_job
@@ -45,8 +46,7 @@ def model_forward_flops(
     model: torch.nn.Module, image_shape: Sequence[int], conditional: bool = True, batch: int = 1
 ) -> int:
     """Forward FLOPs per sample of a ``model(x, t, y)`` (an expert or a router) on images ``image_shape`` (C, H, W)."""
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
+    device = module_device(model)
     x = torch.zeros(batch, *image_shape, device=device)
     t = torch.full((batch,), 0.5, device=device)
     y = torch.zeros(batch, dtype=torch.long, device=device) if conditional else None
@@ -102,8 +102,7 @@ def measured_sampling_flops(
     """FLOPs per image of a real ``sample`` call on ``len(y)`` images (or 2 when unconditional), counted."""
     n = len(y) if y is not None else 2
     generator = torch.Generator().manual_seed(int(seed))
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
+    device = module_device(model)
     flops = count_flops(
         sample,
         model,

@@ -19,23 +19,18 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ddm.devices import module_device
 from ddm.ensemble import Ensemble
 from ddm.errors import BadInput
 from ddm.flow import FlowPath
+from ddm.seeds import generator, grid_noise_seed
 
 NOTE = "per-element MSE to the path's velocity; same noise for every model"
 
 
-def model_device(model) -> torch.device:
-    """Where a module's parameters live; the CPU for parameter-free modules and plain functions."""
-    params = getattr(model, "parameters", None)
-    first = next(iter(params()), None) if callable(params) else None
-    return first.device if first is not None else torch.device("cpu")
-
-
 def fixed_noise(shape, seed: int, index: int) -> torch.Tensor:
     """The noise of t-grid point ``index``: the same tensor on every call and every machine (CPU generator)."""
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+    g = generator(grid_noise_seed(seed, index))
     return torch.randn(tuple(shape), generator=g)
 
 
@@ -60,7 +55,7 @@ def heldout_fm_loss(
     bad = [t for t in t_grid if not 0.0 <= float(t) <= 1.0]
     if bad:
         raise BadInput(f"eval.fm_loss.t_grid values {bad} are outside [0, 1]")
-    device = device or model_device(model)
+    device = device or module_device(model)
     rows = []
     for j, t_value in enumerate(t_grid):
         eps_all = fixed_noise(x0.shape, seed, j)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ddm.errors import BadInput, MissingInput
+from ddm.images import batch_to_nchw
 from ddm.io import sha256_file
 
 CONFIG_KEY = "eval.inception_weights"
@@ -56,8 +57,7 @@ class InceptionFeatures:
         """uint8 [N, H, W] or [N, H, W, C] -> float64 features [N, 2048]."""
         out = []
         for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).float()
-            x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+            x = batch_to_nchw(images[i : i + batch_size])
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
             f = self._forward(x)

@@ -12,6 +12,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddm.errors import UserError
+
 # squeue's fields: job id (12_3 for an array task), array task id ("N/A" outside arrays),
 # state, name, comment. The comment is last because it is free text that may hold the separator.
 _FIELDS = "%i|%K|%T|%j|%k"
@@ -24,8 +26,8 @@ NOT_AVAILABLE = (
 )
 
 
-class SlurmError(RuntimeError):
-    """A SLURM command failed or SLURM is not installed."""
+class SlurmError(UserError, RuntimeError):
+    """A SLURM command failed or SLURM is not installed; its message says what the command said."""
 
 
 @dataclass(frozen=True)

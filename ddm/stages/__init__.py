@@ -4,7 +4,8 @@ Contract of a stage:
 - it reads only the artefacts of earlier stages it needs (paths from
   ``ddm.artifacts.RunDir``) and writes its own atomically;
 - it returns at once with the existing summary when its final artefact exists,
-  unless ``cfg.redo`` is true (and then calls ``runner.note_skipped``);
+  unless ``cfg.redo`` is true; when it returns early it says so with
+  ``runner.skip`` or ``runner.note_skipped``, so its earlier timing is kept;
 - it logs one line with what it produced.
 
 Stages are run by ``ddm.stages.runner.run_stage``, which seeds, times and

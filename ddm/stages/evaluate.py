@@ -42,6 +42,7 @@ from ddm.errors import MissingConfig
 from ddm.eval.router_diag import usage_per_step
 from ddm.eval.tables import render_report
 from ddm.io import read_json, write_json, write_text
+from ddm.jobs import is_expert
 from ddm.markdown import num
 from ddm.stages.evaluation import evaluation_dir
 from ddm.stages.evaluation.context import EvaluationContext
@@ -148,9 +149,7 @@ def generated_summary(generated: dict) -> dict:
 def _log_summary(metrics: dict, strategy: str, out) -> None:
     name, space = next(iter(metrics["feature_spaces"].items()))
     first = space["strategies"][strategy]
-    ensembles = ", ".join(
-        f"{k} {v['mean']:.4f}" for k, v in metrics["fm_loss"]["models"].items() if not k.startswith("expert")
-    )
+    ensembles = ", ".join(f"{k} {v['mean']:.4f}" for k, v in metrics["fm_loss"]["models"].items() if not is_expert(k))
     log.info(
         "evaluate: %s FD %.4g, precision %s, recall %s (%s, %d images, feature net test acc %s), "
         "FM loss %s, %.0fs -> %s",

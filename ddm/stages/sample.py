@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from ddm import seeds
 from ddm.artifacts import RunDir
 from ddm.devices import resolve_device
 from ddm.errors import BadInput
@@ -113,8 +114,8 @@ def run(cfg) -> dict:
     device = resolve_device(sc.device, "sample.device")
     seed = int(settings["seed"])
     # CPU generators: the same seed gives the same noise and routing draws on any device.
-    gen_noise = torch.Generator().manual_seed(seed)
-    gen_route = torch.Generator().manual_seed(seed + 1)
+    gen_noise = seeds.generator(seed)
+    gen_route = seeds.generator(seed + seeds.ROUTING_OFFSET)
     ensemble, path, info = load_ensemble(
         cfg.run_dir,
         strategy=settings["strategy"],

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from ddm.errors import Diverged
 from ddm.flow import FlowPath
 from ddm.models.dit import DiT, DiTClassifier
 from ddm.train.ema import ema_decay_at, make_ema, update_ema
@@ -32,7 +33,7 @@ def _warmup_cosine(warmup: int, total: int, min_ratio: float = 0.1):
 
 def _check_finite(loss: torch.Tensor, what: str, step: int) -> None:
     if not torch.isfinite(loss):
-        raise FloatingPointError(
+        raise Diverged(
             f"{what}: the loss is {loss.item()} at step {step}; training stopped. Lower the learning rate, "
             f"check the input data for NaNs, or resume from an earlier checkpoint."
         )
@@ -99,7 +100,8 @@ class ExpertModule(_Base):
 
     def training_step(self, batch, batch_idx):
         x0, y = batch[0], batch[1]
-        loss = self.path.loss(self.net, x0, self.drop_labels(y)).mean()
+        point = self.path.noised(x0)  # (t, eps) first, then the label dropout: one fixed order of draws
+        loss = self.path.loss_at(self.net, point, self.drop_labels(y)).mean()
         _check_finite(loss, f"expert {self.hparams.expert_id}", self.global_step)
         self.log("train/loss", loss, prog_bar=True)
         self.remember(loss)

@@ -27,7 +27,7 @@ def _list_image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str] | 
     if not root.exists():
         raise MissingInput(f"image folder {root} does not exist: set data.root=<folder of images>")
     if not root.is_dir():
-        raise NotADirectoryError(f"data.root={root} is not a folder: point it at a folder of images")
+        raise BadInput(f"data.root={root} is not a folder: point it at a folder of images")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = sorted(p for p in root.iterdir() if _is_image(p))
     if class_dirs and loose:

@@ -18,8 +18,9 @@ from ddm.artifacts import RunDir
 from ddm.data.shards import load_manifest
 from ddm.ensemble import Ensemble
 from ddm.eval import feature_net as fnet
-from ddm.eval.flops import sampling_flops_per_image
+from ddm.eval.flops import mean_expert_flops, sampling_flops_per_image
 from ddm.io import read_json, write_json
+from ddm.jobs import ensemble_name
 from ddm.stages import evaluate
 
 from .layout import derive
@@ -103,9 +104,9 @@ def evaluate_class_expert(cfg) -> dict:
     net, info = ctx.feature_net()
     classify = (lambda x: fnet.predict(net.net, x, ctx.batch)) if info["target"] == "class" else None
     quality = ctx.quality(lambda x: fnet.features(net.net, x, ctx.batch), {CLASS_EXPERT: generated}, classify=classify)
-    fm = ctx.fm_loss()["models"][f"ensemble-{CLASS_EXPERT}"]
+    fm = ctx.fm_loss()["models"][ensemble_name(CLASS_EXPERT)]
     sc = ctx.sc
-    expert_mean = float(np.mean([v for k, v in ctx.forward.items() if k != "router"]))
+    expert_mean = mean_expert_flops(ctx.forward)
     sampling = sampling_flops_per_image(
         expert_mean,
         0,

@@ -13,7 +13,7 @@ import torch
 from ddm.artifacts import RunDir
 from ddm.errors import BadInput
 from ddm.io import read_json, write_text
-from ddm.jobs import expert_id_of
+from ddm.jobs import ensemble_name, expert_id_of, is_training_job
 
 from .layout import clustering_dir, data_dir
 from .plan import CLASS_EXPERT, SINGLE, Plan, Run
@@ -54,7 +54,7 @@ def rows_of(r: Run, metrics: dict, class_metrics: dict | None, root: Path) -> li
                 )
         else:
             key = "top1" if s == SINGLE else s
-            q, fm = space["strategies"][key], metrics["fm_loss"]["models"].get(f"ensemble-{key}", {})
+            q, fm = space["strategies"][key], metrics["fm_loss"]["models"].get(ensemble_name(key), {})
             sampling = fl["sampling"]["single_model" if s == SINGLE else key]
         rows.append(
             dict(
@@ -75,7 +75,7 @@ def rows_of(r: Run, metrics: dict, class_metrics: dict | None, root: Path) -> li
 def run_wall_s(r: Run, metrics: dict, class_metrics: dict | None) -> float:
     """Wall time spent on one run: its training jobs' timing files plus its evaluations."""
     rd = RunDir(r.folder)
-    train = sum(t["wall_s"] for job, t in rd.all_timings().items() if job.startswith(("train-expert", "train-router")))
+    train = sum(t["wall_s"] for job, t in rd.all_timings().items() if is_training_job(job))
     return round(train + float(metrics.get("wall_s", 0)) + float((class_metrics or {}).get("wall_s", 0)), 1)
 
 

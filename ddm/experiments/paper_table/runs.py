@@ -16,13 +16,13 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
+from ddm.data.router_data import load_partitions
 from ddm.errors import BadInput
 from ddm.eval.flops import model_forward_flops
 from ddm.flow import flow_path_from_config
 from ddm.io import read_json, write_json
 from ddm.models.dit import DiTClassifier
 from ddm.stages.runner import run_stage
-from ddm.stages.train_router import load_partitions
 from ddm.train.export import save_weights
 
 from .class_expert import evaluate_class_expert

@@ -27,7 +27,7 @@ from ddm.eval.quality import sample_quality
 from ddm.eval.router_diag import router_diagnostics
 from ddm.images import batch_to_model_space
 from ddm.io import read_json
-from ddm.jobs import ROUTER_JOB, expert_job
+from ddm.jobs import ROUTER_JOB, ensemble_name, expert_job
 from ddm.sampling import load_ensemble
 from ddm.seeds import ROUTING_OFFSET, generator
 from ddm.stages.evaluation import evaluation_dir
@@ -256,7 +256,7 @@ class EvaluationContext:
         """
         fc = self.ec.fm_loss
         idx = self.subset(fc.num_samples)
-        models = {f"ensemble-{s}": (self.ensemble(str(s)), self.forward_per_call(str(s))) for s in fc.strategies}
+        models = {ensemble_name(s): (self.ensemble(str(s)), self.forward_per_call(str(s))) for s in fc.strategies}
         if fc.per_expert:
             models.update({expert_job(k): (m, self.forward[expert_job(k)]) for k, m in self.base.experts.items()})
         return fm_loss_summary(
