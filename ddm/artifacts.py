@@ -70,6 +70,25 @@ class RunDir:
     def cluster_report(self) -> Path:
         return self.clusters / "report.json"
 
+    @property
+    def centroids(self) -> Path:
+        """The K coarse centroids (flat and two-stage k-means)."""
+        return self.clusters / "centroids.npy"
+
+    @property
+    def fine_centroids(self) -> Path:
+        """Two-stage k-means: the fine centroids, and below the coarse cluster of each."""
+        return self.clusters / "fine_centroids.npy"
+
+    @property
+    def fine_to_coarse(self) -> Path:
+        return self.clusters / "fine_to_coarse.npy"
+
+    @property
+    def partitions_index(self) -> Path:
+        """The partition stage's index of all K partitions (written after every partition)."""
+        return self.partitions / "manifest.json"
+
     # -- stage 3b: per-cluster shard sets
     @property
     def partitions(self) -> Path:
@@ -116,6 +135,15 @@ class RunDir:
     @property
     def samples_record(self) -> Path:
         return self.samples / "record.json"
+
+    # -- evaluate
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation"
+
+    @property
+    def evaluation_metrics(self) -> Path:
+        return self.evaluation / "metrics.json"
 
     # -- summary
     @property

@@ -22,7 +22,7 @@ from ddm.io import read_json
 
 def load_partitions(rd: RunDir) -> tuple[dict, list[dict]]:
     """The partition index and every cluster's manifest, checked to come from one clustering."""
-    index_path = rd.partitions / "manifest.json"
+    index_path = rd.partitions_index
     if not index_path.exists():
         raise MissingInput(f"no partitions at {rd.partitions}: run `ddm partition` first")
     index = read_json(index_path)

@@ -85,11 +85,11 @@ def run(cfg) -> dict:
     redo = bool(cfg.get("redo", False))
     out = evaluation_dir(rd)
     settings = settings_of(cfg)
-    if (out / "metrics.json").exists() and not redo:
-        metrics = read_json(out / "metrics.json")
+    if (rd.evaluation_metrics).exists() and not redo:
+        metrics = read_json(rd.evaluation_metrics)
         if metrics.get("settings") == settings:
             note_skipped()
-            log.info("evaluate: done already -> %s", out / "metrics.json")
+            log.info("evaluate: done already -> %s", rd.evaluation_metrics)
             return metrics
 
     start = time.perf_counter()
@@ -105,8 +105,8 @@ def run(cfg) -> dict:
     metrics["wall_s"] = round(time.perf_counter() - start, 2)
 
     write_text(out / "report.md", render_report(metrics))
-    write_json(out / "metrics.json", metrics)
-    metrics = read_json(out / "metrics.json")  # what a rerun returns: JSON types (string keys) throughout
+    write_json(rd.evaluation_metrics, metrics)
+    metrics = read_json(rd.evaluation_metrics)  # what a rerun returns: JSON types (string keys) throughout
     _log_summary(metrics, ctx.strategies[0], out)
     return metrics
 

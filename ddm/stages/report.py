@@ -32,7 +32,7 @@ def cluster_montage(rd: RunDir, K: int, per_cluster: int = 12) -> Path | None:
     """The first training images of each cluster, one row per cluster: what each expert specialises in."""
     rows = []
     for k in range(K):
-        if not (rd.partition(k) / "manifest.json").exists():
+        if not rd.partition_manifest(k).exists():
             return None
         images = []
         for s in iter_samples(shard_paths(rd.partition(k))):
@@ -72,7 +72,7 @@ def label_prior_accuracy(rd: RunDir, K: int) -> float | None:
     best: dict[str, int] = {}
     total = 0
     for k in range(K):
-        if not (rd.partition(k) / "manifest.json").exists():
+        if not rd.partition_manifest(k).exists():
             return None
         counts = load_manifest(rd.partition(k)).get("class_counts") or {}
         for y, n in counts.items():
@@ -93,7 +93,7 @@ def _clusters_section(rd: RunDir, clusters: dict, names) -> list[str]:
     total = sum(clusters["sizes"])
     rows = []
     for k, n in enumerate(clusters["sizes"]):
-        has_partition = (rd.partition(k) / "manifest.json").exists()
+        has_partition = rd.partition_manifest(k).exists()
         mix = _class_mix(load_manifest(rd.partition(k)), names) if has_partition else ""
         rows.append([k, n, f"{100 * n / total:.1f}%", mix])
     lines += table(["cluster", "samples", "share", "main classes"], rows)

@@ -51,7 +51,7 @@ def _require_inputs(rd: RunDir) -> int:
             f"no {rd.cluster_report}: run `ddm cluster` and `ddm partition` for this run "
             f"first (they are quick and run on this machine)"
         )
-    if not (rd.partitions / "manifest.json").exists():
+    if not rd.partitions_index.exists():
         raise MissingInput(f"no partitions under {rd.partitions}: run `ddm partition` first")
     return int(read_json(rd.cluster_report)["k"])
 

@@ -61,7 +61,7 @@ def run(cfg) -> dict:
         shutil.rmtree(job_dir)
 
     part_dir = rd.partition(k)
-    if not (part_dir / "manifest.json").exists():
+    if not rd.partition_manifest(k).exists():
         raise MissingInput(
             f"expert.id={k}: no partition at {part_dir} (run `ddm partition` first, or check that "
             f"expert.id is below the number of clusters)"

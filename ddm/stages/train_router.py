@@ -87,7 +87,7 @@ def run(cfg) -> dict:
 
 def _check_still_current(record: dict, rd: RunDir) -> None:
     """A finished router of an older clustering must not pass for one of the current partitions."""
-    index_path = rd.partitions / "manifest.json"
+    index_path = rd.partitions_index
     if not index_path.exists():
         return
     current = read_json(index_path).get("clustering_id")

@@ -115,7 +115,7 @@ def estimate(cfg, plan: Plan) -> dict:
                 train += r.expert_steps * step_s[r.expert_batch] + JOB_OVERHEAD_S
         if r.config.k > 1 and not rd.router_record.exists():
             train += r.router_steps * router_s + JOB_OVERHEAD_S
-        if (rd.root / "evaluation" / "metrics.json").exists():
+        if rd.evaluation_metrics.exists():
             continue
         for s in r.rows:
             experts = 1 if s in (SINGLE, CLASS_EXPERT) else EXPERTS_PER_CALL[s](r.config.k, int(sc.top_k))

@@ -18,4 +18,4 @@ from ddm.artifacts import RunDir
 
 def evaluation_dir(rd: RunDir) -> Path:
     """``<run>/evaluation/``: everything the evaluate stage writes."""
-    return rd.root / "evaluation"
+    return rd.evaluation

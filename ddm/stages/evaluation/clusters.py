@@ -42,12 +42,10 @@ def nearest_centroid(rd: RunDir, report: dict, images: np.ndarray, seed: int) ->
 
     emb = embed_like_training(rd, images, seed)
     spherical = bool(report.get("spherical"))
-    fine_path = rd.clusters / "fine_centroids.npy"
+    fine_path = rd.fine_centroids
     if fine_path.exists():
-        return nearest_cluster(
-            emb, np.load(fine_path), fine_to_coarse=np.load(rd.clusters / "fine_to_coarse.npy"), spherical=spherical
-        )
-    return nearest_cluster(emb, np.load(rd.clusters / "centroids.npy"), spherical=spherical)
+        return nearest_cluster(emb, np.load(fine_path), fine_to_coarse=np.load(rd.fine_to_coarse), spherical=spherical)
+    return nearest_cluster(emb, np.load(rd.centroids), spherical=spherical)
 
 
 def embed_like_training(rd: RunDir, images: np.ndarray, seed: int) -> np.ndarray:
