@@ -97,6 +97,7 @@ class ExpertModule(_Base):
         self.save_hyperparameters()
         self.net = DiT(**model)
         self.ema = make_ema(self.net)
+        self._ema_step = 0  # the optimizer step the EMA last moved at
 
     def training_step(self, batch, batch_idx):
         x0, y = batch[0], batch[1]
@@ -107,7 +108,15 @@ class ExpertModule(_Base):
         self.remember(loss)
         return loss
 
+    def on_train_start(self) -> None:
+        self._ema_step = self.global_step  # a resumed job's EMA already holds its steps so far
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        # Lightning calls this after every micro-batch; with gradient accumulation the weights only
+        # change when the optimizer steps, so the EMA moves then, once per optimizer step.
+        if self.global_step == self._ema_step:
+            return
+        self._ema_step = self.global_step
         update_ema(self.ema, self.net, ema_decay_at(self.global_step, self.hparams.ema_decay))
 
     @property
