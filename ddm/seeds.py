@@ -33,6 +33,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def stream_seed(*parts: int) -> int:
+    """One seed mixed from several integers (a job's seed, a rank, a step, a worker).
+
+    Distinct tuples give unrelated streams (NumPy's SeedSequence hashing), so
+    rank 1 of expert 0 never repeats rank 0 of expert 1 as ``seed + rank`` would.
+    """
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)
+    return int(state[0] >> np.uint64(1))  # 63 bits: torch, NumPy (mod 2**32) and Python all accept it
+
+
 def expert_seed(seed: int, expert_id: int) -> int:
     return int(seed) + EXPERT_STRIDE * int(expert_id)
 

@@ -8,12 +8,14 @@ workers), and training is measured in steps, not epochs.
 
 from __future__ import annotations
 
+import random
+
 import torch
 import webdataset as wds
 
 from ddm.errors import BadInput
 from ddm.images import to_model_space
-from ddm.seeds import partition_stream_seed
+from ddm.seeds import partition_stream_seed, stream_seed
 
 
 def _decoder(channels: int) -> str:
@@ -33,10 +35,26 @@ def sample_stream(urls: list[str], channels: int, seed: int, shuffle_buffer: int
     return wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, deterministic=True),
         wds.tarfile_to_samples(),
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100)),
+        seeded_shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed),
         wds.decode(_decoder(channels)),
         wds.map(to_tuple),
     )
+
+
+def seeded_shuffle(bufsize: int, initial: int, seed: int):
+    """A shuffle buffer whose order follows ``seed``, the rank and the loader worker.
+
+    webdataset's own shuffle seeds itself from the pid and the clock, so two runs
+    with one seed trained on different orders. The generator is made where the
+    stage first runs, inside the worker, so each (rank, worker) gets its own.
+    """
+
+    def stage(source):
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = random.Random(stream_seed(seed, rank, worker))
+        return wds.shuffle(bufsize, initial=initial, rng=rng)(source)
+
+    return stage
 
 
 def _collate(samples):
