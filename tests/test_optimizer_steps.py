@@ -1,4 +1,4 @@
-"""The EMA moves once per optimizer step: gradient accumulation over micro-batches gives the EMA of one big batch."""
+"""What happens at an optimizer step: the EMA moves once per step (not per micro-batch); gradients are clipped."""
 
 from __future__ import annotations
 
@@ -31,12 +31,12 @@ class FixedNoiseExpert(ExpertModule):
         return FlowPath.loss_at(self.net, point, y).mean()
 
 
-def _train(tmp_path, accumulate: int) -> dict:
+def _train(tmp_path, accumulate: int, grad_clip: float | None = None, steps: int = STEPS, module=None) -> dict:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(STEPS * BATCH, 1, 8, 8, generator=g)
     y = torch.randint(3, (STEPS * BATCH,), generator=g)
-    module = FixedNoiseExpert(
+    module = module or FixedNoiseExpert(
         model=dict(size="DiT-N/4", image_size=8, in_channels=1, num_classes=3),
         flow=dict(schedule="linear"),
         lr=1e-2,
@@ -56,11 +56,32 @@ def _train(tmp_path, accumulate: int) -> dict:
             accumulate_grad_batches=accumulate,
         )
     )
-    trainer = build_trainer(island, tmp_path / f"acc{accumulate}", STEPS, ckpt_every=100, logger=False)
+    trainer = build_trainer(
+        island, tmp_path / f"acc{accumulate}-{grad_clip}", steps, ckpt_every=100, logger=False, grad_clip=grad_clip
+    )
     loader = DataLoader(TensorDataset(x, y), batch_size=BATCH // accumulate, shuffle=False)
     trainer.fit(module, train_dataloaders=loader)
-    assert trainer.global_step == STEPS
+    assert trainer.global_step == steps
     return {k: v.detach().clone() for k, v in module.ema.state_dict().items()}
+
+
+def _net_change(tmp_path, grad_clip):
+    """How far one SGD step (lr 0.1) moves the weights, with the trainer's gradient clipping."""
+    torch.manual_seed(0)
+    module = FixedNoiseExpert(
+        model=dict(size="DiT-N/4", image_size=8, in_channels=1, num_classes=3), flow=dict(schedule="linear")
+    )
+    before = [p.detach().clone() for p in module.net.parameters()]
+    _train(tmp_path, 1, grad_clip=grad_clip, steps=1, module=module)
+    return torch.cat([(p.detach() - b).flatten() for p, b in zip(module.net.parameters(), before)]).norm().item()
+
+
+def test_gradient_clipping_bounds_the_step(tmp_path):
+    clip, lr = 1e-4, 0.1
+    unclipped = _net_change(tmp_path / "free", None)
+    clipped = _net_change(tmp_path / "clipped", clip)
+    assert unclipped > 10 * lr * clip  # the gradient is far larger than the bound: clipping has work to do
+    assert 0 < clipped <= lr * clip * (1 + 1e-3)  # one SGD step moves the weights by lr x the clipped norm
 
 
 def test_accumulating_four_micro_batches_gives_the_ema_of_one_batch(tmp_path):

@@ -35,6 +35,7 @@ from ddm.models.dit import count_params
 from ddm.train.export import save_weights
 from ddm.train.records import FailureRecord, clear_failure
 from ddm.train.signals import PreemptionGuard
+from ddm.train.streams import RankStreams
 from ddm.train.trainer import (
     JobState,
     build_logger,
@@ -59,6 +60,7 @@ class Schedule:
     log_every: int
     keep_checkpoints: int
     requeue: bool = True  # requeue the SLURM job after SIGUSR1 (see ddm.train.signals)
+    grad_clip: float | None = None  # clip the global gradient norm to this before each optimizer step
 
     @classmethod
     def from_config(cls, kind: str, section) -> Schedule:
@@ -71,6 +73,7 @@ class Schedule:
             int(section.log_every),
             int(section.keep_checkpoints),
             bool(section.get("requeue", True)),
+            None if section.get("grad_clip") is None else float(section.grad_clip),
         )
 
 
@@ -194,6 +197,8 @@ def _fit(job: Job, guard: PreemptionGuard, failure: FailureRecord) -> Trained | 
         guard=guard,
         state=state,
         name=job.title,
+        callbacks=[RankStreams(job.seed)],
+        grad_clip=s.grad_clip,
     )
     failure.trainer = trainer
     batch = per_device_batch(s.batch_size, trainer, s.kind)

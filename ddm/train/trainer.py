@@ -176,6 +176,7 @@ def build_trainer(
     guard: PreemptionGuard | None = None,
     state: JobState | None = None,
     name: str = "train",
+    grad_clip: float | None = None,
 ) -> L.Trainer:
     """A Trainer for one job: atomic checkpoints every ``ckpt_every`` steps plus ``last.ckpt``.
 
@@ -213,6 +214,9 @@ def build_trainer(
         callbacks=[checkpoint, *progress_callbacks(name, log_every), *extra, *callbacks],
         enable_progress_bar=interactive(),
         log_every_n_steps=log_every,
+        # by norm: the same rule under DDP and FSDP, where Lightning clips the sharded gradients together
+        gradient_clip_val=grad_clip,
+        gradient_clip_algorithm="norm",
         default_root_dir=job_dir,
         enable_model_summary=False,
         limit_val_batches=0,
