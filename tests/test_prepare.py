@@ -16,6 +16,7 @@ from ddm.config import CONF_DIR
 from ddm.data import sources
 from ddm.data.shards import ShardSetWriter, iter_samples, load_manifest, shard_paths, verify
 from ddm.data.sources import FASHION_MNIST_CLASSES, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, SourceMeta, read_idx
+from ddm.errors import BadInput
 from ddm.io import sha256_strings
 from ddm.stages import prepare
 
@@ -304,6 +305,32 @@ def test_webdataset_source_reissues_keys(make_cfg, tmp_path):
                 "data=webdataset", f"data.urls=[{tmp_path / 'in' / 'shard-000009.tar'}]", run_dir=tmp_path / "other"
             )
         )
+
+
+def test_an_unlabelled_sample_in_a_labelled_set_is_refused_naming_it(make_cfg, tmp_path):
+    rng = np.random.default_rng(0)
+    with ShardSetWriter(tmp_path / "in", shard_size=4) as w:
+        for i in range(4):
+            w.write(f"orig_{i}", rng.integers(0, 256, (10, 10, 3), dtype=np.uint8), label=-1 if i == 2 else i % 3)
+    cfg = make_cfg(
+        "data=webdataset",
+        f"data.urls=[{tmp_path / 'in' / 'shard-000000.tar'}]",
+        "data.image_size=10",
+        "data.num_classes=3",
+    )
+    with pytest.raises(BadInput, match=r"shard-000000.tar#orig_2 has no label \(-1\).*data.num_classes=0"):
+        prepare.run(cfg)
+    assert not (RunDir(cfg.run_dir).data_manifest).exists()  # nothing left looking complete
+    # the same shards as an unconditional set are fine
+    prepare.run(
+        make_cfg(
+            "data=webdataset",
+            f"data.urls=[{tmp_path / 'in' / 'shard-000000.tar'}]",
+            "data.image_size=10",
+            "data.num_classes=0",
+            run_dir=tmp_path / "uncond",
+        )
+    )
 
 
 # ------------------------------------------------------------------ configs

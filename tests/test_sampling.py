@@ -408,3 +408,15 @@ def test_available_still_refuses_another_clustering(tmp_path):
     save_expert(rd, 2, K=3, clustering_id="def")
     with pytest.raises(ValueError, match="expert 2 was trained on clustering def, the router on abc"):
         load_ensemble(rd.root, subset="available")
+
+
+def test_guidance_is_refused_for_experts_with_an_untrained_null_label():
+    from ddm.errors import BadInput
+    from ddm.sampling.checkpoints import check_guidance
+
+    info = dict(num_classes=10, expert_label_dropout={0: 0.1, 1: 0.0, 2: None})
+    with pytest.raises(BadInput, match=r"sample.cfg_scale=1.5 .*experts \[1\] .*label_dropout=0"):
+        check_guidance(info, 1.5)
+    check_guidance(info, 1.0)  # no guidance: nothing to refuse
+    check_guidance(dict(info, num_classes=0), 1.5)  # unconditional: guidance is ignored anyway
+    check_guidance(dict(num_classes=10, expert_label_dropout={0: 0.1, 2: None}), 3.0)  # None: an older file

@@ -35,6 +35,7 @@ def test_expert_trains_alone_and_touches_only_its_own_folder(fast_cfg, tmp_path)
     assert all(after[p] == before[p] for p in before)  # nothing it read was modified
     payload = torch.load(rd.expert_weights(1), weights_only=False)
     assert payload["kind"] == "expert" and payload["expert_id"] == 1 and payload["steps"] == 5
+    assert payload["label_dropout"] == 0.1  # the sampler refuses guidance when it is 0
 
 
 def test_expert_rerun_skips_and_redo_retrains(fast_cfg, tmp_path):

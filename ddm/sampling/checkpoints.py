@@ -145,12 +145,32 @@ def load_ensemble(
         clustering_id=cid,
         router_steps=rmeta.get("steps"),
         expert_steps={k: metas[k].get("steps") for k in wanted},
+        # None for files written before the field existed: not known, so not refused
+        expert_label_dropout={k: metas[k].get("label_dropout") for k in wanted},
         flow=rmeta["flow"],
         num_classes=first.get("num_classes", 0),
         image_size=first["image_size"],
         in_channels=first["in_channels"],
     )
     return ensemble, flow_path_from_config(rmeta["flow"]), info
+
+
+def check_guidance(info: dict, cfg_scale: float, key: str = "sample.cfg_scale") -> None:
+    """Refuse classifier-free guidance with experts whose null label was never trained.
+
+    An expert trained with ``label_dropout=0`` never saw the null label, so its
+    "unconditional" velocity is noise from an untrained embedding row and
+    guidance amplifies it.
+    """
+    if float(cfg_scale) == 1.0 or not info.get("num_classes"):
+        return
+    untrained = [k for k, p in info.get("expert_label_dropout", {}).items() if p is not None and float(p) <= 0]
+    if untrained:
+        raise BadInput(
+            f"{key}={cfg_scale} needs each expert's unconditional branch, but experts {untrained} were trained "
+            f"with expert.label_dropout=0 (their null label is untrained): sample with {key}=1, or retrain "
+            f"them with expert.label_dropout > 0 (e.g. 0.1)"
+        )
 
 
 def _check_router(router, rmeta: dict, rd: RunDir) -> None:

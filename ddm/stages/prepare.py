@@ -71,6 +71,13 @@ def run(cfg) -> dict:
         folder, int(cfg.data.shard_size), source=cfg.data.source, split=source.split, **source.meta.as_dict()
     ) as writer:
         for sample in tqdm(source.samples, desc="prepare", unit="img", disable=None):
+            if source.meta.num_classes and sample.label < 0:
+                # A class-conditional expert would look this label up in its embedding table: on a GPU
+                # that is a device-side assert hours into training. Refuse it here, naming the sample.
+                raise BadInput(
+                    f"{sample.origin} has no label (-1) but the data has {source.meta.num_classes} classes: "
+                    f"label every sample, or set data.num_classes=0 to train unconditional experts"
+                )
             writer.write(sample.key, sample.image, sample.label, sample.caption)
             keys.append(sample.key)
         if not keys:

@@ -32,7 +32,7 @@ from ddm.errors import BadInput
 from ddm.images import to_uint8
 from ddm.io import atomic_path, read_json, write_json
 from ddm.sampling import load_ensemble, num_evaluations, sample
-from ddm.sampling.checkpoints import AVAILABLE, expert_ids_on_disk
+from ddm.sampling.checkpoints import AVAILABLE, check_guidance, expert_ids_on_disk
 from ddm.stages.runner import note_skipped
 from ddm.viz import plot_usage, save_grid
 
@@ -125,6 +125,7 @@ def run(cfg) -> dict:
         temperature=float(settings["temperature"]),
         generator=gen_route,
     )
+    check_guidance(info, settings["cfg_scale"])
     num_classes = int(info["num_classes"])
     labels, num_grid = plan_labels(num_classes, int(sc.per_class), int(settings["num_samples"]), gen_noise)
     total = num_grid + int(settings["num_samples"]) if labels is None else len(labels)

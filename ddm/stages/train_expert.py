@@ -145,7 +145,11 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict) -> Job:
         weights=rd.expert_weights(k),
         record=rd.expert_record(k),
         export_meta=dict(
-            expert_id=k, num_experts=int(manifest["num_clusters"]), clustering_id=manifest["clustering_id"]
+            expert_id=k,
+            num_experts=int(manifest["num_clusters"]),
+            clustering_id=manifest["clustering_id"],
+            # guidance needs the null label trained: the sampler refuses cfg_scale != 1 when this is 0
+            label_dropout=float(ex.label_dropout),
         ),
         config=OmegaConf.to_container(cfg, resolve=True),
     )

@@ -29,6 +29,7 @@ from ddm.images import batch_to_model_space
 from ddm.io import read_json
 from ddm.jobs import ROUTER_JOB, ensemble_name, expert_job
 from ddm.sampling import load_ensemble
+from ddm.sampling.checkpoints import check_guidance
 from ddm.seeds import ROUTING_OFFSET, generator
 from ddm.stages.evaluation import evaluation_dir
 from ddm.stages.evaluation.clusters import cluster_labels
@@ -53,6 +54,7 @@ class EvaluationContext:
         self.base, self.path, self.info = load_ensemble(
             rd.root, strategy="top1", subset=self.sc["experts"], device=self.device
         )
+        check_guidance(self.info, self.sc["cfg_scale"])
         self.num_classes = int(self.info["num_classes"])
         self.conditional = self.num_classes > 0
         self.shape = (int(self.info["in_channels"]), int(self.info["image_size"]), int(self.info["image_size"]))
