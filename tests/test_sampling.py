@@ -239,6 +239,30 @@ def test_load_ensemble_builds_a_working_model(tmp_path):
     assert x.shape == (4, 1, IMAGE, IMAGE) and torch.isfinite(x).all()
 
 
+def test_a_damaged_expert_file_is_named_with_the_fix(tmp_path):
+    from ddm.errors import Unusable
+
+    rd = make_run(tmp_path, K=2)
+    data = rd.expert_weights(1).read_bytes()
+    rd.expert_weights(1).write_bytes(data[: len(data) // 2])  # a copy cut off half-way
+    with pytest.raises(Unusable, match=r"expert-01/expert.pt is damaged .*copy it again.*redo=true"):
+        load_ensemble(rd.root)
+
+
+def test_an_expert_file_that_differs_from_its_recorded_checksum_is_refused(tmp_path):
+    from ddm.errors import Unusable
+    from ddm.io import sha256_file
+
+    rd = make_run(tmp_path, K=2)
+    write_json(rd.expert_record(0), dict(weights_sha256=sha256_file(rd.expert_weights(0))))
+    load_ensemble(rd.root)  # as recorded: loads
+    payload = torch.load(rd.expert_weights(0), weights_only=True)
+    payload["state_dict"]["final.bias"] += 1.0  # other weights under the same name: a mixed-up copy
+    torch.save(payload, rd.expert_weights(0))
+    with pytest.raises(Unusable, match=r"expert-00/expert.pt does not match the checksum in .*record.json"):
+        load_ensemble(rd.root)
+
+
 def test_loader_rejects_a_k_mismatch(tmp_path):
     rd = make_run(tmp_path, K=2)
     write_json(rd.cluster_report, dict(k=3, clustering_id="abc"))

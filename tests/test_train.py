@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from ddm.io import read_json
+from ddm.io import read_json, sha256_file
 from ddm.stages import train_expert, train_router
 from tests.fabricate import make_partitions
 
@@ -36,6 +36,19 @@ def test_expert_trains_alone_and_touches_only_its_own_folder(fast_cfg, tmp_path)
     payload = torch.load(rd.expert_weights(1), weights_only=False)
     assert payload["kind"] == "expert" and payload["expert_id"] == 1 and payload["steps"] == 5
     assert payload["label_dropout"] == 0.1  # the sampler refuses guidance when it is 0
+    # the weights' checksum goes into the record: a sampler can tell a damaged copy
+    assert read_json(rd.expert_record(1))["weights_sha256"] == sha256_file(rd.expert_weights(1))
+
+
+def test_a_damaged_partition_shard_stops_the_expert_naming_it(fast_cfg, tmp_path):
+    rd = make_partitions(tmp_path / "run")
+    shard = rd.partition(0) / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of a sample
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"shard-000001.tar does not match the checksum in its manifest"):
+        train_expert.run(fast_cfg("expert.steps=2"))
+    assert not rd.expert_record(0).exists()
 
 
 def test_expert_rerun_skips_and_redo_retrains(fast_cfg, tmp_path):

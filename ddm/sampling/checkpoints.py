@@ -21,9 +21,9 @@ import torch
 
 from ddm.artifacts import RunDir
 from ddm.ensemble import Ensemble
-from ddm.errors import BadInput, MissingInput
+from ddm.errors import BadInput, MissingInput, Unusable
 from ddm.flow import FlowPath, flow_path_from_config
-from ddm.io import read_json
+from ddm.io import read_json, sha256_file
 from ddm.jobs import expert_id_of, expert_job
 from ddm.models.dit import DiT, DiTClassifier
 
@@ -43,7 +43,14 @@ def _load(path: str | os.PathLike, kind: str, map_location) -> dict:
     if not path.exists():
         stage = "train-expert" if kind == "expert" else "train-router"
         raise MissingInput(f"no {kind} weights at {path}: run `ddm {stage}` first")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    stage = "train-expert" if kind == "expert" else "train-router"
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated or overwritten file fails in many ways inside torch
+        raise Unusable(
+            f"{path} is damaged or not a {kind} file ({type(e).__name__}: {str(e)[:160]}): copy it again from "
+            f"where it was trained, or retrain it with `ddm {stage} redo=true`"
+        ) from e
     if not isinstance(payload, dict) or payload.get("kind") != kind:
         found = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
         raise BadInput(
@@ -70,6 +77,18 @@ def load_expert(path: str | os.PathLike, map_location="cpu") -> tuple[DiT, dict]
 def load_router(path: str | os.PathLike, map_location="cpu") -> tuple[DiTClassifier, dict]:
     """The router network and its metadata."""
     return _build(DiTClassifier, _load(path, "router", map_location), path)
+
+
+def verify_weights(path: Path, record_path: Path) -> None:
+    """Check ``path`` against the ``weights_sha256`` its job recorded in ``record_path`` (when there is one)."""
+    if not record_path.exists():
+        return
+    want = read_json(record_path).get("weights_sha256")
+    if want is not None and sha256_file(path) != want:
+        raise Unusable(
+            f"{path} does not match the checksum in {record_path}: the file was changed or damaged on its way; "
+            f"copy experts/ or router/ again from the island that trained it, or retrain it with redo=true"
+        )
 
 
 def expert_ids_on_disk(rd: RunDir) -> list[int]:
@@ -109,6 +128,8 @@ def load_ensemble(
     and the image shape.
     """
     rd = RunDir(run_dir)
+    if rd.router_weights.exists():
+        verify_weights(rd.router_weights, rd.router_record)
     router, rmeta = load_router(rd.router_weights)
     K, cid = int(rmeta["num_experts"]), rmeta["clustering_id"]
     _check_router(router, rmeta, rd)
@@ -119,6 +140,7 @@ def load_ensemble(
 
     experts, metas = {}, {}
     for k in wanted:
+        verify_weights(rd.expert_weights(k), rd.expert_record(k))
         experts[k], metas[k] = load_expert(rd.expert_weights(k))
         _check_expert(k, metas[k], rmeta)
     _check_num_classes(experts, router, metas, rmeta)

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
 from ddm.data.loader import batch_loader, sample_stream
-from ddm.data.shards import load_manifest, shard_paths
+from ddm.data.shards import load_manifest, shard_paths, verify
 from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json
 from ddm.jobs import expert_job
@@ -66,7 +66,9 @@ def run(cfg) -> dict:
             f"expert.id={k}: no partition at {part_dir} (run `ddm partition` first, or check that "
             f"expert.id is below the number of clusters)"
         )
-    manifest = load_manifest(part_dir)
+    # Shards travel between islands and people: train only on what the partition stage recorded.
+    # (Streamed shards, expert.shard_url, are not read twice to check them.)
+    manifest = load_manifest(part_dir) if cfg.expert.get("shard_url") else verify(part_dir)
     if int(manifest["cluster"]) != k:
         raise BadInput(
             f"{part_dir}/manifest.json says cluster {manifest['cluster']}, expected {k}: rerun "

@@ -30,7 +30,7 @@ import lightning as L
 import torch
 
 from ddm.eval.flops import count_flops
-from ddm.io import write_json
+from ddm.io import sha256_file, write_json
 from ddm.models.dit import count_params
 from ddm.train.export import save_weights
 from ddm.train.records import FailureRecord, clear_failure
@@ -174,6 +174,8 @@ def run_job(job: Job, finish: Callable[[Trained], dict]) -> dict:
         save_weights(
             job.weights, job.schedule.kind, net, trained.module.path.config(), **job.export_meta, steps=trained.steps
         )
+        # expert.pt travels: its checksum in record.json lets a sampler detect a damaged copy
+        record["weights_sha256"] = sha256_file(job.weights)
         write_json(job.record, record)
         clear_failure(job.folder)
         return record
