@@ -43,6 +43,15 @@ def stream_seed(*parts: int) -> int:
     return int(state[0] >> np.uint64(1))  # 63 bits: torch, NumPy (mod 2**32) and Python all accept it
 
 
+def data_stream_seed(seed: int, start_step: int) -> int:
+    """The seed of a job's data stream when it starts (or resumes) at ``start_step``.
+
+    A fresh job reads with its own seed; a resumed one with a seed mixed with the
+    step it resumes at, so it does not read again the samples it began with.
+    """
+    return int(seed) if int(start_step) == 0 else stream_seed(seed, start_step)
+
+
 def expert_seed(seed: int, expert_id: int) -> int:
     return int(seed) + EXPERT_STRIDE * int(expert_id)
 

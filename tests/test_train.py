@@ -84,6 +84,29 @@ def test_interrupted_expert_resumes_to_exact_step_count(fast_cfg, tmp_path, monk
     assert record["resumed_from"].endswith("last.ckpt")
 
 
+def test_a_resumed_expert_reads_on_instead_of_replaying_its_first_batches(fast_cfg, tmp_path, monkeypatch):
+    make_partitions(tmp_path / "run")
+    cfg = fast_cfg("expert.steps=4", "expert.ckpt_every=2")
+    original = train_expert.ExpertModule.training_step
+    seen, attempt = [], [1]  # (attempt, step, digest of the batch)
+
+    def recording(self, batch, idx):
+        if attempt[0] == 1 and self.global_step == 2:
+            raise KeyboardInterrupt  # after the checkpoint of step 2
+        seen.append((attempt[0], self.global_step, float(batch[0].double().sum())))
+        return original(self, batch, idx)
+
+    monkeypatch.setattr(train_expert.ExpertModule, "training_step", recording)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        train_expert.run(cfg)
+    attempt[0] = 2
+    assert train_expert.run(cfg)["steps"] == 4
+    first = [d for a, _, d in seen if a == 1]
+    second = [(step, d) for a, step, d in seen if a == 2]
+    assert len(first) == 2 and [step for step, _ in second] == [2, 3]
+    assert [d for _, d in second] != first, "the resumed job read its first batches again"
+
+
 def _poison_at(monkeypatch, step):
     """Make the expert's batch NaN at ``step``, so its loss is not finite there."""
     original = train_expert.ExpertModule.training_step

@@ -24,7 +24,7 @@ from ddm.data.shards import load_manifest, shard_paths, verify
 from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json
 from ddm.jobs import expert_job
-from ddm.seeds import expert_seed
+from ddm.seeds import data_stream_seed, expert_seed
 from ddm.stages.runner import skip
 from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.modules import ExpertModule
@@ -124,10 +124,12 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict) -> Job:
             expert_id=k,
         )
 
-    def build_loader(batch: int):
+    def build_loader(batch: int, start_step: int):
         # Inside the job: a bad shard_url is a failure of this job, recorded in its failed.json.
         urls = shard_paths(rd.partition(k), manifest, url=ex.get("shard_url"))
-        stream = sample_stream(urls, int(manifest["channels"]), seed=seed, shuffle_buffer=ex.shuffle_buffer)
+        stream = sample_stream(
+            urls, int(manifest["channels"]), seed=data_stream_seed(seed, start_step), shuffle_buffer=ex.shuffle_buffer
+        )
         return batch_loader(stream, batch, int(cfg.island.num_workers))
 
     return Job(

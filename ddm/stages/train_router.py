@@ -28,7 +28,7 @@ from ddm.eval.router_diag import router_diagnostics
 from ddm.flow import FlowPath
 from ddm.io import read_json
 from ddm.jobs import ROUTER_JOB
-from ddm.seeds import router_seed
+from ddm.seeds import data_stream_seed, router_seed
 from ddm.stages.runner import skip
 from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.modules import RouterModule
@@ -120,9 +120,9 @@ def _job(cfg, rd: RunDir, index: dict, manifests: list[dict], train_shards: list
             label_dropout=rc.label_dropout,
         )
 
-    def build_loader(batch: int):
+    def build_loader(batch: int, start_step: int):
         parts = [(urls, float(m["num_samples"])) for urls, m in zip(train_shards, manifests)]
-        stream = mixed_stream(parts, int(meta["channels"]), int(cfg.seed), rc.shuffle_buffer)
+        stream = mixed_stream(parts, int(meta["channels"]), data_stream_seed(cfg.seed, start_step), rc.shuffle_buffer)
         return batch_loader(stream, batch, int(cfg.island.num_workers))
 
     return Job(

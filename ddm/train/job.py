@@ -32,6 +32,7 @@ import torch
 from ddm.eval.flops import count_flops
 from ddm.io import sha256_file, write_json
 from ddm.models.dit import count_params
+from ddm.train.checkpoint_io import inspect_checkpoint
 from ddm.train.export import save_weights
 from ddm.train.records import FailureRecord, clear_failure
 from ddm.train.signals import PreemptionGuard
@@ -87,7 +88,8 @@ class Job:
     identity: dict  # stored in every checkpoint: a resume refuses a checkpoint of other data
     seed: int
     build_module: Callable[[], L.LightningModule]  # called after seeding
-    build_loader: Callable[[int], Iterable]  # the per-device batch size -> training batches
+    # (per-device batch size, the step training starts or resumes at) -> training batches
+    build_loader: Callable[[int, int], Iterable]
     schedule: Schedule
     island: Any  # the island's config: devices, strategy, precision, threads
     logger: Any  # the logger's config: csv, tensorboard or wandb
@@ -204,8 +206,9 @@ def _fit(job: Job, guard: PreemptionGuard, failure: FailureRecord) -> Trained | 
     )
     failure.trainer = trainer
     batch = per_device_batch(s.batch_size, trainer, s.kind)
-    loader = job.build_loader(batch)
     resume = last_checkpoint(job.folder, job.identity)
+    start_step = int(inspect_checkpoint(resume)[0]["global_step"]) if resume else 0
+    loader = job.build_loader(batch, start_step)
     if resume:
         log.info("%s: resuming from %s", job.title, resume)
     fit_job(trainer, module, loader, resume, guard, s.requeue, job.title)
