@@ -107,6 +107,17 @@ def test_a_resumed_expert_reads_on_instead_of_replaying_its_first_batches(fast_c
     assert [d for _, d in second] != first, "the resumed job read its first batches again"
 
 
+def test_one_seed_trains_the_same_expert_twice(fast_cfg, tmp_path):
+    """Every stream is seeded (init, noise, shards, shuffle buffers): two runs give bit-identical weights."""
+    weights = []
+    for name in ("a", "b"):
+        rd = make_partitions(tmp_path / name)
+        train_expert.run(fast_cfg("expert.steps=3", run_dir=rd.root))
+        weights.append(torch.load(rd.expert_weights(0), weights_only=True)["state_dict"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def _poison_at(monkeypatch, step):
     """Make the expert's batch NaN at ``step``, so its loss is not finite there."""
     original = train_expert.ExpertModule.training_step
