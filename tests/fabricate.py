@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 from omegaconf import OmegaConf
 
@@ -82,3 +86,21 @@ def cluster_cfg(run: RunDir, method: str, **overrides):
     for key, value in overrides.items():
         OmegaConf.update(cfg, key.replace("__", "."), value)
     return cfg
+
+
+def train_expert_on_two_ranks(rd: RunDir, cwd, *overrides: str, env: dict | None = None):
+    """``python -m ddm train-expert`` as a 2-rank gloo DDP island on CPU; returns the finished process."""
+    full_env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", **(env or {}))
+    full_env.pop("DDM_STAGE", None)  # the ranks must not think they are children of another launch
+    cmd = [
+        sys.executable,
+        "-m",
+        "ddm",
+        "train-expert",
+        f"run_dir={rd.root}",
+        *FAST_JOB,
+        "island.devices=2",
+        "island.strategy=ddp",
+        *overrides,
+    ]
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)

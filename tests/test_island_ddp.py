@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 from ddm.io import read_json
-from tests.fabricate import FAST_JOB, make_partitions
+from tests.fabricate import make_partitions, train_expert_on_two_ranks
 
 
 def test_two_rank_ddp_island_trains_one_expert(tmp_path):
     rd = make_partitions(tmp_path / "run", sizes=(40, 40))
-    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1")
-    env.pop("DDM_STAGE", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "ddm",
-        "train-expert",
-        f"run_dir={rd.root}",
-        *FAST_JOB,
-        "expert.id=1",
-        "island.devices=2",
-        "island.strategy=ddp",
-        "expert.steps=4",
-    ]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = train_expert_on_two_ranks(rd, tmp_path, "expert.id=1", "expert.steps=4")
     assert out.returncode == 0, out.stderr[-3000:]
     record = read_json(rd.expert_record(1))
     hw = record["hardware"]

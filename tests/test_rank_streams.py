@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +11,7 @@ import torch
 
 from ddm.data.loader import seeded_shuffle
 from ddm.train.streams import RankStreams
-from tests.fabricate import FAST_JOB, make_partitions
+from tests.fabricate import make_partitions, train_expert_on_two_ranks
 
 # Loaded by every Python process started with this folder on PYTHONPATH, DDP ranks included: it records
 # what FlowPath.noised draws (t, the first noise values) and a digest of the clean batch, per rank.
@@ -65,27 +63,9 @@ def test_two_ddp_ranks_draw_different_noise_on_different_data(tmp_path):
     draws.mkdir()
     root = Path(__file__).resolve().parent.parent
     env = dict(
-        os.environ,
-        WANDB_MODE="offline",
-        HF_HUB_OFFLINE="1",
-        DDM_DRAWS_DIR=str(draws),
-        PYTHONPATH=os.pathsep.join([str(hook), str(root), os.environ.get("PYTHONPATH", "")]),
+        DDM_DRAWS_DIR=str(draws), PYTHONPATH=os.pathsep.join([str(hook), str(root), os.environ.get("PYTHONPATH", "")])
     )
-    env.pop("DDM_STAGE", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "ddm",
-        "train-expert",
-        f"run_dir={rd.root}",
-        *FAST_JOB,
-        "expert.id=0",
-        "island.devices=2",
-        "island.strategy=ddp",
-        "expert.steps=3",
-        "expert.label_dropout=0",
-    ]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = train_expert_on_two_ranks(rd, tmp_path, "expert.id=0", "expert.steps=3", "expert.label_dropout=0", env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [[json.loads(line) for line in (draws / f"rank-{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 3  # one draw per step on each rank

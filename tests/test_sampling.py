@@ -444,3 +444,11 @@ def test_guidance_is_refused_for_experts_with_an_untrained_null_label():
     check_guidance(info, 1.0)  # no guidance: nothing to refuse
     check_guidance(dict(info, num_classes=0), 1.5)  # unconditional: guidance is ignored anyway
     check_guidance(dict(num_classes=10, expert_label_dropout={0: 0.1, 2: None}), 3.0)  # None: an older file
+
+
+def test_a_velocity_model_must_define_forward():
+    class NoForward(VelocityModel):
+        num_classes = 3
+
+    with pytest.raises(TypeError, match="abstract"):
+        NoForward()

@@ -22,6 +22,7 @@ batch, which needs their ``num_classes``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -30,13 +31,17 @@ import torch.nn as nn
 from ddm.errors import BadInput
 
 
-class VelocityModel(nn.Module):
-    """Base class of every model with the velocity interface (see the module docstring)."""
+class VelocityModel(nn.Module, ABC):
+    """Base class of every model with the velocity interface (see the module docstring).
+
+    Abstract: a subclass that does not define ``forward`` cannot be instantiated.
+    """
 
     num_classes: int | None = None
 
+    @abstractmethod
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """The velocity ``v(x, t, y)``, shaped like ``x``."""
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, scale: float) -> torch.Tensor:
         """Classifier-free guidance: v_uncond + scale * (v_cond - v_uncond), in one doubled batch."""
