@@ -10,13 +10,15 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format data slurm weights clean-demo bench paper help
+.PHONY: install demo test lint format data slurm weights clean-demo bench bench-train gpu-check paper help
 
 help:
 	@echo "make demo   - install and run the whole pipeline on Fashion-MNIST (ARGS='key=value ...' to override)"
 	@echo "make test   - install, lint and run the tests"
 	@echo "make lint   - ruff: lint and format check (make format rewrites the files)"
 	@echo "make bench  - sampling-cost benchmark on the demo run"
+	@echo "make bench-train - training throughput (step time, img/s, memory, TFLOP/s, MFU on a GPU); ARGS='--size DiT-XL/2 ...'"
+	@echo "make gpu-check - on a CUDA machine: GPU tests, training and sampling benchmarks, a tiny GPU pipeline"
 	@echo "make paper  - the small-scale paper table on Fashion-MNIST (runs/paper_small; about 55 min on 2 idle cores)"
 	@echo "make weights - ImageNet MobileNetV2 weights for clustering by meaning (embed=torchvision)"
 
@@ -87,6 +89,12 @@ test: install lint
 
 bench: install
 	$(BIN)/python scripts/bench_sampling.py $(ARGS)
+
+bench-train: install
+	$(BIN)/python scripts/bench_train.py $(ARGS)
+
+gpu-check: install
+	PYTHON=$(BIN)/python scripts/gpu_check.sh
 
 # The small-scale paper table (docs/results.md): monolith vs DDM at equal training FLOPs.
 # ARGS=paper.dry_run=true prints the plan and a timed estimate; ARGS=island.threads=1 on shared cores.

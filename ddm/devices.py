@@ -1,4 +1,4 @@
-"""Choosing a torch device from a config string."""
+"""Choosing a torch device, and the precision models run in on it, from config strings."""
 
 from __future__ import annotations
 
@@ -25,3 +25,33 @@ def resolve_device(name: str | None, key: str = "device") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BadInput(f"{key}={name} but no CUDA device is visible: use {key}=cpu or {key}=auto")
     return torch.device(name)
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def autocast_dtype(name: str | None, device: torch.device, key: str = "precision") -> torch.dtype | None:
+    """The dtype model calls are autocast to, or None for full fp32.
+
+    ``auto``: bf16 on a CUDA device that supports it (tensor cores; the
+    solver's state stays fp32), fp32 elsewhere (CPU bf16 matmuls are slow on
+    most CPUs). ``bf16`` is refused on a device without bf16 support.
+    """
+    name = str(name or "auto")
+    if name not in PRECISIONS:
+        raise BadInput(f"{key}={name!r} is not one of {', '.join(PRECISIONS)}")
+    if name == "fp32":
+        return None
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if name == "auto":
+        return torch.bfloat16 if cuda_bf16 else None
+    if device.type == "cuda" and not cuda_bf16:
+        raise BadInput(f"{key}=bf16 but {torch.cuda.get_device_name(device)} has no bf16: use {key}=fp32")
+    return torch.bfloat16
+
+
+def allow_tf32(device: torch.device) -> None:
+    """On CUDA, let fp32 matmuls and convolutions use TF32 tensor cores (what is left outside autocast)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

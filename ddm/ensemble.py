@@ -118,7 +118,8 @@ class Ensemble(VelocityModel):
             raise BadInput(f"the router gave {logits.shape[-1]} logits but the ensemble has {self.num_experts} experts")
         if self._subset_index is not None:
             logits = logits.index_select(1, self._subset_index)
-        probs = (logits / self.temperature).softmax(dim=-1)
+        # fp32 even under autocast: bf16 probabilities would tie near-equal experts and bias top-1
+        probs = (logits.to(torch.promote_types(logits.dtype, torch.float32)) / self.temperature).softmax(dim=-1)
         return self._select(probs)
 
     def _select(self, probs: torch.Tensor):

@@ -30,7 +30,11 @@ class MissingConfig(UserError, KeyError):
 
 
 class Diverged(UserError, FloatingPointError):
-    """Training produced a non-finite loss."""
+    """Training produced a non-finite loss; ``step`` is the step that did, when it is known."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 class Unusable(UserError, RuntimeError):

@@ -10,11 +10,28 @@ import numpy as np
 import torch
 
 
+def to_chw_uint8(image: np.ndarray) -> torch.Tensor:
+    """One uint8 image, HxW or HxWxC -> uint8 CxHxW, still 0..255 (what the training loader yields)."""
+    x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))  # decoded arrays are read-only
+    return x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1).contiguous()
+
+
 def to_model_space(image: np.ndarray) -> torch.Tensor:
     """One uint8 image, HxW or HxWxC -> float32 CxHxW in [-1, 1]."""
-    x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))  # decoded arrays are read-only
-    x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
-    return x.float().div_(127.5).sub_(1.0)
+    return to_chw_uint8(image).float().div_(127.5).sub_(1.0)
+
+
+def batch_to_model_space_on_device(x: torch.Tensor) -> torch.Tensor:
+    """A training batch -> float32 in [-1, 1], computed where the batch is (the GPU, in training).
+
+    uint8 batches are pixels (0..255) and are scaled; a floating-point batch is
+    taken to be in model space already and is returned as it is.
+    """
+    if x.dtype == torch.uint8:
+        return x.float().div_(127.5).sub_(1.0)
+    if not x.is_floating_point():
+        raise TypeError(f"a training batch must be uint8 pixels or floating point, got {x.dtype}")
+    return x
 
 
 def batch_to_nchw(images: np.ndarray) -> torch.Tensor:

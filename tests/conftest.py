@@ -28,3 +28,15 @@ def fast_cfg(make_cfg):
     from tests.fabricate import FAST_JOB
 
     return lambda *overrides, run_dir=None: make_cfg(*FAST_JOB, *overrides, run_dir=run_dir)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where CUDA is visible (``make gpu-check``); elsewhere they are skipped."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -14,7 +14,7 @@ import torch
 import webdataset as wds
 
 from ddm.errors import BadInput
-from ddm.images import to_model_space
+from ddm.images import to_chw_uint8
 from ddm.seeds import partition_stream_seed, stream_seed
 
 
@@ -23,12 +23,17 @@ def _decoder(channels: int) -> str:
 
 
 def sample_stream(urls: list[str], channels: int, seed: int, shuffle_buffer: int = 1000, tag: int | None = None):
-    """An infinite pipeline of ``(image, label)`` (or ``(image, label, tag)``) from resampled shards."""
+    """An infinite pipeline of ``(image, label)`` (or ``(image, label, tag)``) from resampled shards.
+
+    Images stay uint8 CxHxW: the training step scales them on its device
+    (``ddm.images.batch_to_model_space_on_device``), so workers, shared memory
+    and the host-to-device copy move a quarter of the bytes of float32.
+    """
     if not urls:
         raise BadInput("sample_stream needs at least one shard")
 
     def to_tuple(sample):
-        x = to_model_space(sample["png"])
+        x = to_chw_uint8(sample["png"])
         y = int(sample["cls"])
         return (x, y) if tag is None else (x, y, tag)
 

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from ddm import seeds
 from ddm.artifacts import RunDir
-from ddm.devices import resolve_device
+from ddm.devices import allow_tf32, autocast_dtype, resolve_device
 from ddm.errors import BadInput
 from ddm.images import to_uint8
 from ddm.io import atomic_path, read_json, write_json
@@ -50,6 +50,7 @@ SETTINGS = (
     "per_class",
     "num_samples",
     "seed",
+    "precision",
 )
 
 
@@ -112,6 +113,8 @@ def run(cfg) -> dict:
 
     start = time.perf_counter()
     device = resolve_device(sc.device, "sample.device")
+    autocast_dtype(settings["precision"], device, "sample.precision")  # a bad value fails before loading
+    allow_tf32(device)
     seed = int(settings["seed"])
     # CPU generators: the same seed gives the same noise and routing draws on any device.
     gen_noise = seeds.generator(seed)
@@ -173,6 +176,7 @@ def run(cfg) -> dict:
 
 def draw(ensemble, path, shape, labels, total, batch_size, settings, generator, device):
     """Sample ``total`` images in batches; usage records merged per solver evaluation."""
+    precision = autocast_dtype(settings.get("precision"), torch.device(device), "sample.precision")
     n_eval = num_evaluations(int(settings["steps"]), settings["solver"])
     counts = np.zeros((n_eval, ensemble.num_experts))
     weights = np.zeros((n_eval, ensemble.num_experts))
@@ -192,6 +196,7 @@ def draw(ensemble, path, shape, labels, total, batch_size, settings, generator, 
             cfg_scale=float(settings["cfg_scale"]),
             generator=generator,
             device=device,
+            autocast=precision,
         )
         chunks.append(to_uint8(x))
         for i, rec in enumerate(ensemble.usage):

@@ -122,6 +122,8 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict) -> Job:
             label_dropout=ex.label_dropout,
             ema_decay=ex.ema_decay,
             expert_id=k,
+            nan_check_every=int(ex.get("nan_check_every", 10)),
+            compile=bool(cfg.model.get("compile", False)),
         )
 
     def build_loader(batch: int, start_step: int):

@@ -118,6 +118,8 @@ def _job(cfg, rd: RunDir, index: dict, manifests: list[dict], train_shards: list
             warmup_steps=rc.warmup_steps,
             total_steps=rc.steps,
             label_dropout=rc.label_dropout,
+            nan_check_every=int(rc.get("nan_check_every", 10)),
+            compile=bool(rc.get("compile", False)),
         )
 
     def build_loader(batch: int, start_step: int):

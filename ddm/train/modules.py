@@ -3,6 +3,11 @@
 Both draw their noisy inputs from the same ``FlowPath`` that the sampler uses.
 Nothing here communicates outside the island: the only collective operations
 are Lightning's own data-parallel ones among the devices of one job.
+
+A training step makes no host sync of its own: pixels arrive as uint8 and are
+scaled on the device (a quarter of the bytes through the loader and the
+host-to-device copy), and the loss is checked for NaN every few steps by a
+``LossWatch`` rather than read every step.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from ddm.errors import Diverged
 from ddm.flow import FlowPath
+from ddm.images import batch_to_model_space_on_device
 from ddm.models.dit import DiT, DiTClassifier
 from ddm.train.ema import ema_decay_at, make_ema, update_ema
+from ddm.train.loss_watch import LossWatch
 
 
 def _warmup_cosine(warmup: int, total: int, min_ratio: float = 0.1):
@@ -31,27 +37,47 @@ def _warmup_cosine(warmup: int, total: int, min_ratio: float = 0.1):
     return fn
 
 
-def _check_finite(loss: torch.Tensor, what: str, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise Diverged(
-            f"{what}: the loss is {loss.item()} at step {step}; training stopped. Lower the learning rate, "
-            f"check the input data for NaNs, or resume from an earlier checkpoint."
-        )
+def fused_adamw_available(params) -> bool:
+    """AdamW's fused kernel (one launch for every parameter) runs when all parameters are on CUDA."""
+    return all(p.is_cuda for p in params)
 
 
 class _Base(L.LightningModule):
-    def __init__(
-        self, flow: dict, lr: float, weight_decay: float, warmup_steps: int, total_steps: int, label_dropout: float
-    ):
+    def __init__(self, what: str, flow: dict, nan_check_every: int, compile: bool):
         super().__init__()
         self.path = FlowPath(**flow)
-        self._recent: list[float] = []  # losses of the last steps, for the record
+        self.losses = LossWatch(what, nan_check_every)
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=(0.9, 0.99))
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(
+            params,
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            betas=(0.9, 0.99),
+            fused=fused_adamw_available(params) or None,  # None: torch's default (foreach) elsewhere
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(hp.warmup_steps, hp.total_steps))
         return dict(optimizer=opt, lr_scheduler=dict(scheduler=sched, interval="step"))
+
+    def on_fit_start(self) -> None:
+        # Compiled after Lightning placed (and, under DDP/FSDP, wrapped) the network; in place, so the
+        # state dict keeps its names and checkpoints load into an uncompiled network.
+        if self.hparams.compile:
+            self.net.compile()
+
+    def watch(self, loss: torch.Tensor) -> None:
+        """Record this step's loss; every few steps check it (see ``LossWatch``)."""
+        self.losses.add(loss, self.global_step)
+        if self.losses.due(self.global_step):
+            self.losses.check(self.global_step, self._strategy())
+
+    def _strategy(self):
+        return self.trainer.strategy if self._trainer is not None else None
+
+    def on_train_end(self) -> None:
+        self.losses.check(self.global_step, self._strategy())  # the exported weights must be finite
 
     def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
         """Replace labels by the null label with probability label_dropout (trains the unconditional branch)."""
@@ -61,21 +87,19 @@ class _Base(L.LightningModule):
         drop = torch.rand(y.shape, device=y.device) < p
         return torch.where(drop, torch.full_like(y, self.net.num_classes), y)
 
-    def remember(self, loss: torch.Tensor, every: int = 10) -> None:
-        # Only sync with the device every few steps: .item() would stall a GPU each step.
-        if self.global_step % every == 0:
-            self._recent = (self._recent + [loss.item()])[-20:]
-
     def on_save_checkpoint(self, checkpoint) -> None:
+        # No checkpoint of diverged weights: a resume would start from NaNs.
+        self.losses.check(self.global_step, self._strategy())
         # The recent losses travel with the checkpoint: a resumed job still reports its final loss.
-        checkpoint["ddm_recent_losses"] = list(self._recent)
+        checkpoint["ddm_recent_losses"] = self.losses.recent()
 
     def on_load_checkpoint(self, checkpoint) -> None:
-        self._recent = list(checkpoint.get("ddm_recent_losses", []))
+        self.losses.restore(checkpoint.get("ddm_recent_losses", []), int(checkpoint.get("global_step", 0)))
 
     @property
     def recent_loss(self) -> float | None:
-        return sum(self._recent) / len(self._recent) if self._recent else None
+        recent = self.losses.recent()
+        return sum(recent) / len(recent) if recent else None
 
 
 class ExpertModule(_Base):
@@ -92,20 +116,21 @@ class ExpertModule(_Base):
         label_dropout: float = 0.1,
         ema_decay: float = 0.999,
         expert_id: int = 0,
+        nan_check_every: int = 10,
+        compile: bool = False,
     ):
-        super().__init__(flow, lr, weight_decay, warmup_steps, total_steps, label_dropout)
+        super().__init__(f"expert {expert_id}", flow, nan_check_every, compile)
         self.save_hyperparameters()
         self.net = DiT(**model)
         self.ema = make_ema(self.net)
         self._ema_step = 0  # the optimizer step the EMA last moved at
 
     def training_step(self, batch, batch_idx):
-        x0, y = batch[0], batch[1]
+        x0, y = batch_to_model_space_on_device(batch[0]), batch[1]
         point = self.path.noised(x0)  # (t, eps) first, then the label dropout: one fixed order of draws
         loss = self.path.loss_at(self.net, point, self.drop_labels(y)).mean()
-        _check_finite(loss, f"expert {self.hparams.expert_id}", self.global_step)
-        self.log("train/loss", loss, prog_bar=True)
-        self.remember(loss)
+        self.watch(loss)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
         return loss
 
     def on_train_start(self) -> None:
@@ -137,20 +162,21 @@ class RouterModule(_Base):
         warmup_steps: int = 100,
         total_steps: int = 1000,
         label_dropout: float = 0.1,
+        nan_check_every: int = 10,
+        compile: bool = False,
     ):
-        super().__init__(flow, lr, weight_decay, warmup_steps, total_steps, label_dropout)
+        super().__init__("router", flow, nan_check_every, compile)
         self.save_hyperparameters()
         self.net = DiTClassifier(**model)
 
     def training_step(self, batch, batch_idx):
-        x0, y, k = batch
+        x0, y, k = batch_to_model_space_on_device(batch[0]), batch[1], batch[2]
         point = self.path.noised(x0)
         logits = self.net(point.x_t, point.t, self.drop_labels(y))
         loss = F.cross_entropy(logits.float(), k)
-        _check_finite(loss, "router", self.global_step)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", (logits.argmax(1) == k).float().mean())
-        self.remember(loss)
+        self.watch(loss)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(k))
+        self.log("train/acc", (logits.argmax(1) == k).float().mean(), batch_size=len(k))
         return loss
 
     @property

@@ -5,7 +5,8 @@ raises an exception; removed once a later attempt writes its ``record.json``.
 A signal (preemption, time limit) is not a failure and writes nothing here.
 
 Fields: ``job`` (expert-KK or router), ``error_type``, ``message``, ``step``
-(the trainer's global step when it raised, or null before training started),
+(the trainer's global step when it raised, or null before training started;
+for a diverged loss, the step whose loss was not finite),
 ``time`` (ISO 8601, UTC), ``traceback`` (its last lines), ``slurm_job_id``.
 """
 
@@ -72,6 +73,8 @@ class FailureRecord:
         if exc is None or not isinstance(exc, Exception):
             return False
         step = int(self.trainer.global_step) if self.trainer is not None else None
+        # the loss is checked every few steps: the step it diverged at is earlier than the trainer's
+        step = getattr(exc, "step", None) if getattr(exc, "step", None) is not None else step
         if self._is_global_zero():
             try:
                 write_failure(self.job_dir, self.job, exc, step)

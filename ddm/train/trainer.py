@@ -189,6 +189,9 @@ def build_trainer(
     quiet_lightning()
     if island.get("threads"):
         torch.set_num_threads(int(island.threads))
+    if torch.cuda.is_available():
+        # what runs outside bf16 autocast (fp32 islands, the optimizer's own math) may use TF32 tensor cores
+        torch.set_float32_matmul_precision("high")
     checkpoint = JobCheckpoint(
         dirpath=job_dir / "checkpoints",
         filename="step-{step:07d}",

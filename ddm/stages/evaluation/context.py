@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ddm.artifacts import RunDir
-from ddm.devices import resolve_device
+from ddm.devices import allow_tf32, resolve_device
 from ddm.ensemble import Ensemble
 from ddm.eval import flops as flop_count
 from ddm.eval.fm_loss import fm_loss_summary
@@ -50,6 +50,7 @@ class EvaluationContext:
         self.seed = int(self.ec.seed)
         self.batch = int(self.ec.batch_size)
         self.device = resolve_device(self.ec.device, "eval.device")
+        allow_tf32(self.device)
         self.strategies = [str(s) for s in (self.ec.strategies or [self.sc["strategy"]])]
         self.base, self.path, self.info = load_ensemble(
             rd.root, strategy="top1", subset=self.sc["experts"], device=self.device
