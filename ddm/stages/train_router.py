@@ -36,18 +36,21 @@ from ddm.train.modules import RouterModule
 log = logging.getLogger("ddm")
 
 
-def accuracy_by_t(net, path: FlowPath, x0, y, k, prior: torch.Tensor, buckets: int, seed: int) -> list[dict]:
+def accuracy_by_t(
+    net, path: FlowPath, x0, y, k, prior: torch.Tensor, buckets: int, seed: int, device=None
+) -> list[dict]:
     """Accuracy, entropy and calibration gap of the router in equal buckets of t, with fixed noise.
 
     The held-out set need not have the clusters' proportions (a small cluster's
     held-out shard is small), so each sample is weighted by prior[k] / count[k]:
     the figures are those of the data distribution. Each row is one of
     ``router_diagnostics`` plus ``calibration_gap`` = |confidence - accuracy|.
+    The router runs on ``device`` (the noise is drawn on the CPU, so the figures do not depend on it).
     """
     counts = torch.bincount(k, minlength=len(prior)).float()
     weights = (prior / counts.clamp_min(1))[k]
-    net.eval()
-    rows = router_diagnostics(net, path, x0, y, k, buckets=buckets, seed=seed, weights=weights)
+    net.eval().to(device or "cpu")
+    rows = router_diagnostics(net, path, x0, y, k, buckets=buckets, seed=seed, weights=weights, device=device)
     return [dict(row, calibration_gap=abs(row["confidence"] - row["accuracy"])) for row in rows]
 
 
@@ -155,7 +158,11 @@ def _record(trained: Trained, cfg, index: dict, manifests: list[dict], held: lis
     rc, module = cfg.router, trained.module
     x0, y, k = eval_set(manifests, held, int(rc.eval_samples))
     sizes = torch.tensor([float(m["num_samples"]) for m in manifests])
-    by_t = accuracy_by_t(module.net, module.path, x0, y, k, sizes / sizes.sum(), int(rc.t_buckets), int(cfg.seed))
+    # on the island's GPU when it has one: Lightning hands the module back on the CPU after the fit
+    device = torch.device("cuda") if cfg.island.accelerator != "cpu" and torch.cuda.is_available() else None
+    by_t = accuracy_by_t(
+        module.net, module.path, x0, y, k, sizes / sizes.sum(), int(rc.t_buckets), int(cfg.seed), device
+    )
     return dict(
         num_experts=len(manifests),
         clustering_id=index["clustering_id"],

@@ -29,6 +29,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from ddm.devices import module_device
 from ddm.eval.flops import count_flops
 from ddm.io import sha256_file, write_json
 from ddm.models.dit import count_params
@@ -153,9 +154,9 @@ class Trained:
 
 def example_inputs(net: torch.nn.Module) -> tuple:
     """One sample's ``(x, t, y)`` for a DiT-trunk network: what its FLOPs are counted on."""
-    trunk = net.trunk
-    x = torch.zeros(1, trunk.in_channels, trunk.image_size, trunk.image_size)
-    return x, torch.zeros(1), torch.zeros(1, dtype=torch.long)
+    trunk, device = net.trunk, module_device(net)
+    x = torch.zeros(1, trunk.in_channels, trunk.image_size, trunk.image_size, device=device)
+    return x, torch.zeros(1, device=device), torch.zeros(1, dtype=torch.long, device=device)
 
 
 def run_job(job: Job, finish: Callable[[Trained], dict]) -> dict:
