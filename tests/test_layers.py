@@ -21,6 +21,7 @@ PACKAGE = ROOT / "ddm"
 
 CORE = (
     "ddm.models",
+    "ddm.latent",
     "ddm.flow",
     "ddm.ensemble",
     "ddm.sampling",
