@@ -5,6 +5,13 @@ latents, any channel count). ``t`` is a float in [0, 1] (see ``ddm.flow``);
 ``y`` holds class labels in ``[0, num_classes)``, or ``num_classes`` for "no
 label" (the classifier-free guidance null token). The same trunk with a pooled
 classification head is the router (``DiTClassifier``).
+
+With ``text_dim > 0`` the network is text-conditional instead (PixArt-alpha
+style): ``y`` is a ``TextCondition``; every block cross-attends to the
+caption's token embeddings (projected to the width, padding masked out) and
+the pooled embedding is added to the adaLN conditioning. A learned null text
+(one token and one pooled vector) stands in for dropped captions and for the
+unconditional half of guidance.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddm.errors import BadInput
+from ddm.models.conditioning import TextCondition
 from ddm.models.velocity import VelocityModel
 
 
@@ -110,10 +118,32 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
-class DiTBlock(nn.Module):
-    """Transformer block whose LayerNorms are modulated by the conditioning (adaLN-Zero)."""
+class CrossAttention(nn.Module):
+    """Image tokens attend to text tokens; ``mask`` [B, L] is True where a text token is real."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(hidden, hidden)
+        self.kv = nn.Linear(hidden, 2 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x, context, mask):
+        b, n, c = x.shape
+        h, d = self.heads, c // self.heads
+        q = self.q(x).reshape(b, n, h, d).transpose(1, 2)
+        k, v = self.kv(context).reshape(b, context.shape[1], 2, h, d).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block whose LayerNorms are modulated by the conditioning (adaLN-Zero).
+
+    With ``cross_attention`` it also attends to the text between its self-attention and its MLP.
+    """
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float = 4.0, cross_attention: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden, heads)
@@ -121,19 +151,56 @@ class DiTBlock(nn.Module):
         inner = int(hidden * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(approximate="tanh"), nn.Linear(inner, hidden))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        if cross_attention:
+            self.norm_x = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+            self.cross = CrossAttention(hidden, heads)
+        else:
+            self.cross = None
 
-    def forward(self, x, c):
+    def forward(self, x, c, text=None):
         s1, sc1, g1, s2, sc2, g2 = self.ada(c).chunk(6, dim=1)
         x = x + g1.unsqueeze(1) * self.attn(modulate(self.norm1(x), s1, sc1))
+        if self.cross is not None:
+            x = x + self.cross(self.norm_x(x), *text)
         return x + g2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), s2, sc2))
+
+
+class TextEmbedder(nn.Module):
+    """Caption tokens and pooled embedding -> the width of the network, with a learned null text."""
+
+    def __init__(self, text_dim: int, hidden: int):
+        super().__init__()
+        self.text_dim = text_dim
+        self.tokens = nn.Sequential(nn.Linear(text_dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, hidden))
+        self.pooled = nn.Linear(text_dim, hidden)
+        self.null_token = nn.Parameter(torch.zeros(text_dim))
+        self.null_pooled = nn.Parameter(torch.zeros(text_dim))
+
+    def forward(self, y: TextCondition) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(context [B, L, H], mask [B, L], pooled [B, H]); a null sample sees one null token only."""
+        if y.tokens.shape[-1] != self.text_dim:
+            raise BadInput(f"the text embeddings are {y.tokens.shape[-1]}-d but this DiT was built for {self.text_dim}")
+        null = y.null[:, None]
+        dtype = self.null_token.dtype
+        tokens = torch.where(null[..., None], self.null_token, y.tokens.to(dtype))
+        first = torch.zeros_like(y.mask)
+        first[:, 0] = True
+        mask = torch.where(null, first, y.mask)
+        pooled = torch.where(null, self.null_pooled, y.pooled.to(dtype))
+        return self.tokens(tokens), mask, self.pooled(pooled)
 
 
 class DiTTrunk(nn.Module):
     """Patchify, embed, and run the conditioned transformer blocks. Shared by DiT and router."""
 
-    def __init__(self, size: str, image_size: int, in_channels: int, num_classes: int):
+    def __init__(self, size: str, image_size: int, in_channels: int, num_classes: int, text_dim: int = 0):
         super().__init__()
         dims, patch = parse_size(size)
+        if text_dim and num_classes:
+            raise BadInput(
+                f"a DiT is class-conditional (num_classes={num_classes}) or text-conditional "
+                f"(text_dim={text_dim}), not both: set num_classes=0 for a text model"
+            )
         if image_size % patch:
             raise BadInput(f"image size {image_size} is not divisible by the patch size {patch} of {size}")
         self.size, self.patch, self.hidden = size, patch, dims.hidden
@@ -143,30 +210,50 @@ class DiTTrunk(nn.Module):
         self.register_buffer("pos", sincos_pos_embed(dims.hidden, self.grid)[None], persistent=False)
         self.t_embed = TimestepEmbedder(dims.hidden)
         self.y_embed = LabelEmbedder(num_classes, dims.hidden) if num_classes > 0 else None
-        self.blocks = nn.ModuleList(DiTBlock(dims.hidden, dims.heads) for _ in range(dims.depth))
+        self.text_dim = int(text_dim)
+        self.text_embed = TextEmbedder(text_dim, dims.hidden) if text_dim else None
+        self.blocks = nn.ModuleList(
+            DiTBlock(dims.hidden, dims.heads, cross_attention=bool(text_dim)) for _ in range(dims.depth)
+        )
 
     def embed(self, x, t, y):
+        """(image tokens, adaLN conditioning, text context or None)."""
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos
         c = self.t_embed(t)
         if self.y_embed is not None:
+            if isinstance(y, TextCondition):
+                raise BadInput("this DiT is class-conditional: y must be class labels, not a TextCondition")
             if y is None:  # unconditional call: every sample gets the null label
                 y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
             c = c + self.y_embed(y)
-        return tokens, c
+        text = None
+        if self.text_embed is not None:
+            if not isinstance(y, TextCondition):
+                raise BadInput("this DiT is text-conditional: y must be a TextCondition (see ddm.models.conditioning)")
+            context, mask, pooled = self.text_embed(y)
+            c, text = c + pooled, (context, mask)
+        return tokens, c, text
 
     def forward(self, x, t, y):
-        tokens, c = self.embed(x, t, y)
+        tokens, c, text = self.embed(x, t, y)
         for block in self.blocks:
-            tokens = block(tokens, c)
+            tokens = block(tokens, c, text)
         return tokens, c
 
 
 class DiT(VelocityModel):
     """Velocity model ``v = DiT(x_t, t, y)`` (see ``ddm.models.velocity``); guidance is the doubled batch."""
 
-    def __init__(self, size: str = "DiT-T/4", image_size: int = 28, in_channels: int = 1, num_classes: int = 10):
+    def __init__(
+        self,
+        size: str = "DiT-T/4",
+        image_size: int = 28,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        text_dim: int = 0,
+    ):
         super().__init__()
-        self.trunk = DiTTrunk(size, image_size, in_channels, num_classes)
+        self.trunk = DiTTrunk(size, image_size, in_channels, num_classes, text_dim)
         h, p = self.trunk.hidden, self.trunk.patch
         self.final_norm = nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(h, 2 * h))
@@ -177,9 +264,14 @@ class DiT(VelocityModel):
     def num_classes(self) -> int:
         return self.trunk.num_classes
 
+    @property
+    def text_dim(self) -> int:
+        return self.trunk.text_dim
+
     def config(self) -> dict:
         tr = self.trunk
-        return dict(size=tr.size, image_size=tr.image_size, in_channels=tr.in_channels, num_classes=tr.num_classes)
+        out = dict(size=tr.size, image_size=tr.image_size, in_channels=tr.in_channels, num_classes=tr.num_classes)
+        return dict(out, text_dim=tr.text_dim) if tr.text_dim else out  # older expert.pt files have no text_dim
 
     def init_weights(self):
         def xavier(m):
@@ -195,10 +287,16 @@ class DiT(VelocityModel):
             nn.init.normal_(self.trunk.y_embed.table.weight, std=0.02)
         for lin in (self.trunk.t_embed.mlp[0], self.trunk.t_embed.mlp[2]):
             nn.init.normal_(lin.weight, std=0.02)
-        # adaLN-Zero: each block starts as the identity and the output as zero.
+        # adaLN-Zero: each block starts as the identity and the output as zero; so does its cross-attention.
         for block in self.trunk.blocks:
             nn.init.zeros_(block.ada[-1].weight)
             nn.init.zeros_(block.ada[-1].bias)
+            if block.cross is not None:
+                nn.init.zeros_(block.cross.proj.weight)
+                nn.init.zeros_(block.cross.proj.bias)
+        if self.trunk.text_embed is not None:
+            nn.init.normal_(self.trunk.text_embed.null_token, std=0.02)
+            nn.init.normal_(self.trunk.text_embed.null_pooled, std=0.02)
         for lin in (self.final_ada[-1], self.final):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
@@ -220,11 +318,17 @@ class DiTClassifier(nn.Module):
     """The router: a DiT trunk with a mean-pooled head giving K logits, ``r(x_t, t, y)``."""
 
     def __init__(
-        self, num_outputs: int, size: str = "DiT-N/4", image_size: int = 28, in_channels: int = 1, num_classes: int = 10
+        self,
+        num_outputs: int,
+        size: str = "DiT-N/4",
+        image_size: int = 28,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        text_dim: int = 0,
     ):
         super().__init__()
         self.num_outputs = num_outputs
-        self.trunk = DiTTrunk(size, image_size, in_channels, num_classes)
+        self.trunk = DiTTrunk(size, image_size, in_channels, num_classes, text_dim)
         h = self.trunk.hidden
         self.norm = nn.LayerNorm(h)
         self.head = nn.Linear(2 * h, num_outputs)
@@ -235,13 +339,14 @@ class DiTClassifier(nn.Module):
 
     def config(self) -> dict:
         tr = self.trunk
-        return dict(
+        out = dict(
             num_outputs=self.num_outputs,
             size=tr.size,
             image_size=tr.image_size,
             in_channels=tr.in_channels,
             num_classes=tr.num_classes,
         )
+        return dict(out, text_dim=tr.text_dim) if tr.text_dim else out
 
     def forward(self, x, t, y=None):
         tokens, c = self.trunk(x, t, y)

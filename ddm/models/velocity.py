@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from ddm.errors import BadInput
+from ddm.models.conditioning import TextCondition, cat_conditions
 
 
 class VelocityModel(nn.Module, ABC):
@@ -63,9 +64,16 @@ def num_classes_of(model) -> int | None:
 
 
 def guided(model, x, t, y, scale: float):
-    """CFG for any ``model(x, t, y)`` whose null label is ``model.num_classes``: one doubled batch."""
+    """CFG for any ``model(x, t, y)`` whose null label is ``model.num_classes``: one doubled batch.
+
+    For text (``y`` a ``TextCondition``) the unconditional half is the same captions flagged null.
+    """
     if scale == 1.0 or y is None:
         return model(x, t, y)
+    if isinstance(y, TextCondition):
+        v = model(torch.cat([x, x]), torch.cat([t, t]), cat_conditions([y, y.as_null()]))
+        v_cond, v_uncond = v.chunk(2)
+        return v_uncond + scale * (v_cond - v_uncond)
     num_classes = num_classes_of(model)
     if not num_classes:
         raise BadInput(
