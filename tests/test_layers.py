@@ -22,6 +22,7 @@ PACKAGE = ROOT / "ddm"
 CORE = (
     "ddm.models",
     "ddm.latent",
+    "ddm.text",
     "ddm.flow",
     "ddm.ensemble",
     "ddm.sampling",

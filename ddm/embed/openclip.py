@@ -38,7 +38,7 @@ class OpenClipEncoder:
         pretrained = str(pretrained) if pretrained else None
         self.device = resolve_device(device, "embed.device")
         kwargs = dict(force_image_size=int(image_size)) if image_size else {}
-        self.model, self.preprocess = _create_open_clip(open_clip, model, pretrained, kwargs)
+        self.model, self.preprocess = create_open_clip(open_clip, model, pretrained, kwargs)
         self.model.to(self.device).eval()
         self.dim = int(open_clip.get_model_config(model)["embed_dim"])
         self.spec = dict(encoder=self.name, model=model, pretrained=pretrained, image_size=image_size)
@@ -53,36 +53,38 @@ class OpenClipEncoder:
         return F.normalize(features.float(), dim=1).cpu().numpy()
 
 
-def _create_open_clip(open_clip, model: str, pretrained: str | None, kwargs: dict):
-    """(model, eval preprocess) with weights from nowhere, a local file or the hub; clear errors for each."""
+def create_open_clip(open_clip, model: str, pretrained: str | None, kwargs: dict, key: str = "embed"):
+    """(model, eval preprocess) with weights from nowhere, a local file or the hub; clear errors for each.
+
+    ``key`` is the config section that named the weights (``embed``, ``text``), for the messages.
+    """
     if pretrained is None:
         log.warning(
-            f"embed: open_clip {model} has RANDOM weights (embed.pretrained=null): its embeddings carry "
-            f"no meaning and the clusters will be meaningless. Use it for tests only; pass a local "
-            f"weights file with embed.pretrained=/path/to/weights.pt"
+            f"{key}: open_clip {model} has RANDOM weights ({key}.pretrained=null): its embeddings carry "
+            f"no meaning. Use it for tests only; pass a local weights file with {key}.pretrained=/path/to/weights.pt"
         )
     elif looks_like_path(pretrained):
         if not Path(pretrained).is_file():
             raise MissingInput(
-                f"embed.pretrained={pretrained}: no such weights file; give the path of an "
+                f"{key}.pretrained={pretrained}: no such weights file; give the path of an "
                 f"open_clip state dict (.pt/.bin/.safetensors) for {model}"
             )
     else:
         tags = open_clip.list_pretrained_tags_by_model(model)
         if pretrained not in tags:
             raise BadInput(
-                f"embed.pretrained={pretrained!r} is neither a file nor a hub tag of {model} "
+                f"{key}.pretrained={pretrained!r} is neither a file nor a hub tag of {model} "
                 f"(tags: {tags}); pass a local weights file path instead"
             )
     try:
         created, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, **kwargs)
     except Exception as e:
         if pretrained is None or looks_like_path(pretrained):
-            raise Unusable(f"open_clip could not build {model} with embed.pretrained={pretrained}: {e}") from e
+            raise Unusable(f"open_clip could not build {model} with {key}.pretrained={pretrained}: {e}") from e
         raise Unusable(
             f"could not get open_clip weights {model}/{pretrained} from the hub ({e}). Hub "
             f"weights cannot be downloaded on machines without internet: download them "
-            f"elsewhere and pass the local file, embed.pretrained=/path/to/weights.bin"
+            f"elsewhere and pass the local file, {key}.pretrained=/path/to/weights.bin"
         ) from e
     return created, preprocess
 
