@@ -9,6 +9,7 @@ workers), and training is measured in steps, not epochs.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import torch
 import webdataset as wds
@@ -22,8 +23,18 @@ def _decoder(channels: int) -> str:
     return "l8" if channels == 1 else "rgb8"
 
 
-def sample_stream(urls: list[str], channels: int, seed: int, shuffle_buffer: int = 1000, tag: int | None = None):
+def sample_stream(
+    urls: list[str],
+    channels: int,
+    seed: int,
+    shuffle_buffer: int = 1000,
+    tag: int | None = None,
+    captions: Callable[[str | None, int, str], str] | None = None,
+):
     """An infinite pipeline of ``(image, label)`` (or ``(image, label, tag)``) from resampled shards.
+
+    With ``captions`` (a ``ddm.text.captions.Captions``) each sample also
+    carries its caption string, last: ``(image, label[, tag], caption)``.
 
     Images stay uint8 CxHxW: the training step scales them on its device
     (``ddm.images.batch_to_model_space_on_device``), so workers, shared memory
@@ -35,7 +46,10 @@ def sample_stream(urls: list[str], channels: int, seed: int, shuffle_buffer: int
     def to_tuple(sample):
         x = to_chw_uint8(sample["png"])
         y = int(sample["cls"])
-        return (x, y) if tag is None else (x, y, tag)
+        out = (x, y) if tag is None else (x, y, tag)
+        if captions is None:
+            return out
+        return (*out, captions(sample.get("txt"), y, sample.get("__key__", "")))
 
     return wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, deterministic=True),
@@ -63,10 +77,11 @@ def seeded_shuffle(bufsize: int, initial: int, seed: int):
 
 
 def _collate(samples):
+    """Images stacked; integer columns (label, tag) as long tensors; captions as a list of strings."""
     cols = list(zip(*samples))
-    out = [torch.stack(cols[0]), torch.tensor(cols[1], dtype=torch.long)]
-    if len(cols) > 2:
-        out.append(torch.tensor(cols[2], dtype=torch.long))
+    out = [torch.stack(cols[0])]
+    for col in cols[1:]:
+        out.append(list(col) if isinstance(col[0], str) else torch.tensor(col, dtype=torch.long))
     return tuple(out)
 
 
@@ -76,14 +91,16 @@ def batch_loader(dataset, batch_size: int, num_workers: int) -> wds.WebLoader:
     return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available())
 
 
-def mixed_stream(parts: list[tuple[list[str], float]], channels: int, seed: int, shuffle_buffer: int = 1000):
+def mixed_stream(
+    parts: list[tuple[list[str], float]], channels: int, seed: int, shuffle_buffer: int = 1000, captions=None
+):
     """Samples from several shard sets, drawn with the given weights and tagged with their index.
 
     The router trains on this: weighting by cluster size keeps the class prior
     p(k) equal to the data's, which a uniform draw over shards would not.
     """
     streams = [
-        sample_stream(urls, channels, partition_stream_seed(seed, i), shuffle_buffer, tag=i)
+        sample_stream(urls, channels, partition_stream_seed(seed, i), shuffle_buffer, tag=i, captions=captions)
         for i, (urls, _) in enumerate(parts)
     ]
     return wds.RandomMix(streams, probs=[w for _, w in parts])
