@@ -11,7 +11,7 @@ from PIL import Image
 
 from ddm.artifacts import RunDir
 from ddm.cluster import clustering_id, load_assignments, save_assignments
-from ddm.cluster.partition import shard_size_for
+from ddm.cluster.partition import cluster_order, shard_size_for
 from ddm.data.shards import ShardSetWriter, iter_samples, load_manifest, shard_paths, verify
 from ddm.io import read_json, sha256_strings, write_json
 from ddm.stages import cluster as cluster_stage
@@ -66,7 +66,9 @@ def test_partitions_hold_exactly_the_assigned_samples(tmp_path):
         manifest = verify(run.partition(k))  # checksums match too
         samples = list(iter_samples(shard_paths(run.partition(k), manifest), decode=False))
         expected = [key for key, c in zip(keys, a.cluster) if c == k]
-        assert [s["key"] for s in samples] == expected  # same set, dataset order
+        stored = [s["key"] for s in samples]
+        assert sorted(stored) == expected and stored != expected  # same set, not in dataset order:
+        assert stored == [keys[i] for i in cluster_order(a.cluster, k, seed=0)]  # the seeded one
         for s in samples:
             assert s["png"] == source[s["key"]]["png"]  # copied, not re-encoded
             assert s["label"] == source[s["key"]]["label"] and s["caption"] == source[s["key"]]["caption"]
@@ -84,8 +86,10 @@ def test_partition_manifests_describe_their_cluster(tmp_path):
     for k in range(4):
         m = load_manifest(run.partition(k))
         member_keys = [key for key, c in zip(keys, a.cluster) if c == k]
+        stored = [s["key"] for s in iter_samples(shard_paths(run.partition(k), m), decode=False)]
         assert (m["cluster"], m["num_clusters"], m["clustering_id"]) == (k, 4, report["clustering_id"])
-        assert m["keys_sha256"] == sha256_strings(member_keys) and m["num_samples"] == len(member_keys)
+        assert sorted(stored) == member_keys and m["num_samples"] == len(member_keys)
+        assert m["keys_sha256"] == sha256_strings(stored) and m["order"] == dict(permuted="samples", seed=0)
         for field in ("image_size", "channels", "num_classes", "class_names"):
             assert m[field] == data[field]
         labels = [s["label"] for s in iter_samples(shard_paths(run.partition(k), m), decode=False)]
