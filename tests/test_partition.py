@@ -203,3 +203,19 @@ def test_partition_before_cluster_says_what_to_run(tmp_path):
     run, _ = make_data(tmp_path, n=10)
     with pytest.raises(FileNotFoundError, match="run the cluster stage first"):
         partition_stage.run(cfg_for(run))
+
+
+def test_data_in_another_order_than_the_assignments_is_refused(tmp_path):
+    """Partition reads data/ by position: data/ rewritten in another order (an older manifest, no keys_sha256) must
+    stop it, naming the first sample out of place, before any partition is written."""
+    run, keys = make_data(tmp_path, n=40, shard_size=10)
+    cluster_stage.run(cfg_for(run, cluster__k=2))
+    samples = list(iter_samples(shard_paths(run.data), decode=False))
+    for path in run.data.glob("shard-*.tar"):
+        path.unlink()
+    with ShardSetWriter(run.data, 10, image_size=4, channels=3, num_classes=5, class_names=list("abcde")) as writer:
+        for s in reversed(samples):
+            writer.write(s["key"], None, s["label"], s.get("caption"), png=s["png"])
+    with pytest.raises(ValueError, match=f"data sample 0 is '{keys[-1]}' but the assignments expect '{keys[0]}'"):
+        partition_stage.run(cfg_for(run, cluster__k=2))
+    assert not (run.partitions / "manifest.json").exists() and not list(run.partitions.glob("cluster-*/manifest.json"))

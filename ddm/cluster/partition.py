@@ -71,7 +71,7 @@ def _mismatch(keys: np.ndarray):
             return BadInput(
                 f"data/ holds {position} samples but the assignments cover {len(keys)}: rerun cluster with redo=true"
             )
-        expected = keys[position] if position < len(keys) else "<end of assignments>"
+        expected = str(keys[position]) if position < len(keys) else "<end of assignments>"
         return BadInput(
             f"data sample {position} is {found!r} but the assignments expect {expected!r}: clusters/ were made "
             f"from different data; rerun cluster with redo=true"
@@ -84,15 +84,15 @@ def _copy(spans: Spans, positions: np.ndarray, keys: np.ndarray, writer: ShardSe
     """Write the samples at ``positions`` of data/ to ``writer`` in that order, counting their labels."""
     raws = read_spans(spans, positions)
     for i in positions.tolist():
-        raw = raws[i]
-        if raw.get("key") != keys[i] or "png" not in raw:
+        raw, key = raws[i], str(keys[i])
+        if raw.get("key") != key or "png" not in raw:
             raise BadInput(
-                f"{spans.paths[spans.shard[i]]} changed while it was being partitioned (sample {keys[i]!r} "
+                f"{spans.paths[spans.shard[i]]} changed while it was being partitioned (sample {key!r} "
                 f"is no longer where it was): rerun prepare, cluster and partition with redo=true"
             )
         label = int(raw["cls"]) if "cls" in raw else -1
         caption = raw["txt"].decode() if "txt" in raw else None
-        writer.write(keys[i], None, label, caption, png=raw["png"])
+        writer.write(key, None, label, caption, png=raw["png"])
         counts[label] += 1
 
 

@@ -46,7 +46,7 @@ def split_shards(urls: list[str], sizes: list[int], fraction: float, seed: int) 
     hold a remainder), drawn at random, is held out, and the router trains on a
     random ``fraction`` of the others (at least one shard), listed in stored
     order; the two never share a shard. A partition of one shard is trained and
-    measured on that shard. The same seed draws the same shards.
+    measured on that shard. The same seed draws the same shards (on every rank).
     """
     if not 0 < fraction <= 1:
         raise BadInput(f"router.sample_fraction={fraction}: use a fraction of each partition's shards in (0, 1]")

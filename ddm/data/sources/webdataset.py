@@ -4,9 +4,11 @@ A shard set is a stream: it cannot be indexed without reading it whole, so only
 the order of the input *shards* is permuted (with the run's seed); the samples
 inside one input shard keep their order, and a ``data.limit`` keeps the first
 samples in that shard order. Input shards sorted by class (one class per shard)
-thus reach ``data/`` as runs of one class; the partition stage permutes each
-cluster's samples itself, so training does not see those runs, but the embed
-and cluster stages read ``data/`` in this order.
+thus reach ``data/`` as runs of one class. The partition stage permutes each
+cluster's samples itself, so experts and the router do not see those runs; what
+does is whatever reads ``data/`` in stored order: a ``data.limit`` subset, and
+the evaluate stage's held-out slice (the last samples of ``data/``). Shuffle such
+shards beforehand, or prepare them as an ``image_folder``, where that matters.
 """
 
 from __future__ import annotations
