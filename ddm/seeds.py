@@ -24,6 +24,12 @@ ROUTING_OFFSET = 1
 # The evaluate stage: labels to sample (and its subset of samples/), its own prior noise.
 EVAL_LABELS_OFFSET = 2
 EVAL_NOISE_OFFSET = 3
+# prepare stores the source's samples (or, for streamed shards, its input shards) in a permutation drawn with this.
+DATA_ORDER_OFFSET = 4
+# partition stores each cluster's samples in a permutation drawn with this, mixed with the cluster's index.
+PARTITION_ORDER_OFFSET = 5
+# The router draws each partition's held-out and training shards with this, mixed with the partition's index.
+ROUTER_SHARDS_OFFSET = 6
 
 
 def seed_everything(seed: int) -> None:
@@ -62,6 +68,19 @@ def router_seed(seed: int) -> int:
 
 def partition_stream_seed(seed: int, index: int) -> int:
     return int(seed) + PARTITION_STRIDE * int(index)
+
+
+def data_order_seed(seed: int) -> int:
+    return int(seed) + DATA_ORDER_OFFSET
+
+
+def partition_order_seed(seed: int, cluster: int) -> int:
+    # Mixed, not added: cluster k's order must not be cluster k+1's of a run seeded one higher.
+    return stream_seed(int(seed) + PARTITION_ORDER_OFFSET, cluster)
+
+
+def router_shards_seed(seed: int, partition: int) -> int:
+    return stream_seed(int(seed) + ROUTER_SHARDS_OFFSET, partition)
 
 
 def grid_noise_seed(seed: int, index: int) -> int:

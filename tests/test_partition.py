@@ -11,7 +11,7 @@ from PIL import Image
 
 from ddm.artifacts import RunDir
 from ddm.cluster import clustering_id, load_assignments, save_assignments
-from ddm.cluster.partition import shard_size_for
+from ddm.cluster.partition import cluster_order, shard_size_for
 from ddm.data.shards import ShardSetWriter, iter_samples, load_manifest, shard_paths, verify
 from ddm.io import read_json, sha256_strings, write_json
 from ddm.stages import cluster as cluster_stage
@@ -66,7 +66,9 @@ def test_partitions_hold_exactly_the_assigned_samples(tmp_path):
         manifest = verify(run.partition(k))  # checksums match too
         samples = list(iter_samples(shard_paths(run.partition(k), manifest), decode=False))
         expected = [key for key, c in zip(keys, a.cluster) if c == k]
-        assert [s["key"] for s in samples] == expected  # same set, dataset order
+        stored = [s["key"] for s in samples]
+        assert sorted(stored) == expected and stored != expected  # same set, not in dataset order:
+        assert stored == [keys[i] for i in cluster_order(a.cluster, k, seed=0)]  # the seeded one
         for s in samples:
             assert s["png"] == source[s["key"]]["png"]  # copied, not re-encoded
             assert s["label"] == source[s["key"]]["label"] and s["caption"] == source[s["key"]]["caption"]
@@ -84,8 +86,10 @@ def test_partition_manifests_describe_their_cluster(tmp_path):
     for k in range(4):
         m = load_manifest(run.partition(k))
         member_keys = [key for key, c in zip(keys, a.cluster) if c == k]
+        stored = [s["key"] for s in iter_samples(shard_paths(run.partition(k), m), decode=False)]
         assert (m["cluster"], m["num_clusters"], m["clustering_id"]) == (k, 4, report["clustering_id"])
-        assert m["keys_sha256"] == sha256_strings(member_keys) and m["num_samples"] == len(member_keys)
+        assert sorted(stored) == member_keys and m["num_samples"] == len(member_keys)
+        assert m["keys_sha256"] == sha256_strings(stored) and m["order"] == dict(permuted="samples", seed=0)
         for field in ("image_size", "channels", "num_classes", "class_names"):
             assert m[field] == data[field]
         labels = [s["label"] for s in iter_samples(shard_paths(run.partition(k), m), decode=False)]
@@ -199,3 +203,19 @@ def test_partition_before_cluster_says_what_to_run(tmp_path):
     run, _ = make_data(tmp_path, n=10)
     with pytest.raises(FileNotFoundError, match="run the cluster stage first"):
         partition_stage.run(cfg_for(run))
+
+
+def test_data_in_another_order_than_the_assignments_is_refused(tmp_path):
+    """Partition reads data/ by position: data/ rewritten in another order (an older manifest, no keys_sha256) must
+    stop it, naming the first sample out of place, before any partition is written."""
+    run, keys = make_data(tmp_path, n=40, shard_size=10)
+    cluster_stage.run(cfg_for(run, cluster__k=2))
+    samples = list(iter_samples(shard_paths(run.data), decode=False))
+    for path in run.data.glob("shard-*.tar"):
+        path.unlink()
+    with ShardSetWriter(run.data, 10, image_size=4, channels=3, num_classes=5, class_names=list("abcde")) as writer:
+        for s in reversed(samples):
+            writer.write(s["key"], None, s["label"], s.get("caption"), png=s["png"])
+    with pytest.raises(ValueError, match=f"data sample 0 is '{keys[-1]}' but the assignments expect '{keys[0]}'"):
+        partition_stage.run(cfg_for(run, cluster__k=2))
+    assert not (run.partitions / "manifest.json").exists() and not list(run.partitions.glob("cluster-*/manifest.json"))

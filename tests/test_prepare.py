@@ -47,6 +47,11 @@ def read_back(run_dir) -> tuple[dict, list[dict]]:
     return manifest, list(iter_samples(shard_paths(folder, manifest)))
 
 
+def source_index(sample: dict) -> int:
+    """A key names the sample's place in the source (``<prefix>-<split>-<index>``), whatever the stored order."""
+    return int(sample["key"].rsplit("-", 1)[1])
+
+
 def save_png(path: Path, size: tuple[int, int], value: int = 0, mode: str = "RGB") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(value)
@@ -96,10 +101,11 @@ def test_fashion_mnist_prepare_from_idx_files(make_cfg, tmp_path):
     manifest, samples = read_back(cfg.run_dir)
 
     keys = [s["key"] for s in samples]
-    assert keys == [f"fmnist-train-{i:08d}" for i in range(7)]
+    assert sorted(keys) == [f"fmnist-train-{i:08d}" for i in range(7)] != keys  # stored in a seeded order
     assert summary["num_samples"] == manifest["num_samples"] == 7
     assert [s["num_samples"] for s in manifest["shards"]] == [3, 3, 1]
     assert manifest["keys_sha256"] == sha256_strings(keys)
+    assert manifest["order"] == dict(permuted="samples", seed=0)
     assert manifest["class_names"] == FASHION_MNIST_CLASSES
     assert (
         manifest["source"],
@@ -108,7 +114,8 @@ def test_fashion_mnist_prepare_from_idx_files(make_cfg, tmp_path):
         manifest["channels"],
         manifest["num_classes"],
     ) == ("fashion_mnist", "train", 28, 1, 10)
-    for i, s in enumerate(samples):
+    for s in samples:
+        i = source_index(s)
         assert np.array_equal(s["image"], images[i]) and s["label"] == labels[i]
     verify(RunDir(cfg.run_dir).data)  # shard checksums match the manifest
 
@@ -132,12 +139,14 @@ def test_real_fashion_mnist_with_limit(make_cfg):
     prepare.run(cfg)
     manifest, samples = read_back(cfg.run_dir)
     assert manifest["num_samples"] == 120 and len(manifest["shards"]) == 3
-    assert samples[-1]["key"] == "fmnist-test-00000119"
+    index = [source_index(s) for s in samples]
+    assert len(set(index)) == 120 and max(index) >= 120  # a seeded subset of the 10000, not the first 120
     assert all(s["image"].shape == (28, 28) and 0 <= s["label"] < 10 for s in samples)
-    # Spot-check against the raw file: the reader must not shift pixels or labels.
+    # Check against the raw file: the reader must not shift pixels or labels.
     raw = read_idx(REAL_FMNIST / "t10k-images-idx3-ubyte.gz", IDX_IMAGES_MAGIC)
     labels = read_idx(REAL_FMNIST / "t10k-labels-idx1-ubyte.gz", IDX_LABELS_MAGIC)
-    assert np.array_equal(samples[57]["image"], raw[57]) and samples[57]["label"] == labels[57]
+    for s, i in zip(samples, index):
+        assert np.array_equal(s["image"], raw[i]) and s["label"] == labels[i]
 
 
 # ------------------------------------------------------------------ digits, keys, rerun, crash
@@ -153,23 +162,29 @@ def test_digits_keys_stable_unique_and_data_exact(make_cfg, tmp_path):
     manifest, samples = read_back(cfg_a.run_dir)
     keys = [s["key"] for s in samples]
     assert len(keys) == len(set(keys)) == 1797 and manifest["num_samples"] == 1797
-    assert keys[12] == "digits-train-00000012" and all(re.fullmatch(r"digits-train-\d{8}", k) for k in keys)
+    assert sorted(keys) == [f"digits-train-{i:08d}" for i in range(1797)]
     assert len(manifest["shards"]) == 9 and manifest["keys_sha256"] == sha256_strings(keys)
     # Same input, same bytes: a second run elsewhere gives identical shards.
     other = load_manifest(RunDir(cfg_b.run_dir).data)
     assert [s["sha256"] for s in other["shards"]] == [s["sha256"] for s in manifest["shards"]]
     digits = load_digits()
     i = 1000
-    assert np.array_equal(samples[i]["image"], np.round(digits.images[i] * 255 / 16).astype(np.uint8))
-    assert samples[i]["label"] == digits.target[i] and samples[i]["image"].max() <= 255
+    sample = samples[keys.index("digits-train-00001000")]
+    assert np.array_equal(sample["image"], np.round(digits.images[i] * 255 / 16).astype(np.uint8))
+    assert sample["label"] == digits.target[i] and sample["image"].max() <= 255
 
 
-def test_limit_keeps_the_first_samples(make_cfg):
+def test_limit_keeps_the_first_samples_of_the_seeded_order(make_cfg, tmp_path):
     cfg = make_cfg("data=digits", "data.limit=50", "data.shard_size=20")
     prepare.run(cfg)
     manifest, samples = read_back(cfg.run_dir)
     assert manifest["num_samples"] == 50 and [s["num_samples"] for s in manifest["shards"]] == [20, 20, 10]
-    assert samples[-1]["key"] == "digits-train-00000049"
+    # A random subset: the first samples of a folder sorted by class would be one class.
+    everything = make_cfg("data=digits", "data.shard_size=20", run_dir=tmp_path / "all")
+    prepare.run(everything)
+    _, all_samples = read_back(everything.run_dir)
+    assert [s["key"] for s in samples] == [s["key"] for s in all_samples[:50]]
+    assert max(source_index(s) for s in samples) >= 50
 
 
 def test_rerun_skips_and_redo_rewrites(make_cfg):
@@ -193,8 +208,8 @@ def test_crash_mid_prepare_leaves_no_manifest(make_cfg, monkeypatch):
     prepare.run(cfg)  # a complete earlier result that the redo below must not leave looking valid
     real = sources.SOURCES["digits"]
 
-    def crashing(cfg_data):
-        src = real(cfg_data)
+    def crashing(cfg_data, seed):
+        src = real(cfg_data, seed)
 
         def samples(inner):
             for i, s in enumerate(inner):
@@ -226,11 +241,12 @@ def test_image_folder_with_classes_and_captions(make_cfg, tmp_path):
     prepare.run(cfg)
     manifest, samples = read_back(cfg.run_dir)
     assert manifest["class_names"] == ["cat", "dog"] and manifest["num_classes"] == 2
-    assert [s["label"] for s in samples] == [0, 0, 0, 1, 1]  # sorted folders, sorted files
-    assert [s["key"] for s in samples][:2] == ["folder-train-00000000", "folder-train-00000001"]
-    assert samples[1]["caption"] == "a grey cat" and "caption" not in samples[0]
+    # Keys number the sorted listing (sorted folders, sorted files): cat/0, cat/1, cat/2, dog/0, dog/1.
+    by_index = {source_index(s): s for s in samples}
+    assert sorted(by_index) == [0, 1, 2, 3, 4] and [by_index[i]["label"] for i in range(5)] == [0, 0, 0, 1, 1]
+    assert by_index[1]["caption"] == "a grey cat" and "caption" not in by_index[0]
     with Image.open(root / "dog" / "1.png") as im:
-        assert np.array_equal(samples[4]["image"], np.asarray(im.convert("RGB")))
+        assert np.array_equal(by_index[4]["image"], np.asarray(im.convert("RGB")))
 
 
 def test_flat_image_folder_is_unlabelled_and_converts_channels(make_cfg, tmp_path):
@@ -294,10 +310,18 @@ def test_webdataset_source_reissues_keys(make_cfg, tmp_path):
     )
     prepare.run(cfg)
     manifest, samples = read_back(cfg.run_dir)
-    assert [s["key"] for s in samples] == [f"wds-val-{i:08d}" for i in range(5)]
-    assert [s["label"] for s in samples] == [0, 1, 2, 0, 1] and manifest["num_classes"] == 3
-    assert samples[1]["caption"] == "caption 1" and "caption" not in samples[2]
-    assert all(np.array_equal(s["image"], im) for s, im in zip(samples, images))
+    assert [s["key"] for s in samples] == [f"wds-val-{i:08d}" for i in range(5)]  # numbered as read
+    # Which input sample each stored one is: every one once, with its own label and caption.
+    origin = [next(i for i, im in enumerate(images) if np.array_equal(s["image"], im)) for s in samples]
+    assert sorted(origin) == list(range(5)) and manifest["num_classes"] == 3
+    assert manifest["order"] == dict(permuted="shards", seed=0)
+    for s, i in zip(samples, origin):
+        assert s["label"] == i % 3 and s.get("caption") == (f"caption {i}" if i != 2 else None)
+    # Only the input shards (samples 0-1, 2-3, 4) were permuted: each is read whole, in its own order.
+    shard_of = [i // 2 for i in origin]
+    blocks = [shard_of[0]] + [b for a, b in zip(shard_of, shard_of[1:]) if b != a]
+    assert sorted(blocks) == [0, 1, 2]
+    assert all(b == a + 1 for a, b in zip(origin, origin[1:]) if a // 2 == b // 2)
 
     with pytest.raises(FileNotFoundError, match="shard-000009.tar"):
         prepare.run(

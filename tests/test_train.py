@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+from ddm.data.router_data import split_shards
+from ddm.data.shards import load_manifest, shard_paths
 from ddm.io import read_json, sha256_file
+from ddm.seeds import router_shards_seed
 from ddm.stages import train_expert, train_router
 from tests.fabricate import make_partitions
 
@@ -244,7 +248,7 @@ def test_router_failure_writes_failed_json(fast_cfg, tmp_path, monkeypatch):
 
 
 def test_router_record_has_flops_and_resumes(fast_cfg, tmp_path, monkeypatch):
-    make_partitions(tmp_path / "run", sizes=(20, 20))
+    rd = make_partitions(tmp_path / "run", sizes=(20, 20))
     cfg = fast_cfg("router.steps=5", "router.ckpt_every=2", "router.eval_samples=20")
     original = _crash_at(monkeypatch, train_router.RouterModule, 3)
     with pytest.raises((KeyboardInterrupt, SystemExit)):
@@ -254,6 +258,13 @@ def test_router_record_has_flops_and_resumes(fast_cfg, tmp_path, monkeypatch):
     assert record["steps"] == 5 and record["resumed_from_step"] == 2 and record["attempts"] == 2
     assert record["forward_flops_per_sample"] > 0
     assert record["train_flops"] == 3 * record["forward_flops_per_sample"] * 5 * 16
+    # one held-out shard per partition, drawn as split_shards draws it for the run's seed
+    for k, held in enumerate(record["heldout_shards"]):
+        m = load_manifest(rd.partition(k))
+        urls = shard_paths(rd.partition(k), m)
+        sizes = [s["num_samples"] for s in m["shards"]]
+        _, expected = split_shards(urls, sizes, float(cfg.router.sample_fraction), router_shards_seed(cfg.seed, k))
+        assert held == [Path(u).name for u in expected]
 
 
 def test_resume_refuses_a_checkpoint_of_another_clustering(fast_cfg, tmp_path, monkeypatch):

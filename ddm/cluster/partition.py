@@ -1,9 +1,26 @@
-"""Splitting the dataset's shards into one shard set per cluster, in a single pass.
+"""Splitting the dataset's shards into one shard set per cluster, each in a seeded random order.
 
 PNG bytes are copied through untouched, so an expert sees exactly the pixels
 that were embedded and clustered. Shard counts are planned per cluster before
 writing, because webdataset starves (or hangs at the end of an epoch) when a
 shard set has fewer shards than ranks x data-loader workers.
+
+Each cluster's samples are stored in a permutation of their own, drawn with
+``ddm.seeds.partition_order_seed(seed, k)``: an expert's loader shuffles within
+a small buffer only, so a partition must not pass on the order of ``data/``,
+which may be sorted (existing shards brought with ``data=webdataset`` keep their
+order inside each input shard).
+
+How, for a million samples and more: the order is decided on the index alone
+(each cluster's permutation, 8 bytes per sample, and the byte range of every
+sample of ``data/``, 20 bytes per sample: under 30 MB for 1M samples), then each
+output shard is gathered by seeking into ``data/``'s tars in file order, one
+input file open at a time. Memory holds one output shard of images at most.
+Sending each sample to a random output shard as ``data/`` streams past would
+read sequentially, but needs every output shard of every cluster open at once
+(about N / partition_shard_size files, past common open-file limits for
+ImageNet) and would still leave each shard in input order, or write the data
+twice to fix that. The price here is random reads of ``data/``, local by then.
 """
 
 from __future__ import annotations
@@ -15,9 +32,12 @@ from contextlib import ExitStack
 
 import numpy as np
 
-from ddm.data.shards import ShardSetWriter, iter_samples, shard_paths
+from ddm.data.shard_index import Spans, index_spans, read_spans
+from ddm.data.shards import ShardSetWriter, shard_paths
+from ddm.data.sources.order import PERMUTED_SAMPLES
 from ddm.errors import BadInput
 from ddm.io import sha256_strings
+from ddm.seeds import partition_order_seed
 
 # Data-manifest fields every partition carries, so an expert can build its model
 # from its own partition's manifest alone.
@@ -39,6 +59,43 @@ def shard_size_for(num_samples: int, min_shards: int, target_size: int) -> int:
     return max(1, min(target_size, num_samples // min_shards))
 
 
+def cluster_order(cluster: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Dataset positions of cluster ``k``'s samples, in the order its partition stores them."""
+    members = np.flatnonzero(cluster == k)
+    return members[np.random.default_rng(partition_order_seed(seed, k)).permutation(len(members))]
+
+
+def _mismatch(keys: np.ndarray):
+    def error(position: int, found: str | None) -> BadInput:
+        if found is None:
+            return BadInput(
+                f"data/ holds {position} samples but the assignments cover {len(keys)}: rerun cluster with redo=true"
+            )
+        expected = str(keys[position]) if position < len(keys) else "<end of assignments>"
+        return BadInput(
+            f"data sample {position} is {found!r} but the assignments expect {expected!r}: clusters/ were made "
+            f"from different data; rerun cluster with redo=true"
+        )
+
+    return error
+
+
+def _copy(spans: Spans, positions: np.ndarray, keys: np.ndarray, writer: ShardSetWriter, counts: Counter) -> None:
+    """Write the samples at ``positions`` of data/ to ``writer`` in that order, counting their labels."""
+    raws = read_spans(spans, positions)
+    for i in positions.tolist():
+        raw, key = raws[i], str(keys[i])
+        if raw.get("key") != key or "png" not in raw:
+            raise BadInput(
+                f"{spans.paths[spans.shard[i]]} changed while it was being partitioned (sample {key!r} "
+                f"is no longer where it was): rerun prepare, cluster and partition with redo=true"
+            )
+        label = int(raw["cls"]) if "cls" in raw else -1
+        caption = raw["txt"].decode() if "txt" in raw else None
+        writer.write(key, None, label, caption, png=raw["png"])
+        counts[label] += 1
+
+
 def write_partitions(
     data_dir: str | os.PathLike,
     data_manifest: dict,
@@ -49,51 +106,40 @@ def write_partitions(
     *,
     min_shards: int,
     target_size: int,
+    seed: int,
 ) -> list[dict]:
-    """Write cluster ``k``'s samples to ``folders[k]`` as a shard set; return the K manifests.
+    """Write cluster ``k``'s samples to ``folders[k]`` as a shard set, in ``cluster_order``; return the K manifests.
 
     ``keys``/``cluster`` are the assignments in dataset order; the data shards
     must hold the same keys in the same order (checked sample by sample).
     Each manifest records cluster, num_clusters, clustering_id, keys_sha256 (this
-    cluster's keys in order), class_counts and the data's image fields. On any
-    error no manifest is written, so no partition looks complete.
+    cluster's keys in stored order), order ({"permuted": "samples", "seed": seed}),
+    class_counts and the data's image fields. On any error no manifest is
+    written, so no partition looks complete.
     """
     num_clusters = len(folders)
     keys, cluster = np.asarray(keys, dtype=str), np.asarray(cluster)
-    sizes = np.bincount(cluster, minlength=num_clusters)
+    spans = index_spans(shard_paths(data_dir, data_manifest), keys, _mismatch(keys))
     copied = {f: data_manifest[f] for f in COPIED_FIELDS if f in data_manifest}
-    class_counts = [Counter() for _ in range(num_clusters)]
     with ExitStack() as stack:
         writers = []
         for k, folder in enumerate(folders):
+            order = cluster_order(cluster, k, seed)
+            size = shard_size_for(len(order), min_shards, target_size)
             writer = ShardSetWriter(
                 folder,
-                shard_size_for(int(sizes[k]), min_shards, target_size),
+                size,
                 cluster=k,
                 num_clusters=num_clusters,
                 clustering_id=clustering_id,
-                keys_sha256=sha256_strings(keys[cluster == k]),
+                keys_sha256=sha256_strings(keys[order]),
+                order=dict(permuted=PERMUTED_SAMPLES, seed=int(seed)),
                 **copied,
             )
             writers.append(stack.enter_context(writer))
-        count = 0
-        for sample in iter_samples(shard_paths(data_dir, data_manifest), decode=False):
-            if count >= len(keys) or sample["key"] != keys[count]:
-                expected = keys[count] if count < len(keys) else "<end of assignments>"
-                raise BadInput(
-                    f"data sample {count} is {sample['key']!r} but the assignments expect "
-                    f"{expected!r}: clusters/ were made from different data; rerun cluster "
-                    f"with redo=true"
-                )
-            k = int(cluster[count])
-            writers[k].write(sample["key"], None, sample["label"], sample.get("caption"), png=sample["png"])
-            class_counts[k][sample["label"]] += 1
-            count += 1
-        if count != len(keys):
-            raise BadInput(
-                f"data/ holds {count} samples but the assignments cover {len(keys)}: rerun cluster with redo=true"
-            )
-        # Known only now, and needed before the writers close and write their manifests.
-        for k, counts in enumerate(class_counts):
-            writers[k].extra["class_counts"] = {str(label): n for label, n in sorted(counts.items())}
+            counts: Counter = Counter()
+            for lo in range(0, len(order), size):  # one output shard at a time: bounded memory
+                _copy(spans, order[lo : lo + size], keys, writer, counts)
+            # Known only now, and needed before the writer closes and writes its manifest.
+            writer.extra["class_counts"] = {str(label): n for label, n in sorted(counts.items())}
     return [w.manifest for w in writers]

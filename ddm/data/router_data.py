@@ -2,8 +2,11 @@
 
 Unlike an expert, which reads only its own partition, the router reads all of
 them; they must come from one clustering, or its classes would not be the
-experts' clusters. The first shard of each partition (when it has more than
-one) is held out, and the held-out evaluation set is drawn from those shards.
+experts' clusters. One shard of each partition (when it has more than one),
+drawn with the run's seed, is held out, and the held-out evaluation set is drawn
+from those shards. Drawn rather than taken from the front, so that what the
+router holds out (and, with ``router.sample_fraction`` < 1, trains on) does not
+depend on how a partition's shards happen to be ordered.
 """
 
 from __future__ import annotations
@@ -36,17 +39,28 @@ def load_partitions(rd: RunDir) -> tuple[dict, list[dict]]:
     return index, manifests
 
 
-def split_shards(urls: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    """(training shards, held-out shards) of one partition.
+def split_shards(urls: list[str], sizes: list[int], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(training shards, held-out shards) of one partition whose shards hold ``sizes`` samples, drawn with ``seed``.
 
-    The first shard (always a full one; the last may hold a remainder) is held
-    out when there are two or more; the router trains on ``fraction`` of the
-    rest (at least one shard). A partition of one shard is trained and
-    measured on that shard.
+    With two or more shards one full shard (one of the largest: the last may
+    hold a remainder), drawn at random, is held out, and the router trains on a
+    random ``fraction`` of the others (at least one shard), listed in stored
+    order; the two never share a shard. A partition of one shard is trained and
+    measured on that shard. The same seed draws the same shards (on every rank).
     """
-    held, train = (urls[:1], urls[1:]) if len(urls) > 1 else (urls, urls)
-    n = max(1, math.ceil(fraction * len(train)))
-    return train[:n], held
+    if not 0 < fraction <= 1:
+        raise BadInput(f"router.sample_fraction={fraction}: use a fraction of each partition's shards in (0, 1]")
+    if len(urls) != len(sizes):
+        raise BadInput(f"{len(urls)} shards but {len(sizes)} shard sizes: the partition manifest is inconsistent")
+    if len(urls) == 1:
+        return list(urls), list(urls)
+    rng = np.random.default_rng(seed)
+    full = np.flatnonzero(np.asarray(sizes) == max(sizes))
+    held = int(rng.choice(full))
+    rest = np.array([i for i in range(len(urls)) if i != held])
+    n = max(1, math.ceil(fraction * len(rest)))
+    train = np.sort(rng.choice(rest, size=n, replace=False))
+    return [urls[i] for i in train], [urls[held]]
 
 
 def eval_set(manifests: list[dict], held: list[list[str]], total: int):

@@ -1,5 +1,8 @@
 """Stage ``partition``: one shard set per cluster, so each expert reads only its own data.
 
+Each cluster's samples are stored in a random order drawn from the run's
+``seed`` (see ``ddm.cluster.partition``), whatever the order of data/.
+
 Reads data/ and clusters/ (assignments.npz, report.json); writes
 partitions/cluster-KK/ (shards + manifest.json recording the clustering_id) and,
 last, partitions/manifest.json. A finished partitions/ is reused only while it
@@ -73,6 +76,7 @@ def run(cfg) -> dict:
         current,
         min_shards=int(cfg.cluster.min_shards_per_partition),
         target_size=int(cfg.cluster.partition_shard_size),
+        seed=int(cfg.seed),
     )
     summary = dict(
         clustering_id=current,

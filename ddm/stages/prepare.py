@@ -5,7 +5,15 @@ writes ``shard-NNNNNN.tar`` files of ``cfg.data.shard_size`` samples, then
 ``manifest.json`` with the shard list and, besides the shard-set fields::
 
     source, split, image_size, channels, num_classes, class_names,
+    order         # {"permuted": "samples" | "shards", "seed": the run's seed}
     keys_sha256   # ddm.io.sha256_strings of every key in stored order
+
+Samples are stored in a permutation drawn from the run's ``seed`` (the same seed
+gives the same shards, byte for byte): a folder sorted by class must not reach
+the training loader, whose shuffle buffer is small next to a class, in class
+order. ``order.permuted`` is ``samples`` when every sample was permuted and
+``shards`` when only the input shards of a streamed source were (see
+``ddm.data.sources.order``); a manifest without ``order`` is in source order.
 
 Later stages get the dataset's metadata with
 ``SourceMeta.from_manifest(load_manifest(RunDir(cfg.run_dir).data))`` and can
@@ -63,12 +71,17 @@ def run(cfg) -> dict:
         return _summary(manifest, folder, skipped=True)
 
     # Open (and so validate) the source before touching an earlier result.
-    source = open_source(cfg.data)
+    source = open_source(cfg.data, int(cfg.seed))
     folder.mkdir(parents=True, exist_ok=True)
     _clear(folder)
     keys: list[str] = []
     with ShardSetWriter(
-        folder, int(cfg.data.shard_size), source=cfg.data.source, split=source.split, **source.meta.as_dict()
+        folder,
+        int(cfg.data.shard_size),
+        source=cfg.data.source,
+        split=source.split,
+        order=source.order.as_dict(),
+        **source.meta.as_dict(),
     ) as writer:
         for sample in tqdm(source.samples, desc="prepare", unit="img", disable=None):
             if source.meta.num_classes and sample.label < 0:

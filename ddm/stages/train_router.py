@@ -3,8 +3,10 @@
 Trained with cross-entropy against the cluster of the clean sample that the
 shared ``FlowPath`` noised, over (a fraction of) every partition, drawn in
 proportion to cluster size so its optimum is the posterior p(k | x_t, t, y).
-Needs no expert. The first shard of each partition (when it has more than one)
-is held out to measure accuracy in buckets of t (see ``ddm.data.router_data``).
+Needs no expert. One shard of each partition (when it has more than one), drawn
+with the run's seed, is held out to measure accuracy in buckets of t, and
+``router.sample_fraction`` of the others, drawn too, are trained on (see
+``ddm.data.router_data``).
 
 Faults are handled as for an expert (see ``ddm.stages.train_expert``):
 resume from the newest complete checkpoint, save and requeue on a signal,
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -28,7 +31,7 @@ from ddm.eval.router_diag import router_diagnostics
 from ddm.flow import FlowPath
 from ddm.io import read_json
 from ddm.jobs import ROUTER_JOB
-from ddm.seeds import data_stream_seed, router_seed
+from ddm.seeds import data_stream_seed, router_seed, router_shards_seed
 from ddm.stages.runner import skip
 from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.modules import RouterModule
@@ -73,7 +76,12 @@ def run(cfg) -> dict:
 
     index, manifests = load_partitions(rd)
     splits = [
-        split_shards(shard_paths(rd.partition(k), m), float(cfg.router.sample_fraction))
+        split_shards(
+            shard_paths(rd.partition(k), m),
+            [s["num_samples"] for s in m["shards"]],
+            float(cfg.router.sample_fraction),
+            seed=router_shards_seed(cfg.seed, k),
+        )
         for k, m in enumerate(manifests)
     ]
     record = run_job(
@@ -166,6 +174,7 @@ def _record(trained: Trained, cfg, index: dict, manifests: list[dict], held: lis
     return dict(
         num_experts=len(manifests),
         clustering_id=index["clustering_id"],
+        heldout_shards=[[Path(url).name for url in urls] for urls in held],
         eval_samples=len(k),
         accuracy_by_t=by_t,
         **trained.common_record(),

@@ -1,11 +1,12 @@
 """Dataset sources: where the ``prepare`` stage reads images from.
 
-A source turns ``cfg.data`` into a :class:`Source`: its metadata and a lazy
-iterator of :class:`Sample` (stable key, uint8 image, int label, optional
-caption). ``open_source`` picks the source named by ``data.source`` and wraps
-its samples so that every image has the size and channel count the manifest
-will announce (``data.image_size``, ``data.channels``), resizing only when
-``data.resize`` asks for it, and stops after ``data.limit`` samples.
+A source turns ``cfg.data`` and the run's seed into a :class:`Source`: its
+metadata, a lazy iterator of :class:`Sample` (stable key, uint8 image, int label,
+optional caption) and the ``Order`` of that iterator. ``open_source`` picks the
+source named by ``data.source`` and wraps its samples so that every image has
+the size and channel count the manifest will announce (``data.image_size``,
+``data.channels``), resizing only when ``data.resize`` asks for it, and stops
+after ``data.limit`` samples.
 
 Sources (``data.source``):
 
@@ -23,9 +24,16 @@ Sources (``data.source``):
   a list of local paths, ``pipe:`` commands or URLs). Images are decoded to
   uint8; the label is ``cls`` when present (else -1), the caption ``txt``.
 
-Keys are re-issued for every source as ``<prefix>-<split>-<index:08d>`` (the
-index counts samples in reading order), so they are stable across reruns and
-contain no dots, which webdataset would split on.
+Every source yields its samples in a seeded random order (``ddm.data.sources.order``):
+a permutation of every sample, drawn over the index before anything is decoded,
+or for ``webdataset`` a permutation of the input shards. ``Source.order`` says
+which, and ``prepare`` records it in the manifest.
+
+Keys are re-issued for every source as ``<prefix>-<split>-<index:08d>``, so they
+contain no dots, which webdataset would split on. The index is the sample's place
+in the source's own listing (array index, sorted file list), so a key names the
+same image whatever the seed; for ``webdataset`` it counts samples in reading
+order (which follows the seed).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from ddm.data.sources.builtin import (
     read_idx,
 )
 from ddm.data.sources.image_folder import IMAGE_SUFFIXES, image_folder
+from ddm.data.sources.order import PERMUTED_SAMPLES, PERMUTED_SHARDS, Order
 from ddm.data.sources.webdataset import webdataset
 from ddm.errors import BadInput
 
@@ -53,6 +62,9 @@ __all__ = [
     "IDX_IMAGES_MAGIC",
     "IDX_LABELS_MAGIC",
     "IMAGE_SUFFIXES",
+    "PERMUTED_SAMPLES",
+    "PERMUTED_SHARDS",
+    "Order",
     "PIL_MODES",
     "SOURCES",
     "Sample",
@@ -73,9 +85,11 @@ SOURCES: dict[str, Callable] = {
 }
 
 
-def open_source(cfg_data) -> Source:
-    """The source named by ``cfg_data.source``, with conformed images and ``cfg_data.limit`` applied.
+def open_source(cfg_data, seed: int) -> Source:
+    """The source named by ``cfg_data.source`` in the order the run's ``seed`` gives, conformed, with ``limit``.
 
+    ``cfg_data.limit`` keeps the first samples of that order: a random subset of
+    an indexed source rather than, say, the first classes of a sorted folder.
     Opening checks what can be checked before reading (paths, split, config
     consistency) so that a bad config fails before anything is written; image
     problems surface while the samples are iterated.
@@ -83,10 +97,10 @@ def open_source(cfg_data) -> Source:
     name = cfg_data.source
     if name not in SOURCES:
         raise BadInput(f"data.source={name!r} is not a known source; choose one of {sorted(SOURCES)}")
-    source = SOURCES[name](cfg_data)
+    source = SOURCES[name](cfg_data, int(seed))
     meta = resolve_meta(source.meta, cfg_data)
     limit = cfg_data.get("limit")
     if limit is not None and int(limit) < 1:
         raise BadInput(f"data.limit={limit}: use a positive number of samples, or null for all")
     samples = itertools.islice(source.samples, int(limit)) if limit is not None else source.samples
-    return Source(source.prefix, source.split, meta, conform(samples, meta, cfg_data.get("resize")))
+    return Source(source.prefix, source.split, meta, conform(samples, meta, cfg_data.get("resize")), source.order)

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from ddm.data.sources.order import Order
 from ddm.errors import BadInput
 
 PIL_MODES = {1: "L", 3: "RGB"}
@@ -54,7 +55,8 @@ class Source:
     prefix: str  # first part of every key, e.g. "fmnist"
     split: str
     meta: SourceMeta
-    samples: Iterator[Sample]
+    samples: Iterator[Sample]  # in ``order``: lazily decoded, one at a time
+    order: Order  # how ``samples`` were permuted (see ddm.data.sources.order)
 
 
 def make_key(prefix: str, split: str, index: int) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ddm.data.sources.base import Sample, Source, SourceMeta, check_split, make_key
+from ddm.data.sources.order import PERMUTED_SAMPLES, Order, in_seeded_order
 from ddm.errors import BadInput, MissingInput
 
 FASHION_MNIST_CLASSES = [
@@ -77,7 +78,8 @@ def _fashion_mnist_files(root: Path, split: str) -> tuple[Path, Path]:
     return paths
 
 
-def fashion_mnist(cfg) -> Source:
+def fashion_mnist(cfg, seed: int) -> Source:
+    """The IDX files' images in a seeded random order; key ``i`` is image ``i`` of the file."""
     split = check_split(cfg.split)
     images_path, labels_path = _fashion_mnist_files(Path(cfg.root), split)
     images = read_idx(images_path, IDX_IMAGES_MAGIC)
@@ -87,15 +89,16 @@ def fashion_mnist(cfg) -> Source:
             f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels: "
             f"the files do not belong together; reinstall them"
         )
-    samples = (
-        Sample(make_key("fmnist", split, i), images[i], int(labels[i]), None, f"{images_path}[{i}]")
-        for i in range(len(images))
-    )
+
+    def read(i: int) -> Sample:
+        return Sample(make_key("fmnist", split, i), images[i], int(labels[i]), None, f"{images_path}[{i}]")
+
     meta = SourceMeta(image_size=images.shape[1], channels=1, num_classes=10, class_names=list(FASHION_MNIST_CLASSES))
-    return Source("fmnist", split, meta, samples)
+    return Source("fmnist", split, meta, in_seeded_order(len(images), read, seed), Order(PERMUTED_SAMPLES, int(seed)))
 
 
-def digits(cfg) -> Source:
+def digits(cfg, seed: int) -> Source:
+    """scikit-learn's digits in a seeded random order; key ``i`` is image ``i`` of the set."""
     from sklearn.datasets import load_digits
 
     split = check_split(cfg.split)
@@ -104,9 +107,9 @@ def digits(cfg) -> Source:
     bunch = load_digits()
     # Pixel values are counts 0..16 (4x4 blocks of a 32x32 bitmap): stretch to 0..255.
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
-    samples = (
-        Sample(make_key("digits", split, i), images[i], int(bunch.target[i]), None, f"sklearn digits[{i}]")
-        for i in range(len(images))
-    )
+
+    def read(i: int) -> Sample:
+        return Sample(make_key("digits", split, i), images[i], int(bunch.target[i]), None, f"sklearn digits[{i}]")
+
     meta = SourceMeta(image_size=8, channels=1, num_classes=10, class_names=[str(d) for d in range(10)])
-    return Source("digits", split, meta, samples)
+    return Source("digits", split, meta, in_seeded_order(len(images), read, seed), Order(PERMUTED_SAMPLES, int(seed)))

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ddm.data.sources.base import PIL_MODES, Sample, Source, SourceMeta, check_split, config_channels, make_key
+from ddm.data.sources.order import PERMUTED_SAMPLES, Order, in_seeded_order
 from ddm.errors import BadInput, MissingInput
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -57,19 +58,24 @@ def _read_image(path: Path, channels: int) -> np.ndarray:
         raise BadInput(f"cannot read image {path} ({e}): delete or replace it") from e
 
 
-def image_folder(cfg) -> Source:
+def image_folder(cfg, seed: int) -> Source:
+    """The folder's images in a seeded random order; key ``i`` is the i-th file of the sorted listing.
+
+    Only the file list is permuted (and held in memory); each image is read when its turn comes.
+    """
     split = check_split(cfg.split)
     root = Path(cfg.root)
     files, class_names = _list_image_folder(root)
     channels = config_channels(cfg)
 
-    def samples() -> Iterator[Sample]:
-        for i, (path, label) in enumerate(files):
-            caption_file = path.with_suffix(".txt")
-            caption = caption_file.read_text().strip() if caption_file.is_file() else None
-            yield Sample(make_key("folder", split, i), _read_image(path, channels), label, caption, str(path))
+    def read(i: int) -> Sample:
+        path, label = files[i]
+        caption_file = path.with_suffix(".txt")
+        caption = caption_file.read_text().strip() if caption_file.is_file() else None
+        return Sample(make_key("folder", split, i), _read_image(path, channels), label, caption, str(path))
 
     meta = SourceMeta(
         image_size=None, channels=channels, num_classes=len(class_names) if class_names else 0, class_names=class_names
     )
-    return Source("folder", split, meta, samples())
+    samples: Iterator[Sample] = in_seeded_order(len(files), read, seed)
+    return Source("folder", split, meta, samples, Order(PERMUTED_SAMPLES, int(seed)))

@@ -1,4 +1,15 @@
-"""Existing webdataset shards (``data.urls``), read in order and re-keyed."""
+"""Existing webdataset shards (``data.urls``), read in a seeded order of the shards and re-keyed.
+
+A shard set is a stream: it cannot be indexed without reading it whole, so only
+the order of the input *shards* is permuted (with the run's seed); the samples
+inside one input shard keep their order, and a ``data.limit`` keeps the first
+samples in that shard order. Input shards sorted by class (one class per shard)
+thus reach ``data/`` as runs of one class. The partition stage permutes each
+cluster's samples itself, so experts and the router do not see those runs; what
+does is whatever reads ``data/`` in stored order: a ``data.limit`` subset, and
+the evaluate stage's held-out slice (the last samples of ``data/``). Shuffle such
+shards beforehand, or prepare them as an ``image_folder``, where that matters.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ddm.data.sources.base import PIL_MODES, Sample, Source, SourceMeta, check_split, config_channels, make_key
+from ddm.data.sources.order import PERMUTED_SHARDS, Order, permutation
 from ddm.errors import BadInput, MissingInput
 
 WDS_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
@@ -34,15 +46,17 @@ def _url_list(urls) -> list[str]:
     return out
 
 
-def webdataset(cfg) -> Source:
+def webdataset(cfg, seed: int) -> Source:
+    """The shards' samples, shard by shard in a seeded order; key ``i`` is the i-th sample read."""
     import webdataset as wds
 
     split = check_split(cfg.split)
-    urls = _url_list(cfg.urls)
+    listed = _url_list(cfg.urls)
+    urls = [listed[i] for i in permutation(len(listed), seed)]
     channels = config_channels(cfg)
 
     def samples() -> Iterator[Sample]:
-        # Ordered, unshuffled, one process: keys must follow the shards' order.
+        # Unshuffled by webdataset, one process: keys follow the (permuted) shard order.
         dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
         for i, raw in enumerate(dataset):
             origin = f"{raw.get('__url__', '?')}#{raw.get('__key__', '?')}"
@@ -62,4 +76,4 @@ def webdataset(cfg) -> Source:
             yield Sample(make_key("wds", split, i), image, label, caption, origin)
 
     meta = SourceMeta(image_size=None, channels=channels, num_classes=int(cfg.num_classes or 0), class_names=None)
-    return Source("wds", split, meta, samples())
+    return Source("wds", split, meta, samples(), Order(PERMUTED_SHARDS, int(seed)))

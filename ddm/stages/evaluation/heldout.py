@@ -5,9 +5,11 @@ every other shard set), from one of:
 
 - ``split``: the same source read with ``data.split=<eval.heldout.split>``
   (Fashion-MNIST's 10000 test images), optionally with other data settings
-  (``eval.heldout.data``, e.g. the root of a separate test folder);
+  (``eval.heldout.data``, e.g. the root of a separate test folder), in the
+  seeded order ``prepare`` uses, so ``eval.heldout.limit`` keeps a random subset;
 - ``slice``: the last ``eval.heldout.fraction`` of the run's own ``data/`` samples,
-  in stored order. For sources with one split only (scikit-learn's digits).
+  in stored order (a seeded random order, see ``ddm.stages.prepare``). For
+  sources with one split only (scikit-learn's digits).
   The experts and the router trained on these images too, so this is a smoke
   test of the metrics rather than a true hold-out; the feature net at least
   never sees them.
@@ -61,7 +63,9 @@ def _fingerprint(cfg, mode: str, data_manifest: dict) -> dict:
     hc = cfg.eval.heldout
     fp = dict(mode=mode, limit=hc.limit, data_keys_sha256=data_manifest.get("keys_sha256"))
     if mode == "split":
-        fp.update(split=str(hc.split), data=OmegaConf.to_container(_split_data_cfg(cfg), resolve=True))
+        fp.update(
+            split=str(hc.split), data=OmegaConf.to_container(_split_data_cfg(cfg), resolve=True), seed=int(cfg.seed)
+        )
     else:
         fp.update(fraction=float(hc.fraction))
     return fp
@@ -105,8 +109,10 @@ def prepare_heldout(cfg, redo: bool = False) -> dict:
     )
     keys: list[str] = []
     if mode == "split":
-        source = open_source(_split_data_cfg(cfg))
-        with ShardSetWriter(folder, shard_size, source=cfg.data.source, split=source.split, **common) as w:
+        source = open_source(_split_data_cfg(cfg), int(cfg.seed))
+        with ShardSetWriter(
+            folder, shard_size, source=cfg.data.source, split=source.split, order=source.order.as_dict(), **common
+        ) as w:
             for s in source.samples:
                 w.write(s.key, s.image, s.label, s.caption)
                 keys.append(s.key)
