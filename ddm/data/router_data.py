@@ -63,15 +63,17 @@ def split_shards(urls: list[str], sizes: list[int], fraction: float, seed: int) 
     return [urls[i] for i in train], [urls[held]]
 
 
-def eval_set(manifests: list[dict], held: list[list[str]], total: int):
+def eval_set(manifests: list[dict], held: list[list[str]], total: int, captions=None):
     """``(x0, y, k)``: up to ``total`` held-out samples, split between clusters in proportion to their sizes.
 
     ``x0`` [N, C, H, W] in model space, ``y`` [N] class labels, ``k`` [N] the
     cluster each sample belongs to. Every cluster gets at least one sample.
+    With ``captions`` (a ``ddm.text.captions.Captions``) the fourth item is
+    the list of the samples' captions: ``(x0, y, k, texts)``.
     """
     sizes = np.array([m["num_samples"] for m in manifests], dtype=float)
     quota = np.maximum(1, np.round(total * sizes / sizes.sum())).astype(int)
-    xs, ys, ks = [], [], []
+    xs, ys, ks, texts = [], [], [], []
     for k, (urls, q) in enumerate(zip(held, quota)):
         for i, s in enumerate(iter_samples(urls)):
             if i >= q:
@@ -79,4 +81,7 @@ def eval_set(manifests: list[dict], held: list[list[str]], total: int):
             xs.append(to_model_space(s["image"]))
             ys.append(s["label"])
             ks.append(k)
-    return torch.stack(xs), torch.tensor(ys), torch.tensor(ks)
+            if captions is not None:
+                texts.append(captions(s.get("caption"), s["label"], s["key"]))
+    out = (torch.stack(xs), torch.tensor(ys), torch.tensor(ks))
+    return out if captions is None else (*out, texts)

@@ -55,6 +55,12 @@ class TextCondition:
     def _map(self, fn) -> TextCondition:
         return TextCondition(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
 
+    def __getitem__(self, rows: slice) -> TextCondition:
+        """A slice of the batch (``y[lo:hi]``), as for a label tensor."""
+        if not isinstance(rows, slice):
+            raise BadInput("a TextCondition is sliced with y[lo:hi] or indexed with index_select")
+        return self._map(lambda v: v[rows])
+
     def index_select(self, dim: int, index: torch.Tensor) -> TextCondition:
         if dim != 0:
             raise BadInput("a TextCondition is indexed along its batch dimension (0) only")
@@ -62,6 +68,9 @@ class TextCondition:
 
     def to(self, *args, **kwargs) -> TextCondition:
         """Moves every field; a dtype applies to the float fields only (the mask and flags stay bool)."""
+        args = tuple(a for a in args if a is not None)  # y.to(None), as for a tensor moved nowhere
+        if not args and kwargs.get("device", None) is None and "dtype" not in kwargs:
+            return self
         device = _device_of(args, kwargs)
 
         def move(v):

@@ -171,6 +171,8 @@ def load_ensemble(
         expert_label_dropout={k: metas[k].get("label_dropout") for k in wanted},
         flow=rmeta["flow"],
         num_classes=first.get("num_classes", 0),
+        # the text encoder the experts were trained with (None: class labels); prompts go through it
+        text=metas[wanted[0]].get("text"),
         image_size=first["image_size"],
         in_channels=first["in_channels"],
     )
@@ -184,7 +186,7 @@ def check_guidance(info: dict, cfg_scale: float, key: str = "sample.cfg_scale") 
     "unconditional" velocity is noise from an untrained embedding row and
     guidance amplifies it.
     """
-    if float(cfg_scale) == 1.0 or not info.get("num_classes"):
+    if float(cfg_scale) == 1.0 or not (info.get("num_classes") or info.get("text")):
         return
     untrained = [k for k, p in info.get("expert_label_dropout", {}).items() if p is not None and float(p) <= 0]
     if untrained:

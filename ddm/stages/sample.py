@@ -33,7 +33,9 @@ from ddm.images import to_uint8
 from ddm.io import atomic_path, read_json, write_json
 from ddm.sampling import load_ensemble, num_evaluations, sample
 from ddm.sampling.checkpoints import AVAILABLE, check_guidance, expert_ids_on_disk
+from ddm.stages.prompts import sample_prompts
 from ddm.stages.runner import note_skipped
+from ddm.text.encoder import OpenClipTextEncoder
 from ddm.viz import plot_usage, save_grid
 
 log = logging.getLogger("ddm")
@@ -51,6 +53,8 @@ SETTINGS = (
     "num_samples",
     "seed",
     "precision",
+    "prompts",
+    "prompts_file",
 )
 
 
@@ -130,12 +134,21 @@ def run(cfg) -> dict:
     )
     check_guidance(info, settings["cfg_scale"])
     num_classes = int(info["num_classes"])
-    labels, num_grid = plan_labels(num_classes, int(sc.per_class), int(settings["num_samples"]), gen_noise)
-    total = num_grid + int(settings["num_samples"]) if labels is None else len(labels)
+    prompts = sample_prompts(cfg, rd) if info.get("text") else None
+    if prompts is None:
+        labels, num_grid = plan_labels(num_classes, int(sc.per_class), int(settings["num_samples"]), gen_noise)
+        total = num_grid + int(settings["num_samples"]) if labels is None else len(labels)
+        conditions, rows = labels, (class_names(rd, num_classes) if num_classes else None)
+    else:
+        # one grid row per prompt; the extra samples draw prompts at random. `labels` index the prompts.
+        labels, num_grid = plan_labels(len(prompts), int(sc.per_class), int(settings["num_samples"]), gen_noise)
+        total, rows = len(labels), prompts
+        encoder = OpenClipTextEncoder(info["text"]["model"], info["text"].get("pretrained"), device=device)
+        conditions = encoder(prompts).index_select(0, labels.to(device))
     shape = (info["in_channels"], info["image_size"], info["image_size"])
 
-    images, usage = draw(ensemble, path, shape, labels, total, int(sc.batch_size), settings, gen_noise, device)
-    out = _write(rd, images, labels, num_grid, usage, num_classes, int(sc.per_class), settings)
+    images, usage = draw(ensemble, path, shape, conditions, total, int(sc.batch_size), settings, gen_noise, device)
+    out = _write(rd, images, labels, num_grid, usage, rows, int(sc.per_class), settings)
 
     used = [k for k in range(info["num_experts"]) if any(r["counts"][k] for r in usage)]
     # settings twice: flat for readers (the report), nested for the skip check
@@ -152,6 +165,7 @@ def run(cfg) -> dict:
         evaluations_per_batch=num_evaluations(int(settings["steps"]), settings["solver"]),
         flow=info["flow"],
         device=str(device),
+        prompts=prompts,  # text runs: samples.npz's labels index these
         wall_s=round(time.perf_counter() - start, 2),
         outputs=out,
     )
@@ -184,7 +198,7 @@ def draw(ensemble, path, shape, labels, total, batch_size, settings, generator, 
     chunks = []
     for lo in range(0, total, batch_size):
         n = min(batch_size, total - lo)
-        y = None if labels is None else labels[lo : lo + n].to(device)
+        y = None if labels is None else labels[lo : lo + n].to(device)  # labels, or a TextCondition
         ensemble.reset_usage()
         x = sample(
             ensemble,
@@ -210,10 +224,9 @@ def draw(ensemble, path, shape, labels, total, batch_size, settings, generator, 
     return np.concatenate(chunks), usage
 
 
-def _write(rd, images, labels, num_grid, usage, num_classes, per_class, settings) -> list[str]:
-    """Every artefact but record.json, each atomically."""
+def _write(rd, images, labels, num_grid, usage, rows, per_class, settings) -> list[str]:
+    """Every artefact but record.json, each atomically; ``rows`` label the grid's rows (classes or prompts)."""
     out = rd.samples
-    rows = class_names(rd, num_classes) if num_classes else None
     save_grid(images[:num_grid], per_class, out / "grid.png", row_labels=rows)
     label_array = np.full(len(images), -1, np.int64) if labels is None else labels.numpy()
     with atomic_path(out / "samples.npz") as tmp:

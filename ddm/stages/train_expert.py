@@ -25,6 +25,7 @@ from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json
 from ddm.jobs import expert_job
 from ddm.seeds import data_stream_seed, expert_seed
+from ddm.stages.conditioning import captions_for, conditioning_args, text_spec
 from ddm.stages.runner import skip
 from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.modules import ExpertModule
@@ -32,13 +33,13 @@ from ddm.train.modules import ExpertModule
 log = logging.getLogger("ddm")
 
 
-def model_config(cfg_model, meta: dict) -> dict:
-    """The network's arguments: its size from the config, its input shape from the data it trains on."""
+def model_config(cfg_model, meta: dict, text: dict | None = None) -> dict:
+    """The network's arguments: its size from the config, its input shape and conditioning from the data."""
     return dict(
         size=cfg_model.size,
         image_size=int(meta["image_size"]),
         in_channels=int(meta["channels"]),
-        num_classes=int(meta["num_classes"]),
+        **conditioning_args(text, meta),
     )
 
 
@@ -110,10 +111,12 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict) -> Job:
     """Expert ``k``'s training job: its own partition, seed and folder, nothing shared with another expert."""
     ex = cfg.expert
     seed = expert_seed(cfg.seed, k)
+    text = text_spec(cfg)
+    captions = captions_for(cfg, manifest)
 
     def build_module() -> ExpertModule:
         return ExpertModule(
-            model=model_config(cfg.model, manifest),
+            model=model_config(cfg.model, manifest, text),
             flow=OmegaConf.to_container(cfg.flow),
             lr=ex.lr,
             weight_decay=ex.weight_decay,
@@ -124,13 +127,18 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict) -> Job:
             expert_id=k,
             nan_check_every=int(ex.get("nan_check_every", 10)),
             compile=bool(cfg.model.get("compile", False)),
+            text=text,
         )
 
     def build_loader(batch: int, start_step: int):
         # Inside the job: a bad shard_url is a failure of this job, recorded in its failed.json.
         urls = shard_paths(rd.partition(k), manifest, url=ex.get("shard_url"))
         stream = sample_stream(
-            urls, int(manifest["channels"]), seed=data_stream_seed(seed, start_step), shuffle_buffer=ex.shuffle_buffer
+            urls,
+            int(manifest["channels"]),
+            seed=data_stream_seed(seed, start_step),
+            shuffle_buffer=ex.shuffle_buffer,
+            captions=captions,
         )
         return batch_loader(stream, batch, int(cfg.island.num_workers))
 
@@ -156,6 +164,8 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict) -> Job:
             clustering_id=manifest["clustering_id"],
             # guidance needs the null label trained: the sampler refuses cfg_scale != 1 when this is 0
             label_dropout=float(ex.label_dropout),
+            # the sampler rebuilds this text encoder for prompts (None: class labels)
+            text=text,
         ),
         config=OmegaConf.to_container(cfg, resolve=True),
     )

@@ -32,6 +32,7 @@ from ddm.flow import FlowPath
 from ddm.io import read_json
 from ddm.jobs import ROUTER_JOB
 from ddm.seeds import data_stream_seed, router_seed, router_shards_seed
+from ddm.stages.conditioning import captions_for, conditioning_args, router_text_spec, text_spec
 from ddm.stages.runner import skip
 from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.modules import RouterModule
@@ -112,6 +113,8 @@ def _check_still_current(record: dict, rd: RunDir) -> None:
 def _job(cfg, rd: RunDir, index: dict, manifests: list[dict], train_shards: list[list[str]]) -> Job:
     """The router's training job: every partition's training shards, mixed in proportion to cluster size."""
     rc, meta = cfg.router, manifests[0]
+    text = router_text_spec(cfg)
+    captions = captions_for(cfg, meta) if text else None
 
     def build_module() -> RouterModule:
         model = dict(
@@ -119,7 +122,8 @@ def _job(cfg, rd: RunDir, index: dict, manifests: list[dict], train_shards: list
             size=rc.size,
             image_size=int(meta["image_size"]),
             in_channels=int(meta["channels"]),
-            num_classes=int(meta["num_classes"]),
+            # a text run's router without text sees no labels either: prompts come with none
+            **(conditioning_args(text, meta) if text or text_spec(cfg) is None else dict(num_classes=0)),
         )
         return RouterModule(
             model=model,
@@ -131,11 +135,14 @@ def _job(cfg, rd: RunDir, index: dict, manifests: list[dict], train_shards: list
             label_dropout=rc.label_dropout,
             nan_check_every=int(rc.get("nan_check_every", 10)),
             compile=bool(rc.get("compile", False)),
+            text=text,
         )
 
     def build_loader(batch: int, start_step: int):
         parts = [(urls, float(m["num_samples"])) for urls, m in zip(train_shards, manifests)]
-        stream = mixed_stream(parts, int(meta["channels"]), data_stream_seed(cfg.seed, start_step), rc.shuffle_buffer)
+        stream = mixed_stream(
+            parts, int(meta["channels"]), data_stream_seed(cfg.seed, start_step), rc.shuffle_buffer, captions
+        )
         return batch_loader(stream, batch, int(cfg.island.num_workers))
 
     return Job(
@@ -156,7 +163,7 @@ def _job(cfg, rd: RunDir, index: dict, manifests: list[dict], train_shards: list
         run_dir=rd.root,
         weights=rd.router_weights,
         record=rd.router_record,
-        export_meta=dict(num_experts=len(manifests), clustering_id=index["clustering_id"]),
+        export_meta=dict(num_experts=len(manifests), clustering_id=index["clustering_id"], text=text),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
 
@@ -164,7 +171,12 @@ def _job(cfg, rd: RunDir, index: dict, manifests: list[dict], train_shards: list
 def _record(trained: Trained, cfg, index: dict, manifests: list[dict], held: list[list[str]]) -> dict:
     """The common fields plus the router's accuracy by t on the held-out shards."""
     rc, module = cfg.router, trained.module
-    x0, y, k = eval_set(manifests, held, int(rc.eval_samples))
+    text = router_text_spec(cfg)
+    if text:
+        x0, _, k, texts = eval_set(manifests, held, int(rc.eval_samples), captions_for(cfg, manifests[0]))
+        y = trained.module.conditioning(None, texts)  # the router's own text encoder
+    else:
+        x0, y, k = eval_set(manifests, held, int(rc.eval_samples))
     sizes = torch.tensor([float(m["num_samples"]) for m in manifests])
     # on the island's GPU when it has one: Lightning hands the module back on the CPU after the fit
     device = torch.device("cuda") if cfg.island.accelerator != "cpu" and torch.cuda.is_available() else None

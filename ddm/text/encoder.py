@@ -20,6 +20,16 @@ from ddm.errors import BadInput
 from ddm.models.conditioning import TextCondition
 
 
+def text_width(model: str) -> int:
+    """The width of an open_clip model's text tower (a text DiT's ``text_dim``), from its config alone."""
+    import open_clip
+
+    config = open_clip.get_model_config(model)
+    if config is None:
+        raise BadInput(f"text.model={model!r} is not an open_clip model; see open_clip.list_models()")
+    return int(config["text_cfg"]["width"])
+
+
 class OpenClipTextEncoder:
     """Captions -> ``TextCondition`` through an open_clip model's text tower (its image tower is dropped)."""
 

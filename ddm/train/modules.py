@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ddm.flow import FlowPath
 from ddm.images import batch_to_model_space_on_device
+from ddm.models.conditioning import TextCondition
 from ddm.models.dit import DiT, DiTClassifier
 from ddm.train.ema import ema_decay_at, make_ema, update_ema
 from ddm.train.loss_watch import LossWatch
@@ -79,9 +80,25 @@ class _Base(L.LightningModule):
     def on_train_end(self) -> None:
         self.losses.check(self.global_step, self._strategy())  # the exported weights must be finite
 
-    def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
-        """Replace labels by the null label with probability label_dropout (trains the unconditional branch)."""
+    def conditioning(self, labels: torch.Tensor, captions: list[str] | None):
+        """What the network is conditioned on: the labels, or the captions encoded on this device."""
+        spec = self.hparams.get("text")
+        if not spec:
+            return labels
+        if captions is None:
+            raise ValueError("a text-conditional job needs captions in its batches (the loader's captions=...)")
+        if getattr(self, "_text_encoder", None) is None:
+            from ddm.text.encoder import OpenClipTextEncoder
+
+            # frozen and outside the state dict: checkpoints and expert.pt hold the DiT only
+            self._text_encoder = OpenClipTextEncoder(spec["model"], spec.get("pretrained"), device=self.device)
+        return self._text_encoder(captions)
+
+    def drop_labels(self, y):
+        """Replace labels (or captions) by the null one with probability label_dropout (the unconditional branch)."""
         p = self.hparams.label_dropout
+        if isinstance(y, TextCondition):
+            return y if p <= 0 else y.dropped(torch.rand(len(y), device=y.device) < p)
         if p <= 0 or self.net.num_classes == 0:
             return y
         drop = torch.rand(y.shape, device=y.device) < p
@@ -118,6 +135,7 @@ class ExpertModule(_Base):
         expert_id: int = 0,
         nan_check_every: int = 10,
         compile: bool = False,
+        text: dict | None = None,
     ):
         super().__init__(f"expert {expert_id}", flow, nan_check_every, compile)
         self.save_hyperparameters()
@@ -126,11 +144,12 @@ class ExpertModule(_Base):
         self._ema_step = 0  # the optimizer step the EMA last moved at
 
     def training_step(self, batch, batch_idx):
-        x0, y = batch_to_model_space_on_device(batch[0]), batch[1]
+        x0 = batch_to_model_space_on_device(batch[0])
+        y = self.conditioning(batch[1], batch[2] if len(batch) > 2 else None)
         point = self.path.noised(x0)  # (t, eps) first, then the label dropout: one fixed order of draws
         loss = self.path.loss_at(self.net, point, self.drop_labels(y)).mean()
         self.watch(loss)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(x0))
         return loss
 
     def on_train_start(self) -> None:
@@ -164,13 +183,15 @@ class RouterModule(_Base):
         label_dropout: float = 0.1,
         nan_check_every: int = 10,
         compile: bool = False,
+        text: dict | None = None,
     ):
         super().__init__("router", flow, nan_check_every, compile)
         self.save_hyperparameters()
         self.net = DiTClassifier(**model)
 
     def training_step(self, batch, batch_idx):
-        x0, y, k = batch_to_model_space_on_device(batch[0]), batch[1], batch[2]
+        x0, k = batch_to_model_space_on_device(batch[0]), batch[2]
+        y = self.conditioning(batch[1], batch[3] if len(batch) > 3 else None)
         point = self.path.noised(x0)
         logits = self.net(point.x_t, point.t, self.drop_labels(y))
         loss = F.cross_entropy(logits.float(), k)

@@ -1,0 +1,47 @@
+"""What a run's networks are conditioned on, from the ``text`` config group and the data's manifest.
+
+``text=none``: class labels (``num_classes`` from the data; 0 = unconditional).
+``text=open_clip``: captions through open_clip's text tower; the networks are
+then text-conditional (``num_classes=0``, ``text_dim`` = the tower's width),
+and the router reads the captions only with ``text.router=true``.
+"""
+
+from __future__ import annotations
+
+from ddm.errors import BadInput
+from ddm.text.captions import Captions
+from ddm.text.encoder import text_width
+
+KINDS = ("none", "open_clip")
+
+
+def text_spec(cfg) -> dict | None:
+    """The text encoder a run's experts use (what expert.pt records), or None for a run without text."""
+    section = cfg.get("text") or {}
+    kind = str(section.get("kind") or "none")
+    if kind not in KINDS:
+        raise BadInput(f"text.kind={kind!r} is not one of {', '.join(KINDS)}")
+    if kind == "none":
+        return None
+    pretrained = section.get("pretrained")
+    return dict(kind=kind, model=str(section.get("model")), pretrained=str(pretrained) if pretrained else None)
+
+
+def router_text_spec(cfg) -> dict | None:
+    """The text encoder of the router: the experts' with ``text.router=true``, else none."""
+    spec = text_spec(cfg)
+    return spec if spec is not None and bool((cfg.get("text") or {}).get("router", False)) else None
+
+
+def conditioning_args(spec: dict | None, meta: dict) -> dict:
+    """``num_classes`` and ``text_dim`` of a network for this conditioning and these data."""
+    if spec is None:
+        return dict(num_classes=int(meta["num_classes"]))
+    return dict(num_classes=0, text_dim=text_width(spec["model"]))
+
+
+def captions_for(cfg, meta: dict) -> Captions | None:
+    """Where the loader takes each sample's caption from, or None when the job reads no captions."""
+    if text_spec(cfg) is None:
+        return None
+    return Captions((cfg.get("text") or {}).get("caption_template"), meta.get("class_names"))
