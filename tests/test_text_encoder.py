@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from ddm.errors import BadInput, MissingInput
 from ddm.models.dit import DiT
 from ddm.text import OpenClipTextEncoder
-
-TINY = dict(
-    embed_dim=24,
-    vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16),
-    text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1),
-)
+from tests.text_models import register_tiny_text_model
 
 
 @pytest.fixture(scope="module")
 def tiny_text_model(tmp_path_factory):
     """The name of a tiny open_clip model whose config lives in a local json file (random weights)."""
-    import open_clip
-
-    path = tmp_path_factory.mktemp("clip") / "ddm-tiny-text.json"
-    path.write_text(json.dumps(TINY))
-    open_clip.add_model_config(path)
-    return "ddm-tiny-text"
+    return register_tiny_text_model(tmp_path_factory.mktemp("clip"))
 
 
 def test_captions_become_token_embeddings_with_their_padding_masked(tiny_text_model):

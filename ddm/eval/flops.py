@@ -30,6 +30,7 @@ from ddm.devices import module_device
 from ddm.ensemble import Ensemble
 from ddm.errors import BadInput
 from ddm.jobs import ROUTER_JOB, expert_job
+from ddm.models.conditioning import example_condition
 from ddm.sampling.solvers import num_evaluations, sample
 
 EXPERTS_PER_CALL = {"top1": lambda K, k: 1, "topk": lambda K, k: k, "full": lambda K, k: K, "sample": lambda K, k: 1}
@@ -49,7 +50,7 @@ def model_forward_flops(
     device = module_device(model)
     x = torch.zeros(batch, *image_shape, device=device)
     t = torch.full((batch,), 0.5, device=device)
-    y = torch.zeros(batch, dtype=torch.long, device=device) if conditional else None
+    y = example_condition(model, batch, device) if conditional else None
     return count_flops(model, x, t, y) // batch
 
 

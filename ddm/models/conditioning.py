@@ -101,3 +101,18 @@ def cat_conditions(parts: list) -> torch.Tensor | TextCondition:
     if isinstance(parts[0], TextCondition):
         return TextCondition(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(parts[0])})
     return torch.cat(parts)
+
+
+CLIP_CONTEXT = 77  # CLIP's caption length in tokens: what FLOPs are counted at when no encoder says otherwise
+
+
+def example_condition(net, batch: int, device=None, text_tokens: int = CLIP_CONTEXT):
+    """A ``y`` that ``net`` accepts, for counting its FLOPs: class 0, or a caption of ``text_tokens`` real tokens."""
+    text_dim = getattr(getattr(net, "trunk", None), "text_dim", 0)
+    if not text_dim:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    return TextCondition.of(
+        torch.zeros(batch, text_tokens, text_dim, device=device),
+        torch.ones(batch, text_tokens, dtype=torch.bool, device=device),
+        torch.zeros(batch, text_dim, device=device),
+    )

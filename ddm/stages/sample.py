@@ -165,7 +165,7 @@ def run(cfg) -> dict:
         evaluations_per_batch=num_evaluations(int(settings["steps"]), settings["solver"]),
         flow=info["flow"],
         device=str(device),
-        prompts=prompts,  # text runs: samples.npz's labels index these
+        grid_prompts=prompts,  # text runs: the prompts used, which samples.npz's labels index
         wall_s=round(time.perf_counter() - start, 2),
         outputs=out,
     )

@@ -32,6 +32,7 @@ import torch
 from ddm.devices import module_device
 from ddm.eval.flops import count_flops
 from ddm.io import sha256_file, write_json
+from ddm.models.conditioning import CLIP_CONTEXT, example_condition
 from ddm.models.dit import count_params
 from ddm.train.checkpoint_io import inspect_checkpoint
 from ddm.train.export import save_weights
@@ -130,7 +131,8 @@ class Trained:
     def common_record(self, parallelism: bool = False) -> dict:
         """The fields of every training record, measured now; ``parallelism`` adds ``parallelism()`` to hardware."""
         net, batch, steps = self.module.export_net, self.job.schedule.batch_size, self.steps
-        flops = count_flops(net, *example_inputs(net))
+        encoder = getattr(self.module, "_text_encoder", None)  # text runs: FLOPs at the encoder's caption length
+        flops = count_flops(net, *example_inputs(net, getattr(encoder, "context_length", CLIP_CONTEXT)))
         return dict(
             steps=steps,
             batch_size=batch,
@@ -152,11 +154,11 @@ class Trained:
         )
 
 
-def example_inputs(net: torch.nn.Module) -> tuple:
+def example_inputs(net: torch.nn.Module, text_tokens: int = CLIP_CONTEXT) -> tuple:
     """One sample's ``(x, t, y)`` for a DiT-trunk network: what its FLOPs are counted on."""
     trunk, device = net.trunk, module_device(net)
     x = torch.zeros(1, trunk.in_channels, trunk.image_size, trunk.image_size, device=device)
-    return x, torch.zeros(1, device=device), torch.zeros(1, dtype=torch.long, device=device)
+    return x, torch.zeros(1, device=device), example_condition(net, 1, device, text_tokens)
 
 
 def run_job(job: Job, finish: Callable[[Trained], dict]) -> dict:
