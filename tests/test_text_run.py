@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddm.artifacts import RunDir
-from ddm.errors import BadInput
+from ddm.errors import BadInput, Unusable
 from ddm.io import read_json
 from ddm.stages.runner import run_stage
 from tests.text_models import register_tiny_text_model
@@ -51,6 +51,10 @@ def test_a_text_run_trains_text_experts_and_samples_from_prompts(make_cfg, text_
     # without prompts, the caption template over the class names gives one row per class
     record = run_stage("sample", make_cfg("experiment=tiny", *TEXT, f"text.model={text_model}", "redo=true"))
     assert record["grid_prompts"] == [f"a photo of the digit {d}" for d in range(10)]
+    run_stage("report", cfg)
+    assert rd.report.exists()
+    with pytest.raises(Unusable, match="text-to-image run: `ddm evaluate` measures class-conditional"):
+        run_stage("evaluate", cfg)
 
 
 def test_a_router_that_reads_the_captions(make_cfg, text_model):

@@ -20,6 +20,7 @@ import torch
 from ddm.artifacts import RunDir
 from ddm.devices import allow_tf32, resolve_device
 from ddm.ensemble import Ensemble
+from ddm.errors import Unusable
 from ddm.eval import flops as flop_count
 from ddm.eval.fm_loss import fm_loss_summary
 from ddm.eval.heldout import load_images
@@ -55,6 +56,12 @@ class EvaluationContext:
         self.base, self.path, self.info = load_ensemble(
             rd.root, strategy="top1", subset=self.sc["experts"], device=self.device
         )
+        if self.info.get("text"):
+            raise Unusable(
+                f"{rd.root} is a text-to-image run: `ddm evaluate` measures class-conditional and "
+                f"unconditional runs only (prompts from held-out captions and CLIP score are not built yet); "
+                f"its samples are in {rd.samples} (`ddm sample sample.prompts=[...]`)"
+            )
         check_guidance(self.info, self.sc["cfg_scale"])
         self.num_classes = int(self.info["num_classes"])
         self.conditional = self.num_classes > 0
