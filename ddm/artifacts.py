@@ -8,6 +8,8 @@ Data flows one way::
     clusters/     centroids.npy, assignments.npz (keys, cluster), report.json
     partitions/   cluster-KK/ shards holding exactly that cluster's samples,
                   each with its own manifest.json
+    latents/      cluster-KK/ the same samples as VAE latents (``npy``, float16),
+                  same keys and order, + manifest.json naming the VAE (latent runs only)
     experts/      expert-KK/ checkpoints, logs, expert.pt (EMA weights), record.json
     router/       checkpoints, logs, router.pt, record.json
     samples/      grid.png, samples.npz, usage.json, usage.png, record.json
@@ -99,6 +101,15 @@ class RunDir:
 
     def partition_manifest(self, k: int) -> Path:
         return self.partition(k) / "manifest.json"
+
+    # -- stage 3b (latent runs): the partitions encoded by the VAE
+    @property
+    def latents(self) -> Path:
+        return self.root / "latents"
+
+    def latent(self, k: int) -> Path:
+        """Cluster ``k``'s samples as latents: what its expert trains on in a latent run."""
+        return self.latents / f"cluster-{k:02d}"
 
     # -- stage 4: experts
     @property

@@ -24,14 +24,14 @@ def to_model_space(image: np.ndarray) -> torch.Tensor:
 def batch_to_model_space_on_device(x: torch.Tensor) -> torch.Tensor:
     """A training batch -> float32 in [-1, 1], computed where the batch is (the GPU, in training).
 
-    uint8 batches are pixels (0..255) and are scaled; a floating-point batch is
-    taken to be in model space already and is returned as it is.
+    uint8 batches are pixels (0..255) and are scaled; a floating-point batch
+    (VAE latents, stored as float16) is in model space already and only becomes float32.
     """
     if x.dtype == torch.uint8:
         return x.float().div_(127.5).sub_(1.0)
     if not x.is_floating_point():
         raise TypeError(f"a training batch must be uint8 pixels or floating point, got {x.dtype}")
-    return x
+    return x.float()
 
 
 def batch_to_nchw(images: np.ndarray) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import webdataset as wds
 
@@ -44,7 +45,8 @@ def sample_stream(
         raise BadInput("sample_stream needs at least one shard")
 
     def to_tuple(sample):
-        x = to_chw_uint8(sample["png"])
+        # a latent shard set holds float16 latents under npy; a pixel one uint8 images under png
+        x = torch.from_numpy(np.asarray(sample["npy"])) if "npy" in sample else to_chw_uint8(sample["png"])
         y = int(sample["cls"])
         out = (x, y) if tag is None else (x, y, tag)
         if captions is None:

@@ -78,7 +78,8 @@ def eval_set(manifests: list[dict], held: list[list[str]], total: int, captions=
         for i, s in enumerate(iter_samples(urls)):
             if i >= q:
                 break
-            xs.append(to_model_space(s["image"]))
+            # latent shard sets hold model-space latents already; pixel ones uint8 images
+            xs.append(torch.from_numpy(s["latent"].astype(np.float32)) if "latent" in s else to_model_space(s["image"]))
             ys.append(s["label"])
             ks.append(k)
             if captions is not None:

@@ -89,12 +89,31 @@ class ShardSetWriter:
         info.mtime = 0  # deterministic bytes: same input, same checksum
         self._tar.addfile(info, io.BytesIO(data))
 
-    def write(self, key: str, image: np.ndarray, label: int, caption: str | None = None, png: bytes | None = None):
+    def write(
+        self,
+        key: str,
+        image: np.ndarray | None,
+        label: int,
+        caption: str | None = None,
+        png: bytes | None = None,
+        arrays: dict[str, np.ndarray] | None = None,
+    ):
+        """One sample: its image (or ready PNG bytes), label, caption and named arrays (``{"npy": latent}``).
+
+        A sample may have arrays and no image (a latent shard set).
+        """
         if "." in key:
             raise BadInput(f"sample key {key!r} must not contain '.' (webdataset splits keys on dots)")
+        if image is None and png is None and not arrays:
+            raise BadInput(f"sample {key!r} has neither an image nor arrays")
         if self._tar is None:
             self._open()
-        self._add(f"{key}.png", png if png is not None else encode_png(image))
+        if image is not None or png is not None:
+            self._add(f"{key}.png", png if png is not None else encode_png(image))
+        for ext, array in (arrays or {}).items():
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+            self._add(f"{key}.{ext}", buf.getvalue())
         self._add(f"{key}.cls", str(int(label)).encode())
         if caption is not None:
             self._add(f"{key}.txt", caption.encode())
@@ -176,16 +195,22 @@ def iter_shard(path: str) -> Iterator[dict]:
 
 
 def iter_samples(paths: Iterable[str], decode: bool = True) -> Iterator[dict]:
-    """Stream samples shard by shard: key, image (uint8 array) or png bytes, label, caption."""
+    """Stream samples shard by shard: key, image (uint8 array) or png bytes, label, caption, latent.
+
+    A latent shard set's samples carry ``latent`` (the float16 array under ``npy``) and no image.
+    """
     for path in paths:
         for raw in iter_shard(path):
             out = dict(key=raw["key"], label=int(raw["cls"]) if "cls" in raw else -1)
             if "txt" in raw:
                 out["caption"] = raw["txt"].decode()
-            if decode:
-                out["image"] = decode_png(raw["png"])
-            else:
-                out["png"] = raw["png"]
+            if "npy" in raw:
+                out["latent"] = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
+            if "png" in raw:
+                if decode:
+                    out["image"] = decode_png(raw["png"])
+                else:
+                    out["png"] = raw["png"]
             yield out
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ddm.errors import MissingInput, Unusable
-from ddm.io import sha256_file
+from ddm.io import read_json, sha256_file
 
 log = logging.getLogger("ddm")
 
@@ -45,17 +45,16 @@ def _folder_of(pretrained: str) -> Path | None:
     return None  # a hub id
 
 
-def _load_autoencoder(pretrained: str, allow_download: bool):
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError as e:  # pragma: no cover - diffusers is a dependency
-        raise Unusable("the latent stages need diffusers: pip install diffusers") from e
+def resolve_folder(pretrained: str, allow_download: bool = False) -> Path:
+    """The local diffusers folder of ``pretrained``: itself, the folder of a weights file, or a hub id's cache."""
     folder = _folder_of(pretrained)
     if folder is not None:
-        return AutoencoderKL.from_pretrained(folder, low_cpu_mem_usage=False), folder
+        return folder
+    from huggingface_hub import snapshot_download
+
     try:
-        vae = AutoencoderKL.from_pretrained(pretrained, local_files_only=not allow_download, low_cpu_mem_usage=False)
-    except OSError as e:
+        return Path(snapshot_download(pretrained, local_files_only=not allow_download))
+    except Exception as e:  # huggingface_hub raises several kinds for "not cached" and "cannot reach"
         how = (
             "this machine could not fetch it"
             if allow_download
@@ -66,7 +65,22 @@ def _load_autoencoder(pretrained: str, allow_download: bool):
             f"(`huggingface-cli download {pretrained} --local-dir vae/`) and pass the folder, "
             f"or set vae.allow_download=true"
         ) from e
-    return vae, None
+
+
+def vae_identity(folder: Path) -> dict:
+    """What names a VAE without building it: its weights' sha256 and the scale and shift its latents use."""
+    config = read_json(folder / "config.json")
+    files = [folder / n for n in WEIGHT_NAMES if (folder / n).exists()]
+    if not files:
+        raise MissingInput(f"{folder} has no {' or '.join(WEIGHT_NAMES)}: save the VAE with save_pretrained")
+    shift = config.get("shift_factor")
+    return dict(
+        weights_sha256=sha256_file(files[0]),
+        scaling_factor=float(config.get("scaling_factor", 0.18215)),
+        shift_factor=float(shift) if shift is not None else 0.0,
+        latent_channels=int(config.get("latent_channels", 4)),
+        downsample=2 ** (len(config.get("block_out_channels", [0])) - 1),
+    )
 
 
 class LatentCodec(torch.nn.Module):
@@ -75,7 +89,7 @@ class LatentCodec(torch.nn.Module):
     def __init__(self, vae, source: str, weights_sha256: str | None = None):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
-        self.source = source
+        self.source = source  # what the user named: a folder, a weights file or a hub id
         self.weights_sha256 = weights_sha256
         cfg = vae.config
         self.scale = float(cfg.scaling_factor)
@@ -86,15 +100,16 @@ class LatentCodec(torch.nn.Module):
 
     @classmethod
     def load(cls, pretrained: str, allow_download: bool = False) -> LatentCodec:
-        vae, folder = _load_autoencoder(str(pretrained), allow_download)
-        sha = None
-        if folder is not None:
-            files = [folder / n for n in WEIGHT_NAMES if (folder / n).exists()]
-            sha = sha256_file(files[0]) if files else None
-        return cls(vae, str(pretrained), sha)
+        try:
+            from diffusers import AutoencoderKL
+        except ImportError as e:  # pragma: no cover - diffusers is a dependency
+            raise Unusable("the latent stages need diffusers: pip install diffusers") from e
+        folder = resolve_folder(str(pretrained), allow_download)
+        vae = AutoencoderKL.from_pretrained(folder, low_cpu_mem_usage=False)
+        return cls(vae, str(pretrained), vae_identity(folder)["weights_sha256"])
 
     def identity(self) -> dict:
-        """What the manifest records: latents are only valid for the VAE with this identity."""
+        """What a latent manifest records (``vae_identity`` plus the source): latents are only valid for it."""
         return dict(
             source=self.source,
             weights_sha256=self.weights_sha256,

@@ -173,6 +173,8 @@ def load_ensemble(
         num_classes=first.get("num_classes", 0),
         # the text encoder the experts were trained with (None: class labels); prompts go through it
         text=metas[wanted[0]].get("text"),
+        # latent runs: the VAE that decodes the samples and the pixel shape (None: pixels)
+        latents=_common_latents(metas, rmeta),
         image_size=first["image_size"],
         in_channels=first["in_channels"],
     )
@@ -195,6 +197,20 @@ def check_guidance(info: dict, cfg_scale: float, key: str = "sample.cfg_scale") 
             f"with expert.label_dropout=0 (their null label is untrained): sample with {key}=1, or retrain "
             f"them with expert.label_dropout > 0 (e.g. 0.1)"
         )
+
+
+def _common_latents(metas: dict, rmeta: dict) -> dict | None:
+    """The latent space every expert and the router share; mixing VAEs (or latents and pixels) is refused."""
+    seen = {
+        path: (m.get("latents") or {}).get("vae", {}).get("weights_sha256")
+        for path, m in [(m["path"], m) for m in metas.values()] + [(rmeta["path"], rmeta)]
+    }
+    if len(set(seen.values())) > 1:
+        raise BadInput(
+            f"the experts and the router were trained in different latent spaces (VAE weights by file: {seen}); "
+            f"train them all on one run's latents"
+        )
+    return next(iter(metas.values())).get("latents")
 
 
 def _check_router(router, rmeta: dict, rd: RunDir) -> None:

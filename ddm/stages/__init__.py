@@ -34,6 +34,7 @@ STAGES: dict[str, Stage] = {
         "cluster", "k-means the embeddings into K clusters (two-stage, flat or random)", True, ("cluster",)
     ),
     "partition": Stage("partition", "write one shard set per cluster", True, ("cluster",)),
+    "encode": Stage("encode", "encode every partition with the VAE (latent runs; vae=none: nothing)", True, ("vae",)),
     "train-expert": Stage(
         "train_expert",
         "train expert expert.id on its own partition, in isolation",

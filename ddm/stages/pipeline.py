@@ -1,6 +1,6 @@
 """Stage ``pipeline``: every stage in order on one config; what ``make demo`` runs.
 
-prepare -> embed -> cluster -> partition -> train-expert (k = 0..K-1) ->
+prepare -> embed -> cluster -> partition -> encode (latent runs) -> train-expert (k = 0..K-1) ->
 train-router -> sample -> report. Each stage skips what is already complete,
 so rerunning the pipeline after an interruption continues where it stopped.
 Each runs through ``run_stage``, exactly as ``ddm <stage>`` would run it.
@@ -20,7 +20,7 @@ from ddm.stages.runner import run_stage
 
 log = logging.getLogger("ddm")
 
-BEFORE_EXPERTS = ("prepare", "embed", "cluster", "partition")
+BEFORE_EXPERTS = ("prepare", "embed", "cluster", "partition", "encode")
 AFTER_EXPERTS = ("train-router", "sample")
 
 

@@ -33,6 +33,7 @@ from ddm.images import to_uint8
 from ddm.io import atomic_path, read_json, write_json
 from ddm.sampling import load_ensemble, num_evaluations, sample
 from ddm.sampling.checkpoints import AVAILABLE, check_guidance, expert_ids_on_disk
+from ddm.stages.encode import latent_decoder
 from ddm.stages.prompts import sample_prompts
 from ddm.stages.runner import note_skipped
 from ddm.text.encoder import OpenClipTextEncoder
@@ -146,8 +147,11 @@ def run(cfg) -> dict:
         encoder = OpenClipTextEncoder(info["text"]["model"], info["text"].get("pretrained"), device=device)
         conditions = encoder(prompts).index_select(0, labels.to(device))
     shape = (info["in_channels"], info["image_size"], info["image_size"])
+    decode = latent_decoder(cfg, info.get("latents"), device)
 
-    images, usage = draw(ensemble, path, shape, conditions, total, int(sc.batch_size), settings, gen_noise, device)
+    images, usage = draw(
+        ensemble, path, shape, conditions, total, int(sc.batch_size), settings, gen_noise, device, decode
+    )
     out = _write(rd, images, labels, num_grid, usage, rows, int(sc.per_class), settings)
 
     used = [k for k in range(info["num_experts"]) if any(r["counts"][k] for r in usage)]
@@ -188,8 +192,11 @@ def run(cfg) -> dict:
     return record
 
 
-def draw(ensemble, path, shape, labels, total, batch_size, settings, generator, device):
-    """Sample ``total`` images in batches; usage records merged per solver evaluation."""
+def draw(ensemble, path, shape, labels, total, batch_size, settings, generator, device, decode=None):
+    """Sample ``total`` images in batches; usage records merged per solver evaluation.
+
+    ``decode`` turns a latent run's samples into images (``latent_decoder``); None: they are images.
+    """
     precision = autocast_dtype(settings.get("precision"), torch.device(device), "sample.precision")
     n_eval = num_evaluations(int(settings["steps"]), settings["solver"])
     counts = np.zeros((n_eval, ensemble.num_experts))
@@ -212,7 +219,7 @@ def draw(ensemble, path, shape, labels, total, batch_size, settings, generator, 
             device=device,
             autocast=precision,
         )
-        chunks.append(to_uint8(x))
+        chunks.append(to_uint8(x if decode is None else decode(x)))
         for i, rec in enumerate(ensemble.usage):
             counts[i] += rec["counts"]
             weights[i] += n * np.asarray(rec["weights"])  # batch-size weighted mean over batches

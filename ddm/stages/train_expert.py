@@ -26,6 +26,7 @@ from ddm.io import read_json
 from ddm.jobs import expert_job
 from ddm.seeds import data_stream_seed, expert_seed
 from ddm.stages.conditioning import captions_for, conditioning_args, text_spec
+from ddm.stages.encode import latent_manifest, latent_meta, vae_spec
 from ddm.stages.runner import skip
 from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.modules import ExpertModule
@@ -76,7 +77,11 @@ def run(cfg) -> dict:
             f"`ddm partition redo=true`"
         )
 
-    record = run_job(_job(cfg, rd, k, manifest), lambda trained: _record(trained, k, manifest))
+    data_dir, data = part_dir, manifest
+    if vae_spec(cfg) is not None:  # a latent run: the same samples, encoded by `ddm encode`
+        data_dir = rd.latent(k)
+        data = latent_manifest(rd, k, manifest, verify_shards=not cfg.expert.get("shard_url"))
+    record = run_job(_job(cfg, rd, k, manifest, data_dir, data), lambda trained: _record(trained, k, manifest))
     if record:
         log.info(
             "train-expert %d: %d steps on %d samples, loss %.4f, %.0fs -> %s",
@@ -107,8 +112,11 @@ def _check_still_current(record: dict, rd: RunDir, k: int) -> None:
         )
 
 
-def _job(cfg, rd: RunDir, k: int, manifest: dict) -> Job:
-    """Expert ``k``'s training job: its own partition, seed and folder, nothing shared with another expert."""
+def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir, data: dict) -> Job:
+    """Expert ``k``'s training job: its own partition, seed and folder, nothing shared with another expert.
+
+    ``data_dir`` / ``data``: the shard set it reads, the partition itself or (latent runs) its latents.
+    """
     ex = cfg.expert
     seed = expert_seed(cfg.seed, k)
     text = text_spec(cfg)
@@ -116,7 +124,7 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict) -> Job:
 
     def build_module() -> ExpertModule:
         return ExpertModule(
-            model=model_config(cfg.model, manifest, text),
+            model=model_config(cfg.model, data, text),
             flow=OmegaConf.to_container(cfg.flow),
             lr=ex.lr,
             weight_decay=ex.weight_decay,
@@ -132,10 +140,10 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict) -> Job:
 
     def build_loader(batch: int, start_step: int):
         # Inside the job: a bad shard_url is a failure of this job, recorded in its failed.json.
-        urls = shard_paths(rd.partition(k), manifest, url=ex.get("shard_url"))
+        urls = shard_paths(data_dir, data, url=ex.get("shard_url"))
         stream = sample_stream(
             urls,
-            int(manifest["channels"]),
+            int(data["channels"]),
             seed=data_stream_seed(seed, start_step),
             shuffle_buffer=ex.shuffle_buffer,
             captions=captions,
@@ -166,6 +174,8 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict) -> Job:
             label_dropout=float(ex.label_dropout),
             # the sampler rebuilds this text encoder for prompts (None: class labels)
             text=text,
+            # latent runs: the VAE that decodes samples, and the pixels it decodes to (None: pixels)
+            latents=latent_meta(data),
         ),
         config=OmegaConf.to_container(cfg, resolve=True),
     )

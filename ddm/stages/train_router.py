@@ -33,6 +33,7 @@ from ddm.io import read_json
 from ddm.jobs import ROUTER_JOB
 from ddm.seeds import data_stream_seed, router_seed, router_shards_seed
 from ddm.stages.conditioning import captions_for, conditioning_args, router_text_spec, text_spec
+from ddm.stages.encode import latent_manifest, latent_meta, vae_spec
 from ddm.stages.runner import skip
 from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.modules import RouterModule
@@ -76,9 +77,14 @@ def run(cfg) -> dict:
         shutil.rmtree(job_dir)
 
     index, manifests = load_partitions(rd)
+    if vae_spec(cfg) is not None:  # a latent run: the same samples, encoded by `ddm encode`
+        folders = [rd.latent(k) for k in range(len(manifests))]
+        manifests = [latent_manifest(rd, k, m, verify_shards=False) for k, m in enumerate(manifests)]
+    else:
+        folders = [rd.partition(k) for k in range(len(manifests))]
     splits = [
         split_shards(
-            shard_paths(rd.partition(k), m),
+            shard_paths(folders[k], m),
             [s["num_samples"] for s in m["shards"]],
             float(cfg.router.sample_fraction),
             seed=router_shards_seed(cfg.seed, k),
@@ -163,7 +169,9 @@ def _job(cfg, rd: RunDir, index: dict, manifests: list[dict], train_shards: list
         run_dir=rd.root,
         weights=rd.router_weights,
         record=rd.router_record,
-        export_meta=dict(num_experts=len(manifests), clustering_id=index["clustering_id"], text=text),
+        export_meta=dict(
+            num_experts=len(manifests), clustering_id=index["clustering_id"], text=text, latents=latent_meta(meta)
+        ),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
 

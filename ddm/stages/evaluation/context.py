@@ -62,6 +62,11 @@ class EvaluationContext:
                 f"unconditional runs only (prompts from held-out captions and CLIP score are not built yet); "
                 f"its samples are in {rd.samples} (`ddm sample sample.prompts=[...]`)"
             )
+        if self.info.get("latents"):
+            raise Unusable(
+                f"{rd.root} is a latent run: `ddm evaluate` measures pixel runs only (encoding the held-out set "
+                f"for the FM loss is not built yet); its decoded samples are in {rd.samples}"
+            )
         check_guidance(self.info, self.sc["cfg_scale"])
         self.num_classes = int(self.info["num_classes"])
         self.conditional = self.num_classes > 0

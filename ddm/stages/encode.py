@@ -1,0 +1,194 @@
+"""Stage ``encode`` (latent runs): every partition's images as VAE latents, under ``latents/cluster-KK/``.
+
+    ddm encode name=big vae=sd vae.pretrained=/weights/sd-vae-ft-ema
+
+Runs after ``partition``: the clusters come from the images, and each island
+can encode its own partition on its own GPU. For each cluster it writes a
+shard set with the partition's samples in the same order and with the same
+keys, each holding the posterior mean of its latent, scaled by the VAE's
+factors (``npy``, float16 [C, h, w]), its label and caption; the manifest
+records the VAE's identity (``ddm.latent.vae_identity``), the latent shape
+(as ``channels`` / ``image_size``, which the experts read) and the pixel shape
+(``image_channels`` / ``pixel_size``, which decoding restores). A cluster
+whose latents were made from the same partition with the same VAE is skipped;
+after a reclustering or with another VAE it is encoded again.
+
+With ``vae=none`` the stage has nothing to do and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import torch
+
+from ddm.artifacts import RunDir
+from ddm.data.shards import MANIFEST, ShardSetWriter, iter_samples, load_manifest, shard_paths, verify
+from ddm.devices import resolve_device
+from ddm.errors import BadInput, MissingInput
+from ddm.images import batch_to_model_space
+from ddm.io import read_json, sha256_strings
+from ddm.latent.vae import LatentCodec, resolve_folder, vae_identity
+from ddm.stages.runner import note_skipped
+
+log = logging.getLogger("ddm")
+
+KINDS = ("none", "autoencoder_kl")
+
+
+def vae_spec(cfg) -> dict | None:
+    """The run's VAE (``vae`` config group), or None for a pixel run."""
+    section = cfg.get("vae") or {}
+    kind = str(section.get("kind") or "none")
+    if kind not in KINDS:
+        raise BadInput(f"vae.kind={kind!r} is not one of {', '.join(KINDS)}")
+    if kind == "none":
+        return None
+    if not section.get("pretrained"):
+        raise BadInput("vae=sd needs vae.pretrained: a local AutoencoderKL folder (or a hub id in the local cache)")
+    return dict(kind=kind, pretrained=str(section.pretrained), allow_download=bool(section.get("allow_download")))
+
+
+def current_identity(spec: dict) -> dict:
+    """The configured VAE's identity, from its files alone (no model is built)."""
+    return vae_identity(resolve_folder(spec["pretrained"], spec["allow_download"]))
+
+
+def same_vae(recorded: dict | None, identity: dict) -> bool:
+    keys = ("weights_sha256", "scaling_factor", "shift_factor")
+    return recorded is not None and all(recorded.get(k) == identity[k] for k in keys)
+
+
+def check_latents_source(manifest: dict, partition: dict, where) -> None:
+    """Refuse latents that were encoded from other samples than the partition's."""
+    if (manifest.get("keys_sha256"), manifest.get("clustering_id")) != (
+        partition.get("keys_sha256"),
+        partition.get("clustering_id"),
+    ):
+        raise BadInput(f"{where} was encoded from other partitions (a reclustering since?): run `ddm encode redo=true`")
+
+
+def check_vae(recorded: dict | None, identity: dict, where) -> None:
+    """Refuse to decode (or reuse) latents with another VAE than the one they were made with."""
+    if not same_vae(recorded, identity):
+        recorded = recorded or {}
+        raise BadInput(
+            f"{where} holds latents of another VAE ({recorded.get('source')}, weights "
+            f"{str(recorded.get('weights_sha256'))[:12]}...) than vae.pretrained gives "
+            f"({identity['weights_sha256'][:12]}...): set vae.pretrained to the VAE they were made with, "
+            f"or encode again (`ddm encode redo=true`) and retrain"
+        )
+
+
+def latent_meta(manifest: dict) -> dict | None:
+    """What expert.pt and router.pt record of a latent shard set: the VAE and the pixel shape (None for pixels)."""
+    if "vae" not in manifest:
+        return None
+    return dict(vae=manifest["vae"], image_channels=manifest["image_channels"], pixel_size=manifest["pixel_size"])
+
+
+def latent_manifest(rd: RunDir, k: int, partition: dict, verify_shards: bool) -> dict:
+    """Cluster ``k``'s latent shard set, checked against its partition (what a latent expert trains on)."""
+    folder = rd.latent(k)
+    if not (folder / MANIFEST).exists():
+        raise MissingInput(f"no latents at {folder}: run `ddm encode` (vae=... is set, so experts train on latents)")
+    manifest = verify(folder) if verify_shards else load_manifest(folder)
+    check_latents_source(manifest, partition, folder)
+    return manifest
+
+
+def run(cfg) -> dict:
+    rd = RunDir(cfg.run_dir)
+    spec = vae_spec(cfg)
+    if spec is None:
+        note_skipped()
+        log.info("encode: vae=none, nothing to encode: experts train on pixels")
+        return dict(stage="encode", vae=None, clusters=[])
+    if not rd.partitions_index.exists():
+        raise MissingInput(f"no partitions at {rd.partitions}: run `ddm partition` first")
+    k = int(read_json(rd.partitions_index)["num_clusters"])
+    identity = current_identity(spec)
+    codec, done, encoded = None, [], []
+    for i in range(k):
+        partition = load_manifest(rd.partition(i))
+        out = rd.latent(i)
+        if (out / MANIFEST).exists() and not cfg.get("redo", False):
+            existing = read_json(out / MANIFEST)
+            if existing.get("keys_sha256") == partition["keys_sha256"] and same_vae(existing.get("vae"), identity):
+                done.append(i)
+                continue
+        if codec is None:
+            device = resolve_device(cfg.vae.get("device"), "vae.device")
+            codec = LatentCodec.load(spec["pretrained"], spec["allow_download"]).to(device)
+        _encode_partition(rd, i, partition, codec, int(cfg.vae.batch_size))
+        encoded.append(i)
+    if not encoded:
+        note_skipped()
+    log.info("encode: clusters %s encoded, %s already done -> %s", encoded, done, rd.latents)
+    return dict(stage="encode", vae=dict(identity, source=spec["pretrained"]), encoded=encoded, done=done)
+
+
+def _encode_partition(rd: RunDir, k: int, partition: dict, codec: LatentCodec, batch_size: int) -> None:
+    out = rd.latent(k)
+    if out.exists():
+        shutil.rmtree(out)  # the manifest goes with it: never a stale complete-looking set
+    shape = codec.latent_shape(int(partition["channels"]), int(partition["image_size"]))
+    device = next(codec.parameters()).device
+    extra = {
+        key: partition[key] for key in ("num_classes", "class_names", "clustering_id", "cluster") if key in partition
+    }
+    keys: list[str] = []
+    with ShardSetWriter(
+        out,
+        int(partition["shards"][0]["num_samples"]) if partition["shards"] else 1,
+        channels=shape[0],
+        image_size=shape[1],
+        image_channels=int(partition["channels"]),
+        pixel_size=int(partition["image_size"]),
+        vae=codec.identity(),
+        latent_dtype="float16",
+        **extra,
+    ) as writer:
+        batch: list[dict] = []
+        for sample in iter_samples(shard_paths(rd.partition(k), partition)):
+            batch.append(sample)
+            if len(batch) == batch_size:
+                _write_batch(writer, batch, codec, device, keys)
+                batch = []
+        if batch:
+            _write_batch(writer, batch, codec, device, keys)
+        writer.extra["keys_sha256"] = sha256_strings(keys)  # equal to the partition's: same keys, same order
+    log.info("encode: cluster %d, %d samples -> %s %s", k, len(keys), "x".join(map(str, shape)), out)
+
+
+def _write_batch(writer: ShardSetWriter, batch: list[dict], codec: LatentCodec, device, keys: list[str]) -> None:
+    x = batch_to_model_space(np.stack([s["image"] for s in batch])).to(device)
+    with torch.no_grad():
+        latents = codec.encode(x).float().cpu().numpy().astype(np.float16)
+    for sample, latent in zip(batch, latents):
+        writer.write(sample["key"], None, sample["label"], sample.get("caption"), arrays=dict(npy=latent))
+        keys.append(sample["key"])
+
+
+def latent_decoder(cfg, latents: dict | None, device):
+    """``decode(z) -> images in [-1, 1]`` for a latent run's samples, or None for a pixel run.
+
+    The VAE is ``vae.pretrained`` when the config names one, else the source the
+    latents recorded; either way it must be the VAE the latents were made with.
+    """
+    if latents is None:
+        return None
+    spec = vae_spec(cfg) if str((cfg.get("vae") or {}).get("kind") or "none") != "none" else None
+    source = spec["pretrained"] if spec else latents["vae"].get("source")
+    allow = bool(spec and spec["allow_download"])
+    check_vae(latents["vae"], vae_identity(resolve_folder(source, allow)), f"the experts' expert.pt (vae {source})")
+    codec = LatentCodec.load(source, allow).to(device)
+    channels = int(latents["image_channels"])
+    batch = int((cfg.get("vae") or {}).get("batch_size") or 64)
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([codec.decode(z[i : i + batch].float(), channels) for i in range(0, len(z), batch)])
+
+    return decode

@@ -1,0 +1,85 @@
+"""A tiny latent run end to end: partitions encoded by a small random VAE, latent experts, decoded samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ddm.artifacts import RunDir
+from ddm.data.shards import iter_samples, load_manifest, shard_paths
+from ddm.errors import BadInput, MissingInput, Unusable
+from ddm.images import batch_to_model_space
+from ddm.latent import LatentCodec
+from ddm.stages.runner import run_stage
+from tests.test_latent_vae import save_tiny_vae
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vae") / "tiny"
+    save_tiny_vae(folder, in_channels=3, scaling_factor=0.5)
+    return folder
+
+
+def over(vae_dir, *more):
+    return ["experiment=tiny", "vae=sd", f"vae.pretrained={vae_dir}", "expert.steps=4", "router.steps=4", *more]
+
+
+def test_a_latent_run_trains_on_latents_and_samples_images(make_cfg, vae_dir):
+    cfg = make_cfg(*over(vae_dir))
+    rd = RunDir(cfg.run_dir)
+    for stage in ("prepare", "embed", "cluster", "partition"):
+        run_stage(stage, cfg)
+    with pytest.raises(MissingInput, match="run `ddm encode`"):
+        run_stage("train-expert", cfg)
+    summary = run_stage("encode", cfg)
+    assert summary["encoded"] == [0, 1]
+
+    # the latents: the partition's samples in its order, 8x8 grey -> 4x4x4, bit-equal to encoding them now
+    codec = LatentCodec.load(str(vae_dir))
+    for k in (0, 1):
+        partition, latents = load_manifest(rd.partition(k)), load_manifest(rd.latent(k))
+        assert latents["keys_sha256"] == partition["keys_sha256"]
+        assert (latents["channels"], latents["image_size"], latents["pixel_size"]) == (4, 4, 8)
+        assert latents["vae"]["weights_sha256"] == codec.identity()["weights_sha256"]
+        images = list(iter_samples(shard_paths(rd.partition(k), partition)))
+        stored = list(iter_samples(shard_paths(rd.latent(k), latents)))
+        assert [s["key"] for s in stored] == [s["key"] for s in images]
+        x = batch_to_model_space(np.stack([s["image"] for s in images[:16]]))
+        want = codec.encode(x).numpy().astype(np.float16)
+        assert np.array_equal(np.stack([s["latent"] for s in stored[:16]]), want)
+        assert [s["label"] for s in stored] == [s["label"] for s in images]
+    assert run_stage("encode", cfg)["encoded"] == []  # done: skipped
+
+    for k in (0, 1):
+        run_stage("train-expert", make_cfg(*over(vae_dir, f"expert.id={k}")))
+    run_stage("train-router", cfg)
+    expert = torch.load(rd.expert_weights(0), weights_only=False)
+    assert (expert["model_config"]["in_channels"], expert["model_config"]["image_size"]) == (4, 4)
+    assert expert["latents"]["vae"]["weights_sha256"] == codec.identity()["weights_sha256"]
+
+    record = run_stage("sample", make_cfg(*over(vae_dir, "sample.num_samples=8")))
+    saved = np.load(rd.samples / "samples.npz")
+    assert saved["images"].shape == (record["num_images"], 8, 8) and saved["images"].dtype == np.uint8
+    with pytest.raises(Unusable, match="latent run"):
+        run_stage("evaluate", cfg)
+
+
+def test_latents_of_another_vae_are_refused(make_cfg, vae_dir, tmp_path):
+    cfg = make_cfg(*over(vae_dir, "cluster.k=1"))
+    for stage in ("prepare", "embed", "cluster", "partition", "encode", "train-expert", "train-router"):
+        run_stage(stage, cfg)
+    other = tmp_path / "other-vae"
+    save_tiny_vae(other, in_channels=3, scaling_factor=0.25)
+    with pytest.raises(BadInput, match="latents of another VAE"):
+        run_stage("sample", make_cfg(*over(other, "cluster.k=1")))
+    # encoding with the other VAE is not skipped: its latents are made anew, and the old experts no longer match
+    assert run_stage("encode", make_cfg(*over(other, "cluster.k=1")))["encoded"] == [0]
+    assert load_manifest(RunDir(cfg.run_dir).latent(0))["vae"]["scaling_factor"] == 0.25
+
+
+def test_a_vae_run_needs_its_vae(make_cfg):
+    with pytest.raises(BadInput, match="vae=sd needs vae.pretrained"):
+        run_stage("encode", make_cfg("experiment=tiny", "vae=sd"))
+    assert run_stage("encode", make_cfg("experiment=tiny"))["vae"] is None  # vae=none: nothing to do
