@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ddm.errors import BadInput
 from ddm.models.velocity import VelocityModel
@@ -144,6 +145,10 @@ class DiTTrunk(nn.Module):
         self.t_embed = TimestepEmbedder(dims.hidden)
         self.y_embed = LabelEmbedder(num_classes, dims.hidden) if num_classes > 0 else None
         self.blocks = nn.ModuleList(DiTBlock(dims.hidden, dims.heads) for _ in range(dims.depth))
+        # Activation checkpointing: keep only each block's inputs and recompute its activations in the
+        # backward pass (about one more forward's FLOPs for a fraction of the activation memory). A
+        # training setting, not part of the network: config() and the weights do not record it.
+        self.checkpoint_blocks = False
 
     def embed(self, x, t, y):
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos
@@ -156,8 +161,10 @@ class DiTTrunk(nn.Module):
 
     def forward(self, x, t, y):
         tokens, c = self.embed(x, t, y)
+        recompute = self.checkpoint_blocks and torch.is_grad_enabled()
         for block in self.blocks:
-            tokens = block(tokens, c)
+            # non-reentrant: composes with FSDP's per-block gathering and with blocks whose inputs need no grad
+            tokens = checkpoint(block, tokens, c, use_reentrant=False) if recompute else block(tokens, c)
         return tokens, c
 
 
