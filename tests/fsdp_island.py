@@ -6,13 +6,16 @@ island; ``start_island`` starts all of them the way torchrun or srun would
 environment), so each process can run several Trainers one after the other.
 Every rank trains on its own slice of one fixed global batch with noise that is
 a function of the sample (``FixedNoiseExpert``), so the island's run and a
-single process on the whole batch take the same steps.
+single process on the whole batch take the same steps (gradients clipped by
+their global norm, which under sharding spans every rank's shards).
 
 What each rank runs, through ``build_trainer`` as a job does:
 
 - ``straight``: ``STEPS`` steps from the start, checkpointing every 2;
 - ``resumed`` (when RUNS is ``both``): 2 steps, then a new module and Trainer
-  resume from the newest checkpoint to ``STEPS``, with activation checkpointing on.
+  resume from the newest checkpoint to ``STEPS``, with activation checkpointing on;
+- ``crossed`` (when RUNS is ``both`` and ``OUT/crossed`` holds the checkpoint of
+  2 unsharded steps): resume from it, sharded, to ``STEPS``.
 
 Rank 0 writes ``OUT/result.pt``: the gathered (full) EMA and network weights of
 both, the FSDP units, the parameters' shards, and how often block 0 ran.
@@ -36,6 +39,7 @@ from ddm.train.trainer import build_trainer, last_checkpoint
 from tests.test_optimizer_steps import FixedNoiseExpert
 
 STEPS, BATCH = 4, 8
+GRAD_CLIP = 0.5  # below the gradient norm of these steps (about 1.3 at the first): the clipping acts on each
 MODEL = dict(size="DiT-N/2", image_size=8, in_channels=1, num_classes=3)
 
 
@@ -68,7 +72,9 @@ def island_config(strategy: str, nodes: int, devices: int, sharding: str = "full
     )
 
 
-def train(folder: Path, island, rank: int, world: int, steps: int, resume: bool = False, callbacks=()) -> dict:
+def train(
+    folder: Path, island, rank: int, world: int, steps: int, resume: bool = False, callbacks=(), grad_clip=GRAD_CLIP
+) -> dict:
     """Fit a fresh expert (seed 0) on this rank's slice of the global batch; gather what the tests compare."""
     torch.manual_seed(0)
     module = MomentumExpert(
@@ -82,7 +88,7 @@ def train(folder: Path, island, rank: int, world: int, steps: int, resume: bool 
     per = BATCH // world
     mine = slice(rank * per, (rank + 1) * per)
     loader = DataLoader(TensorDataset(x[mine], y[mine]), batch_size=per, shuffle=False)
-    trainer = build_trainer(island, folder, steps, ckpt_every=2, logger=False, callbacks=callbacks)
+    trainer = build_trainer(island, folder, steps, ckpt_every=2, logger=False, callbacks=callbacks, grad_clip=grad_clip)
     ckpt = last_checkpoint(folder) if resume else None
     trainer.fit(module, train_dataloaders=loader, ckpt_path=str(ckpt) if ckpt else None)
     in_optimizer = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
@@ -113,9 +119,9 @@ def _cpu_state(net: torch.nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
 
 
-def reference(folder: Path, steps: int = STEPS) -> dict:
+def reference(folder: Path, grad_clip=GRAD_CLIP) -> dict:
     """The same training in this process, unsharded, on the whole global batch."""
-    return train(folder, island_config("auto", 1, 1), rank=0, world=1, steps=steps)
+    return train(folder, island_config("auto", 1, 1), rank=0, world=1, steps=STEPS, grad_clip=grad_clip)
 
 
 def main(out: str, nodes: int, devices: int, sharding: str, runs: str) -> None:
@@ -128,8 +134,11 @@ def main(out: str, nodes: int, devices: int, sharding: str, runs: str) -> None:
         checkpointed = island_config("fsdp", nodes, devices, sharding, checkpointing=True)
         train(out_dir / "resumed", checkpointed, rank, world, 2)
         resumed = train(out_dir / "resumed", checkpointed, rank, world, STEPS, resume=True)
+    crossed = None
+    if runs == "both" and (out_dir / "crossed").is_dir():
+        crossed = train(out_dir / "crossed", island_config("fsdp", nodes, devices, sharding), rank, world, STEPS, True)
     if rank == 0:
-        torch.save(dict(straight=straight, resumed=resumed), out_dir / "result.pt")
+        torch.save(dict(straight=straight, resumed=resumed, crossed=crossed), out_dir / "result.pt")
 
 
 def _free_port() -> int:

@@ -12,6 +12,10 @@ CPU with gloo and on GPUs with NCCL alike.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,13 +24,13 @@ from ddm.errors import BadInput
 from ddm.flow import FlowPath
 from ddm.io import read_json
 from ddm.models.dit import DiT
-from ddm.sampling import load_expert, sample
+from ddm.sampling import load_expert, load_router, sample
 from ddm.sampling.checkpoints import verify_weights
 from ddm.train.checkpoint_io import inspect_checkpoint, latest_complete_checkpoint
 from ddm.train.fsdp import FSDPIslandStrategy, island_strategy
 from ddm.train.trainer import ActivationCheckpointing, build_trainer
-from tests.fabricate import make_partitions, train_expert_on_two_ranks
-from tests.fsdp_island import MODEL, STEPS, MomentumExpert, island_config, reference, start_island
+from tests.fabricate import FAST_JOB, make_partitions, train_expert_on_two_ranks
+from tests.fsdp_island import MODEL, STEPS, MomentumExpert, island_config, reference, start_island, train
 
 BLOCK_UNITS = ["", "trunk.blocks.0", "trunk.blocks.1"]  # the network itself, then each of DiT-N's 2 blocks
 
@@ -40,6 +44,7 @@ def _ran(procs, out) -> None:
 def island(tmp_path_factory):
     """One 2-rank island (full sharding) and the unsharded reference of the same training."""
     out = tmp_path_factory.mktemp("island")
+    train(out / "crossed", island_config("auto", 1, 1), rank=0, world=1, steps=2)  # the island resumes from it
     procs = start_island(out, nodes=1, devices=2, sharding="full")
     _ran(procs, out)
     return dict(out=out, **torch.load(out / "result.pt", weights_only=False), reference=reference(out / "reference"))
@@ -120,6 +125,8 @@ def test_sharded_training_gives_the_ema_of_unsharded_training(island):
     _assert_same_weights(run["ema"], ref["ema"], "EMA")
     moved = max((ref["ema"][k] - ref["init"][k]).abs().max().item() for k in ref["init"])
     assert moved > 1e-2  # the EMA left its start: this compares trained weights
+    unclipped = reference(island["out"] / "unclipped", grad_clip=None)["net"]
+    assert max((unclipped[k] - ref["net"][k]).abs().max().item() for k in unclipped) > 1e-3  # clipping acted
     assert run["ema_class"] == "DiT"  # gathered into a plain network
 
 
@@ -147,6 +154,20 @@ def test_a_sharded_jobs_checkpoint_holds_the_full_state_in_one_file(island):
     momentum = [s["momentum_buffer"] for s in ckpt["optimizer_states"][0]["state"].values()]
     net_shapes = [tuple(v.shape) for k, v in whole.items() if k.startswith("net.")]
     assert [tuple(m.shape) for m in momentum] == net_shapes  # the optimizer state, gathered too
+
+
+def test_checkpoints_resume_across_sharded_and_unsharded_islands(island, tmp_path):
+    ref = island["reference"]
+    crossed = island["crossed"]  # 2 unsharded steps, then sharded on 2 ranks
+    assert crossed["resumed_from"].endswith("last.ckpt") and crossed["steps"] == STEPS
+    _assert_same_weights(crossed["net"], ref["net"], "network")
+    _assert_same_weights(crossed["ema"], ref["ema"], "EMA")
+    # and the other way: 2 sharded steps (the island's resumed run left them), then one process
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(island["out"] / "resumed" / "checkpoints" / "step-0000002.ckpt", tmp_path / "checkpoints" / "last.ckpt")
+    unsharded = train(tmp_path, island_config("auto", 1, 1), rank=0, world=1, steps=STEPS, resume=True)
+    _assert_same_weights(unsharded["net"], ref["net"], "network")
+    _assert_same_weights(unsharded["ema"], ref["ema"], "EMA")
 
 
 @pytest.mark.slow
@@ -189,6 +210,21 @@ def test_a_two_rank_fsdp_job_trains_resumes_and_exports_the_full_ema(tmp_path):
     ckpt = torch.load(rd.expert(1) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     ema = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.")}
     _assert_same_weights(net.state_dict(), ema, "expert.pt")  # expert.pt is the EMA of the last step
+
+
+def test_a_two_rank_fsdp_router_job_evaluates_and_exports_the_whole_router(tmp_path):
+    rd = make_partitions(tmp_path / "run", sizes=(40, 40))
+    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+    env.pop("DDM_STAGE", None)
+    cmd = [sys.executable, "-m", "ddm", "train-router", f"run_dir={rd.root}", *FAST_JOB, "router.steps=2"]
+    cmd += ["island.devices=2", "island.strategy=fsdp"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    # the held-out accuracy runs the router on rank 0 alone: the sharded one would wait for the other rank
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = read_json(rd.router_record)
+    assert len(record["accuracy_by_t"]) == 10 and record["steps"] == 2
+    router, _ = load_router(rd.router_weights)
+    assert router(torch.zeros(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 1])).shape == (2, 2)
 
 
 @pytest.mark.gpu

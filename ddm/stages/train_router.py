@@ -153,7 +153,9 @@ def _record(trained: Trained, cfg, index: dict, manifests: list[dict], held: lis
     rc, module = cfg.router, trained.module
     x0, y, k = eval_set(manifests, held, int(rc.eval_samples))
     sizes = torch.tensor([float(m["num_samples"]) for m in manifests])
-    by_t = accuracy_by_t(module.net, module.path, x0, y, k, sizes / sizes.sum(), int(rc.t_buckets), int(cfg.seed))
+    # the exported network: whole even where an FSDP island sharded module.net
+    net = trained.export_net
+    by_t = accuracy_by_t(net, module.path, x0, y, k, sizes / sizes.sum(), int(rc.t_buckets), int(cfg.seed))
     return dict(
         num_experts=len(manifests),
         clustering_id=index["clustering_id"],
