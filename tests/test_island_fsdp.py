@@ -3,10 +3,11 @@
 The island tests start real ranks (``tests.fsdp_island``) and compare what they
 trained with the same training unsharded in this process; the job test runs
 ``ddm train-expert`` on two ranks as a user would. Lightning's own
-``FSDPStrategy`` (FSDP1) cannot run here: on CPU it stops with "FSDP needs a
-non-CPU accelerator device, but no accelerator device is detected" (and its
-precision plugin refuses norm clipping); ddm's strategy is FSDP2, which runs on
-CPU with gloo and on GPUs with NCCL alike.
+``FSDPStrategy`` (FSDP1) cannot run here: with ``accelerator=cpu`` it stops with
+"The strategy `fsdp` requires a GPU accelerator" (and FSDP1 given no device with
+"FSDP needs a non-CPU accelerator device, but no accelerator device is
+detected"); ddm's strategy is FSDP2, which runs on CPU with gloo and on GPUs
+with NCCL alike. The GPU test runs the same job where two GPUs exist.
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ Lightning's ``ModelParallelStrategy``), not on Lightning's ``FSDPStrategy``
 - gradient-norm clipping works on the sharded gradients (Lightning refuses
   ``gradient_clip_algorithm="norm"`` under FSDP1);
 - it runs on CPU with gloo, so this code is tested where there is no GPU
-  (FSDP1 stops with "FSDP needs a non-CPU accelerator device").
+  (Lightning's FSDPStrategy refuses the CPU accelerator: "The strategy `fsdp`
+  requires a GPU accelerator"; FSDP1 itself, given no device, stops with "FSDP
+  needs a non-CPU accelerator device").
 
 Sharding ``full`` spreads each parameter over every device of the island;
 ``hybrid`` shards within each node and keeps one replica per node, so the
