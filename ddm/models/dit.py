@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ddm.errors import BadInput
 from ddm.models.conditioning import TextCondition
@@ -215,6 +216,10 @@ class DiTTrunk(nn.Module):
         self.blocks = nn.ModuleList(
             DiTBlock(dims.hidden, dims.heads, cross_attention=bool(text_dim)) for _ in range(dims.depth)
         )
+        # Activation checkpointing: keep only each block's inputs and recompute its activations in the
+        # backward pass (about one more forward's FLOPs for a fraction of the activation memory). A
+        # training setting, not part of the network: config() and the weights do not record it.
+        self.checkpoint_blocks = False
 
     def embed(self, x, t, y):
         """(image tokens, adaLN conditioning, text context or None)."""
@@ -236,8 +241,10 @@ class DiTTrunk(nn.Module):
 
     def forward(self, x, t, y):
         tokens, c, text = self.embed(x, t, y)
+        recompute = self.checkpoint_blocks and torch.is_grad_enabled()
         for block in self.blocks:
-            tokens = block(tokens, c, text)
+            # non-reentrant: composes with FSDP's per-block gathering and with blocks whose inputs need no grad
+            tokens = checkpoint(block, tokens, c, text, use_reentrant=False) if recompute else block(tokens, c, text)
         return tokens, c
 
 

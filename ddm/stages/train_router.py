@@ -186,11 +186,11 @@ def _record(trained: Trained, cfg, index: dict, manifests: list[dict], held: lis
     else:
         x0, y, k = eval_set(manifests, held, int(rc.eval_samples))
     sizes = torch.tensor([float(m["num_samples"]) for m in manifests])
-    # on the island's GPU when it has one: Lightning hands the module back on the CPU after the fit
+    # the exported network: whole even where an FSDP island sharded module.net; on the island's GPU when it
+    # has one (Lightning hands the module back on the CPU after the fit)
+    net = trained.export_net
     device = torch.device("cuda") if cfg.island.accelerator != "cpu" and torch.cuda.is_available() else None
-    by_t = accuracy_by_t(
-        module.net, module.path, x0, y, k, sizes / sizes.sum(), int(rc.t_buckets), int(cfg.seed), device
-    )
+    by_t = accuracy_by_t(net, module.path, x0, y, k, sizes / sizes.sum(), int(rc.t_buckets), int(cfg.seed), device)
     return dict(
         num_experts=len(manifests),
         clustering_id=index["clustering_id"],

@@ -8,7 +8,9 @@ adds; ``run_job`` does the rest, the same way for every job:
 2. build the logger and the trainer, split the global batch over the island's
    devices, build the loader;
 3. resume from the job's newest complete checkpoint and fit to ``steps``;
-4. on global rank 0 only: build the record, export the weights, write
+4. on every rank: gather the exported network's full weights (a collective
+   when an FSDP island sharded them);
+5. on global rank 0 only: build the record, export the weights, write
    ``record.json`` (last: it marks the job done) and remove an earlier
    attempt's ``failed.json``.
 
@@ -36,6 +38,7 @@ from ddm.models.conditioning import CLIP_CONTEXT, example_condition
 from ddm.models.dit import count_params
 from ddm.train.checkpoint_io import inspect_checkpoint
 from ddm.train.export import save_weights
+from ddm.train.fsdp import full_copy
 from ddm.train.records import FailureRecord, clear_failure
 from ddm.train.signals import PreemptionGuard
 from ddm.train.streams import RankStreams
@@ -113,6 +116,7 @@ class Trained:
     resume: Path | None  # the checkpoint this attempt resumed from
     per_device_batch: int
     started: float  # time.time() when this attempt started
+    export_net: torch.nn.Module  # the module's export_net with its full weights, unsharded (what is saved)
 
     @property
     def steps(self) -> int:
@@ -130,7 +134,7 @@ class Trained:
 
     def common_record(self, parallelism: bool = False) -> dict:
         """The fields of every training record, measured now; ``parallelism`` adds ``parallelism()`` to hardware."""
-        net, batch, steps = self.module.export_net, self.job.schedule.batch_size, self.steps
+        net, batch, steps = self.export_net, self.job.schedule.batch_size, self.steps
         encoder = getattr(self.module, "_text_encoder", None)  # text runs: FLOPs at the encoder's caption length
         flops = count_flops(net, *example_inputs(net, getattr(encoder, "context_length", CLIP_CONTEXT)))
         return dict(
@@ -166,7 +170,7 @@ def run_job(job: Job, finish: Callable[[Trained], dict]) -> dict:
 
     ``finish(trained)`` builds the record, usually from
     ``trained.common_record()`` and the stage's own fields; it runs on rank 0
-    only, after the fit. The module's ``export_net`` is then saved to
+    only, after the fit. The module's ``export_net`` (full weights) is then saved to
     ``job.weights`` and the record to ``job.record``. A signal that stopped the
     fit raises ``Preempted`` (see ``ddm.train.trainer.fit_job``).
     """
@@ -175,7 +179,7 @@ def run_job(job: Job, finish: Callable[[Trained], dict]) -> dict:
         if trained is None:
             return {}
         record = finish(trained)
-        net = trained.module.export_net
+        net = trained.export_net
         save_weights(
             job.weights, job.schedule.kind, net, trained.module.path.config(), **job.export_meta, steps=trained.steps
         )
@@ -215,6 +219,7 @@ def _fit(job: Job, guard: PreemptionGuard, failure: FailureRecord) -> Trained | 
     if resume:
         log.info("%s: resuming from %s", job.title, resume)
     fit_job(trainer, module, loader, resume, guard, s.requeue, job.title)
+    export = full_copy(module.export_net)  # every rank: under FSDP this gathers the shards
     if trainer.global_rank != 0:
         return None
-    return Trained(job, module, trainer, state, resume, batch, started)
+    return Trained(job, module, trainer, state, resume, batch, started, export)

@@ -22,7 +22,8 @@ from ddm.flow import FlowPath
 from ddm.images import batch_to_model_space_on_device
 from ddm.models.conditioning import TextCondition
 from ddm.models.dit import DiT, DiTClassifier
-from ddm.train.ema import ema_decay_at, make_ema, update_ema
+from ddm.train.ema import check_same_layout, ema_decay_at, make_ema, update_ema
+from ddm.train.fsdp import FSDPIslandStrategy
 from ddm.train.loss_watch import LossWatch
 
 
@@ -104,6 +105,18 @@ class _Base(L.LightningModule):
         drop = torch.rand(y.shape, device=y.device) < p
         return torch.where(drop, torch.full_like(y, self.net.num_classes), y)
 
+    def configure_model(self) -> None:
+        # Lightning calls this on every rank once the island's processes exist. Only an FSDP island shards
+        # (ddm.train.fsdp); under DDP or on one device the networks stay whole.
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDPIslandStrategy):
+            for net in self.sharded_networks():
+                strategy.shard(net)
+
+    def sharded_networks(self) -> list[torch.nn.Module]:
+        """The networks an FSDP island shards, each per DiT block."""
+        return [self.net]
+
     def on_save_checkpoint(self, checkpoint) -> None:
         # No checkpoint of diverged weights: a resume would start from NaNs.
         self.losses.check(self.global_step, self._strategy())
@@ -141,7 +154,6 @@ class ExpertModule(_Base):
         self.save_hyperparameters()
         self.net = DiT(**model)
         self.ema = make_ema(self.net)
-        self._ema_step = 0  # the optimizer step the EMA last moved at
 
     def training_step(self, batch, batch_idx):
         x0 = batch_to_model_space_on_device(batch[0])
@@ -152,20 +164,28 @@ class ExpertModule(_Base):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(x0))
         return loss
 
-    def on_train_start(self) -> None:
-        self._ema_step = self.global_step  # a resumed job's EMA already holds its steps so far
+    def sharded_networks(self) -> list[torch.nn.Module]:
+        # The EMA is sharded exactly as the network (same mesh, same split of every parameter), so each rank
+        # updates its EMA slices from the live slices it holds; it stays out of the optimizer.
+        return [self.net, self.ema]
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        # Lightning calls this after every micro-batch; with gradient accumulation the weights only
-        # change when the optimizer steps, so the EMA moves then, once per optimizer step.
-        if self.global_step == self._ema_step:
-            return
-        self._ema_step = self.global_step
-        update_ema(self.ema, self.net, ema_decay_at(self.global_step, self.hparams.ema_decay))
+    def on_train_start(self) -> None:
+        check_same_layout(self.ema, self.net)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        # The EMA moves right after the weights do: once per optimizer step (never per micro-batch), and
+        # before any callback of that batch (a checkpoint) sees it; Lightning runs the module's own
+        # on_train_batch_end after the callbacks', so an EMA moved there would be saved one step behind.
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        step = self.global_step + 1  # Lightning counts this step as done once the hook returns
+        update_ema(self.ema, self.net, ema_decay_at(step, self.hparams.ema_decay))
 
     @property
     def export_net(self) -> DiT:
-        """The network a finished expert exports and samples with: the EMA of its weights."""
+        """The network a finished expert exports and samples with: the EMA of its weights.
+
+        On an FSDP island it is sharded: ``ddm.train.fsdp.full_copy`` gathers it (on every rank).
+        """
         return self.ema
 
 

@@ -21,7 +21,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from ddm.errors import BadInput
+from ddm.models.dit import DiTTrunk
 from ddm.train.checkpoint_io import AtomicCheckpointIO, latest_complete_checkpoint
+from ddm.train.fsdp import island_strategy
 from ddm.train.progress import interactive, progress_callbacks
 from ddm.train.quiet import quiet_lightning
 from ddm.train.signals import PreemptionGuard, stop_after_preemption
@@ -153,6 +155,16 @@ class JobState(Callback):
         self.resumed_step = int(checkpoint.get("global_step", 0))
 
 
+class ActivationCheckpointing(Callback):
+    """``island.activation_checkpointing``: every DiT trunk of the module recomputes its blocks' activations
+    in the backward pass instead of keeping them (under any strategy; under FSDP each block is also a unit)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        for module in pl_module.modules():
+            if isinstance(module, DiTTrunk):
+                module.checkpoint_blocks = True
+
+
 def _plugins() -> list:
     plugins: list = [AtomicCheckpointIO()]
     from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -204,11 +216,13 @@ def build_trainer(
         guard=guard,
     )
     extra = [state] if state is not None else []
+    if island.get("activation_checkpointing", False):
+        extra.append(ActivationCheckpointing())
     return L.Trainer(
         accelerator=island.accelerator,
         devices=island.devices,
         num_nodes=island.num_nodes,
-        strategy=island.strategy,
+        strategy=island_strategy(island),
         precision=island.precision,
         accumulate_grad_batches=island.get("accumulate_grad_batches", 1),
         plugins=_plugins(),
@@ -217,7 +231,7 @@ def build_trainer(
         callbacks=[checkpoint, *progress_callbacks(name, log_every), *extra, *callbacks],
         enable_progress_bar=interactive(),
         log_every_n_steps=log_every,
-        # by norm: the same rule under DDP and FSDP, where Lightning clips the sharded gradients together
+        # by norm: the same rule under DDP and FSDP, where the norm is that of all gradient shards together
         gradient_clip_val=grad_clip,
         gradient_clip_algorithm="norm",
         default_root_dir=job_dir,
