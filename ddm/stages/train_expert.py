@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import shutil
 
+import torch
 from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
@@ -26,10 +27,13 @@ from ddm.io import read_json
 from ddm.jobs import expert_job
 from ddm.seeds import data_stream_seed, expert_seed
 from ddm.stages.conditioning import captions_for, conditioning_args, text_spec
-from ddm.stages.encode import latent_manifest, latent_meta, vae_spec
+from ddm.stages.encode import latent_decoder, latent_manifest, latent_meta, vae_spec
+from ddm.stages.prompts import sample_prompts
 from ddm.stages.runner import skip
+from ddm.stages.sample import class_names
 from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.modules import ExpertModule
+from ddm.train.preview import Preview
 
 log = logging.getLogger("ddm")
 
@@ -178,6 +182,58 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir, data: dict) -> Job:
             latents=latent_meta(data),
         ),
         config=OmegaConf.to_container(cfg, resolve=True),
+        callbacks=_preview(cfg, rd, k, data, text),
+    )
+
+
+def _preview(cfg, rd: RunDir, k: int, data: dict, text: dict | None) -> tuple:
+    """The expert's preview grid callback (``expert.preview_every`` > 0), or nothing."""
+    ex = cfg.expert
+    every = int(ex.get("preview_every") or 0)
+    if every <= 0:
+        return ()
+    per_row = int(ex.get("preview_per_row") or 4)
+    num_classes = int(data.get("num_classes") or 0)
+    if text is not None:
+        rows = sample_prompts(cfg, rd)[: int(ex.get("preview_rows") or 4)]
+        captions = [p for p in rows for _ in range(per_row)]
+
+        def condition(module):
+            return module.conditioning(None, captions)
+    elif num_classes:
+        rows = class_names(rd, num_classes)[: int(ex.get("preview_rows") or 4)]
+        labels = torch.arange(len(rows)).repeat_interleave(per_row)
+
+        def condition(module):
+            return labels
+    else:
+        rows = None
+
+        def condition(module):
+            return None
+
+    decoder = None
+    latents = latent_meta(data)
+
+    def decode(z):
+        nonlocal decoder
+        if decoder is None:  # the VAE, loaded where the samples are, on the first preview only
+            decoder = latent_decoder(cfg, latents, z.device)
+        return decoder(z)
+
+    return (
+        Preview(
+            every,
+            rd.expert(k) / "previews",
+            (int(data["channels"]), int(data["image_size"]), int(data["image_size"])),
+            rows,
+            per_row,
+            condition,
+            steps=int(ex.get("preview_steps") or 10),
+            cfg_scale=float(cfg.sample.cfg_scale) if float(ex.label_dropout) > 0 else 1.0,
+            seed=expert_seed(cfg.seed, k),
+            decode=decode if latents else None,
+        ),
     )
 
 

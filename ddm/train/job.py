@@ -103,6 +103,7 @@ class Job:
     record: Path  # record.json
     export_meta: dict  # stored in the weights file beside the network (and the steps trained)
     config: dict  # the run's resolved config, kept in the record
+    callbacks: tuple = ()  # further Lightning callbacks of this job (e.g. a Preview)
 
 
 @dataclass
@@ -208,7 +209,7 @@ def _fit(job: Job, guard: PreemptionGuard, failure: FailureRecord) -> Trained | 
         guard=guard,
         state=state,
         name=job.title,
-        callbacks=[RankStreams(job.seed)],
+        callbacks=[RankStreams(job.seed), *job.callbacks],
         grad_clip=s.grad_clip,
     )
     failure.trainer = trainer

@@ -1,0 +1,112 @@
+"""A small sample grid from an expert's EMA every few steps: what people look at while a job trains.
+
+Every ``every`` optimizer steps (``expert.preview_every``) the EMA weights
+sample the same grid: fixed noise, fixed labels (or prompts), a few Euler
+steps. The grid goes to ``<job>/previews/step-NNNNNNN.png`` and, where the
+logger shows images, to it (wandb: ``log_image``; TensorBoard: ``add_image``);
+the csv logger keeps the files only. Every rank takes part in the sampling
+(under FSDP the EMA's forward pass gathers shards on all ranks), and global
+rank 0 writes. The noise comes from its own generator, so a preview changes
+no training draw.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from ddm.images import to_uint8
+from ddm.sampling.solvers import sample
+from ddm.viz import save_grid
+
+log = logging.getLogger("ddm")
+
+
+class Preview(Callback):
+    """Sample ``len(rows) x per_row`` images from ``pl_module.export_net`` every ``every`` steps.
+
+    ``condition(pl_module)`` gives the grid's ``y`` (labels, a ``TextCondition``,
+    or None), one per image, row by row; ``rows`` label the grid's rows;
+    ``decode`` turns latents into images (latent runs), None for pixels.
+    """
+
+    def __init__(
+        self,
+        every: int,
+        folder: Path,
+        shape: tuple[int, int, int],
+        rows: list[str] | None,
+        per_row: int,
+        condition: Callable,
+        steps: int = 10,
+        cfg_scale: float = 1.0,
+        seed: int = 0,
+        decode: Callable | None = None,
+    ):
+        if int(every) < 1:
+            raise ValueError(f"preview interval must be at least 1 step, got {every}")
+        self.every, self.folder, self.shape = int(every), Path(folder), tuple(shape)
+        self.rows, self.per_row, self.condition = rows, int(per_row), condition
+        self.steps, self.cfg_scale, self.seed, self.decode = int(steps), float(cfg_scale), int(seed), decode
+        self._seen_step: int | None = None
+
+    @property
+    def num_images(self) -> int:
+        return (len(self.rows) if self.rows else self.per_row) * self.per_row
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._seen_step or step % self.every:  # mid accumulation, or not a preview step
+            return
+        self._seen_step = step
+        path = self.write(trainer, pl_module, step)
+        if path is not None:
+            log.info("preview: step %d -> %s", step, path)
+
+    @torch.no_grad()
+    def grid(self, pl_module) -> np.ndarray:
+        """The preview images, uint8, from the module's current EMA weights."""
+        net = pl_module.export_net
+        was_training = net.training
+        net.eval()
+        device = pl_module.device
+        noise = torch.Generator().manual_seed(self.seed)  # fixed: the same grid at every step
+        try:
+            x = sample(
+                net,
+                pl_module.path,
+                (self.num_images, *self.shape),
+                y=self.condition(pl_module),
+                steps=self.steps,
+                cfg_scale=self.cfg_scale,
+                generator=noise,
+                device=device,
+            )
+        finally:
+            net.train(was_training)
+        return to_uint8(x if self.decode is None else self.decode(x))
+
+    def write(self, trainer, pl_module, step: int) -> Path | None:
+        images = self.grid(pl_module)  # every rank: a sharded EMA needs all of them
+        if not trainer.is_global_zero:
+            return None
+        path = self.folder / f"step-{step:07d}.png"
+        picture = save_grid(images, self.per_row, path, row_labels=self.rows)
+        _to_logger(trainer.logger, picture, step)
+        return path
+
+
+def _to_logger(logger, picture: np.ndarray, step: int) -> None:
+    """Show the grid where the logger can: wandb and TensorBoard take images; csv keeps the file only."""
+    if logger is None:
+        return
+    name = type(logger).__name__
+    if name == "WandbLogger":
+        logger.log_image(key="preview", images=[picture], step=step)
+    elif name == "TensorBoardLogger":
+        logger.experiment.add_image("preview", picture, step, dataformats="HWC" if picture.ndim == 3 else "HW")
