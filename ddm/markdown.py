@@ -9,10 +9,17 @@ def num(x, spec: str = ".4g") -> str:
 
 
 def fmt_flops(x) -> str:
-    """A FLOP count with a readable unit: 3.32 MFLOPs, 6.37 GFLOPs."""
+    """A FLOP count with a readable unit: 3.32 MFLOPs, 6.37 GFLOPs, 72.9 EFLOPs."""
     if x is None:
         return "-"
-    for unit, scale in (("PFLOPs", 1e15), ("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6), ("kFLOPs", 1e3)):
+    for unit, scale in (
+        ("EFLOPs", 1e18),
+        ("PFLOPs", 1e15),
+        ("TFLOPs", 1e12),
+        ("GFLOPs", 1e9),
+        ("MFLOPs", 1e6),
+        ("kFLOPs", 1e3),
+    ):
         if abs(x) >= scale:
             return f"{x / scale:.3g} {unit}"
     return f"{x:.3g} FLOPs"

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddm.devices import module_device
@@ -37,8 +38,12 @@ EXPERTS_PER_CALL = {"top1": lambda K, k: 1, "topk": lambda K, k: k, "full": lamb
 
 
 def count_flops(fn, *args, **kwargs) -> int:
-    """Total FLOPs of ``fn(*args, **kwargs)`` under torch's FLOP counter (no gradients)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    """Total FLOPs of ``fn(*args, **kwargs)`` under torch's FLOP counter (no gradients).
+
+    Attention runs in its math form while counting: the counter does not see
+    inside the fused CPU attention kernel, and counted nothing for it there.
+    """
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())
 

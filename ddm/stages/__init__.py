@@ -58,5 +58,11 @@ STAGES: dict[str, Stage] = {
     "submit": Stage(
         "submit", "submit the unfinished experts and the router to SLURM", False, ("island", "expert", "router")
     ),
+    "plan": Stage(
+        "plan",
+        "print what a config would train: sizes, FLOPs, memory per GPU, GPU-days (runs nothing)",
+        False,
+        ("model", "expert", "router", "island", "vae", "text"),
+    ),
     "status": Stage("status", "show where each job of a run stands (files and SLURM queue)", False, ()),
 }
