@@ -15,6 +15,8 @@ OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.ya
 REQUIRED = {
     ("data", "image_folder"): ["data.root=/tmp/images"],
     ("data", "webdataset"): ["data.urls='/tmp/shards/shard-{000000..000001}.tar'"],
+    ("experiment", "imagenet256"): ["data.root=/tmp/imagenet/train"],
+    ("experiment", "t2i"): ["data.urls='/tmp/laion/{000000..000001}.tar'"],
 }
 
 
