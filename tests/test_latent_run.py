@@ -8,11 +8,14 @@ import torch
 
 from ddm.artifacts import RunDir
 from ddm.data.shards import iter_samples, load_manifest, shard_paths
-from ddm.errors import BadInput, MissingInput, Unusable
+from ddm.errors import BadInput, MissingInput
 from ddm.images import batch_to_model_space
 from ddm.latent import LatentCodec
 from ddm.stages.runner import run_stage
+from tests.test_evaluate_stage import OVERRIDES as EVAL_OVERRIDES
 from tests.test_latent_vae import save_tiny_vae
+
+FAST_EVAL = [o for o in EVAL_OVERRIDES if o.startswith("eval.")]
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +65,15 @@ def test_a_latent_run_trains_on_latents_and_samples_images(make_cfg, vae_dir):
     record = run_stage("sample", make_cfg(*over(vae_dir, "sample.num_samples=8")))
     saved = np.load(rd.samples / "samples.npz")
     assert saved["images"].shape == (record["num_images"], 8, 8) and saved["images"].dtype == np.uint8
-    with pytest.raises(Unusable, match="latent run"):
-        run_stage("evaluate", cfg)
+
+    # evaluate: decoded samples against held-out images; FM loss and router on the held-out images' latents
+    metrics = run_stage("evaluate", make_cfg(*over(vae_dir, *FAST_EVAL, f"eval.feature_net.cache_dir={rd.root}/c")))
+    assert metrics["run"]["image_shape"] == [4, 4, 4]
+    ((_, space),) = metrics["feature_spaces"].items()
+    row = space["strategies"]["top1"]
+    assert row["num_generated"] == 40 and np.isfinite(row["fd"]) and 0 <= row["classifier_accuracy"] <= 1
+    assert all(m["mean"] > 0 for m in metrics["fm_loss"]["models"].values())
+    assert all(0 <= b["accuracy"] <= 1 for b in metrics["router"]["buckets"])
 
 
 def test_latents_of_another_vae_are_refused(make_cfg, vae_dir, tmp_path):

@@ -172,8 +172,34 @@ def _write_batch(writer: ShardSetWriter, batch: list[dict], codec: LatentCodec, 
         keys.append(sample["key"])
 
 
-def latent_decoder(cfg, latents: dict | None, device):
-    """``decode(z) -> images in [-1, 1]`` for a latent run's samples, or None for a pixel run.
+class RunLatents:
+    """A latent run's VAE in both directions, in batches: images in [-1, 1] <-> the experts' latents."""
+
+    def __init__(self, codec: LatentCodec, image_channels: int, batch_size: int):
+        self.codec, self.image_channels, self.batch_size = codec, int(image_channels), int(batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.codec.parameters()).device
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [N, C, H, W] in [-1, 1] -> latents (the posterior means), on the CPU."""
+        b = self.batch_size
+        return torch.cat([self.codec.encode(x[i : i + b].to(self.device)).float().cpu() for i in range(0, len(x), b)])
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] with the data's channels, where ``z`` is."""
+        b = self.batch_size
+        return torch.cat(
+            [
+                self.codec.decode(z[i : i + b].float().to(self.device), self.image_channels).to(z.device)
+                for i in range(0, len(z), b)
+            ]
+        )
+
+
+def run_latents(cfg, latents: dict | None, device) -> RunLatents | None:
+    """The VAE of a latent run's networks (``latents``: what expert.pt recorded), or None for a pixel run.
 
     The VAE is ``vae.pretrained`` when the config names one, else the source the
     latents recorded; either way it must be the VAE the latents were made with.
@@ -185,10 +211,10 @@ def latent_decoder(cfg, latents: dict | None, device):
     allow = bool(spec and spec["allow_download"])
     check_vae(latents["vae"], vae_identity(resolve_folder(source, allow)), f"the experts' expert.pt (vae {source})")
     codec = LatentCodec.load(source, allow).to(device)
-    channels = int(latents["image_channels"])
-    batch = int((cfg.get("vae") or {}).get("batch_size") or 64)
+    return RunLatents(codec, int(latents["image_channels"]), int((cfg.get("vae") or {}).get("batch_size") or 64))
 
-    def decode(z: torch.Tensor) -> torch.Tensor:
-        return torch.cat([codec.decode(z[i : i + batch].float(), channels) for i in range(0, len(z), batch)])
 
-    return decode
+def latent_decoder(cfg, latents: dict | None, device):
+    """``decode(z) -> images in [-1, 1]`` for a latent run's samples, or None for a pixel run."""
+    space = run_latents(cfg, latents, device)
+    return None if space is None else space.decode

@@ -32,6 +32,7 @@ from ddm.jobs import ROUTER_JOB, ensemble_name, expert_job
 from ddm.sampling import load_ensemble
 from ddm.sampling.checkpoints import check_guidance
 from ddm.seeds import ROUTING_OFFSET, generator
+from ddm.stages.encode import run_latents
 from ddm.stages.evaluation import evaluation_dir
 from ddm.stages.evaluation.clusters import cluster_labels
 from ddm.stages.evaluation.feature_spaces import classifier_info, train_classifier
@@ -62,15 +63,14 @@ class EvaluationContext:
                 f"unconditional runs only (prompts from held-out captions and CLIP score are not built yet); "
                 f"its samples are in {rd.samples} (`ddm sample sample.prompts=[...]`)"
             )
-        if self.info.get("latents"):
-            raise Unusable(
-                f"{rd.root} is a latent run: `ddm evaluate` measures pixel runs only (encoding the held-out set "
-                f"for the FM loss is not built yet); its decoded samples are in {rd.samples}"
-            )
+        # latent runs: samples are decoded for every image metric; the FM loss and the router see encoded images
+        self.latents = run_latents(cfg, self.info.get("latents"), self.device)
         check_guidance(self.info, self.sc["cfg_scale"])
         self.num_classes = int(self.info["num_classes"])
         self.conditional = self.num_classes > 0
         self.shape = (int(self.info["in_channels"]), int(self.info["image_size"]), int(self.info["image_size"]))
+        # the channels of the images themselves (what the feature net sees): the latents' own in a latent run
+        self.image_channels = self.latents.image_channels if self.latents else self.shape[0]
         self.heldout = prepare_heldout(cfg, redo=redo)
         self.real_x, self.real_y, self.real_keys = load_images(heldout_dir(rd))
         # One seeded order of the held-out set: every metric takes a prefix of it.
@@ -147,6 +147,11 @@ class EvaluationContext:
         y = torch.from_numpy(self.real_y[idx])
         return torch.where(y < 0, torch.full_like(y, self.num_classes), y)
 
+    def model_space(self, idx) -> torch.Tensor:
+        """Held-out images as the networks see them: in [-1, 1], or their latents in a latent run."""
+        x = batch_to_model_space(self.real_x[idx])
+        return self.latents.encode(x) if self.latents else x
+
     def excluded_from_training(self) -> set | None:
         """Keys of held-out images that are in ``data/`` (a slice) and must stay out of training data."""
         return set(self.real_keys) if self.heldout.get("excluded_from_training") else None
@@ -217,6 +222,7 @@ class EvaluationContext:
             self.device,
             evaluation_dir(self.rd) / f"samples-{strategy}.npz",
             self.rd.root,
+            decode=self.latents.decode if self.latents else None,
         )
 
     # ---- feature spaces ------------------------------------------------------------
@@ -232,7 +238,7 @@ class EvaluationContext:
             self.excluded_from_training(),
             target,
             num_classes,
-            self.shape[0],
+            self.image_channels,
             int(self.cfg.seed),
             self.device,
         )
@@ -277,7 +283,7 @@ class EvaluationContext:
         return fm_loss_summary(
             models,
             self.path,
-            batch_to_model_space(self.real_x[idx]),
+            self.model_space(idx),
             self.labels_for_model(idx),
             fc.t_grid,
             self.seed,
@@ -299,7 +305,7 @@ class EvaluationContext:
             return dict(skipped=how)
         idx = self.subset(rc.num_samples)
         idx = idx[clusters[idx] >= 0]
-        x0 = batch_to_model_space(self.real_x[idx])
+        x0 = self.model_space(idx)
         rows = router_diagnostics(
             self.base.router,
             self.path,

@@ -76,10 +76,14 @@ def sample_now(
     device,
     target: Path,
     run_root: Path,
+    decode=None,
 ) -> dict:
-    """Sample ``n`` images from ``ensemble`` with the evaluation's own prior noise; save them to ``target``."""
+    """Sample ``n`` images from ``ensemble`` with the evaluation's own prior noise; save them to ``target``.
+
+    ``decode``: a latent run's VAE decoder (the samples are latents), None for pixels.
+    """
     images, usage = draw(
-        ensemble, path, shape, labels, n, batch_size, sampling, generator(seed + EVAL_NOISE_OFFSET), device
+        ensemble, path, shape, labels, n, batch_size, sampling, generator(seed + EVAL_NOISE_OFFSET), device, decode
     )
     label_array = np.full(n, -1, np.int64) if labels is None else labels.numpy()
     with atomic_path(target) as tmp:
