@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,3 +45,22 @@ def test_bad_text_encoders_are_clear_errors(tiny_text_model, tmp_path):
         OpenClipTextEncoder(tiny_text_model, pretrained=str(tmp_path / "missing.pt"))
     with pytest.raises(BadInput, match="list of strings"):
         OpenClipTextEncoder(tiny_text_model, device="cpu")("one caption")
+
+
+def test_clip_score_is_100_times_the_cosine_of_image_and_prompt(tiny_text_model):
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from ddm.eval.clip_score import ClipScorer
+
+    scorer = ClipScorer(tiny_text_model, device="cpu")
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8), dtype=np.uint8)
+    prompts = ["a shirt", "a bag", "a sandal"]
+    pixels = torch.stack([scorer.preprocess(Image.fromarray(im).convert("RGB")) for im in images])
+    with torch.no_grad():
+        image = F.normalize(scorer.model.encode_image(pixels), dim=-1)
+        text = F.normalize(scorer.model.encode_text(scorer.tokenizer(prompts)), dim=-1)
+    want = float(100 * (image * text).sum(-1).mean())
+    assert scorer(images, prompts, batch_size=2) == pytest.approx(want, abs=1e-4)
+    with pytest.raises(ValueError, match="3 images but 2 prompts"):
+        scorer(images, prompts[:2])

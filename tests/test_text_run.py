@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from ddm.artifacts import RunDir
-from ddm.errors import BadInput, Unusable
+from ddm.errors import BadInput
 from ddm.io import read_json
 from ddm.stages.runner import run_stage
+from tests.test_evaluate_stage import OVERRIDES as EVAL_OVERRIDES
 from tests.text_models import register_tiny_text_model
+
+FAST_EVAL = [o for o in EVAL_OVERRIDES if o.startswith("eval.")]
 
 TEXT = ["text=open_clip", 'text.caption_template="a photo of the digit {class}"']
 
@@ -53,8 +56,15 @@ def test_a_text_run_trains_text_experts_and_samples_from_prompts(make_cfg, text_
     assert record["grid_prompts"] == [f"a photo of the digit {d}" for d in range(10)]
     run_stage("report", cfg)
     assert rd.report.exists()
-    with pytest.raises(Unusable, match="text-to-image run: `ddm evaluate` measures class-conditional"):
-        run_stage("evaluate", cfg)
+
+    # evaluate: prompts from the template over held-out classes, per-class accuracy, CLIP score, FM loss on captions
+    fast = [*FAST_EVAL, f"eval.feature_net.cache_dir={rd.root}/c"]
+    metrics = run_stage("evaluate", make_cfg("experiment=tiny", *TEXT, f"text.model={text_model}", *fast))
+    ((_, space),) = metrics["feature_spaces"].items()
+    assert space["target"] == "class" and space["strategies"]["top1"]["per_class"]
+    score = metrics["clip_score"]["top1"]
+    assert score["num_images"] == 40 and -100 <= score["mean"] <= 100
+    assert all(m["mean"] > 0 for m in metrics["fm_loss"]["models"].values())
 
 
 def test_a_router_that_reads_the_captions(make_cfg, text_model):

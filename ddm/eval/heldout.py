@@ -33,3 +33,9 @@ def load_images(folder, limit: int | None = None, exclude: set | None = None) ->
             f"write it again (redo=true)"
         )
     return np.stack(images), np.asarray(labels, dtype=np.int64), keys
+
+
+def load_captions(folder, keys: list[str]) -> list[str | None]:
+    """The caption of each of ``keys`` in a shard set (None where a sample has none), in the order given."""
+    found = {s["key"]: s.get("caption") for s in iter_samples(shard_paths(folder), decode=False)}
+    return [found.get(k) for k in keys]

@@ -15,6 +15,7 @@ Each section of metrics.json is described where it is built::
     run, heldout     EvaluationContext.run_info, EvaluationContext.heldout_info
     feature_spaces   feature_spaces (below), with ddm.eval.quality.sample_quality
     generated, usage generated_summary (below)
+    clip_score       text runs: {strategy: {mean, num_images}}, 100 x cos(image, prompt) (ddm.eval.clip_score)
     fm_loss          EvaluationContext.fm_loss, with ddm.eval.fm_loss.fm_loss_summary
     router           EvaluationContext.router
     flops            EvaluationContext.flops, with ddm.eval.flops.flops_summary
@@ -100,6 +101,8 @@ def run(cfg) -> dict:
     generated = {s: ctx.generated(s) for s in ctx.strategies}
     metrics["feature_spaces"] = feature_spaces(ctx, generated, inception)
     metrics.update(generated_summary(generated))
+    if ctx.text:
+        metrics["clip_score"] = ctx.clip_score(generated)
     metrics["fm_loss"] = ctx.fm_loss()
     metrics["router"] = ctx.router()
     metrics["wall_s"] = round(time.perf_counter() - start, 2)

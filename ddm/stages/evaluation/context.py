@@ -20,10 +20,10 @@ import torch
 from ddm.artifacts import RunDir
 from ddm.devices import allow_tf32, resolve_device
 from ddm.ensemble import Ensemble
-from ddm.errors import Unusable
 from ddm.eval import flops as flop_count
+from ddm.eval.clip_score import ClipScorer
 from ddm.eval.fm_loss import fm_loss_summary
-from ddm.eval.heldout import load_images
+from ddm.eval.heldout import load_captions, load_images
 from ddm.eval.quality import sample_quality
 from ddm.eval.router_diag import router_diagnostics
 from ddm.images import batch_to_model_space
@@ -32,12 +32,14 @@ from ddm.jobs import ROUTER_JOB, ensemble_name, expert_job
 from ddm.sampling import load_ensemble
 from ddm.sampling.checkpoints import check_guidance
 from ddm.seeds import ROUTING_OFFSET, generator
+from ddm.stages.conditioning import captions_for
 from ddm.stages.encode import run_latents
 from ddm.stages.evaluation import evaluation_dir
 from ddm.stages.evaluation.clusters import cluster_labels
 from ddm.stages.evaluation.feature_spaces import classifier_info, train_classifier
 from ddm.stages.evaluation.generated import from_samples_stage, labels_to_sample, sample_now
 from ddm.stages.evaluation.heldout import heldout_dir, prepare_heldout
+from ddm.text.encoder import OpenClipTextEncoder
 
 
 class EvaluationContext:
@@ -57,22 +59,23 @@ class EvaluationContext:
         self.base, self.path, self.info = load_ensemble(
             rd.root, strategy="top1", subset=self.sc["experts"], device=self.device
         )
-        if self.info.get("text"):
-            raise Unusable(
-                f"{rd.root} is a text-to-image run: `ddm evaluate` measures class-conditional and "
-                f"unconditional runs only (prompts from held-out captions and CLIP score are not built yet); "
-                f"its samples are in {rd.samples} (`ddm sample sample.prompts=[...]`)"
-            )
         # latent runs: samples are decoded for every image metric; the FM loss and the router see encoded images
         self.latents = run_latents(cfg, self.info.get("latents"), self.device)
         check_guidance(self.info, self.sc["cfg_scale"])
+        self.text = self.info.get("text")  # text runs: the networks take captions, not labels
         self.num_classes = int(self.info["num_classes"])
-        self.conditional = self.num_classes > 0
+        # the data's classes: the networks' own, or (text runs) those the captions may be made from
+        self.data_classes = self.num_classes or (int(read_json(rd.data_manifest)["num_classes"]) if self.text else 0)
+        self.conditional = self.num_classes > 0 or bool(self.text)
         self.shape = (int(self.info["in_channels"]), int(self.info["image_size"]), int(self.info["image_size"]))
         # the channels of the images themselves (what the feature net sees): the latents' own in a latent run
         self.image_channels = self.latents.image_channels if self.latents else self.shape[0]
         self.heldout = prepare_heldout(cfg, redo=redo)
         self.real_x, self.real_y, self.real_keys = load_images(heldout_dir(rd))
+        if self.text:
+            self.real_captions = load_captions(heldout_dir(rd), self.real_keys)
+            self.captions = captions_for(cfg, read_json(rd.data_manifest))
+            self.text_encoder = OpenClipTextEncoder(self.text["model"], self.text.get("pretrained"), self.device)
         # One seeded order of the held-out set: every metric takes a prefix of it.
         self.order = np.random.default_rng(self.seed).permutation(len(self.real_x))
         self._clusters = None
@@ -140,8 +143,14 @@ class EvaluationContext:
             self._clusters = (full, how)
         return self._clusters
 
-    def labels_for_model(self, idx) -> torch.Tensor | None:
-        """Held-out labels as model input; unlabelled images get the null label."""
+    def captions_of(self, idx) -> list[str]:
+        """Text runs: the captions of held-out images (their own, or the template over their class)."""
+        return [self.captions(self.real_captions[i], int(self.real_y[i]), self.real_keys[i]) for i in idx]
+
+    def labels_for_model(self, idx):
+        """Held-out labels as model input (unlabelled images get the null label); text runs: their captions."""
+        if self.text:
+            return self.text_encoder(self.captions_of(idx))
         if not self.conditional:
             return None
         y = torch.from_numpy(self.real_y[idx])
@@ -206,11 +215,16 @@ class EvaluationContext:
     def generated(self, strategy: str) -> dict:
         """``eval.num_samples`` images of ``strategy``: from samples/ when it has them, else sampled now."""
         n = int(self.ec.num_samples)
-        reused = from_samples_stage(self.rd, strategy, n, self.sc, self.seed)
+        # a text run's samples/ are labelled by prompt, not class: its own prompts are sampled here
+        reused = None if self.text else from_samples_stage(self.rd, strategy, n, self.sc, self.seed)
         if reused is not None:
             return reused
-        labels = labels_to_sample(self.real_y, self.num_classes, n, self.seed)
-        return sample_now(
+        labels = labels_to_sample(self.real_y, self.data_classes, n, self.seed)
+        conditions, prompts = labels, None
+        if self.text:
+            prompts = self.text_prompts(labels, n)
+            conditions = self.text_encoder(prompts)
+        out = sample_now(
             self.ensemble(strategy),
             self.path,
             self.shape,
@@ -223,14 +237,31 @@ class EvaluationContext:
             evaluation_dir(self.rd) / f"samples-{strategy}.npz",
             self.rd.root,
             decode=self.latents.decode if self.latents else None,
+            conditions=conditions,
         )
+        return out if prompts is None else dict(out, prompts=prompts)
+
+    def text_prompts(self, labels: torch.Tensor | None, n: int) -> list[str]:
+        """Prompts of the generated images: the template over ``labels``, else held-out captions at random."""
+        if labels is not None and self.captions.template is not None:
+            return self.captions.of_labels(labels.tolist())
+        pick = np.random.default_rng(self.seed).choice(len(self.real_x), size=n, replace=len(self.real_x) < n)
+        return self.captions_of(pick)
+
+    def clip_score(self, generated: dict) -> dict:
+        """metrics.json ``clip_score`` (text runs): {strategy: 100 x mean cos(image, prompt)} in the run's open_clip."""
+        scorer = ClipScorer(self.text["model"], self.text.get("pretrained"), self.device)
+        return {
+            s: dict(mean=scorer(g["images"], g["prompts"], self.batch), num_images=len(g["images"]))
+            for s, g in generated.items()
+        }
 
     # ---- feature spaces ------------------------------------------------------------
     def feature_net(self):
         """``(net, info)``: the classifier feature net and its description (see ``classifier_info``)."""
-        labelled = self.num_classes > 0 and (self.real_y >= 0).any()
+        labelled = self.data_classes > 0 and (self.real_y >= 0).any()
         target = "class" if labelled else "cluster"
-        num_classes = self.num_classes if labelled else int(self.info["num_experts"])
+        num_classes = self.data_classes if labelled else int(self.info["num_experts"])
         net = train_classifier(
             self.rd,
             self.ec.feature_net,

@@ -77,13 +77,17 @@ def sample_now(
     target: Path,
     run_root: Path,
     decode=None,
+    conditions=None,
 ) -> dict:
     """Sample ``n`` images from ``ensemble`` with the evaluation's own prior noise; save them to ``target``.
 
     ``decode``: a latent run's VAE decoder (the samples are latents), None for pixels.
+    ``conditions``: what the networks are given in place of ``labels`` (a text run's encoded prompts);
+    ``labels`` are still saved, for the per-class figures.
     """
+    given = labels if conditions is None else conditions
     images, usage = draw(
-        ensemble, path, shape, labels, n, batch_size, sampling, generator(seed + EVAL_NOISE_OFFSET), device, decode
+        ensemble, path, shape, given, n, batch_size, sampling, generator(seed + EVAL_NOISE_OFFSET), device, decode
     )
     label_array = np.full(n, -1, np.int64) if labels is None else labels.numpy()
     with atomic_path(target) as tmp:
