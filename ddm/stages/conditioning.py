@@ -15,12 +15,18 @@ from ddm.text.encoder import text_width
 KINDS = ("none", "open_clip")
 
 
+def group_kind(cfg, group: str, kinds: tuple[str, ...]) -> tuple[str, dict]:
+    """``(kind, section)`` of an optional part's config group (``text``, ``vae``); ``none`` when absent."""
+    section = cfg.get(group) or {}
+    kind = str(section.get("kind") or "none")
+    if kind not in kinds:
+        raise BadInput(f"{group}.kind={kind!r} is not one of {', '.join(kinds)}")
+    return kind, section
+
+
 def text_spec(cfg) -> dict | None:
     """The text encoder a run's experts use (what expert.pt records), or None for a run without text."""
-    section = cfg.get("text") or {}
-    kind = str(section.get("kind") or "none")
-    if kind not in KINDS:
-        raise BadInput(f"text.kind={kind!r} is not one of {', '.join(KINDS)}")
+    kind, section = group_kind(cfg, "text", KINDS)
     if kind == "none":
         return None
     pretrained = section.get("pretrained")

@@ -31,6 +31,7 @@ from ddm.errors import BadInput, MissingInput
 from ddm.images import batch_to_model_space
 from ddm.io import read_json, sha256_strings
 from ddm.latent.vae import LatentCodec, resolve_folder, vae_identity
+from ddm.stages.conditioning import group_kind
 from ddm.stages.runner import note_skipped
 
 log = logging.getLogger("ddm")
@@ -40,10 +41,7 @@ KINDS = ("none", "autoencoder_kl")
 
 def vae_spec(cfg) -> dict | None:
     """The run's VAE (``vae`` config group), or None for a pixel run."""
-    section = cfg.get("vae") or {}
-    kind = str(section.get("kind") or "none")
-    if kind not in KINDS:
-        raise BadInput(f"vae.kind={kind!r} is not one of {', '.join(KINDS)}")
+    kind, section = group_kind(cfg, "vae", KINDS)
     if kind == "none":
         return None
     if not section.get("pretrained"):
@@ -206,7 +204,7 @@ def run_latents(cfg, latents: dict | None, device) -> RunLatents | None:
     """
     if latents is None:
         return None
-    spec = vae_spec(cfg) if str((cfg.get("vae") or {}).get("kind") or "none") != "none" else None
+    spec = vae_spec(cfg) if group_kind(cfg, "vae", KINDS)[0] != "none" else None
     source = spec["pretrained"] if spec else latents["vae"].get("source")
     allow = bool(spec and spec["allow_download"])
     check_vae(latents["vae"], vae_identity(resolve_folder(source, allow)), f"the experts' expert.pt (vae {source})")
