@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
 
 from ddm.artifacts import RunDir
-from ddm.data.shards import iter_samples, load_manifest, shard_paths
+from ddm.data.shards import iter_samples, iter_shard, load_manifest, shard_paths
 from ddm.errors import BadInput, MissingInput
 from ddm.images import batch_to_model_space
 from ddm.latent import LatentCodec
@@ -93,3 +95,29 @@ def test_a_vae_run_needs_its_vae(make_cfg):
     with pytest.raises(BadInput, match="vae=sd needs vae.pretrained"):
         run_stage("encode", make_cfg("experiment=tiny", "vae=sd"))
     assert run_stage("encode", make_cfg("experiment=tiny"))["vae"] is None  # vae=none: nothing to do
+
+
+def test_flipped_latents_are_stored_and_taken_half_of_the_time(make_cfg, vae_dir):
+    from ddm.data.loader import seeded_flip
+
+    cfg = make_cfg(*over(vae_dir, "cluster.k=1", "vae.flip=true"))
+    for stage in ("prepare", "embed", "cluster", "partition", "encode"):
+        run_stage(stage, cfg)
+    rd = RunDir(cfg.run_dir)
+    latents = load_manifest(rd.latent(0))
+    assert latents["flip"] is True
+    raw = next(iter_shard(shard_paths(rd.latent(0), latents)[0]))
+    images = list(iter_samples(shard_paths(rd.partition(0), load_manifest(rd.partition(0)))))
+    x = batch_to_model_space(np.stack([images[0]["image"]]))
+    codec = LatentCodec.load(str(vae_dir))
+    stored = np.load(io.BytesIO(raw["flip.npy"]))
+    want = codec.encode(x.flip(-1)).numpy()[0]  # encoded alone here, in a batch there: fp16 rounding apart
+    np.testing.assert_allclose(stored.astype(np.float32), want, atol=2e-3)
+    assert not np.allclose(stored, np.load(io.BytesIO(raw["npy"])), atol=1e-2)  # not the unflipped latent
+
+    samples = [{"__key__": str(i), "npy": "plain", "flip.npy": "mirrored"} for i in range(400)]
+    taken = [s["npy"] for s in seeded_flip(3)(iter(samples))]
+    assert all("flip.npy" not in s for s in seeded_flip(3)(iter(samples)))
+    assert 150 < taken.count("mirrored") < 250  # about half (binomial sd 10)
+    assert taken == [s["npy"] for s in seeded_flip(3)(iter(samples))]  # reproducible for a seed
+    assert taken != [s["npy"] for s in seeded_flip(4)(iter(samples))]

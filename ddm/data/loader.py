@@ -57,9 +57,34 @@ def sample_stream(
         wds.ResampledShards(urls, seed=seed, deterministic=True),
         wds.tarfile_to_samples(),
         seeded_shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed),
+        seeded_flip(seed),
         wds.decode(_decoder(channels)),
         wds.map(to_tuple),
     )
+
+
+FLIP_STREAM = 7  # mixed into the flip draws' seed: they are not the shuffle's draws
+
+
+def seeded_flip(seed: int):
+    """Where a latent sample also holds its mirrored image's latent (``flip.npy``), take either, at random.
+
+    The draws follow ``seed``, the rank and the loader worker, like the shuffle;
+    samples without ``flip.npy`` (pixel shard sets) pass unchanged.
+    """
+
+    def stage(source):
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = random.Random(stream_seed(seed, rank, worker, FLIP_STREAM))
+        for sample in source:
+            if "flip.npy" in sample:
+                sample = dict(sample)
+                mirrored = sample.pop("flip.npy")
+                if rng.random() < 0.5:
+                    sample["npy"] = mirrored
+            yield sample
+
+    return stage
 
 
 def seeded_shuffle(bufsize: int, initial: int, seed: int):

@@ -6,7 +6,8 @@ Runs after ``partition``: the clusters come from the images, and each island
 can encode its own partition on its own GPU. For each cluster it writes a
 shard set with the partition's samples in the same order and with the same
 keys, each holding the posterior mean of its latent, scaled by the VAE's
-factors (``npy``, float16 [C, h, w]), its label and caption; the manifest
+factors (``npy``, float16 [C, h, w]; with ``vae.flip`` also the mirrored
+image's, ``flip.npy``, which training takes half of the time), its label and caption; the manifest
 records the VAE's identity (``ddm.latent.vae_identity``), the latent shape
 (as ``channels`` / ``image_size``, which the experts read) and the pixel shape
 (``image_channels`` / ``pixel_size``, which decoding restores). A cluster
@@ -114,13 +115,18 @@ def run(cfg) -> dict:
         out = rd.latent(i)
         if (out / MANIFEST).exists() and not cfg.get("redo", False):
             existing = read_json(out / MANIFEST)
-            if existing.get("keys_sha256") == partition["keys_sha256"] and same_vae(existing.get("vae"), identity):
+            flip = bool(cfg.vae.get("flip", False))
+            if (
+                existing.get("keys_sha256") == partition["keys_sha256"]
+                and same_vae(existing.get("vae"), identity)
+                and bool(existing.get("flip", False)) == flip
+            ):
                 done.append(i)
                 continue
         if codec is None:
             device = resolve_device(cfg.vae.get("device"), "vae.device")
             codec = LatentCodec.load(spec["pretrained"], spec["allow_download"]).to(device)
-        _encode_partition(rd, i, partition, codec, int(cfg.vae.batch_size))
+        _encode_partition(rd, i, partition, codec, int(cfg.vae.batch_size), bool(cfg.vae.get("flip", False)))
         encoded.append(i)
     if not encoded:
         note_skipped()
@@ -128,7 +134,7 @@ def run(cfg) -> dict:
     return dict(stage="encode", vae=dict(identity, source=spec["pretrained"]), encoded=encoded, done=done)
 
 
-def _encode_partition(rd: RunDir, k: int, partition: dict, codec: LatentCodec, batch_size: int) -> None:
+def _encode_partition(rd: RunDir, k: int, partition: dict, codec: LatentCodec, batch_size: int, flip: bool) -> None:
     out = rd.latent(k)
     if out.exists():
         shutil.rmtree(out)  # the manifest goes with it: never a stale complete-looking set
@@ -147,26 +153,33 @@ def _encode_partition(rd: RunDir, k: int, partition: dict, codec: LatentCodec, b
         pixel_size=int(partition["image_size"]),
         vae=codec.identity(),
         latent_dtype="float16",
+        flip=flip,  # each sample also holds its mirrored image's latent (flip.npy); training takes either
         **extra,
     ) as writer:
         batch: list[dict] = []
         for sample in iter_samples(shard_paths(rd.partition(k), partition)):
             batch.append(sample)
             if len(batch) == batch_size:
-                _write_batch(writer, batch, codec, device, keys)
+                _write_batch(writer, batch, codec, device, keys, flip)
                 batch = []
         if batch:
-            _write_batch(writer, batch, codec, device, keys)
+            _write_batch(writer, batch, codec, device, keys, flip)
         writer.extra["keys_sha256"] = sha256_strings(keys)  # equal to the partition's: same keys, same order
     log.info("encode: cluster %d, %d samples -> %s %s", k, len(keys), "x".join(map(str, shape)), out)
 
 
-def _write_batch(writer: ShardSetWriter, batch: list[dict], codec: LatentCodec, device, keys: list[str]) -> None:
+def _write_batch(writer: ShardSetWriter, batch, codec: LatentCodec, device, keys: list[str], flip: bool) -> None:
     x = batch_to_model_space(np.stack([s["image"] for s in batch])).to(device)
-    with torch.no_grad():
-        latents = codec.encode(x).float().cpu().numpy().astype(np.float16)
-    for sample, latent in zip(batch, latents):
-        writer.write(sample["key"], None, sample["label"], sample.get("caption"), arrays=dict(npy=latent))
+
+    def encoded(images):
+        with torch.no_grad():
+            return codec.encode(images).float().cpu().numpy().astype(np.float16)
+
+    latents = encoded(x)
+    mirrored = encoded(x.flip(-1)) if flip else [None] * len(batch)
+    for sample, latent, other in zip(batch, latents, mirrored):
+        arrays = dict(npy=latent) if other is None else {"npy": latent, "flip.npy": other}
+        writer.write(sample["key"], None, sample["label"], sample.get("caption"), arrays=arrays)
         keys.append(sample["key"])
 
 
