@@ -1,6 +1,8 @@
-"""Choosing a torch device from a config string."""
+"""Choosing a torch device from a config string; the GPUs this process may use."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -25,3 +27,20 @@ def resolve_device(name: str | None, key: str = "device") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BadInput(f"{key}={name} but no CUDA device is visible: use {key}=cpu or {key}=auto")
     return torch.device(name)
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, named as ``CUDA_VISIBLE_DEVICES`` names them (indices or UUIDs).
+
+    A child given a subset of these names sees exactly those GPUs: the names are not renumbered
+    for it. When the variable is unset, every GPU torch sees, by index.
+    """
+    names = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if names is None:
+        return [str(i) for i in range(torch.cuda.device_count())]
+    visible = []
+    for name in (n.strip() for n in names.split(",")):
+        if not name or name.startswith("-"):  # CUDA stops at the first invalid entry ("-1" hides all)
+            break
+        visible.append(name)
+    return visible
