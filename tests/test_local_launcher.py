@@ -16,7 +16,6 @@ import pytest
 
 from ddm.errors import BadInput
 from ddm.io import read_json
-from ddm.launch import slots
 from ddm.stages import pipeline, status, submit
 from ddm.train.checkpoint_io import SLOW_CHECKPOINT_ENV
 from tests.fabricate import FAST_JOB
@@ -87,6 +86,8 @@ def checkpointed(rd, k: int):
 
 
 def test_two_experts_train_side_by_side_each_in_its_own_process(make_cfg, tmp_path, caplog):
+    from ddm.launch import slots
+
     rd = fake_run(tmp_path / "run", k=2)
     with caplog.at_level("INFO", logger="ddm"):
         result = launch(make_cfg, rd, "submit.parallel=2", "submit.router=false")
@@ -232,6 +233,8 @@ def test_a_dry_run_prints_the_commands_and_starts_nothing(make_cfg, tmp_path, ca
 
 
 def test_slots_give_each_job_its_own_gpus_or_its_share_of_the_cores(make_cfg):
+    from ddm.launch import slots
+
     one_gpu, eight_gpus, cpu = (make_cfg(o).island for o in ("island=gpu", "island=gpu8_ddp", "island=local_cpu"))
     plan = slots.plan(None, one_gpu, "k", gpus=["0", "1", "2"], cores=12)
     assert [e["CUDA_VISIBLE_DEVICES"] for e in plan.slot_env] == ["0", "1", "2"] and plan.threads is None
@@ -248,4 +251,8 @@ def test_slots_give_each_job_its_own_gpus_or_its_share_of_the_cores(make_cfg):
         slots.plan(2, eight_gpus, "k", gpus=[str(i) for i in range(8)], cores=16)
     plan = slots.plan(3, cpu, "k", gpus=None, cores=8)
     assert plan.parallel == 3 and plan.threads == 2 and plan.gpus_per_job == 0
-    assert slots.plan(None, cpu, "k", gpus=None, cores=8).parallel == slots.CPU_DEFAULT_PARALLEL
+    # auto: every job at once, as far as the GPUs or cores go
+    assert slots.plan("auto", one_gpu, "k", gpus=["0", "1", "2"], cores=12, jobs=2).parallel == 2
+    assert (slots.plan(None, cpu, "k", gpus=None, cores=8, jobs=3).parallel, plan.threads) == (3, 2)
+    assert slots.plan("auto", cpu, "k", gpus=None, cores=2, jobs=4).threads == 1
+    assert slots.plan("auto", cpu, "k", gpus=None, cores=2, jobs=4).parallel == 2

@@ -12,10 +12,8 @@ import sys
 
 import pytest
 
-from ddm.errors import Locked
 from ddm.io import read_json, write_json
 from ddm.stages import status, train_expert
-from ddm.train import lock
 from ddm.train.checkpoint_io import SLOW_CHECKPOINT_ENV
 from tests.fabricate import make_partitions
 from tests.test_faults import Job, ckpt_dir, complete
@@ -126,7 +124,7 @@ def test_redo_refuses_to_delete_the_folder_of_a_running_job(fast_cfg, tmp_path, 
     rd = make_partitions(tmp_path / "run")
     train_expert.run(fast_cfg("expert.steps=2"))
     hand_written_lock(rd.expert(0), live_process.pid)
-    with pytest.raises(Locked, match=f"pid {live_process.pid}"):
+    with pytest.raises(RuntimeError, match=f"in use by another job, pid {live_process.pid}"):  # ddm.errors.Locked
         train_expert.run(fast_cfg("expert.steps=2", "redo=true"))
     assert rd.expert_record(0).exists()
 
@@ -166,6 +164,9 @@ def slurm_bin(tmp_path, monkeypatch):
 
 
 def test_a_lock_from_another_host_is_judged_by_slurm(tmp_path, slurm_bin, monkeypatch):
+    from ddm.errors import Locked
+    from ddm.train import lock
+
     for key in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT"):
         monkeypatch.delenv(key, raising=False)
     holder = hand_written_lock(tmp_path / "job", 123, host="node-elsewhere", slurm_job_id="77")
@@ -184,10 +185,14 @@ def test_a_lock_from_another_host_is_judged_by_slurm(tmp_path, slurm_bin, monkey
 
 
 def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
+    from ddm.train import lock
+
     monkeypatch.setenv("PATH", str(tmp_path))  # no SLURM command to ask
-    holder = hand_written_lock(tmp_path / "job", 123, host="node-a", slurm_job_id="77", slurm_restart_count=0)
+    holder = hand_written_lock(tmp_path / "job", 123, host="node-a", slurm_job_id="77")
     monkeypatch.setenv("SLURM_JOB_ID", "77")
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert lock.judge(holder).state == lock.UNKNOWN  # the same instance of job 77, on another node
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # what SLURM sets in a requeued job
     assert lock.judge(holder).state == lock.STALE
     taken = lock.acquire(tmp_path / "job", "train-expert 0")
     assert read_json(tmp_path / "job" / "lock.json")["token"] == taken["token"]
@@ -196,6 +201,9 @@ def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
 
 
 def test_a_lock_nothing_here_can_check_is_refused_with_what_to_do(tmp_path, monkeypatch):
+    from ddm.errors import Locked
+    from ddm.train import lock
+
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     hand_written_lock(tmp_path / "job", 123, host="laptop")
@@ -204,6 +212,8 @@ def test_a_lock_nothing_here_can_check_is_refused_with_what_to_do(tmp_path, monk
 
 
 def test_only_global_rank_zero_takes_the_lock(tmp_path, monkeypatch, live_process):
+    from ddm.train import lock
+
     assert lock.is_global_rank_zero({})
     assert lock.is_global_rank_zero(dict(SLURM_PROCID="0", LOCAL_RANK="0"))
     for env in (dict(LOCAL_RANK="1"), dict(SLURM_PROCID="3"), dict(RANK="1"), dict(NODE_RANK="1", LOCAL_RANK="0")):

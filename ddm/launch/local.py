@@ -17,6 +17,7 @@ same command again resumes them. Nothing here imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddm.jobs import ROUTER_JOB, expert_job
+from ddm.launch.overrides import hydra_value
 from ddm.launch.slots import Plan
 
 log = logging.getLogger("ddm")
@@ -178,7 +180,7 @@ def _start(job: LocalJob, slot_env: dict, extra: list[str], env: dict) -> _Runni
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = log_path(job.folder, stamp)
     # each job keeps Hydra's own logs in its folder, as under SLURM, instead of one shared, timestamped one
-    argv = [*job.argv, f"hydra.run.dir={job.folder}/hydra/local-{stamp}-{os.getpid()}", *extra]
+    argv = [*job.argv, f"hydra.run.dir={hydra_value(f'{job.folder}/hydra/local-{stamp}-{os.getpid()}')}", *extra]
     with open(path, "x") as out:
         out.write(f"# {shlex.join(argv)}\n# {' '.join(f'{k}={v}' for k, v in slot_env.items())}\n")
         out.flush()
@@ -204,7 +206,7 @@ def run_jobs(jobs: list[LocalJob], plan: Plan, extra: list[str] = (), env: dict 
     pending, free = deque(jobs), deque(range(plan.parallel))
     running: dict[int, _Running] = {}
     outcomes: dict[str, Outcome] = {job.name: Outcome(job) for job in jobs}
-    with _Stop() as stop:
+    with _Stop() as stop, _stopped_on_error(running):
         while pending or running:
             while pending and free and stop.signum is None:
                 slot = free.popleft()
@@ -227,6 +229,23 @@ def run_jobs(jobs: list[LocalJob], plan: Plan, extra: list[str] = (), env: dict 
             if running:
                 time.sleep(poll_s)
     return Launch([outcomes[job.name] for job in jobs], stop.signum)
+
+
+@contextlib.contextmanager
+def _stopped_on_error(running: dict[int, _Running]):
+    """Should the launcher itself fail, its jobs still save and stop rather than run on unattended."""
+    try:
+        yield
+    except BaseException:
+        for r in running.values():
+            if r.proc.poll() is None:
+                r.proc.send_signal(signal.SIGTERM)
+        for r in running.values():
+            try:
+                r.proc.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                log.error("local: %s (pid %d) did not stop within 600s after SIGTERM", r.job.name, r.proc.pid)
+        raise
 
 
 def _log_end(o: Outcome) -> None:

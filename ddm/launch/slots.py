@@ -2,11 +2,19 @@
 
 A GPU island (``island.accelerator`` gpu, cuda, or auto with GPUs visible)
 gives each job ``island.devices`` GPUs of its own through
-``CUDA_VISIBLE_DEVICES``, so N jobs at a time need N x devices GPUs; by
-default as many jobs run as the visible GPUs hold. A CPU island divides the
-cores: each of N jobs gets ``island.threads = cores // (N x devices)``, so
-together they never ask for more threads than there are cores (more would
-make every job slower). Nothing here imports torch.
+``CUDA_VISIBLE_DEVICES``, so N jobs at a time need N x devices GPUs. A CPU
+island divides the cores: each of N jobs gets ``island.threads = cores // (N x
+devices)``, so together they never ask for more threads than there are cores
+(more would make every job slower).
+
+``auto`` (or null) runs as many jobs at a time as there are jobs, up to what
+the machine holds: one per ``island.devices`` visible GPUs, or one per core
+(per ``island.devices`` cores) on a CPU island. Jobs side by side beat one job
+at a time with all the threads on CPUs: the small demo experts gain little
+from more intra-op threads, and threads that wait for each other lose most
+when the cores are shared (the README's figures: two demo experts side by
+side at one thread each, against one after another at two). Nothing here
+imports torch.
 """
 
 from __future__ import annotations
@@ -20,9 +28,7 @@ from ddm.errors import BadInput
 log = logging.getLogger("ddm")
 
 GPU_ACCELERATORS = ("gpu", "cuda")
-# CPU jobs at a time when the config leaves it open: one job using every core. Small models on few
-# cores may run faster side by side (the README's figures for the demo); that is the config's choice.
-CPU_DEFAULT_PARALLEL = 1
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -50,11 +56,11 @@ def available_cores() -> int:
 
 
 def check_parallel(value, key: str) -> int | None:
-    """``value`` as a number of jobs at a time (None: choose from the machine); a clear error otherwise."""
-    if value is None:
+    """``value`` as a number of jobs at a time (None for ``auto``/null: as the machine holds); else a clear error."""
+    if value is None or str(value).strip().lower() == AUTO:
         return None
     if isinstance(value, bool) or not isinstance(value, int) and not str(value).strip().isdigit():
-        raise BadInput(f"{key}={value!r}: give the number of jobs to run at a time (1, 2, ...) or null")
+        raise BadInput(f"{key}={value!r}: give the number of jobs to run at a time (1, 2, ...) or auto")
     number = int(value)
     if number < 1:
         raise BadInput(f"{key}={number}: at least one job must run at a time; use {key}=1 to run them one by one")
@@ -76,11 +82,13 @@ def _devices_per_job(island) -> int:
     return int(devices)
 
 
-def plan(parallel, island, key: str, gpus: list[str] | None, cores: int) -> Plan:
+def plan(parallel, island, key: str, gpus: list[str] | None, cores: int, jobs: int | None = None) -> Plan:
     """The slots for ``parallel`` jobs (``key`` names the option in errors) on a machine with ``gpus`` and ``cores``.
 
     ``gpus``: the visible GPUs' names (``ddm.devices.visible_gpus``); only read for a GPU island.
+    ``jobs``: how many jobs there are to run; ``auto`` starts no more at a time.
     """
+    wanted = max(1, jobs) if jobs is not None else None
     parallel = check_parallel(parallel, key)
     if int(island.get("num_nodes", 1) or 1) != 1:
         raise BadInput(
@@ -97,7 +105,7 @@ def plan(parallel, island, key: str, gpus: list[str] | None, cores: int) -> Plan
                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): choose an island "
                 f"that fits this machine, e.g. island=local_cpu or island.devices={max(len(gpus), 1)}"
             )
-        parallel = fits if parallel is None else parallel
+        parallel = min(fits, wanted or fits) if parallel is None else parallel
         if parallel > fits:
             raise BadInput(
                 f"{key}={parallel} jobs of {per_job} GPU(s) each need {parallel * per_job} GPUs; {len(gpus)} are "
@@ -109,7 +117,9 @@ def plan(parallel, island, key: str, gpus: list[str] | None, cores: int) -> Plan
             for i in range(parallel)
         )
         return Plan(parallel, slot_env, None, per_job)
-    parallel = CPU_DEFAULT_PARALLEL if parallel is None else parallel
+    if parallel is None:
+        fits = max(1, cores // per_job)
+        parallel = min(fits, wanted or fits)
     processes = parallel * per_job
     if processes > cores:
         log.warning(

@@ -29,17 +29,21 @@ def held_by_a_job(folder: Path) -> str | None:
     if found is None or found[1].state == lock.STALE:
         return None
     holder, verdict = found
-    return f"{lock.describe(holder)} ({verdict.why})" if holder else f"{lock.lock_path(folder)} (unreadable)"
+    if not holder:
+        return f"{lock.lock_path(folder)} is unreadable; delete it if no job runs there"
+    if verdict.state == lock.UNKNOWN:
+        return f"{lock.describe(holder)} ({verdict.why}; delete {lock.lock_path(folder)} if that job is dead)"
+    return f"{lock.describe(holder)} ({verdict.why})"
 
 
-def machine_plan(parallel, island, key: str) -> slots.Plan:
-    """The slots of this machine for ``parallel`` jobs of ``island`` (``key``: the option, for errors)."""
+def machine_plan(parallel, island, key: str, jobs: int | None = None) -> slots.Plan:
+    """The slots of this machine for ``parallel`` of ``jobs`` jobs of ``island`` (``key``: the option, for errors)."""
     gpus = None
     if str(island.get("accelerator", "cpu")).lower() in (*slots.GPU_ACCELERATORS, "auto"):
         from ddm.devices import visible_gpus  # torch, only where GPUs matter
 
         gpus = visible_gpus()
-    return slots.plan(parallel, island, key, gpus, slots.available_cores())
+    return slots.plan(parallel, island, key, gpus, slots.available_cores(), jobs)
 
 
 def thread_args(plan: slots.Plan, user_overrides: list[str]) -> list[str]:

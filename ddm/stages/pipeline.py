@@ -73,8 +73,9 @@ def _experts_side_by_side(cfg, rd: RunDir, K: int, parallel, overrides: list[str
         return
     if overrides is None:
         raise BadInput(
-            f"pipeline.parallel={parallel}: each expert runs as its own `ddm train-expert` process, which composes "
-            f"its config from overrides; pass the ones cfg was composed with: pipeline.run(cfg, overrides=[...])"
+            f"pipeline.parallel={parallel or 'auto'}: each expert runs as its own `ddm train-expert` process, "
+            f"which composes its config from overrides; pass the ones cfg was composed with: "
+            f"pipeline.run(cfg, overrides=[...])"
         )
-    plan = machine_plan(parallel, cfg.island, "pipeline.parallel")
+    plan = machine_plan(parallel, cfg.island, "pipeline.parallel", len(todo))
     train_here(local_jobs(cfg, rd, todo, False, overrides), plan, overrides)

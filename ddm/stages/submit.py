@@ -38,7 +38,7 @@ from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json, write_text
 from ddm.launch import local, sbatch, slurm
 from ddm.launch.overrides import job_overrides, override_key
-from ddm.stages.local_jobs import held_by_a_job, local_jobs, machine_plan, train_here
+from ddm.stages.local_jobs import held_by_a_job, local_jobs, machine_plan, thread_args, train_here
 
 log = logging.getLogger("ddm")
 
@@ -78,6 +78,17 @@ def _queued(rd: RunDir, dry_run: bool):
         if not dry_run:
             raise
         log.warning("submit: cannot read SLURM's queue (%s); the dry run assumes nothing is queued", e)
+        return {}, None
+
+
+def _queued_if_known(rd: RunDir):
+    """The run's jobs in SLURM's queue, for the local launcher not to start them twice; none when SLURM cannot say."""
+    if not slurm.available():
+        return {}, None
+    try:
+        return slurm.run_jobs(rd.root)
+    except slurm.SlurmError as e:
+        log.debug("submit: SLURM's queue is not readable here (%s); going by the job folders alone", e)
         return {}, None
 
 
@@ -179,19 +190,23 @@ def _locked(ids: list[int], rd: RunDir) -> dict[int, str]:
 
 def _run_here(cfg, rd: RunDir, k: int, ids: list[int], sub, user: list[str]) -> dict:
     """``submit.launcher=local``: the unfinished, unlocked experts (then the router) as processes on this machine."""
-    plan = machine_plan(sub.get("parallel"), cfg.island, "submit.parallel")
+    queued_experts, queued_router = _queued_if_known(rd)
     done = [i for i in ids if rd.expert_record(i).exists()]
-    locked = _locked([i for i in ids if i not in done], rd)
-    todo = [i for i in ids if i not in done and i not in locked]
+    queued = [i for i in ids if i not in done and i in queued_experts]
+    locked = _locked([i for i in ids if i not in done and i not in queued], rd)
+    todo = [i for i in ids if i not in done and i not in queued and i not in locked]
     router = "not asked"
     if sub.get("router", True):
         if rd.router_record.exists():
             router = "done"
+        elif queued_router is not None:
+            router = f"queued in SLURM ({queued_router.job_id} {queued_router.state})"
         elif (holder := held_by_a_job(rd.router)) is not None:
             router = f"running ({holder})"
         else:
             router = "started"
     jobs = local_jobs(cfg, rd, todo, router == "started", user, sub.get("python"))
+    plan = machine_plan(sub.get("parallel"), cfg.island, "submit.parallel", len(jobs))
     result = dict(
         run_dir=str(rd.root),
         k=k,
@@ -199,23 +214,23 @@ def _run_here(cfg, rd: RunDir, k: int, ids: list[int], sub, user: list[str]) -> 
         dry_run=bool(sub.get("dry_run", False)),
         parallel=plan.parallel,
         experts_done=done,
+        experts_queued=queued,
         experts_locked=sorted(locked),
         experts_started=todo,
         router=router,
         jobs={},
     )
     if not jobs:
-        log.info(
-            "submit: nothing to start for %s: experts %s done, %s running; router %s",
-            rd.root,
-            done,
-            sorted(locked),
-            router,
-        )
+        parts = [
+            f"experts {which} {what}"
+            for which, what in ((done, "done"), (queued, "queued in SLURM"), (sorted(locked), "running"))
+            if which
+        ]
+        log.info("submit: nothing to start for %s: %s; router %s", rd.root, ", ".join(parts), router)
         return result
     if result["dry_run"]:
         for job in jobs:
-            print(f"# {job.name}: would run in {job.folder}\n{shlex.join(job.argv)}")
+            print(f"# {job.name}: would run in {job.folder}\n{shlex.join([*job.argv, *thread_args(plan, user)])}")
         print(f"# {plan.describe()}")
         return result
     if not sub.get("wait", True):

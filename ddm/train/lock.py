@@ -124,8 +124,14 @@ def _pid_alive(pid, started) -> bool:
         pid = int(pid)
     except (TypeError, ValueError):
         return False
-    if not psutil.pid_exists(pid):
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:  # ended, not yet reaped by its parent
+            return False
+    except psutil.NoSuchProcess:
         return False
+    except psutil.Error:
+        pass  # exists, but not ours to look at
     now_started = _process_started(pid)
     # A pid is reused once its process is gone; the start time tells the holder from a newcomer.
     return started is None or now_started is None or abs(now_started - float(started)) < 1.0
@@ -141,10 +147,11 @@ def judge(holder: dict, me: dict | None = None) -> Verdict:
         if _pid_alive(pid, holder.get("pid_started")):
             return Verdict(LIVE, f"process {pid} is running on this host")
         return Verdict(STALE, f"process {pid} is no longer running on this host")
-    if job and job == me.get("slurm_job_id"):
-        mine, theirs = me.get("slurm_restart_count"), holder.get("slurm_restart_count")
-        if mine is None or theirs is None or mine > theirs:
-            return Verdict(STALE, f"this is SLURM job {job} again, restarted after a requeue")
+    # SLURM sets SLURM_RESTART_COUNT only in a job that was requeued (and counts up each time), so a
+    # higher count than the lock's is a later instance of the same job: the one that locked has ended.
+    restarts = int(me.get("slurm_restart_count") or 0), int(holder.get("slurm_restart_count") or 0)
+    if job and job == me.get("slurm_job_id") and restarts[0] > restarts[1]:
+        return Verdict(STALE, f"this is SLURM job {job} again, restarted after a requeue")
     if job and slurm.available():
         try:
             state = slurm.job_state(job)
