@@ -1,8 +1,7 @@
 """A run's training jobs as processes on this machine, for ``ddm submit submit.launcher=local`` and
 ``ddm pipeline pipeline.parallel=N``.
 
-Which jobs are left to do (no ``record.json``, no live job holding the
-folder's lock), how the machine is divided among them
+The jobs' commands, how the machine is divided among them
 (``ddm.launch.slots``), and what to tell the user when some fail or are
 stopped. The processes themselves are ``ddm.launch.local``'s.
 """
@@ -11,29 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from ddm.artifacts import RunDir
 from ddm.errors import JobFailed
 from ddm.io import read_json
 from ddm.launch import local, slots
 from ddm.launch.overrides import job_overrides, override_key
-from ddm.train import lock
 
 log = logging.getLogger("ddm")
-
-
-def held_by_a_job(folder: Path) -> str | None:
-    """Who holds ``folder``'s lock, when that job may still run; None when it is free or the lock is stale."""
-    found = lock.inspect(folder)
-    if found is None or found[1].state == lock.STALE:
-        return None
-    holder, verdict = found
-    if not holder:
-        return f"{lock.lock_path(folder)} is unreadable; delete it if no job runs there"
-    if verdict.state == lock.UNKNOWN:
-        return f"{lock.describe(holder)} ({verdict.why}; delete {lock.lock_path(folder)} if that job is dead)"
-    return f"{lock.describe(holder)} ({verdict.why})"
 
 
 def machine_plan(parallel, island, key: str, jobs: int | None = None) -> slots.Plan:

@@ -78,7 +78,7 @@ def job_status(job_dir: Path, record: Path, queued: slurm.QueuedJob | None) -> d
     elif queued:
         row.update(state="running" if queued.running else "queued", steps=_last_step(ckpts))
         row["detail"] = f"last checkpoint at step {row['steps']}" if row["steps"] is not None else ""
-    elif (held := _live_lock(job_dir)) is not None:
+    elif (held := lock.held_by(job_dir)) is not None:
         row.update(state="running", steps=_last_step(ckpts), detail=held)
     elif (job_dir / "failed.json").exists():
         row.update(state="failed", steps=_last_step(ckpts), detail=_failure(job_dir / "failed.json"))
@@ -92,18 +92,6 @@ def job_status(job_dir: Path, record: Path, queued: slurm.QueuedJob | None) -> d
             + "; `ddm submit` resumes it from last.ckpt",
         )
     return row
-
-
-def _live_lock(job_dir: Path) -> str | None:
-    """Who holds the job's lock, when that job may still run (a stale lock is no job)."""
-    found = lock.inspect(job_dir)
-    if found is None or found[1].state == lock.STALE:
-        return None
-    holder, verdict = found
-    if not holder:
-        return f"{lock.lock_path(job_dir)} is unreadable: a job may be running"
-    who = f"{lock.describe(holder)}"
-    return who if verdict.state == lock.LIVE else f"{who} (not checked: {verdict.why})"
 
 
 def _queue(rd: RunDir) -> tuple[dict, object, str | None]:

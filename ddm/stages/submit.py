@@ -38,7 +38,8 @@ from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json, write_text
 from ddm.launch import local, sbatch, slurm
 from ddm.launch.overrides import job_overrides, override_key
-from ddm.stages.local_jobs import held_by_a_job, local_jobs, machine_plan, thread_args, train_here
+from ddm.stages.local_jobs import local_jobs, machine_plan, thread_args, train_here
+from ddm.train.lock import held_by
 
 log = logging.getLogger("ddm")
 
@@ -167,7 +168,7 @@ def run(cfg, overrides: list[str] | None = None) -> dict:
             result["router"] = "done"
         elif queued_router is not None:
             result["router"] = f"queued ({queued_router.job_id} {queued_router.state})"
-        elif (holder := held_by_a_job(rd.router)) is not None:
+        elif (holder := held_by(rd.router)) is not None:
             result["router"] = f"running ({holder})"
         else:
             path = sbatch.sbatch_script_path(rd.root, "router")
@@ -182,7 +183,7 @@ def run(cfg, overrides: list[str] | None = None) -> dict:
 
 def _locked(ids: list[int], rd: RunDir) -> dict[int, str]:
     """The experts among ``ids`` that a job (not in SLURM's queue) holds now: ``{id: who}``."""
-    locked = {i: who for i in ids if (who := held_by_a_job(rd.expert(i))) is not None}
+    locked = {i: who for i in ids if (who := held_by(rd.expert(i))) is not None}
     for i, who in locked.items():
         log.info("submit: expert %d is running already: %s", i, who)
     return locked
@@ -201,7 +202,7 @@ def _run_here(cfg, rd: RunDir, k: int, ids: list[int], sub, user: list[str]) -> 
             router = "done"
         elif queued_router is not None:
             router = f"queued in SLURM ({queued_router.job_id} {queued_router.state})"
-        elif (holder := held_by_a_job(rd.router)) is not None:
+        elif (holder := held_by(rd.router)) is not None:
             router = f"running ({holder})"
         else:
             router = "started"

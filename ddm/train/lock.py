@@ -190,6 +190,19 @@ def inspect(folder) -> tuple[dict, Verdict] | None:
     return holder, judge(holder)
 
 
+def held_by(folder) -> str | None:
+    """Who holds ``folder``'s lock, when that job may still run; None when it is free or the lock is stale."""
+    found = inspect(folder)
+    if found is None or found[1].state == STALE:
+        return None
+    holder, verdict = found
+    if not holder:
+        return f"{lock_path(folder)} is unreadable; delete it if no job runs there"
+    if verdict.state == UNKNOWN:
+        return f"{describe(holder)} ({verdict.why}; delete {lock_path(folder)} if that job is dead)"
+    return f"{describe(holder)} ({verdict.why})"
+
+
 def _create(path: Path, holder: dict) -> bool:
     """Create the lock, whole, only if it does not exist; False when it does."""
     text = json.dumps(holder, indent=2, sort_keys=True) + "\n"
