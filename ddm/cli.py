@@ -24,6 +24,8 @@ from ddm.stages import STAGES
 
 # Exit status of an expected user error (argparse's convention); a crash exits with 1.
 USER_ERROR_STATUS = 2
+# Stages that start jobs of their own: the jobs compose their config from the same overrides.
+PASS_OVERRIDES = ("submit", "pipeline")
 
 
 def usage() -> str:
@@ -119,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         _restore_full_error()  # composition is done; child processes (DDP ranks) see the user's setting
         setup_logging(cfg.get("log_level", "INFO"))
         try:
-            # submit passes the user's overrides on to the jobs it submits: Hydra knows them parsed
-            run_stage(stage, cfg, **({"overrides": task_overrides()} if stage == "submit" else {}))
+            # submit and pipeline pass the user's overrides on to the jobs they start: Hydra knows them parsed
+            run_stage(stage, cfg, **({"overrides": task_overrides()} if stage in PASS_OVERRIDES else {}))
         except UserError as error:
             if show_tracebacks(cfg):
                 raise

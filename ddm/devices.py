@@ -1,6 +1,9 @@
-"""Choosing a torch device, and the precision models run in on it, from config strings."""
+"""Choosing a torch device, and the precision models run in on it, from config strings; the GPUs this
+process may use."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -55,3 +58,20 @@ def allow_tf32(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, named as ``CUDA_VISIBLE_DEVICES`` names them (indices or UUIDs).
+
+    A child given a subset of these names sees exactly those GPUs: the names are not renumbered
+    for it. When the variable is unset, every GPU torch sees, by index.
+    """
+    names = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if names is None:
+        return [str(i) for i in range(torch.cuda.device_count())]
+    visible = []
+    for name in (n.strip() for n in names.split(",")):
+        if not name or name.startswith("-"):  # CUDA stops at the first invalid entry ("-1" hides all)
+            break
+        visible.append(name)
+    return visible

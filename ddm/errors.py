@@ -39,3 +39,11 @@ class Diverged(UserError, FloatingPointError):
 
 class Unusable(UserError, RuntimeError):
     """A file or resource that exists but cannot be used here (weights that do not fit, a hub offline)."""
+
+
+class Locked(Unusable):
+    """A job folder that another job holds (its ``lock.json`` names it): two jobs must not write one folder."""
+
+
+class JobFailed(UserError, RuntimeError):
+    """Jobs started by ``ddm`` on this machine that failed; each left its error in its own folder and log."""

@@ -163,6 +163,16 @@ def test_a_cancelled_expert_resumes_when_resubmitted(cluster, tiny):
     while not last.exists():
         assert time.monotonic() < deadline, f"no checkpoint within 240s\n{_logs(rd)}"
         time.sleep(0.2)
+    # A hand-started job on the same expert, beside the SLURM task: refused, naming that task.
+    by_hand = subprocess.run(
+        [sys.executable, "-m", "ddm", "train-expert", "expert.id=1", f"run_dir={rd.root}", *JOB_OVERRIDES],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+    )
+    assert by_hand.returncode == 2, by_hand.stderr[-3000:]
+    assert f"array task {first['expert_job']}_1" in by_hand.stderr and "in use by another job" in by_hand.stderr
     cancel_for_good(cluster, f"{first['expert_job']}_1")
     assert not rd.expert_record(1).exists(), "the expert finished before it could be cancelled"
     assert status.run(_compose(longer))["experts"][1]["state"] in ("stopped", "failed")

@@ -22,6 +22,7 @@ RUNNING_STATES = frozenset({"RUNNING", "CONFIGURING", "COMPLETING", "RESIZING", 
 
 NOT_AVAILABLE = (
     "SLURM is not available here (no `sbatch` on PATH). Run the jobs on this machine instead: "
+    "`ddm submit submit.launcher=local` (submit.parallel=N at a time), "
     "`ddm train-expert expert.id=<k>` for each expert and `ddm train-router`, or `ddm pipeline` for all stages."
 )
 
@@ -106,11 +107,16 @@ def scancel(job_id: str, signal: str | None = None) -> None:
 
 def job_state(job_id: str) -> str | None:
     """The state SLURM's controller holds for a job, also a finished one (until ``MinJobAge`` passes).
-    None when the controller no longer knows it. Needs no accounting."""
+
+    None when the controller no longer knows the job (it ended a while ago); a ``SlurmError`` when
+    the controller cannot be asked, so a caller never takes "cannot tell" for "ended". Needs no accounting.
+    """
     try:
         text = _run(["scontrol", "-o", "show", "job", str(job_id)])
-    except SlurmError:
-        return None
+    except SlurmError as e:
+        if "invalid job id" in str(e).lower():
+            return None
+        raise
     for field in text.split():
         if field.startswith("JobState="):
             return field.split("=", 1)[1]

@@ -56,7 +56,10 @@ STAGES: dict[str, Stage] = {
         ("data", "embed", "cluster", "model", "expert", "router", "sample", "island", "logger"),
     ),
     "submit": Stage(
-        "submit", "submit the unfinished experts and the router to SLURM", False, ("island", "expert", "router")
+        "submit",
+        "start the unfinished experts and the router: on SLURM, or here (submit.launcher=local)",
+        False,
+        ("island", "expert", "router"),
     ),
     "plan": Stage(
         "plan",

@@ -4,6 +4,11 @@ prepare -> embed -> cluster -> partition -> encode (latent runs) -> train-expert
 train-router -> sample -> report. Each stage skips what is already complete,
 so rerunning the pipeline after an interruption continues where it stopped.
 Each runs through ``run_stage``, exactly as ``ddm <stage>`` would run it.
+
+``pipeline.parallel=N`` (N > 1) trains the unfinished experts N at a time,
+each as its own ``ddm train-expert`` process on this machine with its own
+share of it (the local launcher, ``ddm.stages.local_jobs``); 1 trains them
+one after another in this process.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ import time
 from omegaconf import open_dict
 
 from ddm.artifacts import RunDir
+from ddm.errors import BadInput
 from ddm.io import read_json
+from ddm.launch.slots import check_parallel
+from ddm.stages.local_jobs import local_jobs, machine_plan, train_here
 from ddm.stages.runner import run_stage
 
 log = logging.getLogger("ddm")
@@ -32,17 +40,42 @@ def with_expert(cfg, k: int):
     return expert_cfg
 
 
-def run(cfg) -> dict:
+def run(cfg, overrides: list[str] | None = None) -> dict:
+    """Every stage on ``cfg``. ``overrides``: those ``cfg`` was composed with, which the expert processes
+    of ``pipeline.parallel`` > 1 are started with (the command line passes them)."""
     rd = RunDir(cfg.run_dir)
+    parallel = check_parallel((cfg.get("pipeline") or {}).get("parallel", 1), "pipeline.parallel")
     start = time.perf_counter()
     for stage in BEFORE_EXPERTS:
         run_stage(stage, cfg)
     K = int(read_json(rd.cluster_report)["k"])
-    for k in range(K):
-        run_stage("train-expert", with_expert(cfg, k))
+    if parallel == 1:
+        for k in range(K):
+            run_stage("train-expert", with_expert(cfg, k))
+    else:
+        _experts_side_by_side(cfg, rd, K, parallel, overrides)
     for stage in AFTER_EXPERTS:
         run_stage(stage, cfg)
     total = round(time.perf_counter() - start, 1)
     log.info("pipeline: all stages done in %.0fs -> %s", total, rd.root)
     run_stage("report", cfg)
     return dict(run_dir=str(rd.root), wall_s=total)
+
+
+def _experts_side_by_side(cfg, rd: RunDir, K: int, parallel, overrides: list[str] | None) -> None:
+    """The unfinished experts as processes of their own, ``parallel`` at a time (None: as the machine allows)."""
+    redo = bool(cfg.get("redo", False))
+    finished = [k for k in range(K) if rd.expert_record(k).exists() and not redo]
+    for k in finished:  # returns at once, after checking the record is of the current partitions
+        run_stage("train-expert", with_expert(cfg, k))
+    todo = [k for k in range(K) if k not in finished]
+    if not todo:
+        return
+    if overrides is None:
+        raise BadInput(
+            f"pipeline.parallel={parallel or 'auto'}: each expert runs as its own `ddm train-expert` process, "
+            f"which composes its config from overrides; pass the ones cfg was composed with: "
+            f"pipeline.run(cfg, overrides=[...])"
+        )
+    plan = machine_plan(parallel, cfg.island, "pipeline.parallel", len(todo))
+    train_here(local_jobs(cfg, rd, todo, False, overrides), plan, overrides)

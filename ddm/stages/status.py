@@ -5,14 +5,16 @@
 prints one row per expert (0..K-1) and one for the router, in one of these states:
 
 - ``done``: ``record.json`` exists (its steps and final loss are shown);
-- ``running`` / ``queued``: SLURM lists the job (pending, requeued, ...);
+- ``running`` / ``queued``: SLURM lists the job (pending, requeued, ...), or a
+  job holds the folder's ``lock.json`` and its process runs (a job started by
+  hand or by ``ddm submit submit.launcher=local``: its host and pid are shown);
 - ``failed``: the job wrote ``failed.json`` (its error is shown) and is not queued;
 - ``stopped``: checkpoints but no record and no queued job: interrupted, and
   ``ddm submit`` resumes it from ``last.ckpt``;
 - ``missing``: nothing yet.
 
-Without SLURM (no ``squeue``) the queue column reads ``n/a``. Reads only;
-writes nothing.
+Without SLURM (no ``squeue``) the queue column reads ``n/a``; locks still
+show the jobs running on this machine. Reads only; writes nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ddm.errors import MissingInput
 from ddm.io import read_json
 from ddm.jobs import expert_job
 from ddm.launch import slurm
+from ddm.train import lock
 
 log = logging.getLogger("ddm")
 
@@ -53,7 +56,8 @@ def _failure(path: Path) -> str:
 
 def job_status(job_dir: Path, record: Path, queued: slurm.QueuedJob | None) -> dict:
     """The state of one job (an expert or the router) from its folder and its queue entry."""
-    logs = sorted(job_dir.glob("slurm-*.out"), key=lambda p: p.stat().st_mtime)
+    # SLURM's logs and the local launcher's (ddm.launch.local), newest last
+    logs = sorted([*job_dir.glob("slurm-*.out"), *job_dir.glob("local-*.out")], key=lambda p: p.stat().st_mtime)
     row = dict(
         state="missing",
         steps=None,
@@ -74,6 +78,8 @@ def job_status(job_dir: Path, record: Path, queued: slurm.QueuedJob | None) -> d
     elif queued:
         row.update(state="running" if queued.running else "queued", steps=_last_step(ckpts))
         row["detail"] = f"last checkpoint at step {row['steps']}" if row["steps"] is not None else ""
+    elif (held := lock.held_by(job_dir)) is not None:
+        row.update(state="running", steps=_last_step(ckpts), detail=held)
     elif (job_dir / "failed.json").exists():
         row.update(state="failed", steps=_last_step(ckpts), detail=_failure(job_dir / "failed.json"))
     elif any(ckpts.glob("*.ckpt")):

@@ -1,36 +1,49 @@
-"""Stage ``submit``: send a run's unfinished expert jobs and its router job to SLURM.
+"""Stage ``submit``: start a run's unfinished expert jobs and its router job, on SLURM or on this machine.
 
     ddm submit name=big island=gpu                           # every unfinished expert + the router
     ddm submit name=big submit.experts=[0,1] island=gpu8_ddp # experts 0 and 1 on 8-GPU nodes...
     ddm submit name=big submit.experts=[2,3] island=gpu submit.router=false   # ...2 and 3 on single GPUs
     ddm submit name=big submit.dry_run=true                  # print the scripts, submit nothing
+    ddm submit name=big submit.launcher=local island=gpu     # no scheduler: one process per GPU here
 
 Reads ``clusters/report.json`` (K) and the experts' records; asks ``squeue``
-which of the run's jobs are queued or running. The experts that have no
-``record.json`` and no job in the queue go out as ONE array job whose indices
-are exactly their ids; the router, which needs no expert, goes out as its own
-job. So submitting again is always safe: a finished run submits nothing, and
-an interrupted expert is submitted again and resumes from its ``last.ckpt``.
+which of the run's jobs are queued or running, and each job folder's
+``lock.json`` whether a job (started by hand, or by the local launcher) runs
+there now. The experts that have no ``record.json``, no job in the queue and
+no live lock go out as ONE array job whose indices are exactly their ids; the
+router, which needs no expert, goes out as its own job. So submitting again is
+always safe: a finished run submits nothing, and an interrupted expert is
+submitted again and resumes from its ``last.ckpt``.
+
+``submit.launcher=local`` runs the same jobs as processes on this machine
+instead, ``submit.parallel`` at a time (``ddm.stages.local_jobs``), and waits
+for them (``submit.wait=false``: a launcher in the background does).
 
 Every other override of the ``ddm submit`` call (``island=...``,
 ``expert.steps=...``) is passed to the jobs, which therefore compose the
 same config. Each script is kept under ``<run>/slurm/``; each job's log is
-``slurm-*.out`` in the job's own folder.
+``slurm-*.out`` (``local-*.out``) in the job's own folder.
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
+import time
 from pathlib import Path
 
 from ddm.artifacts import RunDir
 from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json, write_text
-from ddm.launch import sbatch, slurm
-from ddm.launch.overrides import job_overrides
+from ddm.launch import local, sbatch, slurm
+from ddm.launch.overrides import job_overrides, override_key
+from ddm.stages.local_jobs import local_jobs, machine_plan, thread_args, train_here
+from ddm.train.lock import held_by
 
 log = logging.getLogger("ddm")
+
+LAUNCHERS = ("slurm", "local")
 
 
 def expert_ids(requested, k: int) -> list[int]:
@@ -69,6 +82,17 @@ def _queued(rd: RunDir, dry_run: bool):
         return {}, None
 
 
+def _queued_if_known(rd: RunDir):
+    """The run's jobs in SLURM's queue, for the local launcher not to start them twice; none when SLURM cannot say."""
+    if not slurm.available():
+        return {}, None
+    try:
+        return slurm.run_jobs(rd.root)
+    except slurm.SlurmError as e:
+        log.debug("submit: SLURM's queue is not readable here (%s); going by the job folders alone", e)
+        return {}, None
+
+
 def _send(script: str, path: Path, dry_run: bool, folders=()) -> str | None:
     """Write the script beside the run and sbatch it; with dry_run only print both. Returns the job id."""
     if dry_run:
@@ -82,7 +106,7 @@ def _send(script: str, path: Path, dry_run: bool, folders=()) -> str | None:
 
 
 def run(cfg, overrides: list[str] | None = None) -> dict:
-    """Submit what is neither finished nor queued; return what was done.
+    """Submit (or, with the local launcher, run) what is neither finished, queued nor running; return what was done.
 
     ``overrides``: the Hydra overrides to pass to the jobs. From the command
     line ``ddm.cli`` passes those Hydra parsed; a library caller passes them (the same list
@@ -95,8 +119,16 @@ def run(cfg, overrides: list[str] | None = None) -> dict:
             "`ddm submit redo=true` is refused: a requeued job would start over and delete its own "
             "checkpoints. To retrain an expert, delete experts/expert-<id>/ and submit again."
         )
+    launcher = str(sub.get("launcher") or "slurm")
+    if launcher not in LAUNCHERS:
+        raise BadInput(
+            f"submit.launcher={launcher!r} is not one of {', '.join(LAUNCHERS)}: slurm submits the jobs to SLURM, "
+            f"local runs them as processes on this machine"
+        )
     k = _require_inputs(rd)
     ids = expert_ids(sub.get("experts"), k)
+    if launcher == "local":
+        return _run_here(cfg, rd, k, ids, sub, list(overrides or []))
     dry_run = bool(sub.get("dry_run", False))
     if not slurm.available() and not dry_run:
         raise slurm.SlurmError(slurm.NOT_AVAILABLE)
@@ -104,7 +136,8 @@ def run(cfg, overrides: list[str] | None = None) -> dict:
     queued_experts, queued_router = _queued(rd, dry_run)
     done = [i for i in ids if rd.expert_record(i).exists()]
     queued = [i for i in ids if i not in done and i in queued_experts]
-    todo = [i for i in ids if i not in done and i not in queued]
+    locked = _locked([i for i in ids if i not in done and i not in queued], rd)
+    todo = [i for i in ids if i not in done and i not in queued and i not in locked]
 
     user = list(overrides or [])
     args = job_overrides(user, str(cfg.name), str(rd.root))
@@ -112,9 +145,11 @@ def run(cfg, overrides: list[str] | None = None) -> dict:
     result = dict(
         run_dir=str(rd.root),
         k=k,
+        launcher="slurm",
         dry_run=dry_run,
         experts_done=done,
         experts_queued=queued,
+        experts_locked=sorted(locked),
         experts_submitted=todo,
         expert_job=None,
         router="not asked",
@@ -133,6 +168,8 @@ def run(cfg, overrides: list[str] | None = None) -> dict:
             result["router"] = "done"
         elif queued_router is not None:
             result["router"] = f"queued ({queued_router.job_id} {queued_router.state})"
+        elif (holder := held_by(rd.router)) is not None:
+            result["router"] = f"running ({holder})"
         else:
             path = sbatch.sbatch_script_path(rd.root, "router")
             script = sbatch.router_script(rd.root, args, cfg.island, python=python)
@@ -144,6 +181,81 @@ def run(cfg, overrides: list[str] | None = None) -> dict:
     return result
 
 
+def _locked(ids: list[int], rd: RunDir) -> dict[int, str]:
+    """The experts among ``ids`` that a job (not in SLURM's queue) holds now: ``{id: who}``."""
+    locked = {i: who for i in ids if (who := held_by(rd.expert(i))) is not None}
+    for i, who in locked.items():
+        log.info("submit: expert %d is running already: %s", i, who)
+    return locked
+
+
+def _run_here(cfg, rd: RunDir, k: int, ids: list[int], sub, user: list[str]) -> dict:
+    """``submit.launcher=local``: the unfinished, unlocked experts (then the router) as processes on this machine."""
+    queued_experts, queued_router = _queued_if_known(rd)
+    done = [i for i in ids if rd.expert_record(i).exists()]
+    queued = [i for i in ids if i not in done and i in queued_experts]
+    locked = _locked([i for i in ids if i not in done and i not in queued], rd)
+    todo = [i for i in ids if i not in done and i not in queued and i not in locked]
+    router = "not asked"
+    if sub.get("router", True):
+        if rd.router_record.exists():
+            router = "done"
+        elif queued_router is not None:
+            router = f"queued in SLURM ({queued_router.job_id} {queued_router.state})"
+        elif (holder := held_by(rd.router)) is not None:
+            router = f"running ({holder})"
+        else:
+            router = "started"
+    jobs = local_jobs(cfg, rd, todo, router == "started", user, sub.get("python"))
+    plan = machine_plan(sub.get("parallel"), cfg.island, "submit.parallel", len(jobs))
+    result = dict(
+        run_dir=str(rd.root),
+        k=k,
+        launcher="local",
+        dry_run=bool(sub.get("dry_run", False)),
+        parallel=plan.parallel,
+        experts_done=done,
+        experts_queued=queued,
+        experts_locked=sorted(locked),
+        experts_started=todo,
+        router=router,
+        jobs={},
+    )
+    if not jobs:
+        parts = [
+            f"experts {which} {what}"
+            for which, what in ((done, "done"), (queued, "queued in SLURM"), (sorted(locked), "running"))
+            if which
+        ]
+        log.info("submit: nothing to start for %s: %s; router %s", rd.root, ", ".join(parts), router)
+        return result
+    if result["dry_run"]:
+        for job in jobs:
+            print(f"# {job.name}: would run in {job.folder}\n{shlex.join([*job.argv, *thread_args(plan, user)])}")
+        print(f"# {plan.describe()}")
+        return result
+    if not sub.get("wait", True):
+        return dict(result, **_detach(rd, user))
+    result["jobs"] = train_here(jobs, plan, user)
+    return result
+
+
+def _detach(rd: RunDir, user: list[str]) -> dict:
+    """Start this same ``ddm submit`` again in the background, waiting for its jobs there; return at once."""
+    argv = [sys.executable, "-m", "ddm", "submit", *[o for o in user if override_key(o) != "submit.wait"]]
+    argv.append("submit.wait=true")
+    path = local.log_path(rd.root / "local", time.strftime("%Y%m%d-%H%M%S"), prefix="launcher")
+    proc = local.detach(argv, path)
+    log.info(
+        "submit: the launcher runs in the background (pid %d; its log %s); `ddm status` shows the jobs, "
+        "`kill %d` stops them (each saves last.ckpt)",
+        proc.pid,
+        path,
+        proc.pid,
+    )
+    return dict(launcher_pid=proc.pid, launcher_log=str(path))
+
+
 def _log_summary(r: dict, queued_experts: dict) -> None:
     verb = "would submit" if r["dry_run"] else "submitted"
     parts = []
@@ -152,6 +264,8 @@ def _log_summary(r: dict, queued_experts: dict) -> None:
         parts.append(f"{verb} experts {r['experts_submitted']}{job}")
     if r["experts_done"]:
         parts.append(f"experts {r['experts_done']} done")
+    if r["experts_locked"]:
+        parts.append(f"experts {r['experts_locked']} running already (see their lock.json)")
     if r["experts_queued"]:
         parts.append(
             "experts already queued: "

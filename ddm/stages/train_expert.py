@@ -32,6 +32,7 @@ from ddm.stages.prompts import sample_prompts
 from ddm.stages.runner import skip
 from ddm.stages.sample import class_names
 from ddm.train.job import Job, Schedule, Trained, run_job
+from ddm.train.lock import check_free, is_global_rank_zero
 from ddm.train.modules import ExpertModule
 from ddm.train.preview import Preview
 
@@ -63,7 +64,9 @@ def run(cfg) -> dict:
         _check_still_current(record, rd, k)
         log.info("train-expert %d: already done (%d steps) -> %s", k, record["steps"], job_dir)
         return record
-    if cfg.get("redo", False) and job_dir.exists():
+    # Only global rank 0 starts over: the other ranks of a DDP job run this too, beside it.
+    if cfg.get("redo", False) and job_dir.exists() and is_global_rank_zero():
+        check_free(job_dir, f"train-expert {k} redo=true")  # never delete the folder of a job that still runs
         shutil.rmtree(job_dir)
 
     part_dir = rd.partition(k)

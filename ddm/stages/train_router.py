@@ -36,6 +36,7 @@ from ddm.stages.conditioning import captions_for, conditioning_args, router_text
 from ddm.stages.encode import latent_manifest, latent_meta, vae_spec
 from ddm.stages.runner import skip
 from ddm.train.job import Job, Schedule, Trained, run_job
+from ddm.train.lock import check_free, is_global_rank_zero
 from ddm.train.modules import RouterModule
 
 log = logging.getLogger("ddm")
@@ -73,7 +74,9 @@ def run(cfg) -> dict:
         _check_still_current(record, rd)
         log.info("train-router: already done (%d steps) -> %s", record["steps"], job_dir)
         return record
-    if cfg.get("redo", False) and job_dir.exists():
+    # Only global rank 0 starts over: the other ranks of a DDP job run this too, beside it.
+    if cfg.get("redo", False) and job_dir.exists() and is_global_rank_zero():
+        check_free(job_dir, "train-router redo=true")  # never delete the folder of a job that still runs
         shutil.rmtree(job_dir)
 
     index, manifests = load_partitions(rd)

@@ -14,7 +14,8 @@ adds; ``run_job`` does the rest, the same way for every job:
    ``record.json`` (last: it marks the job done) and remove an earlier
    attempt's ``failed.json``.
 
-All of it runs under a ``PreemptionGuard`` (SIGUSR1/SIGTERM save and stop, see
+All of it runs holding the job folder's lock (``ddm.train.lock``: a second job
+on the same folder refuses), under a ``PreemptionGuard`` (SIGUSR1/SIGTERM save and stop, see
 ``ddm.train.signals``) and a ``FailureRecord`` (an exception writes
 ``failed.json``, see ``ddm.train.records``).
 """
@@ -39,6 +40,7 @@ from ddm.models.dit import count_params
 from ddm.train.checkpoint_io import inspect_checkpoint
 from ddm.train.export import save_weights
 from ddm.train.fsdp import full_copy
+from ddm.train.lock import job_lock
 from ddm.train.records import FailureRecord, clear_failure
 from ddm.train.signals import PreemptionGuard
 from ddm.train.streams import RankStreams
@@ -175,7 +177,8 @@ def run_job(job: Job, finish: Callable[[Trained], dict]) -> dict:
     ``job.weights`` and the record to ``job.record``. A signal that stopped the
     fit raises ``Preempted`` (see ``ddm.train.trainer.fit_job``).
     """
-    with PreemptionGuard() as guard, FailureRecord(job.folder, job.name) as failure:
+    # The lock comes first: a job refused because another one holds the folder writes nothing there.
+    with job_lock(job.folder, job.title), PreemptionGuard() as guard, FailureRecord(job.folder, job.name) as failure:
         trained = _fit(job, guard, failure)
         if trained is None:
             return {}

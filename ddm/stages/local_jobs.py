@@ -1,0 +1,91 @@
+"""A run's training jobs as processes on this machine, for ``ddm submit submit.launcher=local`` and
+``ddm pipeline pipeline.parallel=N``.
+
+The jobs' commands, how the machine is divided among them
+(``ddm.launch.slots``), and what to tell the user when some fail or are
+stopped. The processes themselves are ``ddm.launch.local``'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ddm.artifacts import RunDir
+from ddm.errors import JobFailed
+from ddm.io import read_json
+from ddm.launch import local, slots
+from ddm.launch.overrides import job_overrides, override_key
+
+log = logging.getLogger("ddm")
+
+
+def machine_plan(parallel, island, key: str, jobs: int | None = None) -> slots.Plan:
+    """The slots of this machine for ``parallel`` of ``jobs`` jobs of ``island`` (``key``: the option, for errors)."""
+    gpus = None
+    if str(island.get("accelerator", "cpu")).lower() in (*slots.GPU_ACCELERATORS, "auto"):
+        from ddm.devices import visible_gpus  # torch, only where GPUs matter
+
+        gpus = visible_gpus()
+    return slots.plan(parallel, island, key, gpus, slots.available_cores(), jobs)
+
+
+def thread_args(plan: slots.Plan, user_overrides: list[str]) -> list[str]:
+    """``island.threads=<cores // jobs>`` for CPU jobs, unless the user set ``island.threads`` themselves."""
+    if plan.threads is None or any(override_key(o) == "island.threads" for o in user_overrides):
+        return []
+    return [f"island.threads={plan.threads}"]
+
+
+def local_jobs(cfg, rd: RunDir, experts: list[int], router: bool, overrides: list[str], python=None):
+    """The jobs of ``experts`` (and the router), started with the overrides a SLURM job gets."""
+    args = job_overrides(list(overrides), str(cfg.name), str(rd.root))
+    jobs = [local.expert_local_job(rd.root, k, args, python) for k in experts]
+    if router:
+        jobs.append(local.router_local_job(rd.root, args, python))
+    return jobs
+
+
+def _why(o: local.Outcome) -> str:
+    """What a failed job said: its own failed.json when this attempt wrote one, else its last line of output."""
+    failed = o.job.folder / "failed.json"
+    if o.returncode != 2 and failed.exists() and failed.stat().st_mtime >= o.started_at - 1:
+        try:
+            info = read_json(failed)
+            return f"{info.get('error_type', 'error')}: {info.get('message', '')} (see {failed})"
+        except (OSError, ValueError):
+            pass
+    return o.last_line() or f"exit status {o.returncode}"
+
+
+def train_here(jobs: list[local.LocalJob], plan: slots.Plan, user_overrides: list[str]) -> dict:
+    """Run ``jobs`` on this machine in ``plan``'s slots and wait for them; return each job's state.
+
+    A signal that stopped the launcher exits with 128 + its number once every job has saved and
+    stopped; jobs that failed or were stopped from outside raise ``JobFailed`` after the others finished.
+    """
+    if not jobs:
+        return {}
+    log.info("local: %s: %s", ", ".join(j.name for j in jobs), plan.describe())
+    started = time.monotonic()
+    launch = local.run_jobs(jobs, plan, extra=thread_args(plan, user_overrides))
+    states = {o.job.name: o.state for o in launch.outcomes}
+    log.info(
+        "local: %s in %.0fs",
+        "; ".join(f"{n} {s}" for n, s in states.items()),
+        time.monotonic() - started,
+    )
+    if launch.signum is not None:
+        log.warning("local: stopped by a signal; run the same command again to resume the unfinished jobs")
+        raise SystemExit(128 + launch.signum)
+    bad = launch.by_state("failed") + launch.by_state("stopped")
+    if bad:
+        lines = []
+        for o in bad:
+            what = _why(o) if o.state == "failed" else "stopped by a signal from outside; it resumes when started again"
+            lines.append(f"{o.job.name} {o.state}: {what} (log: {o.log})")
+        raise JobFailed(
+            f"{len(bad)} of {len(jobs)} jobs did not finish: " + "; ".join(lines) + ". Fix what they say and run "
+            "the same command again: finished jobs are not rerun, the others resume from their last.ckpt"
+        )
+    return states
