@@ -119,11 +119,12 @@ def _check_still_current(record: dict, rd: RunDir, k: int) -> None:
         )
 
 
-def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir, data: dict) -> Job:
+def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | None = None) -> Job:
     """Expert ``k``'s training job: its own partition, seed and folder, nothing shared with another expert.
 
-    ``data_dir`` / ``data``: the shard set it reads, the partition itself or (latent runs) its latents.
+    ``data_dir`` / ``data``: the shard set it reads, (latent runs) the partition's latents; None: the partition.
     """
+    data_dir, data = (rd.partition(k), manifest) if data is None else (data_dir, data)
     ex = cfg.expert
     seed = expert_seed(cfg.seed, k)
     text = text_spec(cfg)
