@@ -16,16 +16,16 @@ unconditional half of guidance.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ddm.errors import BadInput
+from ddm.models.attention import Attention, CrossAttention
 from ddm.models.conditioning import TextCondition
+from ddm.models.embedders import LabelEmbedder, TextEmbedder, TimestepEmbedder
 from ddm.models.velocity import VelocityModel
 
 
@@ -73,69 +73,8 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     return torch.cat([emb(yy), emb(xx)], dim=1).float()
 
 
-class TimestepEmbedder(nn.Module):
-    """Sinusoidal features of t (scaled by 1000 so frequencies match DiT's), then an MLP."""
-
-    def __init__(self, hidden: int, freq_dim: int = 256, t_scale: float = 1000.0):
-        super().__init__()
-        self.freq_dim, self.t_scale = freq_dim, t_scale
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = (t.float() * self.t_scale)[:, None] * freqs[None]
-        # The features in float32, then in the MLP's own dtype (float64 in exactness tests).
-        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype))
-
-
-class LabelEmbedder(nn.Module):
-    """Class embedding with one extra row, index ``num_classes``, for "no label"."""
-
-    def __init__(self, num_classes: int, hidden: int):
-        super().__init__()
-        self.num_classes = num_classes
-        self.table = nn.Embedding(num_classes + 1, hidden)
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.table(y)
-
-
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-class Attention(nn.Module):
-    def __init__(self, hidden: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.proj = nn.Linear(hidden, hidden)
-
-    def forward(self, x):
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
-
-
-class CrossAttention(nn.Module):
-    """Image tokens attend to text tokens; ``mask`` [B, L] is True where a text token is real."""
-
-    def __init__(self, hidden: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.q = nn.Linear(hidden, hidden)
-        self.kv = nn.Linear(hidden, 2 * hidden)
-        self.proj = nn.Linear(hidden, hidden)
-
-    def forward(self, x, context, mask):
-        b, n, c = x.shape
-        h, d = self.heads, c // self.heads
-        q = self.q(x).reshape(b, n, h, d).transpose(1, 2)
-        k, v = self.kv(context).reshape(b, context.shape[1], 2, h, d).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
 class DiTBlock(nn.Module):
@@ -164,31 +103,6 @@ class DiTBlock(nn.Module):
         if self.cross is not None:
             x = x + self.cross(self.norm_x(x), *text)
         return x + g2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), s2, sc2))
-
-
-class TextEmbedder(nn.Module):
-    """Caption tokens and pooled embedding -> the width of the network, with a learned null text."""
-
-    def __init__(self, text_dim: int, hidden: int):
-        super().__init__()
-        self.text_dim = text_dim
-        self.tokens = nn.Sequential(nn.Linear(text_dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, hidden))
-        self.pooled = nn.Linear(text_dim, hidden)
-        self.null_token = nn.Parameter(torch.zeros(text_dim))
-        self.null_pooled = nn.Parameter(torch.zeros(text_dim))
-
-    def forward(self, y: TextCondition) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(context [B, L, H], mask [B, L], pooled [B, H]); a null sample sees one null token only."""
-        if y.tokens.shape[-1] != self.text_dim:
-            raise BadInput(f"the text embeddings are {y.tokens.shape[-1]}-d but this DiT was built for {self.text_dim}")
-        null = y.null[:, None]
-        dtype = self.null_token.dtype
-        tokens = torch.where(null[..., None], self.null_token, y.tokens.to(dtype))
-        first = torch.zeros_like(y.mask)
-        first[:, 0] = True
-        mask = torch.where(null, first, y.mask)
-        pooled = torch.where(null, self.null_pooled, y.pooled.to(dtype))
-        return self.tokens(tokens), mask, self.pooled(pooled)
 
 
 class DiTTrunk(nn.Module):

@@ -46,6 +46,15 @@ def conditioning_args(spec: dict | None, meta: dict) -> dict:
     return dict(num_classes=0, text_dim=text_width(spec["model"]))
 
 
+def router_conditioning_args(cfg, meta: dict) -> dict:
+    """The router's ``num_classes`` / ``text_dim``: a text run's router without text sees no labels either
+    (prompts come with none); otherwise it is conditioned as the experts are."""
+    text = router_text_spec(cfg)
+    if text is None and text_spec(cfg) is not None:
+        return dict(num_classes=0)
+    return conditioning_args(text, meta)
+
+
 def captions_for(cfg, meta: dict) -> Captions | None:
     """Where the loader takes each sample's caption from, or None when the job reads no captions."""
     if text_spec(cfg) is None:

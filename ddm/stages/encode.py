@@ -217,7 +217,7 @@ def run_latents(cfg, latents: dict | None, device) -> RunLatents | None:
     """
     if latents is None:
         return None
-    spec = vae_spec(cfg) if group_kind(cfg, "vae", KINDS)[0] != "none" else None
+    spec = vae_spec(cfg)
     source = spec["pretrained"] if spec else latents["vae"].get("source")
     allow = bool(spec and spec["allow_download"])
     check_vae(latents["vae"], vae_identity(resolve_folder(source, allow)), f"the experts' expert.pt (vae {source})")

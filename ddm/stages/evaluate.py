@@ -18,7 +18,7 @@ Each section of metrics.json is described where it is built::
     clip_score       text runs: {strategy: {mean, num_images}}, 100 x cos(image, prompt) (ddm.eval.clip_score)
     fm_loss          EvaluationContext.fm_loss, with ddm.eval.fm_loss.fm_loss_summary
     router           EvaluationContext.router
-    flops            EvaluationContext.flops, with ddm.eval.flops.flops_summary
+    flops            ddm.stages.evaluation.flop_section, with ddm.eval.flops.flops_summary
     wall_s           seconds the evaluation took
 
 Feature spaces: ``classifier:<checksum>``, a small CNN trained on the training
@@ -48,6 +48,7 @@ from ddm.markdown import num
 from ddm.stages.evaluation import evaluation_dir
 from ddm.stages.evaluation.context import EvaluationContext
 from ddm.stages.evaluation.feature_spaces import classifier_functions, load_inception
+from ddm.stages.evaluation.flop_section import flops_section
 from ddm.stages.runner import note_skipped
 from ddm.stages.sample import requested_settings
 
@@ -97,12 +98,12 @@ def run(cfg) -> dict:
     inception = load_inception(cfg.eval)  # fail on a missing file before any slow work
     ctx = EvaluationContext(cfg, rd, settings, redo)
     metrics = dict(stage="evaluate", settings=settings, run=ctx.run_info(), heldout=ctx.heldout_info())
-    metrics["flops"] = ctx.flops()
+    metrics["flops"] = flops_section(ctx)
     generated = {s: ctx.generated(s) for s in ctx.strategies}
     metrics["feature_spaces"] = feature_spaces(ctx, generated, inception)
     metrics.update(generated_summary(generated))
     if ctx.text:
-        metrics["clip_score"] = ctx.clip_score(generated)
+        metrics["clip_score"] = ctx.heldout_text.clip_score(generated, ctx.batch)
     metrics["fm_loss"] = ctx.fm_loss()
     metrics["router"] = ctx.router()
     metrics["wall_s"] = round(time.perf_counter() - start, 2)

@@ -27,7 +27,7 @@ from ddm.io import read_json
 from ddm.markdown import fmt_flops, num, table
 from ddm.models.conditioning import example_condition
 from ddm.models.dit import DiT, DiTClassifier, count_params
-from ddm.stages.conditioning import conditioning_args, router_text_spec, text_spec
+from ddm.stages.conditioning import conditioning_args, router_conditioning_args, text_spec
 
 log = logging.getLogger("ddm")
 
@@ -98,9 +98,7 @@ def run(cfg) -> dict:
     k = int(cfg.cluster.k)
     with torch.device("meta"):
         expert = DiT(cfg.model.size, side, channels, **conditioning_args(text_spec(cfg), meta))
-        text = router_text_spec(cfg)
-        router_cond = conditioning_args(text, meta) if text or text_spec(cfg) is None else dict(num_classes=0)
-        router = DiTClassifier(k, cfg.router.size, side, channels, **router_cond)
+        router = DiTClassifier(k, cfg.router.size, side, channels, **router_conditioning_args(cfg, meta))
     rows = [
         _network_row("expert", expert, int(cfg.expert.batch_size), int(cfg.expert.steps), k, cfg.island, plan),
         _network_row("router", router, int(cfg.router.batch_size), int(cfg.router.steps), 1, cfg.island, plan),

@@ -32,7 +32,7 @@ from ddm.flow import FlowPath
 from ddm.io import read_json
 from ddm.jobs import ROUTER_JOB
 from ddm.seeds import data_stream_seed, router_seed, router_shards_seed
-from ddm.stages.conditioning import captions_for, conditioning_args, router_text_spec, text_spec
+from ddm.stages.conditioning import captions_for, router_conditioning_args, router_text_spec
 from ddm.stages.encode import latent_manifest, latent_meta, vae_spec
 from ddm.stages.runner import skip
 from ddm.train.job import Job, Schedule, Trained, run_job
@@ -131,8 +131,7 @@ def _job(cfg, rd: RunDir, index: dict, manifests: list[dict], train_shards: list
             size=rc.size,
             image_size=int(meta["image_size"]),
             in_channels=int(meta["channels"]),
-            # a text run's router without text sees no labels either: prompts come with none
-            **(conditioning_args(text, meta) if text or text_spec(cfg) is None else dict(num_classes=0)),
+            **router_conditioning_args(cfg, meta),
         )
         return RouterModule(
             model=model,

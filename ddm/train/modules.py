@@ -45,7 +45,7 @@ def fused_adamw_available(params) -> bool:
 
 
 class _Base(L.LightningModule):
-    def __init__(self, what: str, flow: dict, nan_check_every: int, compile: bool):
+    def __init__(self, what: str, flow: dict, nan_check_every: int):
         super().__init__()
         self.path = FlowPath(**flow)
         self.losses = LossWatch(what, nan_check_every)
@@ -150,7 +150,7 @@ class ExpertModule(_Base):
         compile: bool = False,
         text: dict | None = None,
     ):
-        super().__init__(f"expert {expert_id}", flow, nan_check_every, compile)
+        super().__init__(f"expert {expert_id}", flow, nan_check_every)
         self.save_hyperparameters()
         self.net = DiT(**model)
         self.ema = make_ema(self.net)
@@ -205,7 +205,7 @@ class RouterModule(_Base):
         compile: bool = False,
         text: dict | None = None,
     ):
-        super().__init__("router", flow, nan_check_every, compile)
+        super().__init__("router", flow, nan_check_every)
         self.save_hyperparameters()
         self.net = DiTClassifier(**model)
 

@@ -21,9 +21,8 @@ from ddm.artifacts import RunDir
 from ddm.devices import allow_tf32, resolve_device
 from ddm.ensemble import Ensemble
 from ddm.eval import flops as flop_count
-from ddm.eval.clip_score import ClipScorer
 from ddm.eval.fm_loss import fm_loss_summary
-from ddm.eval.heldout import load_captions, load_images
+from ddm.eval.heldout import load_images
 from ddm.eval.quality import sample_quality
 from ddm.eval.router_diag import router_diagnostics
 from ddm.images import batch_to_model_space
@@ -32,14 +31,13 @@ from ddm.jobs import ROUTER_JOB, ensemble_name, expert_job
 from ddm.sampling import load_ensemble
 from ddm.sampling.checkpoints import check_guidance
 from ddm.seeds import ROUTING_OFFSET, generator
-from ddm.stages.conditioning import captions_for
 from ddm.stages.encode import run_latents
 from ddm.stages.evaluation import evaluation_dir
 from ddm.stages.evaluation.clusters import cluster_labels
 from ddm.stages.evaluation.feature_spaces import classifier_info, train_classifier
 from ddm.stages.evaluation.generated import from_samples_stage, labels_to_sample, sample_now
 from ddm.stages.evaluation.heldout import heldout_dir, prepare_heldout
-from ddm.text.encoder import OpenClipTextEncoder
+from ddm.stages.evaluation.text import HeldoutText
 
 
 class EvaluationContext:
@@ -72,10 +70,9 @@ class EvaluationContext:
         self.image_channels = self.latents.image_channels if self.latents else self.shape[0]
         self.heldout = prepare_heldout(cfg, redo=redo)
         self.real_x, self.real_y, self.real_keys = load_images(heldout_dir(rd))
-        if self.text:
-            self.real_captions = load_captions(heldout_dir(rd), self.real_keys)
-            self.captions = captions_for(cfg, read_json(rd.data_manifest))
-            self.text_encoder = OpenClipTextEncoder(self.text["model"], self.text.get("pretrained"), self.device)
+        self.heldout_text = (
+            HeldoutText(cfg, rd, self.text, self.real_y, self.real_keys, self.device, self.seed) if self.text else None
+        )
         # One seeded order of the held-out set: every metric takes a prefix of it.
         self.order = np.random.default_rng(self.seed).permutation(len(self.real_x))
         self._clusters = None
@@ -143,14 +140,10 @@ class EvaluationContext:
             self._clusters = (full, how)
         return self._clusters
 
-    def captions_of(self, idx) -> list[str]:
-        """Text runs: the captions of held-out images (their own, or the template over their class)."""
-        return [self.captions(self.real_captions[i], int(self.real_y[i]), self.real_keys[i]) for i in idx]
-
     def labels_for_model(self, idx):
         """Held-out labels as model input (unlabelled images get the null label); text runs: their captions."""
         if self.text:
-            return self.text_encoder(self.captions_of(idx))
+            return self.heldout_text.encoder(self.heldout_text.of(idx))
         if not self.conditional:
             return None
         y = torch.from_numpy(self.real_y[idx])
@@ -171,42 +164,6 @@ class EvaluationContext:
         """Measured forward FLOPs per sample of each expert and of the router."""
         return flop_count.forward_flops(self.base.experts, self.base.router, self.shape, self.conditional)
 
-    def flops(self) -> dict:
-        """metrics.json ``flops``: see ``ddm.eval.flops.flops_summary``."""
-        rd, sc, n_measure = self.rd, self.sc, int(self.ec.flops.measure_images)
-        records = {expert_job(k): rd.expert_record(k) for k in self.info["experts"]}
-        records[ROUTER_JOB] = rd.router_record
-        records = {job: read_json(p) if p.exists() else {} for job, p in records.items()}
-        measured = None
-        if n_measure > 0:
-            y = self.labels_for_model(self.subset(n_measure))
-            measured = {
-                s: flop_count.measured_sampling_flops(
-                    self.ensemble(s),
-                    self.path,
-                    self.shape,
-                    y,
-                    int(sc["steps"]),
-                    sc["solver"],
-                    float(sc["cfg_scale"]),
-                    seed=self.seed,
-                )
-                for s in self.strategies
-            }
-        return flop_count.flops_summary(
-            self.forward,
-            records,
-            self.strategies,
-            steps=int(sc["steps"]),
-            solver=sc["solver"],
-            cfg_scale=float(sc["cfg_scale"]),
-            conditional=self.conditional,
-            num_experts=len(self.info["experts"]),
-            top_k=int(sc["top_k"]),
-            measured=measured,
-            measured_images=n_measure,
-        )
-
     def forward_per_call(self, strategy: str | None) -> int:
         """Forward FLOPs of one model call (no guidance) of an ensemble strategy, or of one expert (None)."""
         return flop_count.forward_per_call(self.forward, strategy, int(self.sc["top_k"]))
@@ -222,8 +179,8 @@ class EvaluationContext:
         labels = labels_to_sample(self.real_y, self.data_classes, n, self.seed)
         conditions, prompts = labels, None
         if self.text:
-            prompts = self.text_prompts(labels, n)
-            conditions = self.text_encoder(prompts)
+            prompts = self.heldout_text.prompts(labels, n)
+            conditions = self.heldout_text.encoder(prompts)
         out = sample_now(
             self.ensemble(strategy),
             self.path,
@@ -240,21 +197,6 @@ class EvaluationContext:
             conditions=conditions,
         )
         return out if prompts is None else dict(out, prompts=prompts)
-
-    def text_prompts(self, labels: torch.Tensor | None, n: int) -> list[str]:
-        """Prompts of the generated images: the template over ``labels``, else held-out captions at random."""
-        if labels is not None and self.captions.template is not None:
-            return self.captions.of_labels(labels.tolist())
-        pick = np.random.default_rng(self.seed).choice(len(self.real_x), size=n, replace=len(self.real_x) < n)
-        return self.captions_of(pick)
-
-    def clip_score(self, generated: dict) -> dict:
-        """metrics.json ``clip_score`` (text runs): {strategy: 100 x mean cos(image, prompt)} in the run's open_clip."""
-        scorer = ClipScorer(self.text["model"], self.text.get("pretrained"), self.device)
-        return {
-            s: dict(mean=scorer(g["images"], g["prompts"], self.batch), num_images=len(g["images"]))
-            for s, g in generated.items()
-        }
 
     # ---- feature spaces ------------------------------------------------------------
     def feature_net(self):
