@@ -64,3 +64,59 @@ def test_clip_score_is_100_times_the_cosine_of_image_and_prompt(tiny_text_model)
     assert scorer(images, prompts, batch_size=2) == pytest.approx(want, abs=1e-4)
     with pytest.raises(ValueError, match="3 images but 2 prompts"):
         scorer(images, prompts[:2])
+
+
+def test_random_towers_are_the_same_network_in_every_process(tiny_text_model):
+    """Experts, router and sampler each build the tower: random weights must not depend on the caller's seed."""
+    torch.manual_seed(1)
+    a = OpenClipTextEncoder(tiny_text_model, device="cpu")(["a shirt"])
+    after = torch.rand(1)
+    torch.manual_seed(2)
+    b = OpenClipTextEncoder(tiny_text_model, device="cpu")(["a shirt"])
+    torch.testing.assert_close(a.tokens, b.tokens, rtol=0, atol=0)
+    torch.manual_seed(1)
+    OpenClipTextEncoder(tiny_text_model, device="cpu")
+    assert torch.rand(1) == after  # building the tower leaves the caller's random stream alone
+    enc = OpenClipTextEncoder(tiny_text_model, device="cpu")
+    assert enc.spec["init_seed"] == 0 and enc.spec["weights_sha256"] is None
+
+
+def test_a_weights_file_is_named_by_its_sha256_and_another_file_is_refused(tiny_text_model, tmp_path):
+    import open_clip
+
+    from ddm.io import sha256_file
+
+    full = open_clip.create_model(tiny_text_model, pretrained=None).state_dict()  # a whole CLIP, as users have
+    first, second = tmp_path / "first.pt", tmp_path / "second.pt"
+    torch.save(full, first)
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in full.items()}
+    torch.save(state, second)
+    loaded = OpenClipTextEncoder(tiny_text_model, str(first), device="cpu")
+    assert loaded.spec["weights_sha256"] == sha256_file(first) and "init_seed" not in loaded.spec
+    recorded = dict(loaded.spec, kind="open_clip", model=tiny_text_model)
+    same = OpenClipTextEncoder.from_record(recorded, "expert 0", device="cpu")
+    torch.testing.assert_close(same(["a bag"]).tokens, loaded(["a bag"]).tokens)
+    moved = tmp_path / "moved.pt"
+    moved.write_bytes(first.read_bytes())  # the same weights elsewhere: accepted
+    OpenClipTextEncoder.from_record(recorded, "expert 0", pretrained=str(moved), device="cpu")
+    with pytest.raises(BadInput, match="expert 0 was trained with the text tower.*text.pretrained"):
+        OpenClipTextEncoder.from_record(recorded, "expert 0", pretrained=str(second), device="cpu")
+    random = dict(kind="open_clip", model=tiny_text_model, pretrained=None, weights_sha256=None, init_seed=0)
+    with pytest.raises(BadInput, match="trained with the text tower"):
+        OpenClipTextEncoder.from_record(random, "expert 0", pretrained=str(first), device="cpu")
+
+
+def test_the_caption_cache_gives_what_encoding_gives(tiny_text_model):
+    plain = OpenClipTextEncoder(tiny_text_model, device="cpu")
+    cached = OpenClipTextEncoder(tiny_text_model, device="cpu", cache=3)
+    batches = [["a", "b", "a"], ["b", "c", "d", "a"], ["e", "f", "g", "h", "e"], ["a"]]  # 5 distinct > 3 kept
+    calls = []
+    encode = cached._encode
+    cached._encode = lambda captions: calls.append(list(captions)) or encode(captions)
+    for captions in batches:
+        want, got = plain(captions), cached(captions)
+        torch.testing.assert_close(got.tokens, want.tokens)
+        torch.testing.assert_close(got.pooled, want.pooled)
+        assert torch.equal(got.mask, want.mask) and not got.null.any()
+    assert calls[0] == ["a", "b"] and calls[1] == ["c", "d"]  # each distinct caption encoded once while kept
+    assert len(cached._cache) <= 3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -39,7 +41,9 @@ def test_a_text_run_trains_text_experts_and_samples_from_prompts(make_cfg, text_
 
     expert = torch.load(rd.expert_weights(0), weights_only=False)
     assert expert["model_config"]["text_dim"] == 32 and expert["model_config"]["num_classes"] == 0
-    assert expert["text"] == dict(kind="open_clip", model=text_model, pretrained=None)
+    assert expert["text"] == dict(
+        kind="open_clip", model=text_model, pretrained=None, weights_sha256=None, init_seed=0, cache=1024
+    )
     router = torch.load(rd.router_weights, weights_only=False)
     assert router["model_config"]["num_classes"] == 0 and "text_dim" not in router["model_config"]  # text.router=false
 
@@ -85,3 +89,62 @@ def test_text_without_captions_or_template_is_refused(make_cfg, text_model):
         run_stage("train-expert", cfg)
     with pytest.raises(BadInput, match="text.kind='clip' is not one of none, open_clip"):
         run_stage("train-expert", make_cfg("experiment=tiny", "text.kind=clip"))
+
+
+def test_stored_caption_encodings_are_what_the_tower_gives_and_training_reads_them(make_cfg, text_model, tmp_path):
+    """text.store=true: `ddm encode` stores each caption's encoding with its latent; the experts read it."""
+    import open_clip
+
+    from ddm.data.loader import batch_loader, sample_stream
+    from ddm.data.shards import iter_shard, load_manifest, shard_paths
+    from ddm.errors import MissingInput
+    from ddm.text import OpenClipTextEncoder
+    from tests.test_latent_vae import save_tiny_vae
+
+    vae = tmp_path / "vae"
+    save_tiny_vae(vae, in_channels=3, scaling_factor=0.5)
+    over = ["experiment=tiny", *TEXT, f"text.model={text_model}", "vae=sd", f"vae.pretrained={vae}", "expert.steps=4"]
+    cfg = make_cfg(*over, "text.store=true")
+    rd = RunDir(cfg.run_dir)
+    _run(cfg, "prepare", "embed", "cluster", "partition")
+    run_stage("encode", make_cfg(*over))  # latents without caption encodings
+    with pytest.raises(MissingInput, match="holds no caption encodings"):
+        run_stage("train-expert", make_cfg(*over, "text.store=true", "expert.id=0"))
+    assert run_stage("encode", cfg)["encoded"] == [0, 1]  # text.store changed what the shards must hold
+
+    tower = OpenClipTextEncoder(text_model, device="cpu")
+    manifest = load_manifest(rd.latent(0))
+    assert manifest["text"]["model"] == text_model and manifest["text"]["init_seed"] == 0
+    assert manifest["text"]["context_length"] == 16 and manifest["text"]["dim"] == 32
+    raw = next(iter_shard(shard_paths(rd.latent(0), manifest)[0]))
+    caption = f"a photo of the digit {int(raw['cls'])}"  # digits have no captions: the template's
+    want = tower([caption])
+    tokens = np.load(io.BytesIO(raw["txt_tokens.npy"]))
+    assert tokens.dtype == np.float16 and tokens.shape == (int(want.mask.sum()), 32)  # padding not stored
+    np.testing.assert_array_equal(tokens, want.tokens[0, : len(tokens)].numpy().astype(np.float16))
+
+    # the loader's batches: the tower's encodings of the captions, padded back to the context length
+    urls = shard_paths(rd.latent(0), manifest)
+    x, y, stored = next(iter(batch_loader(sample_stream(urls, 4, seed=0, shuffle_buffer=10, stored_text=16), 8, 0)))
+    assert stored.tokens.shape == (8, 16, 32) and stored.tokens.dtype == torch.float16
+    again = tower([f"a photo of the digit {int(label)}" for label in y])
+    assert torch.equal(stored.mask, again.mask)
+    torch.testing.assert_close(stored.tokens.float(), again.tokens * again.mask[..., None], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(stored.pooled.float(), again.pooled, atol=2e-3, rtol=2e-3)
+
+    record = run_stage("train-expert", make_cfg(*over, "text.store=true", "expert.id=0"))
+    assert record["steps"] == 4
+
+    # encodings of another tower are refused: a weights file is not the random tower they came from
+    weights = tmp_path / "clip.pt"
+    torch.save(open_clip.create_model(text_model, pretrained=None).state_dict(), weights)
+    other = [*over, "text.store=true", f"text.pretrained={weights}", "expert.id=1"]
+    with pytest.raises(BadInput, match="caption encodings of another text tower.*ddm encode redo=true"):
+        run_stage("train-expert", make_cfg(*other))
+
+
+def test_storing_caption_encodings_needs_a_latent_run(make_cfg, text_model):
+    cfg = make_cfg("experiment=tiny", *TEXT, f"text.model={text_model}", "text.store=true")
+    _run(cfg, "prepare", "embed", "cluster", "partition")
+    with pytest.raises(BadInput, match="text.store=true .* no VAE .*text.store=false"):
+        run_stage("train-expert", make_cfg("experiment=tiny", *TEXT, f"text.model={text_model}", "text.store=true"))

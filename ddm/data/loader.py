@@ -17,6 +17,7 @@ import webdataset as wds
 
 from ddm.errors import BadInput
 from ddm.images import to_chw_uint8
+from ddm.models.conditioning import TextCondition
 from ddm.seeds import partition_stream_seed, stream_seed
 
 
@@ -31,11 +32,15 @@ def sample_stream(
     shuffle_buffer: int = 1000,
     tag: int | None = None,
     captions: Callable[[str | None, int, str], str] | None = None,
+    stored_text: int = 0,
 ):
     """An infinite pipeline of ``(image, label)`` (or ``(image, label, tag)``) from resampled shards.
 
     With ``captions`` (a ``ddm.text.captions.Captions``) each sample also
     carries its caption string, last: ``(image, label[, tag], caption)``.
+    With ``stored_text`` (the text tower's context length) it carries the
+    caption's encoding that ``ddm encode`` stored instead (a ``StoredText``),
+    and batches hold a ``TextCondition`` padded to that length.
 
     Images stay uint8 CxHxW: the training step scales them on its device
     (``ddm.images.batch_to_model_space_on_device``), so workers, shared memory
@@ -49,6 +54,8 @@ def sample_stream(
         x = torch.from_numpy(np.asarray(sample["npy"])) if "npy" in sample else to_chw_uint8(sample["png"])
         y = int(sample["cls"])
         out = (x, y) if tag is None else (x, y, tag)
+        if stored_text:
+            return (*out, StoredText.of(sample, stored_text))
         if captions is None:
             return out
         return (*out, captions(sample.get("txt"), y, sample.get("__key__", "")))
@@ -103,12 +110,50 @@ def seeded_shuffle(bufsize: int, initial: int, seed: int):
     return stage
 
 
+class StoredText:
+    """One sample's stored caption encoding: its caption's tokens only (``[n, D]`` float16) and pooled ``[D]``."""
+
+    TOKENS, POOLED = "txt_tokens.npy", "txt_pooled.npy"
+
+    def __init__(self, tokens: np.ndarray, pooled: np.ndarray, length: int, key: str = ""):
+        if tokens.ndim != 2 or pooled.shape != (tokens.shape[1],) or not 0 < len(tokens) <= length:
+            raise BadInput(
+                f"sample {key or '?'}: stored text of shape {tokens.shape} / {pooled.shape} is not [n <= {length}, D] "
+                f"/ [D]: the shards were not written by `ddm encode`; encode again with `ddm encode redo=true`"
+            )
+        self.tokens, self.pooled, self.length = tokens, pooled, int(length)
+
+    @classmethod
+    def of(cls, sample: dict, length: int) -> StoredText:
+        key = sample.get("__key__", "")
+        if cls.TOKENS not in sample or cls.POOLED not in sample:
+            raise BadInput(f"sample {key or '?'} has no stored text: encode with text.store=true (`ddm encode`)")
+        return cls(np.asarray(sample[cls.TOKENS]), np.asarray(sample[cls.POOLED]), length, key)
+
+    @staticmethod
+    def batch(items: list[StoredText]) -> TextCondition:
+        """A ``TextCondition`` (float16 on the host; the step moves it and makes it float) padded with zeros."""
+        length, dim = items[0].length, items[0].tokens.shape[1]
+        tokens = torch.zeros(len(items), length, dim, dtype=torch.float16)
+        mask = torch.zeros(len(items), length, dtype=torch.bool)
+        for i, item in enumerate(items):
+            n = len(item.tokens)
+            tokens[i, :n] = torch.from_numpy(item.tokens.astype(np.float16))
+            mask[i, :n] = True
+        pooled = torch.from_numpy(np.stack([item.pooled for item in items]).astype(np.float16))
+        return TextCondition.of(tokens, mask, pooled)
+
+
 def _collate(samples):
-    """Images stacked; integer columns (label, tag) as long tensors; captions as a list of strings."""
+    """Images stacked; integer columns (label, tag) as long tensors; captions as a list of strings
+    (stored caption encodings as one ``TextCondition``)."""
     cols = list(zip(*samples))
     out = [torch.stack(cols[0])]
     for col in cols[1:]:
-        out.append(list(col) if isinstance(col[0], str) else torch.tensor(col, dtype=torch.long))
+        if isinstance(col[0], StoredText):
+            out.append(StoredText.batch(list(col)))
+        else:
+            out.append(list(col) if isinstance(col[0], str) else torch.tensor(col, dtype=torch.long))
     return tuple(out)
 
 
@@ -119,7 +164,12 @@ def batch_loader(dataset, batch_size: int, num_workers: int) -> wds.WebLoader:
 
 
 def mixed_stream(
-    parts: list[tuple[list[str], float]], channels: int, seed: int, shuffle_buffer: int = 1000, captions=None
+    parts: list[tuple[list[str], float]],
+    channels: int,
+    seed: int,
+    shuffle_buffer: int = 1000,
+    captions=None,
+    stored_text: int = 0,
 ):
     """Samples from several shard sets, drawn with the given weights and tagged with their index.
 
@@ -127,7 +177,15 @@ def mixed_stream(
     p(k) equal to the data's, which a uniform draw over shards would not.
     """
     streams = [
-        sample_stream(urls, channels, partition_stream_seed(seed, i), shuffle_buffer, tag=i, captions=captions)
+        sample_stream(
+            urls,
+            channels,
+            partition_stream_seed(seed, i),
+            shuffle_buffer,
+            tag=i,
+            captions=captions,
+            stored_text=stored_text,
+        )
         for i, (urls, _) in enumerate(parts)
     ]
     return wds.RandomMix(streams, probs=[w for _, w in parts])

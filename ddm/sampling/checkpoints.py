@@ -172,7 +172,7 @@ def load_ensemble(
         flow=rmeta["flow"],
         num_classes=first.get("num_classes", 0),
         # the text encoder the experts were trained with (None: class labels); prompts go through it
-        text=metas[wanted[0]].get("text"),
+        text=_common_text(metas, rmeta),
         # latent runs: the VAE that decodes the samples and the pixel shape (None: pixels)
         latents=_common_latents(metas, rmeta),
         image_size=first["image_size"],
@@ -211,6 +211,25 @@ def _common_latents(metas: dict, rmeta: dict) -> dict | None:
             f"train them all on one run's latents"
         )
     return next(iter(metas.values())).get("latents")
+
+
+def _text_tower(meta: dict):
+    text = meta.get("text")
+    return None if not text else (text.get("model"), text.get("weights_sha256"), text.get("init_seed"))
+
+
+def _common_text(metas: dict, rmeta: dict) -> dict | None:
+    """The text tower every expert (and a router that reads captions) was trained with; mixing towers is
+    refused, since one prompt encoding serves them all."""
+    seen = {m["path"]: _text_tower(m) for m in metas.values()}
+    if rmeta.get("text"):
+        seen[rmeta["path"]] = _text_tower(rmeta)
+    if len(set(seen.values())) > 1:
+        raise BadInput(
+            f"the models were trained with different text towers (model, weights sha256, random seed by file: "
+            f"{seen}); train them all with one text.model and text.pretrained"
+        )
+    return next(iter(metas.values())).get("text")
 
 
 def _check_router(router, rmeta: dict, rd: RunDir) -> None:

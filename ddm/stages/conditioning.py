@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ddm.errors import BadInput
 from ddm.text.captions import Captions
-from ddm.text.encoder import text_width
+from ddm.text.encoder import text_width, weights_identity
 
 KINDS = ("none", "open_clip")
 
@@ -25,12 +25,22 @@ def group_kind(cfg, group: str, kinds: tuple[str, ...]) -> tuple[str, dict]:
 
 
 def text_spec(cfg) -> dict | None:
-    """The text encoder a run's experts use (what expert.pt records), or None for a run without text."""
+    """The text encoder a run's experts use (what expert.pt records), or None for a run without text.
+
+    ``{kind, model, pretrained, weights_sha256 (a file's; None otherwise), [init_seed (random weights)],
+    cache (distinct captions whose encodings a job keeps)}``
+    """
     kind, section = group_kind(cfg, "text", KINDS)
     if kind == "none":
         return None
-    pretrained = section.get("pretrained")
-    return dict(kind=kind, model=str(section.get("model")), pretrained=str(pretrained) if pretrained else None)
+    pretrained = str(section.get("pretrained")) if section.get("pretrained") else None
+    return dict(
+        kind=kind,
+        model=str(section.get("model")),
+        pretrained=pretrained,
+        **weights_identity(pretrained),
+        cache=int(section.get("cache", 0) or 0),
+    )
 
 
 def router_text_spec(cfg) -> dict | None:
@@ -60,3 +70,26 @@ def captions_for(cfg, meta: dict) -> Captions | None:
     if text_spec(cfg) is None:
         return None
     return Captions((cfg.get("text") or {}).get("caption_template"), meta.get("class_names"))
+
+
+def text_weights_override(cfg) -> str | None:
+    """``text.pretrained`` when set: where this machine keeps the text weights the experts recorded.
+
+    Model files record the path they were trained with; on another machine the same
+    weights may live elsewhere. Either way their sha256 must match the record.
+    """
+    section = cfg.get("text") or {}
+    return str(section.pretrained) if section.get("kind", "none") != "none" and section.get("pretrained") else None
+
+
+def stored_text_spec(cfg) -> dict | None:
+    """The text tower whose encodings ``ddm encode`` stores with the latents (``text.store=true``), else None."""
+    spec = text_spec(cfg)
+    if spec is None or not bool((cfg.get("text") or {}).get("store", False)):
+        return None
+    if str((cfg.get("vae") or {}).get("kind") or "none") == "none":
+        raise BadInput(
+            "text.store=true stores caption encodings with the latents `ddm encode` writes, and this run has "
+            "no VAE (vae=none): set vae=sd vae.pretrained=..., or text.store=false to encode captions on the fly"
+        )
+    return spec

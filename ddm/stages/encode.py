@@ -14,6 +14,13 @@ records the VAE's identity (``ddm.latent.vae_identity``), the latent shape
 whose latents were made from the same partition with the same VAE is skipped;
 after a reclustering or with another VAE it is encoded again.
 
+With ``text.store=true`` (text runs) each sample also holds its caption's
+encoding by the run's text tower, computed here once: the caption's tokens
+only (``txt_tokens.npy``, float16 [n, D], n <= the tower's context length)
+and the pooled vector (``txt_pooled.npy``); the manifest records the tower
+(``text``: model, weights sha256), and training reads these instead of
+running the tower. It needs a latent run: pixel shards are not rewritten.
+
 With ``vae=none`` the stage has nothing to do and says so.
 """
 
@@ -32,8 +39,9 @@ from ddm.errors import BadInput, MissingInput
 from ddm.images import batch_to_model_space
 from ddm.io import read_json, sha256_strings
 from ddm.latent.vae import LatentCodec, resolve_folder, vae_identity
-from ddm.stages.conditioning import group_kind
+from ddm.stages.conditioning import captions_for, group_kind, stored_text_spec
 from ddm.stages.runner import note_skipped
+from ddm.text.encoder import OpenClipTextEncoder
 
 log = logging.getLogger("ddm")
 
@@ -98,9 +106,40 @@ def latent_manifest(rd: RunDir, k: int, partition: dict, verify_shards: bool) ->
     return manifest
 
 
+def stored_text_of(manifest: dict) -> dict | None:
+    """The text tower whose encodings a latent shard set holds (None: captions only)."""
+    return manifest.get("text")
+
+
+def stored_text_length(cfg, manifest: dict, where) -> int:
+    """With ``text.store=true``: the context length the loader pads stored encodings to, once the shard set's
+    tower is checked against the run's; 0 when the job encodes captions itself."""
+    wanted = stored_text_spec(cfg)
+    if wanted is None:
+        return 0
+    recorded = stored_text_of(manifest)
+    if recorded is None:
+        raise MissingInput(f"{where} holds no caption encodings (text.store=true): run `ddm encode redo=true`")
+    if not _same_text(recorded, wanted):
+        raise BadInput(
+            f"{where} holds caption encodings of another text tower ({recorded.get('model')}, weights "
+            f"{str(recorded.get('weights_sha256'))[:12]}...) than text.model/text.pretrained give: encode again "
+            f"(`ddm encode redo=true`)"
+        )
+    return int(recorded["context_length"])
+
+
+def _same_text(recorded: dict | None, wanted: dict | None) -> bool:
+    keys = ("model", "weights_sha256", "init_seed")
+    if recorded is None or wanted is None:
+        return recorded is wanted
+    return all(recorded.get(k) == wanted.get(k) for k in keys)
+
+
 def run(cfg) -> dict:
     rd = RunDir(cfg.run_dir)
     spec = vae_spec(cfg)
+    text = stored_text_spec(cfg)
     if spec is None:
         note_skipped()
         log.info("encode: vae=none, nothing to encode: experts train on pixels")
@@ -120,13 +159,19 @@ def run(cfg) -> dict:
                 existing.get("keys_sha256") == partition["keys_sha256"]
                 and same_vae(existing.get("vae"), identity)
                 and bool(existing.get("flip", False)) == flip
+                and _same_text(stored_text_of(existing), text)
             ):
                 done.append(i)
                 continue
         if codec is None:
             device = resolve_device(cfg.vae.get("device"), "vae.device")
             codec = LatentCodec.load(spec["pretrained"], spec["allow_download"]).to(device)
-        _encode_partition(rd, i, partition, codec, int(cfg.vae.batch_size), bool(cfg.vae.get("flip", False)))
+            if text is not None:
+                tower = OpenClipTextEncoder(text["model"], text["pretrained"], device=device, cache=int(text["cache"]))
+        writer_text = None if text is None else (tower, captions_for(cfg, partition))
+        _encode_partition(
+            rd, i, partition, codec, int(cfg.vae.batch_size), bool(cfg.vae.get("flip", False)), writer_text
+        )
         encoded.append(i)
     if not encoded:
         note_skipped()
@@ -134,7 +179,10 @@ def run(cfg) -> dict:
     return dict(stage="encode", vae=dict(identity, source=spec["pretrained"]), encoded=encoded, done=done)
 
 
-def _encode_partition(rd: RunDir, k: int, partition: dict, codec: LatentCodec, batch_size: int, flip: bool) -> None:
+def _encode_partition(
+    rd: RunDir, k: int, partition: dict, codec: LatentCodec, batch_size: int, flip: bool, text=None
+) -> None:
+    """``text``: ``(tower, captions)`` to store each sample's caption encoding too, or None."""
     out = rd.latent(k)
     if out.exists():
         shutil.rmtree(out)  # the manifest goes with it: never a stale complete-looking set
@@ -155,20 +203,47 @@ def _encode_partition(rd: RunDir, k: int, partition: dict, codec: LatentCodec, b
         latent_dtype="float16",
         flip=flip,  # each sample also holds its mirrored image's latent (flip.npy); training takes either
         **extra,
+        **({} if text is None else dict(text=_text_record(text[0]))),
     ) as writer:
         batch: list[dict] = []
         for sample in iter_samples(shard_paths(rd.partition(k), partition)):
             batch.append(sample)
             if len(batch) == batch_size:
-                _write_batch(writer, batch, codec, device, keys, flip)
+                _write_batch(writer, batch, codec, device, keys, flip, text)
                 batch = []
         if batch:
-            _write_batch(writer, batch, codec, device, keys, flip)
+            _write_batch(writer, batch, codec, device, keys, flip, text)
         writer.extra["keys_sha256"] = sha256_strings(keys)  # equal to the partition's: same keys, same order
     log.info("encode: cluster %d, %d samples -> %s %s", k, len(keys), "x".join(map(str, shape)), out)
 
 
-def _write_batch(writer: ShardSetWriter, batch, codec: LatentCodec, device, keys: list[str], flip: bool) -> None:
+def _text_record(tower: OpenClipTextEncoder) -> dict:
+    """What a shard set's manifest says of the tower its caption encodings came from."""
+    spec = tower.spec
+    return dict(
+        model=spec["model"],
+        pretrained=spec["pretrained"],
+        weights_sha256=spec["weights_sha256"],
+        **({"init_seed": spec["init_seed"]} if "init_seed" in spec else {}),
+        dim=tower.dim,
+        context_length=tower.context_length,
+        dtype="float16",
+    )
+
+
+def _text_arrays(batch, text) -> list[dict]:
+    """Each sample's caption encoding: the caption's own tokens (padding cut off) and the pooled vector."""
+    tower, captions = text
+    encoded = tower([captions(s.get("caption"), s["label"], s["key"]) for s in batch])
+    tokens = encoded.tokens.cpu().numpy().astype(np.float16)
+    lengths = encoded.mask.sum(1).tolist()
+    pooled = encoded.pooled.cpu().numpy().astype(np.float16)
+    return [{"txt_tokens.npy": tokens[i, : int(n)], "txt_pooled.npy": pooled[i]} for i, n in enumerate(lengths)]
+
+
+def _write_batch(
+    writer: ShardSetWriter, batch, codec: LatentCodec, device, keys: list[str], flip: bool, text=None
+) -> None:
     x = batch_to_model_space(np.stack([s["image"] for s in batch])).to(device)
 
     def encoded(images):
@@ -177,8 +252,10 @@ def _write_batch(writer: ShardSetWriter, batch, codec: LatentCodec, device, keys
 
     latents = encoded(x)
     mirrored = encoded(x.flip(-1)) if flip else [None] * len(batch)
-    for sample, latent, other in zip(batch, latents, mirrored):
+    texts = _text_arrays(batch, text) if text is not None else [{}] * len(batch)
+    for sample, latent, other, stored in zip(batch, latents, mirrored, texts):
         arrays = dict(npy=latent) if other is None else {"npy": latent, "flip.npy": other}
+        arrays.update(stored)
         writer.write(sample["key"], None, sample["label"], sample.get("caption"), arrays=arrays)
         keys.append(sample["key"])
 

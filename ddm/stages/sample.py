@@ -33,6 +33,7 @@ from ddm.images import to_uint8
 from ddm.io import atomic_path, read_json, write_json
 from ddm.sampling import load_ensemble, num_evaluations, sample
 from ddm.sampling.checkpoints import AVAILABLE, check_guidance, expert_ids_on_disk
+from ddm.stages.conditioning import text_weights_override
 from ddm.stages.encode import latent_decoder
 from ddm.stages.prompts import sample_prompts
 from ddm.stages.runner import note_skipped
@@ -144,7 +145,9 @@ def run(cfg) -> dict:
         # one grid row per prompt; the extra samples draw prompts at random. `labels` index the prompts.
         labels, num_grid = plan_labels(len(prompts), int(sc.per_class), int(settings["num_samples"]), gen_noise)
         total, rows = len(labels), prompts
-        encoder = OpenClipTextEncoder(info["text"]["model"], info["text"].get("pretrained"), device=device)
+        encoder = OpenClipTextEncoder.from_record(
+            info["text"], "the experts", pretrained=text_weights_override(cfg), device=device
+        )
         conditions = encoder(prompts).index_select(0, labels.to(device))
     shape = (info["in_channels"], info["image_size"], info["image_size"])
     decode = latent_decoder(cfg, info.get("latents"), device)

@@ -27,7 +27,7 @@ from ddm.io import read_json
 from ddm.jobs import expert_job
 from ddm.seeds import data_stream_seed, expert_seed
 from ddm.stages.conditioning import captions_for, conditioning_args, text_spec
-from ddm.stages.encode import latent_decoder, latent_manifest, latent_meta, vae_spec
+from ddm.stages.encode import latent_decoder, latent_manifest, latent_meta, stored_text_length, vae_spec
 from ddm.stages.prompts import sample_prompts
 from ddm.stages.runner import skip
 from ddm.stages.sample import class_names
@@ -129,6 +129,7 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | No
     seed = expert_seed(cfg.seed, k)
     text = text_spec(cfg)
     captions = captions_for(cfg, manifest)
+    stored_text = stored_text_length(cfg, data, data_dir)  # text.store=true: encodings from the shards
 
     def build_module() -> ExpertModule:
         return ExpertModule(
@@ -155,6 +156,7 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | No
             seed=data_stream_seed(seed, start_step),
             shuffle_buffer=ex.shuffle_buffer,
             captions=captions,
+            stored_text=stored_text,
         )
         return batch_loader(stream, batch, int(cfg.island.num_workers))
 

@@ -33,7 +33,7 @@ from ddm.io import read_json
 from ddm.jobs import ROUTER_JOB
 from ddm.seeds import data_stream_seed, router_seed, router_shards_seed
 from ddm.stages.conditioning import captions_for, router_conditioning_args, router_text_spec
-from ddm.stages.encode import latent_manifest, latent_meta, vae_spec
+from ddm.stages.encode import latent_manifest, latent_meta, stored_text_length, vae_spec
 from ddm.stages.runner import skip
 from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.lock import check_free, is_global_rank_zero
@@ -124,6 +124,8 @@ def _job(cfg, rd: RunDir, index: dict, manifests: list[dict], train_shards: list
     rc, meta = cfg.router, manifests[0]
     text = router_text_spec(cfg)
     captions = captions_for(cfg, meta) if text else None
+    # text.store=true with a router that reads captions: their encodings come from the latent shards
+    stored = [stored_text_length(cfg, m, f"cluster {k}'s latents") for k, m in enumerate(manifests)] if text else [0]
 
     def build_module() -> RouterModule:
         model = dict(
@@ -149,7 +151,12 @@ def _job(cfg, rd: RunDir, index: dict, manifests: list[dict], train_shards: list
     def build_loader(batch: int, start_step: int):
         parts = [(urls, float(m["num_samples"])) for urls, m in zip(train_shards, manifests)]
         stream = mixed_stream(
-            parts, int(meta["channels"]), data_stream_seed(cfg.seed, start_step), rc.shuffle_buffer, captions
+            parts,
+            int(meta["channels"]),
+            data_stream_seed(cfg.seed, start_step),
+            rc.shuffle_buffer,
+            captions,
+            stored_text=stored[0],
         )
         return batch_loader(stream, batch, int(cfg.island.num_workers))
 

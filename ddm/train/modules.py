@@ -88,11 +88,15 @@ class _Base(L.LightningModule):
             return labels
         if captions is None:
             raise ValueError("a text-conditional job needs captions in its batches (the loader's captions=...)")
+        if isinstance(captions, TextCondition):  # encoded once by `ddm encode` (text.store=true)
+            return captions.to(self.device).to(dtype=torch.float32)
         if getattr(self, "_text_encoder", None) is None:
             from ddm.text.encoder import OpenClipTextEncoder
 
             # frozen and outside the state dict: checkpoints and expert.pt hold the DiT only
-            self._text_encoder = OpenClipTextEncoder(spec["model"], spec.get("pretrained"), device=self.device)
+            self._text_encoder = OpenClipTextEncoder.from_record(
+                spec, "this job's text.pretrained", device=self.device, cache=int(spec.get("cache") or 0)
+            )
         return self._text_encoder(captions)
 
     def drop_labels(self, y):

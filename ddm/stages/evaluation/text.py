@@ -9,7 +9,7 @@ from ddm.artifacts import RunDir
 from ddm.eval.clip_score import ClipScorer
 from ddm.eval.heldout import load_captions
 from ddm.io import read_json
-from ddm.stages.conditioning import captions_for
+from ddm.stages.conditioning import captions_for, text_weights_override
 from ddm.stages.evaluation.heldout import heldout_dir
 from ddm.text.encoder import OpenClipTextEncoder
 
@@ -21,7 +21,9 @@ class HeldoutText:
         self.spec, self.labels, self.keys, self.device, self.seed = spec, labels, keys, device, int(seed)
         self.own = load_captions(heldout_dir(rd), keys)
         self.captions = captions_for(cfg, read_json(rd.data_manifest))
-        self.encoder = OpenClipTextEncoder(spec["model"], spec.get("pretrained"), device)
+        self.encoder = OpenClipTextEncoder.from_record(
+            spec, "the experts", pretrained=text_weights_override(cfg), device=device, cache=int(spec.get("cache") or 0)
+        )
 
     def of(self, idx) -> list[str]:
         """The captions of held-out images ``idx``."""
