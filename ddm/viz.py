@@ -118,3 +118,33 @@ def plot_usage(usage: Sequence[dict], path: str | os.PathLike, title: str | None
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
+
+
+def plot_accuracy_by_t(rows: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> np.ndarray:
+    """The router's accuracy in each bucket of t (rows of ``router_diagnostics``) against t, beside the prior's.
+
+    Writes the PNG (atomically) and returns the picture, uint8 [H, W, 3].
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not rows:
+        raise BadInput("no accuracy rows to plot: the router diagnostics need at least one t bucket")
+    mid = [(r["t_lo"] + r["t_hi"]) / 2 for r in rows]
+    fig = Figure(figsize=(5, 3.2), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(mid, [r["accuracy"] for r in rows], "o-", label="router")
+    ax.plot(mid, [r["prior_accuracy"] for r in rows], "--", color="grey", label="prior (always the largest cluster)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("t (0 = data, 1 = noise)")
+    ax.set_ylabel("held-out top-1 accuracy")
+    ax.set_title(title or "router accuracy by t")
+    ax.legend(loc="lower left", fontsize="small")
+    fig.tight_layout()
+    canvas.draw()
+    picture = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    with atomic_path(path) as tmp:
+        Image.fromarray(picture).save(tmp, format="PNG")
+    return picture

@@ -218,12 +218,14 @@ def test_a_two_rank_fsdp_router_job_evaluates_and_exports_the_whole_router(tmp_p
     env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1")
     env.pop("DDM_STAGE", None)
     cmd = [sys.executable, "-m", "ddm", "train-router", f"run_dir={rd.root}", *FAST_JOB, "router.steps=2"]
-    cmd += ["island.devices=2", "island.strategy=fsdp"]
+    cmd += ["island.devices=2", "island.strategy=fsdp", "router.preview_every=2"]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    # the held-out accuracy runs the router on rank 0 alone: the sharded one would wait for the other rank
+    # the held-out accuracy runs the router on rank 0 alone: the sharded one would wait for the other rank;
+    # the preview runs the sharded router on both ranks (rank 0 alone would wait), and rank 0 writes it
     assert out.returncode == 0, out.stderr[-3000:]
     record = read_json(rd.router_record)
     assert len(record["accuracy_by_t"]) == 10 and record["steps"] == 2
+    assert sorted(p.name for p in (rd.router / "previews").iterdir()) == ["step-0000002.png"]
     router, _ = load_router(rd.router_weights)
     assert router(torch.zeros(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 1])).shape == (2, 2)
 

@@ -122,6 +122,25 @@ def router_diagnostics(
     return rows
 
 
+def heldout_diagnostics(
+    router, path: FlowPath, x0, y, k, prior: torch.Tensor, buckets: int, seed: int, device=None
+) -> list[dict]:
+    """``router_diagnostics`` of a held-out set, weighted to the clusters' proportions ``prior``.
+
+    A held-out set need not have the clusters' proportions (a small cluster's
+    held-out shard is small), so each sample is weighted by prior[k] / count[k]:
+    the figures are those of the data distribution. Each row gains
+    ``calibration_gap`` = |confidence - accuracy|. The router is called as it is
+    (its mode and device are the caller's); the noise is drawn on the CPU, so the
+    figures do not depend on ``device``. The router's final record
+    (``accuracy_by_t``) and its training preview are both this.
+    """
+    counts = torch.bincount(k, minlength=len(prior)).float()
+    weights = (prior / counts.clamp_min(1))[k]
+    rows = router_diagnostics(router, path, x0, y, k, buckets=buckets, seed=seed, weights=weights, device=device)
+    return [dict(row, calibration_gap=abs(row["confidence"] - row["accuracy"])) for row in rows]
+
+
 def usage_per_step(usage: list[dict], num_images: int | None = None) -> list[dict]:
     """Sampling-time expert usage per solver evaluation, from merged ``Ensemble.usage`` records.
 

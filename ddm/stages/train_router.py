@@ -8,6 +8,10 @@ with the run's seed, is held out to measure accuracy in buckets of t, and
 ``router.sample_fraction`` of the others, drawn too, are trained on (see
 ``ddm.data.router_data``).
 
+With ``router.preview_every`` > 0 the accuracy by t of the current weights on a
+fixed batch of those held-out samples goes to the logger and ``router/previews/``
+every so many steps (see ``ddm.train.router_preview``).
+
 Faults are handled as for an expert (see ``ddm.stages.train_expert``):
 resume from the newest complete checkpoint, save and requeue on a signal,
 ``router/failed.json`` when training raises.
@@ -27,7 +31,7 @@ from ddm.data.loader import batch_loader, mixed_stream
 from ddm.data.router_data import eval_set, load_partitions, split_shards
 from ddm.data.shards import shard_paths
 from ddm.errors import BadInput
-from ddm.eval.router_diag import router_diagnostics
+from ddm.eval.router_diag import heldout_diagnostics
 from ddm.flow import FlowPath
 from ddm.io import read_json
 from ddm.jobs import ROUTER_JOB
@@ -38,6 +42,7 @@ from ddm.stages.runner import skip
 from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.lock import check_free, is_global_rank_zero
 from ddm.train.modules import RouterModule
+from ddm.train.router_preview import RouterPreview
 
 log = logging.getLogger("ddm")
 
@@ -47,17 +52,12 @@ def accuracy_by_t(
 ) -> list[dict]:
     """Accuracy, entropy and calibration gap of the router in equal buckets of t, with fixed noise.
 
-    The held-out set need not have the clusters' proportions (a small cluster's
-    held-out shard is small), so each sample is weighted by prior[k] / count[k]:
-    the figures are those of the data distribution. Each row is one of
-    ``router_diagnostics`` plus ``calibration_gap`` = |confidence - accuracy|.
-    The router runs on ``device`` (the noise is drawn on the CPU, so the figures do not depend on it).
+    ``ddm.eval.router_diag.heldout_diagnostics`` (each sample weighted so the
+    figures are those of the clusters' proportions ``prior``) of the router in
+    eval mode on ``device`` (the CPU when None).
     """
-    counts = torch.bincount(k, minlength=len(prior)).float()
-    weights = (prior / counts.clamp_min(1))[k]
     net.eval().to(device or "cpu")
-    rows = router_diagnostics(net, path, x0, y, k, buckets=buckets, seed=seed, weights=weights, device=device)
-    return [dict(row, calibration_gap=abs(row["confidence"] - row["accuracy"])) for row in rows]
+    return heldout_diagnostics(net, path, x0, y, k, prior, buckets, seed, device)
 
 
 def run(cfg) -> dict:
@@ -95,7 +95,7 @@ def run(cfg) -> dict:
         for k, m in enumerate(manifests)
     ]
     record = run_job(
-        _job(cfg, rd, index, manifests, [train for train, _ in splits]),
+        _job(cfg, rd, index, manifests, [train for train, _ in splits], [held for _, held in splits]),
         lambda trained: _record(trained, cfg, index, manifests, [held for _, held in splits]),
     )
     if record:
@@ -119,8 +119,11 @@ def _check_still_current(record: dict, rd: RunDir) -> None:
         )
 
 
-def _job(cfg, rd: RunDir, index: dict, manifests: list[dict], train_shards: list[list[str]]) -> Job:
-    """The router's training job: every partition's training shards, mixed in proportion to cluster size."""
+def _job(
+    cfg, rd: RunDir, index: dict, manifests: list[dict], train_shards: list[list[str]], held: list[list[str]]
+) -> Job:
+    """The router's training job: every partition's training shards, mixed in proportion to cluster size;
+    a preview of its accuracy on the held-out shards ``held`` when ``router.preview_every`` > 0."""
     rc, meta = cfg.router, manifests[0]
     text = router_text_spec(cfg)
     captions = captions_for(cfg, meta) if text else None
@@ -182,7 +185,50 @@ def _job(cfg, rd: RunDir, index: dict, manifests: list[dict], train_shards: list
             num_experts=len(manifests), clustering_id=index["clustering_id"], text=text, latents=latent_meta(meta)
         ),
         config=OmegaConf.to_container(cfg, resolve=True),
+        callbacks=_preview(cfg, rd, manifests, held),
     )
+
+
+def _preview(cfg, rd: RunDir, manifests: list[dict], held: list[list[str]]) -> tuple:
+    """The router's accuracy-by-t preview callback (``router.preview_every`` > 0), or nothing.
+
+    Its batch: the first ``router.preview_samples`` (at most ``eval_samples``) of the held-out samples the
+    record is measured on, read now, once, on every rank; its prior, buckets and seed are the record's.
+    """
+    rc = cfg.router
+    every = int(rc.get("preview_every") or 0)
+    if every <= 0:
+        return ()
+    total = min(int(rc.get("preview_samples") or 256), int(rc.eval_samples))
+    if router_text_spec(cfg):
+        x0, _, k, texts = eval_set(manifests, held, total, captions_for(cfg, manifests[0]))
+
+        def condition(module):
+            return module.conditioning(None, texts)  # the router's own text encoder, on its device
+    else:
+        x0, labels, k = eval_set(manifests, held, total)
+
+        def condition(module):
+            return labels
+
+    return (
+        RouterPreview(
+            every,
+            rd.router / "previews",
+            x0,
+            k,
+            condition,
+            _prior(manifests),
+            int(rc.t_buckets),
+            int(cfg.seed),
+        ),
+    )
+
+
+def _prior(manifests: list[dict]) -> torch.Tensor:
+    """The clusters' proportions, from their sizes: what held-out figures are weighted to."""
+    sizes = torch.tensor([float(m["num_samples"]) for m in manifests])
+    return sizes / sizes.sum()
 
 
 def _record(trained: Trained, cfg, index: dict, manifests: list[dict], held: list[list[str]]) -> dict:
@@ -194,12 +240,11 @@ def _record(trained: Trained, cfg, index: dict, manifests: list[dict], held: lis
         y = trained.module.conditioning(None, texts)  # the router's own text encoder
     else:
         x0, y, k = eval_set(manifests, held, int(rc.eval_samples))
-    sizes = torch.tensor([float(m["num_samples"]) for m in manifests])
     # the exported network: whole even where an FSDP island sharded module.net; on the island's GPU when it
     # has one (Lightning hands the module back on the CPU after the fit)
     net = trained.export_net
     device = torch.device("cuda") if cfg.island.accelerator != "cpu" and torch.cuda.is_available() else None
-    by_t = accuracy_by_t(net, module.path, x0, y, k, sizes / sizes.sum(), int(rc.t_buckets), int(cfg.seed), device)
+    by_t = accuracy_by_t(net, module.path, x0, y, k, _prior(manifests), int(rc.t_buckets), int(cfg.seed), device)
     return dict(
         num_experts=len(manifests),
         clustering_id=index["clustering_id"],

@@ -8,6 +8,9 @@ the csv logger keeps the files only. Every rank takes part in the sampling
 (under FSDP the EMA's forward pass gathers shards on all ranks), and global
 rank 0 writes. The noise comes from its own generator, so a preview changes
 no training draw.
+
+``EveryNSteps`` (when a preview is due) and ``show_image`` (the logger's
+image call) serve the router's preview too (``ddm.train.router_preview``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,40 @@ from ddm.viz import save_grid
 log = logging.getLogger("ddm")
 
 
-class Preview(Callback):
+class EveryNSteps(Callback):
+    """Call ``write(trainer, pl_module, step)`` after every ``every``-th optimizer step.
+
+    The decision reads ``trainer.global_step`` only (no host sync), the same on
+    every rank, so every rank takes part in a preview or none does. A step is
+    written once: not again for the later micro-batches of gradient
+    accumulation, and never for the step an attempt starts or resumes at (its
+    weights were trained by an earlier attempt, or not at all).
+    """
+
+    def __init__(self, every: int):
+        if int(every) < 1:
+            raise ValueError(f"preview interval must be at least 1 step, got {every}")
+        self.every = int(every)
+        self._seen_step: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._seen_step = trainer.global_step  # 0, or the step resumed at: nothing new to show yet
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._seen_step or step % self.every:  # mid accumulation, or not a preview step
+            return
+        self._seen_step = step
+        path = self.write(trainer, pl_module, step)
+        if path is not None:
+            log.info("preview: step %d -> %s", step, path)
+
+    def write(self, trainer, pl_module, step: int) -> Path | None:
+        """Make the preview (on every rank); on global rank 0 write it and return its file."""
+        raise NotImplementedError
+
+
+class Preview(EveryNSteps):
     """Sample ``len(rows) x per_row`` images from ``pl_module.export_net`` every ``every`` steps.
 
     ``condition(pl_module)`` gives the grid's ``y`` (labels, a ``TextCondition``,
@@ -48,25 +84,14 @@ class Preview(Callback):
         seed: int = 0,
         decode: Callable | None = None,
     ):
-        if int(every) < 1:
-            raise ValueError(f"preview interval must be at least 1 step, got {every}")
-        self.every, self.folder, self.shape = int(every), Path(folder), tuple(shape)
+        super().__init__(every)
+        self.folder, self.shape = Path(folder), tuple(shape)
         self.rows, self.per_row, self.condition = rows, int(per_row), condition
         self.steps, self.cfg_scale, self.seed, self.decode = int(steps), float(cfg_scale), int(seed), decode
-        self._seen_step: int | None = None
 
     @property
     def num_images(self) -> int:
         return (len(self.rows) if self.rows else self.per_row) * self.per_row
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step == self._seen_step or step % self.every:  # mid accumulation, or not a preview step
-            return
-        self._seen_step = step
-        path = self.write(trainer, pl_module, step)
-        if path is not None:
-            log.info("preview: step %d -> %s", step, path)
 
     @torch.no_grad()
     def grid(self, pl_module) -> np.ndarray:
@@ -97,16 +122,17 @@ class Preview(Callback):
             return None
         path = self.folder / f"step-{step:07d}.png"
         picture = save_grid(images, self.per_row, path, row_labels=self.rows)
-        _to_logger(trainer.logger, picture, step)
+        show_image(trainer.logger, picture, step)
         return path
 
 
-def _to_logger(logger, picture: np.ndarray, step: int) -> None:
-    """Show the grid where the logger can: wandb and TensorBoard take images; csv keeps the file only."""
+def show_image(logger, picture: np.ndarray, step: int, key: str = "preview") -> None:
+    """Show a picture (uint8 HW or HWC) where the logger can: wandb and TensorBoard take images; csv keeps the
+    file only."""
     if logger is None:
         return
     name = type(logger).__name__
     if name == "WandbLogger":
-        logger.log_image(key="preview", images=[picture], step=step)
+        logger.log_image(key=key, images=[picture], step=step)
     elif name == "TensorBoardLogger":
-        logger.experiment.add_image("preview", picture, step, dataformats="HWC" if picture.ndim == 3 else "HW")
+        logger.experiment.add_image(key, picture, step, dataformats="HWC" if picture.ndim == 3 else "HW")
