@@ -135,3 +135,22 @@ def test_a_library_user_needs_no_config(tiny_run):
         ensemble, path, (3, 1, 8, 8), y=torch.tensor([0, 1, 2]), steps=3, generator=torch.Generator().manual_seed(0)
     )
     assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_the_pipeline_ends_with_where_the_grid_is_and_how_good_it_is(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    text = pipeline.headline(rd, None, "demo")
+    assert str(rd.samples / "grid.png") in text and "`ddm evaluate name=demo`" in text
+    metrics = {
+        "feature_spaces": {
+            "classifier:abc": {
+                "strategies": {"top1": dict(num_generated=500, fd=12.345, classifier_accuracy=0.8766)},
+            },
+            "inception:def": {"strategies": {"top1": dict(num_generated=500, fd=99.0)}},
+        }
+    }
+    text = pipeline.headline(rd, metrics, "demo").splitlines()[1]
+    assert text.startswith("quality (top1, 500 samples, classifier:abc): FD 12.35")
+    assert "the requested class 87.7% of the time" in text and str(rd.evaluation_metrics) in text
+    unlabelled = {"feature_spaces": {"classifier:abc": {"strategies": {"top1": dict(num_generated=9, fd=1.0)}}}}
+    assert "requested class" not in pipeline.headline(rd, unlabelled, "demo")

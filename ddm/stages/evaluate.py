@@ -155,12 +155,13 @@ def _log_summary(metrics: dict, strategy: str, out) -> None:
     first = space["strategies"][strategy]
     ensembles = ", ".join(f"{k} {v['mean']:.4f}" for k, v in metrics["fm_loss"]["models"].items() if not is_expert(k))
     log.info(
-        "evaluate: %s FD %.4g, precision %s, recall %s (%s, %d images, feature net test acc %s), "
-        "FM loss %s, %.0fs -> %s",
+        "evaluate: %s FD %.4g, precision %s, recall %s, the requested class %s of the time "
+        "(%s, %d images, feature net test acc %s), FM loss %s, %.0fs -> %s",
         strategy,
         first["fd"],
         num(first["precision"], ".3f"),
         num(first["recall"], ".3f"),
+        num(first.get("classifier_accuracy"), ".3f"),
         name,
         first["num_generated"],
         num(space["test_accuracy"], ".3f"),

@@ -1,7 +1,8 @@
 """Stage ``pipeline``: every stage in order on one config; what ``make demo`` runs.
 
 prepare -> embed -> cluster -> partition -> encode (latent runs) -> train-expert (k = 0..K-1) ->
-train-router -> sample -> report. Each stage skips what is already complete,
+train-router -> sample -> (evaluate, with ``pipeline.evaluate=true``) -> report.
+Each stage skips what is already complete,
 so rerunning the pipeline after an interruption continues where it stopped.
 Each runs through ``run_stage``, exactly as ``ddm <stage>`` would run it.
 
@@ -56,10 +57,30 @@ def run(cfg, overrides: list[str] | None = None) -> dict:
         _experts_side_by_side(cfg, rd, K, parallel, overrides)
     for stage in AFTER_EXPERTS:
         run_stage(stage, cfg)
+    evaluate = bool((cfg.get("pipeline") or {}).get("evaluate", False))
+    metrics = run_stage("evaluate", cfg) if evaluate else None
     total = round(time.perf_counter() - start, 1)
     log.info("pipeline: all stages done in %.0fs -> %s", total, rd.root)
     run_stage("report", cfg)
+    log.info("%s", headline(rd, metrics, str(cfg.name)))
     return dict(run_dir=str(rd.root), wall_s=total)
+
+
+def headline(rd: RunDir, metrics: dict | None, name: str) -> str:
+    """What a user reads last: where the grid is and how good the samples are (or how to find out)."""
+    lines = [f"samples: {rd.samples / 'grid.png'}"]
+    if metrics is None:
+        lines.append(f"quality: not measured here; `ddm evaluate name={name}` writes FD and class accuracy")
+        return "\n".join(lines)
+    space, quality = next(iter(metrics["feature_spaces"].items()))
+    strategy, row = next(iter(quality["strategies"].items()))
+    accuracy = row.get("classifier_accuracy")
+    lines.append(
+        f"quality ({strategy}, {row['num_generated']} samples, {space}): FD {row['fd']:.4g}"
+        + ("" if accuracy is None else f", the requested class {accuracy:.1%} of the time")
+        + f" -> {rd.evaluation_metrics}"
+    )
+    return "\n".join(lines)
 
 
 def _experts_side_by_side(cfg, rd: RunDir, K: int, parallel, overrides: list[str] | None) -> None:
