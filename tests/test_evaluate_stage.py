@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,11 +47,11 @@ def evaluated(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny-eval")
 
-    def make_cfg(*extra):
+    def make_cfg(*extra, run_dir=None):
         return compose(
             [
                 "experiment=tiny",
-                f"run_dir={root / 'run'}",
+                f"run_dir={run_dir or root / 'run'}",
                 *eval_group(),
                 f"eval.feature_net.cache_dir={root / 'cache'}",
                 *OVERRIDES,
@@ -148,6 +151,44 @@ def test_a_missing_inception_file_names_the_config_key(evaluated, tmp_path):
     make_cfg, _, _ = evaluated
     with pytest.raises(FileNotFoundError, match=r"eval\.inception_weights"):
         evaluate.run(make_cfg(f"eval.inception_weights={tmp_path / 'missing.pt'}"))
+
+
+# `make test` fetches the FID Inception (`make inception`) and points DDM_FID_INCEPTION at it.
+REAL_INCEPTION = os.environ.get("DDM_FID_INCEPTION")
+
+
+@pytest.mark.skipif(
+    not REAL_INCEPTION,
+    reason="DDM_FID_INCEPTION is not set: `make inception` fetches the real FID Inception "
+    "(data/weights/fid_inception_default_1.pt) and `make test` sets it",
+)
+def test_the_real_fid_inception_is_its_own_feature_space(evaluated, tmp_path):
+    """The stage measures FID with the real network: an ``inception:<sha>`` space beside the classifier's."""
+    make_cfg, rd, _ = evaluated
+    run = tmp_path / "run"  # a copy: the module's run keeps its own metrics.json
+    shutil.copytree(rd.root, run)
+    metrics = evaluate.run(
+        make_cfg(
+            f"eval.inception_weights={REAL_INCEPTION}",
+            "eval.num_samples=10",  # Inception: 30 images (held-out, training, top1) at about 6 images/s
+            "eval.strategies=[top1]",
+            "eval.fm_loss.per_expert=false",
+            "eval.flops.measure_images=0",
+            run_dir=run,
+        )
+    )
+    classifier, inception = metrics["feature_spaces"]  # the classifier first
+    assert classifier.startswith("classifier:") and inception == "inception:7ff4a85c3a63"
+    space = metrics["feature_spaces"][inception]
+    assert space["kind"] == "fid_inception_tf" and space["file"] == str(Path(REAL_INCEPTION))
+    assert space["sha256"].startswith("7ff4a85c3a63") and space["num_real"] == 10
+    reference, top1 = space["reference_training_images"], space["strategies"]["top1"]
+    assert reference["num_images"] == 10 and top1["num_generated"] == 10
+    assert all(math.isfinite(row["fd"]) and row["fd"] > 0 for row in (reference, top1))
+    assert 0 <= top1["precision"] <= 1 and 0 <= top1["recall"] <= 1
+    # six training steps make noisy images: far from the held-out digits, unlike the training digits
+    assert top1["fd"] > 2 * reference["fd"]
+    assert f"## Sample quality in `{inception}`" in (run / "evaluation" / "report.md").read_text()
 
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -12,9 +12,14 @@
   the FID network, so its feature space is named ``inception_v3_torchvision``
   and its numbers are never shown beside FID-Inception ones.
 
-Grayscale images are repeated to three channels. Resizing to 299 px is torch's
-bilinear interpolation, so values agree with other FID tools up to their own
-resizing choices. Inception is slow on CPUs (about 6 images/s on 2 cores).
+Grayscale images are repeated to three channels. The FID networks see images
+resized to 299 px as TensorFlow 1's ``ResizeBilinear`` did in the original FID
+graph, which NVIDIA's file does inside itself: output pixel ``j`` samples input
+coordinate ``j * in / out`` (no half-pixel offset), clamped at the border. So
+both TorchScript files give the same features for images of any size; torch's
+own bilinear (half-pixel centres) moves small images by half an input pixel,
+which changes FID. The torchvision network, not an FID one, gets torch's
+bilinear. Inception is slow on CPUs (about 6 images/s on 2 cores).
 """
 
 from __future__ import annotations
@@ -67,12 +72,40 @@ class InceptionFeatures:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "fid_inception_nvidia":  # resizes itself; wants [0, 255]
             return self.model(x, return_features=True)
-        x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
         if self.kind == "fid_inception_tf":
-            return self.model((x / 128.0 - 1.0).clamp(-1.0, 1.0 - 1.0 / 128))
+            return self.model(to_tf_inception_input(x))
+        x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
         return self.model((x - mean) / std)
+
+
+def resize_bilinear_tf1(x: torch.Tensor, size: int = SIZE) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C, size, size] as TensorFlow 1's ``ResizeBilinear`` (``align_corners=False``).
+
+    Output pixel ``j`` of an axis of length ``n`` reads input coordinate
+    ``j * n / size``, linearly between its two neighbours, the last one repeated
+    past the edge. An image already ``size`` px square is returned unchanged.
+    """
+    for dim in (2, 3):
+        n = x.shape[dim]
+        if n == size:
+            continue
+        src = torch.arange(size, dtype=torch.float64) * (n / size)
+        lo = src.floor().long()
+        hi = (lo + 1).clamp(max=n - 1)
+        w = (src - lo).to(x.dtype).view([size if d == dim else 1 for d in range(x.ndim)])
+        x = torch.lerp(x.index_select(dim, lo), x.index_select(dim, hi), w)
+    return x
+
+
+def to_tf_inception_input(x: torch.Tensor) -> torch.Tensor:
+    """float [N, 3, H, W] in 0..255 -> the input of a TensorFlow-scale FID Inception: 299 px, ``x / 128 - 1``.
+
+    The result lies in [-1, 1 - 1/128], the range 0..255 maps to exactly.
+    """
+    x = resize_bilinear_tf1(x.float(), SIZE)
+    return (x / 128.0 - 1.0).clamp(-1.0, 1.0 - 1.0 / 128)
 
 
 def load_inception(path: str | os.PathLike | None, key: str = CONFIG_KEY) -> InceptionFeatures:
