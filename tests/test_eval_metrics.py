@@ -84,6 +84,19 @@ def test_fd_is_symmetric_and_non_negative_even_for_singular_covariances():
     assert mu.shape == (16,) and sigma.shape == (16, 16)
 
 
+def test_fd_with_fewer_samples_than_dimensions_equals_the_covariance_form():
+    """Fewer samples than dimensions take the samples' cross product: the same distance, no D x D matrix."""
+    rng = np.random.default_rng(4)
+    for na, nb, d in ((7, 12, 40), (30, 5, 64), (20, 20, 21)):
+        a = rng.normal(size=(na, d)) @ rng.normal(size=(d, d)) + 1.0
+        b = rng.normal(size=(nb, d)) * 2 - 0.5
+        want = frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+        # the covariance form's D x D eigendecompositions of a singular matrix round at about 1e-8
+        assert frechet_distance_features(a, b) == pytest.approx(want, rel=1e-7)
+        assert frechet_distance_features(b, a) == pytest.approx(want, rel=1e-7)
+    assert frechet_distance_features(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
 # --------------------------------------------------------------------------- precision / recall
 
 

@@ -13,6 +13,13 @@ both have the same eigenvalues, and the trace of the root is the sum of the
 square roots of those eigenvalues. Everything is symmetric ``eigh`` in float64;
 eigenvalues that round below zero are clipped, which keeps the result real and
 exact for singular covariances too.
+
+With fewer samples than dimensions (a few hundred samples in Inception's 2048
+dimensions, a class's samples) ``frechet_distance_features`` works on the
+centred features instead: with ``S1 = A^T A / (n1 - 1)`` and ``S2 = B^T B / (n2 - 1)``
+the non-zero eigenvalues of ``S1 S2`` are the squared singular values of
+``A B^T / sqrt((n1 - 1)(n2 - 1))``, an ``n1 x n2`` matrix, so the trace term is
+the sum of those singular values. Same value, no ``D x D`` matrix.
 """
 
 from __future__ import annotations
@@ -58,4 +65,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 def frechet_distance_features(a, b) -> float:
     """Fréchet distance between the Gaussians fitted to two feature sets [Na, D] and [Nb, D]."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[1] and min(len(a), len(b)) >= 2:
+        if min(len(a), len(b)) < a.shape[1]:
+            return _fd_from_samples(a, b)
     return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+
+
+def _fd_from_samples(a: np.ndarray, b: np.ndarray) -> float:
+    """The Fréchet distance through the ``Na x Nb`` cross product of the centred features (see above)."""
+    ca, cb = a - a.mean(axis=0), b - b.mean(axis=0)
+    na, nb = len(a) - 1, len(b) - 1
+    diff = a.mean(axis=0) - b.mean(axis=0)
+    cross = np.linalg.svd(ca @ cb.T, compute_uv=False).sum() / np.sqrt(na * nb)
+    fd = diff @ diff + (ca * ca).sum() / na + (cb * cb).sum() / nb - 2 * cross
+    return float(max(fd, 0.0))
