@@ -136,3 +136,20 @@ def test_an_ensemble_of_text_experts_routes_captions_sample_by_sample():
     torch.testing.assert_close(ens(x, t, y), want, rtol=1e-3, atol=1e-4)  # batched vs one-by-one matmuls
     guided = ens.forward_with_cfg(x, t, y, 2.0)
     assert guided.shape == x.shape and torch.isfinite(guided).all()
+
+
+def test_batches_keep_tokens_up_to_the_longest_caption():
+    from ddm.models.conditioning import batch_text_length, cat_conditions
+
+    assert [batch_text_length(n, 77) for n in (1, 7, 8, 9, 20, 76, 77)] == [8, 8, 8, 16, 24, 77, 77]
+    assert batch_text_length(0, 77) == 8 and batch_text_length(5, 4) == 4  # never past the context
+    net = text_model()
+    x, t = inputs(3)
+    y = captions(3, [2, 4, 3])
+    padded = y.padded_to(y.tokens.shape[1] + 5)
+    assert padded.tokens.shape[1] == y.tokens.shape[1] + 5 and not padded.mask[:, -5:].any()
+    torch.testing.assert_close(net(x, t, y), net(x, t, padded), rtol=1e-5, atol=1e-6)
+    short = TextCondition.of(y.tokens[:1, :2], y.mask[:1, :2], y.pooled[:1])  # 2 tokens kept of caption 0's 2
+    both = cat_conditions([short, y[1:]])  # different lengths: padded to the longer one
+    assert both.tokens.shape[1] == y.tokens.shape[1]
+    torch.testing.assert_close(net(x, t, both), net(x, t, y), rtol=1e-5, atol=1e-6)

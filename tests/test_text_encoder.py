@@ -21,7 +21,8 @@ def tiny_text_model(tmp_path_factory):
 def test_captions_become_token_embeddings_with_their_padding_masked(tiny_text_model):
     enc = OpenClipTextEncoder(tiny_text_model, pretrained=None, device="cpu")
     y = enc(["a photo of a cat", "dog"])
-    assert enc.dim == 32 and y.tokens.shape == (2, 16, 32) and y.pooled.shape == (2, 32)
+    # tokens up to the longest caption, rounded up to 8 (of the context's 16): the rest is padding
+    assert enc.dim == 32 and y.tokens.shape == (2, 8, 32) and y.pooled.shape == (2, 32)
     # <start> a photo of a cat <end> = 7 tokens; <start> dog <end> = 3
     assert y.mask.sum(1).tolist() == [7, 3] and not y.null.any()
     # CLIP pools at the end-of-text token: the pooled vector is that token's output
@@ -113,9 +114,12 @@ def test_the_caption_cache_gives_what_encoding_gives(tiny_text_model):
     calls = []
     encode = cached._encode
     cached._encode = lambda captions: calls.append(list(captions)) or encode(captions)
+    long = "a photo of a very very long caption " * 3  # past the context: the tower truncates it
+    batches.append(["a", long])
     for captions in batches:
         want, got = plain(captions), cached(captions)
-        torch.testing.assert_close(got.tokens, want.tokens)
+        assert got.tokens.shape == want.tokens.shape  # up to the longest caption, rounded up to 8
+        torch.testing.assert_close(got.tokens[got.mask], want.tokens[want.mask])  # the padding is masked out
         torch.testing.assert_close(got.pooled, want.pooled)
         assert torch.equal(got.mask, want.mask) and not got.null.any()
     assert calls[0] == ["a", "b"] and calls[1] == ["c", "d"]  # each distinct caption encoded once while kept

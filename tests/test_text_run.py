@@ -126,7 +126,7 @@ def test_stored_caption_encodings_are_what_the_tower_gives_and_training_reads_th
     # the loader's batches: the tower's encodings of the captions, padded back to the context length
     urls = shard_paths(rd.latent(0), manifest)
     x, y, stored = next(iter(batch_loader(sample_stream(urls, 4, seed=0, shuffle_buffer=10, stored_text=16), 8, 0)))
-    assert stored.tokens.shape == (8, 16, 32) and stored.tokens.dtype == torch.float16
+    assert stored.tokens.shape == (8, 8, 32) and stored.tokens.dtype == torch.float16  # 8 tokens a caption
     again = tower([f"a photo of the digit {int(label)}" for label in y])
     assert torch.equal(stored.mask, again.mask)
     torch.testing.assert_close(stored.tokens.float(), again.tokens * again.mask[..., None], atol=2e-3, rtol=2e-3)

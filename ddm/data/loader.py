@@ -17,7 +17,7 @@ import webdataset as wds
 
 from ddm.errors import BadInput
 from ddm.images import to_chw_uint8
-from ddm.models.conditioning import TextCondition
+from ddm.models.conditioning import TextCondition, batch_text_length
 from ddm.seeds import partition_stream_seed, stream_seed
 
 
@@ -132,8 +132,10 @@ class StoredText:
 
     @staticmethod
     def batch(items: list[StoredText]) -> TextCondition:
-        """A ``TextCondition`` (float16 on the host; the step moves it and makes it float) padded with zeros."""
-        length, dim = items[0].length, items[0].tokens.shape[1]
+        """A ``TextCondition`` (float16 on the host; the step moves it and makes it float) padded with zeros
+        to the longest caption's length (``batch_text_length``)."""
+        dim = items[0].tokens.shape[1]
+        length = batch_text_length(max(len(item.tokens) for item in items), items[0].length)
         tokens = torch.zeros(len(items), length, dim, dtype=torch.float16)
         mask = torch.zeros(len(items), length, dtype=torch.bool)
         for i, item in enumerate(items):

@@ -15,8 +15,20 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 import torch
+import torch.nn.functional as F
 
 from ddm.errors import BadInput
+
+TOKEN_MULTIPLE = 8  # batches keep their captions' tokens up to the longest, rounded up to this (few distinct shapes)
+
+
+def batch_text_length(longest: int, limit: int) -> int:
+    """Tokens a batch of captions keeps: its longest caption's, rounded up to ``TOKEN_MULTIPLE``, at most ``limit``.
+
+    Everything after a caption's end is padding the model masks out, so cutting it changes no output
+    and saves the cross-attention and text projection most of their work on short captions.
+    """
+    return min(int(limit), -(-max(int(longest), 1) // TOKEN_MULTIPLE) * TOKEN_MULTIPLE)
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,16 @@ class TextCondition:
 
         return self._map(move)
 
+    def padded_to(self, length: int) -> TextCondition:
+        """The same captions with padding up to ``length`` tokens (masked out: the model's output is unchanged)."""
+        extra = int(length) - self.tokens.shape[1]
+        if extra < 0:
+            raise BadInput(f"cannot pad {self.tokens.shape[1]} text tokens down to {length}")
+        if extra == 0:
+            return self
+        tokens = F.pad(self.tokens, (0, 0, 0, extra))
+        return replace(self, tokens=tokens, mask=F.pad(self.mask, (0, extra), value=False))
+
     def as_null(self) -> TextCondition:
         """Every sample with the null text: the unconditional input of guidance."""
         return replace(self, null=torch.ones_like(self.null))
@@ -99,6 +121,8 @@ def _device_of(args, kwargs):
 def cat_conditions(parts: list) -> torch.Tensor | TextCondition:
     """``torch.cat`` along the batch for label tensors and ``TextCondition`` alike."""
     if isinstance(parts[0], TextCondition):
+        length = max(p.tokens.shape[1] for p in parts)
+        parts = [p.padded_to(length) for p in parts]
         return TextCondition(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(parts[0])})
     return torch.cat(parts)
 

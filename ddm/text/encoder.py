@@ -33,7 +33,7 @@ from ddm.embed.base import looks_like_path
 from ddm.embed.openclip import create_open_clip
 from ddm.errors import BadInput
 from ddm.io import sha256_file
-from ddm.models.conditioning import TextCondition
+from ddm.models.conditioning import TextCondition, batch_text_length
 
 RANDOM_INIT_SEED = 0  # random towers (pretrained=None) are drawn from this seed, in every process alike
 
@@ -111,36 +111,55 @@ class OpenClipTextEncoder:
         return self.tokenizer(list(captions)).to(self.device)
 
     def __call__(self, captions: list[str]) -> TextCondition:
+        """The captions' encodings, their tokens cut after the longest caption (``batch_text_length``)."""
         if not self.cache_size:
-            return self._encode(captions)
+            return self._encode(captions)[0]
         missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
         for start in range(0, len(missing), self.cache_size):
-            new = self._encode(missing[start : start + self.cache_size])
-            for i, caption in enumerate(missing[start : start + self.cache_size]):
-                self._cache[caption] = (new.tokens[i], new.mask[i], new.pooled[i])
+            chunk = missing[start : start + self.cache_size]
+            new, lengths = self._encode(chunk)
+            if len(chunk) == len(captions):  # every caption new and distinct (web captions): nothing to assemble
+                fresh = new
+            for i, caption in enumerate(chunk):  # each caption keeps its own tokens only
+                self._cache[caption] = (new.tokens[i, : lengths[i]], new.pooled[i])
                 if len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
+        if len(missing) == len(captions) and len(captions) <= self.cache_size:
+            return fresh
         if any(c not in self._cache for c in captions):  # more distinct captions in one batch than the cache holds
-            return self._encode(captions)
+            return self._encode(captions)[0]
         rows = []
         for c in captions:
             self._cache.move_to_end(c)
             rows.append(self._cache[c])
-        tokens, mask, pooled = (torch.stack(col) for col in zip(*rows))
-        return TextCondition.of(tokens, mask, pooled)
+        length = batch_text_length(max(len(tokens) for tokens, _ in rows), self.context_length)
+        tokens = torch.zeros(len(rows), length, self.dim, device=rows[0][0].device)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool, device=tokens.device)
+        for i, (own, _) in enumerate(rows):
+            tokens[i, : len(own)], mask[i, : len(own)] = own, True
+        return TextCondition.of(tokens, mask, torch.stack([pooled for _, pooled in rows]))
 
     @torch.no_grad()
-    def _encode(self, captions: list[str]) -> TextCondition:
+    def _encode(self, captions: list[str]) -> tuple[TextCondition, list[int]]:
+        """The encodings and each caption's token count (read on the host)."""
         from open_clip.transformer import text_global_pool
 
-        ids = self.tokenize(captions)
+        if isinstance(captions, str):
+            raise BadInput("captions must be a list of strings, not one string")
+        host_ids = self.tokenizer(list(captions))
+        # the caption lengths are read from the host's token ids: no device sync
+        lengths = (host_ids != 0).sum(1).tolist()
+        length = batch_text_length(max(lengths), self.context_length)
+        ids = host_ids.to(self.device)
         m = self.model
         x = m.token_embedding(ids) + m.positional_embedding
         x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
         pooled = text_global_pool(x, ids, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
         if isinstance(pooled, tuple):  # some open_clip versions return (pooled, tokens)
             pooled = pooled[0]
-        return TextCondition.of(x.float(), ids != 0, pooled.float())
+        # the tower runs at its full context (its positions and causal mask are built for it); the tokens after
+        # the longest caption are padding, cut here
+        return TextCondition.of(x[:, :length].float(), ids[:, :length] != 0, pooled.float()), lengths
 
     @torch.no_grad()
     def clip_embedding(self, captions: list[str]) -> torch.Tensor:

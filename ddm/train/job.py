@@ -138,7 +138,8 @@ class Trained:
     def common_record(self, parallelism: bool = False) -> dict:
         """The fields of every training record, measured now; ``parallelism`` adds ``parallelism()`` to hardware."""
         net, batch, steps = self.export_net, self.job.schedule.batch_size, self.steps
-        encoder = getattr(self.module, "_text_encoder", None)  # text runs: FLOPs at the encoder's caption length
+        # text runs: FLOPs at the tower's full context, an upper bound (batches cut padding after the longest caption)
+        encoder = getattr(self.module, "_text_encoder", None)
         flops = count_flops(net, *example_inputs(net, getattr(encoder, "context_length", CLIP_CONTEXT)))
         return dict(
             steps=steps,
