@@ -106,8 +106,11 @@ class EvaluationContext:
             path=str(heldout_dir(self.rd)),
         )
 
-    def ensemble(self, strategy: str) -> Ensemble:
-        """The run's experts and router under another strategy (sharing the loaded modules)."""
+    def ensemble(self, strategy: str, cfg_routing: str | None = None) -> Ensemble:
+        """The run's experts and router under another strategy (sharing the loaded modules).
+
+        ``cfg_routing``: guidance routing other than ``sample.cfg_routing`` (None: that).
+        """
         experts = {int(k): m for k, m in self.base.experts.items()}
         # The ids actually loaded: sample.experts may be a list or a rule (all, or those on disk).
         ids = list(self.base.active_ids)
@@ -122,7 +125,7 @@ class EvaluationContext:
             num_experts=self.base.num_experts,
             threshold=self.sc["threshold"],
             top_p=self.sc["top_p"],
-            cfg_routing=self.sc["cfg_routing"],
+            cfg_routing=cfg_routing or self.sc["cfg_routing"],
         ).eval()
 
     def subset(self, n) -> np.ndarray:
