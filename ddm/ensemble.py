@@ -15,10 +15,28 @@ solver evaluation):
 - ``top1``: the most probable expert only (the paper's best FID);
 - ``topk``: the ``top_k`` most probable experts, weights renormalised over them;
 - ``full``: every expert, weighted by the router (the exact identity above);
-- ``sample``: one expert per sample drawn from the router's probabilities.
+- ``sample``: one expert per sample drawn from the router's probabilities;
+- ``threshold``: every expert whose probability is at least ``threshold``, and
+  always the most probable one, weights renormalised over them;
+- ``nucleus``: the smallest set of experts whose probabilities sum to at least
+  ``top_p`` (most probable first, ties to the lower expert id), renormalised.
 
 Sparse strategies run each selected expert once on exactly the samples routed
-to it, so the cost per call is about that of one expert plus the router.
+to it, so the cost per call is about that of one expert plus the router. Under
+``threshold`` and ``nucleus`` the number of experts per sample depends on the
+router's confidence, so it changes from sample to sample and step to step (the
+usage records count it).
+
+Classifier-free guidance, ``cfg_routing``:
+
+- ``shared``: the router sees the conditional input only; each selected expert
+  guides its own samples (conditional and null input in one doubled batch), so
+  both halves of a sample come from the same experts with the same weights;
+- ``separate``: the null input (null label, or the captions flagged null) is
+  routed on its own, in the same router call as the conditional one (a doubled
+  batch), and the unconditional velocity is the combination of the experts the
+  router picks for it. Each expert still runs once per call, on the conditional
+  and null rows routed to it together.
 """
 
 from __future__ import annotations
@@ -29,9 +47,109 @@ import torch
 import torch.nn as nn
 
 from ddm.errors import BadInput
+from ddm.models.conditioning import TextCondition, cat_conditions
 from ddm.models.velocity import Router, VelocityModel, guided_velocity, num_classes_of
 
-STRATEGIES = ("top1", "topk", "full", "sample")
+STRATEGIES = ("top1", "topk", "full", "sample", "threshold", "nucleus")
+# Strategies whose number of experts per sample depends on the router's output (FLOPs: from usage).
+DATA_DEPENDENT = ("threshold", "nucleus")
+CFG_ROUTINGS = ("shared", "separate")
+# The defaults of sample.threshold, sample.top_p and sample.cfg_routing (conf/sample/default.yaml).
+ROUTING_DEFAULTS = dict(threshold=0.1, top_p=0.9, cfg_routing="shared")
+
+
+def check_routing(threshold=0.1, top_p=0.9, cfg_routing="shared") -> tuple[float, float, str]:
+    """``(threshold, top_p, cfg_routing)`` checked: threshold in [0, 1], top_p in (0, 1], a known cfg routing.
+
+    Every value is checked whatever the strategy, so a bad one fails before any sampling.
+    """
+    threshold = _number(threshold, "sample.threshold")
+    if not 0.0 <= threshold <= 1.0:
+        raise BadInput(
+            f"sample.threshold={threshold} must be in [0, 1]: experts with at least this router probability "
+            f"are used (0: every expert, as `full`)"
+        )
+    top_p = _number(top_p, "sample.top_p")
+    if not 0.0 < top_p <= 1.0:
+        raise BadInput(
+            f"sample.top_p={top_p} must be in (0, 1]: the router probability mass the nucleus of experts "
+            f"covers (1: every expert with a nonzero probability)"
+        )
+    if cfg_routing not in CFG_ROUTINGS:
+        raise BadInput(f"sample.cfg_routing={cfg_routing!r} is not one of {CFG_ROUTINGS}")
+    return threshold, top_p, str(cfg_routing)
+
+
+def _number(value, key: str) -> float:
+    if isinstance(value, bool):
+        raise BadInput(f"{key}={value!r} must be a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"{key}={value!r} must be a number") from None
+
+
+def select_experts(
+    probs: torch.Tensor,
+    strategy: str,
+    top_k: int = 2,
+    threshold: float = 0.1,
+    top_p: float = 0.9,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(selected [B, n] bool, weights [B, n])`` of router probabilities ``probs`` [B, n] under ``strategy``.
+
+    ``weights`` rows sum to 1 and are zero where an expert is not selected. The
+    renormalising strategies (``topk``, ``threshold``, ``nucleus``) divide the
+    selected probabilities by their sum; ``threshold`` and ``nucleus`` keep a row
+    that selects every expert as it is, so ``threshold=0`` is ``full`` exactly.
+    """
+    if strategy == "full":
+        return torch.ones_like(probs, dtype=torch.bool), probs
+    if strategy == "threshold":
+        top = probs.argmax(dim=-1, keepdim=True)  # the first of equal maxima: always one expert
+        selected = (probs >= threshold).scatter_(1, top, True)
+        return selected, _renormalised(probs, selected)
+    if strategy == "nucleus":
+        selected = _nucleus(probs, top_p)
+        return selected, _renormalised(probs, selected)
+    if strategy == "top1":
+        chosen = probs.argmax(dim=-1, keepdim=True)
+    elif strategy == "sample":
+        chosen = _multinomial(probs, generator)
+    elif strategy == "topk":
+        chosen = probs.topk(top_k, dim=-1).indices
+    else:
+        raise BadInput(f"sample.strategy={strategy!r} is not one of {STRATEGIES}")
+    selected = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, chosen, True)
+    if strategy == "topk":
+        weights = torch.where(selected, probs, torch.zeros_like(probs))
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    else:
+        weights = selected.to(probs.dtype)
+    return selected, weights
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The smallest set of experts, most probable first (ties: lower index first), holding ``top_p`` of the mass.
+
+    An expert is in the set when the experts ranked before it hold less than
+    ``top_p``; so the first always is. ``top_p = 1``: every expert with a nonzero
+    probability (a cumulative sum that rounds to just under 1 would otherwise
+    depend on the order of the additions).
+    """
+    if top_p >= 1.0:
+        return probs > 0
+    ranked, order = probs.sort(dim=-1, descending=True, stable=True)
+    before = torch.cat([torch.zeros_like(ranked[:, :1]), ranked.cumsum(dim=-1)[:, :-1]], dim=1)
+    keep = (before < top_p) & (ranked > 0)  # never an expert of zero probability (a sum rounded under top_p)
+    return torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, keep)
+
+
+def _renormalised(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """The selected probabilities over their sum; a row that selects every expert keeps them as they are."""
+    kept = torch.where(selected, probs, torch.zeros_like(probs))
+    return torch.where(selected.all(dim=-1, keepdim=True), probs, kept / kept.sum(dim=-1, keepdim=True))
 
 
 class Ensemble(VelocityModel):
@@ -42,13 +160,17 @@ class Ensemble(VelocityModel):
             A mapping may hold only some of the K experts when ``subset`` names
             the ones to use.
         router: ``r(x, t, y) -> [B, K]`` logits of p(k | x_t, t).
-        strategy: one of ``top1``, ``topk``, ``full``, ``sample``.
+        strategy: one of ``STRATEGIES`` (see the module docstring).
         top_k: number of experts per sample for ``topk``.
         subset: expert ids to route among; the router's logits are restricted
             to them and renormalised (softmax over the subset).
         generator: random generator of the ``sample`` strategy.
         temperature: the router's logits are divided by it (1: the trained posterior).
         num_experts: K; by default ``router.num_outputs``, else the number of experts.
+        threshold: ``threshold``: the least router probability of a selected expert, in [0, 1].
+        top_p: ``nucleus``: the probability mass the selected experts cover, in (0, 1].
+        cfg_routing: ``shared`` (guidance's null input follows the conditional routing) or
+            ``separate`` (the null input is routed on its own).
     """
 
     def __init__(
@@ -61,6 +183,9 @@ class Ensemble(VelocityModel):
         generator: torch.Generator | None = None,
         temperature: float = 1.0,
         num_experts: int | None = None,
+        threshold: float = ROUTING_DEFAULTS["threshold"],
+        top_p: float = ROUTING_DEFAULTS["top_p"],
+        cfg_routing: str = ROUTING_DEFAULTS["cfg_routing"],
     ):
         super().__init__()
         if strategy not in STRATEGIES:
@@ -77,6 +202,7 @@ class Ensemble(VelocityModel):
         if strategy == "topk" and not 1 <= self.top_k <= len(self.active_ids):
             raise BadInput(f"sample.top_k={top_k} must be between 1 and the {len(self.active_ids)} experts in use")
         self.generator, self.temperature = generator, float(temperature)
+        self.threshold, self.top_p, self.cfg_routing = check_routing(threshold, top_p, cfg_routing)
         # Restricting logits to a subset is an index_select; None means "all K, in order".
         full_set = self.active_ids == list(range(self.num_experts))
         self.register_buffer("_subset_index", None if full_set else torch.tensor(self.active_ids), persistent=False)
@@ -93,17 +219,20 @@ class Ensemble(VelocityModel):
         return self._combine(x, t, y, scale=None)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, scale: float):
-        """Classifier-free guidance, routed once on the conditional input.
+        """Classifier-free guidance: ``v_uncond + scale * (v_cond - v_uncond)``, routed as ``cfg_routing`` says.
 
-        Each selected expert guides its own samples, so the conditional and
-        unconditional halves of a sample always come from the same expert.
+        ``shared``: routed once on the conditional input; each selected expert
+        guides its own samples, so the conditional and unconditional halves of a
+        sample always come from the same experts. ``separate``: the null input is
+        routed on its own, and ``v_uncond`` combines the experts chosen for it.
         """
         return self._combine(x, t, y, scale=scale)
 
     def extra_repr(self) -> str:
         return (
-            f"strategy={self.strategy!r}, top_k={self.top_k}, experts={self.active_ids}, "
-            f"num_experts={self.num_experts}, temperature={self.temperature}"
+            f"strategy={self.strategy!r}, top_k={self.top_k}, threshold={self.threshold}, top_p={self.top_p}, "
+            f"experts={self.active_ids}, num_experts={self.num_experts}, temperature={self.temperature}, "
+            f"cfg_routing={self.cfg_routing!r}"
         )
 
     # ---- routing --------------------------------------------------------------------
@@ -117,37 +246,39 @@ class Ensemble(VelocityModel):
         if logits.shape[-1] != self.num_experts:
             raise BadInput(f"the router gave {logits.shape[-1]} logits but the ensemble has {self.num_experts} experts")
         if self._subset_index is not None:
-            logits = logits.index_select(1, self._subset_index)
+            logits = logits.index_select(1, self._subset_index.to(logits.device))
         # fp32 even under autocast: bf16 probabilities would tie near-equal experts and bias top-1
         probs = (logits.to(torch.promote_types(logits.dtype, torch.float32)) / self.temperature).softmax(dim=-1)
-        return self._select(probs)
-
-    def _select(self, probs: torch.Tensor):
-        b, n = probs.shape
-        if self.strategy == "full":
-            return torch.ones_like(probs, dtype=torch.bool), probs
-        if self.strategy == "top1":
-            chosen = probs.argmax(dim=-1, keepdim=True)
-        elif self.strategy == "sample":
-            chosen = _multinomial(probs, self.generator)
-        else:
-            chosen = probs.topk(self.top_k, dim=-1).indices
-        selected = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, chosen, True)
-        if self.strategy == "topk":
-            weights = torch.where(selected, probs, torch.zeros_like(probs))
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        else:
-            weights = selected.to(probs.dtype)
-        return selected, weights
+        return select_experts(probs, self.strategy, self.top_k, self.threshold, self.top_p, self.generator)
 
     # ---- sparse execution -----------------------------------------------------------
     def _combine(self, x, t, y, scale):
         t = _as_batch_t(t, x)
+        if self.cfg_routing == "separate" and scale is not None and scale != 1.0 and y is not None:
+            return self._combine_separately(x, t, y, float(scale))
         selected, weights = self.route(x, t, y)
         counts = self._record_usage(t, selected, weights)
+        return self._run_experts(x, t, y, selected, weights, counts, scale)
+
+    def _combine_separately(self, x, t, y, scale: float):
+        """Guidance with the null input routed on its own: one doubled batch, conditional rows first.
+
+        The router sees the conditional and the null rows in one call; each expert
+        runs once, unguided, on the rows of both halves routed to it.
+        """
+        n = x.shape[0]
+        x2, t2 = torch.cat([x, x]), torch.cat([t, t])
+        y2 = cat_conditions([y, _null_condition(y, self._num_classes, scale)])
+        selected, weights = self.route(x2, t2, y2)
+        counts = self._record_usage(t, selected, weights, rows=n)
+        v_cond, v_uncond = self._run_experts(x2, t2, y2, selected, weights, counts, None).chunk(2)
+        return v_uncond + scale * (v_cond - v_uncond)
+
+    def _run_experts(self, x, t, y, selected, weights, counts, scale):
+        """Each expert with samples once, on exactly its rows (guided with ``scale``), weighted and summed."""
         out = torch.zeros_like(x)
         # Exact one-hot strategies skip the multiply so they equal the chosen expert bit for bit.
-        weighted = self.strategy in ("topk", "full")
+        weighted = self.strategy not in ("top1", "sample")
         for j, k in enumerate(self.active_ids):
             if counts[k] == 0:
                 continue  # no sample routed here: the expert is not run at all
@@ -170,25 +301,50 @@ class Ensemble(VelocityModel):
         return out
 
     # ---- usage ----------------------------------------------------------------------
-    def _record_usage(self, t, selected, weights) -> list[int]:
-        """Append one usage record and return the per-expert sample counts (by expert id).
+    def _record_usage(self, t, selected, weights, rows: int | None = None) -> list[int]:
+        """Append one usage record and return the per-expert row counts of ``selected`` (by expert id).
+
+        ``rows``: separate guidance routing, where ``selected`` holds ``rows``
+        conditional rows, then as many null-input rows. The record's ``counts`` and
+        ``weights`` are always the samples' own (conditional) routing, as for the
+        other strategies; separate routing adds ``uncond_counts`` and ``uncond_weights``.
 
         One ``.tolist()`` per call: the counts are needed on the host anyway to
         skip idle experts, so t and the mean weights ride along for free.
         """
         n = len(self.active_ids)
-        stats = torch.cat(
-            [selected.sum(dim=0).to(weights.dtype), weights.mean(dim=0), t.mean().reshape(1).to(weights.dtype)]
-        ).tolist()
-        counts = [0] * self.num_experts
-        mean_w = [0.0] * self.num_experts
-        for j, k in enumerate(self.active_ids):
-            counts[k], mean_w[k] = int(round(stats[j])), stats[n + j]
-        self.usage.append(dict(t=stats[-1], counts=counts, weights=mean_w))
-        return counts
+        halves = (
+            [(selected, weights)]
+            if rows is None
+            else [(selected[:rows], weights[:rows]), (selected[rows:], weights[rows:])]
+        )
+        parts = [p for sel, w in halves for p in (sel.sum(dim=0).to(w.dtype), w.mean(dim=0))]
+        stats = torch.cat([*parts, t.mean().reshape(1).to(weights.dtype)]).tolist()
+        record, total = dict(t=stats[-1]), [0] * self.num_experts
+        for h, prefix in enumerate(["", "uncond_"][: len(halves)]):
+            counts, mean_w = [0] * self.num_experts, [0.0] * self.num_experts
+            for j, k in enumerate(self.active_ids):
+                counts[k], mean_w[k] = int(round(stats[2 * h * n + j])), stats[(2 * h + 1) * n + j]
+                total[k] += counts[k]
+            record[f"{prefix}counts"], record[f"{prefix}weights"] = counts, mean_w
+        self.usage.append(record)
+        return total
 
     def reset_usage(self) -> None:
         self.usage = []
+
+
+def experts_per_sample(usage: Sequence[Mapping], num_images: int, key: str = "counts") -> float | None:
+    """The experts each sample ran on per model call, averaged over the calls in ``usage``.
+
+    ``usage``: ``Ensemble.usage`` records, or records merged over the batches of
+    ``num_images`` images (the sample stage's usage.json). ``key="uncond_counts"``:
+    those of guidance's null input under separate routing. None without records.
+    """
+    records = [r for r in usage if key in r]
+    if not records or not num_images:
+        return None
+    return sum(sum(r[key]) for r in records) / (len(records) * int(num_images))
 
 
 def _active_ids(given: dict, num_experts: int, subset) -> list[int]:
@@ -213,6 +369,18 @@ def _active_ids(given: dict, num_experts: int, subset) -> list[int]:
     if missing:
         raise BadInput(f"subset names experts {missing} but only {sorted(given)} were given")
     return subset
+
+
+def _null_condition(y, num_classes: int | None, scale: float):
+    """Guidance's unconditional input: the captions flagged null, or the null label ``num_classes``."""
+    if isinstance(y, TextCondition):
+        return y.as_null()
+    if not num_classes:
+        raise BadInput(
+            f"classifier-free guidance (scale {scale}) needs a conditional model: the experts have "
+            f"num_classes={num_classes!r}; use cfg_scale=1"
+        )
+    return torch.full_like(y, num_classes)
 
 
 def _common_num_classes(experts) -> int | None:

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ddm.ensemble import Ensemble
+from ddm.ensemble import Ensemble, experts_per_sample, select_experts
+from ddm.errors import BadInput
 from ddm.models.dit import DiT, DiTClassifier
 from ddm.models.velocity import guided
 
@@ -281,3 +282,275 @@ def test_dit_experts_sparse_top1_and_topk_match_dense():
             want = (w[:, :, None, None, None] * dense).sum(1)
             got = Ensemble(dits, router, strategy=strategy)(x, t, y)
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+# ---- threshold and nucleus: data-dependent sets of experts ----------------------------------------
+def _rows(*rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_threshold_selects_every_expert_at_or_above_it_and_always_the_top_one():
+    probs = _rows([0.5, 0.25, 0.125, 0.125], [0.375, 0.375, 0.125, 0.125], [0.125, 0.125, 0.25, 0.5])
+    cases = {
+        # threshold: (selected rows, weights rows); every probability is a binary fraction, so exact
+        0.125: ([[1, 1, 1, 1]] * 3, probs.tolist()),
+        0.25: (
+            [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1]],
+            [[2 / 3, 1 / 3, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1 / 3, 2 / 3]],
+        ),
+        0.375: ([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 1]], [[1, 0, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 0, 1]]),
+        # above every probability: the most probable expert alone (the first of equal maxima)
+        0.9: ([[1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], [[1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]]),
+    }
+    for threshold, (want_selected, want_weights) in cases.items():
+        selected, weights = select_experts(probs, "threshold", threshold=threshold)
+        assert selected.tolist() == [[bool(v) for v in r] for r in want_selected], threshold
+        assert torch.equal(weights, _rows(*want_weights)), threshold
+
+
+def test_nucleus_is_the_smallest_set_whose_probabilities_reach_top_p():
+    probs = _rows([0.125, 0.5, 0.125, 0.25])
+    cases = {
+        0.5: ([0, 1, 0, 0], [0, 1, 0, 0]),  # the top expert holds exactly 0.5
+        0.6: ([0, 1, 0, 1], [0, 2 / 3, 0, 1 / 3]),
+        0.75: ([0, 1, 0, 1], [0, 2 / 3, 0, 1 / 3]),
+        # 0.875 needs a third: experts 0 and 2 tie at 0.125, the lower id goes first
+        0.8: ([1, 1, 0, 1], [1 / 7, 4 / 7, 0, 2 / 7]),
+        0.9: ([1, 1, 1, 1], probs[0].tolist()),
+        1.0: ([1, 1, 1, 1], probs[0].tolist()),
+        1e-9: ([0, 1, 0, 0], [0, 1, 0, 0]),  # tiny: top-1
+    }
+    for top_p, (want_selected, want_weights) in cases.items():
+        selected, weights = select_experts(probs, "nucleus", top_p=top_p)
+        assert selected[0].tolist() == [bool(v) for v in want_selected], top_p
+        torch.testing.assert_close(weights, _rows(want_weights), rtol=0, atol=1e-15, msg=f"top_p={top_p}")
+    # top_p = 1: every expert of nonzero probability, and only those
+    selected, weights = select_experts(_rows([0.5, 0.0, 0.5, 0.0]), "nucleus", top_p=1.0)
+    assert selected.tolist() == [[True, False, True, False]] and weights.tolist() == [[0.5, 0.0, 0.5, 0.0]]
+    # ties broken by expert id, whatever the position of the tie
+    uniform = _rows([0.25] * 4)
+    assert select_experts(uniform, "nucleus", top_p=1e-9)[0].tolist() == [[True, False, False, False]]
+    assert select_experts(uniform, "nucleus", top_p=0.5)[0].tolist() == [[True, True, False, False]]
+    assert select_experts(uniform, "nucleus", top_p=0.51)[0].tolist() == [[True, True, True, False]]
+
+
+def _reference_set(p: list[float], strategy: str, threshold: float, top_p: float) -> list[int]:
+    """The definitions, one row at a time in plain Python."""
+    if strategy == "threshold":
+        best = max(range(len(p)), key=lambda k: (p[k], -k))
+        return sorted({best} | {k for k in range(len(p)) if p[k] >= threshold})
+    ranked = sorted(range(len(p)), key=lambda k: (-p[k], k))
+    chosen, mass = [], 0.0
+    for k in ranked:
+        if mass >= top_p or p[k] == 0:
+            break
+        chosen.append(k)
+        mass += p[k]
+    return sorted(chosen)
+
+
+def reference_dynamic(ex, router, x, t, y, strategy, threshold=0.1, top_p=0.9):
+    probs = router(x, t, y).softmax(-1)
+    w = torch.zeros_like(probs)
+    for i, row in enumerate(probs.tolist()):
+        chosen = _reference_set(row, strategy, threshold, top_p)
+        w[i, chosen] = probs[i, chosen] / probs[i, chosen].sum()
+    dense = torch.stack([ex[k](x, t, y) for k in range(K)], dim=1)
+    return (w[..., None] * dense).sum(1), w > 0
+
+
+@pytest.mark.parametrize("strategy,threshold,top_p", [("threshold", 0.15, 0.9), ("nucleus", 0.1, 0.8)])
+def test_threshold_and_nucleus_sparse_equal_dense_and_run_each_expert_once(strategy, threshold, top_p):
+    spies, router = experts(spy=True), LinearRouter()
+    x, t, y = batch()
+    want, want_selected = reference_dynamic(spies, router, x, t, y, strategy, threshold, top_p)
+    sizes = want_selected.sum(1)
+    assert sizes.min() == 1 and sizes.max() > 1, "the test needs rows of one expert and rows of several"
+    for spy in spies:
+        spy.calls = []
+    ens = Ensemble(spies, router, strategy=strategy, threshold=threshold, top_p=top_p)
+    got = ens(x, t, y)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    selected, weights = ens.route(x, t, y)
+    assert torch.equal(selected, want_selected)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(B, dtype=torch.float64))
+    for k, spy in enumerate(spies):
+        routed = selected[:, k].nonzero().squeeze(1).tolist()
+        assert spy.calls == ([routed] if routed else []), f"expert {k}"
+    # usage: the samples each expert ran on, so the mean experts per sample is measured
+    (record,) = ens.usage
+    assert record["counts"] == selected.sum(0).tolist()
+    assert experts_per_sample(ens.usage, B) == pytest.approx(sizes.double().mean().item())
+
+
+def test_threshold_zero_is_the_full_ensemble_and_nucleus_one_its_nonzero_part():
+    ex, router = experts(), LinearRouter()
+    x, t, y = batch()
+    full = Ensemble(ex, router, strategy="full")
+    zero = Ensemble(ex, router, strategy="threshold", threshold=0.0)
+    assert torch.equal(zero(x, t, y), full(x, t, y))
+    assert zero.usage == full.usage
+    nucleus = Ensemble(ex, router, strategy="nucleus", top_p=1.0)
+    torch.testing.assert_close(nucleus(x, t, y), full(x, t, y), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs,key",
+    [
+        (dict(threshold=1.5), "sample.threshold"),
+        (dict(threshold=-0.1), "sample.threshold"),
+        (dict(threshold=float("nan")), "sample.threshold"),
+        (dict(threshold="high"), "sample.threshold"),
+        (dict(top_p=0.0), "sample.top_p"),
+        (dict(top_p=1.01), "sample.top_p"),
+        (dict(top_p=None), "sample.top_p"),
+        (dict(cfg_routing="both"), "sample.cfg_routing"),
+    ],
+)
+def test_bad_routing_options_are_errors_naming_the_key(kwargs, key):
+    with pytest.raises(BadInput, match=key):
+        Ensemble(experts(), LinearRouter(), strategy="threshold", **kwargs)
+
+
+def test_routing_options_at_their_bounds_are_accepted():
+    for kwargs in (dict(threshold=0.0), dict(threshold=1.0), dict(top_p=1.0), dict(top_p=1e-6)):
+        Ensemble(experts(), LinearRouter(), strategy="nucleus", **kwargs)
+
+
+# ---- guidance: the null input routed with the conditional one, or on its own ----------------------
+class NullAwareRouter(nn.Module):
+    """Labels go to expert ``y % 3``; the null label (C) to expert 3: the two halves of guidance disagree."""
+
+    num_outputs = K
+
+    def forward(self, x, t, y=None):
+        y = torch.full((x.shape[0],), C, dtype=torch.long) if y is None else y
+        target = torch.where(y == C, torch.full_like(y, 3), y % 3)
+        return 20.0 * nn.functional.one_hot(target, K).to(x.dtype)
+
+
+def test_shared_cfg_routing_is_unchanged_bit_for_bit():
+    """``shared`` (the default) guides each expert's own samples, exactly as the sparse loop always did."""
+    ex, router = experts(), LinearRouter()
+    x, t, y = batch()
+    for strategy in ("top1", "topk"):
+        ens = Ensemble(ex, router, strategy=strategy, top_k=2)
+        assert ens.cfg_routing == "shared"
+        selected, weights = ens.route(x, t, y)
+        want = torch.zeros_like(x)
+        for k in range(K):
+            idx = selected[:, k].nonzero().squeeze(1)
+            v = guided(ex[k], x[idx], t[idx], y[idx], 2.5)
+            want.index_add_(0, idx, v * weights[idx, k : k + 1] if strategy == "topk" else v)
+        got = ens.forward_with_cfg(x, t, y, 2.5)
+        assert torch.equal(got, want)
+        shared = Ensemble(ex, router, strategy=strategy, top_k=2, cfg_routing="shared")
+        assert torch.equal(shared.forward_with_cfg(x, t, y, 2.5), got)
+
+
+def test_separate_cfg_routing_takes_the_unconditional_velocity_from_the_null_inputs_expert():
+    spies, router = experts(spy=True), NullAwareRouter()
+    x, t, y = batch()
+    null = torch.full_like(y, C)
+    scale = 2.5
+    got = Ensemble(spies, router, strategy="top1", cfg_routing="separate").forward_with_cfg(x, t, y, scale)
+    ex = [s.inner for s in spies]
+    # by hand: the conditional velocity from expert y % 3, the unconditional one from expert 3
+    v_cond = torch.stack([ex[int(c) % 3](x[i : i + 1], t[i : i + 1], y[i : i + 1])[0] for i, c in enumerate(y)])
+    v_uncond = ex[3](x, t, null)
+    torch.testing.assert_close(got, v_uncond + scale * (v_cond - v_uncond), rtol=1e-12, atol=1e-12)
+    # each expert ran once, unguided: experts 0-2 on the conditional rows of their labels, 3 on every null row
+    for k in range(3):
+        assert spies[k].calls == [(y % 3 == k).nonzero().squeeze(1).tolist()]
+    assert spies[3].calls == [list(range(B))]
+    # shared routing keeps both halves on expert y % 3: a different velocity
+    shared = Ensemble(ex, router, strategy="top1").forward_with_cfg(x, t, y, scale)
+    want_shared = torch.stack(
+        [guided(ex[int(c) % 3], x[i : i + 1], t[i : i + 1], y[i : i + 1], scale)[0] for i, c in enumerate(y)]
+    )
+    torch.testing.assert_close(shared, want_shared, rtol=1e-12, atol=1e-12)
+    assert (shared - got).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("strategy", ["topk", "full", "threshold", "nucleus"])
+def test_separate_cfg_routing_weights_each_half_by_its_own_routing(strategy):
+    """v = v_uncond + s (v_cond - v_uncond), each the dense reference under the router's view of its input."""
+    ex, router = experts(), LinearRouter()
+    x, t, y = batch()
+    null = torch.full_like(y, C)
+
+    def dense(labels):
+        if strategy in ("threshold", "nucleus"):
+            return reference_dynamic(ex, router, x, t, labels, strategy, 0.15, 0.8)[0]
+        return reference(dict(enumerate(ex)), router, x, t, labels, strategy, top_k=2)
+
+    ens = Ensemble(ex, router, strategy=strategy, top_k=2, threshold=0.15, top_p=0.8, cfg_routing="separate")
+    got = ens.forward_with_cfg(x, t, y, 3.0)
+    torch.testing.assert_close(got, dense(null) + 3.0 * (dense(y) - dense(null)), rtol=1e-11, atol=1e-11)
+    (record,) = ens.usage
+    assert record["counts"] == ens.route(x, t, y)[0].sum(0).tolist()
+    assert record["uncond_counts"] == ens.route(x, t, null)[0].sum(0).tolist()
+    assert sum(record["uncond_weights"]) == pytest.approx(1.0)
+
+
+def test_separate_cfg_routing_without_guidance_is_the_plain_ensemble():
+    ex, router = experts(), LinearRouter()
+    x, t, y = batch()
+    sep = Ensemble(ex, router, strategy="topk", cfg_routing="separate")
+    plain = Ensemble(ex, router, strategy="topk")
+    assert torch.equal(sep.forward_with_cfg(x, t, y, 1.0), plain(x, t, y))
+    assert torch.equal(sep(x, t, y), plain(x, t, y))
+    assert "uncond_counts" not in sep.usage[-1]
+
+
+class TextExpert(nn.Module):
+    """v = a x + pooled-caption term, or its own null vector for captions flagged null."""
+
+    num_classes = 0
+
+    def __init__(self, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.a, self.w, self.null = (torch.randn(D, generator=g, dtype=torch.float64) for _ in range(3))
+
+    def forward(self, x, t, y):
+        caption = y.pooled.sum(-1, keepdim=True) * self.w
+        return self.a * x + torch.where(y.null[:, None], self.null, caption)
+
+
+class NullTextRouter(nn.Module):
+    """Captions to expert 0, null captions to expert 1."""
+
+    num_outputs = 2
+
+    def forward(self, x, t, y):
+        return 20.0 * nn.functional.one_hot(y.null.long(), 2).to(x.dtype)
+
+
+def test_separate_cfg_routing_with_text_conditions():
+    from ddm.models.conditioning import TextCondition
+
+    ex, router = [TextExpert(1), TextExpert(2)], NullTextRouter()
+    g = torch.Generator().manual_seed(0)
+    n = 6
+    x, t = torch.randn(n, D, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
+    y = TextCondition.of(
+        torch.randn(n, 3, 4, generator=g, dtype=torch.float64),
+        torch.ones(n, 3, dtype=torch.bool),
+        torch.randn(n, 4, generator=g, dtype=torch.float64),
+    )
+    got = Ensemble(ex, router, strategy="top1", cfg_routing="separate").forward_with_cfg(x, t, y, 2.0)
+    v_cond, v_uncond = ex[0](x, t, y), ex[1](x, t, y.as_null())
+    torch.testing.assert_close(got, v_uncond + 2.0 * (v_cond - v_uncond), rtol=1e-12, atol=1e-12)
+    shared = Ensemble(ex, router, strategy="top1").forward_with_cfg(x, t, y, 2.0)
+    torch.testing.assert_close(shared, guided(ex[0], x, t, y, 2.0), rtol=1e-12, atol=1e-12)
+
+
+def test_separate_cfg_routing_needs_a_conditional_model():
+    ex = experts()
+    for e in ex:
+        e.num_classes = 0
+    ens = Ensemble(ex, LinearRouter(), strategy="top1", cfg_routing="separate")
+    x, t, y = batch()
+    with pytest.raises(BadInput, match="needs a conditional model"):
+        ens.forward_with_cfg(x, t, y, 2.0)

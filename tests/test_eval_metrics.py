@@ -11,7 +11,7 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 
-from ddm.ensemble import Ensemble
+from ddm.ensemble import Ensemble, experts_per_sample
 from ddm.eval.feature_net import FeatureNet, accuracy, features, train_feature_net
 from ddm.eval.fid import frechet_distance, frechet_distance_features, gaussian_stats
 from ddm.eval.flops import (
@@ -191,14 +191,16 @@ def test_flops_of_a_linear_stack():
     assert count_flops(net, torch.zeros(6, a)) == 6 * 2 * (a * b + b * c)
 
 
-def _tiny_ensemble(strategy, top_k=2):
+def _tiny_ensemble(strategy, top_k=2, **routing):
     torch.manual_seed(0)
     experts = [DiT("DiT-N/2", image_size=8, in_channels=1, num_classes=3) for _ in range(3)]
     for e in experts:  # adaLN-Zero starts at zero output; random weights route and count the same
         for p in e.parameters():
             nn.init.normal_(p, std=0.05)
     router = DiTClassifier(3, "DiT-N/4", image_size=8, in_channels=1, num_classes=3)
-    return Ensemble(experts, router, strategy=strategy, top_k=top_k, generator=torch.Generator().manual_seed(0)).eval()
+    return Ensemble(
+        experts, router, strategy=strategy, top_k=top_k, generator=torch.Generator().manual_seed(0), **routing
+    ).eval()
 
 
 @pytest.mark.parametrize(
@@ -217,6 +219,54 @@ def test_sampling_flops_formula_matches_the_counter(strategy, solver, cfg_scale)
         ens, FlowPath(), shape, torch.tensor([0, 1, 2]), steps=3, solver=solver, cfg_scale=cfg_scale
     )
     assert measured == formula["per_image"]
+
+
+@pytest.mark.parametrize(
+    "strategy,cfg_routing,cfg_scale",
+    [
+        ("threshold", "shared", 1.5),
+        ("nucleus", "shared", 1.0),
+        ("top1", "separate", 1.5),
+        ("threshold", "separate", 1.5),
+        ("nucleus", "separate", 1.0),  # no guidance: separate routing changes nothing
+    ],
+)
+def test_sampling_flops_formula_at_the_measured_experts_matches_the_counter(strategy, cfg_routing, cfg_scale):
+    """Threshold and nucleus: the formula at the mean experts per call of the counted images is the count."""
+    ens = _tiny_ensemble(strategy, threshold=0.2, top_p=0.7, cfg_routing=cfg_routing)
+    with torch.no_grad():  # the router's random weights must give rows of one expert and rows of several
+        for p in ens.router.head.parameters():
+            p.mul_(5.0)
+    shape, y = (1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    expert, router = model_forward_flops(ens.experts["0"], shape), model_forward_flops(ens.router, shape)
+    usage = []
+    measured = measured_sampling_flops(ens, FlowPath(), shape, y, steps=3, cfg_scale=cfg_scale, usage=usage)
+    assert ens.usage == [] and len(usage) == 3
+    common = dict(steps=3, cfg_scale=cfg_scale, num_experts=3, top_k=2, cfg_routing=cfg_routing)
+    formula = sampling_flops_per_image(
+        expert,
+        router,
+        strategy,
+        experts_per_call=experts_per_sample(usage, len(y)),
+        uncond_experts_per_call=experts_per_sample(usage, len(y), "uncond_counts"),
+        **common,
+    )
+    assert abs(measured - formula["per_image"]) <= 1  # the counter's total is floor-divided by the images
+    bound = sampling_flops_per_image(expert, router, strategy, **common)
+    guided = cfg_scale != 1.0
+    if strategy == "top1":
+        assert formula["experts_from"] == "strategy" and formula["experts_per_call"] == 1
+    else:
+        assert formula["experts_from"] == "usage" and bound["experts_from"] == "bound"
+        assert 1 < formula["experts_per_call"] < 3, "the test needs a data-dependent count"
+        # without usage: the upper bound, the cost of the full ensemble
+        full = sampling_flops_per_image(expert, router, "full", **common)
+        assert bound["per_image"] == formula["per_image_max"] == full["per_image"] > formula["per_image"]
+    if guided and cfg_routing == "separate":
+        assert formula["router_per_call"] == 2 * router and formula["cfg_routing"] == "separate"
+        assert "uncond_counts" in usage[0]
+    else:
+        assert formula["router_per_call"] == router and "cfg_routing" not in formula
 
 
 def test_sampling_flops_of_a_single_model():

@@ -121,6 +121,9 @@ def test_flops_are_stated_and_the_formula_matches_the_counter(evaluated):
     assert fl["train"]["total"] > 0 and 0 < fl["train"]["router_share"] < 1
     for s in ("top1", "full"):
         assert fl["sampling"][s]["per_image"] == fl["sampling"][s]["measured_per_image"]
+        # a fixed number of experts per call: the bound is the count itself
+        assert fl["sampling"][s]["experts_from"] == "strategy"
+        assert fl["sampling"][s]["per_image_max"] == fl["sampling"][s]["per_image"]
     assert fl["sampling"]["full"]["per_image"] > fl["sampling"]["top1"]["per_image"]
 
 

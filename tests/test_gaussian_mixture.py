@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ddm.ensemble import Ensemble
+from ddm.ensemble import Ensemble, experts_per_sample
 from ddm.flow import FlowPath
 from ddm.sampling import sample
 
@@ -83,12 +83,12 @@ class MixtureRouter(nn.Module):
         return torch.stack([c.log_joint(x, t).logsumexp(-1) for c in self.clusters], dim=1) + self.log_pi
 
 
-def build(schedule: str, strategy: str = "full"):
+def build(schedule: str, strategy: str = "full", **routing):
     path = FlowPath(schedule)
     experts = [MixtureFlow(path, comps) for comps in CLUSTERS]
     router = MixtureRouter([MixtureFlow(path, comps) for comps in CLUSTERS], CLUSTER_WEIGHTS)
     everything = [(m, s, pi * w) for pi, comps in zip(CLUSTER_WEIGHTS, CLUSTERS) for m, s, w in comps]
-    return path, Ensemble(experts, router, strategy=strategy), MixtureFlow(path, everything), router
+    return path, Ensemble(experts, router, strategy=strategy, **routing), MixtureFlow(path, everything), router
 
 
 def mixture_moments():
@@ -105,9 +105,15 @@ def mixture_moments():
 TIMES = [0.0, 1e-6, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99, 0.999, 1 - 1e-6, 1.0]
 
 
+@pytest.mark.parametrize(
+    "strategy,routing",
+    [("full", {}), ("nucleus", dict(top_p=1.0)), ("threshold", dict(threshold=0.0))],
+    ids=["full", "nucleus-top_p-1", "threshold-0"],
+)
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_full_ensemble_equals_global_marginal_flow(schedule):
-    path, ensemble, global_flow, _ = build(schedule)
+def test_full_ensemble_equals_global_marginal_flow(schedule, strategy, routing):
+    """The exact posterior over every expert: ``full``, and the nucleus of all the mass (top_p = 1)."""
+    path, ensemble, global_flow, _ = build(schedule, strategy, **routing)
     g = torch.Generator().manual_seed(0)
     for t in TIMES:
         # points along the noised data at this t plus broad ones, so every cluster is in play
@@ -118,7 +124,7 @@ def test_full_ensemble_equals_global_marginal_flow(schedule):
             global_flow(x, tt),
             rtol=1e-9,
             atol=1e-9,
-            msg=f"ensemble != global flow at t={t} ({schedule})",
+            msg=f"{strategy} ensemble != global flow at t={t} ({schedule})",
         )
 
 
@@ -131,6 +137,10 @@ def test_the_identity_is_not_trivial():
     v = global_flow(x, t)
     assert (top1(x, t) - v).abs().max() > 1e-2
     assert (uniform(x, t) - v).abs().max() > 1e-2
+    # a nucleus short of all the mass drops experts, and misses the global flow as top-1 does
+    _, nucleus, _, _ = build("linear", "nucleus", top_p=0.6)
+    assert (nucleus(x, t) - v).abs().max() > 1e-2
+    assert experts_per_sample(nucleus.usage, len(x)) > 1  # though more than one expert per sample on average
 
 
 class _UniformRouter(nn.Module):

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ddm.ensemble import Ensemble
-from ddm.experiments.paper_table import CLASS_EXPERT, SINGLE, make_plan, run
+from ddm.experiments.paper_table import CLASS_EXPERT, SEPARATE_CFG, SINGLE, make_plan, run
 from ddm.experiments.paper_table.class_expert import ClassRouter
 from ddm.experiments.paper_table.plots import flops_ticks
 from ddm.io import read_json
@@ -24,6 +24,9 @@ EXPECTED_ROWS = {
     ("clustered-k2", 6, "top1"),
     ("clustered-k2", 12, "top1"),
     ("clustered-k2", 12, "full"),
+    ("clustered-k2", 12, "threshold"),
+    ("clustered-k2", 12, "nucleus"),
+    ("clustered-k2", 12, SEPARATE_CFG),
     ("clustered-k2", 12, CLASS_EXPERT),
 }
 
@@ -47,6 +50,8 @@ def test_every_row_of_the_grid_is_in_the_table(table):
     for heading in ("Top-1 DDM against the monolith", "Routing strategies at 12 steps", "Every row"):
         assert heading in text
     assert "fixed per-class expert" in text and "classifier:" in text
+    for label in ("threshold p >= 0.1", "nucleus top-p 0.9", "top-1, null input routed separately"):
+        assert label in text
     for key in ("plot_train", "plot_sampling"):
         with open(out[key], "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -57,7 +62,16 @@ def test_one_sampler_and_one_feature_space_for_every_row(table):
     results = read_json(out["results"])
     assert len({r["feature_space"] for r in results["rows"]}) == 1
     assert all(r["num_generated"] == 48 for r in results["rows"])
-    assert results["settings"]["sampler"] == dict(solver="euler", steps=4, cfg_scale=1.5, top_k=2, temperature=1.0)
+    assert results["settings"]["sampler"] == dict(
+        solver="euler",
+        steps=4,
+        cfg_scale=1.5,
+        top_k=2,
+        threshold=0.1,
+        top_p=0.9,
+        cfg_routing="shared",
+        temperature=1.0,
+    )
 
 
 def test_ddm_and_monolith_spend_the_same_training_flops(table):
@@ -88,7 +102,41 @@ def test_sampling_flops_follow_the_strategy(table):
     single = rows[("monolith", SINGLE)]
     # the fixed per-class expert runs one expert and no router network: a monolith's cost
     assert rows[("clustered-k2", CLASS_EXPERT)] == single
-    assert single < rows[("clustered-k2", "top1")] < rows[("clustered-k2", "full")]
+    top1, full = rows[("clustered-k2", "top1")], rows[("clustered-k2", "full")]
+    assert single < top1 < full
+    # threshold and nucleus: between one expert and all of them, at the experts their images used
+    for s in ("threshold", "nucleus"):
+        assert top1 <= rows[("clustered-k2", s)] <= full
+
+
+def test_data_dependent_rows_state_the_experts_they_used(table):
+    cfg, out = table
+    rows = {(r["config"], r["budget"], r["strategy"]): r for r in read_json(out["results"])["rows"]}
+    metrics = read_json(f"{cfg.run_dir}/runs/clustered-k2-s12/evaluation/metrics.json")
+    for s in ("threshold", "nucleus"):
+        row, sampling = rows[("clustered-k2", 12, s)], metrics["flops"]["sampling"][s]
+        assert sampling["experts_from"] == "usage" and 1 <= row["experts_per_call"] <= 2
+        assert row["experts_per_call"] == sampling["experts_per_call"]
+        assert sampling["per_image_max"] == metrics["flops"]["sampling"]["full"]["per_image"]
+        # the mean over the usage the evaluate stage recorded for these images
+        steps = metrics["usage"][s]
+        assert row["experts_per_call"] == pytest.approx(sum(sum(r["selected"]) for r in steps) / len(steps))
+    assert rows[("clustered-k2", 12, "top1")]["experts_per_call"] == 1
+
+
+def test_separate_cfg_routing_row_is_top1_with_a_second_router_pass(table):
+    cfg, out = table
+    rows = {(r["config"], r["budget"], r["strategy"]): r for r in read_json(out["results"])["rows"]}
+    sep, top1 = rows[("clustered-k2", 12, SEPARATE_CFG)], rows[("clustered-k2", 12, "top1")]
+    result = read_json(f"{cfg.run_dir}/runs/clustered-k2-s12/evaluation/{SEPARATE_CFG}.json")
+    assert result["cfg_routing"] == "separate" and result["base_strategy"] == "top1"
+    assert result["sampling"]["uncond_experts_per_call"] == 1 == result["sampling"]["experts_per_call"]
+    # 4 Euler calls per image, each with one more router forward (on the null input) than top-1
+    router = make_plan(cfg).router_forward[2]
+    assert sep["sampling_flops_per_image"] - top1["sampling_flops_per_image"] == 4 * router
+    # the FM loss has no guidance: the same model as top-1, on the same images and noise
+    assert sep["fm_loss"] == top1["fm_loss"] and sep["num_generated"] == top1["num_generated"]
+    assert result["generated"] == f"evaluation/samples-{SEPARATE_CFG}.npz"
 
 
 def test_class_expert_is_the_cluster_holding_most_of_the_class(table):
@@ -111,6 +159,7 @@ def test_rerun_skips_everything(table):
         f"{root}/runs/monolith-s6/router/router.pt",
         f"{root}/runs/clustered-k2-s12/evaluation/metrics.json",
         f"{root}/runs/clustered-k2-s12/evaluation/{CLASS_EXPERT}.json",
+        f"{root}/runs/clustered-k2-s12/evaluation/{SEPARATE_CFG}.json",
     ]
     before = {f: os.stat(f).st_mtime_ns for f in files}
     again = run(cfg)
@@ -162,7 +211,8 @@ def test_small_preset_plan_matches_the_paper_setup(make_cfg):
             assert r.expert_steps == r.budget
     largest = max(int(b) for b in cfg.paper.budgets)
     assert CLASS_EXPERT in runs[("clustered-k4", largest)].rows
-    assert {"top1", "full", "sample"} <= set(runs[("clustered-k8", largest)].rows)
+    assert {"top1", "full", "sample", "threshold", "nucleus", SEPARATE_CFG} <= set(runs[("clustered-k8", largest)].rows)
+    assert cfg.sample.threshold == 0.1 and cfg.sample.top_p == 0.9  # the table's values of the two options
     # the monolith's extra steps cost at least the largest router's training FLOPs, and less than one step more
     for b, extra in plan.monolith_extra_steps.items():
         router = max(
@@ -171,6 +221,18 @@ def test_small_preset_plan_matches_the_paper_setup(make_cfg):
         )
         step = 3 * plan.expert_forward * batch
         assert extra * step >= router > (extra - 1) * step
+
+
+def test_separate_cfg_row_is_skipped_where_it_would_repeat_top1(make_cfg):
+    for override, why in (
+        ("sample.cfg_scale=1", "no guidance"),
+        ("sample.cfg_routing=separate", "every row routes guidance separately"),
+    ):
+        plan = make_plan(make_cfg("experiment=paper_small", override))
+        assert all(SEPARATE_CFG not in r.rows for r in plan.runs), override
+        assert any(why in note for note in plan.notes), plan.notes
+    with pytest.raises(ValueError, match="sample.threshold"):
+        run(make_cfg("experiment=paper_small", "sample.threshold=2", "paper.dry_run=true", "paper.estimate=false"))
 
 
 def test_script_reports_a_config_without_a_grid_in_one_line(capsys, monkeypatch):

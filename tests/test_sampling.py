@@ -452,3 +452,41 @@ def test_a_velocity_model_must_define_forward():
 
     with pytest.raises(TypeError, match="abstract"):
         NoForward()
+
+
+# ---- threshold / nucleus and guidance routing through the stage --------------------------------
+def test_sample_stage_nucleus_with_separately_routed_guidance(tmp_path):
+    from ddm.stages import sample as stage
+
+    rd = make_run(tmp_path, K=3)
+    cfg = stage_cfg(rd.root, strategy="nucleus", top_p=0.8, cfg_routing="separate", cfg_scale=2.0, solver="euler")
+    record = stage.run(cfg)
+    assert record["settings"]["top_p"] == 0.8 and record["settings"]["cfg_routing"] == "separate"
+    assert record["strategy"] == "nucleus" and 1 <= record["experts_per_sample"] <= 3
+    usage = json.loads((rd.samples / "usage.json").read_text())
+    total = record["num_images"]
+    assert len(usage) == 3
+    for r in usage:
+        # each sample's conditional and null input ran on one to three experts each
+        assert total <= sum(r["counts"]) <= 3 * total and total <= sum(r["uncond_counts"]) <= 3 * total
+        assert sum(r["weights"]) == pytest.approx(1.0) and sum(r["uncond_weights"]) == pytest.approx(1.0)
+    assert record["experts_per_sample"] == pytest.approx(sum(sum(r["counts"]) for r in usage) / (3 * total))
+    # another top_p is another sampling: not skipped
+    again = stage.run(stage_cfg(rd.root, strategy="nucleus", top_p=0.5, cfg_routing="separate", solver="euler"))
+    assert again["settings"]["top_p"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        (dict(threshold=2.0), "sample.threshold"),
+        (dict(top_p=0.0), "sample.top_p"),
+        (dict(cfg_routing="x"), "cfg_routing"),
+    ],
+)
+def test_sample_stage_refuses_bad_routing_options_before_loading(tmp_path, override, key):
+    from ddm.errors import BadInput
+    from ddm.stages import sample as stage
+
+    with pytest.raises(BadInput, match=key):  # no run here: the check comes first
+        stage.run(stage_cfg(tmp_path / "nothing", strategy="threshold", **override))

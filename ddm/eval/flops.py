@@ -9,10 +9,24 @@ Sampling FLOPs per image follow from how ``Ensemble`` and ``sample`` execute::
 
     calls       = steps (euler) | 2 * steps - 1 (heun: its last step is Euler)
     experts     = 1 (top1) | top_k (topk) | K (full) | 1 (sample)   expert evaluations per call
+                | the measured mean (threshold, nucleus: see below)
     cfg_factor  = 2 when guidance is on (cfg_scale != 1, conditional model): each
                   selected expert runs on the doubled batch; the router runs
                   once, on the conditional input
     per_image   = calls * (router + experts * cfg_factor * expert)
+
+    cfg_routing=separate (guidance on): the router runs on the conditional and the
+    null input, and the experts chosen for each: per_image = calls * (2 * router +
+    (experts + uncond_experts) * expert); for a fixed count both are the same number.
+
+``threshold`` and ``nucleus`` run as many experts per sample as the router's
+confidence asks for, so their count is a property of the images sampled, not of
+the settings. Their ``experts`` is the mean over the solver evaluations of the
+experts each sample ran on, taken from the usage records of the images that were
+generated (``Ensemble.usage``; ``ddm.ensemble.experts_per_sample``): the FLOPs
+those images cost, per image. Without usage it is the upper bound K (the cost of
+``full``), and ``experts_from`` says which it is; ``per_image_max`` is always the
+bound.
 
 ``measured_sampling_flops`` runs a real sampling call under the counter to
 check the formula. ``flops_summary`` puts all of it together for one run.
@@ -28,13 +42,22 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddm.devices import module_device
-from ddm.ensemble import Ensemble
+from ddm.ensemble import DATA_DEPENDENT, Ensemble, experts_per_sample
 from ddm.errors import BadInput
 from ddm.jobs import ROUTER_JOB, expert_job
 from ddm.models.conditioning import example_condition
 from ddm.sampling.solvers import num_evaluations, sample
 
-EXPERTS_PER_CALL = {"top1": lambda K, k: 1, "topk": lambda K, k: k, "full": lambda K, k: K, "sample": lambda K, k: 1}
+# Expert evaluations per sample and call of each strategy; for the data-dependent ones (threshold, nucleus)
+# the upper bound K, their count being measured from usage where it matters (see the module docstring).
+EXPERTS_PER_CALL = {
+    "top1": lambda K, k: 1,
+    "topk": lambda K, k: k,
+    "full": lambda K, k: K,
+    "sample": lambda K, k: 1,
+    "threshold": lambda K, k: K,
+    "nucleus": lambda K, k: K,
+}
 
 
 def count_flops(fn, *args, **kwargs) -> int:
@@ -69,30 +92,57 @@ def sampling_flops_per_image(
     conditional: bool = True,
     num_experts: int = 1,
     top_k: int = 2,
+    cfg_routing: str = "shared",
+    experts_per_call: float | None = None,
+    uncond_experts_per_call: float | None = None,
 ) -> dict:
     """FLOPs to sample one image; ``strategy=None`` is a single model (a monolith: no router).
 
     ``expert_flops`` is the forward FLOPs of one expert per sample (the mean when
-    experts differ). Returns the total and its factors, so a report can show them.
+    experts differ). ``experts_per_call`` (and, under separate guidance routing,
+    ``uncond_experts_per_call``): the measured mean experts per sample and call of
+    a data-dependent strategy (``threshold``, ``nucleus``), e.g.
+    ``ddm.ensemble.experts_per_sample`` of the generated images' usage; None: the
+    upper bound K. Fixed-count strategies ignore them. Returns the total and its
+    factors, so a report can show them; ``experts_from`` is ``strategy`` (a fixed
+    count), ``usage`` (measured) or ``bound`` (K, no usage given).
     """
     calls = num_evaluations(int(steps), solver)
-    cfg_factor = 2 if conditional and float(cfg_scale) != 1.0 else 1
+    guided = conditional and float(cfg_scale) != 1.0
+    cfg_factor = 2 if guided else 1
     if strategy is None:
-        experts, router_flops = 1, 0
+        bound, router_flops = 1, 0
     elif strategy not in EXPERTS_PER_CALL:
         raise BadInput(f"strategy={strategy!r} is not one of {sorted(EXPERTS_PER_CALL)}")
     else:
-        experts = EXPERTS_PER_CALL[strategy](int(num_experts), int(top_k))
-    per_call = router_flops + experts * cfg_factor * expert_flops
-    return dict(
+        bound = EXPERTS_PER_CALL[strategy](int(num_experts), int(top_k))
+    experts, uncond, source = bound, bound, "strategy"
+    if strategy in DATA_DEPENDENT:
+        source = "usage" if experts_per_call is not None else "bound"
+        experts = bound if experts_per_call is None else float(experts_per_call)
+        uncond = bound if uncond_experts_per_call is None else float(uncond_experts_per_call)
+    separate = guided and strategy is not None and cfg_routing == "separate"
+
+    def per_call_of(e, u):
+        if separate:  # the router on both inputs; each input's own experts, unguided
+            return 2 * router_flops + (e + u) * expert_flops
+        return router_flops + e * cfg_factor * expert_flops
+
+    per_call = per_call_of(experts, uncond)
+    row = dict(
         per_image=int(round(calls * per_call)),
         per_call=int(round(per_call)),
         calls=calls,
         experts_per_call=experts,
         cfg_factor=cfg_factor,
-        router_per_call=int(router_flops),
+        router_per_call=int(round((2 if separate else 1) * router_flops)),
         expert_forward=int(round(expert_flops)),
+        experts_from=source,
+        per_image_max=int(round(calls * per_call_of(bound, bound))),
     )
+    if separate:
+        row.update(cfg_routing="separate", uncond_experts_per_call=uncond)
+    return row
 
 
 def measured_sampling_flops(
@@ -104,8 +154,13 @@ def measured_sampling_flops(
     solver: str = "euler",
     cfg_scale: float = 1.0,
     seed: int = 0,
+    usage: list | None = None,
 ) -> int:
-    """FLOPs per image of a real ``sample`` call on ``len(y)`` images (or 2 when unconditional), counted."""
+    """FLOPs per image of a real ``sample`` call on ``len(y)`` images (or 2 when unconditional), counted.
+
+    ``usage``: a list that receives an ensemble's usage records of the counted call
+    (what a data-dependent strategy's formula needs to be checked against it).
+    """
     n = len(y) if y is not None else 2
     generator = torch.Generator().manual_seed(int(seed))
     device = module_device(model)
@@ -122,6 +177,8 @@ def measured_sampling_flops(
         device=device,
     )
     if isinstance(model, Ensemble):
+        if usage is not None:
+            usage.extend(model.usage)
         model.reset_usage()  # the counted call is not a sampling run: leave no usage records
     return flops // n
 
@@ -159,13 +216,29 @@ def mean_expert_flops(forward: Mapping[str, int]) -> float:
     return float(np.mean([v for k, v in forward.items() if k != ROUTER_JOB]))
 
 
-def forward_per_call(forward: Mapping[str, int], strategy: str | None, top_k: int) -> int:
-    """Forward FLOPs of one model call (no guidance) of an ensemble strategy, or of one expert (None)."""
+def forward_per_call(
+    forward: Mapping[str, int], strategy: str | None, top_k: int, experts_per_call: float | None = None
+) -> int:
+    """Forward FLOPs of one model call (no guidance) of an ensemble strategy, or of one expert (None).
+
+    ``experts_per_call``: the measured mean of a data-dependent strategy (None: its bound K).
+    """
     mean = mean_expert_flops(forward)
     if strategy is None:
         return int(mean)
     num_experts = sum(1 for k in forward if k != ROUTER_JOB)
-    return int(forward[ROUTER_JOB] + EXPERTS_PER_CALL[strategy](num_experts, int(top_k)) * mean)
+    experts = EXPERTS_PER_CALL[strategy](num_experts, int(top_k))
+    if strategy in DATA_DEPENDENT and experts_per_call is not None:
+        experts = float(experts_per_call)
+    return int(forward[ROUTER_JOB] + experts * mean)
+
+
+def _measured_experts(records: Sequence[dict], num_images: int) -> dict:
+    """``sampling_flops_per_image``'s measured counts from usage records of ``num_images`` images."""
+    return dict(
+        experts_per_call=experts_per_sample(records, num_images),
+        uncond_experts_per_call=experts_per_sample(records, num_images, "uncond_counts"),
+    )
 
 
 def training_summary(forward: Mapping[str, int], records: Mapping[str, dict]) -> dict:
@@ -198,6 +271,9 @@ def flops_summary(
     top_k: int,
     measured: Mapping[str, int] | None = None,
     measured_images: int = 0,
+    cfg_routing: str = "shared",
+    usage: Mapping[str, tuple[Sequence[dict], int]] | None = None,
+    measured_usage: Mapping[str, Sequence[dict]] | None = None,
 ) -> dict:
     """The ``flops`` section of the evaluate stage's metrics.json.
 
@@ -206,16 +282,24 @@ def flops_summary(
         records: ``record.json`` of every training job, see ``training_summary``.
         strategies: the routing strategies evaluated; ``single_model`` is added,
             a monolith of one expert's size (no router).
-        steps, solver, cfg_scale, conditional, num_experts, top_k: the sampling settings.
+        steps, solver, cfg_scale, conditional, num_experts, top_k, cfg_routing: the sampling settings.
         measured: counted FLOPs per image of a real sampling call, per strategy
             (``measured_sampling_flops`` on ``measured_images`` images); none when empty.
+        usage: ``{strategy: (usage records, images)}`` of the generated images: the
+            measured experts per call of ``threshold`` and ``nucleus``.
+        measured_usage: ``{strategy: usage records}`` of the counted call: for those
+            strategies, ``measured_formula_per_image`` is the formula at that call's
+            own experts per call, which the counted FLOPs must equal.
 
     Returns::
 
         forward_per_sample  {"expert-KK" | "router": FLOPs}
         train               {jobs: {"expert-KK" | "router": {flops, estimated, samples_seen}}, total, router_share}
         sampling            {<strategy> | "single_model": {per_image, per_call, calls, experts_per_call,
-                             cfg_factor, router_per_call, expert_forward, measured_per_image, measured_images}}
+                             cfg_factor, router_per_call, expert_forward, experts_from, per_image_max,
+                             measured_per_image, measured_images}}; under separate guidance routing
+                             also cfg_routing, uncond_experts_per_call; threshold and nucleus with
+                             measured_usage also measured_formula_per_image
         counter             how the FLOPs were counted
     """
     expert_mean = mean_expert_flops(forward)
@@ -226,12 +310,20 @@ def flops_summary(
         conditional=conditional,
         num_experts=int(num_experts),
         top_k=int(top_k),
+        cfg_routing=cfg_routing,
     )
     sampling = {}
     for s in strategies:
-        row = sampling_flops_per_image(expert_mean, forward[ROUTER_JOB], s, **common)
+        row = sampling_flops_per_image(
+            expert_mean, forward[ROUTER_JOB], s, **common, **_measured_experts(*(usage or {}).get(s, ((), 0)))
+        )
         if measured:
             row.update(measured_per_image=measured[s], measured_images=int(measured_images))
+            if s in DATA_DEPENDENT and measured_usage and s in measured_usage:
+                at = _measured_experts(measured_usage[s], int(measured_images))
+                row["measured_formula_per_image"] = sampling_flops_per_image(
+                    expert_mean, forward[ROUTER_JOB], s, **common, **at
+                )["per_image"]
         sampling[s] = row
     sampling["single_model"] = sampling_flops_per_image(expert_mean, 0, None, **common)
     return dict(

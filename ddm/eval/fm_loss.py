@@ -48,7 +48,9 @@ def heldout_fm_loss(
     """``{"per_t": [{"t", "loss"}], "mean", "num_samples"}`` of ``model`` on clean images ``x0`` (model scale).
 
     ``y`` holds labels (``None``: unconditional calls). Ensembles record routing
-    usage on every call; it is cleared afterwards so evaluation leaves no trace.
+    usage on every call; it is cleared afterwards so evaluation leaves no trace,
+    and an ensemble's result adds ``experts_per_call``: the mean experts per sample
+    it ran on (``ddm.ensemble.experts_per_sample``).
     """
     if len(t_grid) == 0:
         raise BadInput("eval.fm_loss.t_grid is empty: give at least one t in (0, 1)")
@@ -56,6 +58,8 @@ def heldout_fm_loss(
     if bad:
         raise BadInput(f"eval.fm_loss.t_grid values {bad} are outside [0, 1]")
     device = device or module_device(model)
+    if isinstance(model, Ensemble):
+        model.reset_usage()  # cleared afterwards anyway: the records of these calls only
     rows = []
     for j, t_value in enumerate(t_grid):
         eps_all = fixed_noise(x0.shape, seed, j)
@@ -68,9 +72,12 @@ def heldout_fm_loss(
             # Sum of per-sample means, so the total is a mean over samples whatever the batch split.
             total += path.loss(model, x, labels, t=t, eps=eps).sum().item()
         rows.append(dict(t=float(t_value), loss=total / len(x0)))
+    out = dict(per_t=rows, mean=sum(r["loss"] for r in rows) / len(rows), num_samples=int(len(x0)))
     if isinstance(model, Ensemble):
+        # each usage record counts one batch's samples: the mean over records, weighted by batch
+        out["experts_per_call"] = sum(sum(r["counts"]) for r in model.usage) / (len(x0) * len(t_grid))
         model.reset_usage()
-    return dict(per_t=rows, mean=sum(r["loss"] for r in rows) / len(rows), num_samples=int(len(x0)))
+    return out
 
 
 def fm_loss_summary(

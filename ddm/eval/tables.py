@@ -14,6 +14,15 @@ __all__ = ["SAMPLING_LABELS", "fmt_flops", "render_report"]
 SAMPLING_LABELS = {"single_model": "one expert-sized model, no router (monolith of the same size)"}
 
 
+def _experts_cell(r: dict) -> str:
+    """Experts per call: the fixed count, a measured mean, or a bound; ``cond + uncond`` under separate routing."""
+    how = {"usage": " (mean)", "bound": " (at most)"}.get(r.get("experts_from"), "")
+    cell = num(r["experts_per_call"], ".3g")
+    if r.get("cfg_routing") == "separate":
+        cell = f"{cell} + {num(r['uncond_experts_per_call'], '.3g')} (null input routed separately)"
+    return cell + how
+
+
 def _quality(name: str, space: dict, sampling: dict) -> list[str]:
     acc = space.get("test_accuracy")
     what = (
@@ -167,7 +176,7 @@ def render_report(m: dict) -> str:
             [
                 SAMPLING_LABELS.get(s, s),
                 r["calls"],
-                r["experts_per_call"],
+                _experts_cell(r),
                 r["cfg_factor"],
                 fmt_flops(r["per_image"]),
                 fmt_flops(r.get("measured_per_image")),
@@ -175,5 +184,13 @@ def render_report(m: dict) -> str:
             for s, r in sampling.items()
         ],
     )
+    if any(r.get("experts_from") in ("usage", "bound") for r in sampling.values()):
+        lines += [
+            "threshold and nucleus run as many experts as the router's confidence asks for: their experts/call "
+            "is the mean over the generated images and solver evaluations (or, without usage records, the "
+            "upper bound K). The measured column counts its own few images, whose mean may differ "
+            "(`measured_formula_per_image` in metrics.json is the formula at that mean).",
+            "",
+        ]
     lines += [f"Evaluation took {m['wall_s']:.1f} s.", ""]
     return "\n".join(lines)

@@ -98,8 +98,8 @@ def run(cfg) -> dict:
     inception = load_inception(cfg.eval)  # fail on a missing file before any slow work
     ctx = EvaluationContext(cfg, rd, settings, redo)
     metrics = dict(stage="evaluate", settings=settings, run=ctx.run_info(), heldout=ctx.heldout_info())
-    metrics["flops"] = flops_section(ctx)
     generated = {s: ctx.generated(s) for s in ctx.strategies}
+    metrics["flops"] = flops_section(ctx, generated)  # threshold, nucleus: at the experts these images used
     metrics["feature_spaces"] = feature_spaces(ctx, generated, inception)
     metrics.update(generated_summary(generated))
     if ctx.text:

@@ -154,7 +154,9 @@ def _router_section(rd: RunDir, router: dict) -> list[str]:
 
 
 def _samples_section(samples: dict) -> list[str]:
-    keys = ("strategy", "top_k", "experts", "solver", "steps", "cfg_scale", "seed")
+    # the option of the strategy in use only (top_k of topk, threshold, top_p of nucleus)
+    option = {"topk": "top_k", "threshold": "threshold", "nucleus": "top_p"}.get(samples.get("strategy"))
+    keys = ("strategy", option, "experts", "solver", "steps", "cfg_scale", "cfg_routing", "seed")
     settings = ", ".join(f"{k}={samples.get(k)}" for k in keys if k in samples)
     return [
         "## Samples",

@@ -6,6 +6,7 @@ Reads ``router/router.pt`` and ``experts/expert-KK/expert.pt``; writes, in ``sam
     samples.npz   images (uint8 [N, H, W] or [N, H, W, C]), labels (-1: unconditional),
                   num_grid (the first num_grid images are the grid)
     usage.json    one record per solver evaluation: t, samples per expert, mean routing weight
+                  (sample.cfg_routing=separate with guidance: also those of the null input, uncond_*)
     usage.png     each expert's share of the routing weight against t
     record.json   settings and summary, written last (the stage's "done" marker)
 
@@ -28,6 +29,7 @@ from omegaconf import OmegaConf
 from ddm import seeds
 from ddm.artifacts import RunDir
 from ddm.devices import allow_tf32, autocast_dtype, resolve_device
+from ddm.ensemble import ROUTING_DEFAULTS, Ensemble, check_routing, experts_per_sample
 from ddm.errors import BadInput
 from ddm.images import to_uint8
 from ddm.io import atomic_path, read_json, write_json
@@ -46,6 +48,9 @@ log = logging.getLogger("ddm")
 SETTINGS = (
     "strategy",
     "top_k",
+    "threshold",
+    "top_p",
+    "cfg_routing",
     "experts",
     "temperature",
     "solver",
@@ -62,7 +67,11 @@ SETTINGS = (
 
 def requested_settings(sc) -> dict:
     sc = OmegaConf.to_container(sc, resolve=True) if OmegaConf.is_config(sc) else dict(sc)
-    out = {k: sc.get(k) for k in SETTINGS}
+    out = {k: sc.get(k, ROUTING_DEFAULTS.get(k)) for k in SETTINGS}
+    # checked here, so a bad value fails before any network is loaded (the evaluate stage's settings too)
+    out["threshold"], out["top_p"], out["cfg_routing"] = check_routing(
+        out["threshold"], out["top_p"], out["cfg_routing"]
+    )
     experts = out["experts"]
     if isinstance(experts, str):
         if experts != AVAILABLE:
@@ -134,6 +143,7 @@ def run(cfg) -> dict:
         temperature=float(settings["temperature"]),
         generator=gen_route,
     )
+    ensemble = with_routing(ensemble, settings)
     check_guidance(info, settings["cfg_scale"])
     num_classes = int(info["num_classes"])
     prompts = sample_prompts(cfg, rd) if info.get("text") else None
@@ -157,7 +167,11 @@ def run(cfg) -> dict:
     )
     out = _write(rd, images, labels, num_grid, usage, rows, int(sc.per_class), settings)
 
-    used = [k for k in range(info["num_experts"]) if any(r["counts"][k] for r in usage)]
+    used = [
+        k
+        for k in range(info["num_experts"])
+        if any(r["counts"][k] or r.get("uncond_counts", r["counts"])[k] for r in usage)
+    ]
     # settings twice: flat for readers (the report), nested for the skip check
     record = dict(
         settings=settings,
@@ -169,6 +183,8 @@ def run(cfg) -> dict:
         experts_loaded=info["experts"],
         experts_used=used,
         experts_missing=info["missing_experts"],
+        # mean experts per sample and model call (data-dependent under threshold and nucleus)
+        experts_per_sample=experts_per_sample(usage, total),
         evaluations_per_batch=num_evaluations(int(settings["steps"]), settings["solver"]),
         flow=info["flow"],
         device=str(device),
@@ -195,6 +211,31 @@ def run(cfg) -> dict:
     return record
 
 
+def with_routing(ensemble: Ensemble, settings: dict) -> Ensemble:
+    """``ensemble`` with the settings' ``threshold``, ``top_p`` and ``cfg_routing`` (its modules shared).
+
+    ``load_ensemble`` builds the ensemble with its strategy and top-k; the routing
+    options the loader does not take are set here, through ``Ensemble``'s own checks.
+    """
+    return Ensemble(
+        {int(k): m for k, m in ensemble.experts.items()},
+        ensemble.router,
+        strategy=ensemble.strategy,
+        top_k=ensemble.top_k,
+        subset=ensemble.active_ids,
+        generator=ensemble.generator,
+        temperature=ensemble.temperature,
+        num_experts=ensemble.num_experts,
+        threshold=settings["threshold"],
+        top_p=settings["top_p"],
+        cfg_routing=settings["cfg_routing"],
+    ).eval()
+
+
+# The per-expert fields of a usage record, summed (counts) or image-weighted (weights) over batches.
+USAGE_FIELDS = ("counts", "weights", "uncond_counts", "uncond_weights")
+
+
 def draw(ensemble, path, shape, labels, total, batch_size, settings, generator, device, decode=None):
     """Sample ``total`` images in batches; usage records merged per solver evaluation.
 
@@ -202,8 +243,8 @@ def draw(ensemble, path, shape, labels, total, batch_size, settings, generator, 
     """
     precision = autocast_dtype(settings.get("precision"), torch.device(device), "sample.precision")
     n_eval = num_evaluations(int(settings["steps"]), settings["solver"])
-    counts = np.zeros((n_eval, ensemble.num_experts))
-    weights = np.zeros((n_eval, ensemble.num_experts))
+    merged = {f: np.zeros((n_eval, ensemble.num_experts)) for f in USAGE_FIELDS}
+    present = {"counts", "weights"}
     ts = np.zeros(n_eval)
     chunks = []
     for lo in range(0, total, batch_size):
@@ -224,13 +265,18 @@ def draw(ensemble, path, shape, labels, total, batch_size, settings, generator, 
         )
         chunks.append(to_uint8(x if decode is None else decode(x)))
         for i, rec in enumerate(ensemble.usage):
-            counts[i] += rec["counts"]
-            weights[i] += n * np.asarray(rec["weights"])  # batch-size weighted mean over batches
+            for f in USAGE_FIELDS:
+                if f in rec:
+                    present.add(f)
+                    # counts summed; weights a batch-size weighted mean over batches
+                    merged[f][i] += np.asarray(rec[f]) * (1 if f.endswith("counts") else n)
             ts[i] = rec["t"]
-    usage = [
-        dict(t=float(ts[i]), counts=[int(c) for c in counts[i]], weights=(weights[i] / total).tolist())
-        for i in range(n_eval)
-    ]
+    usage = []
+    for i in range(n_eval):
+        rec = dict(t=float(ts[i]))
+        for f in (f for f in USAGE_FIELDS if f in present):
+            rec[f] = [int(c) for c in merged[f][i]] if f.endswith("counts") else (merged[f][i] / total).tolist()
+        usage.append(rec)
     return np.concatenate(chunks), usage
 
 

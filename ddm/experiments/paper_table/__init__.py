@@ -8,9 +8,11 @@ What it compares (the grid lives under ``paper:`` in ``conf/experiment/paper_*.y
   paper's baseline, K experts on a **random** partition;
 - each configuration at several **training budgets** (steps), so the curves show a trend;
 - **routing strategies** on the same trained experts and router (no retraining):
-  ``top1``, ``topk``, ``full``, ``sample`` and ``class_expert``: for class c, always
-  the expert whose cluster holds most training images of c (an oracle-like
-  baseline for class-conditional runs);
+  ``top1``, ``topk``, ``full``, ``sample``, ``threshold`` and ``nucleus`` (at the
+  table's ``sample.threshold`` and ``sample.top_p``), ``top1_separate_cfg``: top-1
+  with guidance's null input routed on its own (``sample.cfg_routing=separate``),
+  and ``class_expert``: for class c, always the expert whose cluster holds most
+  training images of c (an oracle-like baseline for class-conditional runs);
 - one sampler (solver, steps, guidance scale, number of samples, seed) for every row.
 
 Equal FLOPs: the router's training FLOPs count on the DDM side. With
@@ -30,6 +32,7 @@ The modules, in the order the work flows:
 - ``estimate``: the wall-time estimate from a few timed steps;
 - ``runs``: data, clustering, training and evaluation of each run (the K = 1 constant router);
 - ``class_expert``: the fixed per-class expert baseline;
+- ``extra_rows``: the rows evaluated beside the evaluate stage (class_expert, top1_separate_cfg);
 - ``results``: the rows of a run, the shared settings, the files written;
 - ``table`` and ``plots``: table.md and the two plots.
 """
@@ -46,11 +49,11 @@ import torch
 from ddm.io import write_json
 
 from . import estimate  # the module: its function of the same name would hide it
-from .plan import CLASS_EXPERT, SINGLE, Config, Plan, Run, describe, make_plan, paper_grid
+from .plan import CLASS_EXPERT, SEPARATE_CFG, SINGLE, Config, Plan, Run, describe, make_plan, paper_grid
 from .results import prep_wall_s, rows_of, run_wall_s, settings_summary, write_outputs
 from .runs import evaluate_run, prepare_clustering, prepare_data, train_run
 
-__all__ = ["CLASS_EXPERT", "SINGLE", "Config", "Plan", "Run", "describe", "make_plan", "run"]
+__all__ = ["CLASS_EXPERT", "SEPARATE_CFG", "SINGLE", "Config", "Plan", "Run", "describe", "make_plan", "run"]
 
 log = logging.getLogger("ddm")
 
@@ -101,10 +104,10 @@ def _run(cfg) -> dict:
     for i, r in enumerate(plan.runs):
         log.info("paper table: [%d/%d] %s", i + 1, len(plan.runs), r.name)
         train_run(cfg, r)
-        metrics, class_metrics = evaluate_run(cfg, r)
+        metrics, extra = evaluate_run(cfg, r)
         first = first or metrics
-        rows += rows_of(r, metrics, class_metrics, root)
-        per_run[r.name] = dict(wall_s=run_wall_s(r, metrics, class_metrics), run_dir=os.path.relpath(r.folder, root))
+        rows += rows_of(r, metrics, extra, root)
+        per_run[r.name] = dict(wall_s=run_wall_s(r, metrics, extra), run_dir=os.path.relpath(r.folder, root))
     results = dict(
         settings=settings_summary(cfg, plan, first),
         rows=rows,

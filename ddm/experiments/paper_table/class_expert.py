@@ -1,14 +1,12 @@
 """The fixed per-class expert: for class c, always the expert whose cluster holds most training images of c.
 
 An oracle-like baseline for class-conditional runs, evaluated on the same
-trained experts as the routed rows. Its metrics are cached beside the evaluate
-stage's, in ``evaluation/class_expert.json``, keyed by the evaluate stage's settings.
+trained experts as the routed rows (``extra_rows.evaluate_extra_row``). Its
+metrics are cached beside the evaluate stage's, in ``evaluation/class_expert.json``,
+keyed by the evaluate stage's settings.
 """
 
 from __future__ import annotations
-
-import logging
-import time
 
 import numpy as np
 import torch
@@ -17,16 +15,10 @@ import torch.nn as nn
 from ddm.artifacts import RunDir
 from ddm.data.shards import load_manifest
 from ddm.ensemble import Ensemble
-from ddm.eval import feature_net as fnet
 from ddm.eval.flops import mean_expert_flops, sampling_flops_per_image
-from ddm.io import read_json, write_json
-from ddm.jobs import ensemble_name
 from ddm.stages import evaluate
 
-from .layout import derive
 from .plan import CLASS_EXPERT
-
-log = logging.getLogger("ddm")
 
 
 class ClassRouter(nn.Module):
@@ -79,63 +71,28 @@ class ClassExpertContext(evaluate.EvaluationContext):
         experts = {int(k): m for k, m in self.base.experts.items()}
         return Ensemble(experts, self.class_router, strategy="top1", num_experts=self.base.num_experts).eval()
 
-    def forward_per_call(self, strategy):
+    def forward_per_call(self, strategy, experts_per_call=None):
         # one expert and no router network: the cost of a single model
-        return super().forward_per_call(None if strategy == CLASS_EXPERT else strategy)
+        return super().forward_per_call(None if strategy == CLASS_EXPERT else strategy, experts_per_call)
 
+    def sampling_flops(self, generated: dict) -> dict:
+        """One expert per sample and no router network (``sampling_flops_per_image`` of top-1 at router 0)."""
+        sc = self.sc
+        return sampling_flops_per_image(
+            mean_expert_flops(self.forward),
+            0,
+            "top1",
+            steps=int(sc["steps"]),
+            solver=sc["solver"],
+            cfg_scale=float(sc["cfg_scale"]),
+            conditional=self.conditional,
+            num_experts=self.base.num_experts,
+            top_k=int(sc["top_k"]),
+        )
 
-def evaluate_class_expert(cfg) -> dict:
-    """FD, precision, recall, FM loss and sampling FLOPs of the fixed per-class expert of run ``cfg.run_dir``.
+    def row_info(self) -> dict:
+        """What the row's result records beside its metrics: each class's expert and the counts behind it."""
+        return dict(expert_of_class=self.table, class_counts=self.class_counts)
 
-    Returns the cached result when the evaluate stage's settings are unchanged (and ``redo`` is not set).
-    """
-    rd = RunDir(cfg.run_dir)
-    target = evaluate.evaluation_dir(rd) / f"{CLASS_EXPERT}.json"
-    settings = evaluate.settings_of(cfg)
-    if target.exists() and not cfg.get("redo", False):
-        cached = read_json(target)
-        if cached.get("settings") == settings:
-            return cached
-    start = time.perf_counter()
-    ctx = ClassExpertContext(
-        derive(cfg, **{"eval.fm_loss.strategies": [CLASS_EXPERT], "eval.fm_loss.per_expert": False}), rd, settings
-    )
-    generated = ctx.generated(CLASS_EXPERT)
-    net, info = ctx.feature_net()
-    classify = (lambda x: fnet.predict(net.net, x, ctx.batch)) if info["target"] == "class" else None
-    quality = ctx.quality(lambda x: fnet.features(net.net, x, ctx.batch), {CLASS_EXPERT: generated}, classify=classify)
-    fm = ctx.fm_loss()["models"][ensemble_name(CLASS_EXPERT)]
-    sc = ctx.sc
-    expert_mean = mean_expert_flops(ctx.forward)
-    sampling = sampling_flops_per_image(
-        expert_mean,
-        0,
-        "top1",
-        steps=int(sc["steps"]),
-        solver=sc["solver"],
-        cfg_scale=float(sc["cfg_scale"]),
-        conditional=ctx.conditional,
-        num_experts=ctx.base.num_experts,
-        top_k=int(sc["top_k"]),
-    )
-    result = dict(
-        settings=settings,
-        feature_space=net.space,
-        expert_of_class=ctx.table,
-        class_counts=ctx.class_counts,
-        quality=quality["strategies"][CLASS_EXPERT],
-        fm_loss=fm,
-        sampling=sampling,
-        generated=generated["source"],
-        wall_s=round(time.perf_counter() - start, 2),
-    )
-    write_json(target, result)
-    log.info(
-        "paper table: %s fixed per-class expert %s: FD %.4g (%s) -> %s",
-        rd.root.name,
-        ctx.table,
-        result["quality"]["fd"],
-        net.space,
-        target,
-    )
-    return read_json(target)  # what a rerun returns: JSON types throughout
+    def describe(self) -> str:
+        return f"fixed per-class expert {self.table}"

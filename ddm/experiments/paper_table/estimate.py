@@ -14,7 +14,7 @@ from ddm.models.dit import DiT, DiTClassifier
 from ddm.sampling import num_evaluations
 
 from .layout import clustering_dir, data_dir
-from .plan import CLASS_EXPERT, SINGLE, Plan
+from .plan import CLASS_EXPERT, SEPARATE_CFG, SINGLE, Plan
 
 # Rough costs the estimate cannot time in advance (seconds).
 # A Lightning step (data loading, EMA, logging) against the bare step timed here. Measured on 2 CPU cores
@@ -118,7 +118,8 @@ def estimate(cfg, plan: Plan) -> dict:
         if rd.evaluation_metrics.exists():
             continue
         for s in r.rows:
-            experts = 1 if s in (SINGLE, CLASS_EXPERT) else EXPERTS_PER_CALL[s](r.config.k, int(sc.top_k))
+            # threshold and nucleus: their bound K, so the estimate errs long
+            experts = 1 if s in (SINGLE, CLASS_EXPERT, SEPARATE_CFG) else EXPERTS_PER_CALL[s](r.config.k, int(sc.top_k))
             evaluation += (n * calls * cfg_factor + fm_n) * experts * fwd_s
         evaluation += EVAL_OVERHEAD_S
     data = 0.0 if RunDir(data_dir(cfg)).data_manifest.exists() else DATA_S

@@ -8,14 +8,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ddm.ensemble import STRATEGIES
+from ddm.ensemble import ROUTING_DEFAULTS, STRATEGIES, check_routing
 from ddm.errors import BadInput, MissingConfig
 from ddm.eval.flops import model_forward_flops
 from ddm.models.dit import DiT, DiTClassifier
 
 CLASS_EXPERT = "class_expert"  # the fixed per-class expert baseline
+SEPARATE_CFG = "top1_separate_cfg"  # top-1 with guidance's null input routed on its own (sample.cfg_routing=separate)
 SINGLE = "single"  # the strategy label of a monolith row (one model, no router)
-KNOWN_STRATEGIES = (*STRATEGIES, CLASS_EXPERT)
+KNOWN_STRATEGIES = (*STRATEGIES, SEPARATE_CFG, CLASS_EXPERT)
+# Rows evaluated beside the evaluate stage, each cached in evaluation/<label>.json.
+EXTRA_ROWS = (SEPARATE_CFG, CLASS_EXPERT)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Run:
     strategies: tuple[str, ...]  # ensemble strategies the evaluate stage computes
     class_expert: bool  # also evaluate the fixed per-class expert
     folder: Path
+    separate_cfg: bool = False  # also evaluate top-1 with separately routed guidance
 
     @property
     def name(self) -> str:
@@ -55,7 +59,13 @@ class Run:
         """The strategy label of each table row this run gives."""
         if self.config.k == 1:
             return (SINGLE,)
-        return self.strategies + ((CLASS_EXPERT,) if self.class_expert else ())
+        return self.strategies + tuple(label for label in self.extra_rows)
+
+    @property
+    def extra_rows(self) -> tuple[str, ...]:
+        """The rows evaluated beside the evaluate stage (``EXTRA_ROWS``), in table order."""
+        wanted = {SEPARATE_CFG: self.separate_cfg, CLASS_EXPERT: self.class_expert}
+        return tuple(label for label in EXTRA_ROWS if wanted[label])
 
 
 @dataclass
@@ -91,6 +101,8 @@ def make_plan(cfg) -> Plan:
         raise BadInput("sample.experts must be null for the paper table: every row uses all of its experts")
     if str(p.strategies_at) not in ("all", "largest"):
         raise BadInput(f"paper.strategies_at={p.strategies_at!r} must be `all` or `largest`")
+    # the routing options every row samples with: a bad one fails before hours of training, not after
+    check_routing(**{k: cfg.sample.get(k, v) for k, v in ROUTING_DEFAULTS.items()})
 
     configs = [Config("monolith", "random", 1)]
     configs += [Config(f"clustered-k{int(k)}", str(p.clustering), int(k)) for k in p.ks]
@@ -115,6 +127,7 @@ def make_plan(cfg) -> Plan:
     extra = {b: monolith_extra_steps(cfg, b, expert_fwd, router_fwd) for b in budgets}
 
     full_grid = budgets if str(p.strategies_at) == "all" else budgets[-1:]
+    separate_note = _separate_cfg_skipped(cfg, classes)
     notes = []
     runs = []
     for b in budgets:
@@ -132,10 +145,24 @@ def make_plan(cfg) -> Plan:
             if "top1" not in ens:
                 ens.insert(0, "top1")  # the training curves are drawn from top-1 rows
             cls = CLASS_EXPERT in wanted and classes > 0
-            runs.append(Run(c, b, b, batch // c.k, router_steps(cfg, b), tuple(ens), cls, folder))
+            sep = SEPARATE_CFG in wanted and separate_note is None
+            runs.append(Run(c, b, b, batch // c.k, router_steps(cfg, b), tuple(ens), cls, folder, sep))
     if CLASS_EXPERT in strategies and classes == 0:
         notes.append("the data has no class labels: the fixed per-class expert is skipped")
+    if SEPARATE_CFG in strategies and separate_note:
+        notes.append(separate_note)
     return Plan(configs, runs, expert_fwd, router_fwd, extra, list(dict.fromkeys(notes)))
+
+
+def _separate_cfg_skipped(cfg, classes: int) -> str | None:
+    """Why the separately routed guidance row would repeat top-1 (then it is skipped), or None."""
+    if not classes and str(cfg.get("text", {}).get("kind", "none")) == "none":
+        return "the data has no class labels (no guidance): the separate guidance routing row is skipped"
+    if float(cfg.sample.cfg_scale) == 1.0:
+        return "sample.cfg_scale=1 (no guidance): the separate guidance routing row equals top-1; skipped"
+    if str(cfg.sample.get("cfg_routing", ROUTING_DEFAULTS["cfg_routing"])) == "separate":
+        return "sample.cfg_routing=separate: every row routes guidance separately; that row is not repeated"
+    return None
 
 
 def router_steps(cfg, budget: int) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 from ddm.io import atomic_path
 from ddm.markdown import fmt_flops
 
-from .plan import CLASS_EXPERT, KNOWN_STRATEGIES, SINGLE
+from .plan import CLASS_EXPERT, KNOWN_STRATEGIES, SEPARATE_CFG, SINGLE
 from .table import strategy_label
 
 METRICS = (
@@ -18,7 +18,17 @@ METRICS = (
     ("fm_loss", "held-out FM loss (lower is better)"),
 )
 # The marker of each strategy in the sampling-FLOPs plot.
-MARKERS = {SINGLE: "*", "top1": "o", "topk": "s", "full": "D", "sample": "v", CLASS_EXPERT: "P"}
+MARKERS = {
+    SINGLE: "*",
+    "top1": "o",
+    "topk": "s",
+    "full": "D",
+    "sample": "v",
+    "threshold": "^",
+    "nucleus": "<",
+    SEPARATE_CFG: "X",
+    CLASS_EXPERT: "P",
+}
 
 
 def _pyplot():
@@ -98,10 +108,10 @@ def plot_train_flops(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_sampling_flops(rows: list[dict], path: Path, top_k: int) -> None:
+def plot_sampling_flops(rows: list[dict], path: Path, sampler: dict) -> None:
     """FD and FM loss against sampling FLOPs per image at the largest budget.
 
-    Colour: the configuration; marker: the strategy.
+    Colour: the configuration; marker: the strategy. ``sampler``: the table's sampler settings (strategy labels).
     """
     plt = _pyplot()
     budget = max(r["budget"] for r in rows)
@@ -132,7 +142,7 @@ def plot_sampling_flops(rows: list[dict], path: Path, top_k: int) -> None:
     present = {r["strategy"] for r in rows}
     strategies = [st for st in (SINGLE, *KNOWN_STRATEGIES) if st in present]
     handles += [
-        Line2D([], [], color="grey", marker=MARKERS.get(s, "o"), ls="", label=strategy_label(s, top_k))
+        Line2D([], [], color="grey", marker=MARKERS.get(s, "o"), ls="", label=strategy_label(s, sampler))
         for s in strategies
     ]
     axes[1].legend(handles=handles, fontsize=7, loc="best")

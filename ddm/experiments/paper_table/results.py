@@ -16,13 +16,13 @@ from ddm.io import read_json, write_text
 from ddm.jobs import ensemble_name, expert_id_of, is_training_job
 
 from .layout import clustering_dir, data_dir
-from .plan import CLASS_EXPERT, SINGLE, Plan, Run
+from .plan import SINGLE, Plan, Run
 from .plots import plot_sampling_flops, plot_train_flops
 from .table import render_table
 
 
-def rows_of(r: Run, metrics: dict, class_metrics: dict | None, root: Path) -> list[dict]:
-    """One table row per strategy of run ``r``, from its metrics."""
+def rows_of(r: Run, metrics: dict, extra: dict[str, dict], root: Path) -> list[dict]:
+    """One table row per strategy of run ``r``, from its metrics and its extra rows' (``evaluate_run``)."""
     name, space = next((n, s) for n, s in metrics["feature_spaces"].items() if n.startswith("classifier:"))
     fl = metrics["flops"]
     jobs = fl["train"]["jobs"]
@@ -45,12 +45,11 @@ def rows_of(r: Run, metrics: dict, class_metrics: dict | None, root: Path) -> li
     )
     rows = []
     for s in r.rows:
-        if s == CLASS_EXPERT:
-            q, fm, sampling = class_metrics["quality"], class_metrics["fm_loss"], class_metrics["sampling"]
-            if class_metrics["feature_space"] != name:
+        if s in extra:
+            q, fm, sampling = extra[s]["quality"], extra[s]["fm_loss"], extra[s]["sampling"]
+            if extra[s]["feature_space"] != name:
                 raise BadInput(
-                    f"{r.folder}: the fixed per-class expert was measured in "
-                    f"{class_metrics['feature_space']}, the other rows in {name}"
+                    f"{r.folder}: the {s} row was measured in {extra[s]['feature_space']}, the other rows in {name}"
                 )
         else:
             key = "top1" if s == SINGLE else s
@@ -61,6 +60,8 @@ def rows_of(r: Run, metrics: dict, class_metrics: dict | None, root: Path) -> li
                 common,
                 strategy=s,
                 sampling_flops_per_image=sampling["per_image"],
+                # threshold, nucleus: the mean over the generated images (experts_from "usage"); else fixed
+                experts_per_call=sampling.get("experts_per_call"),
                 fd=q["fd"],
                 precision=q["precision"],
                 recall=q["recall"],
@@ -72,11 +73,12 @@ def rows_of(r: Run, metrics: dict, class_metrics: dict | None, root: Path) -> li
     return rows
 
 
-def run_wall_s(r: Run, metrics: dict, class_metrics: dict | None) -> float:
+def run_wall_s(r: Run, metrics: dict, extra: dict[str, dict]) -> float:
     """Wall time spent on one run: its training jobs' timing files plus its evaluations."""
     rd = RunDir(r.folder)
     train = sum(t["wall_s"] for job, t in rd.all_timings().items() if is_training_job(job))
-    return round(train + float(metrics.get("wall_s", 0)) + float((class_metrics or {}).get("wall_s", 0)), 1)
+    evaluations = float(metrics.get("wall_s", 0)) + sum(float(m.get("wall_s", 0)) for m in extra.values())
+    return round(train + evaluations, 1)
 
 
 def prep_wall_s(cfg, plan: Plan) -> float:
@@ -116,6 +118,9 @@ def settings_summary(cfg, plan: Plan, first: dict) -> dict:
             steps=int(sc.steps),
             cfg_scale=float(sc.cfg_scale),
             top_k=int(sc.top_k),
+            threshold=float(sc.threshold),
+            top_p=float(sc.top_p),
+            cfg_routing=str(sc.cfg_routing),
             temperature=float(sc.temperature),
         ),
         num_samples=int(ec.num_samples),
@@ -165,7 +170,7 @@ def write_outputs(cfg, results: dict) -> dict:
     plots = dict(train=root / "train_flops.png", sampling=root / "sampling_flops.png")
     if changed or not all(p.exists() for p in plots.values()):
         plot_train_flops(results["rows"], plots["train"])
-        plot_sampling_flops(results["rows"], plots["sampling"], int(cfg.sample.top_k))
+        plot_sampling_flops(results["rows"], plots["sampling"], results["settings"]["sampler"])
     return dict(
         table=str(root / "table.md"),
         results=str(root / "results.json"),

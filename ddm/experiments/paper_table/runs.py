@@ -25,7 +25,7 @@ from ddm.models.dit import DiTClassifier
 from ddm.stages.runner import run_stage
 from ddm.train.export import save_weights
 
-from .class_expert import evaluate_class_expert
+from .extra_rows import evaluate_extra_row
 from .layout import clustering_cfg, clustering_dir, data_cfg, data_dir, derive, link, run_cfg
 from .plan import Config, Plan, Run
 
@@ -95,8 +95,8 @@ def write_constant_router(cfg) -> dict:
     return record
 
 
-def evaluate_run(cfg, r: Run) -> tuple[dict, dict | None]:
-    """The evaluate stage's metrics (its own skip check applies) and the fixed per-class expert's, if asked."""
+def evaluate_run(cfg, r: Run) -> tuple[dict, dict[str, dict]]:
+    """The evaluate stage's metrics (its own skip check applies) and those of the run's extra rows, by label."""
     rcfg = run_cfg(cfg, r)
     metrics = run_stage("evaluate", rcfg)
-    return metrics, (evaluate_class_expert(rcfg) if r.class_expert else None)
+    return metrics, {label: evaluate_extra_row(rcfg, label) for label in r.extra_rows}

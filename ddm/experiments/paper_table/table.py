@@ -3,23 +3,46 @@ then every row with its training and sampling FLOPs."""
 
 from __future__ import annotations
 
+from ddm.ensemble import DATA_DEPENDENT
 from ddm.markdown import fmt_flops, num
 from ddm.markdown import table as md_table
 
-from .plan import CLASS_EXPERT, KNOWN_STRATEGIES, SINGLE
+from .plan import CLASS_EXPERT, KNOWN_STRATEGIES, SEPARATE_CFG, SINGLE
 
 STRATEGY_LABELS = {
     SINGLE: "single model",
     "top1": "top-1",
     "full": "full ensemble",
     "sample": "sample one per step",
+    SEPARATE_CFG: "top-1, null input routed separately",
     CLASS_EXPERT: "fixed per-class expert",
 }
 
 
-def strategy_label(s: str, top_k: int) -> str:
-    """A strategy's name in the table and the plots' legends (``topk`` with its k)."""
-    return f"top-{top_k}" if s == "topk" else STRATEGY_LABELS.get(s, s)
+def strategy_label(s: str, sampler: dict) -> str:
+    """A strategy's name in the table and the plots' legends, with its option (``sampler``: the table's sampler)."""
+    if s == "topk":
+        return f"top-{sampler['top_k']}"
+    if s == "threshold":
+        return f"threshold p >= {num(sampler.get('threshold'), 'g')}"
+    if s == "nucleus":
+        return f"nucleus top-p {num(sampler.get('top_p'), 'g')}"
+    return STRATEGY_LABELS.get(s, s)
+
+
+def _guidance_routing(sampler: dict) -> str:
+    if sampler.get("cfg_routing", "shared") == "separate":
+        return "guidance's null input is routed on its own in every row (sample.cfg_routing=separate)."
+    return (
+        "guidance's null input goes to the experts of the conditional input (sample.cfg_routing=shared), "
+        "except in the row that routes it separately."
+    )
+
+
+def _experts(r: dict) -> str:
+    """`` (1.37 experts/call)``: the measured mean of a data-dependent strategy, or nothing."""
+    e = r.get("experts_per_call")
+    return f" ({e:.2f} experts/call)" if r["strategy"] in DATA_DEPENDENT and e is not None else ""
 
 
 def _delta(x, ref) -> str:
@@ -51,12 +74,12 @@ def _strategy_cell(r: dict | None) -> str:
     """FD, FM loss and sampling FLOPs of one row, stacked in one cell."""
     if r is None:
         return "-"
-    return f"{num(r['fd'])}<br>FM {num(r['fm_loss'])}<br>{fmt_flops(r['sampling_flops_per_image'])}"
+    return f"{num(r['fd'])}<br>FM {num(r['fm_loss'])}<br>{fmt_flops(r['sampling_flops_per_image'])}{_experts(r)}"
 
 
 def render_table(results: dict) -> str:
     """table.md: settings, the comparison at equal FLOPs per budget, strategies, then every row."""
-    s, rows, top_k = results["settings"], results["rows"], results["settings"]["sampler"]["top_k"]
+    s, rows = results["settings"], results["rows"]
     budgets = sorted({r["budget"] for r in rows})
     configs = list(dict.fromkeys(r["config"] for r in rows))
     space = rows[0]["feature_space"] if rows else "-"
@@ -71,6 +94,11 @@ def render_table(results: dict) -> str:
         f"Sampler, the same for every row: {sampler['solver']}, {sampler['steps']} steps, guidance scale "
         f"{sampler['cfg_scale']}, {s['num_samples']} generated images per row against {s['num_real']} "
         f"held-out images, seed {s['seed']}.",
+        "",
+        f"Routing options: top-k k = {sampler.get('top_k')}, threshold {sampler.get('threshold')}, nucleus "
+        f"top-p {sampler.get('top_p')}; {_guidance_routing(sampler)} Threshold and nucleus run as many experts "
+        "as the router's confidence asks for: their sampling FLOPs are at the mean experts per model call of "
+        "their generated images (stated in their cells).",
         "",
         f"FD, precision and recall are measured in `{space}`: the penultimate features of a small classifier "
         f"trained on the training split (held-out accuracy {num(s.get('feature_net_accuracy'), '.3f')}); "
@@ -115,7 +143,7 @@ def render_table(results: dict) -> str:
             if c == "monolith":
                 continue
             table.append([c] + [_strategy_cell(by.get((c, b, st))) for st in strategies])
-        lines += md_table(["configuration"] + [strategy_label(st, top_k) for st in strategies], table)
+        lines += md_table(["configuration"] + [strategy_label(st, sampler) for st in strategies], table)
 
     lines += ["## Every row", ""]
     header = [
@@ -142,9 +170,9 @@ def render_table(results: dict) -> str:
             r["budget"],
             f"{r['expert_steps']} x {r['expert_batch']}",
             r["router_steps"] or "-",
-            strategy_label(r["strategy"], top_k),
+            strategy_label(r["strategy"], sampler),
             f"{fmt_flops(r['train_flops'])} ({num(100 * r['router_share'] if r['router_share'] else 0, '.1f')}%)",
-            fmt_flops(r["sampling_flops_per_image"]),
+            fmt_flops(r["sampling_flops_per_image"]) + _experts(r),
             num(r["fd"]),
             num(r["precision"], ".3f"),
             num(r["recall"], ".3f"),

@@ -19,7 +19,7 @@ import torch
 
 from ddm.artifacts import RunDir
 from ddm.devices import allow_tf32, resolve_device
-from ddm.ensemble import Ensemble
+from ddm.ensemble import DATA_DEPENDENT, Ensemble
 from ddm.eval import flops as flop_count
 from ddm.eval.fm_loss import fm_loss_summary
 from ddm.eval.heldout import load_images
@@ -106,8 +106,11 @@ class EvaluationContext:
             path=str(heldout_dir(self.rd)),
         )
 
-    def ensemble(self, strategy: str) -> Ensemble:
-        """The run's experts and router under another strategy (sharing the loaded modules)."""
+    def ensemble(self, strategy: str, cfg_routing: str | None = None) -> Ensemble:
+        """The run's experts and router under another strategy (sharing the loaded modules).
+
+        ``cfg_routing``: guidance routing other than ``sample.cfg_routing`` (None: that).
+        """
         experts = {int(k): m for k, m in self.base.experts.items()}
         # The ids actually loaded: sample.experts may be a list or a rule (all, or those on disk).
         ids = list(self.base.active_ids)
@@ -120,6 +123,9 @@ class EvaluationContext:
             temperature=float(self.sc["temperature"]),
             generator=generator(self.seed + ROUTING_OFFSET),
             num_experts=self.base.num_experts,
+            threshold=self.sc["threshold"],
+            top_p=self.sc["top_p"],
+            cfg_routing=cfg_routing or self.sc["cfg_routing"],
         ).eval()
 
     def subset(self, n) -> np.ndarray:
@@ -164,9 +170,12 @@ class EvaluationContext:
         """Measured forward FLOPs per sample of each expert and of the router."""
         return flop_count.forward_flops(self.base.experts, self.base.router, self.shape, self.conditional)
 
-    def forward_per_call(self, strategy: str | None) -> int:
-        """Forward FLOPs of one model call (no guidance) of an ensemble strategy, or of one expert (None)."""
-        return flop_count.forward_per_call(self.forward, strategy, int(self.sc["top_k"]))
+    def forward_per_call(self, strategy: str | None, experts_per_call: float | None = None) -> int:
+        """Forward FLOPs of one model call (no guidance) of an ensemble strategy, or of one expert (None).
+
+        ``experts_per_call``: the measured mean of a data-dependent strategy (None: its bound, K experts).
+        """
+        return flop_count.forward_per_call(self.forward, strategy, int(self.sc["top_k"]), experts_per_call)
 
     # ---- generated images ----------------------------------------------------------
     def generated(self, strategy: str) -> dict:
@@ -253,7 +262,7 @@ class EvaluationContext:
         models = {ensemble_name(s): (self.ensemble(str(s)), self.forward_per_call(str(s))) for s in fc.strategies}
         if fc.per_expert:
             models.update({expert_job(k): (m, self.forward[expert_job(k)]) for k, m in self.base.experts.items()})
-        return fm_loss_summary(
+        out = fm_loss_summary(
             models,
             self.path,
             self.model_space(idx),
@@ -263,6 +272,10 @@ class EvaluationContext:
             self.batch,
             self.device,
         )
+        for s in (str(s) for s in fc.strategies if str(s) in DATA_DEPENDENT):
+            row = out["models"][ensemble_name(s)]  # its cost at the experts it ran on these images
+            row["forward_flops_per_call"] = self.forward_per_call(s, row.get("experts_per_call"))
+        return out
 
     def router(self) -> dict:
         """metrics.json ``router``, or ``{skipped: why}`` when held-out images have no cluster::

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+from ddm.ensemble import DATA_DEPENDENT
 from ddm.eval import flops as flop_count
 from ddm.io import read_json
 from ddm.jobs import ROUTER_JOB, expert_job
 
 
-def flops_section(ctx) -> dict:
-    """metrics.json ``flops`` of an ``EvaluationContext``: see ``ddm.eval.flops.flops_summary``."""
+def flops_section(ctx, generated: dict | None = None) -> dict:
+    """metrics.json ``flops`` of an ``EvaluationContext``: see ``ddm.eval.flops.flops_summary``.
+
+    ``generated``: ``{strategy: ctx.generated(strategy)}``; their usage records give
+    the experts per call of the data-dependent strategies (``threshold``, ``nucleus``).
+    """
     rd, sc, n_measure = ctx.rd, ctx.sc, int(ctx.ec.flops.measure_images)
     records = {expert_job(k): rd.expert_record(k) for k in ctx.info["experts"]}
     records[ROUTER_JOB] = rd.router_record
     records = {job: read_json(p) if p.exists() else {} for job, p in records.items()}
-    measured = None
+    measured, measured_usage = None, {}
     if n_measure > 0:
         y = ctx.labels_for_model(ctx.subset(n_measure))
-        measured = {
-            s: flop_count.measured_sampling_flops(
+        measured = {}
+        for s in ctx.strategies:
+            measured_usage[s] = []
+            measured[s] = flop_count.measured_sampling_flops(
                 ctx.ensemble(s),
                 ctx.path,
                 ctx.shape,
@@ -26,9 +33,12 @@ def flops_section(ctx) -> dict:
                 sc["solver"],
                 float(sc["cfg_scale"]),
                 seed=ctx.seed,
+                usage=measured_usage[s],
             )
-            for s in ctx.strategies
-        }
+        n_measure = len(y) if y is not None else 2  # an unconditional call samples 2 images
+    usage = {
+        s: (g["usage"], g["usage_images"]) for s, g in (generated or {}).items() if s in DATA_DEPENDENT and g["usage"]
+    }
     return flop_count.flops_summary(
         ctx.forward,
         records,
@@ -41,4 +51,7 @@ def flops_section(ctx) -> dict:
         top_k=int(sc["top_k"]),
         measured=measured,
         measured_images=n_measure,
+        cfg_routing=sc["cfg_routing"],
+        usage=usage,
+        measured_usage=measured_usage,
     )

@@ -18,12 +18,15 @@ import numpy as np
 import torch
 
 from ddm.artifacts import RunDir
+from ddm.ensemble import ROUTING_DEFAULTS
 from ddm.io import atomic_path, read_json
 from ddm.seeds import EVAL_LABELS_OFFSET, EVAL_NOISE_OFFSET, generator
 from ddm.stages.sample import draw
 
 # Sampling settings that must match for samples/samples.npz to stand for a strategy.
-SAME_SAMPLING = ("top_k", "experts", "temperature", "solver", "steps", "cfg_scale")
+SAME_SAMPLING = ("top_k", "experts", "temperature", "solver", "steps", "cfg_scale", "cfg_routing")
+# ... and those of one strategy only.
+STRATEGY_OPTION = {"threshold": "threshold", "nucleus": "top_p"}
 
 
 def from_samples_stage(rd: RunDir, strategy: str, n: int, sampling: dict, seed: int) -> dict | None:
@@ -32,8 +35,10 @@ def from_samples_stage(rd: RunDir, strategy: str, n: int, sampling: dict, seed: 
     if not (rd.samples_record.exists() and npz_path.exists()):
         return None
     record = read_json(rd.samples_record)
-    made = record.get("settings", {})
-    if made.get("strategy") != strategy or any(made.get(k) != sampling.get(k) for k in SAME_SAMPLING):
+    # a record from before cfg_routing existed was made with what is now its default
+    made = {**ROUTING_DEFAULTS, **record.get("settings", {})}
+    keys = SAME_SAMPLING + tuple(k for s, k in STRATEGY_OPTION.items() if s == strategy)
+    if made.get("strategy") != strategy or any(made.get(k) != sampling.get(k) for k in keys):
         return None
     npz = np.load(npz_path)
     if len(npz["images"]) < n:
