@@ -44,6 +44,12 @@ STAGES: dict[str, Stage] = {
     "train-router": Stage(
         "train_router", "train the router that predicts a noisy sample's cluster", True, ("router", "island", "logger")
     ),
+    "distill": Stage(
+        "distill",
+        "train one student to match each sample's own expert (optional; sample.model=distilled samples it)",
+        True,
+        ("distill", "island", "logger"),
+    ),
     "sample": Stage("sample", "sample a labelled grid from the experts and the router", True, ("sample",)),
     "evaluate": Stage(
         "evaluate", "FD, precision/recall, held-out FM loss, router diagnostics, FLOPs", True, ("eval", "sample")

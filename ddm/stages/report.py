@@ -154,18 +154,12 @@ def _router_section(rd: RunDir, router: dict) -> list[str]:
 
 
 def _samples_section(samples: dict) -> list[str]:
-    keys = ("strategy", "top_k", "experts", "solver", "steps", "cfg_scale", "seed")
+    distilled = samples.get("model") == "distilled"  # one student, no router: no routing settings, no usage
+    keys = ("model", "solver", "steps", "cfg_scale", "seed")
+    keys = keys if distilled else ("strategy", "top_k", "experts", *keys[1:])
     settings = ", ".join(f"{k}={samples.get(k)}" for k in keys if k in samples)
-    return [
-        "## Samples",
-        "",
-        f"Settings: {settings}.",
-        "",
-        "One row per class: ![samples](samples/grid.png)",
-        "",
-        "Expert usage against t: ![usage](samples/usage.png)",
-        "",
-    ]
+    lines = ["## Samples", "", f"Settings: {settings}.", "", "One row per class: ![samples](samples/grid.png)", ""]
+    return lines if distilled else [*lines, "Expert usage against t: ![usage](samples/usage.png)", ""]
 
 
 def _timings_section(timings: dict) -> list[str]:
