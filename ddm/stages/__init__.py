@@ -50,7 +50,9 @@ STAGES: dict[str, Stage] = {
         True,
         ("distill", "island", "logger"),
     ),
-    "sample": Stage("sample", "sample a labelled grid from the experts and the router", True, ("sample",)),
+    "sample": Stage(
+        "sample", "sample a labelled grid from the experts and the router (or the distilled model)", True, ("sample",)
+    ),
     "evaluate": Stage(
         "evaluate", "FD, precision/recall, held-out FM loss, router diagnostics, FLOPs", True, ("eval", "sample")
     ),

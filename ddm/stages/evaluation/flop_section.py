@@ -1,10 +1,15 @@
-"""metrics.json ``flops`` of an evaluation: forward, training and sampling FLOPs, counted and measured."""
+"""metrics.json ``flops`` of an evaluation: forward, training and sampling FLOPs, counted and measured.
+
+A distilled row (``ddm.stages.evaluation.distilled``) adds ``forward_per_sample.distilled``,
+``sampling.distilled`` (one model, no router) and ``train.distilled`` (``ddm.eval.flops.distilled_training``).
+"""
 
 from __future__ import annotations
 
 from ddm.eval import flops as flop_count
 from ddm.io import read_json
 from ddm.jobs import ROUTER_JOB, expert_job
+from ddm.sampling.distilled import DISTILLED
 
 
 def flops_section(ctx) -> dict:
@@ -29,16 +34,23 @@ def flops_section(ctx) -> dict:
             )
             for s in ctx.strategies
         }
-    return flop_count.flops_summary(
-        ctx.forward,
-        records,
-        ctx.strategies,
+    common = dict(
         steps=int(sc["steps"]),
         solver=sc["solver"],
         cfg_scale=float(sc["cfg_scale"]),
         conditional=ctx.conditional,
         num_experts=len(ctx.info["experts"]),
         top_k=int(sc["top_k"]),
-        measured=measured,
-        measured_images=n_measure,
     )
+    routed = [s for s in ctx.strategies if s != DISTILLED]
+    summary = flop_count.flops_summary(
+        ctx.forward, records, routed, **common, measured=measured, measured_images=n_measure
+    )
+    if DISTILLED in ctx.strategies:
+        summary["forward_per_sample"][DISTILLED] = ctx.student_forward
+        row = flop_count.sampling_flops_per_image(ctx.student_forward, 0, None, **common)
+        if measured:
+            row.update(measured_per_image=measured[DISTILLED], measured_images=n_measure)
+        summary["sampling"][DISTILLED] = row
+        summary["train"][DISTILLED] = flop_count.distilled_training(summary["train"], read_json(rd.distilled_record))
+    return summary
