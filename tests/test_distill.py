@@ -279,3 +279,36 @@ def test_flops_of_the_student_and_its_teachers_follow_the_formula(distilled, tmp
         samples_seen=seen,
     )
     json.dumps(record)  # the record is plain JSON
+
+
+# ---- the paper table ---------------------------------------------------------------------------
+def test_the_paper_table_can_have_a_distilled_row(make_cfg, tmp_path):
+    from ddm.experiments.paper_table import make_plan
+    from ddm.experiments.paper_table.results import rows_of
+
+    plan = make_plan(make_cfg("experiment=paper_tiny", "paper.strategies=[top1,distilled]", "paper.estimate=false"))
+    by = {(r.config.name, r.budget): r for r in plan.runs}
+    largest = max(b for _, b in by)
+    assert by[("clustered-k2", largest)].rows == ("top1", "distilled")
+    assert by[("monolith", largest)].rows == ("single",) and "distilled" not in by[("clustered-k2", 6)].rows
+
+    quality = dict(fd=1.0, precision=0.5, recall=0.5, classifier_accuracy=0.9, num_generated=10)
+    jobs = {"expert-00": dict(flops=10), "expert-01": dict(flops=20), "router": dict(flops=5)}
+    metrics = dict(
+        feature_spaces={"classifier:abc": dict(strategies=dict(top1=quality, distilled=dict(quality, fd=2.0)))},
+        fm_loss=dict(models={"ensemble-top1": dict(mean=0.3), "distilled": dict(mean=0.4)}),
+        flops=dict(
+            train=dict(jobs=jobs, distilled=dict(experts=30, student=6, teacher_forward=2, total=38)),
+            sampling=dict(top1=dict(per_image=100), distilled=dict(per_image=80)),
+        ),
+    )
+    top1, student = rows_of(by[("clustered-k2", largest)], metrics, None, tmp_path)
+    assert (top1["train_flops"], top1["fd"], top1["sampling_flops_per_image"]) == (35, 1.0, 100)
+    assert (student["strategy"], student["fd"], student["fm_loss"], student["sampling_flops_per_image"]) == (
+        "distilled",
+        2.0,
+        0.4,
+        80,
+    )
+    # the experts' training, then the student's and its teachers' forwards; no router
+    assert (student["train_flops"], student["train_flops_distill"], student["train_flops_router"]) == (38, 8, 0)

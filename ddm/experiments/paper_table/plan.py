@@ -12,10 +12,12 @@ from ddm.ensemble import STRATEGIES
 from ddm.errors import BadInput, MissingConfig
 from ddm.eval.flops import model_forward_flops
 from ddm.models.dit import DiT, DiTClassifier
+from ddm.sampling.distilled import DISTILLED
 
 CLASS_EXPERT = "class_expert"  # the fixed per-class expert baseline
 SINGLE = "single"  # the strategy label of a monolith row (one model, no router)
-KNOWN_STRATEGIES = (*STRATEGIES, CLASS_EXPERT)
+# DISTILLED: the run's experts distilled into one student (`ddm distill`, cfg.distill), one model, no router
+KNOWN_STRATEGIES = (*STRATEGIES, CLASS_EXPERT, DISTILLED)
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class Run:
     expert_steps: int  # = budget, plus the router-matching extra for the monolith
     expert_batch: int  # monolith batch / K
     router_steps: int  # 0 for K = 1 (no router is trained)
-    strategies: tuple[str, ...]  # ensemble strategies the evaluate stage computes
+    strategies: tuple[str, ...]  # ensemble strategies the evaluate stage computes (and `distilled`)
     class_expert: bool  # also evaluate the fixed per-class expert
     folder: Path
 
@@ -131,6 +133,7 @@ def make_plan(cfg) -> Plan:
                 notes.append(f"{c.name}: sample.top_k={cfg.sample.top_k} >= K, so top-k equals `full`; not repeated")
             if "top1" not in ens:
                 ens.insert(0, "top1")  # the training curves are drawn from top-1 rows
+            ens += [DISTILLED] if DISTILLED in wanted else []  # the run's student, evaluated beside its ensemble
             cls = CLASS_EXPERT in wanted and classes > 0
             runs.append(Run(c, b, b, batch // c.k, router_steps(cfg, b), tuple(ens), cls, folder))
     if CLASS_EXPERT in strategies and classes == 0:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ddm.io import atomic_path
 from ddm.markdown import fmt_flops
+from ddm.sampling.distilled import DISTILLED
 
 from .plan import CLASS_EXPERT, KNOWN_STRATEGIES, SINGLE
 from .table import strategy_label
@@ -18,7 +19,7 @@ METRICS = (
     ("fm_loss", "held-out FM loss (lower is better)"),
 )
 # The marker of each strategy in the sampling-FLOPs plot.
-MARKERS = {SINGLE: "*", "top1": "o", "topk": "s", "full": "D", "sample": "v", CLASS_EXPERT: "P"}
+MARKERS = {SINGLE: "*", "top1": "o", "topk": "s", "full": "D", "sample": "v", CLASS_EXPERT: "P", DISTILLED: "X"}
 
 
 def _pyplot():

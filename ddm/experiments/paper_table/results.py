@@ -14,6 +14,7 @@ from ddm.artifacts import RunDir
 from ddm.errors import BadInput
 from ddm.io import read_json, write_text
 from ddm.jobs import ensemble_name, expert_id_of, is_training_job
+from ddm.sampling.distilled import DISTILLED
 
 from .layout import clustering_dir, data_dir
 from .plan import CLASS_EXPERT, SINGLE, Plan, Run
@@ -45,7 +46,14 @@ def rows_of(r: Run, metrics: dict, class_metrics: dict | None, root: Path) -> li
     )
     rows = []
     for s in r.rows:
-        if s == CLASS_EXPERT:
+        own = {}
+        if s == DISTILLED:
+            # its training FLOPs: the experts', then the student's and its teachers' forwards (no router)
+            q, fm, sampling = space["strategies"][s], metrics["fm_loss"]["models"][s], fl["sampling"][s]
+            d = fl["train"][s]
+            own = dict(train_flops=d["total"], train_flops_router=0, router_share=None)
+            own.update(train_flops_distill=None if d["total"] is None else d["student"] + d["teacher_forward"])
+        elif s == CLASS_EXPERT:
             q, fm, sampling = class_metrics["quality"], class_metrics["fm_loss"], class_metrics["sampling"]
             if class_metrics["feature_space"] != name:
                 raise BadInput(
@@ -59,6 +67,7 @@ def rows_of(r: Run, metrics: dict, class_metrics: dict | None, root: Path) -> li
         rows.append(
             dict(
                 common,
+                **own,
                 strategy=s,
                 sampling_flops_per_image=sampling["per_image"],
                 fd=q["fd"],

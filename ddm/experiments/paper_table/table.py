@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ddm.markdown import fmt_flops, num
 from ddm.markdown import table as md_table
+from ddm.sampling.distilled import DISTILLED
 
 from .plan import CLASS_EXPERT, KNOWN_STRATEGIES, SINGLE
 
@@ -14,6 +15,7 @@ STRATEGY_LABELS = {
     "full": "full ensemble",
     "sample": "sample one per step",
     CLASS_EXPERT: "fixed per-class expert",
+    DISTILLED: "distilled student",
 }
 
 
@@ -81,6 +83,12 @@ def render_table(results: dict) -> str:
         f"Training FLOPs = 3 x forward x samples seen, experts plus router. {s['flops_note']}",
         "",
     ]
+    if any(r["strategy"] == DISTILLED for r in rows):
+        lines += [
+            "A distilled student's training FLOPs are its experts' training, then its own (3 x forward x samples) "
+            "and its teachers' forwards (one expert forward per sample); it needs no router.",
+            "",
+        ]
 
     lines += [
         "## Top-1 DDM against the monolith",
