@@ -12,6 +12,8 @@ Data flows one way::
                   same keys and order, + manifest.json naming the VAE (latent runs only)
     experts/      expert-KK/ checkpoints, logs, expert.pt (EMA weights), record.json
     router/       checkpoints, logs, router.pt, record.json
+    distilled/    (optional, `ddm distill`) checkpoints, logs, expert.pt (one student of the
+                  experts, EMA weights, loadable as an expert), record.json
     samples/      grid.png, samples.npz, usage.json, usage.png, record.json
     report.md
     timings/      wall time and peak memory per stage (experts: experts/expert-KK/timing.json)
@@ -137,6 +139,19 @@ class RunDir:
     @property
     def router_record(self) -> Path:
         return self.router / "record.json"
+
+    # -- optional: one student distilled from the experts (``ddm distill``)
+    @property
+    def distilled(self) -> Path:
+        return self.root / "distilled"
+
+    @property
+    def distilled_weights(self) -> Path:
+        return self.distilled / "expert.pt"
+
+    @property
+    def distilled_record(self) -> Path:
+        return self.distilled / "record.json"
 
     # -- stage 6: samples
     @property

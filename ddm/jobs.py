@@ -12,6 +12,7 @@ from __future__ import annotations
 EXPERT_STAGE = "train-expert"
 ROUTER_JOB = "router"
 ROUTER_STAGE = "train-router"
+DISTILL_STAGE = "distill"  # the optional student of the experts: one job, distilled/
 
 
 def expert_job(expert_id: int) -> str:
@@ -40,8 +41,8 @@ def is_expert(name: str) -> bool:
 
 
 def is_training_job(name: str) -> bool:
-    """The jobs that train a network: ``train-expert-KK`` and ``train-router``."""
-    return name.startswith(f"{EXPERT_STAGE}-") or name == ROUTER_STAGE
+    """The jobs that train a network: ``train-expert-KK``, ``train-router`` and ``distill``."""
+    return name.startswith(f"{EXPERT_STAGE}-") or name in (ROUTER_STAGE, DISTILL_STAGE)
 
 
 def expert_id_of(job: str) -> int | None:

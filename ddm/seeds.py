@@ -17,6 +17,8 @@ import torch
 EXPERT_STRIDE = 1000
 # The router's training stream: a prime far from every expert's.
 ROUTER_OFFSET = 999_983
+# The distilled student's training stream (``ddm distill``): far from every expert's and the router's.
+DISTILL_OFFSET = 1_999_993
 # Partition i of the router's mixed stream reads its shards with seed + PARTITION_STRIDE * i.
 PARTITION_STRIDE = 7919
 # Sampling: the prior noise uses the sample seed itself, the ``sample`` strategy's draws this offset.
@@ -64,6 +66,10 @@ def expert_seed(seed: int, expert_id: int) -> int:
 
 def router_seed(seed: int) -> int:
     return int(seed) + ROUTER_OFFSET
+
+
+def distill_seed(seed: int) -> int:
+    return int(seed) + DISTILL_OFFSET
 
 
 def partition_stream_seed(seed: int, index: int) -> int:

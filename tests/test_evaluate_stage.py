@@ -156,6 +156,88 @@ def test_a_missing_inception_file_names_the_config_key(evaluated, tmp_path):
         evaluate.run(make_cfg(f"eval.inception_weights={tmp_path / 'missing.pt'}"))
 
 
+def test_the_distilled_model_is_evaluated_in_place_of_the_ensemble(evaluated, tmp_path):
+    """sample.model=distilled: the student is the evaluated row; its FLOPs are one model's, its training all of it."""
+    from ddm.stages import distill
+
+    make_cfg, rd, _ = evaluated
+    run = tmp_path / "run"  # a copy: the module's run keeps its own metrics.json
+    shutil.copytree(rd.root, run)
+    record = distill.run(make_cfg("distill.steps=3", "distill.batch_size=8", run_dir=run))
+    metrics = evaluate.run(
+        make_cfg("sample.model=distilled", "eval.strategies=null", "eval.fm_loss.strategies=[top1]", run_dir=run)
+    )
+    space = next(iter(metrics["feature_spaces"].values()))
+    assert set(space["strategies"]) == {"distilled"} and space["strategies"]["distilled"]["num_generated"] == 40
+    assert metrics["generated"]["distilled"]["source"] == "evaluation/samples-distilled.npz"
+    assert "distilled" not in metrics["usage"]  # one model: nothing routed
+    assert set(metrics["fm_loss"]["models"]) == {"ensemble-top1", "expert-00", "expert-01", "distilled"}
+    fl = metrics["flops"]
+    assert fl["forward_per_sample"]["distilled"] == record["forward_flops_per_sample"]
+    row = fl["sampling"]["distilled"]
+    assert row["router_per_call"] == 0 and row["experts_per_call"] == 1
+    assert row["per_image"] == row["measured_per_image"] == fl["sampling"]["single_model"]["per_image"]
+    experts = sum(fl["train"]["jobs"][f"expert-{k:02d}"]["flops"] for k in range(2))
+    assert fl["train"]["distilled"] == dict(
+        experts=experts,
+        student=record["train_flops"],
+        teacher_forward=record["teacher_flops"],
+        total=experts + record["train_flops"] + record["teacher_flops"],
+        samples_seen=24,
+    )
+    text = (run / "evaluation" / "report.md").read_text()
+    assert "| distilled |" in text and "The distilled model cost" in text
+    # the same settings again: skipped
+    assert (
+        evaluate.run(
+            make_cfg("sample.model=distilled", "eval.strategies=null", "eval.fm_loss.strategies=[top1]", run_dir=run)
+        )
+        == metrics
+    )
+
+
+def test_the_distilled_row_beside_threshold_under_separate_guidance_routing(evaluated, tmp_path):
+    """sample.cfg_routing=separate routes the ensemble rows' null input on its own; the student has no router, so
+    its row stays one guided model. samples/ made with sample.model=distilled stand for its row."""
+    from ddm.stages import distill
+    from ddm.stages import sample as sample_stage
+
+    make_cfg, rd, _ = evaluated
+    run = tmp_path / "run"  # a copy: the module's run keeps its own metrics.json
+    shutil.copytree(rd.root, run)
+    distill.run(make_cfg("distill.steps=3", "distill.batch_size=8", run_dir=run))
+    routing = ("sample.cfg_routing=separate", "sample.threshold=0.3")
+    made = sample_stage.run(make_cfg("sample.model=distilled", "sample.num_samples=40", *routing, run_dir=run))
+    assert made["model"] == "distilled" and made["experts_per_sample"] is None
+    assert not (run / "samples" / "usage.json").exists()
+    metrics = evaluate.run(
+        make_cfg(
+            "sample.model=distilled",
+            "sample.num_samples=40",
+            *routing,
+            "eval.strategies=[threshold,distilled]",
+            "eval.fm_loss.strategies=[threshold]",
+            run_dir=run,
+        )
+    )
+    assert metrics["generated"]["distilled"]["source"] == "samples/samples.npz"
+    assert set(metrics["usage"]) == {"threshold"}  # the student routes nothing
+    fl = metrics["flops"]["sampling"]
+    assert fl["threshold"]["cfg_routing"] == "separate" and fl["threshold"]["experts_from"] == "usage"
+    student = fl["distilled"]
+    assert "cfg_routing" not in student and student["router_per_call"] == 0 and student["cfg_factor"] == 2
+    assert student["per_image"] == student["measured_per_image"] == fl["single_model"]["per_image"]
+    fm = metrics["fm_loss"]["models"]
+    assert set(fm) >= {"ensemble-threshold", "distilled"} and fm["ensemble-threshold"]["experts_per_call"] >= 1
+    forward = metrics["flops"]["forward_per_sample"]
+    mean = sum(v for k, v in forward.items() if k.startswith("expert-")) / 2
+    # threshold's FM loss is costed at the experts it ran on the held-out images, as without a distilled row
+    e = fm["ensemble-threshold"]["experts_per_call"]
+    assert fm["ensemble-threshold"]["forward_flops_per_call"] == int(forward["router"] + e * mean)
+    text = (run / "evaluation" / "report.md").read_text()
+    assert "| distilled |" in text and "null input routed separately" in text
+
+
 # `make test` fetches the FID Inception (`make inception`) and points DDM_FID_INCEPTION at it.
 REAL_INCEPTION = os.environ.get("DDM_FID_INCEPTION")
 

@@ -329,3 +329,25 @@ def flops_summary(
     return dict(
         forward_per_sample=dict(forward), train=training_summary(forward, records), sampling=sampling, counter=COUNTER
     )
+
+
+def distilled_training(train: Mapping, record: Mapping) -> dict:
+    """Training FLOPs of a distilled model, from the stage's ``train`` summary and ``distilled/record.json``.
+
+    The student exists only after its teachers did, so its cost is all of it: the experts' training
+    (as ``train`` counts it; the router is not needed to sample the student and is left out), the
+    student's own training (3 x its forward per sample seen) and the teachers' forwards during
+    distillation (one expert forward per sample seen). Returns ``{experts, student, teacher_forward,
+    total, samples_seen}``; ``total`` is None unless every part is known.
+    """
+    experts = [j["flops"] for name, j in train["jobs"].items() if name != ROUTER_JOB]
+    known = None if not experts or any(f is None for f in experts) else int(sum(experts))
+    student, teacher = record.get("train_flops"), record.get("teacher_flops")
+    parts = (known, student, teacher)
+    return dict(
+        experts=known,
+        student=student,
+        teacher_forward=teacher,
+        total=None if any(p is None for p in parts) else int(sum(parts)),
+        samples_seen=record.get("samples_seen"),
+    )

@@ -11,7 +11,10 @@ from ddm.markdown import fmt_flops, num, table
 
 __all__ = ["SAMPLING_LABELS", "fmt_flops", "render_report"]
 
-SAMPLING_LABELS = {"single_model": "one expert-sized model, no router (monolith of the same size)"}
+SAMPLING_LABELS = {
+    "single_model": "one expert-sized model, no router (monolith of the same size)",
+    "distilled": "the distilled student (one model, no router)",
+}
 
 
 def _experts_cell(r: dict) -> str:
@@ -163,6 +166,14 @@ def render_report(m: dict) -> str:
     )
     if train.get("router_share") is not None:
         lines += [f"The router is {100 * train['router_share']:.1f}% of training FLOPs.", ""]
+    if train.get("distilled"):
+        d = train["distilled"]
+        lines += [
+            f"The distilled model cost {fmt_flops(d['total'])} to train in all: the experts' "
+            f"{fmt_flops(d['experts'])}, then the student's {fmt_flops(d['student'])} and its teachers' forwards "
+            f"{fmt_flops(d['teacher_forward'])} ({num(d['samples_seen'], 'd')} samples; no router).",
+            "",
+        ]
     lines += table(
         [
             "strategy",

@@ -44,7 +44,15 @@ STAGES: dict[str, Stage] = {
     "train-router": Stage(
         "train_router", "train the router that predicts a noisy sample's cluster", True, ("router", "island", "logger")
     ),
-    "sample": Stage("sample", "sample a labelled grid from the experts and the router", True, ("sample",)),
+    "distill": Stage(
+        "distill",
+        "train one student to match each sample's own expert (optional; sample.model=distilled samples it)",
+        True,
+        ("distill", "island", "logger"),
+    ),
+    "sample": Stage(
+        "sample", "sample a labelled grid from the experts and the router (or the distilled model)", True, ("sample",)
+    ),
     "evaluate": Stage(
         "evaluate", "FD, precision/recall, held-out FM loss, router diagnostics, FLOPs", True, ("eval", "sample")
     ),

@@ -21,6 +21,10 @@ Each section of metrics.json is described where it is built::
     flops            ddm.stages.evaluation.flop_section, with ddm.eval.flops.flops_summary
     wall_s           seconds the evaluation took
 
+With ``sample.model=distilled`` the run's distilled student is evaluated in place of the
+ensemble, and ``eval.strategies`` may list ``distilled`` beside routing strategies
+(``ddm.stages.evaluation.distilled``).
+
 Feature spaces: ``classifier:<checksum>``, a small CNN trained on the training
 split and cached by content (ddm.eval.feature_net), always; ``inception:<sha>``
 when ``eval.inception_weights`` names a local file. Each space is its own entry
@@ -47,6 +51,7 @@ from ddm.jobs import is_expert
 from ddm.markdown import num
 from ddm.stages.evaluation import evaluation_dir
 from ddm.stages.evaluation.context import EvaluationContext
+from ddm.stages.evaluation.distilled import DistilledContext, wants_distilled
 from ddm.stages.evaluation.feature_spaces import classifier_functions, load_inception
 from ddm.stages.evaluation.flop_section import flops_section
 from ddm.stages.runner import note_skipped
@@ -61,7 +66,8 @@ def settings_of(cfg) -> dict:
     """metrics.json ``settings``: what the metrics depend on, the skip check of a rerun.
 
     ``{eval: the eval config, sample: the sampling settings (ddm.stages.sample),
-    networks: {<file under the run>: [size, mtime_ns]} of router.pt and every expert.pt}``
+    networks: {<file under the run>: [size, mtime_ns]} of router.pt, every expert.pt and, with a distilled
+    row, distilled/expert.pt}``
     """
     if "eval" not in cfg:
         raise MissingConfig(
@@ -71,13 +77,15 @@ def settings_of(cfg) -> dict:
     return dict(
         eval=OmegaConf.to_container(cfg.eval, resolve=True),
         sample=requested_settings(cfg.sample),
-        networks=_network_files(RunDir(cfg.run_dir)),
+        networks=_network_files(RunDir(cfg.run_dir), distilled=wants_distilled(cfg)),
     )
 
 
-def _network_files(rd: RunDir) -> dict:
-    """Size and modification time of router.pt and every expert.pt: a retrained network is evaluated again."""
+def _network_files(rd: RunDir, distilled: bool = False) -> dict:
+    """Size and modification time of router.pt, every expert.pt and (``distilled``) the distilled model: a
+    retrained network is evaluated again."""
     files = sorted(rd.experts.glob("expert-*/expert.pt")) + [rd.router_weights]
+    files += [rd.distilled_weights] if distilled else []
     return {str(p.relative_to(rd.root)): [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.exists()}
 
 
@@ -96,7 +104,8 @@ def run(cfg) -> dict:
 
     start = time.perf_counter()
     inception = load_inception(cfg.eval)  # fail on a missing file before any slow work
-    ctx = EvaluationContext(cfg, rd, settings, redo)
+    # sample.model=distilled (or `distilled` in eval.strategies): the distilled student is a row too
+    ctx = (DistilledContext if wants_distilled(cfg) else EvaluationContext)(cfg, rd, settings, redo)
     metrics = dict(stage="evaluate", settings=settings, run=ctx.run_info(), heldout=ctx.heldout_info())
     generated = {s: ctx.generated(s) for s in ctx.strategies}
     metrics["flops"] = flops_section(ctx, generated)  # threshold, nucleus: at the experts these images used

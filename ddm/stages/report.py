@@ -154,20 +154,16 @@ def _router_section(rd: RunDir, router: dict) -> list[str]:
 
 
 def _samples_section(samples: dict) -> list[str]:
+    distilled = samples.get("model") == "distilled"  # one student, no router: no routing settings, no usage
     # the option of the strategy in use only (top_k of topk, threshold, top_p of nucleus)
     option = {"topk": "top_k", "threshold": "threshold", "nucleus": "top_p"}.get(samples.get("strategy"))
-    keys = ("strategy", option, "experts", "solver", "steps", "cfg_scale", "cfg_routing", "seed")
+    if distilled:
+        keys = ("model", "solver", "steps", "cfg_scale", "seed")
+    else:
+        keys = ("strategy", option, "experts", "solver", "steps", "cfg_scale", "cfg_routing", "seed")
     settings = ", ".join(f"{k}={samples.get(k)}" for k in keys if k in samples)
-    return [
-        "## Samples",
-        "",
-        f"Settings: {settings}.",
-        "",
-        "One row per class: ![samples](samples/grid.png)",
-        "",
-        "Expert usage against t: ![usage](samples/usage.png)",
-        "",
-    ]
+    lines = ["## Samples", "", f"Settings: {settings}.", "", "One row per class: ![samples](samples/grid.png)", ""]
+    return lines if distilled else [*lines, "Expert usage against t: ![usage](samples/usage.png)", ""]
 
 
 def _timings_section(timings: dict) -> list[str]:

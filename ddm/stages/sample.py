@@ -1,5 +1,9 @@
 """Stage ``sample``: draw a labelled grid (and optional evaluation samples) from the expert ensemble.
 
+``sample.model=distilled`` samples the run's distilled student instead (``distilled/expert.pt``
+of ``ddm distill``: one model, no router, so no usage files), refused when it is missing or
+was distilled from other experts than the run's current ones.
+
 Reads ``router/router.pt`` and ``experts/expert-KK/expert.pt``; writes, in ``samples/``::
 
     grid.png      one row per class (class names from data/manifest.json when known)
@@ -35,6 +39,7 @@ from ddm.images import to_uint8
 from ddm.io import atomic_path, read_json, write_json
 from ddm.sampling import load_ensemble, num_evaluations, sample
 from ddm.sampling.checkpoints import AVAILABLE, check_guidance, expert_ids_on_disk
+from ddm.sampling.distilled import DISTILLED, check_model, check_student_guidance, load_distilled
 from ddm.stages.conditioning import text_weights_override
 from ddm.stages.encode import latent_decoder
 from ddm.stages.prompts import sample_prompts
@@ -44,7 +49,8 @@ from ddm.viz import plot_usage, save_grid
 
 log = logging.getLogger("ddm")
 
-# The options that change what is sampled: a record with other values is stale.
+# The options that change what is sampled: a record with other values is stale (and `model`, when it is
+# not the ensemble: see requested_settings).
 SETTINGS = (
     "strategy",
     "top_k",
@@ -81,6 +87,10 @@ def requested_settings(sc) -> dict:
             )
     elif experts is not None:
         out["experts"] = sorted(int(k) for k in experts)
+    # only when it is not the ensemble: records made before sample.model existed stay valid
+    model = check_model(sc.get("model"))
+    if model != "ensemble":
+        out["model"] = model
     return out
 
 
@@ -134,17 +144,22 @@ def run(cfg) -> dict:
     # CPU generators: the same seed gives the same noise and routing draws on any device.
     gen_noise = seeds.generator(seed)
     gen_route = seeds.generator(seed + seeds.ROUTING_OFFSET)
-    ensemble, path, info = load_ensemble(
-        cfg.run_dir,
-        strategy=settings["strategy"],
-        top_k=settings["top_k"],
-        subset=settings["experts"],
-        device=device,
-        temperature=float(settings["temperature"]),
-        generator=gen_route,
-    )
-    ensemble = with_routing(ensemble, settings)
-    check_guidance(info, settings["cfg_scale"])
+    distilled = settings.get("model") == DISTILLED
+    if distilled:  # the student alone: no router, no expert (the routing options do not apply)
+        ensemble, path, info = load_distilled(cfg.run_dir, device=device)
+        check_student_guidance(info, settings["cfg_scale"])
+    else:
+        ensemble, path, info = load_ensemble(
+            cfg.run_dir,
+            strategy=settings["strategy"],
+            top_k=settings["top_k"],
+            subset=settings["experts"],
+            device=device,
+            temperature=float(settings["temperature"]),
+            generator=gen_route,
+        )
+        ensemble = with_routing(ensemble, settings)
+        check_guidance(info, settings["cfg_scale"])
     num_classes = int(info["num_classes"])
     prompts = sample_prompts(cfg, rd) if info.get("text") else None
     if prompts is None:
@@ -189,14 +204,16 @@ def run(cfg) -> dict:
         flow=info["flow"],
         device=str(device),
         grid_prompts=prompts,  # text runs: the prompts used, which samples.npz's labels index
+        distilled_from=info.get("distilled_from"),  # sample.model=distilled: the experts the student learnt from
         wall_s=round(time.perf_counter() - start, 2),
         outputs=out,
     )
+    record["model"] = DISTILLED if distilled else "ensemble"
     write_json(rd.samples_record, record)
     log.info(
-        "sample: %d images, %s routing, %s x%d, cfg %.2g, experts used %s, %.1fs -> %s",
+        "sample: %d images, %s, %s x%d, cfg %.2g, experts used %s, %.1fs -> %s",
         total,
-        settings["strategy"],
+        "the distilled model" if distilled else f"{settings['strategy']} routing",
         settings["solver"],
         settings["steps"],
         settings["cfg_scale"],
@@ -240,17 +257,20 @@ def draw(ensemble, path, shape, labels, total, batch_size, settings, generator, 
     """Sample ``total`` images in batches; usage records merged per solver evaluation.
 
     ``decode`` turns a latent run's samples into images (``latent_decoder``); None: they are images.
+    A model that records no usage (one network: the distilled student) gives ``usage=[]``.
     """
     precision = autocast_dtype(settings.get("precision"), torch.device(device), "sample.precision")
     n_eval = num_evaluations(int(settings["steps"]), settings["solver"])
-    merged = {f: np.zeros((n_eval, ensemble.num_experts)) for f in USAGE_FIELDS}
+    routed = hasattr(ensemble, "reset_usage")
+    merged = {f: np.zeros((n_eval, ensemble.num_experts if routed else 0)) for f in USAGE_FIELDS}
     present = {"counts", "weights"}
     ts = np.zeros(n_eval)
     chunks = []
     for lo in range(0, total, batch_size):
         n = min(batch_size, total - lo)
         y = None if labels is None else labels[lo : lo + n].to(device)  # labels, or a TextCondition
-        ensemble.reset_usage()
+        if routed:
+            ensemble.reset_usage()
         x = sample(
             ensemble,
             path,
@@ -264,7 +284,7 @@ def draw(ensemble, path, shape, labels, total, batch_size, settings, generator, 
             autocast=precision,
         )
         chunks.append(to_uint8(x if decode is None else decode(x)))
-        for i, rec in enumerate(ensemble.usage):
+        for i, rec in enumerate(ensemble.usage if routed else []):
             for f in USAGE_FIELDS:
                 if f in rec:
                     present.add(f)
@@ -272,7 +292,7 @@ def draw(ensemble, path, shape, labels, total, batch_size, settings, generator, 
                     merged[f][i] += np.asarray(rec[f]) * (1 if f.endswith("counts") else n)
             ts[i] = rec["t"]
     usage = []
-    for i in range(n_eval):
+    for i in range(n_eval if routed else 0):
         rec = dict(t=float(ts[i]))
         for f in (f for f in USAGE_FIELDS if f in present):
             rec[f] = [int(c) for c in merged[f][i]] if f.endswith("counts") else (merged[f][i] / total).tolist()
@@ -287,6 +307,10 @@ def _write(rd, images, labels, num_grid, usage, rows, per_class, settings) -> li
     label_array = np.full(len(images), -1, np.int64) if labels is None else labels.numpy()
     with atomic_path(out / "samples.npz") as tmp:
         np.savez(tmp, images=images, labels=label_array, num_grid=np.int64(num_grid))
+    if not usage:  # one model (the distilled student): nothing was routed; no usage of an earlier run stays
+        for name in ("usage.json", "usage.png"):
+            (out / name).unlink(missing_ok=True)
+        return ["grid.png", "samples.npz", "record.json"]
     write_json(out / "usage.json", usage)
     plot_usage(
         usage,

@@ -69,6 +69,7 @@ class Schedule:
     keep_checkpoints: int
     requeue: bool = True  # requeue the SLURM job after SIGUSR1 (see ddm.train.signals)
     grad_clip: float | None = None  # clip the global gradient norm to this before each optimizer step
+    section: str | None = None  # the config section errors name, when it is not ``kind`` (distill exports an expert)
 
     @classmethod
     def from_config(cls, kind: str, section) -> Schedule:
@@ -217,7 +218,7 @@ def _fit(job: Job, guard: PreemptionGuard, failure: FailureRecord) -> Trained | 
         grad_clip=s.grad_clip,
     )
     failure.trainer = trainer
-    batch = per_device_batch(s.batch_size, trainer, s.kind)
+    batch = per_device_batch(s.batch_size, trainer, s.section or s.kind)
     resume = last_checkpoint(job.folder, job.identity)
     start_step = int(inspect_checkpoint(resume)[0]["global_step"]) if resume else 0
     loader = job.build_loader(batch, start_step)

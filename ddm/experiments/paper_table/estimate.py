@@ -12,6 +12,7 @@ from ddm.devices import resolve_device
 from ddm.eval.flops import EXPERTS_PER_CALL
 from ddm.models.dit import DiT, DiTClassifier
 from ddm.sampling import num_evaluations
+from ddm.sampling.distilled import DISTILLED
 
 from .layout import clustering_dir, data_dir
 from .plan import CLASS_EXPERT, SEPARATE_CFG, SINGLE, Plan
@@ -102,6 +103,11 @@ def estimate(cfg, plan: Plan) -> dict:
     )
     fwd_s = forward_s_per_image(expert, min(1024, 2 * int(cfg.sample.batch_size)), shape, classes, device)
     del expert
+    distill_s = 0.0  # a distillation step: the student's training step and one teacher forward per sample
+    if any(DISTILLED in r.strategies for r in plan.runs):
+        db = int(cfg.distill.batch_size)
+        student = DiT(str(cfg.distill.get("size") or cfg.model.size), shape[1], shape[0], classes)
+        distill_s = TRAINER_FACTOR * train_step_s(student, db, shape, classes, device, bf16) + db * fwd_s
     sc, ec = cfg.sample, cfg.eval
     calls = num_evaluations(int(sc.steps), str(sc.solver))
     cfg_factor = 2 if classes and float(sc.cfg_scale) != 1.0 else 1
@@ -115,11 +121,16 @@ def estimate(cfg, plan: Plan) -> dict:
                 train += r.expert_steps * step_s[r.expert_batch] + JOB_OVERHEAD_S
         if r.config.k > 1 and not rd.router_record.exists():
             train += r.router_steps * router_s + JOB_OVERHEAD_S
+        if DISTILLED in r.strategies and not rd.distilled_record.exists():
+            train += int(cfg.distill.steps) * distill_s + JOB_OVERHEAD_S
         if rd.evaluation_metrics.exists():
             continue
         for s in r.rows:
-            # threshold and nucleus: their bound K, so the estimate errs long
-            experts = 1 if s in (SINGLE, CLASS_EXPERT, SEPARATE_CFG) else EXPERTS_PER_CALL[s](r.config.k, int(sc.top_k))
+            # one model per call: the monolith, the fixed per-class expert, top-1 with separate guidance routing
+            # (its null input's expert in place of the doubled batch) and the distilled student; threshold and
+            # nucleus: their bound K, so the estimate errs long
+            one = (SINGLE, CLASS_EXPERT, SEPARATE_CFG, DISTILLED)
+            experts = 1 if s in one else EXPERTS_PER_CALL[s](r.config.k, int(sc.top_k))
             evaluation += (n * calls * cfg_factor + fm_n) * experts * fwd_s
         evaluation += EVAL_OVERHEAD_S
     data = 0.0 if RunDir(data_dir(cfg)).data_manifest.exists() else DATA_S

@@ -12,11 +12,13 @@ from ddm.ensemble import ROUTING_DEFAULTS, STRATEGIES, check_routing
 from ddm.errors import BadInput, MissingConfig
 from ddm.eval.flops import model_forward_flops
 from ddm.models.dit import DiT, DiTClassifier
+from ddm.sampling.distilled import DISTILLED
 
 CLASS_EXPERT = "class_expert"  # the fixed per-class expert baseline
 SEPARATE_CFG = "top1_separate_cfg"  # top-1 with guidance's null input routed on its own (sample.cfg_routing=separate)
 SINGLE = "single"  # the strategy label of a monolith row (one model, no router)
-KNOWN_STRATEGIES = (*STRATEGIES, SEPARATE_CFG, CLASS_EXPERT)
+# DISTILLED: the run's experts distilled into one student (`ddm distill`, cfg.distill), one model, no router
+KNOWN_STRATEGIES = (*STRATEGIES, SEPARATE_CFG, CLASS_EXPERT, DISTILLED)
 # Rows evaluated beside the evaluate stage, each cached in evaluation/<label>.json.
 EXTRA_ROWS = (SEPARATE_CFG, CLASS_EXPERT)
 
@@ -45,7 +47,7 @@ class Run:
     expert_steps: int  # = budget, plus the router-matching extra for the monolith
     expert_batch: int  # monolith batch / K
     router_steps: int  # 0 for K = 1 (no router is trained)
-    strategies: tuple[str, ...]  # ensemble strategies the evaluate stage computes
+    strategies: tuple[str, ...]  # ensemble strategies the evaluate stage computes (and `distilled`)
     class_expert: bool  # also evaluate the fixed per-class expert
     folder: Path
     separate_cfg: bool = False  # also evaluate top-1 with separately routed guidance
@@ -144,6 +146,7 @@ def make_plan(cfg) -> Plan:
                 notes.append(f"{c.name}: sample.top_k={cfg.sample.top_k} >= K, so top-k equals `full`; not repeated")
             if "top1" not in ens:
                 ens.insert(0, "top1")  # the training curves are drawn from top-1 rows
+            ens += [DISTILLED] if DISTILLED in wanted else []  # the run's student, evaluated beside its ensemble
             cls = CLASS_EXPERT in wanted and classes > 0
             sep = SEPARATE_CFG in wanted and separate_note is None
             runs.append(Run(c, b, b, batch // c.k, router_steps(cfg, b), tuple(ens), cls, folder, sep))

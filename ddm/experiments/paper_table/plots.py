@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ddm.io import atomic_path
 from ddm.markdown import fmt_flops
+from ddm.sampling.distilled import DISTILLED
 
 from .plan import CLASS_EXPERT, KNOWN_STRATEGIES, SEPARATE_CFG, SINGLE
 from .table import strategy_label
@@ -28,6 +29,7 @@ MARKERS = {
     "nucleus": "<",
     SEPARATE_CFG: "X",
     CLASS_EXPERT: "P",
+    DISTILLED: "h",
 }
 
 

@@ -14,6 +14,7 @@ from ddm.artifacts import RunDir
 from ddm.errors import BadInput
 from ddm.io import read_json, write_text
 from ddm.jobs import ensemble_name, expert_id_of, is_training_job
+from ddm.sampling.distilled import DISTILLED
 
 from .layout import clustering_dir, data_dir
 from .plan import SINGLE, Plan, Run
@@ -45,7 +46,14 @@ def rows_of(r: Run, metrics: dict, extra: dict[str, dict], root: Path) -> list[d
     )
     rows = []
     for s in r.rows:
-        if s in extra:
+        own = {}
+        if s == DISTILLED:
+            # its training FLOPs: the experts', then the student's and its teachers' forwards (no router)
+            q, fm, sampling = space["strategies"][s], metrics["fm_loss"]["models"][s], fl["sampling"][s]
+            d = fl["train"][s]
+            own = dict(train_flops=d["total"], train_flops_router=0, router_share=None)
+            own.update(train_flops_distill=None if d["total"] is None else d["student"] + d["teacher_forward"])
+        elif s in extra:
             q, fm, sampling = extra[s]["quality"], extra[s]["fm_loss"], extra[s]["sampling"]
             if extra[s]["feature_space"] != name:
                 raise BadInput(
@@ -58,6 +66,7 @@ def rows_of(r: Run, metrics: dict, extra: dict[str, dict], root: Path) -> list[d
         rows.append(
             dict(
                 common,
+                **own,
                 strategy=s,
                 sampling_flops_per_image=sampling["per_image"],
                 # threshold, nucleus: the mean over the generated images (experts_from "usage"); else fixed

@@ -22,6 +22,7 @@ from ddm.eval.flops import model_forward_flops
 from ddm.flow import flow_path_from_config
 from ddm.io import read_json, write_json
 from ddm.models.dit import DiTClassifier
+from ddm.sampling.distilled import DISTILLED
 from ddm.stages.runner import run_stage
 from ddm.train.export import save_weights
 
@@ -53,7 +54,8 @@ def prepare_clustering(cfg, config: Config) -> None:
 
 
 def train_run(cfg, r: Run) -> None:
-    """Link the shared artefacts into the run's folder, then train its experts and router."""
+    """Link the shared artefacts into the run's folder, then train its experts, router and (a ``distilled`` row)
+    the student of its experts."""
     rcfg = run_cfg(cfg, r)
     rd, shared = RunDir(r.folder), RunDir(clustering_dir(cfg, r.config))
     for name in SHARED:
@@ -65,6 +67,8 @@ def train_run(cfg, r: Run) -> None:
         run_stage("train-router", rcfg)
     else:
         write_constant_router(rcfg)
+    if DISTILLED in r.strategies:
+        run_stage("distill", rcfg)
 
 
 def write_constant_router(cfg) -> dict:

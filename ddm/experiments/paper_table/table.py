@@ -6,6 +6,7 @@ from __future__ import annotations
 from ddm.ensemble import DATA_DEPENDENT
 from ddm.markdown import fmt_flops, num
 from ddm.markdown import table as md_table
+from ddm.sampling.distilled import DISTILLED
 
 from .plan import CLASS_EXPERT, KNOWN_STRATEGIES, SEPARATE_CFG, SINGLE
 
@@ -16,6 +17,7 @@ STRATEGY_LABELS = {
     "sample": "sample one per step",
     SEPARATE_CFG: "top-1, null input routed separately",
     CLASS_EXPERT: "fixed per-class expert",
+    DISTILLED: "distilled student",
 }
 
 
@@ -109,6 +111,12 @@ def render_table(results: dict) -> str:
         f"Training FLOPs = 3 x forward x samples seen, experts plus router. {s['flops_note']}",
         "",
     ]
+    if any(r["strategy"] == DISTILLED for r in rows):
+        lines += [
+            "A distilled student's training FLOPs are its experts' training, then its own (3 x forward x samples) "
+            "and its teachers' forwards (one expert forward per sample); it needs no router.",
+            "",
+        ]
 
     lines += [
         "## Top-1 DDM against the monolith",

@@ -1,4 +1,8 @@
-"""metrics.json ``flops`` of an evaluation: forward, training and sampling FLOPs, counted and measured."""
+"""metrics.json ``flops`` of an evaluation: forward, training and sampling FLOPs, counted and measured.
+
+A distilled row (``ddm.stages.evaluation.distilled``) adds ``forward_per_sample.distilled``,
+``sampling.distilled`` (one model, no router) and ``train.distilled`` (``ddm.eval.flops.distilled_training``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from ddm.ensemble import DATA_DEPENDENT
 from ddm.eval import flops as flop_count
 from ddm.io import read_json
 from ddm.jobs import ROUTER_JOB, expert_job
+from ddm.sampling.distilled import DISTILLED
 
 
 def flops_section(ctx, generated: dict | None = None) -> dict:
@@ -39,19 +44,31 @@ def flops_section(ctx, generated: dict | None = None) -> dict:
     usage = {
         s: (g["usage"], g["usage_images"]) for s, g in (generated or {}).items() if s in DATA_DEPENDENT and g["usage"]
     }
-    return flop_count.flops_summary(
-        ctx.forward,
-        records,
-        ctx.strategies,
+    common = dict(
         steps=int(sc["steps"]),
         solver=sc["solver"],
         cfg_scale=float(sc["cfg_scale"]),
         conditional=ctx.conditional,
         num_experts=len(ctx.info["experts"]),
         top_k=int(sc["top_k"]),
+        cfg_routing=sc["cfg_routing"],  # a single model (single_model, distilled) has no router: no effect
+    )
+    routed = [s for s in ctx.strategies if s != DISTILLED]
+    summary = flop_count.flops_summary(
+        ctx.forward,
+        records,
+        routed,
+        **common,
         measured=measured,
         measured_images=n_measure,
-        cfg_routing=sc["cfg_routing"],
         usage=usage,
         measured_usage=measured_usage,
     )
+    if DISTILLED in ctx.strategies:
+        summary["forward_per_sample"][DISTILLED] = ctx.student_forward
+        row = flop_count.sampling_flops_per_image(ctx.student_forward, 0, None, **common)
+        if measured:
+            row.update(measured_per_image=measured[DISTILLED], measured_images=n_measure)
+        summary["sampling"][DISTILLED] = row
+        summary["train"][DISTILLED] = flop_count.distilled_training(summary["train"], read_json(rd.distilled_record))
+    return summary

@@ -2,8 +2,9 @@
 
 ``samples/samples.npz`` stands for a strategy when the sample stage used that
 strategy with the same sampling settings (``SAME_SAMPLING``) and made enough
-images. Otherwise the evaluate stage samples ``eval.num_samples`` images itself
-and keeps them as ``evaluation/samples-<strategy>.npz``.
+images (made with ``sample.model=distilled``, it stands for ``distilled``).
+Otherwise the evaluate stage samples ``eval.num_samples`` images itself and
+keeps them as ``evaluation/samples-<strategy>.npz``.
 
 Each result is a dict ``{images, labels, usage, usage_images, source}``: uint8
 images, labels (-1: unconditional), the ensemble's merged usage records and the
@@ -37,8 +38,9 @@ def from_samples_stage(rd: RunDir, strategy: str, n: int, sampling: dict, seed: 
     record = read_json(rd.samples_record)
     # a record from before cfg_routing existed was made with what is now its default
     made = {**ROUTING_DEFAULTS, **record.get("settings", {})}
+    made_as = made.get("model") or made.get("strategy")  # the student, or the routing strategy of the ensemble
     keys = SAME_SAMPLING + tuple(k for s, k in STRATEGY_OPTION.items() if s == strategy)
-    if made.get("strategy") != strategy or any(made.get(k) != sampling.get(k) for k in keys):
+    if made_as != strategy or any(made.get(k) != sampling.get(k) for k in keys):
         return None
     npz = np.load(npz_path)
     if len(npz["images"]) < n:
