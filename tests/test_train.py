@@ -104,6 +104,15 @@ def test_the_target_is_part_of_a_jobs_identity(fast_cfg, tmp_path, monkeypatch):
     assert not rd.expert_record(0).exists()
 
 
+def test_a_finished_expert_of_another_kind_is_kept_and_named(fast_cfg, tmp_path, caplog):
+    make_partitions(tmp_path / "run")
+    first = train_expert.run(fast_cfg("expert.steps=2"))
+    with caplog.at_level("WARNING", logger="ddm"):
+        again = train_expert.run(fast_cfg("expert.steps=2", "expert.target=x0"))
+    assert again == first and again["target"] == "velocity"
+    assert "a DiT-N/2 predicting velocity, the config asks for a DiT-N/2 predicting x0" in caplog.text
+
+
 def test_a_damaged_partition_shard_stops_the_expert_naming_it(fast_cfg, tmp_path):
     rd = make_partitions(tmp_path / "run")
     shard = rd.partition(0) / "shard-000001.tar"

@@ -69,6 +69,7 @@ def run(cfg) -> dict:
     if skip(rd.expert_record(k), cfg):
         record = read_json(rd.expert_record(k))
         _check_still_current(record, rd, k)
+        _note_other_kind(record, cfg, k)
         log.info("train-expert %d: already done (%d steps) -> %s", k, record["steps"], job_dir)
         return record
     # Only global rank 0 starts over: the other ranks of a DDP job run this too, beside it.
@@ -123,6 +124,20 @@ def _check_still_current(record: dict, rd: RunDir, k: int) -> None:
             f"{rd.expert_record(k)} was trained on clustering {record.get('clustering_id')} but "
             f"{path} is now clustering {current.get('clustering_id')} (or other keys): retrain it with "
             f"`ddm train-expert expert.id={k} redo=true`"
+        )
+
+
+def _note_other_kind(record: dict, cfg, k: int) -> None:
+    """A finished expert is kept as it is: say so when the config now asks for another size or target."""
+    was = (record.get("model_size"), record.get("target", "velocity"))
+    now = (str(cfg.model.size), expert_target(cfg))
+    if was[0] is not None and was != now:
+        log.warning(
+            "train-expert %d: the finished expert is a %s predicting %s, the config asks for a %s predicting %s; "
+            "it is kept as it is (retrain it with redo=true)",
+            k,
+            *was,
+            *now,
         )
 
 
