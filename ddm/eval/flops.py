@@ -14,6 +14,12 @@ Sampling FLOPs per image follow from how ``Ensemble`` and ``sample`` execute::
                   once, on the conditional input
     per_image   = calls * (router + experts * cfg_factor * expert)
 
+Experts may differ in size: ``expert`` is then the mean of their forward FLOPs
+(what uniform routing costs; ``full`` runs them all, so its number is exact),
+and each row adds ``per_image_min`` / ``per_image_max``, the cost when every call
+routes to the cheapest / the priciest experts. The counted ``measured`` number
+is the cost of the routing that actually happened.
+
 ``measured_sampling_flops`` runs a real sampling call under the counter to
 check the formula. ``flops_summary`` puts all of it together for one run.
 """
@@ -60,7 +66,7 @@ def model_forward_flops(
 
 
 def sampling_flops_per_image(
-    expert_flops: float,
+    expert_flops: float | Sequence[float],
     router_flops: float,
     strategy: str | None,
     steps: int,
@@ -72,9 +78,16 @@ def sampling_flops_per_image(
 ) -> dict:
     """FLOPs to sample one image; ``strategy=None`` is a single model (a monolith: no router).
 
-    ``expert_flops`` is the forward FLOPs of one expert per sample (the mean when
-    experts differ). Returns the total and its factors, so a report can show them.
+    ``expert_flops`` is the forward FLOPs of one expert per sample, or those of
+    each expert (experts of different sizes): the formula then uses their mean,
+    and when they differ the row adds ``per_image_min`` and ``per_image_max``
+    (every call routed to the cheapest, or the priciest, experts). Returns the
+    total and its factors, so a report can show them.
     """
+    each = None if np.ndim(expert_flops) == 0 else sorted(float(f) for f in expert_flops)
+    if each is not None and not each:
+        raise BadInput("sampling FLOPs need the forward FLOPs of at least one expert")
+    mean = float(np.mean(each)) if each is not None else float(expert_flops)
     calls = num_evaluations(int(steps), solver)
     cfg_factor = 2 if conditional and float(cfg_scale) != 1.0 else 1
     if strategy is None:
@@ -83,16 +96,25 @@ def sampling_flops_per_image(
         raise BadInput(f"strategy={strategy!r} is not one of {sorted(EXPERTS_PER_CALL)}")
     else:
         experts = EXPERTS_PER_CALL[strategy](int(num_experts), int(top_k))
-    per_call = router_flops + experts * cfg_factor * expert_flops
-    return dict(
+    per_call = router_flops + experts * cfg_factor * mean
+    row = dict(
         per_image=int(round(calls * per_call)),
         per_call=int(round(per_call)),
         calls=calls,
         experts_per_call=experts,
         cfg_factor=cfg_factor,
         router_per_call=int(router_flops),
-        expert_forward=int(round(expert_flops)),
+        expert_forward=int(round(mean)),
     )
+    if each is not None and each[0] != each[-1]:
+        n = min(experts, len(each))
+        cheapest, priciest = sum(each[:n]), sum(each[-n:])
+        if cheapest != priciest:  # not when every call runs every expert (full)
+            row.update(
+                per_image_min=int(round(calls * (router_flops + cfg_factor * cheapest))),
+                per_image_max=int(round(calls * (router_flops + cfg_factor * priciest))),
+            )
+    return row
 
 
 def measured_sampling_flops(
@@ -154,13 +176,21 @@ def forward_flops(
     return fwd
 
 
+def expert_flops(forward: Mapping[str, int]) -> list[int]:
+    """Forward FLOPs of each expert in a ``forward_flops`` dict (the router left out), in its order."""
+    return [v for k, v in forward.items() if k != ROUTER_JOB]
+
+
 def mean_expert_flops(forward: Mapping[str, int]) -> float:
     """Mean forward FLOPs of the experts in a ``forward_flops`` dict (the router left out)."""
-    return float(np.mean([v for k, v in forward.items() if k != ROUTER_JOB]))
+    return float(np.mean(expert_flops(forward)))
 
 
 def forward_per_call(forward: Mapping[str, int], strategy: str | None, top_k: int) -> int:
-    """Forward FLOPs of one model call (no guidance) of an ensemble strategy, or of one expert (None)."""
+    """Forward FLOPs of one model call (no guidance) of an ensemble strategy, or of one expert (None).
+
+    With experts of different sizes: the mean expert (uniform routing); exact for ``full``.
+    """
     mean = mean_expert_flops(forward)
     if strategy is None:
         return int(mean)
@@ -215,10 +245,11 @@ def flops_summary(
         forward_per_sample  {"expert-KK" | "router": FLOPs}
         train               {jobs: {"expert-KK" | "router": {flops, estimated, samples_seen}}, total, router_share}
         sampling            {<strategy> | "single_model": {per_image, per_call, calls, experts_per_call,
-                             cfg_factor, router_per_call, expert_forward, measured_per_image, measured_images}}
+                             cfg_factor, router_per_call, expert_forward, measured_per_image, measured_images,
+                             [per_image_min, per_image_max: experts of different sizes]}}
         counter             how the FLOPs were counted
     """
-    expert_mean = mean_expert_flops(forward)
+    each = expert_flops(forward)
     common = dict(
         steps=int(steps),
         solver=solver,
@@ -229,11 +260,11 @@ def flops_summary(
     )
     sampling = {}
     for s in strategies:
-        row = sampling_flops_per_image(expert_mean, forward[ROUTER_JOB], s, **common)
+        row = sampling_flops_per_image(each, forward[ROUTER_JOB], s, **common)
         if measured:
             row.update(measured_per_image=measured[s], measured_images=int(measured_images))
         sampling[s] = row
-    sampling["single_model"] = sampling_flops_per_image(expert_mean, 0, None, **common)
+    sampling["single_model"] = sampling_flops_per_image(each, 0, None, **common)
     return dict(
         forward_per_sample=dict(forward), train=training_summary(forward, records), sampling=sampling, counter=COUNTER
     )

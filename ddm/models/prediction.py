@@ -16,9 +16,12 @@ never draws t outside it). Inside the range the velocity is exact; outside, it i
 the exact conversion at the nearest trained time: finite at t = 0 and t = 1, and,
 for a perfect expert, the true velocity at ``t_c`` (off by O(t_eps), since v is
 continuous in t). What no guard removes: at t near 1 an eps-network's error is
-multiplied by about alpha'/alpha (1 / t_eps at t = 1 on the linear path), and at
-t near 0 an x0-network's by sigma'/sigma. A larger ``flow.t_eps`` for an eps
-expert's job trains and guards it on a narrower range.
+multiplied by about alpha'/alpha (1 / t_eps at t = 1 on the linear path: 1e5 at
+the default t_eps, so an imperfect eps expert's first solver step is far off),
+and at t near 0 an x0-network's by sigma'/sigma (the solvers never evaluate
+t = 0; the last evaluation is at t = 1 / steps). A larger ``flow.t_eps`` for an
+eps expert's job (e.g. 5e-3, about DDPM's smallest alpha, 0.0064) trains and
+guards it on a narrower range, and bounds that factor by 1 / t_eps.
 
 **Guidance.** The conversion is affine in the prediction, ``v = A(t) x_t + B(t) p``,
 with the same ``x_t`` and ``t`` for the conditional and unconditional halves, so
