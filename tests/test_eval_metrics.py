@@ -269,6 +269,37 @@ def test_sampling_flops_formula_at_the_measured_experts_matches_the_counter(stra
         assert formula["router_per_call"] == router and "cfg_routing" not in formula
 
 
+def test_sampling_flops_of_experts_of_different_sizes_and_targets():
+    """Per-expert FLOPs: full is exact; a sparse strategy's counted cost lies between its cheapest and priciest."""
+    from ddm.models.prediction import PredictionToVelocity
+
+    torch.manual_seed(0)
+    sizes = ("DiT-N/2", "DiT-T/4", "DiT-N/4")
+    experts = [DiT(size, image_size=8, in_channels=1, num_classes=3) for size in sizes]
+    for e in experts:
+        for p in e.parameters():
+            nn.init.normal_(p, std=0.05)
+    experts[1] = PredictionToVelocity(experts[1], "eps", FlowPath())  # converting adds no counted FLOPs
+    router = DiTClassifier(3, "DiT-N/4", image_size=8, in_channels=1, num_classes=3)
+    shape, y = (1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    each = [model_forward_flops(e, shape) for e in experts]
+    assert each[1] == model_forward_flops(experts[1].net, shape) and len(set(each)) == 3
+    r = model_forward_flops(router, shape)
+    for strategy, cfg_scale in (("full", 1.5), ("top1", 1.0), ("topk", 1.5)):
+        ens = Ensemble(experts, router, strategy=strategy, top_k=2).eval()
+        formula = sampling_flops_per_image(
+            each, r, strategy, steps=2, solver="euler", cfg_scale=cfg_scale, num_experts=3, top_k=2
+        )
+        measured = measured_sampling_flops(ens, FlowPath(), shape, y, steps=2, cfg_scale=cfg_scale)
+        if strategy == "full":
+            assert measured == formula["per_image"] and "per_image_min" not in formula
+        else:
+            assert formula["per_image_min"] <= measured <= formula["per_image_max"]
+            assert formula["per_image_min"] < formula["per_image"] < formula["per_image_max"]
+    same = sampling_flops_per_image([each[0]] * 3, r, "top1", steps=2)
+    assert same == sampling_flops_per_image(each[0], r, "top1", steps=2)  # one size: the rows of before
+
+
 def test_sampling_flops_of_a_single_model():
     torch.manual_seed(0)
     model = DiT("DiT-N/2", image_size=8, in_channels=1, num_classes=0)

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ddm.ensemble import Ensemble, experts_per_sample
 from ddm.flow import FlowPath
+from ddm.models.prediction import PredictionToVelocity
 from ddm.sampling import sample
 
 D = 2
@@ -56,18 +57,34 @@ class MixtureFlow(nn.Module):
         sq = (diff**2).sum(-1)
         return self.log_w[None] - 0.5 * sq / var - 0.5 * D * torch.log(2 * math.pi * var)
 
-    def forward(self, x, t, y=None):
-        self.calls += 1
+    def posterior_means(self, x, t):
+        """E[x0 | x_t] and E[eps | x_t] under this mixture, each [B, D]."""
         a, s = self.path.alpha(t)[:, None, None], self.path.sigma(t)[:, None, None]
-        da, ds = self.path.d_alpha(t)[:, None, None], self.path.d_sigma(t)[:, None, None]
         s0sq = self.s0[None, :, None] ** 2
         var = a**2 * s0sq + s**2
         diff = x[:, None, :] - a * self.mu[None]
-        e_x0 = self.mu[None] + a * s0sq / var * diff
+        e_x0 = self.mu[None] + a * s0sq / var * diff  # [B, C, D]
         e_eps = s / var * diff
-        v_comp = da * e_x0 + ds * e_eps  # [B, C, D]
         post = self.log_joint(x, t).softmax(dim=-1)[..., None]  # p(component | x_t, cluster)
-        return (post * v_comp).sum(1)
+        return (post * e_x0).sum(1), (post * e_eps).sum(1)
+
+    def forward(self, x, t, y=None):
+        self.calls += 1
+        e_x0, e_eps = self.posterior_means(x, t)
+        return self.path.d_alpha(t)[:, None] * e_x0 + self.path.d_sigma(t)[:, None] * e_eps
+
+
+class MixturePrediction(MixtureFlow):
+    """The same cluster as an expert trained on another target: it emits E[eps | x_t] or E[x0 | x_t]."""
+
+    def __init__(self, path: FlowPath, components, kind: str):
+        super().__init__(path, components)
+        self.kind = kind
+
+    def forward(self, x, t, y=None):
+        self.calls += 1
+        e_x0, e_eps = self.posterior_means(x, t)
+        return e_eps if self.kind == "eps" else e_x0
 
 
 class MixtureRouter(nn.Module):
@@ -89,6 +106,21 @@ def build(schedule: str, strategy: str = "full", **routing):
     router = MixtureRouter([MixtureFlow(path, comps) for comps in CLUSTERS], CLUSTER_WEIGHTS)
     everything = [(m, s, pi * w) for pi, comps in zip(CLUSTER_WEIGHTS, CLUSTERS) for m, s, w in comps]
     return path, Ensemble(experts, router, strategy=strategy, **routing), MixtureFlow(path, everything), router
+
+
+def build_mixed(schedule: str):
+    """The ensemble of ``build`` with its experts in three parameterisations: velocity, eps and x0."""
+    path = FlowPath(schedule)
+    kinds = ("velocity", "eps", "x0")
+    experts = [
+        MixtureFlow(path, comps)
+        if kind == "velocity"
+        else PredictionToVelocity(MixturePrediction(path, comps, kind), kind, path)
+        for kind, comps in zip(kinds, CLUSTERS)
+    ]
+    router = MixtureRouter([MixtureFlow(path, comps) for comps in CLUSTERS], CLUSTER_WEIGHTS)
+    everything = [(m, s, pi * w) for pi, comps in zip(CLUSTER_WEIGHTS, CLUSTERS) for m, s, w in comps]
+    return path, Ensemble(experts, router, strategy="full"), MixtureFlow(path, everything)
 
 
 def mixture_moments():
@@ -125,6 +157,32 @@ def test_full_ensemble_equals_global_marginal_flow(schedule, strategy, routing):
             rtol=1e-9,
             atol=1e-9,
             msg=f"{strategy} ensemble != global flow at t={t} ({schedule})",
+        )
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_full_ensemble_of_mixed_parameterisations_equals_global_marginal_flow(schedule):
+    """Experts predicting the velocity, eps and x0, each converted by FlowPath: still the global flow.
+
+    Exact wherever the conversions are (t in [t_eps, 1 - t_eps]); at t outside that range the eps and x0
+    experts answer with their exact velocity at the nearest t of the range (the guard), off by O(t_eps).
+    """
+    path, ensemble, global_flow = build_mixed(schedule)
+    assert [type(e).__name__ for e in ensemble.experts.values()] == [
+        "MixtureFlow",
+        "PredictionToVelocity",
+        "PredictionToVelocity",
+    ]
+    g = torch.Generator().manual_seed(0)
+    for t in TIMES:
+        x = 4.0 * torch.randn(512, D, generator=g, dtype=torch.float64)
+        tt = torch.full((512,), t, dtype=torch.float64)
+        got, want = ensemble(x, tt), global_flow(x, tt)
+        assert torch.isfinite(got).all(), f"not finite at t={t} ({schedule})"
+        inside = path.t_eps <= t <= 1 - path.t_eps
+        tol = 1e-9 if inside else 1e-3
+        torch.testing.assert_close(
+            got, want, rtol=tol, atol=tol, msg=f"mixed ensemble != global flow at t={t} ({schedule})"
         )
 
 

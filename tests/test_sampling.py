@@ -180,9 +180,20 @@ def _randomise(net, seed):
 
 
 def save_expert(
-    rd: RunDir, k: int, K: int, clustering_id="abc", schedule="linear", num_classes=NUM_CLASSES, expert_id=None
+    rd: RunDir,
+    k: int,
+    K: int,
+    clustering_id="abc",
+    schedule="linear",
+    num_classes=NUM_CLASSES,
+    expert_id=None,
+    size="DiT-N/4",
+    target=None,
+    image=IMAGE,
+    channels=1,
 ):
-    net = _randomise(DiT(size="DiT-N/4", image_size=IMAGE, in_channels=1, num_classes=num_classes), k)
+    """An expert.pt as train-expert writes it; ``target`` None: a file from before the field (velocity)."""
+    net = _randomise(DiT(size=size, image_size=image, in_channels=channels, num_classes=num_classes), k)
     payload = dict(
         kind="expert",
         model_config=net.config(),
@@ -193,6 +204,8 @@ def save_expert(
         clustering_id=clustering_id,
         steps=10,
     )
+    if target is not None:
+        payload["target"] = target
     rd.expert(k).mkdir(parents=True, exist_ok=True)
     torch.save(payload, rd.expert_weights(k))
 
@@ -310,6 +323,56 @@ def test_loader_lists_missing_experts_unless_a_subset_is_given(tmp_path):
     assert info["experts"] == [0, 2] and ens.active_ids == [0, 2]
     with pytest.raises(FileNotFoundError, match=r"experts \[3\] are missing"):
         load_ensemble(rd.root, subset=[2, 3])
+
+
+def test_experts_of_different_sizes_and_targets_make_one_ensemble(tmp_path):
+    from ddm.models.prediction import PredictionToVelocity
+
+    rd = make_run(tmp_path, K=3, experts=[])
+    save_expert(rd, 0, K=3)  # an older file: no target, so velocity
+    save_expert(rd, 1, K=3, size="DiT-T/4", target="eps")
+    save_expert(rd, 2, K=3, size="DiT-N/2", target="x0")
+    ens, path, info = load_ensemble(rd.root, strategy="full")
+    assert info["expert_models"] == {
+        0: dict(size="DiT-N/4", target="velocity"),
+        1: dict(size="DiT-T/4", target="eps"),
+        2: dict(size="DiT-N/2", target="x0"),
+    }
+    assert isinstance(ens.experts["0"], DiT)  # a velocity expert is not wrapped
+    wrapped = [ens.experts[str(k)] for k in (1, 2)]
+    assert all(isinstance(e, PredictionToVelocity) for e in wrapped)
+    assert [e.target for e in wrapped] == ["eps", "x0"] and wrapped[0].net.config()["size"] == "DiT-T/4"
+    # the loaded expert's velocity is its network's prediction converted by the path
+    x, t, y = torch.randn(2, 1, IMAGE, IMAGE), torch.tensor([0.3, 0.8]), torch.tensor([0, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped[0](x, t, y), path.velocity_from("eps", x, wrapped[0].net(x, t, y), t))
+    for strategy, scale in (("full", 2.0), ("top1", 1.0)):
+        ens, path, _ = load_ensemble(rd.root, strategy=strategy)
+        out = sample(ens, path, (4, 1, IMAGE, IMAGE), y=torch.arange(4) % 3, steps=2, solver="heun", cfg_scale=scale)
+        assert out.shape == (4, 1, IMAGE, IMAGE) and torch.isfinite(out).all()
+    bare, meta = load_expert(rd.expert_weights(1), velocity=False)
+    assert isinstance(bare, DiT) and meta["target"] == "eps"
+
+
+def test_loader_names_the_files_of_experts_with_other_image_shapes(tmp_path):
+    rd = make_run(tmp_path, K=2)
+    save_expert(rd, 1, K=2, image=2 * IMAGE)
+    with pytest.raises(
+        ValueError,
+        match=r"different shapes .*expert-00/expert.pt: 1 channel\(s\) x 8px.*expert-01/expert.pt: 1 "
+        r"channel\(s\) x 16px.*router.pt: 1 channel\(s\) x 8px",
+    ):
+        load_ensemble(rd.root)
+    save_expert(rd, 1, K=2, channels=3)
+    with pytest.raises(ValueError, match=r"expert-01/expert.pt: 3 channel\(s\) x 8px"):
+        load_ensemble(rd.root)
+
+
+def test_loader_names_an_expert_file_with_an_unknown_target(tmp_path):
+    rd = make_run(tmp_path, K=2)
+    save_expert(rd, 1, K=2, target="score")
+    with pytest.raises(ValueError, match=r"expert-01/expert.pt says its expert predicts target='score'"):
+        load_ensemble(rd.root)
 
 
 def test_loader_needs_a_router(tmp_path):

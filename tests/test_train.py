@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +43,74 @@ def test_expert_trains_alone_and_touches_only_its_own_folder(fast_cfg, tmp_path)
     assert payload["label_dropout"] == 0.1  # the sampler refuses guidance when it is 0
     # the weights' checksum goes into the record: a sampler can tell a damaged copy
     assert read_json(rd.expert_record(1))["weights_sha256"] == sha256_file(rd.expert_weights(1))
+
+
+def _target_loss(net, rd, k: int, target: str) -> float:
+    """Mean loss of ``net`` on partition ``k`` against ``target``, at fixed t and noise."""
+    from ddm.data.shards import iter_samples
+    from ddm.flow import FlowPath
+    from ddm.images import batch_to_model_space
+
+    samples = list(iter_samples(shard_paths(rd.partition(k))))
+    x0 = batch_to_model_space(np.stack([s["image"] for s in samples]))
+    y = torch.tensor([s["label"] for s in samples])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return float(FlowPath().loss(net, x0, y, generator=g, prediction=target).mean())
+
+
+def test_an_expert_trained_on_eps_learns_it_and_says_so(fast_cfg, tmp_path):
+    from ddm.models.dit import DiT
+    from ddm.models.prediction import PredictionToVelocity
+    from ddm.sampling import load_expert
+
+    rd = make_partitions(tmp_path / "run", sizes=(24, 24))
+    record = train_expert.run(fast_cfg("expert.target=eps", "expert.steps=30", "expert.lr=3e-3"))
+    assert record["target"] == "eps" and record["model_size"] == "DiT-N/2"
+    payload = torch.load(rd.expert_weights(0), weights_only=True)
+    assert payload["target"] == "eps"
+    net, meta = load_expert(rd.expert_weights(0), velocity=False)
+    assert isinstance(net, DiT) and meta["target"] == "eps"
+    untrained = DiT(**payload["model_config"])  # adaLN-Zero: predicts 0, so its eps loss is E[eps^2] = 1
+    before, after = _target_loss(untrained, rd, 0, "eps"), _target_loss(net, rd, 0, "eps")
+    assert before == pytest.approx(1.0, abs=0.05) and after < 0.8 * before, (before, after)
+    velocity, _ = load_expert(rd.expert_weights(0))
+    assert (
+        isinstance(velocity, PredictionToVelocity)
+        and velocity.target == "eps"
+        and velocity.net.config() == net.config()
+    )
+
+
+def test_the_target_is_part_of_a_jobs_identity(fast_cfg, tmp_path, monkeypatch):
+    """A checkpoint of a velocity expert is not resumed as an eps expert."""
+    rd = make_partitions(tmp_path / "run")
+    cfg = fast_cfg("expert.steps=4", "expert.ckpt_every=2")
+    original = train_expert.ExpertModule.training_step
+
+    def crash_at_step_3(self, batch, idx):
+        if self.global_step == 3:
+            raise KeyboardInterrupt
+        return original(self, batch, idx)
+
+    monkeypatch.setattr(train_expert.ExpertModule, "training_step", crash_at_step_3)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        train_expert.run(cfg)
+    monkeypatch.setattr(train_expert.ExpertModule, "training_step", original)
+    with pytest.raises(ValueError, match=r"target: checkpoint 'velocity' vs now 'x0'.*redo=true"):
+        train_expert.run(fast_cfg("expert.steps=4", "expert.ckpt_every=2", "expert.target=x0"))
+    with pytest.raises(ValueError, match=r"expert.target='v' is not one of"):
+        train_expert.run(fast_cfg("expert.steps=4", "expert.target=v", "redo=true"))
+    assert not rd.expert_record(0).exists()
+
+
+def test_a_finished_expert_of_another_kind_is_kept_and_named(fast_cfg, tmp_path, caplog):
+    make_partitions(tmp_path / "run")
+    first = train_expert.run(fast_cfg("expert.steps=2"))
+    with caplog.at_level("WARNING", logger="ddm"):
+        again = train_expert.run(fast_cfg("expert.steps=2", "expert.target=x0"))
+    assert again == first and again["target"] == "velocity"
+    assert "a DiT-N/2 predicting velocity, the config asks for a DiT-N/2 predicting x0" in caplog.text
 
 
 def test_a_damaged_partition_shard_stops_the_expert_naming_it(fast_cfg, tmp_path):

@@ -28,6 +28,12 @@ those images cost, per image. Without usage it is the upper bound K (the cost of
 ``full``), and ``experts_from`` says which it is; ``per_image_max`` is always the
 bound.
 
+Experts may differ in size: ``expert`` is then the mean of their forward FLOPs
+(what uniform routing costs; ``full`` runs them all, so its number is exact),
+and each row adds ``per_image_min`` / ``per_image_max``, the cost when every call
+routes to the cheapest / the priciest experts. The counted ``measured`` number
+is the cost of the routing that actually happened.
+
 ``measured_sampling_flops`` runs a real sampling call under the counter to
 check the formula. ``flops_summary`` puts all of it together for one run.
 """
@@ -83,7 +89,7 @@ def model_forward_flops(
 
 
 def sampling_flops_per_image(
-    expert_flops: float,
+    expert_flops: float | Sequence[float],
     router_flops: float,
     strategy: str | None,
     steps: int,
@@ -98,15 +104,22 @@ def sampling_flops_per_image(
 ) -> dict:
     """FLOPs to sample one image; ``strategy=None`` is a single model (a monolith: no router).
 
-    ``expert_flops`` is the forward FLOPs of one expert per sample (the mean when
-    experts differ). ``experts_per_call`` (and, under separate guidance routing,
-    ``uncond_experts_per_call``): the measured mean experts per sample and call of
-    a data-dependent strategy (``threshold``, ``nucleus``), e.g.
-    ``ddm.ensemble.experts_per_sample`` of the generated images' usage; None: the
-    upper bound K. Fixed-count strategies ignore them. Returns the total and its
-    factors, so a report can show them; ``experts_from`` is ``strategy`` (a fixed
-    count), ``usage`` (measured) or ``bound`` (K, no usage given).
+    ``expert_flops`` is the forward FLOPs of one expert per sample, or those of
+    each expert (experts of different sizes): the formula then uses their mean,
+    and when they differ the row adds ``per_image_min`` (every call routed to the
+    cheapest experts) and ``per_image_max`` counts the priciest. ``experts_per_call``
+    (and, under separate guidance routing, ``uncond_experts_per_call``): the
+    measured mean experts per sample and call of a data-dependent strategy
+    (``threshold``, ``nucleus``), e.g. ``ddm.ensemble.experts_per_sample`` of the
+    generated images' usage; None: the upper bound K. Fixed-count strategies
+    ignore them. Returns the total and its factors, so a report can show them;
+    ``experts_from`` is ``strategy`` (a fixed count), ``usage`` (measured) or
+    ``bound`` (K, no usage given); ``per_image_max`` is the most any routing costs.
     """
+    each = None if np.ndim(expert_flops) == 0 else sorted(float(f) for f in expert_flops)
+    if each is not None and not each:
+        raise BadInput("sampling FLOPs need the forward FLOPs of at least one expert")
+    mean = float(np.mean(each)) if each is not None else float(expert_flops)
     calls = num_evaluations(int(steps), solver)
     guided = conditional and float(cfg_scale) != 1.0
     cfg_factor = 2 if guided else 1
@@ -123,12 +136,21 @@ def sampling_flops_per_image(
         uncond = bound if uncond_experts_per_call is None else float(uncond_experts_per_call)
     separate = guided and strategy is not None and cfg_routing == "separate"
 
-    def per_call_of(e, u):
+    def per_call_of(cond_flops, uncond_flops):
+        """One call's FLOPs when the conditional input's experts cost ``cond_flops`` per sample, the null's
+        ``uncond_flops`` (the same experts unless routed separately)."""
         if separate:  # the router on both inputs; each input's own experts, unguided
-            return 2 * router_flops + (e + u) * expert_flops
-        return router_flops + e * cfg_factor * expert_flops
+            return 2 * router_flops + cond_flops + uncond_flops
+        return router_flops + cfg_factor * cond_flops
 
-    per_call = per_call_of(experts, uncond)
+    def routed(n, cheapest: bool) -> float:
+        """Forward FLOPs of ``n`` experts per sample: the cheapest or priciest ``n`` (one size: n x it)."""
+        if each is None:
+            return n * mean
+        n = min(int(n), len(each))
+        return float(sum(each[:n]) if cheapest else sum(each[-n:]))
+
+    per_call = per_call_of(experts * mean, uncond * mean)
     row = dict(
         per_image=int(round(calls * per_call)),
         per_call=int(round(per_call)),
@@ -136,12 +158,17 @@ def sampling_flops_per_image(
         experts_per_call=experts,
         cfg_factor=cfg_factor,
         router_per_call=int(round((2 if separate else 1) * router_flops)),
-        expert_forward=int(round(expert_flops)),
+        expert_forward=int(round(mean)),
         experts_from=source,
-        per_image_max=int(round(calls * per_call_of(bound, bound))),
+        per_image_max=int(round(calls * per_call_of(routed(bound, False), routed(bound, False)))),
     )
     if separate:
         row.update(cfg_routing="separate", uncond_experts_per_call=uncond)
+    if each is not None and each[0] != each[-1]:
+        fewest = 1 if strategy in DATA_DEPENDENT else bound  # data-dependent: at least the top expert
+        cheapest = per_call_of(routed(fewest, True), routed(fewest, True))
+        if int(round(calls * cheapest)) != row["per_image_max"]:  # not when every call runs every expert (full)
+            row["per_image_min"] = int(round(calls * cheapest))
     return row
 
 
@@ -211,9 +238,14 @@ def forward_flops(
     return fwd
 
 
+def expert_flops(forward: Mapping[str, int]) -> list[int]:
+    """Forward FLOPs of each expert in a ``forward_flops`` dict (the router left out), in its order."""
+    return [v for k, v in forward.items() if k != ROUTER_JOB]
+
+
 def mean_expert_flops(forward: Mapping[str, int]) -> float:
     """Mean forward FLOPs of the experts in a ``forward_flops`` dict (the router left out)."""
-    return float(np.mean([v for k, v in forward.items() if k != ROUTER_JOB]))
+    return float(np.mean(expert_flops(forward)))
 
 
 def forward_per_call(
@@ -222,6 +254,7 @@ def forward_per_call(
     """Forward FLOPs of one model call (no guidance) of an ensemble strategy, or of one expert (None).
 
     ``experts_per_call``: the measured mean of a data-dependent strategy (None: its bound K).
+    With experts of different sizes: the mean expert (uniform routing); exact for ``full``.
     """
     mean = mean_expert_flops(forward)
     if strategy is None:
@@ -297,12 +330,13 @@ def flops_summary(
         train               {jobs: {"expert-KK" | "router": {flops, estimated, samples_seen}}, total, router_share}
         sampling            {<strategy> | "single_model": {per_image, per_call, calls, experts_per_call,
                              cfg_factor, router_per_call, expert_forward, experts_from, per_image_max,
-                             measured_per_image, measured_images}}; under separate guidance routing
-                             also cfg_routing, uncond_experts_per_call; threshold and nucleus with
-                             measured_usage also measured_formula_per_image
+                             measured_per_image, measured_images, [per_image_min: experts of different
+                             sizes]}}; under separate guidance routing also cfg_routing,
+                             uncond_experts_per_call; threshold and nucleus with measured_usage also
+                             measured_formula_per_image
         counter             how the FLOPs were counted
     """
-    expert_mean = mean_expert_flops(forward)
+    each = expert_flops(forward)
     common = dict(
         steps=int(steps),
         solver=solver,
@@ -315,17 +349,17 @@ def flops_summary(
     sampling = {}
     for s in strategies:
         row = sampling_flops_per_image(
-            expert_mean, forward[ROUTER_JOB], s, **common, **_measured_experts(*(usage or {}).get(s, ((), 0)))
+            each, forward[ROUTER_JOB], s, **common, **_measured_experts(*(usage or {}).get(s, ((), 0)))
         )
         if measured:
             row.update(measured_per_image=measured[s], measured_images=int(measured_images))
             if s in DATA_DEPENDENT and measured_usage and s in measured_usage:
                 at = _measured_experts(measured_usage[s], int(measured_images))
                 row["measured_formula_per_image"] = sampling_flops_per_image(
-                    expert_mean, forward[ROUTER_JOB], s, **common, **at
+                    each, forward[ROUTER_JOB], s, **common, **at
                 )["per_image"]
         sampling[s] = row
-    sampling["single_model"] = sampling_flops_per_image(expert_mean, 0, None, **common)
+    sampling["single_model"] = sampling_flops_per_image(each, 0, None, **common)
     return dict(
         forward_per_sample=dict(forward), train=training_summary(forward, records), sampling=sampling, counter=COUNTER
     )

@@ -76,6 +76,24 @@ def _quality(name: str, space: dict, sampling: dict) -> list[str]:
     return lines
 
 
+def _formula(r: dict) -> str:
+    """A sampling row's formula FLOPs, with the cheapest-priciest range when the experts differ in size."""
+    out = fmt_flops(r["per_image"])
+    if "per_image_min" in r:
+        out += f" ({fmt_flops(r['per_image_min'])}-{fmt_flops(r['per_image_max'])})"
+    return out
+
+
+def _experts_line(run: dict) -> list[str]:
+    """One line naming each expert's size and target, when they are not all one kind of velocity DiT."""
+    models = run.get("expert_models") or {}
+    sizes, targets = {m.get("size") for m in models.values()}, {m.get("target") for m in models.values()}
+    if len(sizes) <= 1 and targets <= {"velocity"}:
+        return []
+    named = ", ".join(f"{k}: {m.get('size')} predicting {m.get('target')}" for k, m in models.items())
+    return [f"Experts of different kinds ({named}); every prediction is converted to the velocity.", ""]
+
+
 def render_report(m: dict) -> str:
     run, h, fl = m["run"], m["heldout"], m["flops"]
     lines = [
@@ -86,6 +104,7 @@ def render_report(m: dict) -> str:
         "",
         f"Held-out set ({h['mode']}): {h['num_images']} images; {h['note']}.",
         "",
+        *_experts_line(run),
     ]
     sampling = fl["sampling"]
     for name, space in m["feature_spaces"].items():
@@ -189,7 +208,7 @@ def render_report(m: dict) -> str:
                 r["calls"],
                 _experts_cell(r),
                 r["cfg_factor"],
-                fmt_flops(r["per_image"]),
+                _formula(r),
                 fmt_flops(r.get("measured_per_image")),
             ]
             for s, r in sampling.items()
@@ -201,6 +220,12 @@ def render_report(m: dict) -> str:
             "is the mean over the generated images and solver evaluations (or, without usage records, the "
             "upper bound K). The measured column counts its own few images, whose mean may differ "
             "(`measured_formula_per_image` in metrics.json is the formula at that mean).",
+            "",
+        ]
+    if any("per_image_min" in r for r in sampling.values()):
+        lines += [
+            "The experts differ in size: the formula counts the mean expert (uniform routing), in brackets the "
+            "cheapest and the priciest routing; the measured column is the routing that happened.",
             "",
         ]
     lines += [f"Evaluation took {m['wall_s']:.1f} s.", ""]

@@ -132,7 +132,8 @@ CLIP_CONTEXT = 77  # CLIP's caption length in tokens: what FLOPs are counted at 
 
 def example_condition(net, batch: int, device=None, text_tokens: int = CLIP_CONTEXT):
     """A ``y`` that ``net`` accepts, for counting its FLOPs: class 0, or a caption of ``text_tokens`` real tokens."""
-    text_dim = getattr(getattr(net, "trunk", None), "text_dim", 0)
+    trunk = getattr(net, "trunk", None)  # a DiT or a router; a wrapped expert says its text_dim itself
+    text_dim = getattr(trunk, "text_dim", 0) if trunk is not None else getattr(net, "text_dim", 0)
     if not text_dim:
         return torch.zeros(batch, dtype=torch.long, device=device)
     return TextCondition.of(

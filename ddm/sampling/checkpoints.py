@@ -3,11 +3,16 @@
 Each file is a dict written by ``ddm.train.export.save_weights``::
 
     kind="expert" | "router", model_config (constructor kwargs), state_dict,
-    flow (FlowPath.config()), num_experts=K, clustering_id, steps, [expert_id]
+    flow (FlowPath.config()), num_experts=K, clustering_id, steps, [expert_id],
+    [target: what an expert predicts, velocity | eps | x0; files without it: velocity]
 
 ``load_ensemble`` checks that the pieces belong together before sampling:
-experts and router trained on one clustering, with one K, one flow path and
-one label set. A mismatch is an error that names the files and the fix.
+experts and router trained on one clustering, with one K, one flow path, one
+image shape and one label set. A mismatch is an error that names the files and
+the fix. Experts may differ in size (``model.size`` of each job) and in what they
+predict: an expert trained on ``eps`` or ``x0`` is loaded wrapped in
+``ddm.models.prediction.PredictionToVelocity``, so the ensemble and the solvers
+see velocities only.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import torch
 from ddm.artifacts import RunDir
 from ddm.ensemble import Ensemble
 from ddm.errors import BadInput, MissingInput, Unusable
-from ddm.flow import FlowPath, flow_path_from_config
+from ddm.flow import PREDICTIONS, FlowPath, flow_path_from_config
 from ddm.io import read_json, sha256_file
 from ddm.jobs import expert_id_of, expert_job
 from ddm.models.dit import DiT, DiTClassifier
+from ddm.models.prediction import as_velocity_model
 
 log = logging.getLogger("ddm")
 
@@ -69,9 +75,26 @@ def _build(cls, payload: dict, path) -> tuple[torch.nn.Module, dict]:
     return model, meta
 
 
-def load_expert(path: str | os.PathLike, map_location="cpu") -> tuple[DiT, dict]:
-    """One expert's EMA network and its metadata (everything in the file but the weights)."""
-    return _build(DiT, _load(path, "expert", map_location), path)
+def load_expert(path: str | os.PathLike, map_location="cpu", velocity: bool = True) -> tuple[torch.nn.Module, dict]:
+    """One expert's EMA network and its metadata (everything in the file but the weights).
+
+    ``meta["target"]`` says what the network predicts (``velocity`` for files written
+    before the field existed). With ``velocity`` (the default) an ``eps`` or ``x0``
+    expert comes wrapped in a ``PredictionToVelocity`` on its own flow path, so it
+    returns velocities like every other; ``velocity=False``: the bare DiT.
+    """
+    payload = _load(path, "expert", map_location)
+    target = payload.get("target", "velocity")
+    if target not in PREDICTIONS:
+        raise BadInput(
+            f"{path} says its expert predicts target={target!r}, which is not one of {PREDICTIONS}: "
+            f"the file was written by another version of ddm; retrain it with `ddm train-expert redo=true`"
+        )
+    net, meta = _build(DiT, payload, path)
+    meta["target"] = target
+    if velocity:
+        net = as_velocity_model(net, target, flow_path_from_config(meta["flow"]))
+    return net, meta
 
 
 def load_router(path: str | os.PathLike, map_location="cpu") -> tuple[DiTClassifier, dict]:
@@ -124,8 +147,8 @@ def load_ensemble(
         device: where the modules are moved.
 
     Returns ``(ensemble, flow_path, info)``; ``info`` holds K, the experts used,
-    the experts missing, the clustering id, the training steps of each network
-    and the image shape.
+    the experts missing, the clustering id, the training steps of each network,
+    the size and target of each expert (``expert_models``) and the image shape.
     """
     rd = RunDir(run_dir)
     if rd.router_weights.exists():
@@ -144,6 +167,7 @@ def load_ensemble(
         experts[k], metas[k] = load_expert(rd.expert_weights(k))
         _check_expert(k, metas[k], rmeta)
     _check_num_classes(experts, router, metas, rmeta)
+    _check_image_shape(metas, rmeta)
 
     ensemble = (
         Ensemble(
@@ -159,6 +183,7 @@ def load_ensemble(
         .to(device)
         .eval()
     )
+    # one image shape and label set for all (checked above); the sizes may differ
     first = metas[wanted[0]]["model_config"]
     info = dict(
         num_experts=K,
@@ -169,6 +194,8 @@ def load_ensemble(
         expert_steps={k: metas[k].get("steps") for k in wanted},
         # None for files written before the field existed: not known, so not refused
         expert_label_dropout={k: metas[k].get("label_dropout") for k in wanted},
+        # experts may differ in size and in what they predict (each is converted to velocity)
+        expert_models={k: dict(size=metas[k]["model_config"].get("size"), target=metas[k]["target"]) for k in wanted},
         flow=rmeta["flow"],
         num_classes=first.get("num_classes", 0),
         # the text encoder the experts were trained with (None: class labels); prompts go through it
@@ -335,6 +362,24 @@ def _check_expert(k: int, meta: dict, rmeta: dict) -> None:
             f"expert {k} was trained on flow path {mine}, the router on {theirs} "
             f"({where} vs {rmeta['path']}): they must share one path; retrain with the same "
             f"flow.schedule"
+        )
+
+
+def _check_image_shape(metas: dict, rmeta: dict) -> None:
+    """Every expert and the router take images of one shape (experts of other sizes still see the same x)."""
+
+    def shape(meta):
+        mc = meta["model_config"]
+        return (int(mc["in_channels"]), int(mc["image_size"]))
+
+    seen = {meta["path"]: shape(meta) for meta in metas.values()}
+    seen[rmeta["path"]] = shape(rmeta)
+    if len(set(seen.values())) > 1:
+        detail = ", ".join(f"{path}: {c} channel(s) x {s}px" for path, (c, s) in seen.items())
+        raise BadInput(
+            f"the experts and the router were trained on images of different shapes ({detail}); "
+            f"one ensemble integrates one x: train them all on the same data (data.image_size, data.channels, "
+            f"and in a latent run the same VAE)"
         )
 
 

@@ -107,11 +107,14 @@ def _experts_section(rd: RunDir, K: int) -> list[str]:
     for k in range(K):
         rec = _read(rd.expert_record(k))
         if rec is None:
-            rows.append([k, "missing", "", "", "", "", "", ""])
+            rows.append([k, "missing", "", "", "", "", "", "", "", ""])
             continue
+        size = rec.get("model_size") or (rec.get("config") or {}).get("model", {}).get("size")
         rows.append(
             [
                 k,
+                size or "?",
+                rec.get("target", "velocity"),  # records written before the field: velocity
                 rec["steps"],
                 rec["batch_size"],
                 rec["samples_seen"],
@@ -121,7 +124,18 @@ def _experts_section(rd: RunDir, K: int) -> list[str]:
                 rec["wall_s"],
             ]
         )
-    header = ["expert", "steps", "batch", "samples seen", "final loss", "params", "train FLOPs", "wall s"]
+    header = [
+        "expert",
+        "network",
+        "target",
+        "steps",
+        "batch",
+        "samples seen",
+        "final loss",
+        "params",
+        "train FLOPs",
+        "wall s",
+    ]
     return ["## Experts", "", *table(header, rows)]
 
 

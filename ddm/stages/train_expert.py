@@ -23,6 +23,7 @@ from ddm.artifacts import RunDir
 from ddm.data.loader import batch_loader, sample_stream
 from ddm.data.shards import load_manifest, shard_paths, verify
 from ddm.errors import BadInput, MissingInput
+from ddm.flow import check_prediction
 from ddm.io import read_json
 from ddm.jobs import expert_job
 from ddm.seeds import data_stream_seed, expert_seed
@@ -49,6 +50,11 @@ def model_config(cfg_model, meta: dict, text: dict | None = None) -> dict:
     )
 
 
+def expert_target(cfg) -> str:
+    """``expert.target``: what the expert regresses (``velocity`` when the config has no such key)."""
+    return check_prediction(str(cfg.expert.get("target") or "velocity"))
+
+
 def run(cfg) -> dict:
     """Train expert ``cfg.expert.id``; return its record (at once if it is already finished).
 
@@ -58,10 +64,12 @@ def run(cfg) -> dict:
     """
     rd = RunDir(cfg.run_dir)
     k = int(cfg.expert.id)
+    expert_target(cfg)  # a bad expert.target fails before anything is read or deleted
     job_dir = rd.expert(k)
     if skip(rd.expert_record(k), cfg):
         record = read_json(rd.expert_record(k))
         _check_still_current(record, rd, k)
+        _note_other_kind(record, cfg, k)
         log.info("train-expert %d: already done (%d steps) -> %s", k, record["steps"], job_dir)
         return record
     # Only global rank 0 starts over: the other ranks of a DDP job run this too, beside it.
@@ -119,6 +127,20 @@ def _check_still_current(record: dict, rd: RunDir, k: int) -> None:
         )
 
 
+def _note_other_kind(record: dict, cfg, k: int) -> None:
+    """A finished expert is kept as it is: say so when the config now asks for another size or target."""
+    was = (record.get("model_size"), record.get("target", "velocity"))
+    now = (str(cfg.model.size), expert_target(cfg))
+    if was[0] is not None and was != now:
+        log.warning(
+            "train-expert %d: the finished expert is a %s predicting %s, the config asks for a %s predicting %s; "
+            "it is kept as it is (retrain it with redo=true)",
+            k,
+            *was,
+            *now,
+        )
+
+
 def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | None = None) -> Job:
     """Expert ``k``'s training job: its own partition, seed and folder, nothing shared with another expert.
 
@@ -126,6 +148,7 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | No
     """
     data_dir, data = (rd.partition(k), manifest) if data is None else (data_dir, data)
     ex = cfg.expert
+    target = expert_target(cfg)
     seed = expert_seed(cfg.seed, k)
     text = text_spec(cfg)
     captions = captions_for(cfg, manifest)
@@ -145,6 +168,7 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | No
             nan_check_every=int(ex.get("nan_check_every", 10)),
             compile=bool(cfg.model.get("compile", False)),
             text=text,
+            target=target,
         )
 
     def build_loader(batch: int, start_step: int):
@@ -164,8 +188,12 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | No
         name=expert_job(k),
         title=f"train-expert {k}",
         folder=rd.expert(k),
+        # the target too: a resume must not continue another target's weights
         identity=dict(
-            job=expert_job(k), clustering_id=manifest["clustering_id"], partition_keys_sha256=manifest["keys_sha256"]
+            job=expert_job(k),
+            clustering_id=manifest["clustering_id"],
+            partition_keys_sha256=manifest["keys_sha256"],
+            target=target,
         ),
         seed=seed,
         build_module=build_module,
@@ -182,6 +210,8 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | No
             clustering_id=manifest["clustering_id"],
             # guidance needs the null label trained: the sampler refuses cfg_scale != 1 when this is 0
             label_dropout=float(ex.label_dropout),
+            # what the network predicts: the sampler converts eps and x0 to the velocity
+            target=target,
             # the sampler rebuilds this text encoder for prompts (None: class labels)
             text=text,
             # latent runs: the VAE that decodes samples, and the pixels it decodes to (None: pixels)
@@ -244,12 +274,15 @@ def _preview(cfg, rd: RunDir, k: int, data: dict, text: dict | None) -> tuple:
 
 
 def _record(trained: Trained, k: int, manifest: dict) -> dict:
-    """The common fields plus the partition the expert trained on; hardware adds how the island split the job."""
+    """The common fields plus the partition the expert trained on and what it is (size, target); hardware adds
+    how the island split the job."""
     return dict(
         expert_id=k,
         num_experts=int(manifest["num_clusters"]),
         clustering_id=manifest["clustering_id"],
         partition_keys_sha256=manifest["keys_sha256"],
         partition_samples=int(manifest["num_samples"]),
+        model_size=trained.export_net.config().get("size"),
+        target=trained.module.target,
         **trained.common_record(parallelism=True),
     )

@@ -132,7 +132,7 @@ def latest_complete_checkpoint(ckpt_dir: Path, identity: dict | None = None) -> 
     Broken files (truncated, zero-length, not a checkpoint) are logged by name
     and skipped; they are left in place and overwritten by the next save. A
     complete checkpoint whose recorded ``identity`` (clustering id, partition
-    checksum) differs from the job's is an error: resuming would mix runs.
+    checksum, an expert's target) differs from the job's is an error: resuming would mix runs.
     """
     if not ckpt_dir.is_dir():
         return None
@@ -158,7 +158,7 @@ def _check_identity(path: Path, stored: dict, identity: dict | None) -> None:
     if differs:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differs.items())
         raise BadInput(
-            f"{path} was written by a job on other data ({detail}); resuming would mix "
-            f"artefacts of different clusterings. Start this job afresh with redo=true, "
+            f"{path} was written by a job on other data or with another target ({detail}); resuming would "
+            f"mix artefacts of different jobs. Start this job afresh with redo=true, "
             f"or use the run directory it belongs to"
         )

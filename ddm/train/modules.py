@@ -18,10 +18,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from ddm.flow import FlowPath
+from ddm.flow import FlowPath, check_prediction
 from ddm.images import batch_to_model_space_on_device
 from ddm.models.conditioning import TextCondition
 from ddm.models.dit import DiT, DiTClassifier
+from ddm.models.prediction import as_velocity_model
 from ddm.train.ema import check_same_layout, ema_decay_at, make_ema, update_ema
 from ddm.train.fsdp import FSDPIslandStrategy
 from ddm.train.loss_watch import LossWatch
@@ -137,7 +138,13 @@ class _Base(L.LightningModule):
 
 
 class ExpertModule(_Base):
-    """Flow matching on one partition: regress the path's velocity with MSE."""
+    """Flow matching on one partition: regress the path's velocity with MSE.
+
+    ``target`` (``ddm.flow.PREDICTIONS``): what the network regresses, the velocity,
+    or the noise ``eps`` or the clean ``x0`` (the same draws of t and eps, the MSE
+    to that quantity instead). The sampler converts the latter two to velocities
+    (``ddm.models.prediction``).
+    """
 
     def __init__(
         self,
@@ -153,16 +160,19 @@ class ExpertModule(_Base):
         nan_check_every: int = 10,
         compile: bool = False,
         text: dict | None = None,
+        target: str = "velocity",
     ):
         super().__init__(f"expert {expert_id}", flow, nan_check_every)
         self.save_hyperparameters()
+        self.target = check_prediction(target)
         self.net = DiT(**model)
         self.ema = make_ema(self.net)
 
     def training_step(self, batch, batch_idx):
         x0 = batch_to_model_space_on_device(batch[0])
         y = self.conditioning(batch[1], batch[2] if len(batch) > 2 else None)
-        point = self.path.noised(x0)  # (t, eps) first, then the label dropout: one fixed order of draws
+        # (t, eps) first, then the label dropout: one fixed order of draws, whatever the target
+        point = self.path.noised(x0, prediction=self.target)
         loss = self.path.loss_at(self.net, point, self.drop_labels(y)).mean()
         self.watch(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(x0))
@@ -189,8 +199,13 @@ class ExpertModule(_Base):
         """The network a finished expert exports and samples with: the EMA of its weights.
 
         On an FSDP island it is sharded: ``ddm.train.fsdp.full_copy`` gathers it (on every rank).
+        It predicts ``target``; ``velocity_model`` is what a sampler integrates.
         """
         return self.ema
+
+    def velocity_model(self, net: torch.nn.Module | None = None) -> torch.nn.Module:
+        """``net`` (default ``export_net``) as a velocity model: itself, or converted from ``target``."""
+        return as_velocity_model(self.export_net if net is None else net, self.target, self.path)
 
 
 class RouterModule(_Base):

@@ -101,9 +101,11 @@ class Preview(EveryNSteps):
         net.eval()
         device = pl_module.device
         noise = torch.Generator().manual_seed(self.seed)  # fixed: the same grid at every step
+        # an expert that predicts eps or x0 is sampled through its conversion to velocity
+        velocity = pl_module.velocity_model(net) if hasattr(pl_module, "velocity_model") else net
         try:
             x = sample(
-                net,
+                velocity,
                 pl_module.path,
                 (self.num_images, *self.shape),
                 y=self.condition(pl_module),

@@ -80,7 +80,7 @@ class EvaluationContext:
     # ---- the run and its held-out set ----------------------------------------------
     def run_info(self) -> dict:
         """metrics.json ``run``: run_dir, clustering_id, num_experts, experts, num_classes, image_shape,
-        flow, expert_steps, router_steps."""
+        flow, expert_steps, router_steps, expert_models ({id: {size, target}})."""
         i = self.info
         return dict(
             run_dir=str(self.rd.root),
@@ -92,6 +92,7 @@ class EvaluationContext:
             flow=i["flow"],
             expert_steps=i["expert_steps"],
             router_steps=i["router_steps"],
+            expert_models=i["expert_models"],
         )
 
     def heldout_info(self) -> dict:
