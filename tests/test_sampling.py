@@ -553,3 +553,26 @@ def test_sample_stage_refuses_bad_routing_options_before_loading(tmp_path, overr
 
     with pytest.raises(BadInput, match=key):  # no run here: the check comes first
         stage.run(stage_cfg(tmp_path / "nothing", strategy="threshold", **override))
+
+
+def test_samples_of_a_model_retrained_since_are_drawn_again(tmp_path):
+    """The record names the weights its images came from: a retrained router (or expert) makes them stale."""
+    from ddm.io import sha256_file
+    from ddm.sampling.checkpoints import models_identity
+    from ddm.stages import sample as stage
+
+    rd = make_run(tmp_path, K=2)
+    write_json(rd.expert_record(0), dict(weights_sha256=sha256_file(rd.expert_weights(0))))
+    first = stage.run(stage_cfg(rd.root))
+    assert first["models"] == models_identity(rd) == {"expert-00": sha256_file(rd.expert_weights(0))}
+    assert stage.run(stage_cfg(rd.root)) == first  # nothing changed: skipped
+
+    save_router(rd, 2)  # the router retrained: other weights, and its record says so
+    torch.manual_seed(7)
+    state = torch.load(rd.router_weights, weights_only=False)
+    state["state_dict"] = {k: v + 0.01 * torch.randn_like(v) for k, v in state["state_dict"].items()}
+    torch.save(state, rd.router_weights)
+    write_json(rd.router_record, dict(weights_sha256=sha256_file(rd.router_weights)))
+    again = stage.run(stage_cfg(rd.root))
+    assert again["models"]["router"] == sha256_file(rd.router_weights) and again["models"] != first["models"]
+    assert stage.run(stage_cfg(rd.root)) == again

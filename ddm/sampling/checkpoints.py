@@ -29,7 +29,7 @@ from ddm.ensemble import Ensemble
 from ddm.errors import BadInput, MissingInput, Unusable
 from ddm.flow import PREDICTIONS, FlowPath, flow_path_from_config
 from ddm.io import read_json, sha256_file
-from ddm.jobs import expert_id_of, expert_job
+from ddm.jobs import ROUTER_JOB, expert_id_of, expert_job
 from ddm.models.dit import DiT, DiTClassifier
 from ddm.models.prediction import as_velocity_model
 
@@ -112,6 +112,17 @@ def verify_weights(path: Path, record_path: Path) -> None:
             f"{path} does not match the checksum in {record_path}: the file was changed or damaged on its way; "
             f"copy experts/ or router/ again from the island that trained it, or retrain it with redo=true"
         )
+
+
+def models_identity(rd: RunDir) -> dict:
+    """``{"router" | "expert-KK" | "distilled": weights sha256}`` as the jobs recorded them (no file is hashed).
+
+    Samples and evaluations record this and are made again when it changes: a
+    retrained router or expert must not leave the old one's images looking current.
+    """
+    records = {ROUTER_JOB: rd.router_record, "distilled": rd.distilled_record}
+    records.update({expert_job(k): rd.expert_record(k) for k in expert_ids_on_disk(rd)})
+    return {name: read_json(path).get("weights_sha256") for name, path in sorted(records.items()) if path.exists()}
 
 
 def expert_ids_on_disk(rd: RunDir) -> list[int]:

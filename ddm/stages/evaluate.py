@@ -49,6 +49,7 @@ from ddm.eval.tables import render_report
 from ddm.io import read_json, write_json, write_text
 from ddm.jobs import is_expert
 from ddm.markdown import num
+from ddm.sampling.checkpoints import models_identity
 from ddm.stages.evaluation import evaluation_dir
 from ddm.stages.evaluation.context import EvaluationContext
 from ddm.stages.evaluation.distilled import DistilledContext, wants_distilled
@@ -97,7 +98,7 @@ def run(cfg) -> dict:
     settings = settings_of(cfg)
     if (rd.evaluation_metrics).exists() and not redo:
         metrics = read_json(rd.evaluation_metrics)
-        if metrics.get("settings") == settings:
+        if metrics.get("settings") == settings and metrics.get("models") == models_identity(rd):
             note_skipped()
             log.info("evaluate: done already -> %s", rd.evaluation_metrics)
             return metrics
@@ -106,7 +107,13 @@ def run(cfg) -> dict:
     inception = load_inception(cfg.eval)  # fail on a missing file before any slow work
     # sample.model=distilled (or `distilled` in eval.strategies): the distilled student is a row too
     ctx = (DistilledContext if wants_distilled(cfg) else EvaluationContext)(cfg, rd, settings, redo)
-    metrics = dict(stage="evaluate", settings=settings, run=ctx.run_info(), heldout=ctx.heldout_info())
+    metrics = dict(
+        stage="evaluate",
+        settings=settings,
+        models=models_identity(rd),  # a retrained model makes these figures stale
+        run=ctx.run_info(),
+        heldout=ctx.heldout_info(),
+    )
     generated = {s: ctx.generated(s) for s in ctx.strategies}
     metrics["flops"] = flops_section(ctx, generated)  # threshold, nucleus: at the experts these images used
     metrics["feature_spaces"] = feature_spaces(ctx, generated, inception)

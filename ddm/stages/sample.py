@@ -38,7 +38,7 @@ from ddm.errors import BadInput
 from ddm.images import to_uint8
 from ddm.io import atomic_path, read_json, write_json
 from ddm.sampling import load_ensemble, num_evaluations, sample
-from ddm.sampling.checkpoints import AVAILABLE, check_guidance, expert_ids_on_disk
+from ddm.sampling.checkpoints import AVAILABLE, check_guidance, expert_ids_on_disk, models_identity
 from ddm.sampling.distilled import DISTILLED, check_model, check_student_guidance, load_distilled
 from ddm.stages.conditioning import text_weights_override
 from ddm.stages.encode import latent_decoder
@@ -95,9 +95,10 @@ def requested_settings(sc) -> dict:
 
 
 def _still_valid(record: dict, settings: dict, rd: RunDir) -> bool:
-    """The existing samples answer these settings (for ``available``: with the same experts on disk)."""
-    if record.get("settings") != settings:
-        return False
+    """The existing samples answer these settings with the same models (for ``available``: the same experts
+    on disk)."""
+    if record.get("settings") != settings or record.get("models") != models_identity(rd):
+        return False  # other settings, or a model retrained since
     if settings["experts"] == AVAILABLE:
         return record.get("experts_loaded") == [
             k for k in expert_ids_on_disk(rd) if k < int(record.get("num_experts", 0))
@@ -191,6 +192,7 @@ def run(cfg) -> dict:
     record = dict(
         settings=settings,
         **settings,
+        models=models_identity(rd),  # the weights these images came from
         num_images=total,
         num_grid=num_grid,
         clustering_id=info["clustering_id"],

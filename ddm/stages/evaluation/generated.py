@@ -21,6 +21,7 @@ import torch
 from ddm.artifacts import RunDir
 from ddm.ensemble import ROUTING_DEFAULTS
 from ddm.io import atomic_path, read_json
+from ddm.sampling.checkpoints import models_identity
 from ddm.seeds import EVAL_LABELS_OFFSET, EVAL_NOISE_OFFSET, generator
 from ddm.stages.sample import draw
 
@@ -36,6 +37,8 @@ def from_samples_stage(rd: RunDir, strategy: str, n: int, sampling: dict, seed: 
     if not (rd.samples_record.exists() and npz_path.exists()):
         return None
     record = read_json(rd.samples_record)
+    if record.get("models") != models_identity(rd):  # drawn from models retrained since
+        return None
     # a record from before cfg_routing existed was made with what is now its default
     made = {**ROUTING_DEFAULTS, **record.get("settings", {})}
     made_as = made.get("model") or made.get("strategy")  # the student, or the routing strategy of the ensemble
