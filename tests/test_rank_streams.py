@@ -22,8 +22,8 @@ import ddm.flow
 _noised = ddm.flow.FlowPath.noised
 
 
-def noised(self, x0, t=None, eps=None, generator=None):
-    point = _noised(self, x0, t=t, eps=eps, generator=generator)
+def noised(self, x0, t=None, eps=None, generator=None, **kwargs):
+    point = _noised(self, x0, t=t, eps=eps, generator=generator, **kwargs)
     rank = os.environ.get("LOCAL_RANK", "0")
     with open(os.path.join(os.environ["DDM_DRAWS_DIR"], f"rank-{rank}.jsonl"), "a") as f:
         f.write(json.dumps(dict(t=point.t.tolist(), eps=point.eps.flatten()[:8].tolist(),
