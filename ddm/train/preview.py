@@ -16,6 +16,7 @@ image call) serve the router's preview too (``ddm.train.router_preview``).
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from ddm.viz import save_grid
 log = logging.getLogger("ddm")
 
 
-class EveryNSteps(Callback):
+class EveryNSteps(Callback, ABC):
     """Call ``write(trainer, pl_module, step)`` after every ``every``-th optimizer step.
 
     The decision reads ``trainer.global_step`` only (no host sync), the same on
@@ -58,9 +59,9 @@ class EveryNSteps(Callback):
         if path is not None:
             log.info("preview: step %d -> %s", step, path)
 
+    @abstractmethod
     def write(self, trainer, pl_module, step: int) -> Path | None:
         """Make the preview (on every rank); on global rank 0 write it and return its file."""
-        raise NotImplementedError
 
 
 class Preview(EveryNSteps):
