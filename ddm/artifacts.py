@@ -14,6 +14,8 @@ Data flows one way::
     router/       checkpoints, logs, router.pt, record.json
     distilled/    (optional, `ddm distill`) checkpoints, logs, expert.pt (one student of the
                   experts, EMA weights, loadable as an expert), record.json
+    history/      <clustering id>/ what `ddm extend` retired when the run grew: the router, a
+                  distilled student and the experts of clusters that received images
     samples/      grid.png, samples.npz, usage.json, usage.png, record.json
     report.md
     timings/      wall time and peak memory per stage (experts: experts/expert-KK/timing.json)

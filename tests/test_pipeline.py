@@ -139,7 +139,7 @@ def test_a_library_user_needs_no_config(tiny_run):
 
 def test_the_pipeline_ends_with_where_the_grid_is_and_how_good_it_is(tmp_path):
     rd = RunDir(tmp_path / "run")
-    text = pipeline.headline(rd, None, "demo")
+    text = pipeline.headline(rd, None, "name=demo")
     assert str(rd.samples / "grid.png") in text and "`ddm evaluate name=demo`" in text
     metrics = {
         "feature_spaces": {
@@ -149,8 +149,15 @@ def test_the_pipeline_ends_with_where_the_grid_is_and_how_good_it_is(tmp_path):
             "inception:def": {"strategies": {"top1": dict(num_generated=500, fd=99.0)}},
         }
     }
-    text = pipeline.headline(rd, metrics, "demo").splitlines()[1]
+    text = pipeline.headline(rd, metrics, "name=demo").splitlines()[1]
     assert text.startswith("quality (top1, 500 samples, classifier:abc): FD 12.35")
     assert "the requested class 87.7% of the time" in text and str(rd.evaluation_metrics) in text
     unlabelled = {"feature_spaces": {"classifier:abc": {"strategies": {"top1": dict(num_generated=9, fd=1.0)}}}}
-    assert "requested class" not in pipeline.headline(rd, unlabelled, "demo")
+    assert "requested class" not in pipeline.headline(rd, unlabelled, "name=demo")
+
+
+def test_the_evaluate_hint_names_the_run_as_it_was_given(make_cfg, tmp_path):
+    at_default = make_cfg("name=demo", run_dir="${paths.runs}/${name}")
+    assert pipeline.run_argument(at_default) == "name=demo"
+    elsewhere = make_cfg("name=demo", run_dir=tmp_path / "elsewhere")
+    assert pipeline.run_argument(elsewhere) == f"run_dir={tmp_path / 'elsewhere'}"

@@ -295,8 +295,8 @@ def test_loader_rejects_a_clustering_id_mismatch(tmp_path):
     save_expert(rd, 1, K=2, clustering_id="def")
     with pytest.raises(
         ValueError,
-        match=r"expert 1 was trained on clustering def, the router on abc"
-        r".*expert-01.*router.pt.*retrain",
+        match=r"expert 1 \(.*expert-01.*router.pt\) was trained on clustering def, but the run is clustering abc"
+        r".*retrain",
     ):
         load_ensemble(rd.root)
 
@@ -493,7 +493,9 @@ def test_available_needs_at_least_one_expert_and_a_known_word(tmp_path):
 def test_available_still_refuses_another_clustering(tmp_path):
     rd = make_run(tmp_path, K=3, experts=[0])
     save_expert(rd, 2, K=3, clustering_id="def")
-    with pytest.raises(ValueError, match="expert 2 was trained on clustering def, the router on abc"):
+    with pytest.raises(
+        ValueError, match=r"expert 2 \(.*\) was trained on clustering def, but the run is clustering abc"
+    ):
         load_ensemble(rd.root, subset="available")
 
 

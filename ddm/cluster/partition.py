@@ -107,9 +107,14 @@ def write_partitions(
     min_shards: int,
     target_size: int,
     seed: int,
+    only: Sequence[int] | None = None,
+    extra: dict[int, dict] | None = None,
 ) -> list[dict]:
     """Write cluster ``k``'s samples to ``folders[k]`` as a shard set, in ``cluster_order``; return the K manifests.
 
+    ``only``: write just these clusters (a grown run rewrites the clusters that
+    changed and leaves the others' shard sets as they are); their manifests are
+    returned in that order. ``extra``: more manifest fields per cluster id.
     ``keys``/``cluster`` are the assignments in dataset order; the data shards
     must hold the same keys in the same order (checked sample by sample).
     Each manifest records cluster, num_clusters, clustering_id, keys_sha256 (this
@@ -124,6 +129,8 @@ def write_partitions(
     with ExitStack() as stack:
         writers = []
         for k, folder in enumerate(folders):
+            if only is not None and k not in only:
+                continue
             order = cluster_order(cluster, k, seed)
             size = shard_size_for(len(order), min_shards, target_size)
             writer = ShardSetWriter(
@@ -135,6 +142,7 @@ def write_partitions(
                 keys_sha256=sha256_strings(keys[order]),
                 order=dict(permuted=PERMUTED_SAMPLES, seed=int(seed)),
                 **copied,
+                **(extra or {}).get(k, {}),
             )
             writers.append(stack.enter_context(writer))
             counts: Counter = Counter()

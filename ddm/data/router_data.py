@@ -1,8 +1,9 @@
 """What the router trains and is measured on: every partition of a run, split into training and held-out shards.
 
 Unlike an expert, which reads only its own partition, the router reads all of
-them; they must come from one clustering, or its classes would not be the
-experts' clusters. One shard of each partition (when it has more than one),
+them; they must come from one clustering (or, in a run grown by ``ddm extend``,
+each from the ancestor its cluster was kept from: ``ddm.cluster.lineage``), or
+its classes would not be the experts' clusters. One shard of each partition (when it has more than one),
 drawn with the run's seed, is held out, and the held-out evaluation set is drawn
 from those shards. Drawn rather than taken from the front, so that what the
 router holds out (and, with ``router.sample_fraction`` < 1, trains on) does not
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from ddm.artifacts import RunDir
+from ddm.cluster.lineage import cluster_ids
 from ddm.data.shards import iter_samples, load_manifest
 from ddm.errors import BadInput, MissingInput
 from ddm.images import to_model_space
@@ -30,11 +32,13 @@ def load_partitions(rd: RunDir) -> tuple[dict, list[dict]]:
         raise MissingInput(f"no partitions at {rd.partitions}: run `ddm partition` first")
     index = read_json(index_path)
     manifests = [load_manifest(rd.partition(k)) for k in range(int(index["num_clusters"]))]
-    ids = {m["clustering_id"] for m in manifests} | {index["clustering_id"]}
-    if len(ids) != 1:
+    # a grown run keeps the partitions that did not change under the ancestor they were written under
+    expected = cluster_ids(index)
+    found = [m["clustering_id"] for m in manifests]
+    if found != expected or any(int(m["cluster"]) != k for k, m in enumerate(manifests)):
         raise BadInput(
-            f"the partitions under {rd.partitions} come from different clusterings {sorted(ids)}; "
-            f"rerun `ddm partition redo=true`"
+            f"the partitions under {rd.partitions} come from clusterings {found}, but its manifest.json expects "
+            f"{expected} (clustering {index['clustering_id']}); rerun `ddm partition redo=true`"
         )
     return index, manifests
 

@@ -50,7 +50,8 @@ def sample_quality(
         strategies  {<strategy>: {num_generated, fd, precision, recall,
                                   classifier_accuracy   (when classify is given and both sets have labels)
                                   per_class             (when both sets have labels):
-                                      {"<class>": {num_real, num_generated, fd, precision, recall}}}}
+                                      {"<class>": {num_real, num_generated, fd, precision, recall,
+                                                   classifier_accuracy (with classify)}}}}
 
     Precision and recall are None when a set has no more than ``k`` images.
     """
@@ -69,18 +70,29 @@ def sample_quality(
             num_generated=len(gen_f), fd=frechet_distance_features(gen_f, real_f), **_precision_recall(real_f, gen_f, k)
         )
         has_labels = bool((labels >= 0).any() and (real_labels >= 0).any())
-        if classify is not None and has_labels:
-            row["classifier_accuracy"] = float((classify(images) == labels).mean())
+        predicted = classify(images) if classify is not None and has_labels else None
+        if predicted is not None:
+            row["classifier_accuracy"] = float((predicted == labels).mean())
         if has_labels:
-            row["per_class"] = per_class(real_f, real_labels, gen_f, labels, k, per_class_min)
+            row["per_class"] = per_class(real_f, real_labels, gen_f, labels, k, per_class_min, predicted)
         out["strategies"][strategy] = row
     return out
 
 
 def per_class(
-    real_f: np.ndarray, real_y: np.ndarray, gen_f: np.ndarray, gen_y: np.ndarray, k: int, min_count: int
+    real_f: np.ndarray,
+    real_y: np.ndarray,
+    gen_f: np.ndarray,
+    gen_y: np.ndarray,
+    k: int,
+    min_count: int,
+    predicted: np.ndarray | None = None,
 ) -> dict:
-    """``{"<class>": {num_real, num_generated, fd, precision, recall}}`` for classes in both sets with enough images."""
+    """``{"<class>": {num_real, num_generated, fd, precision, recall}}`` for classes in both sets with enough images.
+
+    With ``predicted`` (the classifier's label of each generated image), each class also gets
+    ``classifier_accuracy``: the fraction of the images asked for as that class that were classified as it.
+    """
     out = {}
     for c in sorted(set(real_y[real_y >= 0].tolist()) & set(gen_y[gen_y >= 0].tolist())):
         r, g = real_f[real_y == c], gen_f[gen_y == c]
@@ -89,6 +101,8 @@ def per_class(
         out[str(c)] = dict(
             num_real=len(r), num_generated=len(g), fd=frechet_distance_features(g, r), **_precision_recall(r, g, k)
         )
+        if predicted is not None:
+            out[str(c)]["classifier_accuracy"] = float((np.asarray(predicted)[gen_y == c] == c).mean())
     return out
 
 

@@ -70,10 +70,16 @@ def _quality(name: str, space: dict, sampling: dict) -> list[str]:
     per_class = {s: r.get("per_class") or {} for s, r in space["strategies"].items()}
     classes = sorted({c for pc in per_class.values() for c in pc}, key=int)
     if classes:
-        lines += [f"Per class, FD in `{name}` (classes with enough images):", ""]
+        lines += [f"Per class, FD in `{name}` (and the class accuracy, where a classifier ran):", ""]
         header = ["class"] + [f"{s} FD ({fmt_flops(sampling.get(s, {}).get('per_image'))}/image)" for s in per_class]
-        lines += table(header, [[c] + [num(per_class[s].get(c, {}).get("fd")) for s in per_class] for c in classes])
+        lines += table(header, [[c] + [_class_cell(per_class[s].get(c, {})) for s in per_class] for c in classes])
     return lines
+
+
+def _class_cell(row: dict) -> str:
+    """One class's FD, and its classifier accuracy when there is one: ``12.3 (0.91)``."""
+    acc = row.get("classifier_accuracy")
+    return num(row.get("fd")) + ("" if acc is None else f" ({acc:.2f})")
 
 
 def _formula(r: dict) -> str:

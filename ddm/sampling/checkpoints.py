@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ddm.artifacts import RunDir
+from ddm.cluster.lineage import check_member
 from ddm.ensemble import Ensemble
 from ddm.errors import BadInput, MissingInput, Unusable
 from ddm.flow import PREDICTIONS, FlowPath, flow_path_from_config
@@ -354,18 +355,8 @@ def _check_expert(k: int, meta: dict, rmeta: dict) -> None:
             f"{where} holds expert {meta['expert_id']}, not expert {k}: the file was copied "
             f"into the wrong folder; retrain or move it to experts/{expert_job(meta['expert_id'])}"
         )
-    if int(meta["num_experts"]) != int(rmeta["num_experts"]):
-        raise BadInput(
-            f"expert {k} ({where}) was trained with K={meta['num_experts']} clusters, the router "
-            f"({rmeta['path']}) with K={rmeta['num_experts']}: retrain one of them on the "
-            f"same clustering or use the matching run"
-        )
-    if meta["clustering_id"] != rmeta["clustering_id"]:
-        raise BadInput(
-            f"expert {k} was trained on clustering {meta['clustering_id']}, the router on "
-            f"{rmeta['clustering_id']} ({where} vs {rmeta['path']}): retrain the router or "
-            f"the expert on one clustering, or use the matching run"
-        )
+    # the router's clustering, or for a grown run the ancestor this expert's cluster was kept from
+    check_member(meta, k, rmeta, f"expert {k} ({where}, for the router {rmeta['path']})")
     mine = {f: meta["flow"].get(f) for f in PATH_FIELDS}
     theirs = {f: rmeta["flow"].get(f) for f in PATH_FIELDS}
     if mine != theirs:

@@ -50,6 +50,12 @@ STAGES: dict[str, Stage] = {
         True,
         ("distill", "island", "logger"),
     ),
+    "extend": Stage(
+        "extend",
+        "grow a finished run by new images: a new cluster or the nearest ones; untouched experts stay as they are",
+        True,
+        ("extend", "expert", "router", "island", "logger"),
+    ),
     "sample": Stage(
         "sample", "sample a labelled grid from the experts and the router (or the distilled model)", True, ("sample",)
     ),

@@ -178,6 +178,8 @@ def _warn_if_config_differs(report: dict, c) -> None:
     """A skipped stage keeps the old clustering: say so when the config now asks for another."""
     asked = dict(method=str(c.method), k=int(c.k), seed=int(c.seed))
     made = {name: report.get(name) for name in asked}
+    if report.get("extensions"):  # a grown run (`ddm extend`): K grew past cluster.k on purpose
+        made["k"] = report["extensions"][0]["k_before"]
     if asked != made:
         log.warning(
             "cluster: clusters/ were made with %s but the config asks for %s; keeping them "

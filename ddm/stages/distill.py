@@ -29,6 +29,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
+from ddm.cluster.lineage import check_member
 from ddm.data.loader import batch_loader, mixed_stream
 from ddm.data.router_data import load_partitions
 from ddm.data.shards import shard_paths
@@ -67,7 +68,7 @@ def run(cfg) -> dict:
     index, manifests = load_partitions(rd)
     K = len(manifests)
     source = distilled_from(rd, K, index["clustering_id"])
-    teachers, metas = load_teachers(rd, K, index["clustering_id"], cfg)
+    teachers, metas = load_teachers(rd, index, cfg)
     if vae_spec(cfg) is not None:  # a latent run: the same samples, encoded by `ddm encode`
         folders = [rd.latent(k) for k in range(K)]
         data = [latent_manifest(rd, k, m, verify_shards=False) for k, m in enumerate(manifests)]
@@ -95,23 +96,20 @@ def run(cfg) -> dict:
     return record
 
 
-def load_teachers(rd: RunDir, K: int, clustering_id: str, cfg) -> tuple[list, list[dict]]:
-    """Every expert's EMA network and metadata, checked to be the run's experts of this clustering and path."""
+def load_teachers(rd: RunDir, index: dict, cfg) -> tuple[list, list[dict]]:
+    """Every expert's EMA network and metadata, checked to be the run's experts of the partition index ``index``'s
+    clustering (cluster by cluster, for a grown run) and of this flow path."""
     teachers, metas = [], []
-    for k in range(K):
+    for k in range(int(index["num_clusters"])):
         verify_weights(rd.expert_weights(k), rd.expert_record(k))
         net, meta = load_expert(rd.expert_weights(k))
         where = rd.expert_weights(k)
-        if int(meta.get("expert_id", k)) != k or int(meta["num_experts"]) != K:
+        if int(meta.get("expert_id", k)) != k:
             raise BadInput(
-                f"{where} holds expert {meta.get('expert_id')} of K={meta['num_experts']}, not expert {k} of the "
-                f"run's K={K}: retrain it with `ddm train-expert expert.id={k} redo=true`"
+                f"{where} holds expert {meta.get('expert_id')}, not expert {k}: retrain it with "
+                f"`ddm train-expert expert.id={k} redo=true`"
             )
-        if meta["clustering_id"] != clustering_id:
-            raise BadInput(
-                f"{where} was trained on clustering {meta['clustering_id']}, the partitions are clustering "
-                f"{clustering_id}: retrain it with `ddm train-expert expert.id={k} redo=true`"
-            )
+        check_member(meta, k, index, where)  # this clustering's, or the ancestor a grown run kept it from
         if meta["flow"].get("schedule") != cfg.flow.schedule:
             raise BadInput(
                 f"{where} was trained on flow.schedule={meta['flow'].get('schedule')}, this run's config says "

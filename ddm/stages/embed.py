@@ -41,12 +41,25 @@ def _clear_shard_files(folder: Path) -> None:
 
 
 def _reset_if_changed(folder: Path, fingerprint: dict) -> None:
-    """Drop per-shard files written by another encoder or for other data, then record ours."""
+    """Drop per-shard files written by another encoder or for other data, then record ours.
+
+    Data that only grew by shards appended after the old ones (``ddm extend``)
+    keeps the old shards' files: only the new shards are embedded.
+    """
     path = folder / FINGERPRINT
-    if path.exists() and read_json(path) != fingerprint:
+    if path.exists() and not _same_or_grown(read_json(path), fingerprint):
         log.info(f"embed: encoder or data changed since {folder} was written; recomputing every shard")
         _clear_shard_files(folder)
     write_json(path, fingerprint)
+
+
+def _same_or_grown(recorded: dict, now: dict) -> bool:
+    """The same encoder and seed, and the recorded data shards are the first of the current ones."""
+    old, new = recorded.get("data_shards") or [], now["data_shards"]
+    same_encoder = {k: v for k, v in recorded.items() if k != "data_shards"} == {
+        k: v for k, v in now.items() if k != "data_shards"
+    }
+    return same_encoder and new[: len(old)] == old
 
 
 def _shard_done(emb_path: Path, keys_path: Path, entry: dict, dim: int) -> bool:

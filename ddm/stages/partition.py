@@ -85,6 +85,9 @@ def run(cfg) -> dict:
         sizes=[m["num_samples"] for m in manifests],
         num_shards=[len(m["shards"]) for m in manifests],
         clusters=[f.name for f in folders],
+        # every partition is written under the current clustering now (a grown run's index keeps older ids)
+        cluster_ids=[current] * k,
+        lineage={},
     )
     write_json(marker, summary)
     log.info(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from pathlib import Path
 
 from omegaconf import open_dict
 
@@ -62,15 +63,24 @@ def run(cfg, overrides: list[str] | None = None) -> dict:
     total = round(time.perf_counter() - start, 1)
     log.info("pipeline: all stages done in %.0fs -> %s", total, rd.root)
     run_stage("report", cfg)
-    log.info("%s", headline(rd, metrics, str(cfg.name)))
+    log.info("%s", headline(rd, metrics, run_argument(cfg)))
     return dict(run_dir=str(rd.root), wall_s=total)
 
 
-def headline(rd: RunDir, metrics: dict | None, name: str) -> str:
-    """What a user reads last: where the grid is and how good the samples are (or how to find out)."""
+def run_argument(cfg) -> str:
+    """How a later command names this run: ``name=...`` where the run lives at its default place, else ``run_dir=``."""
+    default = Path(str(cfg.paths.runs)) / str(cfg.name)
+    return f"name={cfg.name}" if default.resolve() == Path(str(cfg.run_dir)).resolve() else f"run_dir={cfg.run_dir}"
+
+
+def headline(rd: RunDir, metrics: dict | None, run: str) -> str:
+    """What a user reads last: where the grid is and how good the samples are (or how to find out).
+
+    ``run``: how the evaluate command names the run (``name=demo``, ``run_dir=...``: ``run_argument``).
+    """
     lines = [f"samples: {rd.samples / 'grid.png'}"]
     if metrics is None:
-        lines.append(f"quality: not measured here; `ddm evaluate name={name}` writes FD and class accuracy")
+        lines.append(f"quality: not measured here; `ddm evaluate {run}` writes FD and class accuracy")
         return "\n".join(lines)
     space, quality = next(iter(metrics["feature_spaces"].items()))
     strategy, row = next(iter(quality["strategies"].items()))

@@ -81,6 +81,8 @@ def run(cfg) -> dict:
         source=cfg.data.source,
         split=source.split,
         order=source.order.as_dict(),
+        # data.classes: the class ids kept (null: all), so a run on some classes says so
+        classes=None if cfg.data.get("classes") is None else sorted(int(c) for c in cfg.data.classes),
         **source.meta.as_dict(),
     ) as writer:
         for sample in tqdm(source.samples, desc="prepare", unit="img", disable=None):

@@ -1,6 +1,8 @@
 """Stage ``train-expert``: train expert ``expert.id`` on its own partition, in isolation.
 
-Reads only ``partitions/cluster-<id>/``; writes only ``experts/expert-<id>/``.
+Reads only ``partitions/cluster-<id>/`` (and, fine-tuning after ``ddm extend``,
+its own earlier ``expert.pt`` under ``history/``: ``ddm.stages.fine_tune``);
+writes only ``experts/expert-<id>/``.
 No process group, lock or file is shared with another expert: inside the
 island Lightning may use DDP/FSDP across the island's own devices, nothing more.
 Resumes from the newest complete checkpoint (``checkpoints/last.ckpt`` or a
@@ -29,6 +31,7 @@ from ddm.jobs import expert_job
 from ddm.seeds import data_stream_seed, expert_seed
 from ddm.stages.conditioning import captions_for, conditioning_args, text_spec
 from ddm.stages.encode import latent_decoder, latent_manifest, latent_meta, stored_text_length, vae_spec
+from ddm.stages.fine_tune import initial_weights, start_from
 from ddm.stages.prompts import sample_prompts
 from ddm.stages.runner import skip
 from ddm.stages.sample import class_names
@@ -151,11 +154,12 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | No
     target = expert_target(cfg)
     seed = expert_seed(cfg.seed, k)
     text = text_spec(cfg)
+    start = initial_weights(cfg, rd, manifest)  # None: random init
     captions = captions_for(cfg, manifest)
     stored_text = stored_text_length(cfg, data, data_dir)  # text.store=true: encodings from the shards
 
     def build_module() -> ExpertModule:
-        return ExpertModule(
+        module = ExpertModule(
             model=model_config(cfg.model, data, text),
             flow=OmegaConf.to_container(cfg.flow),
             lr=ex.lr,
@@ -170,6 +174,9 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | No
             text=text,
             target=target,
         )
+        if start is not None:
+            start_from(module, start, target)
+        return module
 
     def build_loader(batch: int, start_step: int):
         # Inside the job: a bad shard_url is a failure of this job, recorded in its failed.json.
@@ -194,6 +201,8 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | No
             clustering_id=manifest["clustering_id"],
             partition_keys_sha256=manifest["keys_sha256"],
             target=target,
+            # a fine-tune must not resume a checkpoint of another starting point
+            init_sha256=start and start["sha256"],
         ),
         seed=seed,
         build_module=build_module,
@@ -216,6 +225,8 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | No
             text=text,
             # latent runs: the VAE that decodes samples, and the pixels it decodes to (None: pixels)
             latents=latent_meta(data),
+            # the expert.pt training started from (`ddm extend`'s fine-tune), None: random
+            initialised_from=start and {f: start[f] for f in ("path", "sha256", "clustering_id")},
         ),
         config=OmegaConf.to_container(cfg, resolve=True),
         callbacks=_preview(cfg, rd, k, data, text),

@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
+from ddm.cluster.lineage import cluster_ids, lineage_sizes
 from ddm.data.loader import batch_loader, mixed_stream
 from ddm.data.router_data import eval_set, load_partitions, split_shards
 from ddm.data.shards import shard_paths
@@ -182,7 +183,13 @@ def _job(
         weights=rd.router_weights,
         record=rd.router_record,
         export_meta=dict(
-            num_experts=len(manifests), clustering_id=index["clustering_id"], text=text, latents=latent_meta(meta)
+            num_experts=len(manifests),
+            clustering_id=index["clustering_id"],
+            # a grown run: the clustering each expert was trained under (ddm.cluster.lineage)
+            cluster_ids=cluster_ids(index),
+            lineage=lineage_sizes(index),
+            text=text,
+            latents=latent_meta(meta),
         ),
         config=OmegaConf.to_container(cfg, resolve=True),
         callbacks=_preview(cfg, rd, manifests, held),
@@ -248,6 +255,7 @@ def _record(trained: Trained, cfg, index: dict, manifests: list[dict], held: lis
     return dict(
         num_experts=len(manifests),
         clustering_id=index["clustering_id"],
+        cluster_ids=cluster_ids(index),
         heldout_shards=[[Path(url).name for url in urls] for urls in held],
         eval_samples=len(k),
         accuracy_by_t=by_t,

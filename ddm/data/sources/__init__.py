@@ -88,8 +88,11 @@ SOURCES: dict[str, Callable] = {
 def open_source(cfg_data, seed: int) -> Source:
     """The source named by ``cfg_data.source`` in the order the run's ``seed`` gives, conformed, with ``limit``.
 
-    ``cfg_data.limit`` keeps the first samples of that order: a random subset of
-    an indexed source rather than, say, the first classes of a sorted folder.
+    ``cfg_data.classes`` keeps only the samples of those class ids (labels keep
+    their ids, so a run on some classes can later grow by the others with
+    ``ddm extend``). ``cfg_data.limit`` then keeps the first samples of that
+    order: a random subset of an indexed source rather than, say, the first
+    classes of a sorted folder.
     Opening checks what can be checked before reading (paths, split, config
     consistency) so that a bad config fails before anything is written; image
     problems surface while the samples are iterated.
@@ -102,5 +105,23 @@ def open_source(cfg_data, seed: int) -> Source:
     limit = cfg_data.get("limit")
     if limit is not None and int(limit) < 1:
         raise BadInput(f"data.limit={limit}: use a positive number of samples, or null for all")
-    samples = itertools.islice(source.samples, int(limit)) if limit is not None else source.samples
+    samples = only_classes(source.samples, cfg_data.get("classes"), meta)
+    samples = itertools.islice(samples, int(limit)) if limit is not None else samples
     return Source(source.prefix, source.split, meta, conform(samples, meta, cfg_data.get("resize")), source.order)
+
+
+def only_classes(samples, classes, meta: SourceMeta):
+    """The samples whose label is one of ``classes`` (``data.classes``); all of them when it is null."""
+    if classes is None:
+        return samples
+    wanted = {int(c) for c in classes}
+    if not wanted:
+        raise BadInput("data.classes=[] keeps no sample: list the class ids to keep, or null for all")
+    if not meta.num_classes:
+        raise BadInput("data.classes needs labelled data, but this source has no classes: leave data.classes=null")
+    bad = sorted(c for c in wanted if not 0 <= c < meta.num_classes)
+    if bad:
+        raise BadInput(
+            f"data.classes has ids {bad} outside the source's {meta.num_classes} classes (0..{meta.num_classes - 1})"
+        )
+    return (sample for sample in samples if sample.label in wanted)
