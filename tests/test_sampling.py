@@ -511,6 +511,19 @@ def test_guidance_is_refused_for_experts_with_an_untrained_null_label():
     check_guidance(dict(num_classes=10, expert_label_dropout={0: 0.1, 2: None}), 3.0)  # None: an older file
 
 
+def test_separate_guidance_routing_is_refused_for_a_router_with_an_untrained_null_label():
+    from ddm.errors import BadInput
+    from ddm.sampling.checkpoints import check_guidance
+
+    info = dict(num_classes=10, expert_label_dropout={0: 0.1}, router_label_dropout=0.0)
+    with pytest.raises(BadInput, match=r"cfg_routing=separate .*router.label_dropout=0"):
+        check_guidance(info, 1.5, cfg_routing="separate")
+    check_guidance(info, 1.5)  # shared routing never routes the null input
+    check_guidance(info, 1.0, cfg_routing="separate")  # no guidance, no null input
+    check_guidance(dict(info, router_label_dropout=0.1), 1.5, cfg_routing="separate")
+    check_guidance(dict(info, router_label_dropout=None), 1.5, cfg_routing="separate")  # an older file
+
+
 def test_a_velocity_model_must_define_forward():
     class NoForward(VelocityModel):
         num_classes = 3

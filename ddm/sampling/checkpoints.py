@@ -203,6 +203,8 @@ def load_ensemble(
         missing_experts=missing,
         clustering_id=cid,
         router_steps=rmeta.get("steps"),
+        # None for files written before the field existed: not known, so not refused
+        router_label_dropout=rmeta.get("label_dropout"),
         expert_steps={k: metas[k].get("steps") for k in wanted},
         # None for files written before the field existed: not known, so not refused
         expert_label_dropout={k: metas[k].get("label_dropout") for k in wanted},
@@ -220,15 +222,24 @@ def load_ensemble(
     return ensemble, flow_path_from_config(rmeta["flow"]), info
 
 
-def check_guidance(info: dict, cfg_scale: float, key: str = "sample.cfg_scale") -> None:
-    """Refuse classifier-free guidance with experts whose null label was never trained.
+def check_guidance(info: dict, cfg_scale: float, key: str = "sample.cfg_scale", cfg_routing: str = "shared") -> None:
+    """Refuse classifier-free guidance with experts (or, routed separately, a router) whose null label was never
+    trained.
 
     An expert trained with ``label_dropout=0`` never saw the null label, so its
     "unconditional" velocity is noise from an untrained embedding row and
-    guidance amplifies it.
+    guidance amplifies it. With ``cfg_routing=separate`` the router routes the
+    null input too, so its own null label must have been trained.
     """
     if float(cfg_scale) == 1.0 or not (info.get("num_classes") or info.get("text")):
         return
+    router_dropout = info.get("router_label_dropout")
+    if cfg_routing == "separate" and router_dropout is not None and float(router_dropout) <= 0:
+        raise BadInput(
+            "sample.cfg_routing=separate routes guidance's null input with the router, but it was trained with "
+            "router.label_dropout=0 (its null label is untrained): use sample.cfg_routing=shared, or retrain "
+            "the router with router.label_dropout > 0 (e.g. 0.1)"
+        )
     untrained = [k for k, p in info.get("expert_label_dropout", {}).items() if p is not None and float(p) <= 0]
     if untrained:
         raise BadInput(

@@ -160,7 +160,7 @@ def run(cfg) -> dict:
             generator=gen_route,
         )
         ensemble = with_routing(ensemble, settings)
-        check_guidance(info, settings["cfg_scale"])
+        check_guidance(info, settings["cfg_scale"], cfg_routing=settings["cfg_routing"])
     num_classes = int(info["num_classes"])
     prompts = sample_prompts(cfg, rd) if info.get("text") else None
     if prompts is None:

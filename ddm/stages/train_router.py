@@ -188,6 +188,8 @@ def _job(
             # a grown run: the clustering each expert was trained under (ddm.cluster.lineage)
             cluster_ids=cluster_ids(index),
             lineage=lineage_sizes(index),
+            # guidance routed separately (sample.cfg_routing=separate) needs the null label trained
+            label_dropout=float(rc.label_dropout),
             text=text,
             latents=latent_meta(meta),
         ),

@@ -59,7 +59,7 @@ class EvaluationContext:
         )
         # latent runs: samples are decoded for every image metric; the FM loss and the router see encoded images
         self.latents = run_latents(cfg, self.info.get("latents"), self.device)
-        check_guidance(self.info, self.sc["cfg_scale"])
+        check_guidance(self.info, self.sc["cfg_scale"], cfg_routing=self.sc["cfg_routing"])
         self.text = self.info.get("text")  # text runs: the networks take captions, not labels
         self.num_classes = int(self.info["num_classes"])
         # the data's classes: the networks' own, or (text runs) those the captions may be made from
