@@ -501,7 +501,7 @@ def test_available_still_refuses_another_clustering(tmp_path):
 
 def test_guidance_is_refused_for_experts_with_an_untrained_null_label():
     from ddm.errors import BadInput
-    from ddm.sampling.checkpoints import check_guidance
+    from ddm.sampling.fit import check_guidance
 
     info = dict(num_classes=10, expert_label_dropout={0: 0.1, 1: 0.0, 2: None})
     with pytest.raises(BadInput, match=r"sample.cfg_scale=1.5 .*experts \[1\] .*label_dropout=0"):
@@ -513,7 +513,7 @@ def test_guidance_is_refused_for_experts_with_an_untrained_null_label():
 
 def test_separate_guidance_routing_is_refused_for_a_router_with_an_untrained_null_label():
     from ddm.errors import BadInput
-    from ddm.sampling.checkpoints import check_guidance
+    from ddm.sampling.fit import check_guidance
 
     info = dict(num_classes=10, expert_label_dropout={0: 0.1}, router_label_dropout=0.0)
     with pytest.raises(BadInput, match=r"cfg_routing=separate .*router.label_dropout=0"):

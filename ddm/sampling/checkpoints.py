@@ -6,10 +6,10 @@ Each file is a dict written by ``ddm.train.export.save_weights``::
     flow (FlowPath.config()), num_experts=K, clustering_id, steps, [expert_id],
     [target: what an expert predicts, velocity | eps | x0; files without it: velocity]
 
-``load_ensemble`` checks that the pieces belong together before sampling:
-experts and router trained on one clustering, with one K, one flow path, one
-image shape and one label set. A mismatch is an error that names the files and
-the fix. Experts may differ in size (``model.size`` of each job) and in what they
+``load_ensemble`` checks that the pieces belong together before sampling
+(``ddm.sampling.fit``): experts and router trained on one clustering (or its
+lineage), with one K, one flow path, one image shape and one label set. A
+mismatch is an error that names the files and the fix. Experts may differ in size (``model.size`` of each job) and in what they
 predict: an expert trained on ``eps`` or ``x0`` is loaded wrapped in
 ``ddm.models.prediction.PredictionToVelocity``, so the ensemble and the solvers
 see velocities only.
@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from ddm.artifacts import RunDir
-from ddm.cluster.lineage import check_member
 from ddm.ensemble import Ensemble
 from ddm.errors import BadInput, MissingInput, Unusable
 from ddm.flow import PREDICTIONS, FlowPath, flow_path_from_config
@@ -33,16 +32,19 @@ from ddm.io import read_json, sha256_file
 from ddm.jobs import ROUTER_JOB, expert_id_of, expert_job
 from ddm.models.dit import DiT, DiTClassifier
 from ddm.models.prediction import as_velocity_model
+from ddm.sampling.fit import (
+    check_expert,
+    check_image_shape,
+    check_num_classes,
+    check_router,
+    common_latents,
+    common_text,
+)
 
 log = logging.getLogger("ddm")
 
 # ``subset="available"``: sample with the experts that exist (an island was lost).
 AVAILABLE = "available"
-
-# Fields of FlowPath.config() that define the path itself. The others (time
-# sampling during training, t_eps) may differ between jobs without changing
-# what a velocity or a posterior means.
-PATH_FIELDS = ("schedule",)
 
 
 def _load(path: str | os.PathLike, kind: str, map_location) -> dict:
@@ -167,7 +169,7 @@ def load_ensemble(
         verify_weights(rd.router_weights, rd.router_record)
     router, rmeta = load_router(rd.router_weights)
     K, cid = int(rmeta["num_experts"]), rmeta["clustering_id"]
-    _check_router(router, rmeta, rd)
+    check_router(router, rmeta, rd)
     if isinstance(subset, str):
         subset = _available_ids(rd, K, subset)
     wanted = _wanted_ids(rd, K, subset)
@@ -177,9 +179,9 @@ def load_ensemble(
     for k in wanted:
         verify_weights(rd.expert_weights(k), rd.expert_record(k))
         experts[k], metas[k] = load_expert(rd.expert_weights(k))
-        _check_expert(k, metas[k], rmeta)
-    _check_num_classes(experts, router, metas, rmeta)
-    _check_image_shape(metas, rmeta)
+        check_expert(k, metas[k], rmeta)
+    check_num_classes(experts, router, metas, rmeta)
+    check_image_shape(metas, rmeta)
 
     ensemble = (
         Ensemble(
@@ -213,98 +215,13 @@ def load_ensemble(
         flow=rmeta["flow"],
         num_classes=first.get("num_classes", 0),
         # the text encoder the experts were trained with (None: class labels); prompts go through it
-        text=_common_text(metas, rmeta),
+        text=common_text(metas, rmeta),
         # latent runs: the VAE that decodes the samples and the pixel shape (None: pixels)
-        latents=_common_latents(metas, rmeta),
+        latents=common_latents(metas, rmeta),
         image_size=first["image_size"],
         in_channels=first["in_channels"],
     )
     return ensemble, flow_path_from_config(rmeta["flow"]), info
-
-
-def check_guidance(info: dict, cfg_scale: float, key: str = "sample.cfg_scale", cfg_routing: str = "shared") -> None:
-    """Refuse classifier-free guidance with experts (or, routed separately, a router) whose null label was never
-    trained.
-
-    An expert trained with ``label_dropout=0`` never saw the null label, so its
-    "unconditional" velocity is noise from an untrained embedding row and
-    guidance amplifies it. With ``cfg_routing=separate`` the router routes the
-    null input too, so its own null label must have been trained.
-    """
-    if float(cfg_scale) == 1.0 or not (info.get("num_classes") or info.get("text")):
-        return
-    router_dropout = info.get("router_label_dropout")
-    if cfg_routing == "separate" and router_dropout is not None and float(router_dropout) <= 0:
-        raise BadInput(
-            "sample.cfg_routing=separate routes guidance's null input with the router, but it was trained with "
-            "router.label_dropout=0 (its null label is untrained): use sample.cfg_routing=shared, or retrain "
-            "the router with router.label_dropout > 0 (e.g. 0.1)"
-        )
-    untrained = [k for k, p in info.get("expert_label_dropout", {}).items() if p is not None and float(p) <= 0]
-    if untrained:
-        raise BadInput(
-            f"{key}={cfg_scale} needs each expert's unconditional branch, but experts {untrained} were trained "
-            f"with expert.label_dropout=0 (their null label is untrained): sample with {key}=1, or retrain "
-            f"them with expert.label_dropout > 0 (e.g. 0.1)"
-        )
-
-
-def _common_latents(metas: dict, rmeta: dict) -> dict | None:
-    """The latent space every expert and the router share; mixing VAEs (or latents and pixels) is refused."""
-    seen = {
-        path: (m.get("latents") or {}).get("vae", {}).get("weights_sha256")
-        for path, m in [(m["path"], m) for m in metas.values()] + [(rmeta["path"], rmeta)]
-    }
-    if len(set(seen.values())) > 1:
-        raise BadInput(
-            f"the experts and the router were trained in different latent spaces (VAE weights by file: {seen}); "
-            f"train them all on one run's latents"
-        )
-    return next(iter(metas.values())).get("latents")
-
-
-def _text_tower(meta: dict):
-    text = meta.get("text")
-    return None if not text else (text.get("model"), text.get("weights_sha256"), text.get("init_seed"))
-
-
-def _common_text(metas: dict, rmeta: dict) -> dict | None:
-    """The text tower every expert (and a router that reads captions) was trained with; mixing towers is
-    refused, since one prompt encoding serves them all."""
-    seen = {m["path"]: _text_tower(m) for m in metas.values()}
-    if rmeta.get("text"):
-        seen[rmeta["path"]] = _text_tower(rmeta)
-    if len(set(seen.values())) > 1:
-        raise BadInput(
-            f"the models were trained with different text towers (model, weights sha256, random seed by file: "
-            f"{seen}); train them all with one text.model and text.pretrained"
-        )
-    return next(iter(metas.values())).get("text")
-
-
-def _check_router(router, rmeta: dict, rd: RunDir) -> None:
-    K = int(rmeta["num_experts"])
-    if router.num_outputs != K:
-        raise BadInput(
-            f"{rmeta['path']} says num_experts={K} but its network has {router.num_outputs} "
-            f"outputs: the file is inconsistent; retrain with `ddm train-router redo=true`"
-        )
-    if rd.cluster_report.exists():
-        report = read_json(rd.cluster_report)
-        k_report = report.get("k", report.get("num_clusters"))
-        if k_report is not None and int(k_report) != K:
-            raise BadInput(
-                f"the router {rmeta['path']} was trained for K={K} experts but "
-                f"{rd.cluster_report} has K={k_report} clusters: retrain the router "
-                f"(`ddm train-router redo=true`) or use the run it belongs to"
-            )
-        cid_report = report.get("clustering_id")
-        if cid_report is not None and cid_report != rmeta["clustering_id"]:
-            raise BadInput(
-                f"the router {rmeta['path']} was trained on clustering {rmeta['clustering_id']}, "
-                f"but {rd.cluster_report} is clustering {cid_report}: retrain the router and "
-                f"experts on the current clustering or use the matching run"
-            )
 
 
 def _available_ids(rd: RunDir, K: int, subset: str) -> list[int]:
@@ -357,51 +274,3 @@ def _wanted_ids(rd: RunDir, K: int, subset) -> list[int]:
             f"experts {missing} are missing ({paths}): train them with `ddm train-expert expert.id=N`{hint}"
         )
     return wanted
-
-
-def _check_expert(k: int, meta: dict, rmeta: dict) -> None:
-    where = meta["path"]
-    if int(meta.get("expert_id", k)) != k:
-        raise BadInput(
-            f"{where} holds expert {meta['expert_id']}, not expert {k}: the file was copied "
-            f"into the wrong folder; retrain or move it to experts/{expert_job(meta['expert_id'])}"
-        )
-    # the router's clustering, or for a grown run the ancestor this expert's cluster was kept from
-    check_member(meta, k, rmeta, f"expert {k} ({where}, for the router {rmeta['path']})")
-    mine = {f: meta["flow"].get(f) for f in PATH_FIELDS}
-    theirs = {f: rmeta["flow"].get(f) for f in PATH_FIELDS}
-    if mine != theirs:
-        raise BadInput(
-            f"expert {k} was trained on flow path {mine}, the router on {theirs} "
-            f"({where} vs {rmeta['path']}): they must share one path; retrain with the same "
-            f"flow.schedule"
-        )
-
-
-def _check_image_shape(metas: dict, rmeta: dict) -> None:
-    """Every expert and the router take images of one shape (experts of other sizes still see the same x)."""
-
-    def shape(meta):
-        mc = meta["model_config"]
-        return (int(mc["in_channels"]), int(mc["image_size"]))
-
-    seen = {meta["path"]: shape(meta) for meta in metas.values()}
-    seen[rmeta["path"]] = shape(rmeta)
-    if len(set(seen.values())) > 1:
-        detail = ", ".join(f"{path}: {c} channel(s) x {s}px" for path, (c, s) in seen.items())
-        raise BadInput(
-            f"the experts and the router were trained on images of different shapes ({detail}); "
-            f"one ensemble integrates one x: train them all on the same data (data.image_size, data.channels, "
-            f"and in a latent run the same VAE)"
-        )
-
-
-def _check_num_classes(experts: dict, router, metas: dict, rmeta: dict) -> None:
-    by_model = {k: e.num_classes for k, e in experts.items()}
-    by_model["router"] = router.num_classes
-    if len(set(by_model.values())) > 1:
-        files = {k: (metas[k]["path"] if k in metas else rmeta["path"]) for k in by_model}
-        raise BadInput(
-            f"models with num_classes mismatch: {by_model} ({files}); experts and router "
-            f"must be trained on the same label set (data.num_classes)"
-        )

@@ -38,8 +38,9 @@ from ddm.errors import BadInput
 from ddm.images import to_uint8
 from ddm.io import atomic_path, read_json, write_json
 from ddm.sampling import load_ensemble, num_evaluations, sample
-from ddm.sampling.checkpoints import AVAILABLE, check_guidance, expert_ids_on_disk, models_identity
+from ddm.sampling.checkpoints import AVAILABLE, expert_ids_on_disk, models_identity
 from ddm.sampling.distilled import DISTILLED, check_model, check_student_guidance, load_distilled
+from ddm.sampling.fit import check_guidance
 from ddm.stages.conditioning import text_weights_override
 from ddm.stages.encode import latent_decoder
 from ddm.stages.prompts import sample_prompts

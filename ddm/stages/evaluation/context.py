@@ -29,7 +29,7 @@ from ddm.images import batch_to_model_space
 from ddm.io import read_json
 from ddm.jobs import ROUTER_JOB, ensemble_name, expert_job
 from ddm.sampling import load_ensemble
-from ddm.sampling.checkpoints import check_guidance
+from ddm.sampling.fit import check_guidance
 from ddm.seeds import ROUTING_OFFSET, generator
 from ddm.stages.encode import run_latents
 from ddm.stages.evaluation import evaluation_dir
