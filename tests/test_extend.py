@@ -275,3 +275,17 @@ def test_a_fine_tune_refuses_a_start_of_another_kind(assigned, tmp_path):
     )
     with pytest.raises(BadInput, match="fine-tune with the model and target"):
         run_stage("train-expert", cfg)
+
+
+def test_status_says_the_run_grew_and_lists_a_student(grown, tmp_path, capsys):
+    copy = RunDir(tmp_path / "copy")
+    shutil.copytree(grown["rd"].root, copy.root)
+    cfg = compose([f"run_dir={copy.root}"])
+    table = run_stage("status", cfg)
+    assert table["k"] == 3 and table["distilled"] is None and [e["state"] for e in table["experts"]] == ["done"] * 3
+    assert "grown from K=2 by `ddm extend`, 1 time(s)" in capsys.readouterr().out
+    copy.distilled.mkdir()
+    copy.distilled_record.write_text('{"steps": 7, "final_loss": 0.5}')
+    table = run_stage("status", cfg)
+    assert table["distilled"]["state"] == "done" and table["distilled"]["steps"] == 7
+    assert "distilled: done" in capsys.readouterr().out

@@ -9,8 +9,8 @@ Each file is a dict written by ``ddm.train.export.save_weights``::
 ``load_ensemble`` checks that the pieces belong together before sampling
 (``ddm.sampling.fit``): experts and router trained on one clustering (or its
 lineage), with one K, one flow path, one image shape and one label set. A
-mismatch is an error that names the files and the fix. Experts may differ in size (``model.size`` of each job) and in what they
-predict: an expert trained on ``eps`` or ``x0`` is loaded wrapped in
+mismatch is an error that names the files and the fix. Experts may differ in
+size (``model.size`` of each job) and in what they predict: an expert trained on ``eps`` or ``x0`` is loaded wrapped in
 ``ddm.models.prediction.PredictionToVelocity``, so the ensemble and the solvers
 see velocities only.
 """

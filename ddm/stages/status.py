@@ -2,7 +2,8 @@
 
     ddm status name=big
 
-prints one row per expert (0..K-1) and one for the router, in one of these states:
+prints one row per expert (0..K-1), one for the router and, once `ddm distill` has made
+distilled/, one for the student, in one of these states:
 
 - ``done``: ``record.json`` exists (its steps and final loss are shown);
 - ``running`` / ``queued``: SLURM lists the job (pending, requeued, ...), or a
@@ -124,6 +125,14 @@ def format_table(rows: list[dict], queue_known: bool) -> str:
     ).rstrip()
 
 
+def _grown(rd: RunDir) -> str:
+    """`` (grown from K=2 by ddm extend)`` for a run that grew, else nothing."""
+    extensions = read_json(rd.cluster_report).get("extensions") or []
+    if not extensions:
+        return ""
+    return f" (grown from K={extensions[0]['k_before']} by `ddm extend`, {len(extensions)} time(s))"
+
+
 def run(cfg) -> dict:
     """Print the table for the run ``cfg.run_dir`` and return it as a dict."""
     rd = RunDir(Path(cfg.run_dir).resolve())
@@ -139,14 +148,20 @@ def run(cfg) -> dict:
         row = job_status(rd.expert(i), rd.expert_record(i), queued_experts.get(i))
         experts.append(dict(name=expert_job(i), id=i, **row))
     router = dict(name="router", **job_status(rd.router, rd.router_record, queued_router))
+    # the optional student (`ddm distill`): listed once it has a folder
+    distilled = (
+        dict(name="distilled", **job_status(rd.distilled, rd.distilled_record, None)) if rd.distilled.exists() else None
+    )
     counts = {s: sum(r["state"] == s for r in experts) for s in STATES}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     print(
-        f"run {rd.root}: K={k}; experts: {summary}; router: {router['state']}"
+        f"run {rd.root}: K={k}{_grown(rd)}; experts: {summary}; router: {router['state']}"
+        + (f"; distilled: {distilled['state']}" if distilled else "")
         + (f" (queue: n/a, {no_queue})" if no_queue else "")
     )
-    print(format_table(experts + [router], queue_known=no_queue is None))
+    print(format_table(experts + [router] + ([distilled] if distilled else []), queue_known=no_queue is None))
     return dict(
+        distilled=distilled,
         run_dir=str(rd.root),
         k=k,
         experts=experts,
