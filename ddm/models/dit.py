@@ -163,7 +163,14 @@ class DiTTrunk(nn.Module):
 
 
 class DiT(VelocityModel):
-    """Velocity model ``v = DiT(x_t, t, y)`` (see ``ddm.models.velocity``); guidance is the doubled batch."""
+    """Velocity model ``v = DiT(x_t, t, y)`` (see ``ddm.models.velocity``); guidance is the doubled batch.
+
+    ``conv_head`` > 0: each token is decoded to ``conv_head`` feature channels per pixel
+    instead of the output itself, and two 3x3 convolutions over the whole image make the
+    output from them, so neighbouring patches see each other's pixels (a patch-4 DiT's
+    output otherwise has seams at the patch borders). The last convolution starts at zero,
+    as the linear head does, so the network still starts by predicting zero.
+    """
 
     def __init__(
         self,
@@ -172,13 +179,26 @@ class DiT(VelocityModel):
         in_channels: int = 1,
         num_classes: int = 10,
         text_dim: int = 0,
+        conv_head: int = 0,
     ):
         super().__init__()
         self.trunk = DiTTrunk(size, image_size, in_channels, num_classes, text_dim)
         h, p = self.trunk.hidden, self.trunk.patch
+        if int(conv_head) < 0:
+            raise BadInput(f"model.conv_head={conv_head}: use 0 (a linear head) or a number of feature channels")
+        self.conv_head = int(conv_head)
         self.final_norm = nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(h, 2 * h))
-        self.final = nn.Linear(h, p * p * in_channels)
+        self.final = nn.Linear(h, p * p * (self.conv_head or in_channels))
+        self.refine = (
+            nn.Sequential(
+                nn.Conv2d(self.conv_head, self.conv_head, 3, padding=1),
+                nn.SiLU(),
+                nn.Conv2d(self.conv_head, in_channels, 3, padding=1),
+            )
+            if self.conv_head
+            else None
+        )
         self.init_weights()
 
     @property
@@ -192,7 +212,9 @@ class DiT(VelocityModel):
     def config(self) -> dict:
         tr = self.trunk
         out = dict(size=tr.size, image_size=tr.image_size, in_channels=tr.in_channels, num_classes=tr.num_classes)
-        return dict(out, text_dim=tr.text_dim) if tr.text_dim else out  # older expert.pt files have no text_dim
+        # older expert.pt files have neither key: written only when used
+        out = dict(out, text_dim=tr.text_dim) if tr.text_dim else out
+        return dict(out, conv_head=self.conv_head) if self.conv_head else out
 
     def init_weights(self):
         def xavier(m):
@@ -218,21 +240,26 @@ class DiT(VelocityModel):
         if self.trunk.text_embed is not None:
             nn.init.normal_(self.trunk.text_embed.null_token, std=0.02)
             nn.init.normal_(self.trunk.text_embed.null_pooled, std=0.02)
-        for lin in (self.final_ada[-1], self.final):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        # the output starts at zero: the last layer (the linear head, or the conv head's last convolution)
+        last = [self.final] if self.refine is None else [self.refine[-1]]
+        for layer in (self.final_ada[-1], *last):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def unpatchify(self, tokens):
         tr = self.trunk
-        b, p, g, c = tokens.shape[0], tr.patch, tr.grid, tr.in_channels
+        b, p, g = tokens.shape[0], tr.patch, tr.grid
+        c = tokens.shape[-1] // (p * p)
         x = tokens.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, g * p, g * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         tokens, c = self.trunk(x, t, y)
         shift, scale = self.final_ada(c).chunk(2, dim=1)
-        out = self.final(modulate(self.final_norm(tokens), shift, scale))
-        return self.unpatchify(out).to(x.dtype)
+        out = self.unpatchify(self.final(modulate(self.final_norm(tokens), shift, scale)))
+        if self.refine is not None:
+            out = self.refine(out)
+        return out.to(x.dtype)
 
 
 class DiTClassifier(nn.Module):

@@ -44,12 +44,15 @@ log = logging.getLogger("ddm")
 
 
 def model_config(cfg_model, meta: dict, text: dict | None = None) -> dict:
-    """The network's arguments: its size from the config, its input shape and conditioning from the data."""
+    """The network's arguments: its size (and head) from the config, its input shape and conditioning from the
+    data."""
+    head = int(cfg_model.get("conv_head") or 0)
     return dict(
         size=cfg_model.size,
         image_size=int(meta["image_size"]),
         in_channels=int(meta["channels"]),
         **conditioning_args(text, meta),
+        **({"conv_head": head} if head else {}),  # written only when used: older files have no such key
     )
 
 
