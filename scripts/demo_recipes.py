@@ -12,12 +12,15 @@ of the pipeline (from the run that did the work) and the sum of its stages'
 (more than the pipeline's when experts train side by side), and the stages'
 peak memory.
 ``--common`` overrides go to every recipe (e.g. ``island.threads=1`` on shared cores).
+A recipe that changes only sampling may reuse another's networks: ``"cfg3: base=baseline sample.cfg_scale=3"``
+copies that run's trained artefacts first (its pipeline time is then only what it ran itself).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,9 +33,21 @@ from ddm.stages import pipeline  # noqa: E402
 from ddm.stages.runner import run_stage  # noqa: E402
 
 
-def parse(recipe: str) -> tuple[str, list[str]]:
-    name, _, overrides = recipe.partition(":")
-    return name.strip(), overrides.split()
+def parse(recipe: str) -> tuple[str, list[str], str | None]:
+    """(name, overrides, the recipe whose trained networks it reuses: ``base=<name>`` among the overrides)."""
+    name, _, rest = recipe.partition(":")
+    words = rest.split()
+    base = next((w.split("=", 1)[1] for w in words if w.startswith("base=")), None)
+    return name.strip(), [w for w in words if not w.startswith("base=")], base
+
+
+def reuse(source: RunDir, rd: RunDir) -> None:
+    """Start ``rd`` as a copy of ``source``'s trained run (a recipe that changes only sampling)."""
+    if rd.root.exists():
+        return
+    if not (source.root / "recipe.json").exists():
+        raise SystemExit(f"base={source.root.name}: run that recipe first (it is not in {source.root.parent})")
+    shutil.copytree(source.root, rd.root, ignore=shutil.ignore_patterns("samples", "evaluation", "recipe.json"))
 
 
 def stage_seconds(rd: RunDir) -> tuple[float, float]:
@@ -82,8 +97,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     rows = []
     for recipe in args.recipes:
-        name, overrides = parse(recipe)
+        name, overrides, base = parse(recipe)
         rd = RunDir(Path(args.root).resolve() / name)
+        if base:
+            reuse(RunDir(rd.root.parent / base), rd)
         cfg = compose([*args.common.split(), *overrides, f"run_dir={rd.root}", f"eval.num_samples={args.samples}"])
         done = rd.root / "recipe.json"
         ran = pipeline.run(cfg)
