@@ -58,6 +58,7 @@ def grown(tmp_path_factory):
         router_accuracy=np.mean([r["accuracy"] for r in read_json(rd.router_record)["accuracy_by_t"]]),
     )
     run_stage("prepare", compose([*FAST, f"run_dir={root / 'new'}", classes(NEW)]))
+    shutil.copytree(rd.root, root / "pristine")  # the run before it grew, for the interrupted extension
     extend_cfg = compose([*FAST, f"run_dir={rd.root}", f"extend.shards={root / 'new' / 'data'}"])
     result = run_stage("extend", extend_cfg)
     return dict(rd=rd, root=root, before=before, result=result, extend_cfg=extend_cfg)
@@ -289,3 +290,27 @@ def test_status_says_the_run_grew_and_lists_a_student(grown, tmp_path, capsys):
     table = run_stage("status", cfg)
     assert table["distilled"]["state"] == "done" and table["distilled"]["steps"] == 7
     assert "distilled: done" in capsys.readouterr().out
+
+
+def test_an_interrupted_extension_finishes_where_it_stopped(grown, tmp_path, monkeypatch):
+    from ddm.stages import extend
+
+    rd = RunDir(tmp_path / "run")
+    shutil.copytree(grown["root"] / "pristine", rd.root)
+    cfg = compose([*FAST, f"run_dir={rd.root}", f"extend.shards={grown['root'] / 'new' / 'data'}"])
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed after the data was appended")
+
+    monkeypatch.setattr(extend, "_grow_clustering", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("extend", cfg)
+    assert load_manifest(rd.data)["extensions"] and read_json(rd.cluster_report)["k"] == 2
+    monkeypatch.undo()
+    run_stage("extend", cfg)
+    # the same clustering as an extension that ran through, the old experts untouched
+    assert read_json(rd.cluster_report)["clustering_id"] == read_json(grown["rd"].cluster_report)["clustering_id"]
+    assert len(load_manifest(rd.data)["extensions"]) == 1
+    for k in range(2):
+        assert files_of(rd.expert(k)) == grown["before"]["experts"][k]
+    assert load_router(rd.router_weights)[0].num_outputs == 3
