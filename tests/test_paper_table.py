@@ -6,6 +6,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -15,6 +16,7 @@ from ddm.experiments.paper_table import CLASS_EXPERT, SEPARATE_CFG, SINGLE, make
 from ddm.experiments.paper_table.class_expert import ClassRouter
 from ddm.experiments.paper_table.plots import flops_ticks
 from ddm.io import read_json
+from ddm.sampling.distilled import DISTILLED
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +30,8 @@ EXPECTED_ROWS = {
     ("clustered-k2", 12, "nucleus"),
     ("clustered-k2", 12, SEPARATE_CFG),
     ("clustered-k2", 12, CLASS_EXPERT),
+    ("clustered-k2", 12, DISTILLED),
+    ("mixed-targets-k2", 12, "top1"),
 }
 
 
@@ -47,7 +51,12 @@ def test_every_row_of_the_grid_is_in_the_table(table):
     results = read_json(out["results"])
     assert {(r["config"], r["budget"], r["strategy"]) for r in results["rows"]} == EXPECTED_ROWS
     text = open(out["table"]).read()
-    for heading in ("Top-1 DDM against the monolith", "Routing strategies at 12 steps", "Every row"):
+    for heading in (
+        "Top-1 DDM against the monolith",
+        "Routing strategies at 12 steps",
+        "Guidance sweep at 12 steps",
+        "Every row",
+    ):
         assert heading in text
     assert "fixed per-class expert" in text and "classifier:" in text
     for label in ("threshold p >= 0.1", "nucleus top-p 0.9", "top-1, null input routed separately"):
@@ -146,6 +155,69 @@ def test_class_expert_is_the_cluster_holding_most_of_the_class(table):
     assert result["expert_of_class"] == counts.argmax(dim=0).tolist()
 
 
+def test_distilled_row_costs_the_experts_the_student_and_its_teachers(table):
+    cfg, out = table
+    rows = {(r["config"], r["budget"], r["strategy"]): r for r in read_json(out["results"])["rows"]}
+    student, top1 = rows[("clustered-k2", 12, DISTILLED)], rows[("clustered-k2", 12, "top1")]
+    record = read_json(f"{cfg.run_dir}/runs/clustered-k2-s12/distilled/record.json")
+    assert record["steps"] == 6 and record["teacher_flops"] > 0
+    assert student["train_flops_distill"] == record["train_flops"] + record["teacher_flops"]
+    assert student["train_flops"] == top1["train_flops_experts"] + student["train_flops_distill"]
+    assert student["train_flops_router"] == 0
+    # one model per call and no router: the monolith's sampling cost
+    assert student["sampling_flops_per_image"] == rows[("monolith", 12, SINGLE)]["sampling_flops_per_image"]
+
+
+def test_mixed_targets_retrain_the_clustered_experts_with_one_target_each(table):
+    cfg, out = table
+    rows = {(r["config"], r["budget"], r["strategy"]): r for r in read_json(out["results"])["rows"]}
+    mixed, clustered = rows[("mixed-targets-k2", 12, "top1")], rows[("clustered-k2", 12, "top1")]
+    assert mixed["expert_targets"] == ["eps", "x0"] and "expert_targets" not in clustered
+    root = Path(cfg.run_dir) / "runs"
+    for k, target in enumerate(["eps", "x0"]):
+        record = read_json(root / f"mixed-targets-k2-s12/experts/expert-{k:02d}/record.json")
+        payload = torch.load(root / f"mixed-targets-k2-s12/experts/expert-{k:02d}/expert.pt", weights_only=True)
+        assert record["target"] == target and payload["target"] == target
+        assert payload["flow"]["t_eps"] == 5e-3  # their conversion to velocity is guarded on the trained range
+        plain = read_json(root / f"clustered-k2-s12/experts/expert-{k:02d}/record.json")
+        assert plain["target"] == "velocity" and plain["clustering_id"] == record["clustering_id"]
+        assert (record["steps"], record["batch_size"]) == (plain["steps"], plain["batch_size"])
+    # the clustered run's router, linked and not trained again; the same training FLOPs
+    router = root / "mixed-targets-k2-s12/router"
+    assert router.is_symlink() and router.resolve() == (root / "clustered-k2-s12/router").resolve()
+    assert mixed["train_flops"] == clustered["train_flops"] and mixed["router_steps"] == clustered["router_steps"]
+    assert mixed["sampling_flops_per_image"] == clustered["sampling_flops_per_image"]
+    assert ("mixed-targets-k2", 6, "top1") not in rows  # the largest budget only
+    assert "expert 0: eps, expert 1: x0" in open(out["table"]).read()
+
+
+def test_guidance_sweep_samples_every_configuration_at_every_scale(table):
+    cfg, out = table
+    results = read_json(out["results"])
+    rows = {(r["config"], r["budget"], r["strategy"]): r for r in results["rows"]}
+    sweeps = {sw["config"]: sw for sw in results["cfg_sweep"]}
+    assert set(sweeps) == {"monolith", "clustered-k2", "mixed-targets-k2"}
+    for config, sw in sweeps.items():
+        assert sw["budget"] == 12 and sw["shared_scale"] == 1.5
+        by = {row["cfg_scale"]: row for row in sw["scales"]}
+        assert sorted(by) == [1.0, 1.5, 3.0]  # the table's own scale is always among them
+        # the shared scale is the top-1 row itself
+        main = rows[(config, 12, SINGLE if config == "monolith" else "top1")]
+        assert by[1.5]["fd"] == main["fd"] and by[1.5]["classifier_accuracy"] == main["classifier_accuracy"]
+        assert by[1.5]["sampling_flops_per_image"] == main["sampling_flops_per_image"]
+        assert sw["best_scale"] == min(by, key=lambda s: (by[s]["fd"], s))
+        assert all(row["num_generated"] == 48 for row in sw["scales"])
+    # the same labels and noise at every scale; only guidance differs
+    folder = Path(cfg.run_dir) / "runs/monolith-s12/evaluation"
+    low, high = np.load(folder / "cfg-sweep/top1-cfg1.npz"), np.load(folder / "cfg-sweep/top1-cfg3.npz")
+    assert (low["labels"] == high["labels"]).all() and not (low["images"] == high["images"]).all()
+    # no guidance: one model call per step instead of two
+    mono = {row["cfg_scale"]: row["sampling_flops_per_image"] for row in sweeps["monolith"]["scales"]}
+    assert mono[3.0] == 2 * mono[1.0]
+    text = open(out["table"]).read()
+    assert "| configuration | scale 1 | scale 1.5 | scale 3 |" in text and "best scale" in text
+
+
 def test_rerun_skips_everything(table):
     cfg, out = table
     root = cfg.run_dir
@@ -160,6 +232,11 @@ def test_rerun_skips_everything(table):
         f"{root}/runs/clustered-k2-s12/evaluation/metrics.json",
         f"{root}/runs/clustered-k2-s12/evaluation/{CLASS_EXPERT}.json",
         f"{root}/runs/clustered-k2-s12/evaluation/{SEPARATE_CFG}.json",
+        f"{root}/runs/clustered-k2-s12/evaluation/cfg_sweep.json",
+        f"{root}/runs/clustered-k2-s12/distilled/expert.pt",
+        f"{root}/runs/mixed-targets-k2-s12/experts/expert-00/expert.pt",
+        f"{root}/runs/mixed-targets-k2-s12/evaluation/metrics.json",
+        f"{root}/runs/monolith-s12/evaluation/cfg-sweep/top1-cfg3.npz",
     ]
     before = {f: os.stat(f).st_mtime_ns for f in files}
     again = run(cfg)

@@ -13,7 +13,11 @@ What it compares (the grid lives under ``paper:`` in ``conf/experiment/paper_*.y
   with guidance's null input routed on its own (``sample.cfg_routing=separate``),
   and ``class_expert``: for class c, always the expert whose cluster holds most
   training images of c (an oracle-like baseline for class-conditional runs);
-- one sampler (solver, steps, guidance scale, number of samples, seed) for every row.
+- ``distilled`` in the strategies: each DDM's experts distilled into one student (``ddm distill``);
+- a **mixed-kind DDM** (``paper.mixed_targets``): the clustered DDM of one K retrained with a
+  prediction target per expert (velocity, eps, x0), with the clustered run's router, at the largest budget;
+- one sampler (solver, steps, guidance scale, number of samples, seed) for every row, and a **guidance
+  sweep** (``paper.cfg_scales``) of every configuration's top-1 at the largest budget, sampling only.
 
 Equal FLOPs: the router's training FLOPs count on the DDM side. With
 ``paper.monolith_matches_router`` the monolith trains the extra steps that cost
@@ -32,7 +36,10 @@ The modules, in the order the work flows:
 - ``estimate``: the wall-time estimate from a few timed steps;
 - ``runs``: data, clustering, training and evaluation of each run (the K = 1 constant router);
 - ``class_expert``: the fixed per-class expert baseline;
+- ``mixed``: the mixed-kind DDM (``paper.mixed_targets``): its experts' targets and job overrides;
 - ``extra_rows``: the rows evaluated beside the evaluate stage (class_expert, top1_separate_cfg);
+- ``sweep_options``, ``guidance_sweep``, ``sweep_table``: the guidance sweep at the largest budget
+  (``paper.cfg_scales``): its scales, its sampling and its section of table.md;
 - ``results``: the rows of a run, the shared settings, the files written;
 - ``table`` and ``plots``: table.md and the two plots.
 """
@@ -49,6 +56,7 @@ import torch
 from ddm.io import write_json
 
 from . import estimate  # the module: its function of the same name would hide it
+from .guidance_sweep import sweep_run
 from .plan import CLASS_EXPERT, SEPARATE_CFG, SINGLE, Config, Plan, Run, describe, make_plan, paper_grid
 from .results import prep_wall_s, rows_of, run_wall_s, settings_summary, write_outputs
 from .runs import evaluate_run, prepare_clustering, prepare_data, train_run
@@ -98,19 +106,24 @@ def _run(cfg) -> dict:
     start = time.perf_counter()
     prepare_data(cfg, plan)
     for config in plan.configs:
-        prepare_clustering(cfg, config)
-    rows, per_run, first = [], {}, None
+        if not config.targets:  # a mixed-kind DDM shares the clustered DDM's clustering
+            prepare_clustering(cfg, config)
+    rows, per_run, sweeps, first = [], {}, [], None
     prep_s = prep_wall_s(cfg, plan)
     for i, r in enumerate(plan.runs):
         log.info("paper table: [%d/%d] %s", i + 1, len(plan.runs), r.name)
         train_run(cfg, r)
         metrics, extra = evaluate_run(cfg, r)
+        sweep = sweep_run(cfg, r, metrics)
         first = first or metrics
         rows += rows_of(r, metrics, extra, root)
-        per_run[r.name] = dict(wall_s=run_wall_s(r, metrics, extra), run_dir=os.path.relpath(r.folder, root))
+        sweeps += [sweep] if sweep else []
+        wall = run_wall_s(r, metrics, extra) + (sweep["wall_s"] if sweep else 0)
+        per_run[r.name] = dict(wall_s=round(wall, 1), run_dir=os.path.relpath(r.folder, root))
     results = dict(
         settings=settings_summary(cfg, plan, first),
         rows=rows,
+        cfg_sweep=[{k: v for k, v in sw.items() if k != "key"} for sw in sweeps],
         runs=per_run,
         wall_s_prep=prep_s,
         wall_s_work=round(prep_s + sum(v["wall_s"] for v in per_run.values()), 1),

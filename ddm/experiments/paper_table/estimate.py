@@ -14,6 +14,7 @@ from ddm.models.dit import DiT, DiTClassifier
 from ddm.sampling import num_evaluations
 from ddm.sampling.distilled import DISTILLED
 
+from .guidance_sweep import SWEEP_FILE
 from .layout import clustering_dir, data_dir
 from .plan import CLASS_EXPERT, SEPARATE_CFG, SINGLE, Plan
 
@@ -119,10 +120,14 @@ def estimate(cfg, plan: Plan) -> dict:
         for k in range(r.config.k):
             if not rd.expert_record(k).exists():
                 train += r.expert_steps * step_s[r.expert_batch] + JOB_OVERHEAD_S
-        if r.config.k > 1 and not rd.router_record.exists():
+        if r.config.k > 1 and r.router_from is None and not rd.router_record.exists():
             train += r.router_steps * router_s + JOB_OVERHEAD_S
         if DISTILLED in r.strategies and not rd.distilled_record.exists():
             train += int(cfg.distill.steps) * distill_s + JOB_OVERHEAD_S
+        if r.cfg_sweep and not (rd.root / "evaluation" / SWEEP_FILE).exists():
+            # top-1 (one expert per call) at each scale but the table's own; unguided at scale 1
+            for scale in (s for s in r.cfg_sweep if s != float(sc.cfg_scale)):
+                evaluation += n * calls * (1 if scale == 1.0 or not classes else 2) * fwd_s
         if rd.evaluation_metrics.exists():
             continue
         for s in r.rows:
@@ -134,7 +139,8 @@ def estimate(cfg, plan: Plan) -> dict:
             evaluation += (n * calls * cfg_factor + fm_n) * experts * fwd_s
         evaluation += EVAL_OVERHEAD_S
     data = 0.0 if RunDir(data_dir(cfg)).data_manifest.exists() else DATA_S
-    data += sum(CLUSTERING_S for c in plan.configs if not RunDir(clustering_dir(cfg, c)).cluster_report.exists())
+    folders = {clustering_dir(cfg, c) for c in plan.configs}  # a mixed-kind DDM shares its K's clustering
+    data += sum(CLUSTERING_S for f in folders if not RunDir(f).cluster_report.exists())
     feature = float(ec.feature_net.steps) * FEATURE_NET_STEP_S
     total = train + evaluation + data + feature
     return dict(

@@ -3,7 +3,7 @@
 Layout of the table's folder (``run_dir``)::
 
     data-run/                   prepare + embed, once (every other folder links to its data)
-    clusterings/<config>/       cluster + partition of one configuration
+    clusterings/<config>/       cluster + partition of one configuration (a mixed-kind DDM uses its K's)
     runs/<config>-s<budget>/    experts/, router/, evaluation/ of one configuration at one budget
                                 (data, embeddings, clusters and partitions are links)
     table.md  results.json  train_flops.png  sampling_flops.png  timings.json
@@ -40,7 +40,7 @@ def data_dir(cfg) -> Path:
 
 
 def clustering_dir(cfg, config: Config) -> Path:
-    return Path(cfg.run_dir) / "clusterings" / config.name
+    return Path(cfg.run_dir) / "clusterings" / config.clustering
 
 
 def data_cfg(cfg) -> DictConfig:

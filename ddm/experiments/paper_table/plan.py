@@ -14,6 +14,9 @@ from ddm.eval.flops import model_forward_flops
 from ddm.models.dit import DiT, DiTClassifier
 from ddm.sampling.distilled import DISTILLED
 
+from .mixed import mixed_name, mixed_targets
+from .sweep_options import cfg_scales
+
 CLASS_EXPERT = "class_expert"  # the fixed per-class expert baseline
 SEPARATE_CFG = "top1_separate_cfg"  # top-1 with guidance's null input routed on its own (sample.cfg_routing=separate)
 SINGLE = "single"  # the strategy label of a monolith row (one model, no router)
@@ -30,6 +33,12 @@ class Config:
     name: str
     method: str  # cluster.method: two_stage | flat | random
     k: int
+    targets: tuple[str, ...] = ()  # a mixed-kind DDM: each expert's expert.target (paper.mixed_targets)
+
+    @property
+    def clustering(self) -> str:
+        """The name of its clustering's folder: a mixed-kind DDM shares the clustered DDM's of its K."""
+        return f"clustered-k{self.k}" if self.targets else self.name
 
     @property
     def partition(self) -> str:
@@ -51,6 +60,8 @@ class Run:
     class_expert: bool  # also evaluate the fixed per-class expert
     folder: Path
     separate_cfg: bool = False  # also evaluate top-1 with separately routed guidance
+    cfg_sweep: tuple[float, ...] = ()  # guidance scales its top-1 (monolith: its one model) is also sampled at
+    router_from: Path | None = None  # the run whose router it uses (a mixed-kind DDM: the clustered one's)
 
     @property
     def name(self) -> str:
@@ -108,6 +119,8 @@ def make_plan(cfg) -> Plan:
 
     configs = [Config("monolith", "random", 1)]
     configs += [Config(f"clustered-k{int(k)}", str(p.clustering), int(k)) for k in p.ks]
+    mixed = mixed_targets(cfg)
+    configs += [Config(mixed_name(mixed), str(p.clustering), len(mixed), mixed)] if mixed else []
     configs += [Config(f"random-k{int(k)}", "random", int(k)) for k in p.random_ks]
     for c in configs:
         if c.k < 1 or batch % c.k:
@@ -130,13 +143,22 @@ def make_plan(cfg) -> Plan:
 
     full_grid = budgets if str(p.strategies_at) == "all" else budgets[-1:]
     separate_note = _separate_cfg_skipped(cfg, classes)
-    notes = []
+    scales, sweep_note = cfg_scales(cfg, classes)
+    notes = [sweep_note] if sweep_note else []
     runs = []
     for b in budgets:
+        sweep = scales if b == budgets[-1] else ()
         for c in configs:
-            folder = Path(cfg.run_dir) / "runs" / f"{c.name}-s{b}"
+            folder = run_folder(cfg, c.name, b)
             if c.k == 1:
-                runs.append(Run(c, b, b + extra[b], batch, 0, ("top1",), False, folder))
+                runs.append(Run(c, b, b + extra[b], batch, 0, ("top1",), False, folder, cfg_sweep=sweep))
+                continue
+            if c.targets:  # the mixed-kind DDM: top-1 at the largest budget, with the clustered run's router
+                if b == budgets[-1]:
+                    shared = run_folder(cfg, c.clustering, b)
+                    runs.append(
+                        Run(c, b, b, batch // c.k, router_steps(cfg, b), ("top1",), False, folder, False, sweep, shared)
+                    )
                 continue
             wanted = strategies if b in full_grid else ["top1"]
             ens = [s for s in wanted if s in STRATEGIES]
@@ -149,12 +171,17 @@ def make_plan(cfg) -> Plan:
             ens += [DISTILLED] if DISTILLED in wanted else []  # the run's student, evaluated beside its ensemble
             cls = CLASS_EXPERT in wanted and classes > 0
             sep = SEPARATE_CFG in wanted and separate_note is None
-            runs.append(Run(c, b, b, batch // c.k, router_steps(cfg, b), tuple(ens), cls, folder, sep))
+            runs.append(Run(c, b, b, batch // c.k, router_steps(cfg, b), tuple(ens), cls, folder, sep, sweep))
     if CLASS_EXPERT in strategies and classes == 0:
         notes.append("the data has no class labels: the fixed per-class expert is skipped")
     if SEPARATE_CFG in strategies and separate_note:
         notes.append(separate_note)
     return Plan(configs, runs, expert_fwd, router_fwd, extra, list(dict.fromkeys(notes)))
+
+
+def run_folder(cfg, config_name: str, budget: int) -> Path:
+    """The folder of one configuration's run at one budget."""
+    return Path(cfg.run_dir) / "runs" / f"{config_name}-s{budget}"
 
 
 def _separate_cfg_skipped(cfg, classes: int) -> str | None:
@@ -191,8 +218,11 @@ def describe(plan: Plan) -> str:
     lines = [f"{len(plan.runs)} trained runs, {sum(len(r.rows) for r in plan.runs)} table rows:"]
     for r in plan.runs:
         router = f", router {r.router_steps} steps" if r.router_steps else ""
+        router = f", the router of {r.router_from.name}" if r.router_from else router
+        kinds = f" (targets {', '.join(r.config.targets)})" if r.config.targets else ""
+        sweep = f"; guidance sweep {', '.join(f'{s:g}' for s in r.cfg_sweep)}" if r.cfg_sweep else ""
         lines.append(
-            f"  {r.name:<22} {r.config.k} x ({r.expert_steps} steps at batch {r.expert_batch}){router}; "
-            f"rows: {', '.join(r.rows)}"
+            f"  {r.name:<22} {r.config.k} x ({r.expert_steps} steps at batch {r.expert_batch}){kinds}{router}; "
+            f"rows: {', '.join(r.rows)}{sweep}"
         )
     return "\n".join(lines + plan.notes)

@@ -44,6 +44,8 @@ def rows_of(r: Run, metrics: dict, extra: dict[str, dict], root: Path) -> list[d
         feature_space=name,
         run_dir=os.path.relpath(r.folder, root),
     )
+    if r.config.targets:  # a mixed-kind DDM: each expert's target
+        common["expert_targets"] = list(r.config.targets)
     rows = []
     for s in r.rows:
         own = {}
@@ -92,7 +94,7 @@ def run_wall_s(r: Run, metrics: dict, extra: dict[str, dict]) -> float:
 
 def prep_wall_s(cfg, plan: Plan) -> float:
     """Wall time of prepare, embed, and every configuration's cluster and partition stages."""
-    folders = [data_dir(cfg)] + [clustering_dir(cfg, c) for c in plan.configs]
+    folders = [data_dir(cfg)] + sorted({clustering_dir(cfg, c) for c in plan.configs})
     return round(sum(t["wall_s"] for f in folders for t in RunDir(f).all_timings().values()), 1)
 
 
@@ -122,6 +124,9 @@ def settings_summary(cfg, plan: Plan, first: dict) -> dict:
         clustering=str(p.clustering),
         strategies=[str(s) for s in p.strategies],
         strategies_at=str(p.strategies_at),
+        mixed_targets=[str(t) for t in (p.get("mixed_targets") or [])],
+        mixed_t_eps=float(p.get("mixed_t_eps", 5e-3)),
+        cfg_scales=[float(s) for s in (p.get("cfg_scales") or [])],
         sampler=dict(
             solver=str(sc.solver),
             steps=int(sc.steps),

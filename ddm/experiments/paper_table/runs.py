@@ -28,6 +28,7 @@ from ddm.train.export import save_weights
 
 from .extra_rows import evaluate_extra_row
 from .layout import clustering_cfg, clustering_dir, data_cfg, data_dir, derive, link, run_cfg
+from .mixed import expert_overrides
 from .plan import Config, Plan, Run
 
 # The artefacts a run shares with its configuration's clustering folder (links, not copies).
@@ -54,16 +55,18 @@ def prepare_clustering(cfg, config: Config) -> None:
 
 
 def train_run(cfg, r: Run) -> None:
-    """Link the shared artefacts into the run's folder, then train its experts, router and (a ``distilled`` row)
-    the student of its experts."""
+    """Link the shared artefacts into the run's folder, then train its experts (a mixed-kind DDM: each with its
+    own target), router (or link the one it shares) and (a ``distilled`` row) the student of its experts."""
     rcfg = run_cfg(cfg, r)
     rd, shared = RunDir(r.folder), RunDir(clustering_dir(cfg, r.config))
     for name in SHARED:
         if (shared.root / name).exists():
             link(shared.root / name, rd.root / name)
     for k in range(r.config.k):
-        run_stage("train-expert", derive(rcfg, **{"expert.id": k}))
-    if r.config.k > 1:
+        run_stage("train-expert", derive(rcfg, **expert_overrides(cfg, r.config, k)))
+    if r.router_from is not None:  # the same router as the run it comes from: linked, not trained again
+        link(RunDir(r.router_from).router, rd.router)
+    elif r.config.k > 1:
         run_stage("train-router", rcfg)
     else:
         write_constant_router(rcfg)

@@ -9,6 +9,7 @@ from ddm.markdown import table as md_table
 from ddm.sampling.distilled import DISTILLED
 
 from .plan import CLASS_EXPERT, KNOWN_STRATEGIES, SEPARATE_CFG, SINGLE
+from .sweep_table import render_sweep
 
 STRATEGY_LABELS = {
     SINGLE: "single model",
@@ -79,6 +80,21 @@ def _strategy_cell(r: dict | None) -> str:
     return f"{num(r['fd'])}<br>FM {num(r['fm_loss'])}<br>{fmt_flops(r['sampling_flops_per_image'])}{_experts(r)}"
 
 
+def _mixed_note(rows: list[dict], settings: dict) -> list[str]:
+    """What the mixed-kind DDM is, when the table has one."""
+    mixed = next((r for r in rows if r.get("expert_targets")), None)
+    if mixed is None:
+        return []
+    targets = ", ".join(f"expert {k}: {t}" for k, t in enumerate(mixed["expert_targets"]))
+    return [
+        f"`{mixed['config']}`: the clustered K={mixed['k']} DDM's experts trained again on the same clusters, with "
+        f"the same seeds, network, batch and steps, but each regressing its own target ({targets}); eps and x0 "
+        f"experts train on t in [{num(settings.get('mixed_t_eps'), 'g')}, 1 - that]. Their predictions are "
+        f"converted to velocity, and the clustered K={mixed['k']} run's router and the same sampler serve them.",
+        "",
+    ]
+
+
 def render_table(results: dict) -> str:
     """table.md: settings, the comparison at equal FLOPs per budget, strategies, then every row."""
     s, rows = results["settings"], results["rows"]
@@ -117,6 +133,7 @@ def render_table(results: dict) -> str:
             "and its teachers' forwards (one expert forward per sample); it needs no router.",
             "",
         ]
+    lines += _mixed_note(rows, s)
 
     lines += [
         "## Top-1 DDM against the monolith",
@@ -153,6 +170,7 @@ def render_table(results: dict) -> str:
             table.append([c] + [_strategy_cell(by.get((c, b, st))) for st in strategies])
         lines += md_table(["configuration"] + [strategy_label(st, sampler) for st in strategies], table)
 
+    lines += render_sweep(results.get("cfg_sweep") or [])
     lines += ["## Every row", ""]
     header = [
         "configuration",
