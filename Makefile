@@ -19,7 +19,7 @@ help:
 	@echo "make bench  - sampling-cost benchmark on the demo run"
 	@echo "make bench-train - training throughput (step time, img/s, memory, TFLOP/s, MFU on a GPU); ARGS='--size DiT-XL/2 ...'"
 	@echo "make gpu-check - on a CUDA machine: GPU tests, training and sampling benchmarks, a tiny GPU pipeline"
-	@echo "make paper  - the small-scale paper table on Fashion-MNIST (runs/paper_small; about 55 min on 2 idle cores)"
+	@echo "make paper  - the small-scale paper table on Fashion-MNIST (runs/paper_small; estimated 2.5 h on 2 idle cores, docs/results.md)"
 	@echo "make weights - ImageNet MobileNetV2 weights for clustering by meaning (embed=torchvision)"
 	@echo "make inception - the standard FID Inception for evaluate (eval.inception_weights); make test uses it"
 

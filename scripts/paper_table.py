@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The small-scale paper table: monolith vs DDM at equal training FLOPs.
 
-    python scripts/paper_table.py experiment=paper_small            # 2 CPU cores, at most 90 minutes
+    python scripts/paper_table.py experiment=paper_small            # 2 CPU cores, estimated 2.5 h
     python scripts/paper_table.py experiment=paper_gpu              # one GPU
     python scripts/paper_table.py experiment=paper_small paper.dry_run=true   # the plan and estimate only
 
