@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from ddm.artifacts import RunDir
-from ddm.eval.flops import count_flops, distilled_training
+from ddm.eval.flops import count_flops
+from ddm.eval.flops_summary import distilled_training
 from ddm.flow import FlowPath
 from ddm.io import read_json, sha256_file
 from ddm.models.dit import DiT

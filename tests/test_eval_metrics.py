@@ -19,8 +19,8 @@ from ddm.eval.flops import (
     measured_sampling_flops,
     model_forward_flops,
     sampling_flops_per_image,
-    training_flops,
 )
+from ddm.eval.flops_summary import training_flops
 from ddm.eval.fm_loss import heldout_fm_loss
 from ddm.eval.inception import load_inception, resize_bilinear_tf1
 from ddm.eval.prdc import precision_recall

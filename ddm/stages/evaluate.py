@@ -18,7 +18,7 @@ Each section of metrics.json is described where it is built::
     clip_score       text runs: {strategy: {mean, num_images}}, 100 x cos(image, prompt) (ddm.eval.clip_score)
     fm_loss          EvaluationContext.fm_loss, with ddm.eval.fm_loss.fm_loss_summary
     router           EvaluationContext.router
-    flops            ddm.stages.evaluation.flop_section, with ddm.eval.flops.flops_summary
+    flops            ddm.stages.evaluation.flop_section, with ddm.eval.flops_summary.flops_summary
     wall_s           seconds the evaluation took
 
 With ``sample.model=distilled`` the run's distilled student is evaluated in place of the

@@ -9,7 +9,7 @@ stage's ``EvaluationContext``, as the paper table's fixed per-class expert does)
 - its FM loss is ``fm_loss.models.distilled`` (same images, t and noise as the others);
 - its sampling FLOPs are a single model's (``flops.sampling.distilled``, no router);
 - its training FLOPs are ``flops.train.distilled``: the experts' training, the student's
-  training and the teachers' forwards (``ddm.eval.flops.distilled_training``).
+  training and the teachers' forwards (``ddm.eval.flops_summary.distilled_training``).
 
 The student is refused when missing or distilled from other experts (``load_distilled``).
 """

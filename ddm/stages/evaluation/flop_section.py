@@ -1,20 +1,21 @@
 """metrics.json ``flops`` of an evaluation: forward, training and sampling FLOPs, counted and measured.
 
 A distilled row (``ddm.stages.evaluation.distilled``) adds ``forward_per_sample.distilled``,
-``sampling.distilled`` (one model, no router) and ``train.distilled`` (``ddm.eval.flops.distilled_training``).
+``sampling.distilled`` (one model, no router) and ``train.distilled`` (``ddm.eval.flops_summary.distilled_training``).
 """
 
 from __future__ import annotations
 
 from ddm.ensemble import DATA_DEPENDENT
 from ddm.eval import flops as flop_count
+from ddm.eval import flops_summary as run_flops
 from ddm.io import read_json
 from ddm.jobs import ROUTER_JOB, expert_job
 from ddm.sampling.distilled import DISTILLED
 
 
 def flops_section(ctx, generated: dict | None = None) -> dict:
-    """metrics.json ``flops`` of an ``EvaluationContext``: see ``ddm.eval.flops.flops_summary``.
+    """metrics.json ``flops`` of an ``EvaluationContext``: see ``ddm.eval.flops_summary.flops_summary``.
 
     ``generated``: ``{strategy: ctx.generated(strategy)}``; their usage records give
     the experts per call of the data-dependent strategies (``threshold``, ``nucleus``).
@@ -54,7 +55,7 @@ def flops_section(ctx, generated: dict | None = None) -> dict:
         cfg_routing=sc["cfg_routing"],  # a single model (single_model, distilled) has no router: no effect
     )
     routed = [s for s in ctx.strategies if s != DISTILLED]
-    summary = flop_count.flops_summary(
+    summary = run_flops.flops_summary(
         ctx.forward,
         records,
         routed,
@@ -70,5 +71,5 @@ def flops_section(ctx, generated: dict | None = None) -> dict:
         if measured:
             row.update(measured_per_image=measured[DISTILLED], measured_images=n_measure)
         summary["sampling"][DISTILLED] = row
-        summary["train"][DISTILLED] = flop_count.distilled_training(summary["train"], read_json(rd.distilled_record))
+        summary["train"][DISTILLED] = run_flops.distilled_training(summary["train"], read_json(rd.distilled_record))
     return summary
