@@ -314,3 +314,23 @@ def test_an_interrupted_extension_finishes_where_it_stopped(grown, tmp_path, mon
     for k in range(2):
         assert files_of(rd.expert(k)) == grown["before"]["experts"][k]
     assert load_router(rd.router_weights)[0].num_outputs == 3
+
+
+def test_a_missing_or_changed_start_is_refused(assigned, tmp_path):
+    from ddm.errors import Unusable
+    from ddm.stages.fine_tune import initial_weights
+
+    rd, _, old_id, result = assigned
+    k = result["clusters"][0]
+    manifest = load_manifest(rd.partition(k))
+    with pytest.raises(MissingInput, match="expert.init=.*no such file"):
+        initial_weights(compose([f"run_dir={rd.root}", f"expert.init={tmp_path / 'none.pt'}"]), rd, manifest)
+    copy = RunDir(tmp_path / "copy")
+    shutil.copytree(rd.root, copy.root)
+    start = copy.root / manifest["previous_expert"]["path"]
+    start.write_bytes(start.read_bytes() + b"x")  # changed on its way
+    with pytest.raises(Unusable, match="does not match the sha256"):
+        initial_weights(compose([f"run_dir={copy.root}"]), copy, manifest)
+    start.unlink()
+    with pytest.raises(MissingInput, match="fine-tunes from .*expert.init=scratch"):
+        initial_weights(compose([f"run_dir={copy.root}"]), copy, manifest)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ddm.data.shards import MANIFEST, load_manifest, shard_paths, verify
+from ddm.data.shards import MANIFEST, iter_shard, shard_paths, verify
 from ddm.errors import BadInput
 from ddm.io import atomic_path, sha256_file, sha256_strings, write_json
 
@@ -23,17 +23,8 @@ SAME_FIELDS = ("image_size", "channels", "num_classes", "class_names")
 
 
 def shard_keys(folder: Path, manifest: dict) -> list[str]:
-    """Every key of a shard set in stored order (from the tar members' names, without decoding an image)."""
-    import tarfile
-
-    keys: list[str] = []
-    for path in shard_paths(folder, manifest):
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                key = member.name.split(".", 1)[0]
-                if not keys or keys[-1] != key:
-                    keys.append(key)
-    return keys
+    """Every key of a shard set in stored order."""
+    return [sample["key"] for path in shard_paths(folder, manifest) for sample in iter_shard(path)]
 
 
 def check_new_images(new: dict, data: dict, where: Path, run_keys) -> None:
@@ -126,5 +117,4 @@ def load_new(folder) -> dict:
             f"extend.shards={folder} holds no manifest.json: give the data/ folder of a prepared shard set, e.g. "
             f"`ddm prepare name=new data=... data.classes=[...]` then extend.shards=<runs>/new/data"
         )
-    load_manifest(folder)
     return read_new_images(folder)
