@@ -221,6 +221,26 @@ def test_sampling_flops_formula_matches_the_counter(strategy, solver, cfg_scale)
     assert measured == formula["per_image"]
 
 
+@pytest.mark.parametrize("strategy,solver", [("top1", "euler"), ("topk", "heun"), ("full", "euler")])
+def test_sampling_flops_formula_with_a_guidance_interval_matches_the_counter(strategy, solver):
+    """Only the calls inside sample.cfg_interval run the doubled batch: fewer FLOPs, counted the same."""
+    ens = _tiny_ensemble(strategy)
+    shape = (1, 8, 8)
+    expert = model_forward_flops(ens.experts["0"], shape)
+    router = model_forward_flops(ens.router, shape)
+    interval = (0.3, 0.8)
+    kw = dict(steps=5, solver=solver, cfg_scale=2.0, num_experts=3, top_k=2)
+    formula = sampling_flops_per_image(expert, router, strategy, **kw, cfg_interval=interval)
+    everywhere = sampling_flops_per_image(expert, router, strategy, **kw)
+    unguided = sampling_flops_per_image(expert, router, strategy, **{**kw, "cfg_scale": 1.0})
+    measured = measured_sampling_flops(
+        ens, FlowPath(), shape, torch.tensor([0, 1, 2]), steps=5, solver=solver, cfg_scale=2.0, cfg_interval=interval
+    )
+    assert measured == formula["per_image"]
+    assert unguided["per_image"] < formula["per_image"] < everywhere["per_image"]
+    assert 0 < formula["guided_calls"] < formula["calls"]
+
+
 @pytest.mark.parametrize(
     "strategy,cfg_routing,cfg_scale",
     [

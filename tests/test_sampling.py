@@ -15,11 +15,13 @@ from omegaconf import OmegaConf
 from ddm.artifacts import RunDir
 from ddm.config import CONF_DIR
 from ddm.ensemble import Ensemble
+from ddm.errors import BadInput
 from ddm.flow import FlowPath
 from ddm.io import write_json
 from ddm.models.dit import DiT, DiTClassifier
 from ddm.models.velocity import VelocityModel
 from ddm.sampling import load_ensemble, load_expert, num_evaluations, sample
+from ddm.sampling.solvers import check_cfg_interval, evaluation_times, guided_evaluations
 
 
 # ---- solvers on analytic fields --------------------------------------------------------------
@@ -154,6 +156,64 @@ def test_guidance_falls_back_to_guided_for_plain_modules():
     x0 = sample(Labelled(), FlowPath(), x1.shape, y=y, steps=4, cfg_scale=3.0, x_init=x1)
     # guided v = 0 + 3 (1 - 0) = 3 over a unit of time, integrated from 1 down to 0
     torch.testing.assert_close(x0, torch.full((3, 2), -3.0))
+
+
+class TimedSpy(CfgSpy):
+    """Records the t of each guided and each plain call."""
+
+    def __init__(self):
+        super().__init__()
+        self.cfg_ts, self.plain_ts = [], []
+
+    def forward(self, x, t, y=None):
+        self.plain_ts.append(t[0].item())
+        return super().forward(x, t, y)
+
+    def forward_with_cfg(self, x, t, y, scale):
+        self.cfg_ts.append(t[0].item())
+        return super().forward_with_cfg(x, t, y, scale)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_guidance_interval_guides_exactly_the_calls_inside_it(solver):
+    y = torch.zeros(4, dtype=torch.long)
+    spy = TimedSpy()
+    sample(spy, FlowPath(), (4, 2), y=y, steps=10, solver=solver, cfg_scale=2.0, cfg_interval=(0.25, 0.75))
+    assert spy.cfg_ts and spy.plain_ts
+    assert all(0.25 <= t <= 0.75 for t in spy.cfg_ts)
+    assert all(t < 0.25 or t > 0.75 for t in spy.plain_ts)
+    # every call is one or the other, and the count the FLOPs use is the count made
+    assert len(spy.cfg_ts) + len(spy.plain_ts) == num_evaluations(10, solver)
+    assert len(spy.cfg_ts) == guided_evaluations(FlowPath(), 10, solver, (0.25, 0.75))
+    assert sorted(spy.cfg_ts + spy.plain_ts, reverse=True) == pytest.approx(evaluation_times(FlowPath(), 10, solver))
+    assert guided_evaluations(FlowPath(), 10, solver, None) == num_evaluations(10, solver)
+
+
+def test_guidance_interval_integrates_the_guided_field_only_inside_it():
+    class Labelled(nn.Module):
+        num_classes = 2
+
+        def forward(self, x, t, y):  # cond label 0 -> +1, null label 2 -> 0
+            return (y == 0).to(x.dtype)[:, None].expand_as(x).clone()
+
+    y = torch.zeros(3, dtype=torch.long)
+    x1 = torch.zeros(3, 2)
+    # Euler on the grid 1, 0.75, 0.5, 0.25: the calls at 0.75 and 0.5 are guided (v = 3), the others not (v = 1)
+    x0 = sample(Labelled(), FlowPath(), x1.shape, y=y, steps=4, cfg_scale=3.0, x_init=x1, cfg_interval=(0.4, 0.8))
+    torch.testing.assert_close(x0, torch.full((3, 2), -0.25 * (1 + 3 + 3 + 1)))
+    # the whole of [0, 1] is the same as no interval
+    full = sample(Labelled(), FlowPath(), x1.shape, y=y, steps=4, cfg_scale=3.0, x_init=x1, cfg_interval=(0.0, 1.0))
+    torch.testing.assert_close(full, torch.full((3, 2), -3.0))
+
+
+@pytest.mark.parametrize("bad", [(0.8, 0.2), (0.5, 0.5), (-0.1, 0.5), (0.2, 1.5), ("a", 1), 0.5, (0.1, 0.2, 0.3)])
+def test_a_bad_guidance_interval_is_a_clear_error(bad):
+    with pytest.raises(BadInput, match="sample.cfg_interval"):
+        check_cfg_interval(bad)
+    with pytest.raises(BadInput, match="sample.cfg_interval"):
+        sample(
+            CfgSpy(), FlowPath(), (2, 2), y=torch.zeros(2, dtype=torch.long), steps=2, cfg_scale=2.0, cfg_interval=bad
+        )
 
 
 def test_unknown_solver_is_a_clear_error():

@@ -13,7 +13,10 @@ Sampling FLOPs per image follow from how ``Ensemble`` and ``sample`` execute::
     cfg_factor  = 2 when guidance is on (cfg_scale != 1, conditional model): each
                   selected expert runs on the doubled batch; the router runs
                   once, on the conditional input
-    per_image   = calls * (router + experts * cfg_factor * expert)
+    guided      = the calls that are guided: all of them, or those inside
+                  sample.cfg_interval (the others are unguided: cfg_factor 1)
+    per_image   = guided * (router + experts * cfg_factor * expert)
+                  + (calls - guided) * (router + experts * expert)
 
     cfg_routing=separate (guidance on): the router runs on the conditional and the
     null input, and the experts chosen for each: per_image = calls * (2 * router +
@@ -51,9 +54,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from ddm.devices import module_device
 from ddm.ensemble import DATA_DEPENDENT, Ensemble
 from ddm.errors import BadInput
+from ddm.flow import FlowPath
 from ddm.jobs import ROUTER_JOB, expert_job
 from ddm.models.conditioning import example_condition
-from ddm.sampling.solvers import num_evaluations, sample
+from ddm.sampling.solvers import guided_evaluations, num_evaluations, sample
 
 # Expert evaluations per sample and call of each strategy; for the data-dependent ones (threshold, nucleus)
 # the upper bound K, their count being measured from usage where it matters (see the module docstring).
@@ -102,6 +106,7 @@ def sampling_flops_per_image(
     cfg_routing: str = "shared",
     experts_per_call: float | None = None,
     uncond_experts_per_call: float | None = None,
+    cfg_interval: Sequence[float] | None = None,
 ) -> dict:
     """FLOPs to sample one image; ``strategy=None`` is a single model (a monolith: no router).
 
@@ -116,6 +121,8 @@ def sampling_flops_per_image(
     ignore them. Returns the total and its factors, so a report can show them;
     ``experts_from`` is ``strategy`` (a fixed count), ``usage`` (measured) or
     ``bound`` (K, no usage given); ``per_image_max`` is the most any routing costs.
+    ``cfg_interval``: guidance only on the calls inside it (``guided_calls`` of the row; ``per_call``
+    is a guided call's cost).
     """
     each = None if np.ndim(expert_flops) == 0 else sorted(float(f) for f in expert_flops)
     if each is not None and not each:
@@ -136,13 +143,19 @@ def sampling_flops_per_image(
         experts = bound if experts_per_call is None else float(experts_per_call)
         uncond = bound if uncond_experts_per_call is None else float(uncond_experts_per_call)
     separate = guided and strategy is not None and cfg_routing == "separate"
+    guided_calls = guided_evaluations(FlowPath(), int(steps), solver, cfg_interval) if guided else 0
 
-    def per_call_of(cond_flops, uncond_flops):
-        """One call's FLOPs when the conditional input's experts cost ``cond_flops`` per sample, the null's
+    def guided_call(cond_flops, uncond_flops):
+        """A guided call's FLOPs when the conditional input's experts cost ``cond_flops`` per sample, the null's
         ``uncond_flops`` (the same experts unless routed separately)."""
         if separate:  # the router on both inputs; each input's own experts, unguided
             return 2 * router_flops + cond_flops + uncond_flops
         return router_flops + cfg_factor * cond_flops
+
+    def per_image_of(cond_flops, uncond_flops):
+        """All calls: the guided ones, and the unguided ones outside the guidance interval."""
+        plain = router_flops + cond_flops
+        return guided_calls * guided_call(cond_flops, uncond_flops) + (calls - guided_calls) * plain
 
     def routed(n, cheapest: bool) -> float:
         """Forward FLOPs of ``n`` experts per sample: the cheapest or priciest ``n`` (one size: n x it)."""
@@ -151,9 +164,9 @@ def sampling_flops_per_image(
         n = min(int(n), len(each))
         return float(sum(each[:n]) if cheapest else sum(each[-n:]))
 
-    per_call = per_call_of(experts * mean, uncond * mean)
+    per_call = guided_call(experts * mean, uncond * mean) if guided_calls else router_flops + experts * mean
     row = dict(
-        per_image=int(round(calls * per_call)),
+        per_image=int(round(per_image_of(experts * mean, uncond * mean))),
         per_call=int(round(per_call)),
         calls=calls,
         experts_per_call=experts,
@@ -161,15 +174,17 @@ def sampling_flops_per_image(
         router_per_call=int(round((2 if separate else 1) * router_flops)),
         expert_forward=int(round(mean)),
         experts_from=source,
-        per_image_max=int(round(calls * per_call_of(routed(bound, False), routed(bound, False)))),
+        per_image_max=int(round(per_image_of(routed(bound, False), routed(bound, False)))),
     )
+    if guided and guided_calls < calls:
+        row.update(guided_calls=guided_calls, cfg_interval=[float(v) for v in cfg_interval])
     if separate:
         row.update(cfg_routing="separate", uncond_experts_per_call=uncond)
     if each is not None and each[0] != each[-1]:
         fewest = 1 if strategy in DATA_DEPENDENT else bound  # data-dependent: at least the top expert
-        cheapest = per_call_of(routed(fewest, True), routed(fewest, True))
-        if int(round(calls * cheapest)) != row["per_image_max"]:  # not when every call runs every expert (full)
-            row["per_image_min"] = int(round(calls * cheapest))
+        cheapest = int(round(per_image_of(routed(fewest, True), routed(fewest, True))))
+        if cheapest != row["per_image_max"]:  # not when every call runs every expert (full)
+            row["per_image_min"] = cheapest
     return row
 
 
@@ -183,6 +198,7 @@ def measured_sampling_flops(
     cfg_scale: float = 1.0,
     seed: int = 0,
     usage: list | None = None,
+    cfg_interval: Sequence[float] | None = None,
 ) -> int:
     """FLOPs per image of a real ``sample`` call on ``len(y)`` images (or 2 when unconditional), counted.
 
@@ -201,6 +217,7 @@ def measured_sampling_flops(
         steps=int(steps),
         solver=solver,
         cfg_scale=float(cfg_scale),
+        cfg_interval=cfg_interval,
         generator=generator,
         device=device,
     )

@@ -73,6 +73,7 @@ def flops_summary(
     measured: Mapping[str, int] | None = None,
     measured_images: int = 0,
     cfg_routing: str = "shared",
+    cfg_interval: Sequence[float] | None = None,
     usage: Mapping[str, tuple[Sequence[dict], int]] | None = None,
     measured_usage: Mapping[str, Sequence[dict]] | None = None,
 ) -> dict:
@@ -83,7 +84,8 @@ def flops_summary(
         records: ``record.json`` of every training job, see ``training_summary``.
         strategies: the routing strategies evaluated; ``single_model`` is added,
             a monolith of one expert's size (no router).
-        steps, solver, cfg_scale, conditional, num_experts, top_k, cfg_routing: the sampling settings.
+        steps, solver, cfg_scale, conditional, num_experts, top_k, cfg_routing, cfg_interval: the sampling
+            settings.
         measured: counted FLOPs per image of a real sampling call, per strategy
             (``measured_sampling_flops`` on ``measured_images`` images); none when empty.
         usage: ``{strategy: (usage records, images)}`` of the generated images: the
@@ -113,6 +115,7 @@ def flops_summary(
         num_experts=int(num_experts),
         top_k=int(top_k),
         cfg_routing=cfg_routing,
+        cfg_interval=cfg_interval,
     )
     sampling = {}
     for s in strategies:

@@ -41,6 +41,7 @@ from ddm.sampling import load_ensemble, num_evaluations, sample
 from ddm.sampling.checkpoints import AVAILABLE, expert_ids_on_disk, models_identity
 from ddm.sampling.distilled import DISTILLED, check_model, check_student_guidance, load_distilled
 from ddm.sampling.fit import check_guidance
+from ddm.sampling.solvers import check_cfg_interval
 from ddm.stages.conditioning import text_weights_override
 from ddm.stages.encode import latent_decoder
 from ddm.stages.prompts import sample_prompts
@@ -63,6 +64,7 @@ SETTINGS = (
     "solver",
     "steps",
     "cfg_scale",
+    "cfg_interval",
     "per_class",
     "num_samples",
     "seed",
@@ -79,6 +81,8 @@ def requested_settings(sc) -> dict:
     out["threshold"], out["top_p"], out["cfg_routing"] = check_routing(
         out["threshold"], out["top_p"], out["cfg_routing"]
     )
+    interval = check_cfg_interval(out["cfg_interval"])
+    out["cfg_interval"] = None if interval is None else list(interval)
     experts = out["experts"]
     if isinstance(experts, str):
         if experts != AVAILABLE:
@@ -282,6 +286,7 @@ def draw(ensemble, path, shape, labels, total, batch_size, settings, generator, 
             steps=int(settings["steps"]),
             solver=settings["solver"],
             cfg_scale=float(settings["cfg_scale"]),
+            cfg_interval=settings.get("cfg_interval"),
             generator=generator,
             device=device,
             autocast=precision,

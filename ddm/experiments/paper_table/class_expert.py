@@ -88,6 +88,7 @@ class ClassExpertContext(evaluate.EvaluationContext):
             conditional=self.conditional,
             num_experts=self.base.num_experts,
             top_k=int(sc["top_k"]),
+            cfg_interval=sc.get("cfg_interval"),
         )
 
     def row_info(self) -> dict:

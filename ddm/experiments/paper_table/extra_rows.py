@@ -64,6 +64,7 @@ class SeparateCfgContext(evaluate.EvaluationContext):
             num_experts=self.base.num_experts,
             top_k=int(sc["top_k"]),
             cfg_routing="separate",
+            cfg_interval=sc.get("cfg_interval"),
             experts_per_call=experts_per_sample(usage, images),
             uncond_experts_per_call=experts_per_sample(usage, images, "uncond_counts"),
         )

@@ -122,4 +122,5 @@ def _sampling_flops(ctx, r: Run, scale: float) -> float:
         conditional=ctx.conditional,
         num_experts=r.config.k,
         top_k=int(sc["top_k"]),
+        cfg_interval=sc.get("cfg_interval"),
     )["per_image"]

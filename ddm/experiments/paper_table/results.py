@@ -131,6 +131,7 @@ def settings_summary(cfg, plan: Plan, first: dict) -> dict:
             solver=str(sc.solver),
             steps=int(sc.steps),
             cfg_scale=float(sc.cfg_scale),
+            cfg_interval=None if sc.get("cfg_interval") is None else [float(v) for v in sc.cfg_interval],
             top_k=int(sc.top_k),
             threshold=float(sc.threshold),
             top_p=float(sc.top_p),

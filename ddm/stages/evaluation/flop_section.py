@@ -40,6 +40,7 @@ def flops_section(ctx, generated: dict | None = None) -> dict:
                 float(sc["cfg_scale"]),
                 seed=ctx.seed,
                 usage=measured_usage[s],
+                cfg_interval=sc.get("cfg_interval"),
             )
         n_measure = len(y) if y is not None else 2  # an unconditional call samples 2 images
     usage = {
@@ -52,6 +53,7 @@ def flops_section(ctx, generated: dict | None = None) -> dict:
         conditional=ctx.conditional,
         num_experts=len(ctx.info["experts"]),
         top_k=int(sc["top_k"]),
+        cfg_interval=sc.get("cfg_interval"),
         cfg_routing=sc["cfg_routing"],  # a single model (single_model, distilled) has no router: no effect
     )
     routed = [s for s in ctx.strategies if s != DISTILLED]

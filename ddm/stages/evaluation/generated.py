@@ -26,7 +26,7 @@ from ddm.seeds import EVAL_LABELS_OFFSET, EVAL_NOISE_OFFSET, generator
 from ddm.stages.sample import draw
 
 # Sampling settings that must match for samples/samples.npz to stand for a strategy.
-SAME_SAMPLING = ("top_k", "experts", "temperature", "solver", "steps", "cfg_scale", "cfg_routing")
+SAME_SAMPLING = ("top_k", "experts", "temperature", "solver", "steps", "cfg_scale", "cfg_interval", "cfg_routing")
 # ... and those of one strategy only.
 STRATEGY_OPTION = {"threshold": "threshold", "nucleus": "top_p"}
 
