@@ -75,6 +75,7 @@ def test_one_sampler_and_one_feature_space_for_every_row(table):
         solver="euler",
         steps=4,
         cfg_scale=1.5,
+        cfg_interval=None,
         top_k=2,
         threshold=0.1,
         top_p=0.9,

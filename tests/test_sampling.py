@@ -597,7 +597,9 @@ def test_sample_stage_nucleus_with_separately_routed_guidance(tmp_path):
     from ddm.stages import sample as stage
 
     rd = make_run(tmp_path, K=3)
-    cfg = stage_cfg(rd.root, strategy="nucleus", top_p=0.8, cfg_routing="separate", cfg_scale=2.0, solver="euler")
+    cfg = stage_cfg(
+        rd.root, strategy="nucleus", top_p=0.8, cfg_routing="separate", cfg_scale=2.0, solver="euler", cfg_interval=None
+    )
     record = stage.run(cfg)
     assert record["settings"]["top_p"] == 0.8 and record["settings"]["cfg_routing"] == "separate"
     assert record["strategy"] == "nucleus" and 1 <= record["experts_per_sample"] <= 3
