@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+from ddm.errors import BadInput
 from ddm.stages import train_expert
 from tests.fabricate import make_partitions
 
@@ -41,3 +43,11 @@ def test_an_expert_writes_previews_and_trains_as_it_would_without(fast_cfg, tmp_
             assert not folder.exists()
     # the preview draws its noise from its own generator: the trained weights are the same bit for bit
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_bad_guidance_interval_is_refused_before_the_expert_trains(fast_cfg, tmp_path):
+    rd = make_partitions(tmp_path / "run")
+    cfg = fast_cfg("expert.steps=4", "expert.preview_every=2", "sample.cfg_interval=[0.9,0.1]", run_dir=rd.root)
+    with pytest.raises(BadInput, match="sample.cfg_interval"):
+        train_expert.run(cfg)
+    assert not rd.expert_weights(0).exists() and not (rd.expert(0) / "checkpoints").exists()

@@ -144,13 +144,16 @@ def test_guidance_uses_the_models_forward_with_cfg():
     assert (spy.cfg_calls, spy.plain_calls) == (0, 3)
 
 
+class Labelled(nn.Module):
+    """A plain module with a null label: velocity +1 for label 0, 0 for the null label 2."""
+
+    num_classes = 2
+
+    def forward(self, x, t, y):
+        return (y == 0).to(x.dtype)[:, None].expand_as(x).clone()
+
+
 def test_guidance_falls_back_to_guided_for_plain_modules():
-    class Labelled(nn.Module):
-        num_classes = 2
-
-        def forward(self, x, t, y):  # cond label 0 -> +1, null label 2 -> 0
-            return (y == 0).to(x.dtype)[:, None].expand_as(x).clone()
-
     y = torch.zeros(3, dtype=torch.long)
     x1 = torch.zeros(3, 2)
     x0 = sample(Labelled(), FlowPath(), x1.shape, y=y, steps=4, cfg_scale=3.0, x_init=x1)
@@ -190,12 +193,6 @@ def test_guidance_interval_guides_exactly_the_calls_inside_it(solver):
 
 
 def test_guidance_interval_integrates_the_guided_field_only_inside_it():
-    class Labelled(nn.Module):
-        num_classes = 2
-
-        def forward(self, x, t, y):  # cond label 0 -> +1, null label 2 -> 0
-            return (y == 0).to(x.dtype)[:, None].expand_as(x).clone()
-
     y = torch.zeros(3, dtype=torch.long)
     x1 = torch.zeros(3, 2)
     # Euler on the grid 1, 0.75, 0.5, 0.25: the calls at 0.75 and 0.5 are guided (v = 3), the others not (v = 1)

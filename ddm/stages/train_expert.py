@@ -281,6 +281,7 @@ def _preview(cfg, rd: RunDir, k: int, data: dict, text: dict | None) -> tuple:
             condition,
             steps=int(ex.get("preview_steps") or 10),
             cfg_scale=float(cfg.sample.cfg_scale) if float(ex.label_dropout) > 0 else 1.0,
+            cfg_interval=cfg.sample.get("cfg_interval"),
             seed=expert_seed(cfg.seed, k),
             decode=decode if latents else None,
         ),

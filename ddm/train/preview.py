@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ddm.images import to_uint8
-from ddm.sampling.solvers import sample
+from ddm.sampling.solvers import check_cfg_interval, sample
 from ddm.viz import save_grid
 
 log = logging.getLogger("ddm")
@@ -84,8 +84,11 @@ class Preview(EveryNSteps):
         cfg_scale: float = 1.0,
         seed: int = 0,
         decode: Callable | None = None,
+        cfg_interval=None,
     ):
         super().__init__(every)
+        # checked now, so a bad value fails before training rather than at the first preview
+        self.cfg_interval = check_cfg_interval(cfg_interval)
         self.folder, self.shape = Path(folder), tuple(shape)
         self.rows, self.per_row, self.condition = rows, int(per_row), condition
         self.steps, self.cfg_scale, self.seed, self.decode = int(steps), float(cfg_scale), int(seed), decode
@@ -112,6 +115,7 @@ class Preview(EveryNSteps):
                 y=self.condition(pl_module),
                 steps=self.steps,
                 cfg_scale=self.cfg_scale,
+                cfg_interval=self.cfg_interval,
                 generator=noise,
                 device=device,
             )
