@@ -12,9 +12,28 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from ddm.errors import BadInput, MissingInput
+
+# Which command remakes a file, by the run-directory folder it lies in (``ddm.artifacts`` layout): a damaged
+# file's error says how to get a whole one back. Looked up from the file's folder upwards.
+REMAKE = {
+    "data": "`ddm prepare redo=true` (then embed, cluster and partition again)",
+    "embeddings": "`ddm embed redo=true`",
+    "clusters": "`ddm cluster redo=true` (then `ddm partition redo=true`)",
+    "partitions": "`ddm partition redo=true`",
+    "latents": "`ddm encode redo=true`",
+    "router": "`ddm train-router redo=true`",
+    "distilled": "`ddm distill redo=true`",
+    "samples": "`ddm sample redo=true`",
+    "evaluation": "`ddm evaluate redo=true`",
+}
 
 
 @contextlib.contextmanager
@@ -42,8 +61,73 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def remake_hint(path: str | os.PathLike) -> str:
+    """How to remake the run artefact at ``path``: the command of the stage that writes its folder."""
+    parts = Path(path).parts
+    for i in range(len(parts) - 2, max(-1, len(parts) - 4), -1):  # the file's folder, then the one above it
+        name = parts[i]
+        if name.startswith("expert-") and name[7:].isdigit() and i > 0 and parts[i - 1] == "experts":
+            return f"`ddm train-expert expert.id={int(name[7:])} redo=true`"
+        if name in REMAKE:
+            return REMAKE[name]
+    return "rerun the stage that wrote it with redo=true"
+
+
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file's content; a missing or damaged file is a ``MissingInput`` / ``BadInput`` naming it.
+
+    Every artefact's manifest and record is read here, so a truncated or overwritten one ends in an
+    error that names the file and the command that remakes it rather than a bare ``JSONDecodeError``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise MissingInput(f"{path} does not exist: make it with {remake_hint(path)}") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"{path} is damaged (not text): remake it with {remake_hint(path)}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadInput(
+            f"{path} is damaged (not JSON: {e.msg} at line {e.lineno}; truncated or overwritten?): "
+            f"remake it with {remake_hint(path)}"
+        ) from None
+
+
+def load_npy(path: str | os.PathLike, mmap_mode: str | None = None) -> np.ndarray:
+    """One ``.npy`` array (never pickles); a missing or damaged file is a ``MissingInput`` / ``BadInput`` naming it.
+
+    A truncated file fails inside numpy with a message that names no file (``cannot reshape array``,
+    ``mmap length is greater than file size``); here it names the file and how to remake it.
+    """
+    path = Path(path)
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except FileNotFoundError:
+        raise MissingInput(f"{path} does not exist: make it with {remake_hint(path)}") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise BadInput(f"{path} is damaged (not a whole .npy array: {e}): remake it with {remake_hint(path)}") from None
+
+
+def load_npz(path: str | os.PathLike, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays ``names`` of an ``.npz`` file, read whole; a missing, damaged or incomplete file names itself.
+
+    numpy opens an ``.npz`` lazily: a damaged member fails only when it is read, so every array is read here.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [n for n in names if n not in z.files]
+            if missing:
+                raise BadInput(f"{path} holds no {missing} arrays: remake it with {remake_hint(path)}")
+            return {n: z[n] for n in names}
+    except FileNotFoundError:
+        raise MissingInput(f"{path} does not exist: make it with {remake_hint(path)}") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, BadInput):
+            raise
+        raise BadInput(f"{path} is damaged (not a whole .npz file: {e}): remake it with {remake_hint(path)}") from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from ddm.eval.flops import (
 )
 from ddm.eval.flops_summary import training_flops
 from ddm.eval.fm_loss import heldout_fm_loss
-from ddm.eval.inception import load_inception, resize_bilinear_tf1
+from ddm.eval.inception import InceptionFeatures, load_inception, resize_bilinear_tf1, to_tf_inception_input
 from ddm.eval.prdc import precision_recall
 from ddm.eval.router_diag import expected_calibration_error, router_diagnostics
 from ddm.flow import FlowPath
@@ -472,6 +473,85 @@ def test_inception_loads_a_local_torchscript_file(tmp_path):
     torch.jit.save(torch.jit.script(_NvidiaStyle()), str(nv))
     inc = load_inception(nv)
     assert inc.kind == "fid_inception_nvidia" and np.allclose(inc(images), 255.0)
+
+
+class _WithWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        # a buffer, not a Parameter: a loaded TorchScript module's parameters move to a GPU but not to the meta
+        # device (torch's Module._apply cannot swap them in there); its buffers move anywhere
+        self.register_buffer("w", torch.ones(3))
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3)) * self.w
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit's deprecation notices
+def test_inception_is_loaded_onto_the_device_asked_for(tmp_path):
+    path = tmp_path / "weighted_inception.pt"
+    torch.jit.save(torch.jit.script(_WithWeight()), str(path))
+    inc = load_inception(path)  # default: the CPU, where the file is always read first (map_location)
+    assert inc.device == torch.device("cpu") and inc.model.w.device.type == "cpu"
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
+    f = inc(images, batch_size=2)
+    # on the CPU, what it always gave: the TF-scale input's channel means, float64 numpy
+    expected = to_tf_inception_input(torch.from_numpy(images).permute(0, 3, 1, 2).float()).mean(dim=(2, 3))
+    assert isinstance(f, np.ndarray) and f.dtype == np.float64
+    assert np.array_equal(f, expected.double().numpy())
+    # the meta device stands in for a GPU: the TorchScript module's weights move there
+    on_meta = load_inception(path, device="meta")
+    assert on_meta.device == torch.device("meta") and on_meta.model.w.device.type == "meta"
+    assert inc.sha256 == on_meta.sha256 and inc.space == on_meta.space  # the same network, wherever it runs
+
+
+class _SeesDevice(nn.Module):
+    """Records the device of what it is given; answers zeros on the CPU (a meta tensor cannot come back)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, return_features: bool = False):
+        self.seen.append(x.device.type)
+        return torch.zeros(len(x), 2)
+
+
+@pytest.mark.parametrize("kind", ["fid_inception_tf", "fid_inception_nvidia", "inception_v3_torchvision"])
+def test_inception_preprocesses_and_runs_on_its_device(kind):
+    """Every preprocessing (TF1 resize, torch resize and ImageNet scaling) happens where the network is: the
+    old TF1 resize made its indices on the CPU and failed for images on any other device."""
+    model = _SeesDevice()
+    inc = InceptionFeatures(model, kind, "0" * 64, Path("fake.pt")).to("meta")
+    f = inc(np.zeros((3, 8, 8), np.uint8), batch_size=2)
+    assert model.seen == ["meta", "meta"] and f.shape == (3, 2) and f.dtype == np.float64
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit's deprecation notices
+def test_the_evaluate_stage_loads_the_inception_onto_eval_device(make_cfg, monkeypatch, tmp_path):
+    from omegaconf import OmegaConf
+
+    from ddm.stages import evaluate
+    from ddm.stages.evaluation import feature_spaces
+
+    path = tmp_path / "weighted_inception.pt"
+    torch.jit.save(torch.jit.script(_WithWeight()), str(path))
+    inc = feature_spaces.load_inception(OmegaConf.create(dict(inception_weights=str(path))), device="meta")
+    assert inc.model.w.device.type == "meta"
+
+    asked = []
+
+    def record(ec, device=None):
+        asked.append(device)
+        raise _Stop  # the stage's first slow step: nothing after it is needed here
+
+    monkeypatch.setattr(evaluate, "load_inception", record)
+    with pytest.raises(_Stop):
+        evaluate.run(make_cfg("eval.device=meta"))
+    assert asked == [torch.device("meta")]
 
 
 def test_tf1_bilinear_resize_has_no_half_pixel_offset():

@@ -508,6 +508,69 @@ def test_sample_stage_unconditional_models(tmp_path):
     assert record["top_k"] == 2 and record["experts"] is None
 
 
+# ---- the grid's rows: capped by sample.grid_rows -----------------------------------------------
+def _count_sampled(monkeypatch, stage) -> list[int]:
+    """The batch sizes the sample stage integrates, call by call (every image it draws passes here)."""
+    sizes = []
+
+    def counting(model, path, shape, **kw):
+        sizes.append(shape[0])
+        return sample(model, path, shape, **kw)
+
+    monkeypatch.setattr(stage, "sample", counting)
+    return sizes
+
+
+def test_a_thousand_class_grid_draws_at_most_grid_rows_rows(tmp_path, monkeypatch):
+    from ddm.stages import sample as stage
+
+    rd = make_run(tmp_path, K=2, num_classes=1000)
+    sizes = _count_sampled(monkeypatch, stage)
+    grids = []
+    monkeypatch.setattr(stage, "save_grid", lambda images, nrow, path, row_labels=None: grids.append(row_labels))
+    cfg = stage_cfg(rd.root, solver="euler", steps=2, per_class=2, num_samples=3, batch_size=64)
+    assert cfg.sample.grid_rows == 16  # conf/sample/default.yaml
+    record = stage.run(cfg)
+
+    spaced = [i * 1000 // 16 for i in range(16)]  # 0, 62, 125, ..., 937: the whole range of classes
+    assert sum(sizes) == 16 * 2 + 3 == record["num_images"]  # not 1000 x 2 grid images first
+    assert record["num_grid"] == 32 and record["grid_classes"] == spaced and record["settings"]["grid_rows"] == 16
+    labels = np.load(rd.samples / "samples.npz")["labels"]
+    assert labels[:32].tolist() == [c for c in spaced for _ in range(2)]
+    assert grids == [[str(c) for c in spaced]]  # each row named by its own class
+
+    # grid_rows is a sampling setting: another value samples again rather than reusing the record
+    record = stage.run(stage_cfg(rd.root, solver="euler", steps=2, per_class=2, num_samples=3, grid_rows=4))
+    assert record["num_grid"] == 8 and record["grid_classes"] == [0, 250, 500, 750] and sum(sizes) == 35 + 11
+
+
+def test_grid_rows_leave_runs_with_few_classes_unchanged():
+    from ddm.stages.sample import grid_classes, plan_labels
+
+    for rows in (16, 10, None):  # ten classes: every one, in order, as before grid_rows existed
+        labels, num_grid = plan_labels(10, 3, 4, torch.Generator().manual_seed(0), rows)
+        assert labels[:30].tolist() == [c for c in range(10) for _ in range(3)] and num_grid == 30
+        assert grid_classes(10, rows) == list(range(10))
+    assert grid_classes(10, 3) == [0, 3, 6]
+    # the extra samples draw from every class whatever the grid shows, with the same draws as before
+    capped, _ = plan_labels(1000, 2, 500, torch.Generator().manual_seed(0), 4)
+    full, _ = plan_labels(1000, 2, 500, torch.Generator().manual_seed(0), None)
+    assert torch.equal(capped[8:], full[2000:]) and capped[8:].max() > 900
+    # unconditional: per_class x per_class, at most grid_rows rows high
+    assert plan_labels(0, 3, 5, None, 16) == (None, 9) and plan_labels(0, 3, 5, None, 2) == (None, 6)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "many", True])
+def test_a_bad_grid_rows_is_a_clear_error(bad):
+    from ddm.stages.sample import requested_settings
+
+    sc = OmegaConf.load(CONF_DIR / "sample" / "default.yaml")
+    sc.seed = 0
+    sc.grid_rows = bad
+    with pytest.raises(BadInput, match=r"sample\.grid_rows"):
+        requested_settings(sc)
+
+
 # ---- a lost island: sampling with the experts that exist -------------------------------------
 def test_available_experts_sample_with_a_renormalised_router(tmp_path, caplog):
     from ddm.stages import sample as stage

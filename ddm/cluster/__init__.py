@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ddm.errors import MissingInput
-from ddm.io import atomic_path, sha256_strings
+from ddm.errors import BadInput, MissingInput
+from ddm.io import atomic_path, load_npz, remake_hint, sha256_strings
 
 
 def clustering_id(keys, cluster) -> str:
@@ -63,7 +63,13 @@ def load_assignments(path: str | os.PathLike, num_clusters: int | None = None) -
     path = Path(path)
     if not path.exists():
         raise MissingInput(f"no cluster assignments at {path}: run the cluster stage first")
-    with np.load(path, allow_pickle=False) as z:
-        keys, cluster = z["keys"], z["cluster"].astype(np.int32)
+    arrays = load_npz(path, ("keys", "cluster"))  # a damaged file names itself
+    keys, cluster = arrays["keys"], arrays["cluster"]
+    if keys.ndim != 1 or cluster.shape != keys.shape or not np.issubdtype(cluster.dtype, np.integer):
+        raise BadInput(
+            f"{path} holds {keys.shape} keys and {cluster.shape} cluster ids of type {cluster.dtype}: it is not "
+            f"a clustering's assignments; remake it with {remake_hint(path)}"
+        )
+    cluster = cluster.astype(np.int32)
     k = num_clusters if num_clusters is not None else int(cluster.max()) + 1 if len(cluster) else 0
     return Assignments(keys=keys, cluster=cluster, num_clusters=k)

@@ -90,6 +90,9 @@ def grown_report(report: dict, keys: list[str], labels: np.ndarray, extension: d
     )
     return dict(
         report,
+        # the grown clustering is no longer k-means of one set of embeddings (extend embeds the new
+        # images afterwards): nothing left for the partition stage to compare embeddings_id with
+        embeddings_id=None,
         k=k,
         num_samples=len(keys),
         sizes=np.bincount(labels, minlength=k).tolist(),

@@ -12,6 +12,7 @@ from any other clustering is still refused::
 
     ids = cluster_ids(index)            # ["a1..", "a1..", "b7.."]: clusters 0, 1 kept, 2 new
     check_member(meta, k, index, where) # raises BadInput unless meta was made for cluster k
+    check_partition(manifest, k, report, where, source)  # the same for a partition's manifest
 """
 
 from __future__ import annotations
@@ -68,4 +69,34 @@ def check_member(meta: dict, k: int, record: dict, where) -> None:
         raise BadInput(
             f"{where} says K={meta['num_experts']} clusters, but clustering {expected} had K={k_then}: the file is "
             f"inconsistent; retrain it with `ddm train-expert expert.id={k} redo=true`"
+        )
+
+
+def check_partition(manifest: dict, k: int, record: dict, where, source) -> None:
+    """Refuse a partition's ``manifest`` unless it is cluster ``k`` of ``record``'s clustering (or the ancestor kept).
+
+    ``record``: the run's clustering report (with ``num_clusters``) or its partition index, read from
+    ``source``. A partition can be whole (every checksum right) and still come from another run or an
+    older clustering with the same cluster number: its ``clustering_id`` tells.
+    """
+    ids = cluster_ids(record)
+    current = record["clustering_id"]
+    if k >= len(ids):
+        raise BadInput(
+            f"{where} is cluster {k}, but this run's clustering {current} ({source}) has K={len(ids)} clusters: "
+            f"the partition is left from another clustering; remake the partitions with `ddm partition redo=true`"
+        )
+    expected, made = ids[k], manifest.get("clustering_id")
+    if made != expected:
+        belongs = f"clustering {expected}" if expected == current else f"clustering {expected} (kept in {current})"
+        raise BadInput(
+            f"{where} belongs to clustering {made}, but cluster {k} of this run ({source}) is {belongs}: its shards "
+            f"were made from another clustering or copied from another run; remake them from this run's clusters "
+            f"with `ddm partition redo=true` (then, in a latent run, `ddm encode`)"
+        )
+    k_then = lineage_sizes(record).get(expected)
+    if k_then is not None and manifest.get("num_clusters") is not None and int(manifest["num_clusters"]) != k_then:
+        raise BadInput(
+            f"{where} says K={manifest['num_clusters']} clusters, but clustering {expected} had K={k_then} ({source}): "
+            f"the manifest is inconsistent; remake it with `ddm partition redo=true`"
         )

@@ -33,7 +33,7 @@ from contextlib import ExitStack
 import numpy as np
 
 from ddm.data.shard_index import Spans, index_spans, read_spans
-from ddm.data.shards import ShardSetWriter, shard_paths
+from ddm.data.shards import ShardSetWriter, shard_paths, shards_digest
 from ddm.data.sources.order import PERMUTED_SAMPLES
 from ddm.errors import BadInput
 from ddm.io import sha256_strings
@@ -119,13 +119,15 @@ def write_partitions(
     must hold the same keys in the same order (checked sample by sample).
     Each manifest records cluster, num_clusters, clustering_id, keys_sha256 (this
     cluster's keys in stored order), order ({"permuted": "samples", "seed": seed}),
-    class_counts and the data's image fields. On any error no manifest is
+    class_counts, the data's image fields and ``data_shards_sha256``, which names the
+    data shards it was copied from (``ddm.data.shards.shards_digest`` of ``data_manifest``). On any error no manifest is
     written, so no partition looks complete.
     """
     num_clusters = len(folders)
     keys, cluster = np.asarray(keys, dtype=str), np.asarray(cluster)
     spans = index_spans(shard_paths(data_dir, data_manifest), keys, _mismatch(keys))
     copied = {f: data_manifest[f] for f in COPIED_FIELDS if f in data_manifest}
+    source = shards_digest(data_manifest)
     with ExitStack() as stack:
         writers = []
         for k, folder in enumerate(folders):
@@ -141,6 +143,7 @@ def write_partitions(
                 clustering_id=clustering_id,
                 keys_sha256=sha256_strings(keys[order]),
                 order=dict(permuted=PERMUTED_SAMPLES, seed=int(seed)),
+                data_shards_sha256=source,
                 **copied,
                 **(extra or {}).get(k, {}),
             )

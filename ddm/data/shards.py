@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ddm.errors import BadInput, MissingInput
-from ddm.io import read_json, sha256_file, write_json
+from ddm.io import read_json, remake_hint, sha256_file, sha256_strings, write_json
 
 MANIFEST = "manifest.json"
 
@@ -148,12 +148,38 @@ class ShardSetWriter:
 
 
 def load_manifest(folder: str | os.PathLike) -> dict:
+    """A shard set's manifest, read (not its shards checked: see ``verify``) and checked to be one.
+
+    A damaged manifest (not JSON, or JSON without the shard list every reader indexes) is a
+    ``BadInput`` naming it, not a ``KeyError`` somewhere downstream.
+    """
     path = Path(folder) / MANIFEST
     if not path.exists():
         raise MissingInput(
             f"no shard manifest at {path}: the stage that writes {Path(folder).name}/ has not finished; run it first"
         )
-    return read_json(path)
+    manifest = read_json(path)
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    if (
+        not isinstance(shards, list)
+        or not isinstance(manifest.get("num_samples"), int)
+        or not all(isinstance(s, dict) and {"path", "num_samples", "sha256"} <= s.keys() for s in shards)
+    ):
+        raise BadInput(
+            f"{path} is not a shard set's manifest (no num_samples, or shards without path, num_samples and "
+            f"sha256): it was damaged or overwritten; remake it with {remake_hint(path)}"
+        )
+    return manifest
+
+
+def shards_digest(manifest: dict, n: int | None = None) -> str:
+    """One digest of a shard set's shard checksums, in order: names the exact bytes a later artefact was made from.
+
+    Recorded by what is made from ``data/`` (embeddings, partitions) as ``data_shards_sha256``, so that a
+    reader can tell data prepared again with the same keys but other images. ``n``: of the first ``n``
+    shards only (``ddm extend`` appends shards, so data that grew keeps the digest of its first ones).
+    """
+    return sha256_strings(s["sha256"] for s in manifest["shards"][:n])
 
 
 def shard_paths(folder: str | os.PathLike, manifest: dict | None = None, url: str | None = None) -> list[str]:
@@ -177,19 +203,32 @@ def shard_paths(folder: str | os.PathLike, manifest: dict | None = None, url: st
     return out
 
 
+def not_a_shard(path, error) -> BadInput:
+    """The error for a shard that cannot be read as a tar (truncated, overwritten, not a tar at all)."""
+    return BadInput(
+        f"{path} is not a readable tar shard ({error}): it is truncated or damaged; remake it with {remake_hint(path)}"
+    )
+
+
 def iter_shard(path: str) -> Iterator[dict]:
-    """Samples of one local tar shard in stored order: dicts with key, png (bytes), cls, txt."""
+    """Samples of one local tar shard in stored order: dicts with key, png (bytes), cls, txt.
+
+    A shard that is not a whole tar is a ``BadInput`` naming it (not a bare ``tarfile.ReadError``).
+    """
     sample: dict = {}
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if sample and sample["key"] != key:
-                yield sample
-                sample = {}
-            sample.setdefault("key", key)
-            sample[ext] = tar.extractfile(member).read()
+    try:
+        with tarfile.open(path, "r") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                if sample and sample["key"] != key:
+                    yield sample
+                    sample = {}
+                sample.setdefault("key", key)
+                sample[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError) as e:
+        raise not_a_shard(path, e) from None
     if sample:
         yield sample
 
@@ -201,28 +240,79 @@ def iter_samples(paths: Iterable[str], decode: bool = True) -> Iterator[dict]:
     """
     for path in paths:
         for raw in iter_shard(path):
-            out = dict(key=raw["key"], label=int(raw["cls"]) if "cls" in raw else -1)
-            if "txt" in raw:
-                out["caption"] = raw["txt"].decode()
-            if "npy" in raw:
-                out["latent"] = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
-            if "png" in raw:
-                if decode:
-                    out["image"] = decode_png(raw["png"])
-                else:
-                    out["png"] = raw["png"]
+            try:
+                out = dict(key=raw["key"], label=int(raw["cls"]) if "cls" in raw else -1)
+                if "txt" in raw:
+                    out["caption"] = raw["txt"].decode()
+                if "npy" in raw:
+                    out["latent"] = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
+                if "png" in raw:
+                    if decode:
+                        out["image"] = decode_png(raw["png"])
+                    else:
+                        out["png"] = raw["png"]
+            except (ValueError, OSError, EOFError, SyntaxError) as e:  # PIL raises all of these for damaged PNGs
+                raise BadInput(
+                    f"sample {raw.get('key')!r} of {path} cannot be decoded ({type(e).__name__}: {e}): the shard is "
+                    f"damaged; remake it with {remake_hint(path)}"
+                ) from None
             yield out
 
 
-def verify(folder: str | os.PathLike) -> dict:
-    """Check every shard of a set against its manifest checksum; return the manifest."""
-    manifest = load_manifest(folder)
+def stamp(path: str | os.PathLike) -> dict:
+    """What tells a file changed without reading it: its size and modification time (ns)."""
+    st = os.stat(path)
+    return dict(size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def missing_shard(folder, path) -> MissingInput:
+    return MissingInput(
+        f"shard {path} listed in {Path(folder) / MANIFEST} is missing: copy the whole folder again, or remake it "
+        f"with {remake_hint(path)}"
+    )
+
+
+class ShardMismatch(BadInput):
+    """A shard whose bytes are not the ones its manifest's sha256 names; ``shard`` is its name, ``found`` its stamp."""
+
+    def __init__(self, folder, path, shard: str, found: dict):
+        super().__init__(
+            f"shard {path} does not match the checksum in its manifest ({Path(folder) / MANIFEST}): it was changed "
+            f"or truncated; remake it with {remake_hint(path)}"
+        )
+        self.shard, self.found = shard, found
+
+
+def check_shards(folder: str | os.PathLike, manifest: dict, known: dict | None = None) -> dict[str, dict]:
+    """Check every shard of a set against its manifest's sha256; return ``{shard name: stamp + sha256}``.
+
+    ``known``: what an earlier check found (the same form). A shard whose size and mtime are still
+    the ones recorded there, for the sha256 the manifest still expects, is not read again: on an
+    ImageNet partition (tens of GB) that is the difference between seconds and many minutes at every
+    start. Anything else (a new file, another size or mtime, a manifest that now expects other
+    bytes) is hashed. A file rewritten to the same size within the same mtime tick would pass
+    unread; the stages never rewrite a shard in place (a new one is renamed over it).
+    """
+    known = known or {}
+    checked = {}
     for s, path in zip(manifest["shards"], shard_paths(folder, manifest)):
-        if not Path(path).exists():
-            raise MissingInput(f"shard {path} listed in {Path(folder) / MANIFEST} is missing")
-        if sha256_file(path) != s["sha256"]:
-            raise BadInput(
-                f"shard {path} does not match the checksum in its manifest: it was changed "
-                f"or truncated; rerun the stage that wrote it with redo=true"
-            )
+        try:
+            now = stamp(path)
+        except FileNotFoundError:
+            raise missing_shard(folder, path) from None
+        entry = dict(now, sha256=s["sha256"])
+        if known.get(s["path"]) != entry and sha256_file(path) != s["sha256"]:
+            raise ShardMismatch(folder, path, s["path"], entry)
+        checked[s["path"]] = entry
+    return checked
+
+
+def verify(folder: str | os.PathLike) -> dict:
+    """Check every shard of a set against its manifest checksum; return the manifest.
+
+    Reads every byte; a job that checks the same set at each start keeps what it found
+    (``ddm.data.verified``) and rereads only what changed.
+    """
+    manifest = load_manifest(folder)
+    check_shards(folder, manifest)
     return manifest

@@ -19,14 +19,15 @@ coordinate ``j * in / out`` (no half-pixel offset), clamped at the border. So
 both TorchScript files give the same features for images of any size; torch's
 own bilinear (half-pixel centres) moves small images by half an input pixel,
 which changes FID. The torchvision network, not an FID one, gets torch's
-bilinear. Inception is slow on CPUs (about 6 images/s on 2 cores).
+bilinear. Inception is slow on CPUs (about 6 images/s on 2 cores): the network runs on the device it
+is loaded to or moved to (the evaluate stage's ``eval.device``), and the features come back to the CPU.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,13 @@ class InceptionFeatures:
     kind: str  # "fid_inception_nvidia", "fid_inception_tf" or "inception_v3_torchvision"
     sha256: str
     path: Path
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where ``model`` lives
+
+    def to(self, device: str | torch.device) -> InceptionFeatures:
+        """Move the network to ``device`` (images follow it there); return self."""
+        self.device = torch.device(device)
+        self.model = self.model.to(self.device)
+        return self
 
     @property
     def space(self) -> str:
@@ -59,14 +67,16 @@ class InceptionFeatures:
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """uint8 [N, H, W] or [N, H, W, C] -> float64 features [N, 2048]."""
+        """uint8 [N, H, W] or [N, H, W, C] -> float64 features [N, 2048] (numpy, on the CPU), computed on
+        ``self.device``."""
         out = []
         for i in range(0, len(images), batch_size):
-            x = batch_to_nchw(images[i : i + batch_size])
+            x = batch_to_nchw(images[i : i + batch_size]).to(self.device)
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
             f = self._forward(x)
-            out.append(f.flatten(2).mean(2) if f.ndim > 2 else f)
+            # each batch back to the CPU at once: device memory holds one batch, not every feature
+            out.append((f.flatten(2).mean(2) if f.ndim > 2 else f).cpu())
         return torch.cat(out).double().numpy()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,8 +85,8 @@ class InceptionFeatures:
         if self.kind == "fid_inception_tf":
             return self.model(to_tf_inception_input(x))
         x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
         return self.model((x - mean) / std)
 
 
@@ -91,7 +101,7 @@ def resize_bilinear_tf1(x: torch.Tensor, size: int = SIZE) -> torch.Tensor:
         n = x.shape[dim]
         if n == size:
             continue
-        src = torch.arange(size, dtype=torch.float64) * (n / size)
+        src = torch.arange(size, dtype=torch.float64, device=x.device) * (n / size)  # indices where x is
         lo = src.floor().long()
         hi = (lo + 1).clamp(max=n - 1)
         w = (src - lo).to(x.dtype).view([size if d == dim else 1 for d in range(x.ndim)])
@@ -108,11 +118,14 @@ def to_tf_inception_input(x: torch.Tensor) -> torch.Tensor:
     return (x / 128.0 - 1.0).clamp(-1.0, 1.0 - 1.0 / 128)
 
 
-def load_inception(path: str | os.PathLike | None, key: str = CONFIG_KEY) -> InceptionFeatures:
-    """Load the Inception network from a local file; a clear error when there is none.
+def load_inception(
+    path: str | os.PathLike | None, key: str = CONFIG_KEY, device: str | torch.device | None = None
+) -> InceptionFeatures:
+    """Load the Inception network from a local file onto ``device`` (None: the CPU); a clear error when there
+    is none.
 
-    Raises ``FileNotFoundError`` naming ``key`` when ``path`` is unset or missing;
-    nothing is ever downloaded.
+    The file is read onto the CPU whatever device saved it (``map_location``), then moved. Raises
+    ``FileNotFoundError`` naming ``key`` when ``path`` is unset or missing; nothing is ever downloaded.
     """
     hint = (
         f"the standard FID Inception cannot be downloaded here: point {key} at a local file "
@@ -135,8 +148,10 @@ def load_inception(path: str | os.PathLike | None, key: str = CONFIG_KEY) -> Inc
     if model is not None:
         args = [a.name for a in model.forward.schema.arguments]
         kind = "fid_inception_nvidia" if "return_features" in args else "fid_inception_tf"
-        return InceptionFeatures(model.eval(), kind, digest, path)
-    return InceptionFeatures(_torchvision_inception(path, key), "inception_v3_torchvision", digest, path)
+        features = InceptionFeatures(model.eval(), kind, digest, path)
+    else:
+        features = InceptionFeatures(_torchvision_inception(path, key), "inception_v3_torchvision", digest, path)
+    return features.to(device or "cpu")
 
 
 def _torchvision_inception(path: Path, key: str) -> torch.nn.Module:

@@ -3,7 +3,12 @@
 Reads embeddings/ (flat, two_stage) or only data/ shard keys (random); writes
 clusters/: centroids.npy (flat, two_stage), fine_centroids.npy and
 fine_to_coarse.npy (two_stage), assignments.npz (keys, cluster in dataset
-order) and, last, report.json with sizes, inertia and the ``clustering_id``.
+order) and, last, report.json with sizes, inertia, the ``clustering_id`` and
+the ``embeddings_id`` of the embeddings it was computed from (the partition
+stage refuses a clustering of other embeddings than the run's).
+
+Embeddings are read only once shown to be whole (each file's sha256, shapes,
+keys) and to belong to the run's data (its keys and shard checksums).
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from ddm.artifacts import RunDir
 from ddm.cluster import clustering_id, save_assignments
 from ddm.cluster.kmeans import Clustering, check_k, effective_fine_k, flat_kmeans, random_partition, two_stage_kmeans
 from ddm.data.shards import iter_shard, load_manifest, shard_paths
+from ddm.embed import check_embeddings_of_data, embeddings_id
 from ddm.errors import BadInput, MissingInput
-from ddm.io import atomic_path, read_json, sha256_strings, write_json
+from ddm.io import atomic_path, load_npy, read_json, sha256_file, sha256_strings, write_json
 from ddm.markdown import num
 from ddm.stages.runner import skip
 
@@ -50,17 +56,17 @@ def run(cfg) -> dict:
     _set_threads(OmegaConf.select(cfg, "island.threads", default=None))
 
     data_manifest = load_manifest(run_dir.data)
-    encoder = None
+    encoder, source = None, None
     if c.method == "random":
         keys = read_data_keys(run_dir.data, data_manifest)
         result = random_partition(len(keys), int(c.k), seed=int(c.seed))
     else:
         x, keys, emb_manifest = load_embeddings(run_dir.embeddings, data_manifest)
-        encoder = emb_manifest.get("encoder")
+        encoder, source = emb_manifest.get("encoder"), embeddings_id(emb_manifest)
         result = _kmeans(x, c)
         del x
 
-    report = _write_outputs(run_dir, c, keys, result, encoder)
+    report = _write_outputs(run_dir, c, keys, result, encoder, source)
     log.info(
         "cluster: %s K=%d sizes=%s inertia=%s id=%s -> %s",
         report["method"],
@@ -86,19 +92,27 @@ def load_embeddings(folder: Path, data_manifest: dict) -> tuple[np.ndarray, list
             f"(or use cluster=random, which needs no embeddings)"
         )
     manifest = read_json(path)
-    data_sha = data_manifest.get("keys_sha256")
-    if data_sha is not None and manifest.get("keys_sha256") != data_sha:
+    if not isinstance(manifest, dict) or not {"num_samples", "dim", "shards"} <= manifest.keys():
         raise BadInput(
-            f"embeddings in {folder} were computed for different data (keys_sha256 "
-            f"{manifest.get('keys_sha256')} != data's {data_sha}): rerun embed with redo=true"
+            f"{path} is not an embeddings manifest (no num_samples, dim or shards): rerun embed with redo=true"
         )
+    check_embeddings_of_data(manifest, data_manifest, path)
     x = np.empty((manifest["num_samples"], manifest["dim"]), dtype=np.float32)
     keys: list[str] = []
     row = 0
     for shard in manifest["shards"]:
-        emb = np.load(Path(folder) / shard["embeddings"], mmap_mode="r")
-        shard_keys = (Path(folder) / shard["keys"]).read_text().splitlines()
-        if emb.shape[1:] != x.shape[1:] or len(emb) != len(shard_keys) or row + len(emb) > len(x):
+        emb_path, keys_path = Path(folder) / shard["embeddings"], Path(folder) / shard["keys"]
+        # A file that is not the one the manifest vouched for (changed, truncated, copied from elsewhere).
+        if "sha256" in shard and emb_path.exists() and sha256_file(emb_path) != shard["sha256"]:
+            raise BadInput(
+                f"{emb_path} does not match the checksum in {path}: it was changed or truncated; "
+                f"rerun embed with redo=true"
+            )
+        emb = load_npy(emb_path, mmap_mode="r")
+        if not keys_path.exists():
+            raise MissingInput(f"{keys_path} listed in {path} is missing: rerun embed with redo=true")
+        shard_keys = keys_path.read_text().splitlines()
+        if emb.ndim != 2 or emb.shape[1:] != x.shape[1:] or len(emb) != len(shard_keys) or row + len(emb) > len(x):
             raise BadInput(
                 f"embeddings shard {shard['embeddings']} has shape {emb.shape} for "
                 f"{len(shard_keys)} keys (manifest: {manifest['num_samples']} samples of dim "
@@ -138,7 +152,9 @@ def _kmeans(x: np.ndarray, c) -> Clustering:
     return two_stage_kmeans(x, k, fine_k=fine_k, niter=niter, seed=seed, spherical=spherical)
 
 
-def _write_outputs(run_dir: RunDir, c, keys: list[str], result: Clustering, encoder: str | None) -> dict:
+def _write_outputs(
+    run_dir: RunDir, c, keys: list[str], result: Clustering, encoder: str | None, source: str | None = None
+) -> dict:
     """Arrays first, report.json last: a clusters/ folder with a report is complete."""
     folder = run_dir.clusters
     folder.mkdir(parents=True, exist_ok=True)
@@ -167,6 +183,8 @@ def _write_outputs(run_dir: RunDir, c, keys: list[str], result: Clustering, enco
         inertia=result.inertia,
         fine_inertia=result.fine_inertia,
         encoder=encoder,
+        # the embeddings it was computed from (None: cluster=random, or embeddings that record no checksums)
+        embeddings_id=source,
         keys_sha256=sha256_strings(keys),
         clustering_id=clustering_id(keys, result.labels),
     )

@@ -48,6 +48,7 @@ from ddm.stages.runner import skip
 from ddm.train.distill_module import DistillModule
 from ddm.train.job import Job, Schedule, Trained, example_inputs, run_job
 from ddm.train.lock import check_free, is_global_rank_zero
+from ddm.train.modules import ADAMW_BETAS
 
 log = logging.getLogger("ddm")
 
@@ -168,6 +169,7 @@ def _job(cfg, rd, index, manifests, folders, data, teachers, metas, source) -> J
             teachers=teachers,
             lr=dc.lr,
             weight_decay=dc.weight_decay,
+            betas=tuple(dc.get("betas") or ADAMW_BETAS),
             warmup_steps=dc.warmup_steps,
             total_steps=dc.steps,
             label_dropout=dc.label_dropout,
@@ -178,7 +180,7 @@ def _job(cfg, rd, index, manifests, folders, data, teachers, metas, source) -> J
             text=text,
         )
 
-    def build_loader(batch: int, start_step: int):
+    def build_loader(batch: int, start_step: int, rank: int | None = None):
         parts = [(shard_paths(f, m), float(m["num_samples"])) for f, m in zip(folders, data)]
         stream = mixed_stream(
             parts,
@@ -187,6 +189,7 @@ def _job(cfg, rd, index, manifests, folders, data, teachers, metas, source) -> J
             dc.shuffle_buffer,
             captions,
             stored_text=stored[0],
+            rank=rank,
         )
         return batch_loader(stream, batch, int(cfg.island.num_workers))
 

@@ -5,6 +5,13 @@ For data shard NNNNNN it writes ``embeddings/emb-NNNNNN.npy`` (float32
 ``manifest.json`` last (see ``ddm.embed`` for the layout). Shards are streamed
 one at a time, so memory holds one shard's images at most.
 
+The data shards are checked against data/manifest.json first (only the ones
+changed since the last check are read: ``embeddings/verified.json``). The
+manifest records each file's sha256, the data it was computed from
+(``data_shards_sha256``) and ``embeddings_id``, a digest of the embeddings'
+bytes and keys that the clustering report copies, so that later stages can tell
+embeddings of other data, or a clustering of other embeddings.
+
 Resumable: a shard whose files exist with the right count, dimension and
 first/last key is not recomputed. ``encoder.json`` records the encoder and the
 data shards' checksums; if either changed since the files were written, all
@@ -22,11 +29,12 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ddm.artifacts import RunDir
-from ddm.data.shards import iter_samples, load_manifest, shard_paths
+from ddm.data.shards import iter_samples, load_manifest, shard_paths, shards_digest
 from ddm.data.sources import SourceMeta
-from ddm.embed import build_encoder, embedding_file, keys_file, load_embeddings_manifest
+from ddm.data.verified import check_recorded
+from ddm.embed import build_encoder, embedding_file, embeddings_id, keys_file, load_embeddings_manifest
 from ddm.errors import BadInput, Unusable
-from ddm.io import atomic_path, read_json, sha256_strings, write_json, write_text
+from ddm.io import atomic_path, read_json, sha256_file, sha256_strings, write_json, write_text
 from ddm.seeds import seed_everything
 from ddm.stages.runner import skip
 
@@ -129,6 +137,9 @@ def run(cfg) -> dict:
         return _summary(manifest, folder, skipped=True)
 
     data = load_manifest(run_dir.data)
+    # Every image is read below: first show that data/ is what its manifest says (a changed shard would
+    # be embedded as it is now, and the partitions copied from it later would pass their own checksums).
+    check_recorded(run_dir.data, data, folder / "verified.json")
     seed_everything(int(cfg.seed))  # random-init encoders must come out the same on a resumed run
     encoder = build_encoder(cfg.embed, SourceMeta.from_manifest(data))
     folder.mkdir(parents=True, exist_ok=True)
@@ -159,7 +170,13 @@ def run(cfg) -> dict:
             computed += 1
         all_keys.extend(keys)
         shards.append(
-            dict(embeddings=emb_path.name, keys=keys_path.name, num_samples=len(keys), data_shard=entry["path"])
+            dict(
+                embeddings=emb_path.name,
+                keys=keys_path.name,
+                num_samples=len(keys),
+                data_shard=entry["path"],
+                sha256=sha256_file(emb_path),  # the cluster stage reads the bytes this names
+            )
         )
 
     # Later stages join embeddings to samples by position; make sure positions line up.
@@ -174,7 +191,10 @@ def run(cfg) -> dict:
         num_samples=len(all_keys),
         shards=shards,
         keys_sha256=data["keys_sha256"],
+        # which data these are: the same keys prepared again with other images is other data
+        data_shards_sha256=shards_digest(data),
     )
+    manifest["embeddings_id"] = embeddings_id(manifest)
     write_json(run_dir.embeddings_manifest, manifest)
     log.info(
         f"embed: {len(all_keys)} x {encoder.dim} ({encoder.name}) in {len(shards)} shards -> {folder} "

@@ -33,9 +33,11 @@ import numpy as np
 import torch
 
 from ddm.artifacts import RunDir
+from ddm.cluster.lineage import check_partition
 from ddm.data.shards import MANIFEST, ShardSetWriter, iter_samples, load_manifest, shard_paths, verify
+from ddm.data.verified import check_recorded
 from ddm.devices import resolve_device
-from ddm.errors import BadInput, MissingInput
+from ddm.errors import BadInput, MissingInput, Unusable
 from ddm.images import batch_to_model_space
 from ddm.io import read_json, sha256_strings
 from ddm.latent.vae import LatentCodec, resolve_folder, vae_identity
@@ -74,7 +76,12 @@ def check_latents_source(manifest: dict, partition: dict, where) -> None:
         partition.get("keys_sha256"),
         partition.get("clustering_id"),
     ):
-        raise BadInput(f"{where} was encoded from other partitions (a reclustering since?): run `ddm encode redo=true`")
+        raise BadInput(
+            f"{where} was encoded from other partitions (clustering {manifest.get('clustering_id')}, keys "
+            f"{str(manifest.get('keys_sha256'))[:12]}..., but the partition is clustering "
+            f"{partition.get('clustering_id')}, keys {str(partition.get('keys_sha256'))[:12]}...; a reclustering "
+            f"since, or copied from another run?): run `ddm encode redo=true`"
+        )
 
 
 def check_vae(recorded: dict | None, identity: dict, where) -> None:
@@ -96,13 +103,24 @@ def latent_meta(manifest: dict) -> dict | None:
     return dict(vae=manifest["vae"], image_channels=manifest["image_channels"], pixel_size=manifest["pixel_size"])
 
 
-def latent_manifest(rd: RunDir, k: int, partition: dict, verify_shards: bool) -> dict:
-    """Cluster ``k``'s latent shard set, checked against its partition (what a latent expert trains on)."""
+def latent_manifest(rd: RunDir, k: int, partition: dict, verify_shards: bool, vae: dict | None = None) -> dict:
+    """Cluster ``k``'s latent shard set, checked against its partition (what a latent expert trains on).
+
+    ``vae``: the run's ``vae_spec``, to refuse latents of another VAE before anything trains on them
+    (skipped, with a warning, where the VAE's files are not on this machine: the sampler checks it).
+    """
     folder = rd.latent(k)
     if not (folder / MANIFEST).exists():
         raise MissingInput(f"no latents at {folder}: run `ddm encode` (vae=... is set, so experts train on latents)")
     manifest = verify(folder) if verify_shards else load_manifest(folder)
     check_latents_source(manifest, partition, folder)
+    if vae is not None:
+        try:
+            identity = current_identity(vae)
+        except Unusable as e:
+            log.warning("cannot check which VAE %s was encoded with here: %s", folder, e)
+        else:
+            check_vae(manifest.get("vae"), identity, folder)
     return manifest
 
 
@@ -146,17 +164,21 @@ def run(cfg) -> dict:
         return dict(stage="encode", vae=None, clusters=[])
     if not rd.partitions_index.exists():
         raise MissingInput(f"no partitions at {rd.partitions}: run `ddm partition` first")
-    k = int(read_json(rd.partitions_index)["num_clusters"])
+    index = read_json(rd.partitions_index)
+    k = int(index["num_clusters"])
     identity = current_identity(spec)
     codec, done, encoded = None, [], []
     for i in range(k):
         partition = load_manifest(rd.partition(i))
+        # a partition folder left from another clustering (or copied from another run) is not encoded as this one
+        check_partition(partition, i, index, rd.partition_manifest(i), rd.partitions_index)
         out = rd.latent(i)
         if (out / MANIFEST).exists() and not cfg.get("redo", False):
             existing = read_json(out / MANIFEST)
             flip = bool(cfg.vae.get("flip", False))
             if (
                 existing.get("keys_sha256") == partition["keys_sha256"]
+                and existing.get("clustering_id") == partition.get("clustering_id")
                 and same_vae(existing.get("vae"), identity)
                 and bool(existing.get("flip", False)) == flip
                 and _same_text(stored_text_of(existing), text)
@@ -168,6 +190,8 @@ def run(cfg) -> dict:
             codec = LatentCodec.load(spec["pretrained"], spec["allow_download"]).to(device)
             if text is not None:
                 tower = OpenClipTextEncoder(text["model"], text["pretrained"], device=device, cache=int(text["cache"]))
+        # the latents' checksums are computed from what is read here: show the pixels are the partition's first
+        check_recorded(rd.partition(i), partition, rd.latents / "verified.json")
         writer_text = None if text is None else (tower, captions_for(cfg, partition))
         _encode_partition(
             rd, i, partition, codec, int(cfg.vae.batch_size), bool(cfg.vae.get("flip", False)), writer_text

@@ -43,6 +43,7 @@ import time
 from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
+from ddm.devices import resolve_device
 from ddm.errors import MissingConfig
 from ddm.eval.router_diag import usage_per_step
 from ddm.eval.tables import render_report
@@ -104,7 +105,8 @@ def run(cfg) -> dict:
             return metrics
 
     start = time.perf_counter()
-    inception = load_inception(cfg.eval)  # fail on a missing file before any slow work
+    # fail on a missing file before any slow work; on eval.device, where the evaluation's other networks run
+    inception = load_inception(cfg.eval, resolve_device(cfg.eval.device, "eval.device"))
     # sample.model=distilled (or `distilled` in eval.strategies): the distilled student is a row too
     ctx = (DistilledContext if wants_distilled(cfg) else EvaluationContext)(cfg, rd, settings, redo)
     metrics = dict(

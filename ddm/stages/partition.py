@@ -4,9 +4,18 @@ Each cluster's samples are stored in a random order drawn from the run's
 ``seed`` (see ``ddm.cluster.partition``), whatever the order of data/.
 
 Reads data/ and clusters/ (assignments.npz, report.json); writes
-partitions/cluster-KK/ (shards + manifest.json recording the clustering_id) and,
-last, partitions/manifest.json. A finished partitions/ is reused only while it
-was made from the current clustering; after a reclustering it is rebuilt.
+partitions/cluster-KK/ (shards + manifest.json recording the clustering_id and
+the data shards it was copied from) and, last, partitions/manifest.json. A
+finished partitions/ is reused only while it was made from the current
+clustering and the current data; after a reclustering, or data prepared again,
+it is rebuilt.
+
+Before it copies a byte it shows that what it reads belongs together: the
+assignments are the report's, the report was computed from the run's embeddings
+(``embeddings_id``), those from the run's data, and every data shard matches its
+checksum (rereading only the shards changed since ``partitions/verified.json``):
+a partition's own checksums are computed here, so a damaged data shard would
+otherwise pass on as a whole-looking partition.
 """
 
 from __future__ import annotations
@@ -17,7 +26,9 @@ import shutil
 from ddm.artifacts import RunDir
 from ddm.cluster import load_assignments
 from ddm.cluster.partition import write_partitions
-from ddm.data.shards import MANIFEST, load_manifest
+from ddm.data.shards import MANIFEST, load_manifest, shards_digest
+from ddm.data.verified import check_recorded
+from ddm.embed import check_embeddings_of_data, embeddings_id
 from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json, write_json
 from ddm.stages.runner import note_skipped
@@ -34,9 +45,13 @@ def run(cfg) -> dict:
     report = read_json(run_dir.cluster_report)
     current = report["clustering_id"]
 
+    data_manifest = load_manifest(run_dir.data) if run_dir.data_manifest.exists() else None
     if marker.exists():
         done = read_json(marker)
-        if done.get("clustering_id") == current and not cfg.get("redo", False):
+        if done.get("clustering_id") == current and not _same_data(done, data_manifest):
+            # the checks below decide: a clustering of the old data is refused, one of this data is partitioned
+            log.info("partition: data/ changed since the partitions were written; rebuilding partitions")
+        elif done.get("clustering_id") == current and not cfg.get("redo", False):
             note_skipped()
             log.info(
                 "partition: done already (K=%d id=%s); redo=true rebuilds -> %s",
@@ -56,13 +71,15 @@ def run(cfg) -> dict:
             f"{run_dir.assignments} does not match {run_dir.cluster_report} (clustering_id "
             f"{assignments.clustering_id} != {current}): rerun cluster with redo=true"
         )
-    data_manifest = load_manifest(run_dir.data)
+    data_manifest = data_manifest or load_manifest(run_dir.data)  # its absence is a MissingInput naming it
     data_sha = data_manifest.get("keys_sha256")
     if data_sha is not None and data_sha != report["keys_sha256"]:
         raise BadInput(
             f"clusters/ were made from different data (keys_sha256 {report['keys_sha256']} != "
             f"data's {data_sha}): rerun cluster with redo=true"
         )
+    _check_clustering_source(run_dir, report, data_manifest)
+    check_recorded(run_dir.data, data_manifest, run_dir.partitions / "verified.json")
 
     _clear(run_dir)
     k = assignments.num_clusters
@@ -88,6 +105,9 @@ def run(cfg) -> dict:
         # every partition is written under the current clustering now (a grown run's index keeps older ids)
         cluster_ids=[current] * k,
         lineage={},
+        # the data shards copied (a run grown by `ddm extend` appends shards: the first ones keep this digest)
+        data_shards_sha256=shards_digest(data_manifest),
+        data_num_shards=len(data_manifest["shards"]),
     )
     write_json(marker, summary)
     log.info(
@@ -99,6 +119,35 @@ def run(cfg) -> dict:
         run_dir.partitions,
     )
     return summary
+
+
+def _same_data(index: dict, data_manifest: dict | None) -> bool:
+    """Whether the partitions were copied from data/'s shards as they are now (an index older than the
+    field, or a machine without data/, says nothing: taken as the same)."""
+    made_from, n = index.get("data_shards_sha256"), index.get("data_num_shards")
+    if made_from is None or n is None or data_manifest is None:
+        return True
+    return len(data_manifest["shards"]) >= int(n) and shards_digest(data_manifest, int(n)) == made_from
+
+
+def _check_clustering_source(run_dir: RunDir, report: dict, data_manifest: dict) -> None:
+    """Refuse a clustering computed from other embeddings than the run's, or embeddings of other data.
+
+    A clustering is only as much this run's as its inputs: after ``ddm embed redo=true`` (another
+    encoder, or data prepared again) the old clustering's keys still match, but it no longer groups
+    the run's embeddings. Reports from before ``embeddings_id`` (and cluster=random) are not checked.
+    """
+    made_from = report.get("embeddings_id")
+    if made_from is None or not run_dir.embeddings_manifest.exists():
+        return
+    emb = read_json(run_dir.embeddings_manifest)
+    now = embeddings_id(emb)
+    if now != made_from:
+        raise BadInput(
+            f"{run_dir.cluster_report} was computed from embeddings {made_from}, but {run_dir.embeddings_manifest} "
+            f"is now embeddings {now} (embedded again since?): recluster with `ddm cluster redo=true`, then partition"
+        )
+    check_embeddings_of_data(emb, data_manifest, run_dir.embeddings)
 
 
 def _clear(run_dir: RunDir) -> None:

@@ -6,7 +6,8 @@ was distilled from other experts than the run's current ones.
 
 Reads ``router/router.pt`` and ``experts/expert-KK/expert.pt``; writes, in ``samples/``::
 
-    grid.png      one row per class (class names from data/manifest.json when known)
+    grid.png      one row per class (class names from data/manifest.json when known), at most
+                  sample.grid_rows rows: evenly spaced classes when there are more
     samples.npz   images (uint8 [N, H, W] or [N, H, W, C]), labels (-1: unconditional),
                   num_grid (the first num_grid images are the grid)
     usage.json    one record per solver evaluation: t, samples per expert, mean routing weight
@@ -66,6 +67,7 @@ SETTINGS = (
     "cfg_scale",
     "cfg_interval",
     "per_class",
+    "grid_rows",
     "num_samples",
     "seed",
     "precision",
@@ -81,6 +83,7 @@ def requested_settings(sc) -> dict:
     out["threshold"], out["top_p"], out["cfg_routing"] = check_routing(
         out["threshold"], out["top_p"], out["cfg_routing"]
     )
+    out["grid_rows"] = check_grid_rows(out["grid_rows"])
     interval = check_cfg_interval(out["cfg_interval"])
     out["cfg_interval"] = None if interval is None else list(interval)
     experts = out["experts"]
@@ -119,11 +122,39 @@ def class_names(rd: RunDir, num_classes: int) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
-def plan_labels(num_classes: int, per_class: int, num_samples: int, generator) -> tuple[torch.Tensor | None, int]:
-    """Labels of every sample to draw (grid first) and the grid size; None when unconditional."""
+def check_grid_rows(value) -> int | None:
+    """``sample.grid_rows`` as an int >= 1, or None (no cap); a clear error otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadInput(f"sample.grid_rows={value!r}: use a whole number >= 1 (the grid's rows) or null (every class)")
+    return value
+
+
+def grid_classes(num_classes: int, grid_rows: int | None) -> list[int]:
+    """The classes (or prompts) of the grid's rows: every one when there are at most ``grid_rows``, else
+    ``grid_rows`` evenly spaced over the range, from class 0.
+
+    Evenly spaced, not the first ones: neighbouring ids are often alike (ImageNet's first 16 classes are fish
+    and birds), while spacing them shows the whole range of classes and so the work of every expert.
+    """
+    rows = num_classes if grid_rows is None else min(num_classes, grid_rows)
+    return [i * num_classes // rows for i in range(rows)]  # distinct and increasing since rows <= num_classes
+
+
+def plan_labels(
+    num_classes: int, per_class: int, num_samples: int, generator, grid_rows: int | None = None
+) -> tuple[torch.Tensor | None, int]:
+    """Labels of every sample to draw (grid first) and the grid size; None when unconditional.
+
+    The grid has ``per_class`` samples of each of ``grid_classes(num_classes, grid_rows)``; an unconditional
+    grid is ``per_class`` wide and ``per_class`` rows high, at most ``grid_rows``. The extra samples' labels
+    are drawn from every class.
+    """
     if num_classes == 0:
-        return None, per_class * per_class
-    grid = torch.arange(num_classes).repeat_interleave(per_class)
+        rows = per_class if grid_rows is None else min(per_class, grid_rows)
+        return None, rows * per_class
+    grid = torch.tensor(grid_classes(num_classes, grid_rows), dtype=torch.long).repeat_interleave(per_class)
     extra = torch.randint(num_classes, (num_samples,), generator=generator)
     return torch.cat([grid, extra]), len(grid)
 
@@ -168,14 +199,22 @@ def run(cfg) -> dict:
         check_guidance(info, settings["cfg_scale"], cfg_routing=settings["cfg_routing"])
     num_classes = int(info["num_classes"])
     prompts = sample_prompts(cfg, rd) if info.get("text") else None
+    grid_rows = settings["grid_rows"]
     if prompts is None:
-        labels, num_grid = plan_labels(num_classes, int(sc.per_class), int(settings["num_samples"]), gen_noise)
+        labels, num_grid = plan_labels(
+            num_classes, int(sc.per_class), int(settings["num_samples"]), gen_noise, grid_rows
+        )
         total = num_grid + int(settings["num_samples"]) if labels is None else len(labels)
-        conditions, rows = labels, (class_names(rd, num_classes) if num_classes else None)
+        shown = grid_classes(num_classes, grid_rows) if num_classes else None
+        conditions, rows = labels, ([class_names(rd, num_classes)[c] for c in shown] if num_classes else None)
     else:
-        # one grid row per prompt; the extra samples draw prompts at random. `labels` index the prompts.
-        labels, num_grid = plan_labels(len(prompts), int(sc.per_class), int(settings["num_samples"]), gen_noise)
-        total, rows = len(labels), prompts
+        # one grid row per prompt (at most grid_rows); the extra samples draw prompts at random. `labels` index
+        # the prompts.
+        labels, num_grid = plan_labels(
+            len(prompts), int(sc.per_class), int(settings["num_samples"]), gen_noise, grid_rows
+        )
+        shown = grid_classes(len(prompts), grid_rows)
+        total, rows = len(labels), [prompts[c] for c in shown]
         encoder = OpenClipTextEncoder.from_record(
             info["text"], "the experts", pretrained=text_weights_override(cfg), device=device
         )
@@ -211,6 +250,7 @@ def run(cfg) -> dict:
         flow=info["flow"],
         device=str(device),
         grid_prompts=prompts,  # text runs: the prompts used, which samples.npz's labels index
+        grid_classes=shown,  # the classes (text runs: indices of grid_prompts) of the grid's rows, top to bottom
         distilled_from=info.get("distilled_from"),  # sample.model=distilled: the experts the student learnt from
         wall_s=round(time.perf_counter() - start, 2),
         outputs=out,

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
+from ddm.cluster.lineage import check_partition
 from ddm.data.loader import batch_loader, sample_stream
-from ddm.data.shards import load_manifest, shard_paths, verify
+from ddm.data.shards import load_manifest, shard_paths
+from ddm.data.verified import WAIT_S, verified_shards
 from ddm.errors import BadInput, MissingInput
 from ddm.flow import check_prediction
 from ddm.io import read_json
@@ -83,25 +86,7 @@ def run(cfg) -> dict:
         check_free(job_dir, f"train-expert {k} redo=true")  # never delete the folder of a job that still runs
         shutil.rmtree(job_dir)
 
-    part_dir = rd.partition(k)
-    if not rd.partition_manifest(k).exists():
-        raise MissingInput(
-            f"expert.id={k}: no partition at {part_dir} (run `ddm partition` first, or check that "
-            f"expert.id is below the number of clusters)"
-        )
-    # Shards travel between islands and people: train only on what the partition stage recorded.
-    # (Streamed shards, expert.shard_url, are not read twice to check them.)
-    manifest = load_manifest(part_dir) if cfg.expert.get("shard_url") else verify(part_dir)
-    if int(manifest["cluster"]) != k:
-        raise BadInput(
-            f"{part_dir}/manifest.json says cluster {manifest['cluster']}, expected {k}: rerun "
-            f"`ddm partition redo=true`"
-        )
-
-    data_dir, data = part_dir, manifest
-    if vae_spec(cfg) is not None:  # a latent run: the same samples, encoded by `ddm encode`
-        data_dir = rd.latent(k)
-        data = latent_manifest(rd, k, manifest, verify_shards=not cfg.expert.get("shard_url"))
+    manifest, data_dir, data = verified_inputs(cfg, rd, k)
     record = run_job(_job(cfg, rd, k, manifest, data_dir, data), lambda trained: _record(trained, k, manifest))
     if record:
         log.info(
@@ -114,6 +99,57 @@ def run(cfg) -> dict:
             job_dir,
         )
     return record
+
+
+def verified_inputs(cfg, rd: RunDir, k: int) -> tuple[dict, Path, dict]:
+    """``(partition manifest, folder the expert reads, its manifest)``, shown to be this run's and whole.
+
+    Shards travel between islands and people, and a set that is whole can still come from another
+    run: the partition must be cluster ``k`` of this run's clustering (``clusters/report.json``, else
+    the partition index), and in a latent run the latents must be encoded from that partition with
+    the run's VAE. Then the shards the job reads are checked against their manifest: in a latent run
+    the latents only (the partition's manifest is read for its identity, its pixel shards are not
+    read by the job and not hashed). Only global rank 0 hashes, and only what changed since the
+    job's last check (``ddm.data.verified``); streamed shards (``expert.shard_url``) are not read twice.
+    """
+    part_dir = rd.partition(k)
+    if not rd.partition_manifest(k).exists():
+        raise MissingInput(
+            f"expert.id={k}: no partition at {part_dir} (run `ddm partition` first, or check that "
+            f"expert.id is below the number of clusters)"
+        )
+    manifest = load_manifest(part_dir)
+    if int(manifest.get("cluster", -1)) != k:
+        raise BadInput(
+            f"{part_dir}/manifest.json says cluster {manifest.get('cluster')}, expected {k}: rerun "
+            f"`ddm partition redo=true`"
+        )
+    _check_partition_of_run(rd, k, manifest)
+    data_dir, data = part_dir, manifest
+    spec = vae_spec(cfg)
+    if spec is not None:  # a latent run: the same samples, encoded by `ddm encode`
+        data_dir = rd.latent(k)
+        data = latent_manifest(rd, k, manifest, verify_shards=False, vae=spec)
+    if not cfg.expert.get("shard_url"):
+        wait = cfg.expert.get("verify_wait_s")
+        verified_shards(data_dir, rd.expert(k), manifest=data, wait_s=WAIT_S if wait is None else float(wait))
+    return manifest, data_dir, data
+
+
+def _check_partition_of_run(rd: RunDir, k: int, manifest: dict) -> None:
+    """Refuse a partition made from another clustering than the run's (a whole shard set copied from another run).
+
+    The run's clustering is ``clusters/report.json``; an island that was sent only partitions/ has
+    the partition index. With neither, a partition travelling alone has nothing to be checked against.
+    """
+    if rd.cluster_report.exists():
+        report = read_json(rd.cluster_report)
+        record, source = dict(report, num_clusters=int(report["k"])), rd.cluster_report
+    elif rd.partitions_index.exists():
+        record, source = read_json(rd.partitions_index), rd.partitions_index
+    else:
+        return
+    check_partition(manifest, k, record, rd.partition_manifest(k), source)
 
 
 def _check_still_current(record: dict, rd: RunDir, k: int) -> None:
@@ -181,7 +217,7 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | No
             start_from(module, start, target)
         return module
 
-    def build_loader(batch: int, start_step: int):
+    def build_loader(batch: int, start_step: int, rank: int | None = None):
         # Inside the job: a bad shard_url is a failure of this job, recorded in its failed.json.
         urls = shard_paths(data_dir, data, url=ex.get("shard_url"))
         stream = sample_stream(
@@ -191,6 +227,7 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | No
             shuffle_buffer=ex.shuffle_buffer,
             captions=captions,
             stored_text=stored_text,
+            rank=rank,
         )
         return batch_loader(stream, batch, int(cfg.island.num_workers))
 

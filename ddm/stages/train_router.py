@@ -8,6 +8,15 @@ with the run's seed, is held out to measure accuracy in buckets of t, and
 ``router.sample_fraction`` of the others, drawn too, are trained on (see
 ``ddm.data.router_data``).
 
+The router draws its training t from its own distribution, ``router.time_sampling``
+(``uniform`` by default; ``logit_normal`` with ``router.logit_mean`` /
+``router.logit_std``), not the experts' ``flow.time_sampling``: the sampler routes
+at every t, high t on every image, where a logit-normal draw seldom falls. The
+rest of the path (``flow.schedule``, ``flow.t_eps``) is the experts', so the
+router sees x_t exactly as the sampler makes it (``router_flow``). The record
+states the path it trained on (``flow``); a finished router of another time
+sampling is kept, with a warning, until ``redo=true``.
+
 With ``router.preview_every`` > 0 the accuracy by t of the current weights on a
 fixed batch of those held-out samples goes to the logger and ``router/previews/``
 every so many steps (see ``ddm.train.router_preview``).
@@ -47,6 +56,34 @@ from ddm.train.router_preview import RouterPreview
 
 log = logging.getLogger("ddm")
 
+# The keys of ``cfg.router`` that set the router's own t distribution, as FlowPath names them.
+TIME_KEYS = ("time_sampling", "logit_mean", "logit_std")
+
+
+def router_time_sampling(cfg) -> dict:
+    """``router.time_sampling`` (``uniform`` when the config has no such key) and its logit-normal parameters.
+
+    A ``BadInput`` naming ``router.time_sampling`` when it is not one of ``FlowPath.TIME_SAMPLINGS``.
+    """
+    rc = cfg.router
+    kind = str(rc.get("time_sampling") or "uniform")
+    if kind not in FlowPath.TIME_SAMPLINGS:
+        raise BadInput(
+            f"router.time_sampling={kind!r} is not one of {FlowPath.TIME_SAMPLINGS} (the router's own "
+            f"training distribution of t; flow.time_sampling is the experts')"
+        )
+    mean, std = rc.get("logit_mean"), rc.get("logit_std")
+    return dict(
+        time_sampling=kind,
+        logit_mean=float(0.0 if mean is None else mean),
+        logit_std=float(1.0 if std is None else std),
+    )
+
+
+def router_flow(cfg) -> dict:
+    """The router's ``FlowPath`` settings: the experts' path (``cfg.flow``) with the router's own t distribution."""
+    return dict(OmegaConf.to_container(cfg.flow, resolve=True), **router_time_sampling(cfg))
+
 
 def accuracy_by_t(
     net, path: FlowPath, x0, y, k, prior: torch.Tensor, buckets: int, seed: int, device=None
@@ -70,9 +107,11 @@ def run(cfg) -> dict:
     """
     rd = RunDir(cfg.run_dir)
     job_dir = rd.router
+    router_time_sampling(cfg)  # a bad router.time_sampling fails before anything is read or deleted
     if skip(rd.router_record, cfg):
         record = read_json(rd.router_record)
         _check_still_current(record, rd)
+        _note_other_time_sampling(record, cfg)
         log.info("train-router: already done (%d steps) -> %s", record["steps"], job_dir)
         return record
     # Only global rank 0 starts over: the other ranks of a DDP job run this too, beside it.
@@ -120,6 +159,36 @@ def _check_still_current(record: dict, rd: RunDir) -> None:
         )
 
 
+def _trained_time_sampling(record: dict) -> dict:
+    """The t distribution a finished router trained on: its record's ``flow``, or (records written before the
+    router had its own) the run's ``flow`` in the config it kept."""
+    flow = record.get("flow") or (record.get("config") or {}).get("flow") or {}
+    return {key: flow.get(key) for key in TIME_KEYS}
+
+
+def _note_other_time_sampling(record: dict, cfg) -> None:
+    """A finished router is kept as it is: say so when the config now asks for another t distribution."""
+    was, now = _trained_time_sampling(record), router_time_sampling(cfg)
+    if was["time_sampling"] is None:
+        return  # not known: nothing to compare
+    # logit_mean / logit_std only mean something for a logit-normal t
+    keys = TIME_KEYS if "logit_normal" in (was["time_sampling"], now["time_sampling"]) else TIME_KEYS[:1]
+    if any(was[key] != now[key] for key in keys):
+        log.warning(
+            "train-router: the finished router trained on t %s, the config asks for %s (router.time_sampling); "
+            "it is kept as it is (retrain it with `ddm train-router redo=true`)",
+            _describe(was),
+            _describe(now),
+        )
+
+
+def _describe(time_sampling: dict) -> str:
+    kind = time_sampling["time_sampling"]
+    if kind == "logit_normal":
+        return f"logit_normal(mean={time_sampling['logit_mean']}, std={time_sampling['logit_std']})"
+    return str(kind)
+
+
 def _job(
     cfg, rd: RunDir, index: dict, manifests: list[dict], train_shards: list[list[str]], held: list[list[str]]
 ) -> Job:
@@ -141,7 +210,7 @@ def _job(
         )
         return RouterModule(
             model=model,
-            flow=OmegaConf.to_container(cfg.flow),
+            flow=router_flow(cfg),  # the experts' path, the router's own t distribution
             lr=rc.lr,
             weight_decay=rc.weight_decay,
             warmup_steps=rc.warmup_steps,
@@ -152,7 +221,7 @@ def _job(
             text=text,
         )
 
-    def build_loader(batch: int, start_step: int):
+    def build_loader(batch: int, start_step: int, rank: int | None = None):
         parts = [(urls, float(m["num_samples"])) for urls, m in zip(train_shards, manifests)]
         stream = mixed_stream(
             parts,
@@ -161,6 +230,7 @@ def _job(
             rc.shuffle_buffer,
             captions,
             stored_text=stored[0],
+            rank=rank,
         )
         return batch_loader(stream, batch, int(cfg.island.num_workers))
 
@@ -172,6 +242,8 @@ def _job(
             job=ROUTER_JOB,
             clustering_id=index["clustering_id"],
             partition_keys_sha256=[m["keys_sha256"] for m in manifests],
+            # a checkpoint of another t distribution is not resumed as this one
+            time_sampling=router_time_sampling(cfg),
         ),
         seed=router_seed(cfg.seed),
         build_module=build_module,
@@ -260,6 +332,8 @@ def _record(trained: Trained, cfg, index: dict, manifests: list[dict], held: lis
         cluster_ids=cluster_ids(index),
         heldout_shards=[[Path(url).name for url in urls] for urls in held],
         eval_samples=len(k),
+        # the path it trained on: the experts' schedule and t_eps, its own t distribution (router.time_sampling)
+        flow=module.path.config(),
         accuracy_by_t=by_t,
         **trained.common_record(),
     )

@@ -28,7 +28,7 @@ from ddm.flow import PathSample, velocity_mse
 from ddm.images import batch_to_model_space_on_device
 from ddm.models.dit import DiT
 from ddm.train.ema import check_same_layout, ema_decay_at, make_ema, update_ema
-from ddm.train.modules import _Base
+from ddm.train.modules import ADAMW_BETAS, _Base, adamw_betas
 
 
 def _select(y, idx: torch.Tensor):
@@ -96,8 +96,10 @@ class DistillModule(_Base):
         nan_check_every: int = 10,
         compile: bool = False,
         text: dict | None = None,
+        betas: tuple[float, float] = ADAMW_BETAS,
     ):
         super().__init__("distill", flow, nan_check_every)
+        adamw_betas(betas)
         if not 0.0 <= float(data_weight) <= 1.0:
             raise ValueError(f"distill.data_weight={data_weight} must be in [0, 1]")
         self.save_hyperparameters(ignore=["teachers"])

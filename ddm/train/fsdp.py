@@ -30,6 +30,13 @@ per-block gathers stay on a node's fast links and only the gradient reduction
 crosses nodes (each GPU then holds 1/devices-per-node of the state instead of
 1/all-devices).
 
+Under ``precision: bf16-mixed`` each unit gathers its parameters in bf16 and
+reduces its gradients in fp32 (``mixed_precision_policy``): half the bytes of
+every all-gather and the matmuls' own dtype under autocast, while the sharded
+master weights, the optimizer and the EMA stay fp32 and gradient sums keep fp32's
+precision. Forward inputs are not cast: the timestep and the residual stream stay
+fp32 as under autocast alone (bf16 has 8 bits of mantissa, too few for t near 1).
+
 Checkpoints hold the full, unsharded state (gathered on global rank 0, written
 by it as one file through ``AtomicCheckpointIO``): the same keys as a DDP or
 single-device checkpoint, so a job resumes on an island of any shape, and the
@@ -40,12 +47,13 @@ about 14 GB of host memory while it writes one.
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 import torch.nn as nn
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from ddm.errors import BadInput
 from ddm.models.dit import DiTBlock
@@ -55,20 +63,41 @@ SHARDINGS = ("full", "hybrid")
 BLOCK_TYPES = (DiTBlock,)
 
 
-def shard_network(net: nn.Module, mesh: DeviceMesh) -> nn.Module:
+def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
+    """The FSDP2 policy for an island's Lightning ``precision``.
+
+    ``bf16-mixed``: parameters all-gathered in bf16, gradients reduce-scattered in
+    fp32, forward inputs left as they are. Any other precision: FSDP's default
+    (parameters and gradients in their own dtype: fp32 for ``32-true``, bf16 for
+    ``bf16-true``). ``16-mixed`` keeps the default too: its loss scaler expects
+    fp32 gradients from the reduction, and autocast casts the weights for each matmul.
+    """
+    if str(precision) == "bf16-mixed":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return MixedPrecisionPolicy()
+
+
+def shard_network(net: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
     """Shard ``net`` in place over ``mesh``: one FSDP unit per DiT block, one for the rest of it.
 
     A 1-D mesh shards over all its ranks; a 2-D mesh (replicate, shard) shards
-    along its second dimension and replicates along its first. Sharding a
+    along its second dimension and replicates along its first. Every unit gets
+    ``mp_policy`` (default: gather and reduce in the parameters' dtype). Sharding a
     network twice leaves it as it is (Lightning may call ``configure_model`` again).
     """
     if isinstance(net, FSDPModule):
         return net
+    policy = mp_policy or MixedPrecisionPolicy()
     blocks = [m for m in net.modules() if isinstance(m, BLOCK_TYPES)]
     for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(net, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(net, mesh=mesh, mp_policy=policy)
     return net
+
+
+def unit_policies(net: nn.Module) -> dict[str, MixedPrecisionPolicy]:
+    """Each FSDP unit's mixed-precision policy, by unit name (``""`` is ``net`` itself)."""
+    return {name: m._get_fsdp_state()._mp_policy for name, m in net.named_modules() if isinstance(m, FSDPModule)}
 
 
 def is_sharded(net: nn.Module) -> bool:
@@ -111,7 +140,7 @@ class FSDPIslandStrategy(ModelParallelStrategy):
     (``ddm.train.modules``); checkpoints are full state dicts in one file.
     """
 
-    def __init__(self, num_nodes: int, devices_per_node: int, sharding: str = "full"):
+    def __init__(self, num_nodes: int, devices_per_node: int, sharding: str = "full", precision: str = "32-true"):
         if sharding not in SHARDINGS:
             raise BadInput(f"island.sharding={sharding!r} is not one of {', '.join(SHARDINGS)}: pick one")
         # Lightning's mesh: every rank data-parallel, none tensor-parallel; its dims name the roles it plays.
@@ -121,6 +150,7 @@ class FSDPIslandStrategy(ModelParallelStrategy):
             save_distributed_checkpoint=False,
         )
         self.sharding = sharding
+        self.mp_policy = mixed_precision_policy(precision)
         self._shard_mesh: DeviceMesh | None = None
 
     def setup_environment(self) -> None:
@@ -139,7 +169,7 @@ class FSDPIslandStrategy(ModelParallelStrategy):
         return self._shard_mesh
 
     def shard(self, net: nn.Module) -> nn.Module:
-        return shard_network(net, self.shard_mesh)
+        return shard_network(net, self.shard_mesh, self.mp_policy)
 
 
 def island_strategy(island):
@@ -158,4 +188,9 @@ def island_strategy(island):
             f"island.devices={devices!r}, island.num_nodes={nodes!r}: an fsdp island shards over a fixed "
             f"number of devices; give both as positive integers (e.g. island.devices=8 island.num_nodes=2)"
         )
-    return FSDPIslandStrategy(nodes, devices, sharding=str(island.get("sharding", "full")))
+    return FSDPIslandStrategy(
+        nodes,
+        devices,
+        sharding=str(island.get("sharding", "full")),
+        precision=str(island.get("precision", "32-true")),
+    )

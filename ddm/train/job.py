@@ -70,6 +70,8 @@ class Schedule:
     requeue: bool = True  # requeue the SLURM job after SIGUSR1 (see ddm.train.signals)
     grad_clip: float | None = None  # clip the global gradient norm to this before each optimizer step
     section: str | None = None  # the config section errors name, when it is not ``kind`` (distill exports an expert)
+    # optimizer steps between the ranks' agreements on a signal (the NaN check's interval): each is a collective
+    decide_every: int = 10
 
     @classmethod
     def from_config(cls, kind: str, section) -> Schedule:
@@ -83,6 +85,7 @@ class Schedule:
             int(section.keep_checkpoints),
             bool(section.get("requeue", True)),
             None if section.get("grad_clip") is None else float(section.grad_clip),
+            decide_every=int(section.get("nan_check_every", 10)),
         )
 
 
@@ -96,8 +99,8 @@ class Job:
     identity: dict  # stored in every checkpoint: a resume refuses a checkpoint of other data
     seed: int
     build_module: Callable[[], L.LightningModule]  # called after seeding
-    # (per-device batch size, the step training starts or resumes at) -> training batches
-    build_loader: Callable[[int, int], Iterable]
+    # (per-device batch size, the step training starts or resumes at, global rank) -> training batches
+    build_loader: Callable[[int, int, int], Iterable]
     schedule: Schedule
     island: Any  # the island's config: devices, strategy, precision, threads
     logger: Any  # the logger's config: csv, tensorboard or wandb
@@ -216,12 +219,14 @@ def _fit(job: Job, guard: PreemptionGuard, failure: FailureRecord) -> Trained | 
         name=job.title,
         callbacks=[RankStreams(job.seed), *job.callbacks],
         grad_clip=s.grad_clip,
+        decide_every=s.decide_every,
     )
     failure.trainer = trainer
     batch = per_device_batch(s.batch_size, trainer, s.section or s.kind)
     resume = last_checkpoint(job.folder, job.identity)
     start_step = int(inspect_checkpoint(resume)[0]["global_step"]) if resume else 0
-    loader = job.build_loader(batch, start_step)
+    # the trainer knows its rank already; the process group (which loader workers may not see) comes in fit
+    loader = job.build_loader(batch, start_step, trainer.global_rank)
     if resume:
         log.info("%s: resuming from %s", job.title, resume)
     fit_job(trainer, module, loader, resume, guard, s.requeue, job.title)

@@ -6,8 +6,8 @@ are Lightning's own data-parallel ones among the devices of one job.
 
 A training step makes no host sync of its own: pixels arrive as uint8 and are
 scaled on the device (a quarter of the bytes through the loader and the
-host-to-device copy), and the loss is checked for NaN every few steps by a
-``LossWatch`` rather than read every step.
+host-to-device copy), and the loss and the gradients are checked for NaN every
+few steps by a ``LossWatch`` rather than read every step.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from ddm.errors import BadInput
 from ddm.flow import FlowPath, check_prediction
 from ddm.images import batch_to_model_space_on_device
 from ddm.models.conditioning import TextCondition
@@ -25,7 +26,7 @@ from ddm.models.dit import DiT, DiTClassifier
 from ddm.models.prediction import as_velocity_model
 from ddm.train.ema import check_same_layout, ema_decay_at, make_ema, update_ema
 from ddm.train.fsdp import FSDPIslandStrategy
-from ddm.train.loss_watch import LossWatch
+from ddm.train.loss_watch import LossWatch, local_gradients
 
 
 def _warmup_cosine(warmup: int, total: int, min_ratio: float = 0.1):
@@ -45,6 +46,20 @@ def fused_adamw_available(params) -> bool:
     return all(p.is_cuda for p in params)
 
 
+ADAMW_BETAS = (0.9, 0.99)  # the demo's; DiT trains with (0.9, 0.999) (expert=dit_xl2 sets it)
+
+
+def adamw_betas(betas) -> tuple[float, float]:
+    """``expert.betas`` / ``router.betas`` as AdamW's (beta1, beta2), each in [0, 1)."""
+    try:
+        b1, b2 = (float(b) for b in betas)
+    except (TypeError, ValueError):
+        raise BadInput(f"betas={betas!r} must be two numbers [beta1, beta2], e.g. [0.9, 0.999]") from None
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise BadInput(f"betas={betas!r}: AdamW's betas must each be in [0, 1), e.g. [0.9, 0.999]")
+    return b1, b2
+
+
 class _Base(L.LightningModule):
     def __init__(self, what: str, flow: dict, nan_check_every: int):
         super().__init__()
@@ -58,7 +73,7 @@ class _Base(L.LightningModule):
             params,
             lr=hp.lr,
             weight_decay=hp.weight_decay,
-            betas=(0.9, 0.99),
+            betas=adamw_betas(hp.get("betas") or ADAMW_BETAS),
             fused=fused_adamw_available(params) or None,  # None: torch's default (foreach) elsewhere
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(hp.warmup_steps, hp.total_steps))
@@ -78,6 +93,12 @@ class _Base(L.LightningModule):
 
     def _strategy(self):
         return self.trainer.strategy if self._trainer is not None else None
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning calls this after backward and before clipping and the step: the gradients about to be applied.
+        if self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16 loss scaling: inf gradients are expected there, and its scaler skips those steps
+        self.losses.add_gradients(local_gradients(self.net.parameters()), self.global_step)
 
     def on_train_end(self) -> None:
         self.losses.check(self.global_step, self._strategy())  # the exported weights must be finite
@@ -161,8 +182,10 @@ class ExpertModule(_Base):
         compile: bool = False,
         text: dict | None = None,
         target: str = "velocity",
+        betas: tuple[float, float] = ADAMW_BETAS,
     ):
         super().__init__(f"expert {expert_id}", flow, nan_check_every)
+        adamw_betas(betas)  # a bad setting fails before the job starts, not when the optimizer is built
         self.save_hyperparameters()
         self.target = check_prediction(target)
         self.net = DiT(**model)
@@ -223,8 +246,10 @@ class RouterModule(_Base):
         nan_check_every: int = 10,
         compile: bool = False,
         text: dict | None = None,
+        betas: tuple[float, float] = ADAMW_BETAS,
     ):
         super().__init__("router", flow, nan_check_every)
+        adamw_betas(betas)
         self.save_hyperparameters()
         self.net = DiTClassifier(**model)
 

@@ -116,10 +116,11 @@ def classifier_functions(net: fnet.TrainedFeatureNet, target: str, batch_size: i
     return (lambda x: fnet.features(net.net, x, batch_size)), classify
 
 
-def load_inception(ec):
-    """The Inception feature extractor named by ``eval.inception_weights``, or None when it is null."""
+def load_inception(ec, device=None):
+    """The Inception feature extractor named by ``eval.inception_weights``, on ``device`` (None: the CPU), or
+    None when it is null."""
     if ec.get("inception_weights") is None:
         return None
     from ddm.eval.inception import load_inception as load  # torch.jit and torchvision: only when asked for
 
-    return load(ec.inception_weights)
+    return load(ec.inception_weights, device=device)
