@@ -70,7 +70,7 @@ def remake_hint(path: str | os.PathLike) -> str:
             return f"`ddm train-expert expert.id={int(name[7:])} redo=true`"
         if name in REMAKE:
             return REMAKE[name]
-    return "rerun the stage that wrote it with redo=true"
+    return "the stage that wrote it (redo=true), or copy it again from where it came from"
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -266,7 +266,10 @@ def test_truncated_last_checkpoint_resumes_from_the_newest_complete_one(fast_cfg
     folder = rd.expert(0) / "checkpoints"
     last = folder / "last.ckpt"
     data = last.read_bytes()
-    last.write_bytes(data[: len(data) // 2])  # a torn write, as a non-atomic save killed midway leaves
+    # a torn write, as a non-atomic save killed midway leaves (or a bad copy): a file of its own, so unlink
+    # first, since last.ckpt is a hard link to step-0000004.ckpt and writing through it would tear that too
+    last.unlink()
+    last.write_bytes(data[: len(data) // 2])
     (folder / "step-0000002.ckpt").write_bytes(b"")  # and an empty one
     (folder / ".last.ckpt.999.tmp").write_bytes(data[:100])  # and a dead writer's temp file
 

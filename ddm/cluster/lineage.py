@@ -17,7 +17,9 @@ from any other clustering is still refused::
 
 from __future__ import annotations
 
+from ddm.artifacts import RunDir
 from ddm.errors import BadInput
+from ddm.io import read_json
 
 
 def cluster_ids(record: dict) -> list[str]:
@@ -100,3 +102,19 @@ def check_partition(manifest: dict, k: int, record: dict, where, source) -> None
             f"{where} says K={manifest['num_clusters']} clusters, but clustering {expected} had K={k_then} ({source}): "
             f"the manifest is inconsistent; remake it with `ddm partition redo=true`"
         )
+
+
+def check_partition_of_run(rd: RunDir, k: int, manifest: dict) -> None:
+    """Refuse a partition made from another clustering than the run's (a whole shard set copied from another run).
+
+    The run's clustering is ``clusters/report.json``; an island that was sent only partitions/ has
+    the partition index. With neither, a partition travelling alone has nothing to be checked against.
+    """
+    if rd.cluster_report.exists():
+        report = read_json(rd.cluster_report)
+        record, source = dict(report, num_clusters=int(report["k"])), rd.cluster_report
+    elif rd.partitions_index.exists():
+        record, source = read_json(rd.partitions_index), rd.partitions_index
+    else:
+        return
+    check_partition(manifest, k, record, rd.partition_manifest(k), source)

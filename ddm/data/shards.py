@@ -205,8 +205,9 @@ def shard_paths(folder: str | os.PathLike, manifest: dict | None = None, url: st
 
 def not_a_shard(path, error) -> BadInput:
     """The error for a shard that cannot be read as a tar (truncated, overwritten, not a tar at all)."""
+    why = " ".join(str(error).split())  # tarfile lists each method it tried on its own line: one line here
     return BadInput(
-        f"{path} is not a readable tar shard ({error}): it is truncated or damaged; remake it with {remake_hint(path)}"
+        f"{path} is not a readable tar shard ({why}): it is truncated or damaged; remake it with {remake_hint(path)}"
     )
 
 
@@ -290,8 +291,10 @@ def check_shards(folder: str | os.PathLike, manifest: dict, known: dict | None =
     the ones recorded there, for the sha256 the manifest still expects, is not read again: on an
     ImageNet partition (tens of GB) that is the difference between seconds and many minutes at every
     start. Anything else (a new file, another size or mtime, a manifest that now expects other
-    bytes) is hashed. A file rewritten to the same size within the same mtime tick would pass
-    unread; the stages never rewrite a shard in place (a new one is renamed over it).
+    bytes) is hashed. Other bytes of the same size with the recorded mtime (rewritten within one
+    mtime tick, or copied over it with the mtime kept: ``cp -p``, ``rsync -t``) would pass unread;
+    the stages never rewrite a shard in place, and a copy that keeps mtimes keeps the manifest too,
+    whose other sha256 makes the shard read again.
     """
     known = known or {}
     checked = {}

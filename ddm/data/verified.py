@@ -150,3 +150,22 @@ def _vouched(folder, manifest: dict, path: Path) -> bool:
             raise BadInput(refused["message"])
         ok = ok and files.get(s["path"]) == now
     return ok
+
+
+def wait_seconds(section) -> float:
+    """``<job>.verify_wait_s`` of a job's config section (``expert``, ``router``, ``distill``), or ``WAIT_S``."""
+    wait = section.get("verify_wait_s")
+    return WAIT_S if wait is None else float(wait)
+
+
+def verified_shard_sets(folders, manifests, job_dir, section, what: str) -> None:
+    """``verified_shards`` for each of a job's shard sets (the router and distillation read every partition),
+    all recorded in the one ``verified.json`` of ``job_dir``; ``what`` names the config section."""
+    for folder, manifest in zip(folders, manifests):
+        verified_shards(
+            folder,
+            job_dir,
+            manifest=manifest,
+            wait_s=wait_seconds(section),
+            wait_setting=f"{what}.verify_wait_s",
+        )

@@ -212,7 +212,9 @@ def load_ensemble(
         expert_label_dropout={k: metas[k].get("label_dropout") for k in wanted},
         # experts may differ in size and in what they predict (each is converted to velocity)
         expert_models={k: dict(size=metas[k]["model_config"].get("size"), target=metas[k]["target"]) for k in wanted},
-        flow=rmeta["flow"],
+        # the experts' path as they trained on it: the router shares its schedule (checked) but draws its
+        # own training t (router.time_sampling), which says nothing about what the samples come from
+        flow=metas[wanted[0]]["flow"],
         num_classes=first.get("num_classes", 0),
         # the text encoder the experts were trained with (None: class labels); prompts go through it
         text=common_text(metas, rmeta),

@@ -29,10 +29,11 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
-from ddm.cluster.lineage import check_member
+from ddm.cluster.lineage import check_member, check_partition_of_run
 from ddm.data.loader import batch_loader, mixed_stream
 from ddm.data.router_data import load_partitions
 from ddm.data.shards import shard_paths
+from ddm.data.verified import verified_shard_sets
 from ddm.errors import BadInput
 from ddm.eval.flops import count_flops
 from ddm.io import read_json
@@ -76,6 +77,9 @@ def run(cfg) -> dict:
     else:
         folders, data = [rd.partition(k) for k in range(K)], manifests
     check_teachers_fit(metas, cfg, data[0])
+    for k, m in enumerate(manifests):  # whole shard sets of another run's clustering are refused here
+        check_partition_of_run(rd, k, m)
+    verified_shard_sets(folders, data, rd.distilled, cfg.distill, "distill")
     record = run_job(
         _job(cfg, rd, index, manifests, folders, data, teachers, metas, source),
         lambda trained: _record(trained, cfg, rd, index, manifests, metas, source),

@@ -12,7 +12,11 @@ records the VAE's identity (``ddm.latent.vae_identity``), the latent shape
 (as ``channels`` / ``image_size``, which the experts read) and the pixel shape
 (``image_channels`` / ``pixel_size``, which decoding restores). A cluster
 whose latents were made from the same partition with the same VAE is skipped;
-after a reclustering or with another VAE it is encoded again.
+after a reclustering or with another VAE it is encoded again. A partition
+folder that is not the index's clustering (left from another one, or copied
+from another run) is refused, and the pixels of a partition that is encoded are
+first checked against its manifest (``latents/verified.json`` keeps what was
+checked, so unchanged shards are not read twice).
 
 With ``text.store=true`` (text runs) each sample also holds its caption's
 encoding by the run's text tower, computed here once: the caption's tokens

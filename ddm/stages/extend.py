@@ -42,7 +42,7 @@ from ddm.cluster.partition import write_partitions
 from ddm.data.append import append_shards, appended, check_new_images, load_new, new_shards_manifest
 from ddm.data.shards import load_manifest
 from ddm.errors import BadInput, MissingInput
-from ddm.io import atomic_path, read_json, write_json
+from ddm.io import atomic_path, load_npy, read_json, write_json
 from ddm.jobs import expert_job
 from ddm.stages.encode import vae_spec
 from ddm.stages.runner import note_skipped, run_stage
@@ -121,7 +121,7 @@ def _new_embeddings(rd: RunDir, entry: dict) -> np.ndarray:
     """The embeddings of one extension's shards, in stored order."""
     manifest = read_json(rd.embeddings_manifest)
     names = set(entry["shards"])
-    rows = [np.load(rd.embeddings / s["embeddings"]) for s in manifest["shards"] if s["data_shard"] in names]
+    rows = [load_npy(rd.embeddings / s["embeddings"]) for s in manifest["shards"] if s["data_shard"] in names]
     return np.concatenate(rows).astype(np.float32)
 
 
@@ -132,7 +132,7 @@ def _grow_clustering(rd: RunDir, report: dict, data: dict, entry: dict, mode: st
         raise BadInput(f"{rd.assignments} does not match {rd.cluster_report}: rerun `ddm cluster redo=true`")
     emb = _new_embeddings(rd, entry)
     folder = rd.clusters
-    centroids = {n: np.load(folder / f"{n}.npy") if (folder / f"{n}.npy").exists() else None for n in CENTROID_FILES}
+    centroids = {n: load_npy(folder / f"{n}.npy") if (folder / f"{n}.npy").exists() else None for n in CENTROID_FILES}
     spherical = bool(report.get("spherical"))
     labels = new_labels(mode, int(report["k"]), emb, centroids, spherical)
     keys = [*old.keys.tolist(), *_keys_of(rd, entry)]

@@ -1,8 +1,12 @@
 """Stage ``train-expert``: train expert ``expert.id`` on its own partition, in isolation.
 
-Reads only ``partitions/cluster-<id>/`` (and, fine-tuning after ``ddm extend``,
-its own earlier ``expert.pt`` under ``history/``: ``ddm.stages.fine_tune``);
-writes only ``experts/expert-<id>/``.
+Reads only ``partitions/cluster-<id>/`` (in a latent run its manifest and
+``latents/cluster-<id>/``), the run's clustering report to check that the
+partition is this run's (``verified_inputs``), and, fine-tuning after ``ddm extend``,
+its own earlier ``expert.pt`` under ``history/`` (``ddm.stages.fine_tune``);
+writes only ``experts/expert-<id>/``. The shards it reads are checked against
+their manifest by global rank 0 alone, rereading only what changed since the
+last start (``verified.json``: ``ddm.data.verified``).
 No process group, lock or file is shared with another expert: inside the
 island Lightning may use DDP/FSDP across the island's own devices, nothing more.
 Resumes from the newest complete checkpoint (``checkpoints/last.ckpt`` or a
@@ -23,10 +27,10 @@ import torch
 from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
-from ddm.cluster.lineage import check_partition
+from ddm.cluster.lineage import check_partition_of_run
 from ddm.data.loader import batch_loader, sample_stream
 from ddm.data.shards import load_manifest, shard_paths
-from ddm.data.verified import WAIT_S, verified_shards
+from ddm.data.verified import verified_shards, wait_seconds
 from ddm.errors import BadInput, MissingInput
 from ddm.flow import check_prediction
 from ddm.io import read_json
@@ -40,7 +44,7 @@ from ddm.stages.runner import skip
 from ddm.stages.sample import class_names
 from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.lock import check_free, is_global_rank_zero
-from ddm.train.modules import ExpertModule
+from ddm.train.modules import ADAMW_BETAS, ExpertModule
 from ddm.train.preview import Preview
 
 log = logging.getLogger("ddm")
@@ -124,32 +128,15 @@ def verified_inputs(cfg, rd: RunDir, k: int) -> tuple[dict, Path, dict]:
             f"{part_dir}/manifest.json says cluster {manifest.get('cluster')}, expected {k}: rerun "
             f"`ddm partition redo=true`"
         )
-    _check_partition_of_run(rd, k, manifest)
+    check_partition_of_run(rd, k, manifest)
     data_dir, data = part_dir, manifest
     spec = vae_spec(cfg)
     if spec is not None:  # a latent run: the same samples, encoded by `ddm encode`
         data_dir = rd.latent(k)
         data = latent_manifest(rd, k, manifest, verify_shards=False, vae=spec)
     if not cfg.expert.get("shard_url"):
-        wait = cfg.expert.get("verify_wait_s")
-        verified_shards(data_dir, rd.expert(k), manifest=data, wait_s=WAIT_S if wait is None else float(wait))
+        verified_shards(data_dir, rd.expert(k), manifest=data, wait_s=wait_seconds(cfg.expert))
     return manifest, data_dir, data
-
-
-def _check_partition_of_run(rd: RunDir, k: int, manifest: dict) -> None:
-    """Refuse a partition made from another clustering than the run's (a whole shard set copied from another run).
-
-    The run's clustering is ``clusters/report.json``; an island that was sent only partitions/ has
-    the partition index. With neither, a partition travelling alone has nothing to be checked against.
-    """
-    if rd.cluster_report.exists():
-        report = read_json(rd.cluster_report)
-        record, source = dict(report, num_clusters=int(report["k"])), rd.cluster_report
-    elif rd.partitions_index.exists():
-        record, source = read_json(rd.partitions_index), rd.partitions_index
-    else:
-        return
-    check_partition(manifest, k, record, rd.partition_manifest(k), source)
 
 
 def _check_still_current(record: dict, rd: RunDir, k: int) -> None:
@@ -203,6 +190,7 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | No
             flow=OmegaConf.to_container(cfg.flow),
             lr=ex.lr,
             weight_decay=ex.weight_decay,
+            betas=tuple(ex.get("betas") or ADAMW_BETAS),
             warmup_steps=ex.warmup_steps,
             total_steps=ex.steps,
             label_dropout=ex.label_dropout,

@@ -36,10 +36,11 @@ import torch
 from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
-from ddm.cluster.lineage import cluster_ids, lineage_sizes
+from ddm.cluster.lineage import check_partition_of_run, cluster_ids, lineage_sizes
 from ddm.data.loader import batch_loader, mixed_stream
 from ddm.data.router_data import eval_set, load_partitions, split_shards
 from ddm.data.shards import shard_paths
+from ddm.data.verified import verified_shard_sets
 from ddm.errors import BadInput
 from ddm.eval.router_diag import heldout_diagnostics
 from ddm.flow import FlowPath
@@ -51,7 +52,7 @@ from ddm.stages.encode import latent_manifest, latent_meta, stored_text_length, 
 from ddm.stages.runner import skip
 from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.lock import check_free, is_global_rank_zero
-from ddm.train.modules import RouterModule
+from ddm.train.modules import ADAMW_BETAS, RouterModule
 from ddm.train.router_preview import RouterPreview
 
 log = logging.getLogger("ddm")
@@ -120,11 +121,15 @@ def run(cfg) -> dict:
         shutil.rmtree(job_dir)
 
     index, manifests = load_partitions(rd)
+    for k, m in enumerate(manifests):  # whole shard sets of another run's clustering are refused here
+        check_partition_of_run(rd, k, m)
     if vae_spec(cfg) is not None:  # a latent run: the same samples, encoded by `ddm encode`
         folders = [rd.latent(k) for k in range(len(manifests))]
         manifests = [latent_manifest(rd, k, m, verify_shards=False) for k, m in enumerate(manifests)]
     else:
         folders = [rd.partition(k) for k in range(len(manifests))]
+    # what the router reads, checked against the manifests once per island and once per change
+    verified_shard_sets(folders, manifests, job_dir, cfg.router, "router")
     splits = [
         split_shards(
             shard_paths(folders[k], m),
@@ -213,6 +218,7 @@ def _job(
             flow=router_flow(cfg),  # the experts' path, the router's own t distribution
             lr=rc.lr,
             weight_decay=rc.weight_decay,
+            betas=tuple(rc.get("betas") or ADAMW_BETAS),
             warmup_steps=rc.warmup_steps,
             total_steps=rc.steps,
             label_dropout=rc.label_dropout,

@@ -14,7 +14,7 @@ from ddm.artifacts import RunDir
 from ddm.cluster import load_assignments
 from ddm.data.shards import load_manifest
 from ddm.data.sources import SourceMeta
-from ddm.io import read_json
+from ddm.io import load_npy, read_json
 from ddm.seeds import seed_everything
 
 EMBED_BATCH = 512
@@ -44,8 +44,9 @@ def nearest_centroid(rd: RunDir, report: dict, images: np.ndarray, seed: int) ->
     spherical = bool(report.get("spherical"))
     fine_path = rd.fine_centroids
     if fine_path.exists():
-        return nearest_cluster(emb, np.load(fine_path), fine_to_coarse=np.load(rd.fine_to_coarse), spherical=spherical)
-    return nearest_cluster(emb, np.load(rd.centroids), spherical=spherical)
+        fine = load_npy(fine_path)
+        return nearest_cluster(emb, fine, fine_to_coarse=load_npy(rd.fine_to_coarse), spherical=spherical)
+    return nearest_cluster(emb, load_npy(rd.centroids), spherical=spherical)
 
 
 def embed_like_training(rd: RunDir, images: np.ndarray, seed: int) -> np.ndarray:

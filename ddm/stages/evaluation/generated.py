@@ -20,7 +20,7 @@ import torch
 
 from ddm.artifacts import RunDir
 from ddm.ensemble import ROUTING_DEFAULTS
-from ddm.io import atomic_path, read_json
+from ddm.io import atomic_path, load_npz, read_json
 from ddm.sampling.checkpoints import models_identity
 from ddm.seeds import EVAL_LABELS_OFFSET, EVAL_NOISE_OFFSET, generator
 from ddm.stages.sample import draw
@@ -45,7 +45,7 @@ def from_samples_stage(rd: RunDir, strategy: str, n: int, sampling: dict, seed: 
     keys = SAME_SAMPLING + tuple(k for s, k in STRATEGY_OPTION.items() if s == strategy)
     if made_as != strategy or any(made.get(k) != sampling.get(k) for k in keys):
         return None
-    npz = np.load(npz_path)
+    npz = load_npz(npz_path, ("images", "labels"))  # a damaged samples.npz names itself, not a numpy error
     if len(npz["images"]) < n:
         return None
     # A seeded subset, not the first n: the first images are the class-sorted grid.
