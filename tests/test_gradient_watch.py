@@ -90,16 +90,3 @@ def test_nan_gradients_with_a_finite_loss_stop_before_a_checkpoint_is_saved(fast
     assert losses and all(torch.isfinite(torch.tensor(losses[:2])))  # steps 0 and 1 had finite losses
     assert not list((rd.expert(0) / "checkpoints").glob("*.ckpt"))
     assert not rd.expert_weights(0).exists()
-
-
-def test_adamw_betas_come_from_the_config_and_bad_ones_are_refused(fast_cfg, tmp_path):
-    from ddm.errors import BadInput
-
-    rd = make_partitions(tmp_path / "run")
-    train_expert.run(fast_cfg("expert.steps=2", "expert.ckpt_every=2", "expert.betas=[0.8,0.95]"))
-    ckpt = torch.load(rd.expert(0) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["optimizer_states"][0]["param_groups"][0]["betas"] == (0.8, 0.95)
-    with pytest.raises(BadInput, match=r"betas=.*\[0, 1\)"):
-        ExpertModule(model=TINY, flow={}, betas=(0.9, 1.5))
-    with pytest.raises(BadInput, match="two numbers"):
-        ExpertModule(model=TINY, flow={}, betas=(0.9,))

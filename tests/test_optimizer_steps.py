@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
+from ddm.errors import BadInput
 from ddm.flow import FlowPath, PathSample
+from ddm.stages import train_expert
 from ddm.train.modules import ExpertModule
 from ddm.train.trainer import build_trainer
+from tests.fabricate import make_partitions
 
 STEPS, BATCH = 4, 8
 
@@ -94,3 +98,14 @@ def test_accumulating_four_micro_batches_gives_the_ema_of_one_batch(tmp_path):
         model=dict(size="DiT-N/4", image_size=8, in_channels=1, num_classes=3), flow=dict(schedule="linear")
     ).ema.state_dict()
     assert any(not torch.equal(whole[k], start[k]) for k in whole if k.endswith("weight") and "ada" in k)
+
+
+def test_adamw_betas_come_from_the_config_and_bad_ones_are_refused(fast_cfg, tmp_path):
+    rd = make_partitions(tmp_path / "run")
+    train_expert.run(fast_cfg("expert.steps=2", "expert.ckpt_every=2", "expert.betas=[0.8,0.95]"))
+    ckpt = torch.load(rd.expert(0) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["betas"] == (0.8, 0.95)
+    with pytest.raises(BadInput, match=r"betas=.*\[0, 1\)"):
+        ExpertModule(model=dict(size="DiT-N/4", image_size=8, in_channels=1, num_classes=3), flow={}, betas=(0.9, 1.5))
+    with pytest.raises(BadInput, match="two numbers"):
+        ExpertModule(model=dict(size="DiT-N/4", image_size=8, in_channels=1, num_classes=3), flow={}, betas=(0.9,))
