@@ -9,6 +9,8 @@ kept (fp32 sharded weights and gradients).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -71,5 +73,46 @@ def test_full_precision_islands_gather_in_the_parameters_own_dtype(one_rank_grou
 def test_the_island_strategy_takes_its_policy_from_the_island_precision():
     bf16 = island_config("fsdp", 1, 2)
     bf16.precision = "bf16-mixed"
-    assert island_strategy(bf16).mp_policy.param_dtype == torch.bfloat16
-    assert island_strategy(island_config("fsdp", 1, 2)).mp_policy.param_dtype is None  # 32-true
+    assert island_strategy(bf16).policy_for("cuda").param_dtype == torch.bfloat16
+    assert island_strategy(bf16).policy_for("cpu").param_dtype is None  # see mixed_precision_policy
+    assert island_strategy(island_config("fsdp", 1, 2)).policy_for("cuda").param_dtype is None  # 32-true
+
+
+def test_a_preview_of_a_bf16_gathering_island_runs_under_its_autocast(one_rank_group, tmp_path):
+    # Previews run in a callback, outside the autocast Lightning puts around training steps: without the
+    # island's precision context, fp32 noise meets the bf16 weights the policy gathers and the conv refuses it.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from ddm.train.modules import ExpertModule
+    from ddm.train.preview import Preview
+
+    module = ExpertModule(model=MODEL, flow={})
+    for p in module.ema.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    shard_network(module.ema, one_rank_group, mixed_precision_policy("bf16-mixed"))
+    labels = torch.tensor([0, 1, 2, 0])
+    preview = Preview(2, tmp_path, (1, 8, 8), ["a", "b"], 2, condition=lambda m: labels, steps=2)
+    with pytest.raises(RuntimeError, match="should be the same"):
+        preview.grid(module)  # no trainer: no autocast, as a callback would run it before
+    module._trainer = SimpleNamespace(precision_plugin=MixedPrecision("bf16-mixed", "cpu"))
+    images = preview.grid(module)
+    assert len(images) == 4 and images.dtype.name == "uint8" and images.std() > 0
+
+
+def test_a_router_preview_runs_under_the_islands_autocast(tmp_path):
+    # (a sharded router cannot run bf16-gathered on CPU, see mixed_precision_policy: the autocast itself is checked)
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from ddm.train.modules import RouterModule
+    from ddm.train.router_preview import RouterPreview
+
+    module = RouterModule(model=dict(MODEL, num_outputs=2), flow={})
+    seen = []
+    module.net.register_forward_pre_hook(lambda m, args: seen.append(torch.is_autocast_enabled("cpu")))
+    x0, k = torch.rand(6, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 0, 1, 0, 1])
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    preview = RouterPreview(2, tmp_path, x0, k, lambda m: labels, torch.tensor([0.5, 0.5]), buckets=2, seed=0)
+    preview.rows(module)
+    module._trainer = SimpleNamespace(precision_plugin=MixedPrecision("bf16-mixed", "cpu"))
+    preview.rows(module)
+    assert seen and not any(seen[: len(seen) // 2]) and all(seen[len(seen) // 2 :])

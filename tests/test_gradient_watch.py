@@ -8,13 +8,15 @@ later, after a checkpoint of the poisoned weights was saved.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from ddm.errors import Diverged
 from ddm.stages import train_expert
-from ddm.train.loss_watch import LossWatch, all_finite
+from ddm.train.loss_watch import LossWatch, all_finite, local_gradients
 from ddm.train.modules import ExpertModule
 from tests.fabricate import make_partitions
 
@@ -90,3 +92,49 @@ def test_nan_gradients_with_a_finite_loss_stop_before_a_checkpoint_is_saved(fast
     assert losses and all(torch.isfinite(torch.tensor(losses[:2])))  # steps 0 and 1 had finite losses
     assert not list((rd.expert(0) / "checkpoints").glob("*.ckpt"))
     assert not rd.expert_weights(0).exists()
+
+
+def test_empty_gradient_shards_are_left_out_of_the_check():
+    # FSDP shards each parameter on dim 0: with more ranks than rows (a router head of K outputs on 16 GPUs)
+    # some ranks hold an empty slice, on which a max-norm would raise
+    weights = [torch.nn.Parameter(torch.zeros(0, 32)), torch.nn.Parameter(torch.zeros(3))]
+    for w in weights:
+        w.grad = torch.zeros_like(w)
+    grads = local_gradients(weights)
+    assert [tuple(g.shape) for g in grads] == [(3,)]
+    watch = LossWatch("router", every=1)
+    watch.add(torch.tensor(0.1), 0)
+    watch.add_gradients(grads, 0)
+    watch.check(0)
+
+
+def _rank(rank: int, store_path: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    try:
+        watch = LossWatch(f"expert on rank {rank}", every=5)
+        for step in range(5):
+            watch.add(torch.tensor(0.5), step)  # finite on both ranks
+            bad = rank == 1 and step == 3  # only rank 1's shard of the gradient went bad
+            watch.add_gradients([torch.full((4,), float("nan") if bad else 1.0)], step)
+        strategy = SimpleNamespace(world_size=2, root_device=torch.device("cpu"))
+        try:
+            watch.check(4, strategy)
+            message = "no error"
+        except Diverged as e:
+            message = f"{e.step}|{e}"
+        Path(f"{out}-{rank}").write_text(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_bad_gradient_on_one_rank_stops_every_rank_naming_its_step(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "rank")
+    mp.start_processes(_rank, args=(str(tmp_path / "store"), out), nprocs=2, start_method="spawn")
+    for rank in (0, 1):
+        step, message = Path(f"{out}-{rank}").read_text().split("|", 1)
+        # rank 0 saw nothing itself, yet names rank 1's step and what went wrong there, not "a loss on another rank"
+        assert step == "3" and "the gradients are not finite at step 3" in message, (rank, message)

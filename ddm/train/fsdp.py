@@ -30,7 +30,7 @@ per-block gathers stay on a node's fast links and only the gradient reduction
 crosses nodes (each GPU then holds 1/devices-per-node of the state instead of
 1/all-devices).
 
-Under ``precision: bf16-mixed`` each unit gathers its parameters in bf16 and
+Under ``precision: bf16-mixed`` on GPUs each unit gathers its parameters in bf16 and
 reduces its gradients in fp32 (``mixed_precision_policy``): half the bytes of
 every all-gather and the matmuls' own dtype under autocast, while the sharded
 master weights, the optimizer and the EMA stay fp32 and gradient sums keep fp32's
@@ -63,16 +63,19 @@ SHARDINGS = ("full", "hybrid")
 BLOCK_TYPES = (DiTBlock,)
 
 
-def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
-    """The FSDP2 policy for an island's Lightning ``precision``.
+def mixed_precision_policy(precision: str, device_type: str = "cuda") -> MixedPrecisionPolicy:
+    """The FSDP2 policy for an island's Lightning ``precision`` on devices of ``device_type``.
 
-    ``bf16-mixed``: parameters all-gathered in bf16, gradients reduce-scattered in
+    ``bf16-mixed`` on CUDA: parameters all-gathered in bf16, gradients reduce-scattered in
     fp32, forward inputs left as they are. Any other precision: FSDP's default
     (parameters and gradients in their own dtype: fp32 for ``32-true``, bf16 for
     ``bf16-true``). ``16-mixed`` keeps the default too: its loss scaler expects
     fp32 gradients from the reduction, and autocast casts the weights for each matmul.
+    CPU islands (gloo: tests, laptops) keep the default as well: CPU autocast does not
+    cast a LayerNorm's bf16 weight to fp32 as CUDA autocast does, so the router's head
+    would meet an fp32 input with a bf16 weight.
     """
-    if str(precision) == "bf16-mixed":
+    if str(precision) == "bf16-mixed" and device_type == "cuda":
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
     return MixedPrecisionPolicy()
 
@@ -150,7 +153,7 @@ class FSDPIslandStrategy(ModelParallelStrategy):
             save_distributed_checkpoint=False,
         )
         self.sharding = sharding
-        self.mp_policy = mixed_precision_policy(precision)
+        self.precision_name = str(precision)
         self._shard_mesh: DeviceMesh | None = None
 
     def setup_environment(self) -> None:
@@ -169,7 +172,11 @@ class FSDPIslandStrategy(ModelParallelStrategy):
         return self._shard_mesh
 
     def shard(self, net: nn.Module) -> nn.Module:
-        return shard_network(net, self.shard_mesh, self.mp_policy)
+        return shard_network(net, self.shard_mesh, self.policy_for(self.root_device.type))
+
+    def policy_for(self, device_type: str) -> MixedPrecisionPolicy:
+        """The mixed-precision policy of every unit this island shards, on devices of ``device_type``."""
+        return mixed_precision_policy(self.precision_name, device_type)
 
 
 def island_strategy(island):

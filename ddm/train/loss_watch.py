@@ -36,7 +36,9 @@ def local_gradients(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
         g = p.grad
         if g is None:
             continue
-        grads.append(g.to_local() if hasattr(g, "to_local") else g)
+        g = g.to_local() if hasattr(g, "to_local") else g
+        if g.numel():  # FSDP shards on dim 0: a rank beyond a small parameter's rows holds an empty slice
+            grads.append(g)
     return grads
 
 
@@ -102,33 +104,40 @@ class LossWatch:
         return step - self._checked_at >= self.every
 
     def check(self, step: int, strategy=None) -> None:
-        """Raise ``Diverged`` if any loss or gradient up to ``step`` was not finite (on any rank with ``strategy``)."""
+        """Raise ``Diverged`` if any loss or gradient up to ``step`` was not finite (on any rank with ``strategy``).
+
+        With a ``strategy`` of several ranks, one all-reduce (min) of the two first-bad steps: every rank
+        stops together and names the same, earliest step, also where only some ranks saw it (under FSDP a
+        non-finite gradient may sit in the shards of a few ranks only).
+        """
         if self._first_bad is None:
-            first_loss = first_grad = -1
+            firsts = torch.full((2,), -1, dtype=torch.long)
         else:
-            first_loss, first_grad = torch.stack([self._first_bad, self._first_bad_grad]).tolist()  # the one host sync
-        bad = first_loss >= 0 or first_grad >= 0
-        if strategy is not None:
-            bad = bool(strategy.reduce_boolean_decision(bad, all=False))
-        since, self._checked_at = self._checked_at, step
-        if not bad:
+            firsts = torch.stack([self._first_bad, self._first_bad_grad])
+        if strategy is not None and strategy.world_size > 1:
+            firsts = _earliest_over_ranks(firsts, strategy)
+        first_loss, first_grad = firsts.tolist()  # the one host sync
+        self._checked_at = step
+        if first_loss < 0 and first_grad < 0:
             return
         todo = "Lower the learning rate, set a grad_clip, check the input data for NaNs, or resume from an earlier "
         todo += "checkpoint."
         if first_grad >= 0 and (first_loss < 0 or first_grad < first_loss):
             # the gradients of this step went bad while its loss was still finite
             raise Diverged(
-                f"{self.what}: the gradients are not finite at step {first_grad} (the loss was "
-                f"{float(self._recent[first_grad % RECENT])}); training stopped before a checkpoint of those "
-                f"weights was saved. {todo}",
+                f"{self.what}: the gradients are not finite at step {first_grad} (the loss was finite there); "
+                f"training stopped before a checkpoint of those weights was saved. {todo}",
                 step=first_grad,
             )
-        where = f"at step {first_loss}" if first_loss >= 0 else f"on another rank, between step {since} and step {step}"
-        value = float(self._recent[first_loss % RECENT]) if first_loss >= 0 else float("nan")
+        value = self._loss_at(first_loss)
+        what = f"{value}" if not math.isfinite(value) else f"not finite on another rank ({value} on this one)"
         raise Diverged(
-            f"{self.what}: the loss is {value} {where}; training stopped. {todo}",
-            step=first_loss if first_loss >= 0 else None,
+            f"{self.what}: the loss is {what} at step {first_loss}; training stopped. {todo}", step=first_loss
         )
+
+    def _loss_at(self, step: int) -> float:
+        """This rank's recorded loss at ``step`` (from the ring of the last ``RECENT`` steps)."""
+        return float(self._recent[step % RECENT]) if self._recent is not None else float("nan")
 
     def recent(self) -> list[float]:
         """The last losses, in no particular order (a host sync: for checkpoints and the record, not every step)."""
@@ -141,3 +150,14 @@ class LossWatch:
         """Continue from a checkpoint: its recent losses count toward the record, checks resume from ``step``."""
         self._restored = [float(v) for v in losses][-RECENT:]
         self._checked_at = step
+
+
+def _earliest_over_ranks(firsts: torch.Tensor, strategy) -> torch.Tensor:
+    """Each first-bad step, the earliest over every rank (-1 where no rank saw one): one all-reduce."""
+    import torch.distributed as dist
+
+    never = torch.iinfo(torch.long).max
+    on_device = firsts.to(strategy.root_device)
+    on_device = torch.where(on_device < 0, torch.full_like(on_device, never), on_device)
+    dist.all_reduce(on_device, op=dist.ReduceOp.MIN)
+    return torch.where(on_device == never, torch.full_like(on_device, -1), on_device).cpu()

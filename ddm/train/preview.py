@@ -15,6 +15,7 @@ image call) serve the router's preview too (``ddm.train.router_preview``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -29,6 +30,24 @@ from ddm.sampling.solvers import check_cfg_interval, sample
 from ddm.viz import save_grid
 
 log = logging.getLogger("ddm")
+
+
+def island_autocast(pl_module) -> torch.dtype | None:
+    """The dtype the island's training steps autocast to (``bf16-mixed``: bfloat16), None for full precision."""
+    trainer = pl_module._trainer
+    precision = str(getattr(getattr(trainer, "precision_plugin", None), "precision", "")) if trainer else ""
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+
+
+def precision_context(pl_module):
+    """The island's precision around a forward pass made outside Lightning's own step (a preview).
+
+    Lightning runs ``training_step`` under the precision plugin's autocast, but not callbacks. Under
+    ``bf16-mixed`` an FSDP island gathers its weights in bf16 (``ddm.train.fsdp``), so a network called
+    outside autocast would meet fp32 inputs with bf16 weights; inside it, both are cast as in training.
+    """
+    trainer = pl_module._trainer
+    return trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
 
 
 class EveryNSteps(Callback, ABC):
@@ -118,6 +137,9 @@ class Preview(EveryNSteps):
                 cfg_interval=self.cfg_interval,
                 generator=noise,
                 device=device,
+                # the island's autocast: an FSDP island gathers bf16 weights under bf16-mixed (the sampler sets
+                # its own autocast around each model call, so an outer one would not reach them)
+                autocast=island_autocast(pl_module),
             )
         finally:
             net.train(was_training)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ddm.eval.router_diag import heldout_diagnostics
-from ddm.train.preview import EveryNSteps, show_image
+from ddm.train.preview import EveryNSteps, precision_context, show_image
 from ddm.viz import plot_accuracy_by_t
 
 
@@ -74,9 +74,18 @@ class RouterPreview(EveryNSteps):
         was_training = net.training
         net.eval()
         try:
-            return heldout_diagnostics(
-                net, pl_module.path, self.x0, self._y[0], self.k, self.prior, self.buckets, self.seed, pl_module.device
-            )
+            with precision_context(pl_module):  # the island's autocast (an FSDP island gathers bf16 weights)
+                return heldout_diagnostics(
+                    net,
+                    pl_module.path,
+                    self.x0,
+                    self._y[0],
+                    self.k,
+                    self.prior,
+                    self.buckets,
+                    self.seed,
+                    pl_module.device,
+                )
         finally:
             net.train(was_training)
 
