@@ -146,3 +146,8 @@ def test_attention_flops_are_counted_on_cpu():
     tokens, hidden, depth = 256, 1152, 28
     without = 237_233_405_952 - depth * 2 * 2 * tokens**2 * hidden
     assert count_flops(net, *args) - without == depth * 2 * 2 * tokens**2 * hidden
+
+
+def test_an_island_of_auto_devices_is_refused_naming_the_setting(make_cfg):
+    with pytest.raises(BadInput, match=r"island\.devices='auto'.*give both as numbers"):
+        run_stage("plan", make_cfg("experiment=imagenet256", "data.root=/x", "island.devices=auto"))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ddm.data import shards
+from ddm.data.verified import verified_shards
 from ddm.errors import BadInput, Unusable
 from ddm.stages import encode, train_expert
 from tests.fabricate import make_partitions
@@ -90,17 +91,20 @@ def test_ranks_other_than_zero_read_no_shard(fast_cfg, tmp_path, monkeypatch):
     cfg = fast_cfg("expert.steps=4", "expert.verify_wait_s=0")
     hashed = count_hashes(monkeypatch)
 
-    # rank 1 of a DDP island (as Lightning starts it) before rank 0 has checked: it waits, reading nothing
+    # rank 1 of a 2-device DDP island (as Lightning starts it) before rank 0 has checked: it waits, reading nothing
     monkeypatch.setenv("LOCAL_RANK", "1")
+    island = fast_cfg("expert.steps=4", "expert.verify_wait_s=0", "island.devices=2", "island.strategy=ddp")
     with pytest.raises(Unusable, match=r"global rank 0 to check the shards of .*cluster-00.*verified\.json"):
-        train_expert.run(cfg)
+        train_expert.run(island)
     assert hashed == []
+    # a job of one process checks for itself whatever its launcher's rank says (`srun -n8`, one expert a task)
+    train_expert_alone = verified_shards(rd.partition(1), rd.expert(1), env={"SLURM_PROCID": "5"}, processes=1)
+    assert train_expert_alone["cluster"] == 1 and len(hashed) == 4
+    hashed.clear()
 
     monkeypatch.delenv("LOCAL_RANK")
     start(cfg, monkeypatch)  # global rank 0 checks and records
     assert len(hashed) == 4
-
-    from ddm.data.verified import verified_shards
 
     # rank 3 of an srun job: rank 0's record vouches for every shard as it is now; it reads none
     hashed.clear()

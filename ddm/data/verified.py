@@ -32,7 +32,7 @@ from pathlib import Path
 from ddm.data.shards import MANIFEST, ShardMismatch, check_shards, load_manifest, missing_shard, shard_paths, stamp
 from ddm.errors import BadInput, Unusable
 from ddm.io import read_json, write_json
-from ddm.train.lock import is_global_rank_zero
+from ddm.ranks import is_global_rank_zero
 
 log = logging.getLogger("ddm")
 
@@ -70,6 +70,7 @@ def verified_shards(
     wait_s: float = WAIT_S,
     poll_s: float = POLL_S,
     wait_setting: str = "expert.verify_wait_s",
+    processes: int | None = None,
 ) -> dict:
     """The manifest of shard set ``folder``, every shard checked against it for the job in ``job_dir``.
 
@@ -81,23 +82,39 @@ def verified_shards(
     """
     manifest = load_manifest(folder) if manifest is None else manifest
     path = cache_path(job_dir)
-    if is_global_rank_zero(env):
+    # A job of one process checks for itself, whatever rank variables its launcher set (independent
+    # one-GPU jobs started by one `srun -n8` each see SLURM_PROCID 0..7).
+    if processes == 1 or is_global_rank_zero(env):
         check_recorded(folder, manifest, path)
         return manifest
     waited, started, told = 0.0, time.monotonic(), 0.0
-    while not _vouched(folder, manifest, path):
+    seen = None  # verified.json as last read: the shards are stat'ed again only when rank 0 wrote it anew
+    while True:
+        now = _file_stamp(path)
+        if now != seen:
+            seen = now
+            if _vouched(folder, manifest, path):
+                break
         waited = time.monotonic() - started
         if waited >= wait_s:
             raise Unusable(
                 f"waited {waited:.0f}s for global rank 0 to check the shards of {folder} (it records them in "
                 f"{path}): rank 0 failed or is still hashing; see its log (its error is the one to fix), or "
-                f"give it longer with +{wait_setting}=<seconds>"
+                f"give it longer with {wait_setting}=<seconds>"
             )
         if waited - told >= 60:
             told = waited
             log.info("waiting for global rank 0 to check the shards of %s (%.0fs so far)", folder, waited)
         time.sleep(poll_s)
     return manifest
+
+
+def _file_stamp(path: Path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def check_recorded(folder, manifest: dict, path: Path) -> None:
@@ -158,7 +175,7 @@ def wait_seconds(section) -> float:
     return WAIT_S if wait is None else float(wait)
 
 
-def verified_shard_sets(folders, manifests, job_dir, section, what: str) -> None:
+def verified_shard_sets(folders, manifests, job_dir, section, what: str, processes: int | None = None) -> None:
     """``verified_shards`` for each of a job's shard sets (the router and distillation read every partition),
     all recorded in the one ``verified.json`` of ``job_dir``; ``what`` names the config section."""
     for folder, manifest in zip(folders, manifests):
@@ -168,4 +185,5 @@ def verified_shard_sets(folders, manifests, job_dir, section, what: str) -> None
             manifest=manifest,
             wait_s=wait_seconds(section),
             wait_setting=f"{what}.verify_wait_s",
+            processes=processes,
         )

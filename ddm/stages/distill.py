@@ -40,6 +40,7 @@ from ddm.io import read_json
 from ddm.jobs import expert_job
 from ddm.models.conditioning import CLIP_CONTEXT
 from ddm.models.dit import parse_size
+from ddm.ranks import island_processes
 from ddm.sampling.checkpoints import load_expert, verify_weights
 from ddm.sampling.distilled import DISTILLED, check_distilled_current, distilled_from
 from ddm.seeds import data_stream_seed, distill_seed
@@ -79,7 +80,7 @@ def run(cfg) -> dict:
     check_teachers_fit(metas, cfg, data[0])
     for k, m in enumerate(manifests):  # whole shard sets of another run's clustering are refused here
         check_partition_of_run(rd, k, m)
-    verified_shard_sets(folders, data, rd.distilled, cfg.distill, "distill")
+    verified_shard_sets(folders, data, rd.distilled, cfg.distill, "distill", island_processes(cfg.island))
     record = run_job(
         _job(cfg, rd, index, manifests, folders, data, teachers, metas, source),
         lambda trained: _record(trained, cfg, rd, index, manifests, metas, source),

@@ -51,6 +51,7 @@ from ddm.io import read_json
 from ddm.markdown import fmt_flops, num, table
 from ddm.models.conditioning import example_condition
 from ddm.models.dit import DiT, DiTClassifier, count_params
+from ddm.ranks import island_processes
 from ddm.stages.conditioning import conditioning_args, router_conditioning_args, text_spec
 
 log = logging.getLogger("ddm")
@@ -233,6 +234,11 @@ def plan_settings(cfg) -> dict:
 
 def run(cfg) -> dict:
     plan = plan_settings(cfg)
+    if island_processes(cfg.island) is None:
+        raise BadInput(
+            f"island.devices={cfg.island.get('devices')!r}, island.num_nodes={cfg.island.get('num_nodes')!r}: the "
+            f"plan counts GPUs per job, so give both as numbers (e.g. island.devices=8), as the job will get them"
+        )
     channels, side = input_shape(cfg)
     num_classes = int(cfg.data.num_classes)
     manifest = RunDir(cfg.run_dir).data_manifest

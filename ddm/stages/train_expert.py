@@ -35,6 +35,7 @@ from ddm.errors import BadInput, MissingInput
 from ddm.flow import check_prediction
 from ddm.io import read_json
 from ddm.jobs import expert_job
+from ddm.ranks import island_processes
 from ddm.seeds import data_stream_seed, expert_seed
 from ddm.stages.conditioning import captions_for, conditioning_args, text_spec
 from ddm.stages.encode import latent_decoder, latent_manifest, latent_meta, stored_text_length, vae_spec
@@ -135,7 +136,13 @@ def verified_inputs(cfg, rd: RunDir, k: int) -> tuple[dict, Path, dict]:
         data_dir = rd.latent(k)
         data = latent_manifest(rd, k, manifest, verify_shards=False, vae=spec)
     if not cfg.expert.get("shard_url"):
-        verified_shards(data_dir, rd.expert(k), manifest=data, wait_s=wait_seconds(cfg.expert))
+        verified_shards(
+            data_dir,
+            rd.expert(k),
+            manifest=data,
+            wait_s=wait_seconds(cfg.expert),
+            processes=island_processes(cfg.island),
+        )
     return manifest, data_dir, data
 
 

@@ -46,6 +46,7 @@ from ddm.eval.router_diag import heldout_diagnostics
 from ddm.flow import FlowPath
 from ddm.io import read_json
 from ddm.jobs import ROUTER_JOB
+from ddm.ranks import island_processes
 from ddm.seeds import data_stream_seed, router_seed, router_shards_seed
 from ddm.stages.conditioning import captions_for, router_conditioning_args, router_text_spec
 from ddm.stages.encode import latent_manifest, latent_meta, stored_text_length, vae_spec
@@ -129,7 +130,7 @@ def run(cfg) -> dict:
     else:
         folders = [rd.partition(k) for k in range(len(manifests))]
     # what the router reads, checked against the manifests once per island and once per change
-    verified_shard_sets(folders, manifests, job_dir, cfg.router, "router")
+    verified_shard_sets(folders, manifests, job_dir, cfg.router, "router", island_processes(cfg.island))
     splits = [
         split_shards(
             shard_paths(folders[k], m),

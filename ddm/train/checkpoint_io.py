@@ -45,7 +45,7 @@ def is_temp_file(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     # The rename itself must reach the disk, or a power loss could bring back the old name.
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -86,7 +86,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             if tmp.exists():  # the save failed (disk full, exception): drop the partial file
                 tmp.unlink()
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def inspect_checkpoint(path: Path) -> tuple[dict | None, str | None]:

@@ -41,12 +41,11 @@ import psutil
 
 from ddm.errors import Locked
 from ddm.launch import slurm
+from ddm.ranks import RANK_VARIABLES, is_global_rank_zero  # noqa: F401 (the stages import them from here)
 
 log = logging.getLogger("ddm")
 
 LOCK_NAME = "lock.json"
-# Every launcher's name for a process's rank; a job's global rank 0 has none of them above 0.
-RANK_VARIABLES = ("RANK", "SLURM_PROCID", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK")
 # SLURM states in which a job's processes may still be writing (a suspended job resumes where it was).
 ALIVE_SLURM_STATES = slurm.RUNNING_STATES | {"SUSPENDED", "STOPPED"}
 
@@ -55,22 +54,6 @@ LIVE, STALE, UNKNOWN = "live", "stale", "unknown"
 
 def lock_path(folder: str | os.PathLike) -> Path:
     return Path(folder) / LOCK_NAME
-
-
-def is_global_rank_zero(env=None) -> bool:
-    """True in the process that speaks for a job: global rank 0, or a job of one process.
-
-    Read from the environment, before any process group exists: Lightning starts ranks 1..n-1 with
-    ``LOCAL_RANK`` set, srun gives every rank ``SLURM_PROCID``, torchrun ``RANK``.
-    """
-    env = os.environ if env is None else env
-    for name in RANK_VARIABLES:
-        try:
-            if int(env.get(name) or 0) != 0:
-                return False
-        except ValueError:
-            continue  # not a rank this launcher set
-    return True
 
 
 def _process_started(pid: int) -> float | None:

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from ddm.errors import BadInput
 from ddm.models.dit import DiTTrunk
-from ddm.train.checkpoint_io import AtomicCheckpointIO, latest_complete_checkpoint, temp_name
+from ddm.train.checkpoint_io import AtomicCheckpointIO, fsync_dir, latest_complete_checkpoint, temp_name
 from ddm.train.fsdp import island_strategy
 from ddm.train.progress import interactive, progress_callbacks
 from ddm.train.quiet import quiet_lightning
@@ -157,7 +157,7 @@ class JobCheckpoint(ModelCheckpoint):
         last = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
         step_file = self._last_checkpoint_saved
         this_step_saved = (
-            step_file is not None
+            bool(step_file)  # Lightning starts it as "" (no checkpoint saved yet)
             and self._last_global_step_saved == trainer.global_step
             and os.path.abspath(step_file) != os.path.abspath(last)
         )
@@ -190,6 +190,7 @@ def link_checkpoint(target: Path, link: Path) -> bool:
         tmp.unlink(missing_ok=True)
         log.info("could not hard-link %s to %s (%s): writing it in full", link, target, exc)
         return False
+    fsync_dir(link.parent)  # the rename itself must reach the disk
     return True
 
 
