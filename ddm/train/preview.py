@@ -34,7 +34,7 @@ log = logging.getLogger("ddm")
 
 def island_autocast(pl_module) -> torch.dtype | None:
     """The dtype the island's training steps autocast to (``bf16-mixed``: bfloat16), None for full precision."""
-    trainer = pl_module._trainer
+    trainer = getattr(pl_module, "_trainer", None)  # None: a module outside any Trainer
     precision = str(getattr(getattr(trainer, "precision_plugin", None), "precision", "")) if trainer else ""
     return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
 
@@ -46,7 +46,7 @@ def precision_context(pl_module):
     ``bf16-mixed`` an FSDP island gathers its weights in bf16 (``ddm.train.fsdp``), so a network called
     outside autocast would meet fp32 inputs with bf16 weights; inside it, both are cast as in training.
     """
-    trainer = pl_module._trainer
+    trainer = getattr(pl_module, "_trainer", None)  # None: a module outside any Trainer
     return trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
 
 
