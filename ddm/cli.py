@@ -79,6 +79,17 @@ def config_error_line(error: Exception) -> str:
     return " ".join(out).rstrip(",")
 
 
+def missing_value_line(error: Exception) -> str:
+    """One line for a mandatory value (``???``) a stage read unset: the key, and how to give it."""
+    key = getattr(error, "full_key", None) or "a setting"
+    text = str(error).splitlines()[0]
+    missing = text.rsplit("'", 2)[-2] if "to missing value" in text and text.count("'") >= 2 else key
+    return (
+        f"{missing} has no value and this stage needs it: give it on the command line ({missing}=...), "
+        f"or in an experiment file (`ddm <stage> --help` lists the groups and keys)"
+    )
+
+
 def report_user_error(prog: str, error: Exception | str) -> None:
     """One line on stderr: the command (``ddm sample``) and the message, which names the input and the fix."""
     print(f"{prog}: error: {error}", file=sys.stderr)
@@ -116,17 +127,27 @@ def main(argv: list[str] | None = None) -> None:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _entry(cfg):
+        from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+
+        from ddm.config_check import check_config
         from ddm.stages.runner import run_stage
 
         _restore_full_error()  # composition is done; child processes (DDP ranks) see the user's setting
         setup_logging(cfg.get("log_level", "INFO"))
         try:
+            check_config(cfg, CONF_DIR)  # a key no config file declares is a typo that would change nothing
             # submit and pipeline pass the user's overrides on to the jobs they start: Hydra knows them parsed
             run_stage(stage, cfg, **({"overrides": task_overrides()} if stage in PASS_OVERRIDES else {}))
         except UserError as error:
             if show_tracebacks(cfg):
                 raise
             report_user_error(f"ddm {stage}", error)
+            sys.exit(USER_ERROR_STATUS)
+        except (MissingMandatoryValue, InterpolationToMissingValueError) as error:
+            # a value the config leaves to the user (???), read by this stage: name it, no traceback
+            if show_tracebacks(cfg):
+                raise
+            report_user_error(f"ddm {stage}", missing_value_line(error))
             sys.exit(USER_ERROR_STATUS)
 
     # Hydra reads sys.argv; hand it the overrides only. With HYDRA_FULL_ERROR set, Hydra raises a bad

@@ -12,11 +12,15 @@ CONF_DIR = Path(os.environ.get("DDM_CONF_DIR", Path(__file__).resolve().parent.p
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
-    """Compose ``conf/config.yaml`` with Hydra overrides, exactly as the CLI would."""
+    """Compose ``conf/config.yaml`` with Hydra overrides, exactly as the CLI would (unknown keys refused)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from ddm.config_check import check_config
+
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    check_config(cfg, CONF_DIR)  # as the command line does: a key no config file declares is refused
+    return cfg

@@ -153,3 +153,42 @@ def test_a_stage_is_seeded_from_the_config_alone_and_its_timing_recorded(make_cf
     torch.testing.assert_close(draws[1], draws[0])
     timing = read_json(RunDir(cfg.run_dir).timing("report"))
     assert timing["job"] == "report" and timing["wall_s"] >= 0 and timing["peak_rss_gib"] > 0
+
+
+@pytest.mark.parametrize(
+    "override, named, listed",
+    [
+        ("+sample.stepz=5", "sample.stepz is not a setting (sample's settings: batch_size,", " steps,"),
+        ("++expert.stepz=5", "expert.stepz is not a setting (expert's settings:", " steps,"),
+        ("+island.slurm.partitions=gpu", "island.slurm.partitions is not a setting (island.slurm's", " partition,"),
+        ("+stepz=1", "stepz is not a setting (the top-level settings and groups: cluster, data,", " seed,"),
+    ],
+)
+def test_a_key_no_config_declares_is_refused_in_one_line(run_cli, tmp_path, override, named, listed):
+    # Hydra adds a `+key` without a word and no stage reads it: a typo that would silently change nothing
+    code, _, err = run_cli("sample", f"run_dir={tmp_path / 'run'}", override)
+    assert code == cli.USER_ERROR_STATUS
+    assert len(lines(err)) == 1 and named in err and "Traceback" not in err, err
+    assert listed in err  # the settings the group does have, to pick the right one from
+
+
+def test_an_experiment_file_may_not_invent_a_key_of_a_group(run_cli, tmp_path, monkeypatch):
+    import shutil
+
+    from ddm import config
+
+    conf = tmp_path / "conf"
+    shutil.copytree(config.CONF_DIR, conf)
+    (conf / "experiment" / "typo.yaml").write_text("# @package _global_\nsample:\n  stepz: 5\n")
+    monkeypatch.setattr(config, "CONF_DIR", conf)
+    code, _, err = run_cli("sample", f"run_dir={tmp_path / 'run'}", "experiment=typo")
+    assert code == cli.USER_ERROR_STATUS and len(lines(err)) == 1 and "sample.stepz is not a setting" in err, err
+    with pytest.raises(BadInput, match=r"sample\.stepz is not a setting"):
+        config.compose(["experiment=typo"])  # the same check where tests and notebooks compose
+
+
+def test_a_mandatory_value_left_unset_is_named_in_one_line(run_cli, tmp_path):
+    code, _, err = run_cli("prepare", f"run_dir={tmp_path / 'run'}", "data=image_folder")
+    assert code == cli.USER_ERROR_STATUS
+    assert len(lines(err)) == 1 and "data.root has no value" in err and "data.root=..." in err, err
+    assert "Traceback" not in err and "MissingMandatoryValue" not in err
