@@ -24,11 +24,39 @@ def test_config_groups_mirror_the_parts():
     assert set(GROUPS) >= {"data", "embed", "cluster", "model", "expert", "router", "sample", "island", "logger"}
 
 
+def _leaves(node, prefix=()):
+    """``(path, value)`` of every leaf of a plain dict (a list is one leaf)."""
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from _leaves(value, (*prefix, key))
+    else:
+        yield prefix, node
+
+
 @pytest.mark.parametrize("group,option", OPTIONS)
 def test_every_option_composes_and_resolves(make_cfg, group, option):
     override = f"experiment={option}" if group == "experiment" else f"{group}={option}"
-    cfg = make_cfg(override, *REQUIRED.get((group, option), []))
-    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    required = REQUIRED.get((group, option), [])
+    cfg = make_cfg(override, *required)
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    # the option chosen is the one composed: every value its file sets is the composed config's value
+    # (an experiment's at the top level, its own `# @package _global_`; other options' under their group),
+    # but for interpolations (resolved against the whole config) and the required values given above
+    own = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+    own.pop("defaults", None)
+    package = () if group == "experiment" else (group,)
+    given = {o.split("=", 1)[0] for o in required} | {"run_dir"}
+    checked = []
+    for path, value in _leaves(own):
+        key = ".".join((*package, *path))
+        if key in given or (isinstance(value, str) and ("${" in value or value == "???")):
+            continue
+        got = resolved
+        for part in (*package, *path):
+            got = got[part]
+        assert got == value, f"{override}: {key} composed as {got!r}, the option sets {value!r}"
+        checked.append(key)
+    assert checked, f"{override}: the option sets no value of its own to check"
 
 
 @pytest.mark.parametrize("path", sorted(CONF_DIR.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONF_DIR)))

@@ -2,11 +2,44 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 
-from ddm.train.ema import ema_decay_at
+from ddm.train.ema import ema_decay_at, make_ema, update_ema
 from tests.fsdp_island import STEPS, island_config, train
+
+
+@pytest.mark.parametrize(
+    "step,decay,want",
+    [
+        # the documented warm-up, (1 + step) / (10 + step), below the configured decay
+        (0, 0.999, 1 / 10),
+        (1, 0.999, 2 / 11),
+        (8, 0.999, 9 / 18),
+        (90, 0.999, 91 / 100),
+        (990, 0.9999, 991 / 1000),
+        # capped at the configured decay once the warm-up passes it: (1 + 90) / (10 + 90) = 0.91 > 0.9
+        (90, 0.9, 0.9),
+        (10**6, 0.999, 0.999),
+    ],
+)
+def test_the_decay_warms_up_as_documented_and_is_capped(step, decay, want):
+    """``min(decay, (1 + step) / (10 + step))``, the formula its docstring states, written out by hand."""
+    assert ema_decay_at(step, decay) == pytest.approx(want, rel=1e-15, abs=0)
+
+
+def test_one_update_is_decay_times_the_ema_plus_the_rest_times_the_network():
+    net = nn.Linear(2, 1, dtype=torch.float64)
+    ema = make_ema(net)
+    with torch.no_grad():
+        for param, value in ((ema.weight, 1.0), (ema.bias, -2.0), (net.weight, 3.0), (net.bias, 4.0)):
+            param.fill_(value)
+    update_ema(ema, net, 0.75)
+    # 0.75 * 1 + 0.25 * 3 = 1.5; 0.75 * -2 + 0.25 * 4 = -0.5
+    assert ema.weight.tolist() == [[1.5, 1.5]] and ema.bias.tolist() == [-0.5]
+    assert net.weight.tolist() == [[3.0, 3.0]] and not ema.weight.requires_grad
 
 
 class NetAfterEachStep(Callback):

@@ -8,14 +8,18 @@ samples. Analytic experts in float64 make the comparison exact.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
 
 from ddm.ensemble import Ensemble, experts_per_sample, select_experts
 from ddm.errors import BadInput
+from ddm.flow import FlowPath
+from ddm.models.conditioning import TextCondition
 from ddm.models.dit import DiT, DiTClassifier
-from ddm.models.velocity import guided
+from ddm.sampling import sample
 
 K, C, B, D = 4, 3, 64, 5  # experts, classes, batch, feature size
 
@@ -77,6 +81,14 @@ class ConstantRouter(nn.Module):
 
     def forward(self, x, t, y=None):
         return self.logits.expand(x.shape[0], -1)
+
+
+def guided_by_hand(expert, x, t, y, scale):
+    """Classifier-free guidance written out, not the code under test's: the expert at the null input and at y,
+    then ``v_uncond + scale * (v_cond - v_uncond)``."""
+    null = y.as_null() if isinstance(y, TextCondition) else torch.full_like(y, C)
+    v_uncond, v_cond = expert(x, t, null), expert(x, t, y)
+    return v_uncond + scale * (v_cond - v_uncond)
 
 
 def batch(seed=1, n=B):
@@ -203,7 +215,7 @@ def test_cfg_with_a_constant_router_is_that_experts_guided_velocity():
     ex = experts()
     ens = Ensemble(ex, ConstantRouter([0.0, 3.0, 1.0, -1.0]), strategy="top1")
     x, t, y = batch()
-    torch.testing.assert_close(ens.forward_with_cfg(x, t, y, 2.5), guided(ex[1], x, t, y, 2.5), rtol=0, atol=0)
+    torch.testing.assert_close(ens.forward_with_cfg(x, t, y, 2.5), guided_by_hand(ex[1], x, t, y, 2.5), rtol=0, atol=0)
 
 
 def test_cfg_keeps_the_cond_and_uncond_pair_on_one_expert():
@@ -213,7 +225,7 @@ def test_cfg_keeps_the_cond_and_uncond_pair_on_one_expert():
     chosen = router(x, t, y).argmax(1)
     assert (chosen != router(x, t, None).argmax(1)).any(), "test needs labels that change the routing"
     want = torch.stack(
-        [guided(ex[k], x[i : i + 1], t[i : i + 1], y[i : i + 1], 3.0)[0] for i, k in enumerate(chosen.tolist())]
+        [guided_by_hand(ex[k], x[i : i + 1], t[i : i + 1], y[i : i + 1], 3.0)[0] for i, k in enumerate(chosen.tolist())]
     )
     got = Ensemble(ex, router, strategy="top1").forward_with_cfg(x, t, y, 3.0)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -413,8 +425,20 @@ def test_bad_routing_options_are_errors_naming_the_key(kwargs, key):
 
 
 def test_routing_options_at_their_bounds_are_accepted():
-    for kwargs in (dict(threshold=0.0), dict(threshold=1.0), dict(top_p=1.0), dict(top_p=1e-6)):
-        Ensemble(experts(), LinearRouter(), strategy="nucleus", **kwargs)
+    """Each bound is kept as given and does what it says: threshold 0 and top_p 1 keep every expert (all have a
+    nonzero probability here: the full ensemble), threshold 1 and a tiny top_p the most probable one alone (top1)."""
+    router, (x, t, y) = LinearRouter(), batch()
+    full = Ensemble(experts(), router, strategy="full")(x, t, y)
+    top1 = Ensemble(experts(), router, strategy="top1")(x, t, y)
+    for strategy, key, value, want in (
+        ("threshold", "threshold", 0.0, full),
+        ("threshold", "threshold", 1.0, top1),
+        ("nucleus", "top_p", 1.0, full),
+        ("nucleus", "top_p", 1e-6, top1),
+    ):
+        ens = Ensemble(experts(), router, strategy=strategy, **{key: value})
+        assert getattr(ens, key) == value
+        torch.testing.assert_close(ens(x, t, y), want, rtol=1e-12, atol=1e-12, msg=f"{key}={value}")
 
 
 # ---- guidance: the null input routed with the conditional one, or on its own ----------------------
@@ -440,7 +464,7 @@ def test_shared_cfg_routing_is_unchanged_bit_for_bit():
         want = torch.zeros_like(x)
         for k in range(K):
             idx = selected[:, k].nonzero().squeeze(1)
-            v = guided(ex[k], x[idx], t[idx], y[idx], 2.5)
+            v = guided_by_hand(ex[k], x[idx], t[idx], y[idx], 2.5)
             want.index_add_(0, idx, v * weights[idx, k : k + 1] if strategy == "topk" else v)
         got = ens.forward_with_cfg(x, t, y, 2.5)
         assert torch.equal(got, want)
@@ -466,7 +490,7 @@ def test_separate_cfg_routing_takes_the_unconditional_velocity_from_the_null_inp
     # shared routing keeps both halves on expert y % 3: a different velocity
     shared = Ensemble(ex, router, strategy="top1").forward_with_cfg(x, t, y, scale)
     want_shared = torch.stack(
-        [guided(ex[int(c) % 3], x[i : i + 1], t[i : i + 1], y[i : i + 1], scale)[0] for i, c in enumerate(y)]
+        [guided_by_hand(ex[int(c) % 3], x[i : i + 1], t[i : i + 1], y[i : i + 1], scale)[0] for i, c in enumerate(y)]
     )
     torch.testing.assert_close(shared, want_shared, rtol=1e-12, atol=1e-12)
     assert (shared - got).abs().max() > 1e-3
@@ -528,8 +552,6 @@ class NullTextRouter(nn.Module):
 
 
 def test_separate_cfg_routing_with_text_conditions():
-    from ddm.models.conditioning import TextCondition
-
     ex, router = [TextExpert(1), TextExpert(2)], NullTextRouter()
     g = torch.Generator().manual_seed(0)
     n = 6
@@ -543,7 +565,7 @@ def test_separate_cfg_routing_with_text_conditions():
     v_cond, v_uncond = ex[0](x, t, y), ex[1](x, t, y.as_null())
     torch.testing.assert_close(got, v_uncond + 2.0 * (v_cond - v_uncond), rtol=1e-12, atol=1e-12)
     shared = Ensemble(ex, router, strategy="top1").forward_with_cfg(x, t, y, 2.0)
-    torch.testing.assert_close(shared, guided(ex[0], x, t, y, 2.0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(shared, guided_by_hand(ex[0], x, t, y, 2.0), rtol=1e-12, atol=1e-12)
 
 
 def test_separate_cfg_routing_needs_a_conditional_model():
@@ -554,3 +576,92 @@ def test_separate_cfg_routing_needs_a_conditional_model():
     x, t, y = batch()
     with pytest.raises(BadInput, match="needs a conditional model"):
         ens.forward_with_cfg(x, t, y, 2.0)
+
+
+# ---- guidance against numbers worked out by hand ------------------------------------------------
+class ConstantExpert(nn.Module):
+    """v = ``cond`` everywhere for a real label (or a caption), ``uncond`` for the null label C (or null text)."""
+
+    num_classes = C
+
+    def __init__(self, cond: float, uncond: float):
+        super().__init__()
+        self.cond, self.uncond = cond, uncond
+
+    def forward(self, x, t, y=None):
+        if y is None:
+            null = torch.ones(x.shape[0], dtype=torch.bool)
+        else:
+            null = y.null if isinstance(y, TextCondition) else y == C
+        return torch.where(null[:, None], torch.full_like(x, self.uncond), torch.full_like(x, self.cond))
+
+
+class ParityRouter(nn.Module):
+    """Label y to expert y % 2, the null label C to expert 1."""
+
+    num_outputs = 2
+
+    def forward(self, x, t, y=None):
+        y = torch.full((x.shape[0],), C, dtype=torch.long) if y is None else y
+        return 30.0 * nn.functional.one_hot(torch.where(y == C, 1, y % 2), 2).to(x.dtype)
+
+
+def constant_experts():
+    # expert 0: v_cond 2, v_uncond 0.5, guided 0.5 + 1.5 s; expert 1: v_cond -1, v_uncond 3, guided 3 - 4 s
+    return [ConstantExpert(2.0, 0.5), ConstantExpert(-1.0, 3.0)]
+
+
+# scale s -> guided v, by hand. top1 with ParityRouter, labels 0 and 1:
+#   shared:   label 0 -> expert 0 guided, 0.5 + 1.5 s;   label 1 -> expert 1 guided, 3 - 4 s
+#   separate: label 0 -> v_cond 2 of expert 0 and v_uncond 3 of expert 1 (the null's), 3 + s (2 - 3) = 3 - s;
+#             label 1 -> expert 1 for both halves, 3 - 4 s
+# full with router weights (1/4, 3/4), shared or separate alike: v_cond = 2/4 - 3/4 = -0.25,
+#   v_uncond = 0.5/4 + 9/4 = 2.375, guided 2.375 + s (-0.25 - 2.375) = 2.375 - 2.625 s
+# s = 1 is no guidance: v_cond of the routed experts; s = 0 is v_uncond alone.
+BY_HAND = {
+    # s: (shared label 0, shared label 1, separate label 0, separate label 1, full)
+    0.0: (0.5, 3.0, 3.0, 3.0, 2.375),
+    1.0: (2.0, -1.0, 2.0, -1.0, -0.25),
+    2.0: (3.5, -5.0, 1.0, -5.0, -2.875),
+    4.0: (6.5, -13.0, -1.0, -13.0, -8.125),
+    -0.5: (-0.25, 5.0, 3.5, 5.0, 3.6875),
+}
+
+
+@pytest.mark.parametrize("scale", sorted(BY_HAND))
+def test_guided_ensemble_velocity_equals_the_hand_worked_value(scale):
+    """``v_uncond + s (v_cond - v_uncond)``: the sign and the scale, for each routing of the null input."""
+    x = torch.zeros(4, D, dtype=torch.float64)  # the experts' velocities do not depend on x or t
+    t = torch.full((4,), 0.5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0])
+    shared0, shared1, sep0, sep1, full = BY_HAND[scale]
+
+    def want(a, b):  # rows of labels 0, 1, 1, 0
+        return torch.tensor([a, b, b, a], dtype=torch.float64)[:, None].expand(4, D)
+
+    for cfg_routing, (a, b) in (("shared", (shared0, shared1)), ("separate", (sep0, sep1))):
+        ens = Ensemble(constant_experts(), ParityRouter(), strategy="top1", cfg_routing=cfg_routing)
+        torch.testing.assert_close(ens.forward_with_cfg(x, t, y, scale), want(a, b), rtol=0, atol=1e-14)
+    for cfg_routing in ("shared", "separate"):
+        ens = Ensemble(
+            constant_experts(),
+            ConstantRouter([math.log(0.25), math.log(0.75)]),
+            strategy="full",
+            cfg_routing=cfg_routing,
+        )
+        torch.testing.assert_close(ens.forward_with_cfg(x, t, y, scale), want(full, full), rtol=0, atol=1e-14)
+        # text: the null input is the captions flagged null
+        text = TextCondition.of(torch.zeros(4, 3, 2), torch.ones(4, 3, dtype=torch.bool), torch.zeros(4, 2))
+        torch.testing.assert_close(ens.forward_with_cfg(x, t, text, scale), want(full, full), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("cfg_routing", ["shared", "separate"])
+def test_sampling_a_guided_ensemble_integrates_the_hand_worked_velocity(cfg_routing):
+    """A constant velocity v over t from 1 to 0 moves x by -v: the sampler passes the scale on, unchanged."""
+    ens = Ensemble(constant_experts(), ParityRouter(), strategy="top1", cfg_routing=cfg_routing)
+    y = torch.tensor([0, 1])
+    x1 = torch.zeros(2, D, dtype=torch.float64)
+    x0 = sample(ens, FlowPath(), x1.shape, y=y, steps=3, cfg_scale=2.0, x_init=x1)
+    shared0, shared1, sep0, sep1, _ = BY_HAND[2.0]
+    want = (shared0, shared1) if cfg_routing == "shared" else (sep0, sep1)
+    torch.testing.assert_close(x0, -torch.tensor(want, dtype=torch.float64)[:, None].expand(2, D), rtol=0, atol=1e-14)

@@ -30,6 +30,11 @@ OVERRIDES = [
 ]
 
 
+def is_fraction_of(value: float, n: int) -> bool:
+    """``value`` is a count out of ``n``: k / n for a whole k in 0..n (a rate over n unweighted items)."""
+    return 0 <= value <= 1 and abs(value * n - round(value * n)) < 1e-9
+
+
 def eval_group() -> list[str]:
     """``+eval=default`` while conf/config.yaml does not list the eval group in its defaults; nothing once it does."""
     from omegaconf import OmegaConf
@@ -77,14 +82,22 @@ def test_sample_quality_is_named_by_its_feature_space(evaluated):
     _, _, metrics = evaluated
     ((name, space),) = metrics["feature_spaces"].items()  # no inception file given: one space only
     assert name == f"classifier:{space['checksum'][:12]}"
-    assert 0 <= space["test_accuracy"] <= 1 and space["target"] == "class"
+    assert space["target"] == "class"
+    # a count of the held-out digits it labels right, far above chance (1/10): 0.71 after its 30 steps
+    assert is_fraction_of(space["test_accuracy"], space["test_images"]) and space["test_accuracy"] > 0.3
+    # training digits lie on the held-out digits' manifold and it on theirs (k-NN precision and recall 1 here)
+    reference = space["reference_training_images"]
+    assert reference["fd"] > 0 and reference["precision"] >= 0.9 and reference["recall"] >= 0.9
     for s in ("top1", "full"):
         row = space["strategies"][s]
-        assert row["num_generated"] == 40 and row["fd"] >= 0
-        assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
-        assert 0 <= row["classifier_accuracy"] <= 1
+        # six training steps make noisy digits: farther from the held-out ones than the training digits are
+        assert row["num_generated"] == 40 and row["fd"] > 2 * reference["fd"]
+        # precision: the share of the generated images inside the real manifold; recall: of the real ones
+        assert is_fraction_of(row["precision"], row["num_generated"]) and is_fraction_of(
+            row["recall"], space["num_real"]
+        )
+        assert is_fraction_of(row["classifier_accuracy"], row["num_generated"])
         assert row["per_class"], "a class-conditional run reports per-class numbers"
-    assert space["reference_training_images"]["fd"] >= 0
     # samples/ held 20 images, fewer than asked for: the stage sampled its own
     assert metrics["generated"]["top1"]["source"] == "evaluation/samples-top1.npz"
 
@@ -103,7 +116,13 @@ def test_router_diagnostics_per_t_bucket(evaluated):
     router = metrics["router"]
     assert router["cluster_labels"] == "assignments" and len(router["buckets"]) == 4
     for b in router["buckets"]:
-        assert 0 <= b["accuracy"] <= 1 and 0 <= b["ece"] <= 1 and b["entropy"] >= 0
+        # every held-out image once per bucket, unweighted: the accuracy is a count out of them
+        assert b["n"] == router["num_images"] and is_fraction_of(b["accuracy"], b["n"])
+        # K = 2: the entropy (nats) is at most log 2, the argmax's probability at least 1/2
+        assert b["max_entropy"] == pytest.approx(math.log(2)) and 0 < b["entropy"] <= b["max_entropy"]
+        assert 0.5 <= b["confidence"] <= 1
+        # ECE = sum over bins of (n_b / n) |acc_b - conf_b|: at least the bucket's overall |accuracy - confidence|
+        assert abs(b["accuracy"] - b["confidence"]) - 1e-12 <= b["ece"] <= 1
     steps = metrics["usage"]["top1"]
     assert len(steps) == 4  # tiny: 4 Euler steps
     assert all(sum(r["weight"]) == pytest.approx(1.0) for r in steps)

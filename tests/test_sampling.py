@@ -77,6 +77,38 @@ def test_heun_is_second_order_and_euler_first():
     assert h20 < e20 / 20
 
 
+class TimeOnly(nn.Module):
+    """v(x, t) = 3 t^2, whatever x: every solver step is a quadrature of f(t) = 3 t^2 over its interval."""
+
+    def forward(self, x, t, y=None):
+        return (3 * t**2)[:, None].expand_as(x).clone()
+
+
+def test_heun_on_a_time_only_field_is_the_trapezoid_rule():
+    """Heun's second call is at the step's end, t_next: on dx/dt = f(t) each step is the trapezoid rule.
+
+    Grid 1, 0.75, 0.5, 0.25, 0 (exact in float32), h = -1/4, f = 3 t^2: f = 3, 27/16, 3/4, 3/16 there.
+    Three trapezoid steps, then the Euler step to t = 0 (``sample``'s documented last step):
+        -1/4 * [(3 + 27/16)/2 + (27/16 + 3/4)/2 + (3/4 + 3/16)/2 + 3/16] = -1/4 * 135/32 = -135/128.
+    A second call at t instead of t_next would make every step Euler: -1/4 * (3 + 27/16 + 3/4 + 3/16) = -45/32.
+    """
+    x1 = torch.tensor([[0.0, 1.0], [-2.0, 0.5]], dtype=torch.float64)
+    heun = sample(TimeOnly(), FlowPath(), x1.shape, steps=4, solver="heun", x_init=x1)
+    torch.testing.assert_close(heun, x1 - 135 / 128, rtol=0, atol=1e-15)
+    euler = sample(TimeOnly(), FlowPath(), x1.shape, steps=4, solver="euler", x_init=x1)
+    torch.testing.assert_close(euler, x1 - 45 / 32, rtol=0, atol=1e-15)
+
+
+def test_heun_on_a_linear_field_gives_the_second_order_taylor_factor():
+    """Heun on v = c x multiplies x by 1 + c h + (c h)^2 / 2 per step (by 1 + c h on the last, Euler step)."""
+    path, c, steps = FlowPath("linear"), 1.3, 10
+    x1 = _x1()
+    got = sample(ExpField(c), path, x1.shape, steps=steps, solver="heun", x_init=x1)
+    h = (path.time_grid(steps)[1:] - path.time_grid(steps)[:-1]).double()  # float32 grid, as sample uses it
+    factor = torch.prod(1 + c * h[:-1] + (c * h[:-1]) ** 2 / 2) * (1 + c * h[-1])
+    torch.testing.assert_close(got, x1 * factor, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("solver", ["euler", "heun"])
 def test_single_point_dataset_lands_on_the_point_linear_path(solver):
     path = FlowPath("linear")
@@ -201,6 +233,32 @@ def test_guidance_interval_integrates_the_guided_field_only_inside_it():
     # the whole of [0, 1] is the same as no interval
     full = sample(Labelled(), FlowPath(), x1.shape, y=y, steps=4, cfg_scale=3.0, x_init=x1, cfg_interval=(0.0, 1.0))
     torch.testing.assert_close(full, torch.full((3, 2), -3.0))
+
+
+# Grid 1, 0.75, 0.5, 0.25, 0 (exact in float32). Labelled's guided velocity is 3, its plain one 1; each x0 below
+# is -1/4 times the sum over steps of the step's velocity (Heun: the mean of its two calls, the last step Euler).
+@pytest.mark.parametrize(
+    "interval,solver,guided_calls,want",
+    [
+        # both edges on grid points: the calls at t = lo and at t = hi are inside
+        ((0.5, 0.75), "euler", 2, -0.25 * (1 + 3 + 3 + 1)),
+        ((0.5, 0.75), "heun", 4, -0.25 * ((1 + 3) / 2 + (3 + 3) / 2 + (3 + 1) / 2 + 1)),
+        ((0.25, 0.5), "euler", 2, -0.25 * (1 + 1 + 3 + 3)),
+        ((0.25, 0.5), "heun", 4, -0.25 * ((1 + 1) / 2 + (1 + 3) / 2 + (3 + 3) / 2 + 3)),
+    ],
+)
+def test_the_guidance_interval_includes_its_edges(interval, solver, guided_calls, want):
+    """``lo <= t <= hi``: a call exactly at an edge is guided (an open edge would lose those calls)."""
+    y = torch.zeros(3, dtype=torch.long)
+    x1 = torch.zeros(3, 2, dtype=torch.float64)
+    x0 = sample(
+        Labelled(), FlowPath(), x1.shape, y=y, steps=4, solver=solver, cfg_scale=3.0, x_init=x1, cfg_interval=interval
+    )
+    torch.testing.assert_close(x0, torch.full((3, 2), want, dtype=torch.float64), rtol=0, atol=1e-15)
+    assert guided_evaluations(FlowPath(), 4, solver, interval) == guided_calls
+    spy = TimedSpy()
+    sample(spy, FlowPath(), (2, 2), y=y[:2], steps=4, solver=solver, cfg_scale=3.0, cfg_interval=interval)
+    assert sorted(spy.cfg_ts) == [interval[0]] * (guided_calls // 2) + [interval[1]] * (guided_calls // 2)
 
 
 @pytest.mark.parametrize("bad", [(0.8, 0.2), (0.5, 0.5), (-0.1, 0.5), (0.2, 1.5), ("a", 1), 0.5, (0.1, 0.2, 0.3)])
