@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ddm.stages import train_expert
-from ddm.train import trainer as trainer_module
+from ddm.train import job_checkpoint
 from ddm.train.checkpoint_io import AtomicCheckpointIO
 from ddm.train.signals import Preempted
 from tests.fabricate import make_partitions
@@ -57,7 +57,7 @@ def test_without_hard_links_last_is_written_in_full(fast_cfg, tmp_path, full_wri
     def no_links(src, dst, *args, **kwargs):
         raise OSError(95, "Operation not supported")
 
-    monkeypatch.setattr(trainer_module.os, "link", no_links)
+    monkeypatch.setattr(job_checkpoint.os, "link", no_links)
     train_expert.run(fast_cfg("expert.steps=4", "expert.ckpt_every=2"))
     assert full_writes == ["step-0000002.ckpt", "last.ckpt", "step-0000004.ckpt", "last.ckpt"]
     folder = rd.expert(0) / "checkpoints"

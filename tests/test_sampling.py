@@ -603,7 +603,7 @@ def test_a_thousand_class_grid_draws_at_most_grid_rows_rows(tmp_path, monkeypatc
 
 
 def test_grid_rows_leave_runs_with_few_classes_unchanged():
-    from ddm.stages.sample import grid_classes, plan_labels
+    from ddm.sampling.grid import grid_classes, plan_labels
 
     for rows in (16, 10, None):  # ten classes: every one, in order, as before grid_rows existed
         labels, num_grid = plan_labels(10, 3, 4, torch.Generator().manual_seed(0), rows)

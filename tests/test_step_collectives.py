@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from ddm.train.job_checkpoint import JobCheckpoint
 from ddm.train.signals import PreemptionGuard
-from ddm.train.trainer import JobCheckpoint
 from tests.fabricate import FAST_JOB, make_partitions
 
 

@@ -15,7 +15,6 @@ image call) serve the router's preview too (``ddm.train.router_preview``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -33,21 +32,15 @@ log = logging.getLogger("ddm")
 
 
 def island_autocast(pl_module) -> torch.dtype | None:
-    """The dtype the island's training steps autocast to (``bf16-mixed``: bfloat16), None for full precision."""
+    """The dtype the island's training steps autocast to (``bf16-mixed``: bfloat16), None for full precision.
+
+    Lightning runs ``training_step`` under its precision plugin's autocast, but not callbacks. Under
+    ``bf16-mixed`` an FSDP island gathers its weights in bf16 (``ddm.train.fsdp``), so a preview's network
+    called outside autocast would meet fp32 inputs with bf16 weights: previews run under this dtype.
+    """
     trainer = getattr(pl_module, "_trainer", None)  # None: a module outside any Trainer
     precision = str(getattr(getattr(trainer, "precision_plugin", None), "precision", "")) if trainer else ""
     return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-
-
-def precision_context(pl_module):
-    """The island's precision around a forward pass made outside Lightning's own step (a preview).
-
-    Lightning runs ``training_step`` under the precision plugin's autocast, but not callbacks. Under
-    ``bf16-mixed`` an FSDP island gathers its weights in bf16 (``ddm.train.fsdp``), so a network called
-    outside autocast would meet fp32 inputs with bf16 weights; inside it, both are cast as in training.
-    """
-    trainer = getattr(pl_module, "_trainer", None)  # None: a module outside any Trainer
-    return trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
 
 
 class EveryNSteps(Callback, ABC):

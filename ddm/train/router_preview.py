@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ddm.eval.router_diag import heldout_diagnostics
-from ddm.train.preview import EveryNSteps, precision_context, show_image
+from ddm.train.preview import EveryNSteps, island_autocast, show_image
 from ddm.viz import plot_accuracy_by_t
 
 
@@ -74,7 +74,8 @@ class RouterPreview(EveryNSteps):
         was_training = net.training
         net.eval()
         try:
-            with precision_context(pl_module):  # the island's autocast (an FSDP island gathers bf16 weights)
+            dtype = island_autocast(pl_module)  # an FSDP island under bf16-mixed gathers bf16 weights
+            with torch.autocast(pl_module.device.type, dtype=dtype, enabled=dtype is not None):
                 return heldout_diagnostics(
                     net,
                     pl_module.path,
