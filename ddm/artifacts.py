@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddm.io import read_json
-from ddm.jobs import expert_id_of, expert_job
+from ddm.job_names import expert_id_of, expert_job
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddm.artifacts import RunDir  # noqa: E402
 from ddm.config import compose  # noqa: E402
-from ddm.experiments.grow import class_rates, digits_classifier, source_classifier  # noqa: E402
+from ddm.grow.measure import class_rates, digits_classifier, source_classifier  # noqa: E402
 from ddm.io import read_json, sha256_file  # noqa: E402
 from ddm.stages import pipeline  # noqa: E402
 from ddm.stages.runner import run_stage  # noqa: E402

@@ -9,17 +9,19 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
+from ddm.distill.training import DistillModule, distill_target, teacher_velocity
 from ddm.eval.flops import count_flops
 from ddm.eval.flops_summary import distilled_training
 from ddm.flow import FlowPath
 from ddm.io import read_json, sha256_file
 from ddm.models.dit import DiT
 from ddm.sampling.checkpoints import load_expert
+from ddm.sampling.draw import requested_settings
 from ddm.stages import distill, train_expert
 from ddm.stages import sample as sample_stage
-from ddm.train.distill_module import DistillModule, distill_target, teacher_velocity
 from ddm.train.job import example_inputs
 from tests.fabricate import FAST_JOB, make_partitions
 
@@ -231,7 +233,7 @@ def test_sample_model_distilled_samples_with_the_student_alone(distilled, tmp_pa
     assert record["experts_used"] == [] and record["distilled_from"] == distilled[1]["distilled_from"]
     assert not (rd.samples / "usage.json").exists() and (rd.samples / "grid.png").exists()
     # the ensemble's settings are today's: no `model` key, so samples made before the option still count
-    assert "model" not in sample_stage.requested_settings(sample_cfg(rd).sample)
+    assert "model" not in requested_settings(OmegaConf.to_container(sample_cfg(rd).sample, resolve=True))
 
 
 def test_a_missing_or_stale_student_is_refused(distilled, tmp_path):

@@ -534,8 +534,8 @@ class _Stop(Exception):
 def test_the_evaluate_stage_loads_the_inception_onto_eval_device(make_cfg, monkeypatch, tmp_path):
     from omegaconf import OmegaConf
 
+    from ddm.eval.run import feature_spaces
     from ddm.stages import evaluate
-    from ddm.stages.evaluation import feature_spaces
 
     path = tmp_path / "weighted_inception.pt"
     torch.jit.save(torch.jit.script(_WithWeight()), str(path))

@@ -309,9 +309,9 @@ def test_heldout_test_split_gets_clusters_by_the_clustering_rule(tmp_path):
     from ddm.cluster import load_assignments
     from ddm.config import compose
     from ddm.eval.heldout import load_images
+    from ddm.eval.run.clusters import cluster_labels, nearest_centroid
+    from ddm.eval.run.heldout import heldout_dir, prepare_heldout
     from ddm.stages import cluster, embed, prepare
-    from ddm.stages.evaluation.clusters import cluster_labels, nearest_centroid
-    from ddm.stages.evaluation.heldout import heldout_dir, prepare_heldout
 
     cfg = compose(
         [

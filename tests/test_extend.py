@@ -16,13 +16,13 @@ import torch
 
 from ddm.artifacts import RunDir
 from ddm.cluster import load_assignments
-from ddm.cluster.grow import check_mode, grown_report
-from ddm.cluster.lineage import check_member, cluster_ids
 from ddm.config import compose
 from ddm.data.shards import iter_samples, load_manifest, shard_paths
 from ddm.errors import BadInput, MissingInput
-from ddm.experiments.grow import class_rates, digits_classifier
+from ddm.grow.clusters import check_mode, grown_report
+from ddm.grow.measure import class_rates, digits_classifier
 from ddm.io import read_json, sha256_file
+from ddm.lineage import check_member, cluster_ids
 from ddm.sampling.checkpoints import load_ensemble, load_router
 from ddm.stages import pipeline
 from ddm.stages.runner import run_stage
@@ -318,7 +318,7 @@ def test_an_interrupted_extension_finishes_where_it_stopped(grown, tmp_path, mon
 
 def test_a_missing_or_changed_start_is_refused(assigned, tmp_path):
     from ddm.errors import Unusable
-    from ddm.stages.fine_tune import initial_weights
+    from ddm.train.fine_tune import initial_weights
 
     rd, _, old_id, result = assigned
     k = result["clusters"][0]

@@ -4,9 +4,15 @@
   shared helpers) is plain PyTorch: nothing it imports, directly or through other
   ddm modules, reaches Lightning, Hydra, OmegaConf or the stages, training,
   launching, experiment and command-line code built on top of it;
-- Lightning is imported only inside ``ddm.train``; Hydra only by the command line
+- the data, clustering, growing and distillation libraries, and the small shared
+  helpers, hold to the same rule; the launchers never reach the stages or training;
+- Lightning is imported only by the training modules (``ddm.train``, and the
+  distillation's ``ddm.distill.training``); Hydra only by the command line
   (``ddm.cli``) and the config composer (``ddm.config``);
-- no ddm module imports itself back through a cycle.
+- ``ddm/stages/`` holds the stages and their runner, nothing else, and no stage
+  imports another stage;
+- no ddm module imports itself back through a cycle, and no folder of ddm does
+  either (``ddm.data`` importing ``ddm.cluster`` while ``ddm.cluster`` imports ``ddm.data``).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ CORE = (
     "ddm.seeds",
     "ddm.devices",
     "ddm.io",
-    "ddm.jobs",
+    "ddm.job_names",
     "ddm.artifacts",
 )
 ABOVE_CORE = (
@@ -49,9 +55,13 @@ ABOVE_CORE = (
     "ddm.cli_help",
     "ddm.config",
 )
+# The launchers start jobs by command line: they never run a stage or a training loop themselves.
+LAUNCH = "ddm.launch"
+ABOVE_LAUNCH = ("lightning", "pytorch_lightning", "hydra", "ddm.stages", "ddm.train", "ddm.experiments", "ddm.cli")
+TRAINING = ("ddm.train", "ddm.distill.training")
 ONLY_IMPORTED_BY = {
-    "lightning": ("ddm.train",),
-    "pytorch_lightning": ("ddm.train",),
+    "lightning": TRAINING,
+    "pytorch_lightning": TRAINING,
     "hydra": ("ddm.cli", "ddm.config"),
 }
 
@@ -140,6 +150,8 @@ def test_the_walk_sees_the_imports_it_must_see(graph):
     assert "ddm.flow" in graph["ddm.sampling.solvers"]
     assert "ddm.stages.runner" in graph["ddm.stages.pipeline"]
     assert "hydra" in graph["ddm.cli"]
+    assert "ddm.data.shards" in graph["ddm.cluster.shard_split"]
+    assert "ddm.train.modules" in graph["ddm.distill.training"]
 
 
 def test_the_core_never_reaches_the_layers_above_it(graph):
@@ -150,6 +162,53 @@ def test_the_core_never_reaches_the_layers_above_it(graph):
         via = reachable(graph, name)
         bad += [chain(via, m) for m in via if within(m, ABOVE_CORE)]
     assert not bad, "the core imports a layer above it:\n" + "\n".join(sorted(bad))
+
+
+def test_the_launchers_never_reach_stages_or_training(graph):
+    bad = []
+    for name in graph:
+        if within(name, (LAUNCH,)):
+            via = reachable(graph, name)
+            bad += [chain(via, m) for m in via if within(m, ABOVE_LAUNCH)]
+    assert not bad, "a launcher imports a stage or training:\n" + "\n".join(sorted(bad))
+
+
+def test_stages_only_run(graph):
+    from ddm.stages import STAGES
+
+    stage_modules = {f"ddm.stages.{s.module}" for s in STAGES.values()}
+    allowed = {"ddm.stages", "ddm.stages.runner"}
+    here = {name for name in graph if within(name, ("ddm.stages",))}
+    assert stage_modules <= here, "a stage in the registry has no module"
+    others = sorted(here - stage_modules - allowed)
+    assert not others, f"ddm/stages/ holds only the stages and their runner; move these to their layer: {others}"
+    bad = sorted(
+        f"{name} -> {m}"
+        for name in stage_modules
+        for m in graph[name]
+        if within(m, ("ddm.stages",)) and m not in allowed
+    )
+    assert not bad, "a stage imports another stage (move what they share to its layer):\n" + "\n".join(bad)
+
+
+def folder(name: str) -> str:
+    """The folder (top-level package) of a ddm module: ``ddm.data.shards`` -> ``ddm.data``; ``ddm.flow`` itself."""
+    return ".".join(name.split(".")[:2])
+
+
+def test_no_cycles_between_folders(graph):
+    folders: dict[str, set[str]] = {}
+    for name, imported in graph.items():
+        if name == "ddm":
+            continue
+        folders.setdefault(folder(name), set()).update(
+            folder(m) for m in imported if m.startswith("ddm.") and folder(m) != folder(name)
+        )
+    bad = []
+    for start in sorted(folders):
+        via = reachable(folders, start)
+        bad += [f"{chain(via, m)} -> {start}" for m in via if m != start and start in folders.get(m, ())]
+    assert not bad, "folders import each other in a cycle:\n" + "\n".join(sorted(set(bad)))
 
 
 @pytest.mark.parametrize("library", sorted(ONLY_IMPORTED_BY))

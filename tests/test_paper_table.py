@@ -16,7 +16,7 @@ from ddm.experiments.paper_table import CLASS_EXPERT, SEPARATE_CFG, SINGLE, make
 from ddm.experiments.paper_table.class_expert import ClassRouter
 from ddm.experiments.paper_table.plots import flops_ticks
 from ddm.io import read_json
-from ddm.sampling.distilled import DISTILLED
+from ddm.sampling.draw import DISTILLED
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from ddm.experiments.paper_table import SINGLE, make_plan
 from ddm.experiments.paper_table.guidance_sweep import best_scale
 from ddm.experiments.paper_table.mixed import expert_overrides
 from ddm.experiments.paper_table.sweep_table import render_sweep
-from ddm.sampling.distilled import DISTILLED
+from ddm.sampling.draw import DISTILLED
 
 
 def test_small_preset_has_the_distilled_mixed_and_sweep_rows_at_the_largest_budget(make_cfg):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from ddm.artifacts import RunDir
 from ddm.cluster import clustering_id, load_assignments, save_assignments
-from ddm.cluster.partition import cluster_order, shard_size_for
+from ddm.cluster.shard_split import cluster_order, shard_size_for
 from ddm.data.shards import ShardSetWriter, iter_samples, load_manifest, shard_paths, verify
 from ddm.io import read_json, sha256_strings, write_json
 from ddm.stages import cluster as cluster_stage

@@ -620,7 +620,7 @@ def test_grid_rows_leave_runs_with_few_classes_unchanged():
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, "many", True])
 def test_a_bad_grid_rows_is_a_clear_error(bad):
-    from ddm.stages.sample import requested_settings
+    from ddm.sampling.draw import requested_settings
 
     sc = OmegaConf.load(CONF_DIR / "sample" / "default.yaml")
     sc.seed = 0

@@ -1,7 +1,7 @@
 """Clustering the dataset into K parts, and reading the result back.
 
 Algorithms live in ``ddm.cluster.kmeans`` (flat, two-stage, random); writing
-one shard set per cluster lives in ``ddm.cluster.partition``. This module holds
+one shard set per cluster lives in ``ddm.cluster.shard_split``. This module holds
 what later stages need to *read* a clustering, with numpy only (no faiss)::
 
     from ddm.cluster import load_assignments

@@ -2,7 +2,7 @@
 
 Unlike an expert, which reads only its own partition, the router reads all of
 them; they must come from one clustering (or, in a run grown by ``ddm extend``,
-each from the ancestor its cluster was kept from: ``ddm.cluster.lineage``), or
+each from the ancestor its cluster was kept from: ``ddm.lineage``), or
 its classes would not be the experts' clusters. One shard of each partition (when it has more than one),
 drawn with the run's seed, is held out, and the held-out evaluation set is drawn
 from those shards. Drawn rather than taken from the front, so that what the
@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from ddm.artifacts import RunDir
-from ddm.cluster.lineage import cluster_ids
 from ddm.data.shards import iter_samples, load_manifest
 from ddm.errors import BadInput, MissingInput
 from ddm.images import to_model_space
 from ddm.io import read_json
+from ddm.lineage import cluster_ids
 
 
 def load_partitions(rd: RunDir) -> tuple[dict, list[dict]]:

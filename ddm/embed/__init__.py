@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from ddm.data.shards import shards_digest
-from ddm.embed.encoders import ENCODERS, Encoder, OpenClipEncoder, PixelEncoder, TorchvisionEncoder, build_encoder
+from ddm.embed.registry import ENCODERS, Encoder, OpenClipEncoder, PixelEncoder, TorchvisionEncoder, build_encoder
 from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json, sha256_strings
 

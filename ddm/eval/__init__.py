@@ -14,7 +14,7 @@
 - ``tables``: the evaluate stage's ``report.md`` from its metrics.
 
 The ``evaluate`` stage (``ddm.stages.evaluate``, with what it reads from a run
-in ``ddm.stages.evaluation``) runs all of them on a run.
+in ``ddm.eval.run``) runs all of them on a run.
 """
 
 from ddm.eval.fid import frechet_distance, frechet_distance_features, gaussian_stats

@@ -55,7 +55,7 @@ from ddm.devices import module_device
 from ddm.ensemble import DATA_DEPENDENT, Ensemble
 from ddm.errors import BadInput
 from ddm.flow import FlowPath
-from ddm.jobs import ROUTER_JOB, expert_job
+from ddm.job_names import ROUTER_JOB, expert_job
 from ddm.models.conditioning import example_condition
 from ddm.sampling.solvers import guided_evaluations, num_evaluations, sample
 

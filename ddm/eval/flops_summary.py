@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 from ddm.ensemble import DATA_DEPENDENT, experts_per_sample
 from ddm.eval.flops import expert_flops, sampling_flops_per_image
-from ddm.jobs import ROUTER_JOB
+from ddm.job_names import ROUTER_JOB
 
 
 def training_flops(record: dict, forward_flops: int | None = None) -> tuple[int | None, bool]:

@@ -1,7 +1,7 @@
 """Held-out (or training) images of a shard set as arrays, for the metrics.
 
 Which images are held out, and how ``evaluation/heldout/`` is written, is the
-evaluate stage's business (``ddm.stages.evaluation.heldout``); this reads any
+evaluate stage's business (``ddm.eval.run.heldout``); this reads any
 shard set folder.
 """
 

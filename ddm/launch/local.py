@@ -30,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddm.jobs import ROUTER_JOB, expert_job
+from ddm.job_names import ROUTER_JOB, expert_job
 from ddm.launch.overrides import hydra_value
 from ddm.launch.slots import Plan
 

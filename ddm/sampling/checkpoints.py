@@ -29,7 +29,7 @@ from ddm.ensemble import Ensemble
 from ddm.errors import BadInput, MissingInput, Unusable
 from ddm.flow import PREDICTIONS, FlowPath, flow_path_from_config
 from ddm.io import read_json, sha256_file
-from ddm.jobs import ROUTER_JOB, expert_id_of, expert_job
+from ddm.job_names import ROUTER_JOB, expert_id_of, expert_job
 from ddm.models.dit import DiT, DiTClassifier
 from ddm.models.prediction import as_velocity_model
 from ddm.sampling.fit import (

@@ -1,7 +1,7 @@
 """Do the loaded pieces of an ensemble belong together? The checks ``load_ensemble`` runs before sampling.
 
 Experts and router must come from one clustering (for a grown run, each expert
-from the ancestor its cluster was kept from: ``ddm.cluster.lineage``), with one
+from the ancestor its cluster was kept from: ``ddm.lineage``), with one
 K, one flow path, one image shape, one label set, one latent space and one text
 tower; guidance needs trained null labels. Each refusal names the files and the fix.
 """
@@ -9,10 +9,10 @@ tower; guidance needs trained null labels. Each refusal names the files and the 
 from __future__ import annotations
 
 from ddm.artifacts import RunDir
-from ddm.cluster.lineage import check_member
 from ddm.errors import BadInput
 from ddm.io import read_json
-from ddm.jobs import expert_job
+from ddm.job_names import expert_job
+from ddm.lineage import check_member
 
 # Fields of FlowPath.config() that define the path itself. The others (time
 # sampling during training, t_eps) may differ between jobs without changing

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from ddm.artifacts import RunDir
 from ddm.errors import BadInput
+from ddm.io import read_json
 
 
 def check_grid_rows(value) -> int | None:
@@ -47,3 +49,11 @@ def plan_labels(
     grid = torch.tensor(grid_classes(num_classes, grid_rows), dtype=torch.long).repeat_interleave(per_class)
     extra = torch.randint(num_classes, (num_samples,), generator=generator)
     return torch.cat([grid, extra]), len(grid)
+
+
+def class_names(rd: RunDir, num_classes: int) -> list[str]:
+    """Names from the data manifest's ``class_names`` when present, else the class indices."""
+    names = read_json(rd.data_manifest).get("class_names") if rd.data_manifest.exists() else None
+    if names and len(names) == num_classes:
+        return [str(n) for n in names]
+    return [str(i) for i in range(num_classes)]

@@ -4,7 +4,7 @@ Reads every partition (their latents in a latent run) as the router does, drawn 
 proportion to cluster size and tagged with their cluster k, and every expert's
 ``expert.pt`` (EMA weights, frozen). For a sample of cluster k the student regresses
 expert k's velocity at (x_t, t, y), mixed with the data's own conditional velocity by
-``distill.data_weight`` (see ``ddm.train.distill_module``). The student keeps the
+``distill.data_weight`` (see ``ddm.distill.training``). The student keeps the
 experts' label dropout scheme, so it can be guided: a dropped-label sample's target is
 its expert's unconditional velocity.
 
@@ -29,25 +29,26 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
-from ddm.cluster.lineage import check_member, check_partition_of_run
 from ddm.data.loader import batch_loader, mixed_stream
 from ddm.data.router_data import load_partitions
 from ddm.data.shards import shard_paths
 from ddm.data.verified import verified_shard_sets
+from ddm.distill.student import check_distilled_current, distilled_from
+from ddm.distill.training import DistillModule
 from ddm.errors import BadInput
 from ddm.eval.flops import count_flops
 from ddm.io import read_json
-from ddm.jobs import expert_job
+from ddm.job_names import expert_job
+from ddm.latent.run_latents import latent_manifest, latent_meta, stored_text_length, vae_spec
+from ddm.lineage import check_member, check_partition_of_run
 from ddm.models.conditioning import CLIP_CONTEXT
 from ddm.models.dit import parse_size
 from ddm.ranks import island_processes
 from ddm.sampling.checkpoints import load_expert, verify_weights
-from ddm.sampling.distilled import DISTILLED, check_distilled_current, distilled_from
+from ddm.sampling.draw import DISTILLED
 from ddm.seeds import data_stream_seed, distill_seed
-from ddm.stages.conditioning import captions_for, text_spec
-from ddm.stages.encode import latent_manifest, latent_meta, stored_text_length, vae_spec
 from ddm.stages.runner import skip
-from ddm.train.distill_module import DistillModule
+from ddm.text.spec import captions_for, text_spec
 from ddm.train.job import Job, Schedule, Trained, example_inputs, run_job
 from ddm.train.lock import check_free, is_global_rank_zero
 from ddm.train.modules import ADAMW_BETAS

@@ -4,7 +4,7 @@ Reads the run's experts and router, ``samples/`` (reused when it holds enough
 images made with the settings asked for; otherwise images are sampled here) and
 the training data; writes, in ``<run>/evaluation/``::
 
-    heldout/                held-out real images as shards + manifest (ddm.stages.evaluation.heldout)
+    heldout/                held-out real images as shards + manifest (ddm.eval.run.heldout)
     samples-<strategy>.npz  images sampled by this stage (when samples/ had too few)
     report.md               one table per feature space; every comparison states its FLOPs (ddm.eval.tables)
     metrics.json            written last (the stage's "done" marker)
@@ -18,12 +18,12 @@ Each section of metrics.json is described where it is built::
     clip_score       text runs: {strategy: {mean, num_images}}, 100 x cos(image, prompt) (ddm.eval.clip_score)
     fm_loss          EvaluationContext.fm_loss, with ddm.eval.fm_loss.fm_loss_summary
     router           EvaluationContext.router
-    flops            ddm.stages.evaluation.flop_section, with ddm.eval.flops_summary.flops_summary
+    flops            ddm.eval.run.flop_section, with ddm.eval.flops_summary.flops_summary
     wall_s           seconds the evaluation took
 
 With ``sample.model=distilled`` the run's distilled student is evaluated in place of the
 ensemble, and ``eval.strategies`` may list ``distilled`` beside routing strategies
-(``ddm.stages.evaluation.distilled``).
+(``ddm.distill.evaluation``).
 
 Feature spaces: ``classifier:<checksum>``, a small CNN trained on the training
 split and cached by content (ddm.eval.feature_net), always; ``inception:<sha>``
@@ -44,20 +44,20 @@ from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
 from ddm.devices import resolve_device
+from ddm.distill.evaluation import DistilledContext, wants_distilled
 from ddm.errors import MissingConfig
 from ddm.eval.router_diag import usage_per_step
+from ddm.eval.run import evaluation_dir
+from ddm.eval.run.context import EvaluationContext
+from ddm.eval.run.feature_spaces import classifier_functions, load_inception
+from ddm.eval.run.flop_section import flops_section
 from ddm.eval.tables import render_report
 from ddm.io import read_json, write_json, write_text
-from ddm.jobs import is_expert
+from ddm.job_names import is_expert
 from ddm.markdown import num
 from ddm.sampling.checkpoints import models_identity
-from ddm.stages.evaluation import evaluation_dir
-from ddm.stages.evaluation.context import EvaluationContext
-from ddm.stages.evaluation.distilled import DistilledContext, wants_distilled
-from ddm.stages.evaluation.feature_spaces import classifier_functions, load_inception
-from ddm.stages.evaluation.flop_section import flops_section
+from ddm.sampling.draw import requested_settings
 from ddm.stages.runner import note_skipped
-from ddm.stages.sample import requested_settings
 
 __all__ = ["EvaluationContext", "evaluation_dir", "feature_spaces", "generated_summary", "run", "settings_of"]
 
@@ -78,7 +78,7 @@ def settings_of(cfg) -> dict:
         )
     return dict(
         eval=OmegaConf.to_container(cfg.eval, resolve=True),
-        sample=requested_settings(cfg.sample),
+        sample=requested_settings(OmegaConf.to_container(cfg.sample, resolve=True)),
         networks=_network_files(RunDir(cfg.run_dir), distilled=wants_distilled(cfg)),
     )
 
@@ -137,7 +137,7 @@ def feature_spaces(ctx: EvaluationContext, generated: dict, inception) -> dict:
     """metrics.json ``feature_spaces``: sample quality in each feature space, keyed by its name, classifier first.
 
     ``classifier:<checksum[:12]>``: the classifier's description
-    (``ddm.stages.evaluation.feature_spaces.classifier_info``) plus ``sample_quality``.
+    (``ddm.eval.run.feature_spaces.classifier_info``) plus ``sample_quality``.
     ``inception:<sha[:12]>``: ``{kind, file, sha256}`` plus ``sample_quality``.
     """
     net, info = ctx.feature_net()

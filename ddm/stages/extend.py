@@ -4,12 +4,12 @@ The new images are a prepared shard set (``ddm prepare`` with any data source,
 into another run: ``extend.shards=<that run>/data``). In order, each step
 skipping what an earlier, interrupted ``extend`` already did:
 
-1. data/: the new shards are checked and appended (``ddm.data.append``);
+1. data/: the new shards are checked and appended (``ddm.grow.append``);
 2. embeddings/: the new shards alone are embedded, with the encoder the run
    recorded (whatever ``embed=`` says now);
 3. clusters/: the new samples become cluster K (``extend.mode=new_cluster``) or
    go to their nearest cluster (``assign``); the clustering gets a new id whose
-   ``parent`` is the old one (``ddm.cluster.grow``, ``ddm.cluster.lineage``);
+   ``parent`` is the old one (``ddm.grow.clusters``, ``ddm.lineage``);
 4. partitions/: only the clusters that received samples are written (again);
 5. what the growth made stale moves to ``history/<old clustering id>/``: the
    router, a distilled student, and the experts of clusters that received
@@ -36,16 +36,16 @@ from omegaconf import OmegaConf, open_dict
 
 from ddm.artifacts import RunDir
 from ddm.cluster import load_assignments, save_assignments
-from ddm.cluster.grow import check_mode, grown_centroids, grown_report, new_labels
-from ddm.cluster.lineage import cluster_ids
-from ddm.cluster.partition import write_partitions
-from ddm.data.append import append_shards, appended, check_new_images, load_new, new_shards_manifest
+from ddm.cluster.shard_split import write_partitions
 from ddm.data.shards import load_manifest
 from ddm.errors import BadInput, MissingInput
+from ddm.grow.append import append_shards, appended, check_new_images, load_new, new_shards_manifest
+from ddm.grow.clusters import check_mode, grown_centroids, grown_report, new_labels
 from ddm.io import atomic_path, load_npy, read_json, write_json
-from ddm.jobs import expert_job
-from ddm.stages.encode import vae_spec
-from ddm.stages.runner import note_skipped, run_stage
+from ddm.job_names import expert_job
+from ddm.latent.run_latents import vae_spec
+from ddm.lineage import cluster_ids
+from ddm.stages.runner import note_skipped, run_stage, stage_module
 from ddm.train.lock import check_free
 
 log = logging.getLogger("ddm")
@@ -102,8 +102,6 @@ def run(cfg) -> dict:
 
 def _embed_new(cfg, rd: RunDir, data: dict, entry: dict) -> None:
     """Embed the appended shards with the encoder the run's embeddings were made with (the extension records it)."""
-    from ddm.stages import embed
-
     if rd.embeddings_manifest.exists() and read_json(rd.embeddings_manifest)["keys_sha256"] == data["keys_sha256"]:
         return
     recorded = entry.get("encoder_config")
@@ -114,7 +112,7 @@ def _embed_new(cfg, rd: RunDir, data: dict, entry: dict) -> None:
         own.embed = OmegaConf.create(recorded)
         own.redo = False
     rd.embeddings_manifest.unlink(missing_ok=True)  # the stage writes it again, for every key
-    embed.run(own)
+    stage_module("embed").run(own)  # within extend's own run: not seeded or timed as a stage of its own
 
 
 def _new_embeddings(rd: RunDir, entry: dict) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Stage ``partition``: one shard set per cluster, so each expert reads only its own data.
 
 Each cluster's samples are stored in a random order drawn from the run's
-``seed`` (see ``ddm.cluster.partition``), whatever the order of data/.
+``seed`` (see ``ddm.cluster.shard_split``), whatever the order of data/.
 
 Reads data/ and clusters/ (assignments.npz, report.json); writes
 partitions/cluster-KK/ (shards + manifest.json recording the clustering_id and
@@ -25,7 +25,7 @@ import shutil
 
 from ddm.artifacts import RunDir
 from ddm.cluster import load_assignments
-from ddm.cluster.partition import write_partitions
+from ddm.cluster.shard_split import write_partitions
 from ddm.data.shards import MANIFEST, load_manifest, shards_digest
 from ddm.data.verified import check_recorded
 from ddm.embed import check_embeddings_of_data, embeddings_id

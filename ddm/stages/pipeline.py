@@ -8,7 +8,7 @@ Each runs through ``run_stage``, exactly as ``ddm <stage>`` would run it.
 
 ``pipeline.parallel=N`` (N > 1) trains the unfinished experts N at a time,
 each as its own ``ddm train-expert`` process on this machine with its own
-share of it (the local launcher, ``ddm.stages.local_jobs``); 1 trains them
+share of it (the local launcher, ``ddm.launch.local_jobs``); 1 trains them
 one after another in this process.
 """
 
@@ -24,8 +24,8 @@ from omegaconf import open_dict
 from ddm.artifacts import RunDir
 from ddm.errors import BadInput
 from ddm.io import read_json
+from ddm.launch.local_jobs import local_jobs, machine_plan, train_here
 from ddm.launch.slots import check_parallel
-from ddm.stages.local_jobs import local_jobs, machine_plan, train_here
 from ddm.stages.runner import run_stage
 
 log = logging.getLogger("ddm")

@@ -52,7 +52,7 @@ from ddm.markdown import fmt_flops, num, table
 from ddm.models.conditioning import example_condition
 from ddm.models.dit import DiT, DiTClassifier, count_params
 from ddm.ranks import island_processes
-from ddm.stages.conditioning import conditioning_args, router_conditioning_args, text_spec
+from ddm.text.spec import conditioning_args, router_conditioning_args, text_spec
 
 log = logging.getLogger("ddm")
 
@@ -71,7 +71,7 @@ def input_shape(cfg) -> tuple[int, int]:
         return int(data.channels), int(data.image_size)
     # the VAE's own factors when its folder is here, else the SD VAE's
     try:
-        from ddm.stages.encode import current_identity, vae_spec
+        from ddm.latent.run_latents import current_identity, vae_spec
 
         identity = current_identity(vae_spec(cfg))
         down, channels = identity["downsample"], identity["latent_channels"]

@@ -14,7 +14,7 @@ import numpy as np
 from ddm.artifacts import RunDir
 from ddm.data.shards import iter_samples, load_manifest, shard_paths
 from ddm.io import read_json, write_text
-from ddm.jobs import EXPERT_STAGE, expert_id_of
+from ddm.job_names import EXPERT_STAGE, expert_id_of
 from ddm.markdown import num, table
 from ddm.stages import STAGES
 from ddm.viz import save_grid

@@ -14,10 +14,10 @@ import importlib
 from ddm.artifacts import RunDir
 from ddm.errors import BadInput
 from ddm.io import write_json
-from ddm.jobs import stage_job
+from ddm.job_names import stage_job
 from ddm.seeds import seed_everything
 from ddm.stages import STAGES
-from ddm.stages.timing import measured
+from ddm.timing import measured
 
 _skipped = False
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from ddm.artifacts import RunDir
 from ddm.errors import MissingInput
 from ddm.io import read_json
-from ddm.jobs import expert_job
+from ddm.job_names import expert_job
 from ddm.launch import slurm
 from ddm.train import lock
 

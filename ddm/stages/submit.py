@@ -16,7 +16,7 @@ always safe: a finished run submits nothing, and an interrupted expert is
 submitted again and resumes from its ``last.ckpt``.
 
 ``submit.launcher=local`` runs the same jobs as processes on this machine
-instead, ``submit.parallel`` at a time (``ddm.stages.local_jobs``), and waits
+instead, ``submit.parallel`` at a time (``ddm.launch.local_jobs``), and waits
 for them (``submit.wait=false``: a launcher in the background does).
 
 Every other override of the ``ddm submit`` call (``island=...``,
@@ -37,8 +37,8 @@ from ddm.artifacts import RunDir
 from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json, write_text
 from ddm.launch import local, sbatch, slurm
+from ddm.launch.local_jobs import local_jobs, machine_plan, thread_args, train_here
 from ddm.launch.overrides import job_overrides, override_key
-from ddm.stages.local_jobs import local_jobs, machine_plan, thread_args, train_here
 from ddm.train.lock import held_by
 
 log = logging.getLogger("ddm")

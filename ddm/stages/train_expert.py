@@ -3,7 +3,7 @@
 Reads only ``partitions/cluster-<id>/`` (in a latent run its manifest and
 ``latents/cluster-<id>/``), the run's clustering report to check that the
 partition is this run's (``verified_inputs``), and, fine-tuning after ``ddm extend``,
-its own earlier ``expert.pt`` under ``history/`` (``ddm.stages.fine_tune``);
+its own earlier ``expert.pt`` under ``history/`` (``ddm.train.fine_tune``);
 writes only ``experts/expert-<id>/``. The shards it reads are checked against
 their manifest by global rank 0 alone, rereading only what changed since the
 last start (``verified.json``: ``ddm.data.verified``).
@@ -27,22 +27,22 @@ import torch
 from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
-from ddm.cluster.lineage import check_partition_of_run
 from ddm.data.loader import batch_loader, sample_stream
 from ddm.data.shards import load_manifest, shard_paths
 from ddm.data.verified import verified_shards, wait_seconds
 from ddm.errors import BadInput, MissingInput
 from ddm.flow import check_prediction
 from ddm.io import read_json
-from ddm.jobs import expert_job
+from ddm.job_names import expert_job
+from ddm.latent.run_latents import latent_decoder, latent_manifest, latent_meta, stored_text_length, vae_spec
+from ddm.lineage import check_partition_of_run
 from ddm.ranks import island_processes
+from ddm.sampling.grid import class_names
 from ddm.seeds import data_stream_seed, expert_seed
-from ddm.stages.conditioning import captions_for, conditioning_args, text_spec
-from ddm.stages.encode import latent_decoder, latent_manifest, latent_meta, stored_text_length, vae_spec
-from ddm.stages.fine_tune import initial_weights, start_from
-from ddm.stages.prompts import sample_prompts
 from ddm.stages.runner import skip
-from ddm.stages.sample import class_names
+from ddm.text.prompts import sample_prompts
+from ddm.text.spec import captions_for, conditioning_args, text_spec
+from ddm.train.fine_tune import initial_weights, start_from
 from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.lock import check_free, is_global_rank_zero
 from ddm.train.modules import ADAMW_BETAS, ExpertModule

@@ -36,7 +36,6 @@ import torch
 from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
-from ddm.cluster.lineage import check_partition_of_run, cluster_ids, lineage_sizes
 from ddm.data.loader import batch_loader, mixed_stream
 from ddm.data.router_data import eval_set, load_partitions, split_shards
 from ddm.data.shards import shard_paths
@@ -45,12 +44,13 @@ from ddm.errors import BadInput
 from ddm.eval.router_diag import heldout_diagnostics
 from ddm.flow import FlowPath
 from ddm.io import read_json
-from ddm.jobs import ROUTER_JOB
+from ddm.job_names import ROUTER_JOB
+from ddm.latent.run_latents import latent_manifest, latent_meta, stored_text_length, vae_spec
+from ddm.lineage import check_partition_of_run, cluster_ids, lineage_sizes
 from ddm.ranks import island_processes
 from ddm.seeds import data_stream_seed, router_seed, router_shards_seed
-from ddm.stages.conditioning import captions_for, router_conditioning_args, router_text_spec
-from ddm.stages.encode import latent_manifest, latent_meta, stored_text_length, vae_spec
 from ddm.stages.runner import skip
+from ddm.text.spec import captions_for, router_conditioning_args, router_text_spec
 from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.lock import check_free, is_global_rank_zero
 from ddm.train.modules import ADAMW_BETAS, RouterModule
@@ -264,7 +264,7 @@ def _job(
         export_meta=dict(
             num_experts=len(manifests),
             clustering_id=index["clustering_id"],
-            # a grown run: the clustering each expert was trained under (ddm.cluster.lineage)
+            # a grown run: the clustering each expert was trained under (ddm.lineage)
             cluster_ids=cluster_ids(index),
             lineage=lineage_sizes(index),
             # guidance routed separately (sample.cfg_routing=separate) needs the null label trained

@@ -56,8 +56,8 @@ import torch
 from ddm.io import write_json
 
 from . import estimate  # the module: its function of the same name would hide it
+from .grid import CLASS_EXPERT, SEPARATE_CFG, SINGLE, Config, Plan, Run, describe, make_plan, paper_grid
 from .guidance_sweep import sweep_run
-from .plan import CLASS_EXPERT, SEPARATE_CFG, SINGLE, Config, Plan, Run, describe, make_plan, paper_grid
 from .results import prep_wall_s, rows_of, run_wall_s, settings_summary, write_outputs
 from .runs import evaluate_run, prepare_clustering, prepare_data, train_run
 

@@ -18,7 +18,7 @@ from ddm.ensemble import Ensemble
 from ddm.eval.flops import mean_expert_flops, sampling_flops_per_image
 from ddm.stages import evaluate
 
-from .plan import CLASS_EXPERT
+from .grid import CLASS_EXPERT
 
 
 class ClassRouter(nn.Module):

@@ -12,11 +12,11 @@ from ddm.devices import resolve_device
 from ddm.eval.flops import EXPERTS_PER_CALL
 from ddm.models.dit import DiT, DiTClassifier
 from ddm.sampling import num_evaluations
-from ddm.sampling.distilled import DISTILLED
+from ddm.sampling.draw import DISTILLED
 
+from .grid import CLASS_EXPERT, SEPARATE_CFG, SINGLE, Plan
 from .guidance_sweep import SWEEP_FILE
 from .layout import clustering_dir, data_dir
-from .plan import CLASS_EXPERT, SEPARATE_CFG, SINGLE, Plan
 
 # Rough costs the estimate cannot time in advance (seconds).
 # A Lightning step (data loading, EMA, logging) against the bare step timed here. Measured on 2 CPU cores

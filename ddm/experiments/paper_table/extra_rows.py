@@ -24,12 +24,12 @@ from ddm.ensemble import experts_per_sample
 from ddm.eval import feature_net as fnet
 from ddm.eval.flops import mean_expert_flops, sampling_flops_per_image
 from ddm.io import read_json, write_json
-from ddm.jobs import ROUTER_JOB, ensemble_name
+from ddm.job_names import ROUTER_JOB, ensemble_name
 from ddm.stages import evaluate
 
 from .class_expert import ClassExpertContext
+from .grid import CLASS_EXPERT, SEPARATE_CFG
 from .layout import derive
-from .plan import CLASS_EXPERT, SEPARATE_CFG
 
 log = logging.getLogger("ddm")
 

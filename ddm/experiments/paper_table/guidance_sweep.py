@@ -19,13 +19,13 @@ from ddm.artifacts import RunDir
 from ddm.errors import BadInput
 from ddm.eval import feature_net as fnet
 from ddm.eval.flops import mean_expert_flops, sampling_flops_per_image
+from ddm.eval.run.generated import labels_to_sample, sample_now
 from ddm.io import read_json, write_json
-from ddm.jobs import ROUTER_JOB
+from ddm.job_names import ROUTER_JOB
 from ddm.stages import evaluate
-from ddm.stages.evaluation.generated import labels_to_sample, sample_now
 
+from .grid import Run
 from .layout import run_cfg
-from .plan import Run
 
 log = logging.getLogger("ddm")
 

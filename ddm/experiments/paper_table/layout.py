@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ddm.errors import UserError
 
-from .plan import Config, Run
+from .grid import Config, Run
 
 
 class NotALink(UserError, FileExistsError):

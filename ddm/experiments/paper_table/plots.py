@@ -7,9 +7,9 @@ from pathlib import Path
 
 from ddm.io import atomic_path
 from ddm.markdown import fmt_flops
-from ddm.sampling.distilled import DISTILLED
+from ddm.sampling.draw import DISTILLED
 
-from .plan import CLASS_EXPERT, KNOWN_STRATEGIES, SEPARATE_CFG, SINGLE
+from .grid import CLASS_EXPERT, KNOWN_STRATEGIES, SEPARATE_CFG, SINGLE
 from .table import strategy_label
 
 METRICS = (

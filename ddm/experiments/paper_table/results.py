@@ -13,11 +13,11 @@ import torch
 from ddm.artifacts import RunDir
 from ddm.errors import BadInput
 from ddm.io import read_json, write_text
-from ddm.jobs import ensemble_name, expert_id_of, is_training_job
-from ddm.sampling.distilled import DISTILLED
+from ddm.job_names import ensemble_name, expert_id_of, is_training_job
+from ddm.sampling.draw import DISTILLED
 
+from .grid import SINGLE, Plan, Run
 from .layout import clustering_dir, data_dir
-from .plan import SINGLE, Plan, Run
 from .plots import plot_sampling_flops, plot_train_flops
 from .table import render_table
 

@@ -22,14 +22,14 @@ from ddm.eval.flops import model_forward_flops
 from ddm.flow import flow_path_from_config
 from ddm.io import read_json, write_json
 from ddm.models.dit import DiTClassifier
-from ddm.sampling.distilled import DISTILLED
+from ddm.sampling.draw import DISTILLED
 from ddm.stages.runner import run_stage
 from ddm.train.export import save_weights
 
 from .extra_rows import evaluate_extra_row
+from .grid import Config, Plan, Run
 from .layout import clustering_cfg, clustering_dir, data_cfg, data_dir, derive, link, run_cfg
 from .mixed import expert_overrides
-from .plan import Config, Plan, Run
 
 # The artefacts a run shares with its configuration's clustering folder (links, not copies).
 SHARED = ("data", "embeddings", "clusters", "partitions")

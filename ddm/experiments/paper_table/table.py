@@ -6,9 +6,9 @@ from __future__ import annotations
 from ddm.ensemble import DATA_DEPENDENT
 from ddm.markdown import fmt_flops, num
 from ddm.markdown import table as md_table
-from ddm.sampling.distilled import DISTILLED
+from ddm.sampling.draw import DISTILLED
 
-from .plan import CLASS_EXPERT, KNOWN_STRATEGIES, SEPARATE_CFG, SINGLE
+from .grid import CLASS_EXPERT, KNOWN_STRATEGIES, SEPARATE_CFG, SINGLE
 from .sweep_table import render_sweep
 
 STRATEGY_LABELS = {

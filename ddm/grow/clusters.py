@@ -10,7 +10,7 @@ Two ways (``extend.mode``):
 ``grown_report`` turns the old report into the new one: a new
 ``clustering_id`` over every (key, cluster) pair, ``parent`` the old id,
 ``lineage`` (ancestor id -> its K) and ``cluster_ids`` (per cluster, the id
-its members were last set under: ``ddm.cluster.lineage``), plus one entry in
+its members were last set under: ``ddm.lineage``), plus one entry in
 ``extensions`` saying what was added. Numpy only.
 """
 
@@ -19,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 
 from ddm.cluster import clustering_id
-from ddm.cluster.lineage import cluster_ids
 from ddm.cluster.nearest import nearest_cluster
 from ddm.errors import BadInput
+from ddm.lineage import cluster_ids
 
 MODES = ("new_cluster", "assign")
 

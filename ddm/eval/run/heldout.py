@@ -34,8 +34,8 @@ from ddm.artifacts import RunDir
 from ddm.data.shards import MANIFEST, ShardSetWriter, iter_samples, load_manifest, shard_paths
 from ddm.data.sources import open_source
 from ddm.errors import BadInput
+from ddm.eval.run import evaluation_dir
 from ddm.io import read_json, sha256_strings
-from ddm.stages.evaluation import evaluation_dir
 
 log = logging.getLogger("ddm")
 

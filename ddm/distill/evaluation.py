@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import functools
 
+from ddm.distill.student import check_student_guidance, load_distilled
 from ddm.ensemble import DATA_DEPENDENT
 from ddm.errors import BadInput
 from ddm.eval import flops as flop_count
 from ddm.eval.fm_loss import fm_loss_summary
-from ddm.jobs import ensemble_name, expert_job
-from ddm.sampling.distilled import DISTILLED, check_student_guidance, load_distilled
-from ddm.stages.evaluation.context import EvaluationContext
+from ddm.eval.run.context import EvaluationContext
+from ddm.job_names import ensemble_name, expert_job
+from ddm.sampling.draw import DISTILLED
 
 
 def wants_distilled(cfg) -> bool:

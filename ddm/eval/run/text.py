@@ -8,10 +8,10 @@ import torch
 from ddm.artifacts import RunDir
 from ddm.eval.clip_score import ClipScorer
 from ddm.eval.heldout import load_captions
+from ddm.eval.run.heldout import heldout_dir
 from ddm.io import read_json
-from ddm.stages.conditioning import captions_for, text_weights_override
-from ddm.stages.evaluation.heldout import heldout_dir
 from ddm.text.encoder import OpenClipTextEncoder
+from ddm.text.spec import captions_for, text_weights_override
 
 
 class HeldoutText:

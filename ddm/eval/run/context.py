@@ -25,19 +25,19 @@ from ddm.eval.fm_loss import fm_loss_summary
 from ddm.eval.heldout import load_images
 from ddm.eval.quality import sample_quality
 from ddm.eval.router_diag import router_diagnostics
+from ddm.eval.run import evaluation_dir
+from ddm.eval.run.clusters import cluster_labels
+from ddm.eval.run.feature_spaces import classifier_info, train_classifier
+from ddm.eval.run.generated import from_samples_stage, labels_to_sample, sample_now
+from ddm.eval.run.heldout import heldout_dir, prepare_heldout
+from ddm.eval.run.text import HeldoutText
 from ddm.images import batch_to_model_space
 from ddm.io import read_json
-from ddm.jobs import ROUTER_JOB, ensemble_name, expert_job
+from ddm.job_names import ROUTER_JOB, ensemble_name, expert_job
+from ddm.latent.run_latents import run_latents
 from ddm.sampling import load_ensemble
 from ddm.sampling.fit import check_guidance
 from ddm.seeds import ROUTING_OFFSET, generator
-from ddm.stages.encode import run_latents
-from ddm.stages.evaluation import evaluation_dir
-from ddm.stages.evaluation.clusters import cluster_labels
-from ddm.stages.evaluation.feature_spaces import classifier_info, train_classifier
-from ddm.stages.evaluation.generated import from_samples_stage, labels_to_sample, sample_now
-from ddm.stages.evaluation.heldout import heldout_dir, prepare_heldout
-from ddm.stages.evaluation.text import HeldoutText
 
 
 class EvaluationContext:

@@ -1,6 +1,6 @@
 """metrics.json ``flops`` of an evaluation: forward, training and sampling FLOPs, counted and measured.
 
-A distilled row (``ddm.stages.evaluation.distilled``) adds ``forward_per_sample.distilled``,
+A distilled row (``ddm.distill.evaluation``) adds ``forward_per_sample.distilled``,
 ``sampling.distilled`` (one model, no router) and ``train.distilled`` (``ddm.eval.flops_summary.distilled_training``).
 """
 
@@ -10,8 +10,8 @@ from ddm.ensemble import DATA_DEPENDENT
 from ddm.eval import flops as flop_count
 from ddm.eval import flops_summary as run_flops
 from ddm.io import read_json
-from ddm.jobs import ROUTER_JOB, expert_job
-from ddm.sampling.distilled import DISTILLED
+from ddm.job_names import ROUTER_JOB, expert_job
+from ddm.sampling.draw import DISTILLED
 
 
 def flops_section(ctx, generated: dict | None = None) -> dict:

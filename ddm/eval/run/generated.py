@@ -22,8 +22,8 @@ from ddm.artifacts import RunDir
 from ddm.ensemble import ROUTING_DEFAULTS
 from ddm.io import atomic_path, load_npz, read_json
 from ddm.sampling.checkpoints import models_identity
+from ddm.sampling.draw import draw
 from ddm.seeds import EVAL_LABELS_OFFSET, EVAL_NOISE_OFFSET, generator
-from ddm.stages.sample import draw
 
 # Sampling settings that must match for samples/samples.npz to stand for a strategy.
 SAME_SAMPLING = ("top_k", "experts", "temperature", "solver", "steps", "cfg_scale", "cfg_interval", "cfg_routing")

@@ -18,8 +18,8 @@ from ddm.artifacts import RunDir
 from ddm.data.shards import load_manifest
 from ddm.eval import feature_net as fnet
 from ddm.eval.heldout import load_images
+from ddm.eval.run.clusters import cluster_labels
 from ddm.io import read_json, sha256_strings
-from ddm.stages.evaluation.clusters import cluster_labels
 
 
 def training_data_sha(rd: RunDir, heldout: dict, target: str, max_samples, seed: int) -> str:

@@ -19,13 +19,11 @@ from ddm.artifacts import RunDir
 from ddm.errors import BadInput, MissingInput
 from ddm.flow import flow_path_from_config
 from ddm.io import read_json, sha256_file
-from ddm.jobs import expert_job
+from ddm.job_names import expert_job
 from ddm.sampling.checkpoints import expert_ids_on_disk, load_expert, verify_weights
+from ddm.sampling.draw import DISTILLED
 
 log = logging.getLogger("ddm")
-
-DISTILLED = "distilled"  # sample.model=distilled, and the name of its row in the evaluation
-MODELS = ("ensemble", DISTILLED)  # the values of sample.model
 
 
 def expert_sha256(rd: RunDir, k: int) -> str | None:
@@ -141,11 +139,3 @@ def check_student_guidance(info: dict, cfg_scale: float, key: str = "sample.cfg_
             f"{key}={cfg_scale} needs the distilled model's unconditional branch, but it was distilled with "
             f"distill.label_dropout=0: sample with {key}=1, or distill again with distill.label_dropout > 0"
         )
-
-
-def check_model(value) -> str:
-    """``sample.model``, checked."""
-    model = str(value or "ensemble")
-    if model not in MODELS:
-        raise BadInput(f"sample.model={value!r} is not one of {', '.join(MODELS)}")
-    return model

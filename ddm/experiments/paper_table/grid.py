@@ -12,7 +12,7 @@ from ddm.ensemble import ROUTING_DEFAULTS, STRATEGIES, check_routing
 from ddm.errors import BadInput, MissingConfig
 from ddm.eval.flops import model_forward_flops
 from ddm.models.dit import DiT, DiTClassifier
-from ddm.sampling.distilled import DISTILLED
+from ddm.sampling.draw import DISTILLED
 
 from .mixed import mixed_name, mixed_targets
 from .sweep_options import cfg_scales

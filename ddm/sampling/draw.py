@@ -1,0 +1,156 @@
+"""Drawing samples from a run's ensemble: the settings that decide what is drawn, the routing they set,
+and sampling in batches with each expert's usage per solver evaluation.
+
+The sample stage, the evaluate stage and the training previews draw through here, so one
+set of settings means the same images wherever it is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from ddm.devices import autocast_dtype
+from ddm.ensemble import ROUTING_DEFAULTS, Ensemble, check_routing
+from ddm.errors import BadInput
+from ddm.images import to_uint8
+from ddm.sampling.checkpoints import AVAILABLE
+from ddm.sampling.grid import check_grid_rows
+from ddm.sampling.solvers import check_cfg_interval, num_evaluations, sample
+
+DISTILLED = "distilled"  # sample.model=distilled, and the name of its row in the evaluation
+MODELS = ("ensemble", DISTILLED)  # the values of sample.model
+
+
+def check_model(value) -> str:
+    """``sample.model``, checked."""
+    model = str(value or "ensemble")
+    if model not in MODELS:
+        raise BadInput(f"sample.model={value!r} is not one of {', '.join(MODELS)}")
+    return model
+
+
+# The options that change what is sampled: a record with other values is stale (and `model`, when it is
+# not the ensemble: see requested_settings).
+SETTINGS = (
+    "strategy",
+    "top_k",
+    "threshold",
+    "top_p",
+    "cfg_routing",
+    "experts",
+    "temperature",
+    "solver",
+    "steps",
+    "cfg_scale",
+    "cfg_interval",
+    "per_class",
+    "grid_rows",
+    "num_samples",
+    "seed",
+    "precision",
+    "prompts",
+    "prompts_file",
+)
+
+
+def requested_settings(sc: Mapping) -> dict:
+    """The sampling settings that decide what is drawn, checked, from ``sample``'s values (a plain mapping)."""
+    sc = dict(sc)
+    out = {k: sc.get(k, ROUTING_DEFAULTS.get(k)) for k in SETTINGS}
+    # checked here, so a bad value fails before any network is loaded (the evaluate stage's settings too)
+    out["threshold"], out["top_p"], out["cfg_routing"] = check_routing(
+        out["threshold"], out["top_p"], out["cfg_routing"]
+    )
+    out["grid_rows"] = check_grid_rows(out["grid_rows"])
+    interval = check_cfg_interval(out["cfg_interval"])
+    out["cfg_interval"] = None if interval is None else list(interval)
+    experts = out["experts"]
+    if isinstance(experts, str):
+        if experts != AVAILABLE:
+            raise BadInput(
+                f"sample.experts={experts!r}: use null (all experts), a list of ids such as "
+                f"[0,2], or {AVAILABLE!r} (the experts that exist)"
+            )
+    elif experts is not None:
+        out["experts"] = sorted(int(k) for k in experts)
+    # only when it is not the ensemble: records made before sample.model existed stay valid
+    model = check_model(sc.get("model"))
+    if model != "ensemble":
+        out["model"] = model
+    return out
+
+
+def with_routing(ensemble: Ensemble, settings: dict) -> Ensemble:
+    """``ensemble`` with the settings' ``threshold``, ``top_p`` and ``cfg_routing`` (its modules shared).
+
+    ``load_ensemble`` builds the ensemble with its strategy and top-k; the routing
+    options the loader does not take are set here, through ``Ensemble``'s own checks.
+    """
+    return Ensemble(
+        {int(k): m for k, m in ensemble.experts.items()},
+        ensemble.router,
+        strategy=ensemble.strategy,
+        top_k=ensemble.top_k,
+        subset=ensemble.active_ids,
+        generator=ensemble.generator,
+        temperature=ensemble.temperature,
+        num_experts=ensemble.num_experts,
+        threshold=settings["threshold"],
+        top_p=settings["top_p"],
+        cfg_routing=settings["cfg_routing"],
+    ).eval()
+
+
+# The per-expert fields of a usage record, summed (counts) or image-weighted (weights) over batches.
+USAGE_FIELDS = ("counts", "weights", "uncond_counts", "uncond_weights")
+
+
+def draw(ensemble, path, shape, labels, total, batch_size, settings, generator, device, decode=None):
+    """Sample ``total`` images in batches; usage records merged per solver evaluation.
+
+    ``decode`` turns a latent run's samples into images (``latent_decoder``); None: they are images.
+    A model that records no usage (one network: the distilled student) gives ``usage=[]``.
+    """
+    precision = autocast_dtype(settings.get("precision"), torch.device(device), "sample.precision")
+    n_eval = num_evaluations(int(settings["steps"]), settings["solver"])
+    routed = hasattr(ensemble, "reset_usage")
+    merged = {f: np.zeros((n_eval, ensemble.num_experts if routed else 0)) for f in USAGE_FIELDS}
+    present = {"counts", "weights"}
+    ts = np.zeros(n_eval)
+    chunks = []
+    for lo in range(0, total, batch_size):
+        n = min(batch_size, total - lo)
+        y = None if labels is None else labels[lo : lo + n].to(device)  # labels, or a TextCondition
+        if routed:
+            ensemble.reset_usage()
+        x = sample(
+            ensemble,
+            path,
+            (n, *shape),
+            y=y,
+            steps=int(settings["steps"]),
+            solver=settings["solver"],
+            cfg_scale=float(settings["cfg_scale"]),
+            cfg_interval=settings.get("cfg_interval"),
+            generator=generator,
+            device=device,
+            autocast=precision,
+        )
+        chunks.append(to_uint8(x if decode is None else decode(x)))
+        for i, rec in enumerate(ensemble.usage if routed else []):
+            for f in USAGE_FIELDS:
+                if f in rec:
+                    present.add(f)
+                    # counts summed; weights a batch-size weighted mean over batches
+                    merged[f][i] += np.asarray(rec[f]) * (1 if f.endswith("counts") else n)
+            ts[i] = rec["t"]
+    usage = []
+    for i in range(n_eval if routed else 0):
+        rec = dict(t=float(ts[i]))
+        for f in (f for f in USAGE_FIELDS if f in present):
+            rec[f] = [int(c) for c in merged[f][i]] if f.endswith("counts") else (merged[f][i] / total).tolist()
+        usage.append(rec)
+    return np.concatenate(chunks), usage
