@@ -567,15 +567,17 @@ def test_sample_stage_unconditional_models(tmp_path):
 
 
 # ---- the grid's rows: capped by sample.grid_rows -----------------------------------------------
-def _count_sampled(monkeypatch, stage) -> list[int]:
+def _count_sampled(monkeypatch) -> list[int]:
     """The batch sizes the sample stage integrates, call by call (every image it draws passes here)."""
+    from ddm.sampling import draw
+
     sizes = []
 
     def counting(model, path, shape, **kw):
         sizes.append(shape[0])
         return sample(model, path, shape, **kw)
 
-    monkeypatch.setattr(stage, "sample", counting)
+    monkeypatch.setattr(draw, "sample", counting)
     return sizes
 
 
@@ -583,7 +585,7 @@ def test_a_thousand_class_grid_draws_at_most_grid_rows_rows(tmp_path, monkeypatc
     from ddm.stages import sample as stage
 
     rd = make_run(tmp_path, K=2, num_classes=1000)
-    sizes = _count_sampled(monkeypatch, stage)
+    sizes = _count_sampled(monkeypatch)
     grids = []
     monkeypatch.setattr(stage, "save_grid", lambda images, nrow, path, row_labels=None: grids.append(row_labels))
     cfg = stage_cfg(rd.root, solver="euler", steps=2, per_class=2, num_samples=3, batch_size=64)

@@ -4,8 +4,8 @@ Contract of a stage:
 - it reads only the artefacts of earlier stages it needs (paths from
   ``ddm.artifacts.RunDir``) and writes its own atomically;
 - it returns at once with the existing summary when its final artefact exists,
-  unless ``cfg.redo`` is true; when it returns early it says so with
-  ``runner.skip`` or ``runner.note_skipped``, so its earlier timing is kept;
+  unless ``redo`` is true; then it returns ``StageResult(summary, skipped=True)``,
+  so the runner keeps the timing of the run that did the work;
 - it logs one line with what it produced.
 
 Stages are run by ``ddm.stages.runner.run_stage``, which seeds, times and
@@ -15,6 +15,15 @@ records them the same way whether they run alone or inside ``pipeline``.
 from __future__ import annotations
 
 from typing import NamedTuple
+
+
+class StageResult(dict):
+    """A stage's summary (a dict, as stages always returned) that also says whether the stage only found its
+    results already there (``skipped``): the runner then keeps the timing of the run that did the work."""
+
+    def __init__(self, summary: dict, skipped: bool = False):
+        super().__init__(summary)
+        self.skipped = bool(skipped)
 
 
 class Stage(NamedTuple):

@@ -27,7 +27,8 @@ from ddm.embed import check_embeddings_of_data, embeddings_id
 from ddm.errors import BadInput, MissingInput
 from ddm.io import atomic_path, load_npy, read_json, sha256_file, sha256_strings, write_json
 from ddm.markdown import num
-from ddm.stages.runner import skip
+from ddm.stages import StageResult
+from ddm.stages.runner import done_already
 
 log = logging.getLogger("ddm")
 
@@ -40,7 +41,7 @@ def run(cfg) -> dict:
     """Cluster the run's dataset into ``cluster.k`` parts; return the report (also clusters/report.json)."""
     run_dir = RunDir(cfg.run_dir)
     c = cfg.cluster
-    if skip(run_dir.cluster_report, cfg):
+    if done_already(run_dir.cluster_report, cfg):
         report = read_json(run_dir.cluster_report)
         _warn_if_config_differs(report, c)
         log.info(
@@ -50,7 +51,7 @@ def run(cfg) -> dict:
             report["clustering_id"],
             run_dir.clusters,
         )
-        return report
+        return StageResult(report, skipped=True)
     if c.method not in METHODS:
         raise BadInput(f"cluster.method={c.method!r} is not one of {list(METHODS)}")
     _set_threads(OmegaConf.select(cfg, "island.threads", default=None))

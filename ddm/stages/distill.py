@@ -47,7 +47,8 @@ from ddm.ranks import island_processes
 from ddm.sampling.checkpoints import load_expert, verify_weights
 from ddm.sampling.draw import DISTILLED
 from ddm.seeds import data_stream_seed, distill_seed
-from ddm.stages.runner import skip
+from ddm.stages import StageResult
+from ddm.stages.runner import done_already
 from ddm.text.spec import captions_for, text_spec
 from ddm.train.job import Job, Schedule, Trained, example_inputs, run_job
 from ddm.train.lock import check_free, is_global_rank_zero
@@ -59,11 +60,11 @@ log = logging.getLogger("ddm")
 def run(cfg) -> dict:
     """Distil the run's experts into one student; return its record (at once if it is already finished)."""
     rd = RunDir(cfg.run_dir)
-    if skip(rd.distilled_record, cfg):
+    if done_already(rd.distilled_record, cfg):
         record = read_json(rd.distilled_record)
         check_distilled_current(record.get("distilled_from"), rd, rd.distilled_record)
         log.info("distill: already done (%d steps) -> %s", record["steps"], rd.distilled)
-        return record
+        return StageResult(record, skipped=True)
     # Only global rank 0 starts over: the other ranks of a DDP job run this too, beside it.
     if cfg.get("redo", False) and rd.distilled.exists() and is_global_rank_zero():
         check_free(rd.distilled, "distill redo=true")  # never delete the folder of a job that still runs

@@ -36,7 +36,8 @@ from ddm.embed import build_encoder, embedding_file, embeddings_id, keys_file, l
 from ddm.errors import BadInput, Unusable
 from ddm.io import atomic_path, read_json, sha256_file, sha256_strings, write_json, write_text
 from ddm.seeds import seed_everything
-from ddm.stages.runner import skip
+from ddm.stages import StageResult
+from ddm.stages.runner import done_already
 
 log = logging.getLogger("ddm")
 
@@ -128,13 +129,13 @@ def run(cfg) -> dict:
     """Embed every sample of ``<run_dir>/data`` with ``cfg.embed``'s encoder into ``<run_dir>/embeddings``."""
     run_dir = RunDir(cfg.run_dir)
     folder = run_dir.embeddings
-    if skip(run_dir.embeddings_manifest, cfg):
+    if done_already(run_dir.embeddings_manifest, cfg):
         manifest = load_embeddings_manifest(folder)
         log.info(
             f"embed: {manifest['num_samples']} x {manifest['dim']} ({manifest['encoder']}) -> {folder} "
             f"(already there; redo=true recomputes)"
         )
-        return _summary(manifest, folder, skipped=True)
+        return StageResult(_summary(manifest, folder, skipped=True), skipped=True)
 
     data = load_manifest(run_dir.data)
     # Every image is read below: first show that data/ is what its manifest says (a changed shard would

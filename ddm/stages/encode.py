@@ -46,7 +46,7 @@ from ddm.io import read_json, sha256_strings
 from ddm.latent.run_latents import current_identity, same_text, same_vae, stored_text_of, vae_spec
 from ddm.latent.vae import LatentCodec
 from ddm.lineage import check_partition
-from ddm.stages.runner import note_skipped
+from ddm.stages import StageResult
 from ddm.text.encoder import OpenClipTextEncoder
 from ddm.text.spec import captions_for, stored_text_spec
 
@@ -58,9 +58,8 @@ def run(cfg) -> dict:
     spec = vae_spec(cfg)
     text = stored_text_spec(cfg)
     if spec is None:
-        note_skipped()
         log.info("encode: vae=none, nothing to encode: experts train on pixels")
-        return dict(stage="encode", vae=None, clusters=[])
+        return StageResult(dict(stage="encode", vae=None, clusters=[]), skipped=True)
     if not rd.partitions_index.exists():
         raise MissingInput(f"no partitions at {rd.partitions}: run `ddm partition` first")
     index = read_json(rd.partitions_index)
@@ -96,10 +95,9 @@ def run(cfg) -> dict:
             rd, i, partition, codec, int(cfg.vae.batch_size), bool(cfg.vae.get("flip", False)), writer_text
         )
         encoded.append(i)
-    if not encoded:
-        note_skipped()
     log.info("encode: clusters %s encoded, %s already done -> %s", encoded, done, rd.latents)
-    return dict(stage="encode", vae=dict(identity, source=spec["pretrained"]), encoded=encoded, done=done)
+    summary = dict(stage="encode", vae=dict(identity, source=spec["pretrained"]), encoded=encoded, done=done)
+    return StageResult(summary, skipped=not encoded)
 
 
 def _encode_partition(

@@ -57,7 +57,7 @@ from ddm.job_names import is_expert
 from ddm.markdown import num
 from ddm.sampling.checkpoints import models_identity
 from ddm.sampling.draw import requested_settings
-from ddm.stages.runner import note_skipped
+from ddm.stages import StageResult
 
 __all__ = ["EvaluationContext", "evaluation_dir", "feature_spaces", "generated_summary", "run", "settings_of"]
 
@@ -100,9 +100,8 @@ def run(cfg) -> dict:
     if (rd.evaluation_metrics).exists() and not redo:
         metrics = read_json(rd.evaluation_metrics)
         if metrics.get("settings") == settings and metrics.get("models") == models_identity(rd):
-            note_skipped()
             log.info("evaluate: done already -> %s", rd.evaluation_metrics)
-            return metrics
+            return StageResult(metrics, skipped=True)
 
     start = time.perf_counter()
     # fail on a missing file before any slow work; on eval.device, where the evaluation's other networks run

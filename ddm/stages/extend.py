@@ -45,7 +45,8 @@ from ddm.io import atomic_path, load_npy, read_json, write_json
 from ddm.job_names import expert_job
 from ddm.latent.run_latents import vae_spec
 from ddm.lineage import cluster_ids
-from ddm.stages.runner import note_skipped, run_stage, stage_module
+from ddm.stages import StageResult
+from ddm.stages.runner import run_stage, stage_module
 from ddm.train.lock import check_free
 
 log = logging.getLogger("ddm")
@@ -87,8 +88,8 @@ def run(cfg) -> dict:
     if fresh:
         report = _grow_clustering(rd, report, data, entry, mode, str(new_dir))
     grown = report["extensions"][-1]
-    if not fresh and read_json(rd.partitions_index).get("clustering_id") == report["clustering_id"]:
-        note_skipped()
+    added_already = not fresh and read_json(rd.partitions_index).get("clustering_id") == report["clustering_id"]
+    if added_already:
         log.info("extend: %s was added already (clustering %s)", new_dir, report["clustering_id"])
     _write_partitions(cfg, rd, report, data, entry, grown)
     before = _retire(rd, report, grown)
@@ -97,7 +98,7 @@ def run(cfg) -> dict:
     after = _train(cfg, rd, grown) if bool(ex.train) else _print_next(rd, grown)
     result = dict(grown, router_accuracy_before=before, router_accuracy_after=after, k=int(report["k"]))
     _log_result(result)
-    return result
+    return StageResult(result, skipped=added_already)
 
 
 def _embed_new(cfg, rd: RunDir, data: dict, entry: dict) -> None:

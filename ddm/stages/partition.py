@@ -31,7 +31,7 @@ from ddm.data.verified import check_recorded
 from ddm.embed import check_embeddings_of_data, embeddings_id
 from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json, write_json
-from ddm.stages.runner import note_skipped
+from ddm.stages import StageResult
 
 log = logging.getLogger("ddm")
 
@@ -52,14 +52,13 @@ def run(cfg) -> dict:
             # the checks below decide: a clustering of the old data is refused, one of this data is partitioned
             log.info("partition: data/ changed since the partitions were written; rebuilding partitions")
         elif done.get("clustering_id") == current and not cfg.get("redo", False):
-            note_skipped()
             log.info(
                 "partition: done already (K=%d id=%s); redo=true rebuilds -> %s",
                 done["num_clusters"],
                 current,
                 run_dir.partitions,
             )
-            return done
+            return StageResult(done, skipped=True)
         if done.get("clustering_id") != current:
             log.info(
                 "partition: clusters changed (id %s -> %s); rebuilding partitions", done.get("clustering_id"), current

@@ -32,7 +32,8 @@ from ddm.data.shards import MANIFEST, ShardSetWriter, load_manifest
 from ddm.data.sources import open_source
 from ddm.errors import BadInput
 from ddm.io import sha256_strings
-from ddm.stages.runner import skip
+from ddm.stages import StageResult
+from ddm.stages.runner import done_already
 
 log = logging.getLogger("ddm")
 
@@ -62,13 +63,13 @@ def _summary(manifest: dict, folder: Path, skipped: bool) -> dict:
 def run(cfg) -> dict:
     """Write every sample of ``cfg.data`` into shards under ``<run_dir>/data``; return a summary."""
     folder = RunDir(cfg.run_dir).data
-    if skip(folder / MANIFEST, cfg):
+    if done_already(folder / MANIFEST, cfg):
         manifest = load_manifest(folder)
         log.info(
             f"prepare: {manifest['num_samples']} samples in {len(manifest['shards'])} shards -> {folder} "
             f"(already there; redo=true rebuilds)"
         )
-        return _summary(manifest, folder, skipped=True)
+        return StageResult(_summary(manifest, folder, skipped=True), skipped=True)
 
     # Open (and so validate) the source before touching an earlier result.
     source = open_source(cfg.data, int(cfg.seed))

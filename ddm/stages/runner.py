@@ -19,21 +19,10 @@ from ddm.seeds import seed_everything
 from ddm.stages import STAGES
 from ddm.timing import measured
 
-_skipped = False
 
-
-def note_skipped() -> None:
-    """A stage calls this when it returns existing results, so its earlier timing is kept."""
-    global _skipped
-    _skipped = True
-
-
-def skip(marker, cfg) -> bool:
-    """True when a stage's final artefact exists and no redo was asked for (and the runner is told)."""
-    done = marker.exists() and not cfg.get("redo", False)
-    if done:
-        note_skipped()
-    return done
+def done_already(marker, cfg) -> bool:
+    """True when a stage's final artefact exists and no redo was asked for."""
+    return marker.exists() and not cfg.redo
 
 
 def stage_module(stage: str):
@@ -54,14 +43,12 @@ def run_stage(stage: str, cfg, job: str | None = None, **kwargs):
     ``job`` defaults to the stage name (``train-expert-KK`` for an expert).
     Keyword arguments go to the stage's ``run``.
     """
-    global _skipped
     module = stage_module(stage)
     seed_everything(int(cfg.seed))
     if not STAGES[stage].timed:
         return module.run(cfg, **kwargs)
-    _skipped = False
     with measured({}) as timing:
         result = module.run(cfg, **kwargs)
-    if not _skipped:
+    if not getattr(result, "skipped", False):
         record_timing(RunDir(cfg.run_dir), job or stage_job(stage, cfg), timing)
     return result

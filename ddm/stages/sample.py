@@ -42,7 +42,7 @@ from ddm.sampling.checkpoints import AVAILABLE, expert_ids_on_disk, models_ident
 from ddm.sampling.draw import DISTILLED, draw, requested_settings, with_routing
 from ddm.sampling.fit import check_guidance
 from ddm.sampling.grid import class_names, grid_classes, plan_labels
-from ddm.stages.runner import note_skipped
+from ddm.stages import StageResult
 from ddm.text.encoder import OpenClipTextEncoder
 from ddm.text.prompts import sample_prompts
 from ddm.text.spec import text_weights_override
@@ -71,11 +71,10 @@ def run(cfg) -> dict:
     if rd.samples_record.exists() and not cfg.get("redo", False):
         record = read_json(rd.samples_record)
         if _still_valid(record, settings, rd):
-            note_skipped()
             log.info(
                 "sample: done already (%d images, %s) -> %s", record["num_images"], settings["strategy"], rd.samples
             )
-            return record
+            return StageResult(record, skipped=True)
 
     start = time.perf_counter()
     device = resolve_device(sc.device, "sample.device")

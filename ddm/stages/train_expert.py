@@ -39,7 +39,8 @@ from ddm.lineage import check_partition_of_run
 from ddm.ranks import island_processes
 from ddm.sampling.grid import class_names
 from ddm.seeds import data_stream_seed, expert_seed
-from ddm.stages.runner import skip
+from ddm.stages import StageResult
+from ddm.stages.runner import done_already
 from ddm.text.prompts import sample_prompts
 from ddm.text.spec import captions_for, conditioning_args, text_spec
 from ddm.train.fine_tune import initial_weights, start_from
@@ -80,12 +81,12 @@ def run(cfg) -> dict:
     k = int(cfg.expert.id)
     expert_target(cfg)  # a bad expert.target fails before anything is read or deleted
     job_dir = rd.expert(k)
-    if skip(rd.expert_record(k), cfg):
+    if done_already(rd.expert_record(k), cfg):
         record = read_json(rd.expert_record(k))
         _check_still_current(record, rd, k)
         _note_other_kind(record, cfg, k)
         log.info("train-expert %d: already done (%d steps) -> %s", k, record["steps"], job_dir)
-        return record
+        return StageResult(record, skipped=True)
     # Only global rank 0 starts over: the other ranks of a DDP job run this too, beside it.
     if cfg.get("redo", False) and job_dir.exists() and is_global_rank_zero():
         check_free(job_dir, f"train-expert {k} redo=true")  # never delete the folder of a job that still runs

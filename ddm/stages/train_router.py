@@ -49,7 +49,8 @@ from ddm.latent.run_latents import latent_manifest, latent_meta, stored_text_len
 from ddm.lineage import check_partition_of_run, cluster_ids, lineage_sizes
 from ddm.ranks import island_processes
 from ddm.seeds import data_stream_seed, router_seed, router_shards_seed
-from ddm.stages.runner import skip
+from ddm.stages import StageResult
+from ddm.stages.runner import done_already
 from ddm.text.spec import captions_for, router_conditioning_args, router_text_spec
 from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.lock import check_free, is_global_rank_zero
@@ -110,12 +111,12 @@ def run(cfg) -> dict:
     rd = RunDir(cfg.run_dir)
     job_dir = rd.router
     router_time_sampling(cfg)  # a bad router.time_sampling fails before anything is read or deleted
-    if skip(rd.router_record, cfg):
+    if done_already(rd.router_record, cfg):
         record = read_json(rd.router_record)
         _check_still_current(record, rd)
         _note_other_time_sampling(record, cfg)
         log.info("train-router: already done (%d steps) -> %s", record["steps"], job_dir)
-        return record
+        return StageResult(record, skipped=True)
     # Only global rank 0 starts over: the other ranks of a DDP job run this too, beside it.
     if cfg.get("redo", False) and job_dir.exists() and is_global_rank_zero():
         check_free(job_dir, "train-router redo=true")  # never delete the folder of a job that still runs
