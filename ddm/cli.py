@@ -56,9 +56,10 @@ _full_error_asked = False
 
 
 def show_tracebacks(cfg=None) -> bool:
-    """True when the user asked for full tracebacks of expected errors too."""
+    """True when the user asked for full tracebacks of expected errors too (``cfg``: the composed config or its
+    settings, whose ``debug`` asks for them)."""
     return bool(
-        _full_error_asked or os.environ.get("HYDRA_FULL_ERROR") == "1" or (cfg is not None and cfg.get("debug", False))
+        _full_error_asked or os.environ.get("HYDRA_FULL_ERROR") == "1" or (cfg is not None and cfg.debug is True)
     )
 
 
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     def _entry(cfg):
         from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
+        from ddm.config import to_settings
         from ddm.config_check import check_config
         from ddm.stages.runner import run_stage
 
@@ -136,8 +138,9 @@ def main(argv: list[str] | None = None) -> None:
         setup_logging(cfg.get("log_level", "INFO"))
         try:
             check_config(cfg, CONF_DIR)  # a key no config file declares is a typo that would change nothing
+            settings = to_settings(cfg)  # the door: typed and checked; below here no stage sees the config object
             # submit and pipeline pass the user's overrides on to the jobs they start: Hydra knows them parsed
-            run_stage(stage, cfg, **({"overrides": task_overrides()} if stage in PASS_OVERRIDES else {}))
+            run_stage(stage, settings, **({"overrides": task_overrides()} if stage in PASS_OVERRIDES else {}))
         except UserError as error:
             if show_tracebacks(cfg):
                 raise

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ddm.errors import BadInput
+from ddm.settings import Flow
 
 
 @dataclass(frozen=True)
@@ -258,9 +259,9 @@ class FlowPath:
         return torch.linspace(1.0, 0.0, num_steps + 1, device=device)
 
 
-def flow_path_from_config(cfg) -> FlowPath:
-    """Build the path from a mapping (a Hydra ``flow`` node or a saved dict)."""
-    cfg = dict(cfg or {})
+def flow_path_from_config(cfg: Flow | dict | None) -> FlowPath:
+    """Build the path from the ``flow`` settings group or a saved dict."""
+    cfg = cfg.to_dict() if isinstance(cfg, Flow) else dict(cfg or {})
     return FlowPath(
         **{k: cfg[k] for k in ("schedule", "time_sampling", "logit_mean", "logit_std", "t_eps") if k in cfg}
     )

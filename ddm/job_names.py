@@ -9,6 +9,8 @@ for them live in ``ddm.launch.sbatch``).
 
 from __future__ import annotations
 
+from ddm.settings import Settings
+
 EXPERT_STAGE = "train-expert"
 ROUTER_JOB = "router"
 ROUTER_STAGE = "train-router"
@@ -25,7 +27,7 @@ def expert_stage_job(expert_id: int) -> str:
     return f"{EXPERT_STAGE}-{int(expert_id):02d}"
 
 
-def stage_job(stage: str, cfg) -> str:
+def stage_job(stage: str, cfg: Settings) -> str:
     """The job a stage run stands for: the stage name, or ``train-expert-KK`` for an expert."""
     return expert_stage_job(int(cfg.expert.id)) if stage == EXPERT_STAGE else stage
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from ddm.settings import Island
+
 # Every launcher's name for a process's rank; a job's global rank 0 has none of them above 0.
 RANK_VARIABLES = ("RANK", "SLURM_PROCID", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK")
 
@@ -28,10 +30,10 @@ def is_global_rank_zero(env=None) -> bool:
     return True
 
 
-def island_processes(island) -> int | None:
+def island_processes(island: Island) -> int | None:
     """How many processes one job of ``island`` runs (devices x nodes), or None where the config leaves it
     to Lightning (``devices: auto`` or a list of device ids)."""
-    devices, nodes = island.get("devices", 1), island.get("num_nodes", 1) or 1
+    devices, nodes = island.devices, island.num_nodes or 1
     if isinstance(devices, bool) or not isinstance(devices, int) or not isinstance(nodes, int):
         return None
     return devices * nodes

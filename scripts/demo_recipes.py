@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddm.artifacts import RunDir  # noqa: E402
-from ddm.config import compose  # noqa: E402
+from ddm.config import settings  # noqa: E402
 from ddm.io import read_json, write_json  # noqa: E402
 from ddm.stages import pipeline  # noqa: E402
 from ddm.stages.runner import run_stage  # noqa: E402
@@ -145,7 +145,7 @@ def main() -> None:
         if start:
             reuse(start[0], RunDir(rd.root.parent / start[1]), rd)
         quick = [] if args.full_eval else QUICK_EVAL
-        cfg = compose(
+        cfg = settings(
             [*args.common.split(), *overrides, *quick, f"run_dir={rd.root}", f"eval.num_samples={args.samples}"]
         )
         done = rd.root / "recipe.json"

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddm.artifacts import RunDir  # noqa: E402
-from ddm.config import compose  # noqa: E402
+from ddm.config import settings  # noqa: E402
 from ddm.grow.measure import class_rates, digits_classifier, source_classifier  # noqa: E402
 from ddm.io import read_json, sha256_file  # noqa: E402
 from ddm.stages import pipeline  # noqa: E402
@@ -53,13 +53,13 @@ def main() -> None:
         shutil.rmtree(root)
     base, new = root / "base", root / "new"
 
-    cfg = compose([*overrides, f"run_dir={base}", f"data.classes=[{','.join(map(str, args.old))}]"])
+    cfg = settings([*overrides, f"run_dir={base}", f"data.classes=[{','.join(map(str, args.old))}]"])
     pipeline.run(cfg)
     rd = RunDir(base)
     K = int(read_json(rd.partitions_index)["num_clusters"])
     before = {k: sha256_file(rd.expert_weights(k)) for k in range(K)}
-    run_stage("prepare", compose([*overrides, f"run_dir={new}", f"data.classes=[{','.join(map(str, args.new))}]"]))
-    grown = run_stage("extend", compose([*overrides, f"run_dir={base}", f"extend.shards={new / 'data'}"]))
+    run_stage("prepare", settings([*overrides, f"run_dir={new}", f"data.classes=[{','.join(map(str, args.new))}]"]))
+    grown = run_stage("extend", settings([*overrides, f"run_dir={base}", f"extend.shards={new / 'data'}"]))
 
     if cfg.data.source == "digits":
         classify = digits_classifier()

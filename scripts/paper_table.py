@@ -24,21 +24,24 @@ def main(argv: list[str] | None = None) -> dict:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return {}
-    from hydra.errors import CompactHydraException
-
     from ddm.cli import USER_ERROR_STATUS, config_error_line, report_user_error, setup_logging, show_tracebacks
-    from ddm.config import compose
+    from ddm.config import CONFIG_ERRORS, settings
     from ddm.errors import UserError
     from ddm.experiments.paper_table import run
 
     try:
-        cfg = compose(argv)
-    except CompactHydraException as error:  # a bad override: one line, as `ddm <stage>` prints it
+        cfg = settings(argv)
+    except UserError as error:  # a key no config file declares, a value of the wrong type: one line too
+        if show_tracebacks():
+            raise
+        report_user_error(PROG, error)
+        sys.exit(USER_ERROR_STATUS)
+    except CONFIG_ERRORS as error:  # a bad override: one line, as `ddm <stage>` prints it
         if show_tracebacks():
             raise
         report_user_error(PROG, config_error_line(error))
         sys.exit(USER_ERROR_STATUS)
-    setup_logging(cfg.get("log_level", "INFO"))
+    setup_logging(cfg.log_level)
     try:
         result = run(cfg)
     except UserError as error:  # as `ddm <stage>`: one line, status 2; debug=true shows the traceback

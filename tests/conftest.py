@@ -1,4 +1,4 @@
-"""Shared fixtures: configs composed exactly as the CLI composes them, in a temp run dir."""
+"""Shared fixtures: settings made exactly as the CLI makes them, in a temp run dir."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture
 def make_cfg(tmp_path):
-    """``make_cfg("data=digits", ...)`` -> a composed config whose run_dir is a temp folder."""
-    from ddm.config import compose
+    """``make_cfg("data=digits", ...)`` -> the typed settings of a config composed as the CLI composes it, whose
+    run_dir is a temp folder."""
+    from ddm.config import settings
 
     def _make(*overrides, run_dir=None):
         run_dir = run_dir or tmp_path / "run"
-        return compose([f"run_dir={run_dir}", *overrides])
+        return settings([f"run_dir={run_dir}", *overrides])
 
     return _make
 

@@ -7,12 +7,12 @@ import subprocess
 import sys
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
-from ddm.config import CONF_DIR
+from ddm.config import settings
 from ddm.data.shards import ShardSetWriter
 from ddm.io import sha256_strings, write_json
+from ddm.settings import Settings
 
 # One expert or router job in seconds on 2 CPU cores, on a fabricated partition: the tests' one fast setting.
 FAST_JOB = (
@@ -75,17 +75,22 @@ def make_partitions(
     return rd
 
 
-def cluster_cfg(run: RunDir, method: str, **overrides):
-    """The real conf/cluster/<method>.yaml under a minimal root, for the cluster and partition stages alone.
+def _override_value(value) -> str:
+    """``value`` as a Hydra override writes it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "null" if value is None else str(value)
 
-    Keyword overrides use ``__`` for dots: ``cluster__k=2`` sets ``cluster.k``.
+
+def cluster_cfg(run: RunDir, method: str, **overrides) -> Settings:
+    """The settings of the real conf/cluster/<method>.yaml in the run ``run``, for the cluster and partition stages
+    alone.
+
+    Keyword overrides use ``__`` for dots: ``cluster__k=2`` sets ``cluster.k``. They are given as command-line
+    overrides, so ``seed=1`` moves ``cluster.seed`` too (``${seed}``) unless ``cluster__seed`` is given.
     """
-    cfg = OmegaConf.create(
-        dict(run_dir=str(run.root), seed=0, redo=False, cluster=OmegaConf.load(CONF_DIR / "cluster" / f"{method}.yaml"))
-    )
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key.replace("__", "."), value)
-    return cfg
+    given = [f"{key.replace('__', '.')}={_override_value(value)}" for key, value in overrides.items()]
+    return settings([f"run_dir={run.root}", f"cluster={method}", *given])
 
 
 def train_expert_on_two_ranks(rd: RunDir, cwd, *overrides: str, env: dict | None = None):

@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
+from ddm.settings import Island, build
 from ddm.train.fsdp import full_copy, sharding_units
 from ddm.train.trainer import build_trainer, last_checkpoint
 from tests.test_optimizer_steps import FixedNoiseExpert
@@ -56,8 +56,16 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, 1, 8, 8, generator=g), torch.randint(3, (BATCH,), generator=g)
 
 
-def island_config(strategy: str, nodes: int, devices: int, sharding: str = "full", checkpointing: bool = False):
-    return OmegaConf.create(
+def island_config(
+    strategy: str,
+    nodes: int,
+    devices: int,
+    sharding: str = "full",
+    checkpointing: bool = False,
+    precision: str = "32-true",
+) -> Island:
+    return build(
+        Island,
         dict(
             accelerator="cpu",
             devices=devices,
@@ -65,10 +73,11 @@ def island_config(strategy: str, nodes: int, devices: int, sharding: str = "full
             strategy=strategy,
             sharding=sharding,
             activation_checkpointing=checkpointing,
-            precision="32-true",
+            precision=precision,
             threads=1,
             accumulate_grad_batches=1,
-        )
+        ),
+        "island",
     )
 
 

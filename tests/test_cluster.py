@@ -12,6 +12,7 @@ from ddm.artifacts import RunDir
 from ddm.cluster import clustering_id, load_assignments
 from ddm.cluster.kmeans import EmptyClusterError, flat_kmeans, random_partition, renumber_by_size, two_stage_kmeans
 from ddm.data.shards import ShardSetWriter, load_manifest
+from ddm.errors import BadInput
 from ddm.io import read_json, sha256_strings, write_json
 from ddm.stages import cluster as cluster_stage
 from tests.fabricate import cluster_cfg
@@ -256,7 +257,9 @@ def test_skip_unless_redo(tmp_path):
     run, _ = make_run(tmp_path)
     first = cluster_stage.run(cfg_for(run, "flat"))
     (run.clusters / "centroids.npy").unlink()
-    assert cluster_stage.run(cfg_for(run, "flat", cluster__k=2)) == first  # done: config change ignored
+    assert cluster_stage.run(cfg_for(run, "flat")) == first  # done with these settings: skipped
+    with pytest.raises(BadInput, match=r"was made with other settings \(cluster\.k \d+ there, 2 now\).*redo=true"):
+        cluster_stage.run(cfg_for(run, "flat", cluster__k=2))  # other settings: refused, not taken for done
     assert not (run.clusters / "centroids.npy").exists()
     again = cluster_stage.run(cfg_for(run, "flat", redo=True))
     assert (run.clusters / "centroids.npy").exists() and again["clustering_id"] == first["clustering_id"]
@@ -281,7 +284,7 @@ def test_unknown_method(tmp_path):
 def test_cluster_configs_compose_with_the_root_config(make_cfg, option):
     cfg = make_cfg(f"cluster={option}", "seed=7")
     assert cfg.cluster.method == option and cfg.cluster.seed == 7
-    assert set(cfg.cluster) == {
+    assert set(cfg.cluster.to_dict()) == {
         "method",
         "k",
         "fine_k",

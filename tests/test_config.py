@@ -37,8 +37,9 @@ def _leaves(node, prefix=()):
 def test_every_option_composes_and_resolves(make_cfg, group, option):
     override = f"experiment={option}" if group == "experiment" else f"{group}={option}"
     required = REQUIRED.get((group, option), [])
-    cfg = make_cfg(override, *required)
-    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    settings = make_cfg(override, *required)  # the typed settings: every value type-checked at the door
+    resolved = settings.to_dict()
+    assert "???" not in str(resolved), f"{override}: a mandatory value is unset"
     # the option chosen is the one composed: every value its file sets is the composed config's value
     # (an experiment's at the top level, its own `# @package _global_`; other options' under their group),
     # but for interpolations (resolved against the whole config) and the required values given above

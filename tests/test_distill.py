@@ -9,7 +9,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
 from ddm.distill.training import DistillModule, distill_target, teacher_velocity
@@ -31,9 +30,9 @@ DISTILL_FAST = ("distill.batch_size=8", "distill.warmup_steps=2", "distill.shuff
 
 
 def compose_cfg(run_dir, *overrides):
-    from ddm.config import compose
+    from ddm.config import settings
 
-    return compose(["experiment=tiny", f"run_dir={run_dir}", *FAST_JOB, "expert.steps=3", *DISTILL_FAST, *overrides])
+    return settings(["experiment=tiny", f"run_dir={run_dir}", *FAST_JOB, "expert.steps=3", *DISTILL_FAST, *overrides])
 
 
 def train_experts(run_dir, *overrides):
@@ -233,7 +232,7 @@ def test_sample_model_distilled_samples_with_the_student_alone(distilled, tmp_pa
     assert record["experts_used"] == [] and record["distilled_from"] == distilled[1]["distilled_from"]
     assert not (rd.samples / "usage.json").exists() and (rd.samples / "grid.png").exists()
     # the ensemble's settings are today's: no `model` key, so samples made before the option still count
-    assert "model" not in requested_settings(OmegaConf.to_container(sample_cfg(rd).sample, resolve=True))
+    assert "model" not in requested_settings(sample_cfg(rd).sample.to_dict())
 
 
 def test_a_missing_or_stale_student_is_refused(distilled, tmp_path):

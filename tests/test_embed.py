@@ -7,13 +7,14 @@ import re
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
 from ddm.data.shards import iter_samples, load_manifest, shard_paths
 from ddm.data.sources import SourceMeta
 from ddm.embed import PixelEncoder, build_encoder, embedding_file, keys_file, load_embeddings_manifest
 from ddm.io import read_json
+from ddm.settings import Embed
+from ddm.settings.values import build
 from ddm.stages import embed, prepare
 
 DIGITS_META = SourceMeta(image_size=8, channels=1, num_classes=10, class_names=None)
@@ -157,15 +158,17 @@ def test_pixels_projection_is_fixed_by_its_seed():
 
 def test_unknown_encoder_is_named():
     with pytest.raises(ValueError, match="embed.encoder='dino'.*open_clip"):
-        build_encoder(OmegaConf.create(dict(encoder="dino")), DIGITS_META)
+        build_encoder(build(Embed, dict(encoder="dino"), "embed"), DIGITS_META)
 
 
 # ------------------------------------------------------------------ open_clip encoder
 
 
 def clip_cfg(**kw):
-    return OmegaConf.create(
-        dict(encoder="open_clip", model=SMALL_CLIP, pretrained=None, image_size=64, device="cpu", batch_size=16) | kw
+    return build(
+        Embed,
+        dict(encoder="open_clip", model=SMALL_CLIP, pretrained=None, image_size=64, device="cpu", batch_size=16) | kw,
+        "embed",
     )
 
 
@@ -237,8 +240,11 @@ def test_embed_stage_with_open_clip_is_reproducible(make_cfg):
 
 
 def torchvision_cfg(**kw):
-    return OmegaConf.create(
-        dict(encoder="torchvision", model="mobilenet_v2", weights=None, image_size=32, device="cpu", batch_size=16) | kw
+    return build(
+        Embed,
+        dict(encoder="torchvision", model="mobilenet_v2", weights=None, image_size=32, device="cpu", batch_size=16)
+        | kw,
+        "embed",
     )
 
 

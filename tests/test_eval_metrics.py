@@ -532,14 +532,12 @@ class _Stop(Exception):
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit's deprecation notices
 def test_the_evaluate_stage_loads_the_inception_onto_eval_device(make_cfg, monkeypatch, tmp_path):
-    from omegaconf import OmegaConf
-
     from ddm.eval.run import feature_spaces
     from ddm.stages import evaluate
 
     path = tmp_path / "weighted_inception.pt"
     torch.jit.save(torch.jit.script(_WithWeight()), str(path))
-    inc = feature_spaces.load_inception(OmegaConf.create(dict(inception_weights=str(path))), device="meta")
+    inc = feature_spaces.load_inception(make_cfg(f"eval.inception_weights={path}").eval, device="meta")
     assert inc.model.w.device.type == "meta"
 
     asked = []

@@ -48,12 +48,12 @@ def eval_group() -> list[str]:
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
-    from ddm.config import compose
+    from ddm.config import settings
 
     root = tmp_path_factory.mktemp("tiny-eval")
 
     def make_cfg(*extra, run_dir=None):
-        return compose(
+        return settings(
             [
                 "experiment=tiny",
                 f"run_dir={run_dir or root / 'run'}",
@@ -307,13 +307,13 @@ def test_heldout_test_split_gets_clusters_by_the_clustering_rule(tmp_path):
     import numpy as np
 
     from ddm.cluster import load_assignments
-    from ddm.config import compose
+    from ddm.config import settings
     from ddm.eval.heldout import load_images
     from ddm.eval.run.clusters import cluster_labels, nearest_centroid
     from ddm.eval.run.heldout import heldout_dir, prepare_heldout
     from ddm.stages import cluster, embed, prepare
 
-    cfg = compose(
+    cfg = settings(
         [
             f"run_dir={tmp_path / 'run'}",
             *eval_group(),

@@ -16,7 +16,7 @@ import torch
 
 from ddm.artifacts import RunDir
 from ddm.cluster import load_assignments
-from ddm.config import compose
+from ddm.config import settings
 from ddm.data.shards import iter_samples, load_manifest, shard_paths
 from ddm.errors import BadInput, MissingInput
 from ddm.grow.clusters import check_mode, grown_report
@@ -47,7 +47,7 @@ def keys_of(folder) -> list[str]:
 @pytest.fixture(scope="module")
 def grown(tmp_path_factory):
     root = tmp_path_factory.mktemp("grow")
-    base = compose([*FAST, f"run_dir={root / 'base'}", classes(OLD)])
+    base = settings([*FAST, f"run_dir={root / 'base'}", classes(OLD)])
     pipeline.run(base)
     rd = RunDir(base.run_dir)
     before = dict(
@@ -57,9 +57,9 @@ def grown(tmp_path_factory):
         report=read_json(rd.cluster_report),
         router_accuracy=np.mean([r["accuracy"] for r in read_json(rd.router_record)["accuracy_by_t"]]),
     )
-    run_stage("prepare", compose([*FAST, f"run_dir={root / 'new'}", classes(NEW)]))
+    run_stage("prepare", settings([*FAST, f"run_dir={root / 'new'}", classes(NEW)]))
     shutil.copytree(rd.root, root / "pristine")  # the run before it grew, for the interrupted extension
-    extend_cfg = compose([*FAST, f"run_dir={rd.root}", f"extend.shards={root / 'new' / 'data'}"])
+    extend_cfg = settings([*FAST, f"run_dir={rd.root}", f"extend.shards={root / 'new' / 'data'}"])
     result = run_stage("extend", extend_cfg)
     return dict(rd=rd, root=root, before=before, result=result, extend_cfg=extend_cfg)
 
@@ -117,7 +117,7 @@ def test_samples_of_the_new_classes_come_from_the_new_expert(grown):
 def test_the_grown_run_samples_and_extending_again_changes_nothing(grown):
     rd = grown["rd"]
     ensemble, _, info = load_ensemble(rd.root)
-    assert info["num_experts"] == 3 and info["experts"] == [0, 1, 2]
+    assert info.num_experts == 3 and info.experts == [0, 1, 2]
     everything = {n: files_of(rd.root / n) for n in ("experts", "router", "partitions", "clusters", "data")}
     run_stage("extend", grown["extend_cfg"])
     assert {n: files_of(rd.root / n) for n in everything} == everything
@@ -170,30 +170,30 @@ def test_bad_extensions_are_refused_with_the_reason(grown, tmp_path, make_cfg):
     rd, root = grown["rd"], grown["root"]
     base = [*FAST, f"run_dir={rd.root}"]
     with pytest.raises(BadInput, match="extend.shards is not set"):
-        run_stage("extend", compose(base))
+        run_stage("extend", settings(base))
     with pytest.raises(BadInput, match="holds no manifest.json"):
-        run_stage("extend", compose([*base, f"extend.shards={tmp_path}"]))
+        run_stage("extend", settings([*base, f"extend.shards={tmp_path}"]))
     with pytest.raises(BadInput, match="the run's own data"):
-        run_stage("extend", compose([*base, f"extend.shards={rd.data}"]))
+        run_stage("extend", settings([*base, f"extend.shards={rd.data}"]))
     with pytest.raises(BadInput, match="extend.mode='grow'"):
-        run_stage("extend", compose([*base, f"extend.shards={root / 'new' / 'data'}", "extend.mode=grow"]))
+        run_stage("extend", settings([*base, f"extend.shards={root / 'new' / 'data'}", "extend.mode=grow"]))
     with pytest.raises(BadInput, match="cluster.method=random"):
         check_mode("assign", "random")
     # images the run holds already (class 4), and images of another size
-    run_stage("prepare", compose([*FAST, f"run_dir={tmp_path / 'again'}", classes([4, 5])]))
+    run_stage("prepare", settings([*FAST, f"run_dir={tmp_path / 'again'}", classes([4, 5])]))
     with pytest.raises(BadInput, match="already in the run"):
-        run_stage("extend", compose([*base, f"extend.shards={tmp_path / 'again' / 'data'}"]))
-    big = compose([*FAST, f"run_dir={tmp_path / 'big'}", "data.resize=16", "data.image_size=16", classes([5])])
+        run_stage("extend", settings([*base, f"extend.shards={tmp_path / 'again' / 'data'}"]))
+    big = settings([*FAST, f"run_dir={tmp_path / 'big'}", "data.resize=16", "data.image_size=16", classes([5])])
     run_stage("prepare", big)
     with pytest.raises(BadInput, match="image_size=16"):
-        run_stage("extend", compose([*base, f"extend.shards={tmp_path / 'big' / 'data'}"]))
+        run_stage("extend", settings([*base, f"extend.shards={tmp_path / 'big' / 'data'}"]))
     # a shard changed on its way
     damaged = tmp_path / "damaged"
     shutil.copytree(root / "new" / "data", damaged)
     shard = sorted(damaged.glob("shard-*.tar"))[0]
     shard.write_bytes(shard.read_bytes()[:-512])
     with pytest.raises(BadInput, match="checksum"):
-        run_stage("extend", compose([*base, f"extend.shards={damaged}"]))
+        run_stage("extend", settings([*base, f"extend.shards={damaged}"]))
     with pytest.raises(MissingInput, match="no finished clustering"):
         run_stage("extend", make_cfg(*FAST, f"extend.shards={root / 'new' / 'data'}", run_dir=tmp_path / "empty"))
 
@@ -218,12 +218,12 @@ def assigned(tmp_path_factory):
     exactly where they started."""
     root = tmp_path_factory.mktemp("assign")
     common = ["experiment=tiny", "island.threads=1", "expert.steps=10", "router.steps=10", "sample.per_class=1"]
-    pipeline.run(compose([*common, f"run_dir={root / 'base'}", classes(OLD)]))
+    pipeline.run(settings([*common, f"run_dir={root / 'base'}", classes(OLD)]))
     rd = RunDir(root / "base")
     old = {k: (sha256_file(rd.expert_weights(k)), torch.load(rd.expert_weights(k))["state_dict"]) for k in range(2)}
     old_id = read_json(rd.cluster_report)["clustering_id"]
-    run_stage("prepare", compose([*common, f"run_dir={root / 'new'}", classes(NEW)]))
-    cfg = compose(
+    run_stage("prepare", settings([*common, f"run_dir={root / 'new'}", classes(NEW)]))
+    cfg = settings(
         [
             *common,
             f"run_dir={rd.root}",
@@ -263,7 +263,7 @@ def test_a_fine_tune_refuses_a_start_of_another_kind(assigned, tmp_path):
     shutil.copytree(rd.root, copy.root)
     k = result["clusters"][0]
     start = copy.root / "history" / old_id / f"expert-{k:02d}" / "expert.pt"
-    cfg = compose(
+    cfg = settings(
         [
             "experiment=tiny",
             f"run_dir={copy.root}",
@@ -281,7 +281,7 @@ def test_a_fine_tune_refuses_a_start_of_another_kind(assigned, tmp_path):
 def test_status_says_the_run_grew_and_lists_a_student(grown, tmp_path, capsys):
     copy = RunDir(tmp_path / "copy")
     shutil.copytree(grown["rd"].root, copy.root)
-    cfg = compose([f"run_dir={copy.root}"])
+    cfg = settings([f"run_dir={copy.root}"])
     table = run_stage("status", cfg)
     assert table["k"] == 3 and table["distilled"] is None and [e["state"] for e in table["experts"]] == ["done"] * 3
     assert "grown from K=2 by `ddm extend`, 1 time(s)" in capsys.readouterr().out
@@ -297,7 +297,7 @@ def test_an_interrupted_extension_finishes_where_it_stopped(grown, tmp_path, mon
 
     rd = RunDir(tmp_path / "run")
     shutil.copytree(grown["root"] / "pristine", rd.root)
-    cfg = compose([*FAST, f"run_dir={rd.root}", f"extend.shards={grown['root'] / 'new' / 'data'}"])
+    cfg = settings([*FAST, f"run_dir={rd.root}", f"extend.shards={grown['root'] / 'new' / 'data'}"])
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed after the data was appended")
@@ -324,13 +324,13 @@ def test_a_missing_or_changed_start_is_refused(assigned, tmp_path):
     k = result["clusters"][0]
     manifest = load_manifest(rd.partition(k))
     with pytest.raises(MissingInput, match="expert.init=.*no such file"):
-        initial_weights(compose([f"run_dir={rd.root}", f"expert.init={tmp_path / 'none.pt'}"]), rd, manifest)
+        initial_weights(settings([f"run_dir={rd.root}", f"expert.init={tmp_path / 'none.pt'}"]), rd, manifest)
     copy = RunDir(tmp_path / "copy")
     shutil.copytree(rd.root, copy.root)
     start = copy.root / manifest["previous_expert"]["path"]
     start.write_bytes(start.read_bytes() + b"x")  # changed on its way
     with pytest.raises(Unusable, match="does not match the sha256"):
-        initial_weights(compose([f"run_dir={copy.root}"]), copy, manifest)
+        initial_weights(settings([f"run_dir={copy.root}"]), copy, manifest)
     start.unlink()
     with pytest.raises(MissingInput, match="fine-tunes from .*expert.init=scratch"):
-        initial_weights(compose([f"run_dir={copy.root}"]), copy, manifest)
+        initial_weights(settings([f"run_dir={copy.root}"]), copy, manifest)

@@ -71,8 +71,7 @@ def test_full_precision_islands_gather_in_the_parameters_own_dtype(one_rank_grou
 
 
 def test_the_island_strategy_takes_its_policy_from_the_island_precision():
-    bf16 = island_config("fsdp", 1, 2)
-    bf16.precision = "bf16-mixed"
+    bf16 = island_config("fsdp", 1, 2, precision="bf16-mixed")
     assert island_strategy(bf16).policy_for("cuda").param_dtype == torch.bfloat16
     assert island_strategy(bf16).policy_for("cpu").param_dtype is None  # see mixed_precision_policy
     assert island_strategy(island_config("fsdp", 1, 2)).policy_for("cuda").param_dtype is None  # 32-true

@@ -26,12 +26,12 @@ EXPERTS = {
 
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory):
-    from ddm.config import compose
+    from ddm.config import settings
 
     root = tmp_path_factory.mktemp("mixed")
 
     def cfg(*extra):
-        return compose(["experiment=tiny", f"run_dir={root / 'run'}", *STEPS, *extra])
+        return settings(["experiment=tiny", f"run_dir={root / 'run'}", *STEPS, *extra])
 
     for stage in BEFORE_EXPERTS:
         run_stage(stage, cfg())
@@ -62,7 +62,7 @@ def test_the_mixed_ensemble_samples_end_to_end(mixed_run):
     assert (rd.samples / "grid.png").exists() and record["num_images"] > 0 and record["experts_loaded"] == [0, 1]
     for strategy, cfg_scale in (("full", 2.0), ("top1", 1.0)):
         ensemble, path, info = load_ensemble(rd.root, strategy=strategy)
-        assert info["expert_models"] == {
+        assert info.expert_models == {
             0: dict(size="DiT-T/2", target="velocity"),
             1: dict(size="DiT-S/4", target="eps"),
         }
@@ -89,11 +89,11 @@ def test_the_report_names_each_experts_kind(mixed_run):
 
 
 def test_evaluate_measures_the_velocity_of_every_expert(mixed_run):
-    from ddm.config import compose
+    from ddm.config import settings
     from ddm.stages import evaluate
 
     _, rd, root = mixed_run
-    cfg = compose(
+    cfg = settings(
         [
             "experiment=tiny",
             f"run_dir={rd.root}",

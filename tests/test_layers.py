@@ -8,7 +8,9 @@
   helpers, hold to the same rule; the launchers never reach the stages or training;
 - Lightning is imported only by the training modules (``ddm.train``, and the
   distillation's ``ddm.distill.training``); Hydra only by the command line
-  (``ddm.cli``) and the config composer (``ddm.config``);
+  (``ddm.cli``) and the config composer (``ddm.config``), and OmegaConf only there
+  and by the key check (``ddm.config_check``): below the door every stage and
+  library function takes typed settings (``ddm.settings``), never the config object;
 - ``ddm/stages/`` holds the stages and their runner, nothing else, and no stage
   imports another stage;
 - no ddm module imports itself back through a cycle, and no folder of ddm does
@@ -63,6 +65,8 @@ ONLY_IMPORTED_BY = {
     "lightning": TRAINING,
     "pytorch_lightning": TRAINING,
     "hydra": ("ddm.cli", "ddm.config"),
+    # the config object stays at the door: below it, stages and the library take ddm.settings.Settings
+    "omegaconf": ("ddm.cli", "ddm.config", "ddm.config_check"),
 }
 
 

@@ -200,7 +200,8 @@ def test_pipeline_trains_its_experts_side_by_side(tmp_path):
     [
         ("submit.parallel=0", r"submit.parallel=0: at least one job must run at a time"),
         ("submit.parallel=-2", r"submit.parallel=-2: at least one job"),
-        ("submit.parallel=two", r"submit.parallel='two': give the number of jobs"),
+        # refused at the door: a value of the wrong type never reaches the launcher
+        ("submit.parallel=two", r"submit.parallel='two' is not an integer or 'auto': give submit.parallel an integer"),
         ("submit.launcher=pbs", r"submit.launcher='pbs' is not one of slurm, local"),
         (
             "island.num_nodes=2",

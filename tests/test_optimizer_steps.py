@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from ddm.errors import BadInput
 from ddm.flow import FlowPath, PathSample
+from ddm.settings import Island, build
 from ddm.stages import train_expert
 from ddm.train.modules import ExpertModule
 from ddm.train.trainer import build_trainer
@@ -49,16 +49,20 @@ def _train(tmp_path, accumulate: int, grad_clip: float | None = None, steps: int
         label_dropout=0.0,
         ema_decay=0.9,
     )
-    island = OmegaConf.create(
+    island = build(
+        Island,
         dict(
             accelerator="cpu",
             devices=1,
             num_nodes=1,
             strategy="auto",
+            sharding="full",
+            activation_checkpointing=False,
             precision="32-true",
             threads=1,
             accumulate_grad_batches=accumulate,
-        )
+        ),
+        "island",
     )
     trainer = build_trainer(
         island, tmp_path / f"acc{accumulate}-{grad_clip}", steps, ckpt_every=100, logger=False, grad_clip=grad_clip

@@ -37,10 +37,10 @@ EXPECTED_ROWS = {
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
-    from ddm.config import compose
+    from ddm.config import settings
 
     root = tmp_path_factory.mktemp("paper-tiny")
-    cfg = compose(
+    cfg = settings(
         ["experiment=paper_tiny", f"run_dir={root / 'table'}", f"eval.feature_net.cache_dir={root / 'cache'}"]
     )
     return cfg, run(cfg)
@@ -88,7 +88,7 @@ def test_ddm_and_monolith_spend_the_same_training_flops(table):
     cfg, out = table
     rows = read_json(out["results"])["rows"]
     plan = make_plan(cfg)
-    one_monolith_step = 3 * plan.expert_forward * int(cfg.paper.monolith_batch)
+    one_monolith_step = 3 * plan.expert_forward * int(cfg.paper["monolith_batch"])
     for budget in (6, 12):
         mono = next(r for r in rows if r["config"] == "monolith" and r["budget"] == budget)
         ddm = next(r for r in rows if r["config"] == "clustered-k2" and r["budget"] == budget)
@@ -280,21 +280,21 @@ def test_flops_ticks_label_each_point_unless_labels_would_overlap():
 def test_small_preset_plan_matches_the_paper_setup(make_cfg):
     cfg = make_cfg("experiment=paper_small")
     plan = make_plan(cfg)
-    batch = int(cfg.paper.monolith_batch)
+    batch = int(cfg.paper["monolith_batch"])
     runs = {(r.config.name, r.budget): r for r in plan.runs}
-    assert len(set(int(b) for b in cfg.paper.budgets)) >= 3
+    assert len(set(int(b) for b in cfg.paper["budgets"])) >= 3
     for r in plan.runs:
         assert r.expert_batch * r.config.k == batch
         if r.config.k > 1:
             assert r.expert_steps == r.budget
-    largest = max(int(b) for b in cfg.paper.budgets)
+    largest = max(int(b) for b in cfg.paper["budgets"])
     assert CLASS_EXPERT in runs[("clustered-k4", largest)].rows
     assert {"top1", "full", "sample", "threshold", "nucleus", SEPARATE_CFG} <= set(runs[("clustered-k8", largest)].rows)
     assert cfg.sample.threshold == 0.1 and cfg.sample.top_p == 0.9  # the table's values of the two options
     # the monolith's extra steps cost at least the largest router's training FLOPs, and less than one step more
     for b, extra in plan.monolith_extra_steps.items():
         router = max(
-            3 * f * int(cfg.router.batch_size) * max(1, round(float(cfg.paper.router_steps_ratio) * b))
+            3 * f * int(cfg.router.batch_size) * max(1, round(float(cfg.paper["router_steps_ratio"]) * b))
             for f in plan.router_forward.values()
         )
         step = 3 * plan.expert_forward * batch
@@ -328,12 +328,12 @@ def test_script_reports_a_config_without_a_grid_in_one_line(capsys, monkeypatch)
     assert err.startswith("scripts/paper_table.py: error: the config has no `paper` key") and err.count("\n") == 1
 
 
-def test_estimate_times_a_gpu_island_on_the_gpu_it_finds_else_the_cpu():
-    from omegaconf import OmegaConf
-
+def test_estimate_times_a_gpu_island_on_the_gpu_it_finds_else_the_cpu(make_cfg):
     from ddm.experiments.paper_table.estimate import training_device
+    from ddm.settings import changed
 
+    island = make_cfg().island
     visible = "cuda" if torch.cuda.is_available() else "cpu"
-    assert training_device(OmegaConf.create({"accelerator": "gpu"})).type == visible  # no error without a GPU
-    assert training_device(OmegaConf.create({"accelerator": "auto"})).type == visible
-    assert training_device(OmegaConf.create({"accelerator": "cpu"})).type == "cpu"
+    assert training_device(changed(island, {"accelerator": "gpu"})).type == visible  # no error without a GPU
+    assert training_device(changed(island, {"accelerator": "auto"})).type == visible
+    assert training_device(changed(island, {"accelerator": "cpu"})).type == "cpu"

@@ -16,7 +16,7 @@ from ddm.sampling.draw import DISTILLED
 def test_small_preset_has_the_distilled_mixed_and_sweep_rows_at_the_largest_budget(make_cfg):
     cfg = make_cfg("experiment=paper_small")
     plan = make_plan(cfg)
-    largest = max(int(b) for b in cfg.paper.budgets)
+    largest = max(int(b) for b in cfg.paper["budgets"])
     runs = {(r.config.name, r.budget): r for r in plan.runs}
     for k in (2, 4, 8):
         assert DISTILLED in runs[(f"clustered-k{k}", largest)].rows
@@ -72,11 +72,9 @@ def test_bad_values_fail_before_training_with_one_line(make_cfg, override, messa
 
 
 def test_sweep_is_skipped_without_labels(make_cfg):
-    from omegaconf import open_dict
+    from ddm.settings import changed
 
-    cfg = make_cfg("experiment=paper_tiny")
-    with open_dict(cfg):
-        cfg.data.num_classes = 0
+    cfg = changed(make_cfg("experiment=paper_tiny"), {"data.num_classes": 0})
     plan = make_plan(cfg)
     assert not any(r.cfg_sweep for r in plan.runs)
     assert any("guidance sweep is skipped" in note for note in plan.notes)

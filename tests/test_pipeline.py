@@ -35,10 +35,10 @@ STAGE_OUTPUTS = (
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from ddm.config import compose
+    from ddm.config import settings
 
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    cfg = compose(["experiment=tiny", f"run_dir={run_dir}"])
+    cfg = settings(["experiment=tiny", f"run_dir={run_dir}"])
     pipeline.run(cfg)
     return cfg, RunDir(run_dir)
 

@@ -125,9 +125,8 @@ def test_a_multi_node_island_all_reduces_over_the_network(make_cfg):
     ],
 )
 def test_bad_plan_input_is_named(make_cfg, override, named):
-    cfg = make_cfg("experiment=imagenet256", "data.root=/nowhere", "island=gpu8_ddp", override)
-    with pytest.raises(BadInput, match=re.escape(named)):
-        run_stage("plan", cfg)
+    with pytest.raises(BadInput, match=re.escape(named)):  # a value of the wrong type is refused at the door
+        run_stage("plan", make_cfg("experiment=imagenet256", "data.root=/nowhere", "island=gpu8_ddp", override))
 
 
 def test_the_text_preset_plans_text_experts(make_cfg):

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
-from ddm.config import CONF_DIR
+from ddm.config import settings
 from ddm.ensemble import Ensemble
 from ddm.errors import BadInput
 from ddm.flow import FlowPath
@@ -22,6 +23,7 @@ from ddm.models.dit import DiT, DiTClassifier
 from ddm.models.velocity import VelocityModel
 from ddm.sampling import load_ensemble, load_expert, num_evaluations, sample
 from ddm.sampling.solvers import check_cfg_interval, evaluation_times, guided_evaluations
+from ddm.settings import changed
 
 
 # ---- solvers on analytic fields --------------------------------------------------------------
@@ -362,7 +364,7 @@ def test_load_ensemble_builds_a_working_model(tmp_path):
     rd = make_run(tmp_path, K=2)
     ens, path, info = load_ensemble(rd.root, strategy="topk", top_k=2)
     assert isinstance(ens, Ensemble) and path.schedule == "linear"
-    assert info["experts"] == [0, 1] and info["num_classes"] == NUM_CLASSES and info["clustering_id"] == "abc"
+    assert info.experts == [0, 1] and info.num_classes == NUM_CLASSES and info.clustering_id == "abc"
     x = sample(ens, path, (4, 1, IMAGE, IMAGE), y=torch.arange(4) % 3, steps=2, cfg_scale=2.0)
     assert x.shape == (4, 1, IMAGE, IMAGE) and torch.isfinite(x).all()
 
@@ -435,7 +437,7 @@ def test_loader_lists_missing_experts_unless_a_subset_is_given(tmp_path):
     ):
         load_ensemble(rd.root)
     ens, _, info = load_ensemble(rd.root, subset=[0, 2])
-    assert info["experts"] == [0, 2] and ens.active_ids == [0, 2]
+    assert info.experts == [0, 2] and ens.active_ids == [0, 2]
     with pytest.raises(FileNotFoundError, match=r"experts \[3\] are missing"):
         load_ensemble(rd.root, subset=[2, 3])
 
@@ -448,7 +450,7 @@ def test_experts_of_different_sizes_and_targets_make_one_ensemble(tmp_path):
     save_expert(rd, 1, K=3, size="DiT-T/4", target="eps")
     save_expert(rd, 2, K=3, size="DiT-N/2", target="x0")
     ens, path, info = load_ensemble(rd.root, strategy="full")
-    assert info["expert_models"] == {
+    assert info.expert_models == {
         0: dict(size="DiT-N/4", target="velocity"),
         1: dict(size="DiT-T/4", target="eps"),
         2: dict(size="DiT-N/2", target="x0"),
@@ -496,14 +498,17 @@ def test_loader_needs_a_router(tmp_path):
 
 
 # ---- the sample stage -----------------------------------------------------------------------
+@functools.cache
+def _stage_settings():
+    """The default settings at seed 7 (conf/sample/default.yaml as cfg.sample), composed once."""
+    return settings(["seed=7", "redo=false"])
+
+
 def stage_cfg(run_dir, **sample_overrides):
-    """The root keys the stage reads, with conf/sample/default.yaml as cfg.sample."""
-    sample_cfg = OmegaConf.load(CONF_DIR / "sample" / "default.yaml")
-    cfg = OmegaConf.create(dict(run_dir=str(run_dir), seed=7, redo=False, sample=sample_cfg))
-    settings = dict(device="cpu", steps=3, solver="heun", per_class=2, num_samples=2, batch_size=4)
-    for key, value in {**settings, **sample_overrides}.items():
-        OmegaConf.update(cfg, f"sample.{key}", value)
-    return cfg
+    """The default settings with ``run_dir`` and a few sampling settings changed."""
+    fast = dict(device="cpu", steps=3, solver="heun", per_class=2, num_samples=2, batch_size=4)
+    changes = {f"sample.{key}": value for key, value in {**fast, **sample_overrides}.items()}
+    return changed(_stage_settings(), {"run_dir": str(run_dir), **changes})
 
 
 def test_sample_stage_end_to_end_and_skip(tmp_path):
@@ -542,8 +547,7 @@ def test_sample_stage_is_deterministic_in_the_seed(tmp_path):
     rd = make_run(tmp_path / "a", K=2)
     stage.run(stage_cfg(rd.root, strategy="sample", solver="euler", num_samples=0))
     first = np.load(rd.samples / "samples.npz")["images"]
-    cfg = stage_cfg(rd.root, strategy="sample", solver="euler", num_samples=0)
-    cfg.redo = True
+    cfg = changed(stage_cfg(rd.root, strategy="sample", solver="euler", num_samples=0), {"redo": True})
     stage.run(cfg)
     assert np.array_equal(first, np.load(rd.samples / "samples.npz")["images"])
 
@@ -624,9 +628,7 @@ def test_grid_rows_leave_runs_with_few_classes_unchanged():
 def test_a_bad_grid_rows_is_a_clear_error(bad):
     from ddm.sampling.draw import requested_settings
 
-    sc = OmegaConf.load(CONF_DIR / "sample" / "default.yaml")
-    sc.seed = 0
-    sc.grid_rows = bad
+    sc = dict(settings(["seed=0"]).sample.to_dict(), grid_rows=bad)  # conf/sample/default.yaml's values, as given
     with pytest.raises(BadInput, match=r"sample\.grid_rows"):
         requested_settings(sc)
 
@@ -640,7 +642,7 @@ def test_available_experts_sample_with_a_renormalised_router(tmp_path, caplog):
         load_ensemble(rd.root)
     with caplog.at_level("WARNING", logger="ddm"):
         ens, _, info = load_ensemble(rd.root, subset="available", strategy="full")
-    assert info["experts"] == [0, 2] and info["missing_experts"] == [1, 3] and ens.active_ids == [0, 2]
+    assert info.experts == [0, 2] and info.missing_experts == [1, 3] and ens.active_ids == [0, 2]
     assert "experts [1, 3] are missing" in caplog.text
     selected, weights = ens.route(
         torch.randn(5, 1, IMAGE, IMAGE), torch.full((5,), 0.5), torch.zeros(5, dtype=torch.long)
@@ -679,29 +681,37 @@ def test_available_still_refuses_another_clustering(tmp_path):
         load_ensemble(rd.root, subset="available")
 
 
+def _loaded(**fields):
+    """A ``LoadedModels`` of a small labelled run, with ``fields`` set."""
+    from ddm.sampling.loaded import LoadedModels
+
+    base = dict(num_experts=3, clustering_id="abc", flow={}, num_classes=10, image_size=8, in_channels=1)
+    return LoadedModels(**{**base, **fields})
+
+
 def test_guidance_is_refused_for_experts_with_an_untrained_null_label():
     from ddm.errors import BadInput
     from ddm.sampling.fit import check_guidance
 
-    info = dict(num_classes=10, expert_label_dropout={0: 0.1, 1: 0.0, 2: None})
+    info = _loaded(num_classes=10, expert_label_dropout={0: 0.1, 1: 0.0, 2: None})
     with pytest.raises(BadInput, match=r"sample.cfg_scale=1.5 .*experts \[1\] .*label_dropout=0"):
         check_guidance(info, 1.5)
     check_guidance(info, 1.0)  # no guidance: nothing to refuse
-    check_guidance(dict(info, num_classes=0), 1.5)  # unconditional: guidance is ignored anyway
-    check_guidance(dict(num_classes=10, expert_label_dropout={0: 0.1, 2: None}), 3.0)  # None: an older file
+    check_guidance(replace(info, num_classes=0), 1.5)  # unconditional: guidance is ignored anyway
+    check_guidance(_loaded(num_classes=10, expert_label_dropout={0: 0.1, 2: None}), 3.0)  # None: an older file
 
 
 def test_separate_guidance_routing_is_refused_for_a_router_with_an_untrained_null_label():
     from ddm.errors import BadInput
     from ddm.sampling.fit import check_guidance
 
-    info = dict(num_classes=10, expert_label_dropout={0: 0.1}, router_label_dropout=0.0)
+    info = _loaded(num_classes=10, expert_label_dropout={0: 0.1}, router_label_dropout=0.0)
     with pytest.raises(BadInput, match=r"cfg_routing=separate .*router.label_dropout=0"):
         check_guidance(info, 1.5, cfg_routing="separate")
     check_guidance(info, 1.5)  # shared routing never routes the null input
     check_guidance(info, 1.0, cfg_routing="separate")  # no guidance, no null input
-    check_guidance(dict(info, router_label_dropout=0.1), 1.5, cfg_routing="separate")
-    check_guidance(dict(info, router_label_dropout=None), 1.5, cfg_routing="separate")  # an older file
+    check_guidance(replace(info, router_label_dropout=0.1), 1.5, cfg_routing="separate")
+    check_guidance(replace(info, router_label_dropout=None), 1.5, cfg_routing="separate")  # an older file
 
 
 def test_a_velocity_model_must_define_forward():

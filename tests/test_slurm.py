@@ -50,21 +50,21 @@ def cluster():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny run up to its partitions, as the login node would prepare it."""
-    from ddm.config import compose
+    from ddm.config import settings
     from ddm.stages import cluster, embed, partition, prepare
 
     run_dir = tmp_path_factory.mktemp("slurm") / "run"
     ovr = [*JOB_OVERRIDES, f"run_dir={run_dir}"]
-    cfg = compose(ovr)
+    cfg = settings(ovr)
     for stage in (prepare, embed, cluster, partition):
         stage.run(cfg)
     return cfg, ovr, RunDir(run_dir)
 
 
 def _compose(ovr):
-    from ddm.config import compose
+    from ddm.config import settings
 
-    return compose(ovr)
+    return settings(ovr)
 
 
 def _submit(ovr):

@@ -26,18 +26,19 @@ from ddm.eval.fm_loss import fm_loss_summary
 from ddm.eval.run.context import EvaluationContext
 from ddm.job_names import ensemble_name, expert_job
 from ddm.sampling.draw import DISTILLED
+from ddm.settings import Settings
 
 
-def wants_distilled(cfg) -> bool:
+def wants_distilled(cfg: Settings) -> bool:
     """The evaluation has a distilled row: ``sample.model=distilled`` or ``distilled`` in ``eval.strategies``."""
-    listed = [str(s) for s in (cfg.eval.get("strategies") or [])]
-    return str(cfg.sample.get("model") or "ensemble") == DISTILLED or DISTILLED in listed
+    listed = [str(s) for s in (cfg.eval.strategies or [])]
+    return str(cfg.sample.model or "ensemble") == DISTILLED or DISTILLED in listed
 
 
 class DistilledContext(EvaluationContext):
     """The evaluate stage's context with the run's distilled student as the strategy ``distilled``."""
 
-    def __init__(self, cfg, rd, settings: dict, redo: bool):
+    def __init__(self, cfg: Settings, rd, settings: dict, redo: bool):
         super().__init__(cfg, rd, settings, redo)
         self.student, path, self.student_info = load_distilled(rd.root, device=self.device)
         self._check_same_task(path)
@@ -47,8 +48,8 @@ class DistilledContext(EvaluationContext):
 
     def _check_same_task(self, path) -> None:
         s, i = self.student_info, self.info
-        mine = (s["num_classes"], s["image_size"], s["in_channels"], path.schedule, s["clustering_id"])
-        theirs = (i["num_classes"], i["image_size"], i["in_channels"], i["flow"].get("schedule"), i["clustering_id"])
+        mine = (s.num_classes, s.image_size, s.in_channels, path.schedule, s.clustering_id)
+        theirs = (i.num_classes, i.image_size, i.in_channels, i.flow.get("schedule"), i.clustering_id)
         if mine != theirs:
             raise BadInput(
                 f"the distilled model (classes, image size, channels, flow schedule, clustering {mine}) does not "

@@ -22,6 +22,7 @@ from ddm.io import read_json, sha256_file
 from ddm.job_names import expert_job
 from ddm.sampling.checkpoints import expert_ids_on_disk, load_expert, verify_weights
 from ddm.sampling.draw import DISTILLED
+from ddm.sampling.loaded import LoadedModels
 
 log = logging.getLogger("ddm")
 
@@ -95,9 +96,10 @@ def check_distilled_current(source: dict | None, rd: RunDir, where) -> None:
 def load_distilled(run_dir: str | os.PathLike, device="cpu"):
     """``(student, flow_path, info)`` of the run's distilled model, checked to be current (see the module docstring).
 
-    ``info`` has the keys of ``load_ensemble``'s that a sampler reads (num_experts, clustering_id, flow,
-    num_classes, text, latents, image_size, in_channels) plus ``steps``, ``label_dropout`` and ``distilled_from``;
-    ``experts`` and ``missing_experts`` are empty (no expert runs when the student samples).
+    ``info`` (``LoadedModels``) has the fields of ``load_ensemble``'s that a sampler reads (num_experts,
+    clustering_id, flow, num_classes, text, latents, image_size, in_channels) plus the student's ``size``,
+    ``steps``, ``label_dropout`` and ``distilled_from``; ``experts`` and ``missing_experts`` are empty (no expert
+    runs when the student samples).
     """
     rd = RunDir(run_dir)
     path = rd.distilled_weights
@@ -110,7 +112,7 @@ def load_distilled(run_dir: str | os.PathLike, device="cpu"):
     net, meta = load_expert(path)
     check_distilled_current(meta.get("distilled_from"), rd, path)
     config = meta["model_config"]
-    info = dict(
+    info = LoadedModels(
         num_experts=int(meta["num_experts"]),
         experts=[],
         missing_experts=[],
@@ -129,11 +131,11 @@ def load_distilled(run_dir: str | os.PathLike, device="cpu"):
     return net.to(device).eval(), flow_path_from_config(meta["flow"]), info
 
 
-def check_student_guidance(info: dict, cfg_scale: float, key: str = "sample.cfg_scale") -> None:
+def check_student_guidance(info: LoadedModels, cfg_scale: float, key: str = "sample.cfg_scale") -> None:
     """Refuse guidance with a student whose null label was never trained (``distill.label_dropout=0``)."""
-    if float(cfg_scale) == 1.0 or not (info.get("num_classes") or info.get("text")):
+    if float(cfg_scale) == 1.0 or not (info.num_classes or info.text):
         return
-    p = info.get("label_dropout")
+    p = info.label_dropout
     if p is not None and float(p) <= 0:
         raise BadInput(
             f"{key}={cfg_scale} needs the distilled model's unconditional branch, but it was distilled with "

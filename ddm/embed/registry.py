@@ -33,6 +33,7 @@ from ddm.embed.openclip import OpenClipEncoder
 from ddm.embed.pixels import PixelEncoder
 from ddm.embed.torchvision_features import TorchvisionEncoder
 from ddm.errors import BadInput
+from ddm.settings import Embed
 
 __all__ = [
     "ENCODERS",
@@ -47,30 +48,30 @@ __all__ = [
 log = logging.getLogger("ddm")
 
 
-def _build_pixels(cfg, meta) -> PixelEncoder:
+def _build_pixels(cfg: Embed, meta) -> PixelEncoder:
     log.info(
         "embed: 'pixels' encoder (downsampled pixels: needs no pretrained weights); for clusters by "
         "meaning use embed=torchvision with a local embed.weights file (`make weights` fetches MobileNetV2) "
         "or embed=open_clip with a local embed.pretrained file"
     )
-    return PixelEncoder(channels=meta.channels, size=cfg.get("size", 16), dim=cfg.get("dim"), seed=cfg.get("seed", 0))
+    return PixelEncoder(channels=meta.channels, size=cfg.size, dim=cfg.dim, seed=cfg.seed)
 
 
-def _build_open_clip(cfg, meta) -> OpenClipEncoder:
+def _build_open_clip(cfg: Embed, meta) -> OpenClipEncoder:
     return OpenClipEncoder(
-        model=cfg.get("model", "ViT-B-32"),
-        pretrained=cfg.get("pretrained"),
-        image_size=cfg.get("image_size"),
-        device=cfg.get("device", "auto"),
+        model=cfg.model,
+        pretrained=cfg.pretrained,
+        image_size=cfg.image_size,
+        device=cfg.device,
     )
 
 
-def _build_torchvision(cfg, meta) -> TorchvisionEncoder:
+def _build_torchvision(cfg: Embed, meta) -> TorchvisionEncoder:
     return TorchvisionEncoder(
-        model=cfg.get("model", "mobilenet_v2"),
-        weights=cfg.get("weights"),
-        image_size=cfg.get("image_size") or 96,
-        device=cfg.get("device", "auto"),
+        model=cfg.model,
+        weights=cfg.weights,
+        image_size=cfg.image_size or 96,
+        device=cfg.device,
     )
 
 
@@ -81,7 +82,7 @@ ENCODERS: dict[str, Callable] = {
 }
 
 
-def build_encoder(cfg_embed, data_meta) -> Encoder:
+def build_encoder(cfg_embed: Embed, data_meta) -> Encoder:
     """The encoder named by ``cfg_embed.encoder``, for images described by ``data_meta`` (a SourceMeta)."""
     name = cfg_embed.encoder
     if name not in ENCODERS:

@@ -20,6 +20,7 @@ import torch
 from ddm.images import to_uint8
 from ddm.sampling.checkpoints import load_ensemble
 from ddm.sampling.solvers import sample
+from ddm.settings import Data, changed
 
 
 def class_rates(
@@ -40,7 +41,7 @@ def class_rates(
     (e.g. the classes a run grew by: did the new expert draw new classes, whichever).
     """
     ensemble, path, info = load_ensemble(run_dir, "top1")
-    channels, size = int(info["in_channels"]), int(info["image_size"])
+    channels, size = int(info.in_channels), int(info.image_size)
     out = {}
     for c in classes:
         ensemble.reset_usage()
@@ -54,7 +55,7 @@ def class_rates(
             cfg_scale=cfg_scale,
             generator=torch.Generator().manual_seed(seed * 1000 + int(c)),
         )
-        served = np.zeros(info["num_experts"])
+        served = np.zeros(info.num_experts)
         for record in ensemble.usage:
             served += np.asarray(record["counts"])
         predicted = np.asarray(classify(to_uint8(x)))
@@ -81,17 +82,13 @@ def digits_classifier() -> Callable[[np.ndarray], np.ndarray]:
     return classify
 
 
-def source_classifier(cfg_data, seed: int, cache_dir, steps: int = 1000, limit: int = 20000):
+def source_classifier(cfg_data: Data, seed: int, cache_dir, steps: int = 1000, limit: int = 20000):
     """A classifier of any labelled source: the evaluate stage's feature net, trained on ``limit`` images of
     every class of ``cfg_data``'s source (``data.classes`` ignored), cached by checksum."""
-    from omegaconf import OmegaConf, open_dict
-
     from ddm.data.sources import open_source
     from ddm.eval import feature_net as fnet
 
-    data = OmegaConf.create(OmegaConf.to_container(cfg_data, resolve=True))
-    with open_dict(data):
-        data.classes, data.limit = None, int(limit)
+    data = changed(cfg_data, {"classes": None, "limit": int(limit)})
     source = open_source(data, seed)
     samples = list(source.samples)
     images = np.stack([s.image for s in samples])

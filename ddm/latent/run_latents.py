@@ -15,6 +15,7 @@ from ddm.artifacts import RunDir
 from ddm.data.shards import MANIFEST, load_manifest, verify
 from ddm.errors import BadInput, MissingInput, Unusable
 from ddm.latent.vae import LatentCodec, resolve_folder, vae_identity
+from ddm.settings import Settings
 from ddm.text.spec import group_kind, stored_text_spec
 
 log = logging.getLogger("ddm")
@@ -22,14 +23,14 @@ log = logging.getLogger("ddm")
 KINDS = ("none", "autoencoder_kl")
 
 
-def vae_spec(cfg) -> dict | None:
-    """The run's VAE (``vae`` config group), or None for a pixel run."""
+def vae_spec(cfg: Settings) -> dict | None:
+    """The run's VAE (the ``vae`` settings group), or None for a pixel run."""
     kind, section = group_kind(cfg, "vae", KINDS)
     if kind == "none":
         return None
-    if not section.get("pretrained"):
+    if not section.pretrained:
         raise BadInput("vae=sd needs vae.pretrained: a local AutoencoderKL folder (or a hub id in the local cache)")
-    return dict(kind=kind, pretrained=str(section.pretrained), allow_download=bool(section.get("allow_download")))
+    return dict(kind=kind, pretrained=str(section.pretrained), allow_download=bool(section.allow_download))
 
 
 def current_identity(spec: dict) -> dict:
@@ -101,7 +102,7 @@ def stored_text_of(manifest: dict) -> dict | None:
     return manifest.get("text")
 
 
-def stored_text_length(cfg, manifest: dict, where) -> int:
+def stored_text_length(cfg: Settings, manifest: dict, where) -> int:
     """With ``text.store=true``: the context length the loader pads stored encodings to, once the shard set's
     tower is checked against the run's; 0 when the job encodes captions itself."""
     wanted = stored_text_spec(cfg)
@@ -152,7 +153,7 @@ class RunLatents:
         )
 
 
-def run_latents(cfg, latents: dict | None, device) -> RunLatents | None:
+def run_latents(cfg: Settings, latents: dict | None, device) -> RunLatents | None:
     """The VAE of a latent run's networks (``latents``: what expert.pt recorded), or None for a pixel run.
 
     The VAE is ``vae.pretrained`` when the config names one, else the source the
@@ -165,10 +166,10 @@ def run_latents(cfg, latents: dict | None, device) -> RunLatents | None:
     allow = bool(spec and spec["allow_download"])
     check_vae(latents["vae"], vae_identity(resolve_folder(source, allow)), f"the experts' expert.pt (vae {source})")
     codec = LatentCodec.load(source, allow).to(device)
-    return RunLatents(codec, int(latents["image_channels"]), int((cfg.get("vae") or {}).get("batch_size") or 64))
+    return RunLatents(codec, int(latents["image_channels"]), int(cfg.vae.batch_size or 64))
 
 
-def latent_decoder(cfg, latents: dict | None, device):
+def latent_decoder(cfg: Settings, latents: dict | None, device):
     """``decode(z) -> images in [-1, 1]`` for a latent run's samples, or None for a pixel run."""
     space = run_latents(cfg, latents, device)
     return None if space is None else space.decode

@@ -16,14 +16,15 @@ from ddm.errors import JobFailed
 from ddm.io import read_json
 from ddm.launch import local, slots
 from ddm.launch.overrides import job_overrides, override_key
+from ddm.settings import Island, Settings
 
 log = logging.getLogger("ddm")
 
 
-def machine_plan(parallel, island, key: str, jobs: int | None = None) -> slots.Plan:
+def machine_plan(parallel, island: Island, key: str, jobs: int | None = None) -> slots.Plan:
     """The slots of this machine for ``parallel`` of ``jobs`` jobs of ``island`` (``key``: the option, for errors)."""
     gpus = None
-    if str(island.get("accelerator", "cpu")).lower() in (*slots.GPU_ACCELERATORS, "auto"):
+    if str(island.accelerator).lower() in (*slots.GPU_ACCELERATORS, "auto"):
         from ddm.devices import visible_gpus  # torch, only where GPUs matter
 
         gpus = visible_gpus()
@@ -37,7 +38,7 @@ def thread_args(plan: slots.Plan, user_overrides: list[str]) -> list[str]:
     return [f"island.threads={plan.threads}"]
 
 
-def local_jobs(cfg, rd: RunDir, experts: list[int], router: bool, overrides: list[str], python=None):
+def local_jobs(cfg: Settings, rd: RunDir, experts: list[int], router: bool, overrides: list[str], python=None):
     """The jobs of ``experts`` (and the router), started with the overrides a SLURM job gets."""
     args = job_overrides(list(overrides), str(cfg.name), str(rd.root))
     jobs = [local.expert_local_job(rd.root, k, args, python) for k in experts]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ddm.errors import BadInput
 from ddm.launch import naming
+from ddm.settings import Island
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 
@@ -44,30 +45,30 @@ def _directive_value(value) -> str:
     return f'"{value}"' if any(c.isspace() for c in value) else value
 
 
-def resource_options(island) -> list[str]:
+def resource_options(island: Island) -> list[str]:
     """sbatch options for one job of this island: its shape from the island, the rest from ``island.slurm``."""
-    slurm = dict(island.get("slurm") or {})
-    devices, nodes = int(island.get("devices", 1) or 1), int(island.get("num_nodes", 1) or 1)
+    slurm = island.slurm
+    devices, nodes = int(island.devices), int(island.num_nodes)
     opts = [f"--nodes={nodes}", f"--ntasks-per-node={devices}"]
-    gres = slurm.get("gres")
-    if gres is None and str(island.get("accelerator", "cpu")).lower() in GPU_ACCELERATORS:
+    gres = slurm.gres
+    if gres is None and str(island.accelerator).lower() in GPU_ACCELERATORS:
         gres = f"gpu:{devices}"
     for flag, value in (
-        ("--partition", slurm.get("partition")),
-        ("--time", slurm.get("time")),
-        ("--cpus-per-task", slurm.get("cpus_per_task")),
-        ("--mem", slurm.get("mem")),
+        ("--partition", slurm.partition),
+        ("--time", slurm.time),
+        ("--cpus-per-task", slurm.cpus_per_task),
+        ("--mem", slurm.mem),
         ("--gres", gres),
-        ("--account", slurm.get("account")),
+        ("--account", slurm.account),
     ):
         if value not in (None, ""):
             opts.append(f"{flag}={_directive_value(value)}")
-    opts += [str(o) for o in slurm.get("extra") or []]
+    opts += [str(o) for o in slurm.extra]
     return opts
 
 
-def tasks_per_job(island) -> int:
-    return int(island.get("devices", 1) or 1) * int(island.get("num_nodes", 1) or 1)
+def tasks_per_job(island: Island) -> int:
+    return int(island.devices) * int(island.num_nodes)
 
 
 def _render(
@@ -113,20 +114,22 @@ def _common_options(name: str, run_dir: Path, signal_before_s: int, cwd: Path) -
     ]
 
 
-def expert_array_script(run_dir, expert_ids, overrides: list[str], island, python: str | None = None, cwd=None) -> str:
+def expert_array_script(
+    run_dir, expert_ids, overrides: list[str], island: Island, python: str | None = None, cwd=None
+) -> str:
     """The sbatch script of one array job: task ``i`` trains expert ``i`` of the run.
 
     ``overrides`` are the jobs' Hydra overrides (``ddm.launch.overrides.job_overrides``).
     The log of task ``i`` is ``experts/expert-<ii>/slurm-<array job>_<i>.out``; that folder must exist.
     """
     run_dir = Path(run_dir).resolve()
-    slurm = dict(island.get("slurm") or {})
+    slurm = island.slurm
     out = run_dir / "experts" / "expert-%2a" / "slurm-%A_%a.out"  # %2a: zero-padded like expert-03
     options = [
         *_common_options(
             naming.run_job_name(run_dir, naming.EXPERT),
             run_dir,
-            slurm.get("signal_before_s", 120),
+            slurm.signal_before_s,
             Path(cwd or Path.cwd()).resolve(),
         ),
         f"--array={format_array(expert_ids)}",
@@ -149,19 +152,19 @@ def expert_array_script(run_dir, expert_ids, overrides: list[str], island, pytho
         "Array task i trains expert i; `ddm status` shows where each one stands.",
         "To rerun some tasks by hand: sbatch --array=<ids> <this file>",
     ]
-    return _render(header, options, slurm.get("setup") or [], prelude, program, args, tasks_per_job(island) > 1)
+    return _render(header, options, slurm.setup, prelude, program, args, tasks_per_job(island) > 1)
 
 
-def router_script(run_dir, overrides: list[str], island, python: str | None = None, cwd=None) -> str:
+def router_script(run_dir, overrides: list[str], island: Island, python: str | None = None, cwd=None) -> str:
     """The sbatch script of the router job; its log is ``router/slurm-<job id>.out``."""
     run_dir = Path(run_dir).resolve()
-    slurm = dict(island.get("slurm") or {})
+    slurm = island.slurm
     out = run_dir / "router" / "slurm-%j.out"
     options = [
         *_common_options(
             naming.run_job_name(run_dir, naming.ROUTER),
             run_dir,
-            slurm.get("signal_before_s", 120),
+            slurm.signal_before_s,
             Path(cwd or Path.cwd()).resolve(),
         ),
         f"--output={_directive_value(out)}",
@@ -173,7 +176,7 @@ def router_script(run_dir, overrides: list[str], island, python: str | None = No
         f"Router job of the run {run_dir}, written by `ddm submit` on {time.strftime('%Y-%m-%d %H:%M:%S')}.",
         "It needs no expert, so it runs beside them.",
     ]
-    return _render(header, options, slurm.get("setup") or [], [], program, args, tasks_per_job(island) > 1)
+    return _render(header, options, slurm.setup, [], program, args, tasks_per_job(island) > 1)
 
 
 def _dq(text) -> str:

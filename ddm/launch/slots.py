@@ -12,7 +12,7 @@ the machine holds: one per ``island.devices`` visible GPUs, or one per core
 (per ``island.devices`` cores) on a CPU island. Jobs side by side beat one job
 at a time with all the threads on CPUs: the small demo experts gain little
 from more intra-op threads, and threads that wait for each other lose most
-when the cores are shared (the README's figures: two demo experts side by
+when the cores are shared (the figures in docs/islands.md: two demo experts side by
 side at one thread each, against one after another at two). Nothing here
 imports torch.
 """
@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass
 
 from ddm.errors import BadInput
+from ddm.settings import Island
 
 log = logging.getLogger("ddm")
 
@@ -67,13 +68,13 @@ def check_parallel(value, key: str) -> int | None:
     return number
 
 
-def uses_gpus(island, gpus: list[str] | None) -> bool:
-    accelerator = str(island.get("accelerator", "cpu")).lower()
+def uses_gpus(island: Island, gpus: list[str] | None) -> bool:
+    accelerator = str(island.accelerator).lower()
     return accelerator in GPU_ACCELERATORS or (accelerator == "auto" and bool(gpus))
 
 
-def _devices_per_job(island) -> int:
-    devices = island.get("devices", 1)
+def _devices_per_job(island: Island) -> int:
+    devices = island.devices
     if isinstance(devices, bool) or not str(devices).isdigit() or int(devices) < 1:
         raise BadInput(
             f"island.devices={devices!r}: jobs started on this machine are each given their own devices, "
@@ -82,7 +83,7 @@ def _devices_per_job(island) -> int:
     return int(devices)
 
 
-def plan(parallel, island, key: str, gpus: list[str] | None, cores: int, jobs: int | None = None) -> Plan:
+def plan(parallel, island: Island, key: str, gpus: list[str] | None, cores: int, jobs: int | None = None) -> Plan:
     """The slots for ``parallel`` jobs (``key`` names the option in errors) on a machine with ``gpus`` and ``cores``.
 
     ``gpus``: the visible GPUs' names (``ddm.devices.visible_gpus``); only read for a GPU island.
@@ -90,9 +91,9 @@ def plan(parallel, island, key: str, gpus: list[str] | None, cores: int, jobs: i
     """
     wanted = max(1, jobs) if jobs is not None else None
     parallel = check_parallel(parallel, key)
-    if int(island.get("num_nodes", 1) or 1) != 1:
+    if int(island.num_nodes) != 1:
         raise BadInput(
-            f"island.num_nodes={island.get('num_nodes')}: the local launcher ({key}) runs jobs on this machine "
+            f"island.num_nodes={island.num_nodes}: the local launcher ({key}) runs jobs on this machine "
             f"only; submit a multi-node island to SLURM (submit.launcher=slurm)"
         )
     per_job = _devices_per_job(island)

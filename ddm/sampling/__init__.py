@@ -2,7 +2,7 @@
 
 from ddm.sampling import load_ensemble, sample
 ensemble, path, info = load_ensemble("runs/demo", strategy="top1")
-labels = torch.arange(16) % info["num_classes"]
+labels = torch.arange(16) % info.num_classes
 x0 = sample(ensemble, path, (16, 1, 28, 28), y=labels, steps=20, solver="heun", cfg_scale=1.5)
 """
 

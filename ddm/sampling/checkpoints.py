@@ -40,6 +40,7 @@ from ddm.sampling.fit import (
     common_latents,
     common_text,
 )
+from ddm.sampling.loaded import LoadedModels
 
 log = logging.getLogger("ddm")
 
@@ -148,7 +149,7 @@ def load_ensemble(
     device="cpu",
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
-) -> tuple[Ensemble, FlowPath, dict]:
+) -> tuple[Ensemble, FlowPath, LoadedModels]:
     """Build the sampling-time ``Ensemble`` of a run from its router and expert files.
 
     Args:
@@ -157,12 +158,12 @@ def load_ensemble(
         subset: expert ids to use; only these must exist. None: all K must exist.
             ``"available"``: every expert that has an ``expert.pt`` (for a run that lost
             an island); the router is renormalised over them and the missing ids are
-            logged and returned in ``info["missing_experts"]``.
+            logged and returned in ``info.missing_experts``.
         device: where the modules are moved.
 
-    Returns ``(ensemble, flow_path, info)``; ``info`` holds K, the experts used,
-    the experts missing, the clustering id, the training steps of each network,
-    the size and target of each expert (``expert_models``) and the image shape.
+    Returns ``(ensemble, flow_path, info)``; ``info`` (``LoadedModels``) holds K, the
+    experts used, the experts missing, the clustering id, the training steps of each
+    network, the size and target of each expert (``expert_models``) and the image shape.
     """
     rd = RunDir(run_dir)
     if rd.router_weights.exists():
@@ -199,7 +200,7 @@ def load_ensemble(
     )
     # one image shape and label set for all (checked above); the sizes may differ
     first = metas[wanted[0]]["model_config"]
-    info = dict(
+    info = LoadedModels(
         num_experts=K,
         experts=wanted,
         missing_experts=missing,

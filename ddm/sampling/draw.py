@@ -19,6 +19,7 @@ from ddm.images import to_uint8
 from ddm.sampling.checkpoints import AVAILABLE
 from ddm.sampling.grid import check_grid_rows
 from ddm.sampling.solvers import check_cfg_interval, num_evaluations, sample
+from ddm.settings import Sample
 
 DISTILLED = "distilled"  # sample.model=distilled, and the name of its row in the evaluation
 MODELS = ("ensemble", DISTILLED)  # the values of sample.model
@@ -56,9 +57,10 @@ SETTINGS = (
 )
 
 
-def requested_settings(sc: Mapping) -> dict:
-    """The sampling settings that decide what is drawn, checked, from ``sample``'s values (a plain mapping)."""
-    sc = dict(sc)
+def requested_settings(sc: Sample | Mapping) -> dict:
+    """The sampling settings that decide what is drawn, checked, from ``sample``'s settings (or its values as a plain
+    mapping)."""
+    sc = sc.to_dict() if isinstance(sc, Sample) else dict(sc)
     out = {k: sc.get(k, ROUTING_DEFAULTS.get(k)) for k in SETTINGS}
     # checked here, so a bad value fails before any network is loaded (the evaluate stage's settings too)
     out["threshold"], out["top_p"], out["cfg_routing"] = check_routing(

@@ -13,6 +13,7 @@ from ddm.errors import BadInput
 from ddm.io import read_json
 from ddm.job_names import expert_job
 from ddm.lineage import check_member
+from ddm.sampling.loaded import LoadedModels
 
 # Fields of FlowPath.config() that define the path itself. The others (time
 # sampling during training, t_eps) may differ between jobs without changing
@@ -20,7 +21,9 @@ from ddm.lineage import check_member
 PATH_FIELDS = ("schedule",)
 
 
-def check_guidance(info: dict, cfg_scale: float, key: str = "sample.cfg_scale", cfg_routing: str = "shared") -> None:
+def check_guidance(
+    info: LoadedModels, cfg_scale: float, key: str = "sample.cfg_scale", cfg_routing: str = "shared"
+) -> None:
     """Refuse classifier-free guidance with experts (or, routed separately, a router) whose null label was never
     trained.
 
@@ -29,16 +32,16 @@ def check_guidance(info: dict, cfg_scale: float, key: str = "sample.cfg_scale", 
     guidance amplifies it. With ``cfg_routing=separate`` the router routes the
     null input too, so its own null label must have been trained.
     """
-    if float(cfg_scale) == 1.0 or not (info.get("num_classes") or info.get("text")):
+    if float(cfg_scale) == 1.0 or not (info.num_classes or info.text):
         return
-    router_dropout = info.get("router_label_dropout")
+    router_dropout = info.router_label_dropout
     if cfg_routing == "separate" and router_dropout is not None and float(router_dropout) <= 0:
         raise BadInput(
             "sample.cfg_routing=separate routes guidance's null input with the router, but it was trained with "
             "router.label_dropout=0 (its null label is untrained): use sample.cfg_routing=shared, or retrain "
             "the router with router.label_dropout > 0 (e.g. 0.1)"
         )
-    untrained = [k for k, p in info.get("expert_label_dropout", {}).items() if p is not None and float(p) <= 0]
+    untrained = [k for k, p in info.expert_label_dropout.items() if p is not None and float(p) <= 0]
     if untrained:
         raise BadInput(
             f"{key}={cfg_scale} needs each expert's unconditional branch, but experts {untrained} were trained "

@@ -17,7 +17,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
 from ddm.cluster import clustering_id, save_assignments
@@ -27,8 +26,9 @@ from ddm.embed import check_embeddings_of_data, embeddings_id
 from ddm.errors import BadInput, MissingInput
 from ddm.io import atomic_path, load_npy, read_json, sha256_file, sha256_strings, write_json
 from ddm.markdown import num
+from ddm.settings import Cluster, Settings
 from ddm.stages import StageResult
-from ddm.stages.runner import done_already
+from ddm.stages.runner import check_made_with, done_already
 
 log = logging.getLogger("ddm")
 
@@ -37,13 +37,13 @@ METHODS = ("two_stage", "flat", "random")
 OUTPUTS = ("centroids.npy", "fine_centroids.npy", "fine_to_coarse.npy", "assignments.npz")
 
 
-def run(cfg) -> dict:
+def run(cfg: Settings) -> dict:
     """Cluster the run's dataset into ``cluster.k`` parts; return the report (also clusters/report.json)."""
     run_dir = RunDir(cfg.run_dir)
     c = cfg.cluster
     if done_already(run_dir.cluster_report, cfg):
         report = read_json(run_dir.cluster_report)
-        _warn_if_config_differs(report, c)
+        check_made_with("cluster", run_dir.clusters, _recorded_settings(report), made_with(c))
         log.info(
             "cluster: done already (%s K=%d id=%s); redo=true recomputes -> %s",
             report["method"],
@@ -54,7 +54,7 @@ def run(cfg) -> dict:
         return StageResult(report, skipped=True)
     if c.method not in METHODS:
         raise BadInput(f"cluster.method={c.method!r} is not one of {list(METHODS)}")
-    _set_threads(OmegaConf.select(cfg, "island.threads", default=None))
+    _set_threads(cfg.island.threads)
 
     data_manifest = load_manifest(run_dir.data)
     encoder, source = None, None
@@ -136,7 +136,7 @@ def read_data_keys(folder: Path, data_manifest: dict) -> list[str]:
     return [sample["key"] for path in shard_paths(folder, data_manifest) for sample in iter_shard(path)]
 
 
-def _kmeans(x: np.ndarray, c) -> Clustering:
+def _kmeans(x: np.ndarray, c: Cluster) -> Clustering:
     k, seed, niter, spherical = int(c.k), int(c.seed), int(c.niter), bool(c.spherical)
     if c.method == "flat":
         return flat_kmeans(x, k, niter=niter, seed=seed, spherical=spherical)
@@ -154,7 +154,7 @@ def _kmeans(x: np.ndarray, c) -> Clustering:
 
 
 def _write_outputs(
-    run_dir: RunDir, c, keys: list[str], result: Clustering, encoder: str | None, source: str | None = None
+    run_dir: RunDir, c: Cluster, keys: list[str], result: Clustering, encoder: str | None, source: str | None = None
 ) -> dict:
     """Arrays first, report.json last: a clusters/ folder with a report is complete."""
     folder = run_dir.clusters
@@ -188,24 +188,27 @@ def _write_outputs(
         embeddings_id=source,
         keys_sha256=sha256_strings(keys),
         clustering_id=clustering_id(keys, result.labels),
+        settings=made_with(c),  # a rerun with other settings is refused, not skipped
     )
     write_json(run_dir.cluster_report, report)
     return report
 
 
-def _warn_if_config_differs(report: dict, c) -> None:
-    """A skipped stage keeps the old clustering: say so when the config now asks for another."""
-    asked = dict(method=str(c.method), k=int(c.k), seed=int(c.seed))
-    made = {name: report.get(name) for name in asked}
-    if report.get("extensions"):  # a grown run (`ddm extend`): K grew past cluster.k on purpose
-        made["k"] = report["extensions"][0]["k_before"]
-    if asked != made:
-        log.warning(
-            "cluster: clusters/ were made with %s but the config asks for %s; keeping them "
-            "(pass redo=true to recluster)",
-            made,
-            asked,
-        )
+# The cluster settings the clustering depends on (the others shape the partitions: the partition stage's).
+RESULT_KEYS = ("method", "k", "fine_k", "niter", "seed", "spherical")
+
+
+def made_with(c: Cluster) -> dict:
+    return {"cluster": {key: getattr(c, key) for key in RESULT_KEYS}}
+
+
+def _recorded_settings(report: dict) -> dict | None:
+    """What the report says it was made with; a grown run (``ddm extend``) grew K past cluster.k on purpose, so
+    its settings are the ones it was first clustered with."""
+    made = report.get("settings")
+    if made is not None and report.get("extensions"):
+        made = {"cluster": dict(made["cluster"], k=report["extensions"][0]["k_before"])}
+    return made
 
 
 def _set_threads(threads) -> None:

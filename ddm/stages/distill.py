@@ -26,7 +26,6 @@ import shutil
 from dataclasses import replace
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
 from ddm.data.loader import batch_loader, mixed_stream
@@ -47,17 +46,17 @@ from ddm.ranks import island_processes
 from ddm.sampling.checkpoints import load_expert, verify_weights
 from ddm.sampling.draw import DISTILLED
 from ddm.seeds import data_stream_seed, distill_seed
+from ddm.settings import Settings
 from ddm.stages import StageResult
 from ddm.stages.runner import done_already
 from ddm.text.spec import captions_for, text_spec
 from ddm.train.job import Job, Schedule, Trained, example_inputs, run_job
 from ddm.train.lock import check_free, is_global_rank_zero
-from ddm.train.modules import ADAMW_BETAS
 
 log = logging.getLogger("ddm")
 
 
-def run(cfg) -> dict:
+def run(cfg: Settings) -> dict:
     """Distil the run's experts into one student; return its record (at once if it is already finished)."""
     rd = RunDir(cfg.run_dir)
     if done_already(rd.distilled_record, cfg):
@@ -66,7 +65,7 @@ def run(cfg) -> dict:
         log.info("distill: already done (%d steps) -> %s", record["steps"], rd.distilled)
         return StageResult(record, skipped=True)
     # Only global rank 0 starts over: the other ranks of a DDP job run this too, beside it.
-    if cfg.get("redo", False) and rd.distilled.exists() and is_global_rank_zero():
+    if cfg.redo and rd.distilled.exists() and is_global_rank_zero():
         check_free(rd.distilled, "distill redo=true")  # never delete the folder of a job that still runs
         shutil.rmtree(rd.distilled)
 
@@ -104,7 +103,7 @@ def run(cfg) -> dict:
     return record
 
 
-def load_teachers(rd: RunDir, index: dict, cfg) -> tuple[list, list[dict]]:
+def load_teachers(rd: RunDir, index: dict, cfg: Settings) -> tuple[list, list[dict]]:
     """Every expert's EMA network and metadata, checked to be the run's experts of the partition index ``index``'s
     clustering (cluster by cluster, for a grown run) and of this flow path."""
     teachers, metas = [], []
@@ -136,7 +135,7 @@ def _conditioning(meta: dict) -> tuple:
     return c["image_size"], c["in_channels"], c.get("num_classes", 0), c.get("text_dim", 0), text.get("model")
 
 
-def check_teachers_fit(metas: list[dict], cfg, data: dict) -> None:
+def check_teachers_fit(metas: list[dict], cfg: Settings, data: dict) -> None:
     """The teachers take what the loader gives: the data's shape, and the run's text tower and latent space."""
     c = metas[0]["model_config"]
     if (int(c["image_size"]), int(c["in_channels"])) != (int(data["image_size"]), int(data["channels"])):
@@ -152,15 +151,15 @@ def check_teachers_fit(metas: list[dict], cfg, data: dict) -> None:
         raise BadInput("the experts were trained with another text tower than this run's text setting")
 
 
-def student_config(cfg, metas: list[dict]) -> dict:
+def student_config(cfg: Settings, metas: list[dict]) -> dict:
     """The student's ``DiT`` arguments: the experts' inputs and conditioning, ``distill.size`` (default theirs)."""
     config = dict(metas[0]["model_config"])
-    size = cfg.distill.get("size") or config["size"]
+    size = cfg.distill.size or config["size"]
     parse_size(str(size))  # an unknown size fails here, naming the sizes there are
     return dict(config, size=str(size))
 
 
-def _job(cfg, rd, index, manifests, folders, data, teachers, metas, source) -> Job:
+def _job(cfg: Settings, rd, index, manifests, folders, data, teachers, metas, source) -> Job:
     """The student's training job: every partition, mixed in proportion to cluster size, tagged with its cluster."""
     dc, meta = cfg.distill, data[0]
     text = text_spec(cfg)
@@ -172,18 +171,18 @@ def _job(cfg, rd, index, manifests, folders, data, teachers, metas, source) -> J
     def build_module() -> DistillModule:
         return DistillModule(
             model=model,
-            flow=OmegaConf.to_container(cfg.flow),
+            flow=cfg.flow.to_dict(),
             teachers=teachers,
             lr=dc.lr,
             weight_decay=dc.weight_decay,
-            betas=tuple(dc.get("betas") or ADAMW_BETAS),
+            betas=tuple(dc.betas),
             warmup_steps=dc.warmup_steps,
             total_steps=dc.steps,
             label_dropout=dc.label_dropout,
             ema_decay=dc.ema_decay,
             data_weight=float(dc.data_weight),
-            nan_check_every=int(dc.get("nan_check_every", 10)),
-            compile=bool(dc.get("compile", False)),
+            nan_check_every=int(dc.nan_check_every),
+            compile=bool(dc.compile),
             text=text,
         )
 
@@ -230,7 +229,7 @@ def _job(cfg, rd, index, manifests, folders, data, teachers, metas, source) -> J
             distilled_from=source,
             data_weight=float(dc.data_weight),
         ),
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=cfg.to_dict(),
     )
 
 
@@ -271,7 +270,7 @@ def distill_flops(
     )
 
 
-def _record(trained: Trained, cfg, rd: RunDir, index, manifests, metas, source) -> dict:
+def _record(trained: Trained, cfg: Settings, rd: RunDir, index, manifests, metas, source) -> dict:
     """The common fields, the student's size and teachers, and the FLOPs of distillation and in total."""
     common = trained.common_record(parallelism=True)
     encoder = getattr(trained.module, "_text_encoder", None)

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ddm.artifacts import RunDir
@@ -36,8 +35,9 @@ from ddm.embed import build_encoder, embedding_file, embeddings_id, keys_file, l
 from ddm.errors import BadInput, Unusable
 from ddm.io import atomic_path, read_json, sha256_file, sha256_strings, write_json, write_text
 from ddm.seeds import seed_everything
+from ddm.settings import Settings
 from ddm.stages import StageResult
-from ddm.stages.runner import done_already
+from ddm.stages.runner import check_made_with, done_already
 
 log = logging.getLogger("ddm")
 
@@ -125,12 +125,26 @@ def _summary(manifest: dict, folder: Path, skipped: bool, computed: int = 0) -> 
     )
 
 
-def run(cfg) -> dict:
+# Embed settings that change how fast embeddings are made, not what they are.
+SPEED_ONLY = ("device", "batch_size")
+
+
+def _result_settings(encoder_config: dict | None) -> dict | None:
+    """The encoder settings the embeddings depend on, under ``embed.`` (None: recorded by none)."""
+    if encoder_config is None:
+        return None
+    return {"embed": {k: v for k, v in encoder_config.items() if k not in SPEED_ONLY}}
+
+
+def run(cfg: Settings) -> dict:
     """Embed every sample of ``<run_dir>/data`` with ``cfg.embed``'s encoder into ``<run_dir>/embeddings``."""
     run_dir = RunDir(cfg.run_dir)
     folder = run_dir.embeddings
     if done_already(run_dir.embeddings_manifest, cfg):
         manifest = load_embeddings_manifest(folder)
+        check_made_with(
+            "embed", folder, _result_settings(manifest.get("encoder_config")), _result_settings(cfg.embed.to_dict())
+        )
         log.info(
             f"embed: {manifest['num_samples']} x {manifest['dim']} ({manifest['encoder']}) -> {folder} "
             f"(already there; redo=true recomputes)"
@@ -145,7 +159,7 @@ def run(cfg) -> dict:
     encoder = build_encoder(cfg.embed, SourceMeta.from_manifest(data))
     folder.mkdir(parents=True, exist_ok=True)
     run_dir.embeddings_manifest.unlink(missing_ok=True)
-    if cfg.get("redo", False):
+    if cfg.redo:
         _clear_shard_files(folder)
     _reset_if_changed(
         folder, dict(encoder=encoder.spec, seed=int(cfg.seed), data_shards=[s["sha256"] for s in data["shards"]])
@@ -185,7 +199,7 @@ def run(cfg) -> dict:
         raise Unusable(f"keys in {folder} do not match data/manifest.json's keys_sha256: rerun embed with redo=true")
     manifest = dict(
         encoder=encoder.name,
-        encoder_config=OmegaConf.to_container(cfg.embed, resolve=True),
+        encoder_config=cfg.embed.to_dict(),
         encoder_spec=encoder.spec,
         dim=encoder.dim,
         normalized="l2",

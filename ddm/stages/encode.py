@@ -46,6 +46,7 @@ from ddm.io import read_json, sha256_strings
 from ddm.latent.run_latents import current_identity, same_text, same_vae, stored_text_of, vae_spec
 from ddm.latent.vae import LatentCodec
 from ddm.lineage import check_partition
+from ddm.settings import Settings
 from ddm.stages import StageResult
 from ddm.text.encoder import OpenClipTextEncoder
 from ddm.text.spec import captions_for, stored_text_spec
@@ -53,7 +54,7 @@ from ddm.text.spec import captions_for, stored_text_spec
 log = logging.getLogger("ddm")
 
 
-def run(cfg) -> dict:
+def run(cfg: Settings) -> dict:
     rd = RunDir(cfg.run_dir)
     spec = vae_spec(cfg)
     text = stored_text_spec(cfg)
@@ -71,9 +72,9 @@ def run(cfg) -> dict:
         # a partition folder left from another clustering (or copied from another run) is not encoded as this one
         check_partition(partition, i, index, rd.partition_manifest(i), rd.partitions_index)
         out = rd.latent(i)
-        if (out / MANIFEST).exists() and not cfg.get("redo", False):
+        if (out / MANIFEST).exists() and not cfg.redo:
             existing = read_json(out / MANIFEST)
-            flip = bool(cfg.vae.get("flip", False))
+            flip = bool(cfg.vae.flip)
             if (
                 existing.get("keys_sha256") == partition["keys_sha256"]
                 and existing.get("clustering_id") == partition.get("clustering_id")
@@ -84,16 +85,14 @@ def run(cfg) -> dict:
                 done.append(i)
                 continue
         if codec is None:
-            device = resolve_device(cfg.vae.get("device"), "vae.device")
+            device = resolve_device(cfg.vae.device, "vae.device")
             codec = LatentCodec.load(spec["pretrained"], spec["allow_download"]).to(device)
             if text is not None:
                 tower = OpenClipTextEncoder(text["model"], text["pretrained"], device=device, cache=int(text["cache"]))
         # the latents' checksums are computed from what is read here: show the pixels are the partition's first
         check_recorded(rd.partition(i), partition, rd.latents / "verified.json")
         writer_text = None if text is None else (tower, captions_for(cfg, partition))
-        _encode_partition(
-            rd, i, partition, codec, int(cfg.vae.batch_size), bool(cfg.vae.get("flip", False)), writer_text
-        )
+        _encode_partition(rd, i, partition, codec, int(cfg.vae.batch_size), bool(cfg.vae.flip), writer_text)
         encoded.append(i)
     log.info("encode: clusters %s encoded, %s already done -> %s", encoded, done, rd.latents)
     summary = dict(stage="encode", vae=dict(identity, source=spec["pretrained"]), encoded=encoded, done=done)

@@ -40,8 +40,6 @@ from __future__ import annotations
 import logging
 import time
 
-from omegaconf import OmegaConf
-
 from ddm.artifacts import RunDir
 from ddm.devices import resolve_device
 from ddm.distill.evaluation import DistilledContext, wants_distilled
@@ -57,6 +55,7 @@ from ddm.job_names import is_expert
 from ddm.markdown import num
 from ddm.sampling.checkpoints import models_identity
 from ddm.sampling.draw import requested_settings
+from ddm.settings import Settings
 from ddm.stages import StageResult
 
 __all__ = ["EvaluationContext", "evaluation_dir", "feature_spaces", "generated_summary", "run", "settings_of"]
@@ -64,21 +63,21 @@ __all__ = ["EvaluationContext", "evaluation_dir", "feature_spaces", "generated_s
 log = logging.getLogger("ddm")
 
 
-def settings_of(cfg) -> dict:
+def settings_of(cfg: Settings) -> dict:
     """metrics.json ``settings``: what the metrics depend on, the skip check of a rerun.
 
     ``{eval: the eval config, sample: the sampling settings (ddm.stages.sample),
     networks: {<file under the run>: [size, mtime_ns]} of router.pt, every expert.pt and, with a distilled
     row, distilled/expert.pt}``
     """
-    if "eval" not in cfg:
+    if cfg.eval is None:
         raise MissingConfig(
             "the config has no `eval` group: add `- eval: default` to the defaults of "
             "conf/config.yaml or pass +eval=default on the command line"
         )
     return dict(
-        eval=OmegaConf.to_container(cfg.eval, resolve=True),
-        sample=requested_settings(OmegaConf.to_container(cfg.sample, resolve=True)),
+        eval=cfg.eval.to_dict(),
+        sample=requested_settings(cfg.sample),
         networks=_network_files(RunDir(cfg.run_dir), distilled=wants_distilled(cfg)),
     )
 
@@ -91,10 +90,10 @@ def _network_files(rd: RunDir, distilled: bool = False) -> dict:
     return {str(p.relative_to(rd.root)): [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.exists()}
 
 
-def run(cfg) -> dict:
+def run(cfg: Settings) -> dict:
     """Evaluate the run at ``cfg.run_dir`` as ``cfg.eval`` says; return the metrics."""
     rd = RunDir(cfg.run_dir)
-    redo = bool(cfg.get("redo", False))
+    redo = cfg.redo
     out = evaluation_dir(rd)
     settings = settings_of(cfg)
     if (rd.evaluation_metrics).exists() and not redo:

@@ -32,7 +32,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf, open_dict
 
 from ddm.artifacts import RunDir
 from ddm.cluster import load_assignments, save_assignments
@@ -45,6 +44,7 @@ from ddm.io import atomic_path, load_npy, read_json, write_json
 from ddm.job_names import expert_job
 from ddm.latent.run_latents import vae_spec
 from ddm.lineage import cluster_ids
+from ddm.settings import Settings, changed
 from ddm.stages import StageResult
 from ddm.stages.runner import run_stage, stage_module
 from ddm.train.lock import check_free
@@ -54,11 +54,11 @@ log = logging.getLogger("ddm")
 CENTROID_FILES = ("centroids", "fine_centroids", "fine_to_coarse")
 
 
-def run(cfg) -> dict:
+def run(cfg: Settings) -> dict:
     """Grow the run by ``extend.shards``; return the clustering report's new extension entry (see the docstring)."""
     rd = RunDir(cfg.run_dir)
     ex = cfg.extend
-    if not ex.get("shards"):
+    if not ex.shards:
         raise BadInput(
             "extend.shards is not set: give the data/ folder of the new images, prepared with "
             "`ddm prepare name=<new> data=... ` (any source; data.classes keeps some classes)"
@@ -101,17 +101,14 @@ def run(cfg) -> dict:
     return StageResult(result, skipped=added_already)
 
 
-def _embed_new(cfg, rd: RunDir, data: dict, entry: dict) -> None:
+def _embed_new(cfg: Settings, rd: RunDir, data: dict, entry: dict) -> None:
     """Embed the appended shards with the encoder the run's embeddings were made with (the extension records it)."""
     if rd.embeddings_manifest.exists() and read_json(rd.embeddings_manifest)["keys_sha256"] == data["keys_sha256"]:
         return
     recorded = entry.get("encoder_config")
     if recorded is None:
         raise MissingInput(f"{rd.data}/manifest.json does not say which encoder embeds the new images: embed again")
-    own = cfg.copy()
-    with open_dict(own):
-        own.embed = OmegaConf.create(recorded)
-        own.redo = False
+    own = changed(cfg, {"embed": recorded, "redo": False})
     rd.embeddings_manifest.unlink(missing_ok=True)  # the stage writes it again, for every key
     stage_module("embed").run(own)  # within extend's own run: not seeded or timed as a stage of its own
 
@@ -175,7 +172,7 @@ def _keys_of(rd: RunDir, entry: dict) -> list[str]:
     ]
 
 
-def _write_partitions(cfg, rd: RunDir, report: dict, data: dict, entry: dict, grown: dict) -> None:
+def _write_partitions(cfg: Settings, rd: RunDir, report: dict, data: dict, entry: dict, grown: dict) -> None:
     """Step 4: write the partitions of the clusters that received samples; keep the others; the index last."""
     index = read_json(rd.partitions_index)
     if index.get("clustering_id") == report["clustering_id"]:
@@ -266,21 +263,15 @@ def mean_accuracy(record_path: Path) -> float | None:
     return float(np.mean([r["accuracy"] for r in by_t])) if by_t else None
 
 
-def _train(cfg, rd: RunDir, grown: dict) -> float | None:
+def _train(cfg: Settings, rd: RunDir, grown: dict) -> float | None:
     """Step 7: train the new and changed experts (each from its own weights where it had some), then the router."""
-    steps = cfg.extend.get("finetune_steps")
+    steps = cfg.extend.finetune_steps
     for k in grown["clusters"]:
-        job = cfg.copy()
-        with open_dict(job):
-            job.expert.id = k
-            job.redo = False
-            if steps is not None and (rd.partition_manifest(k).exists() and _has_previous(rd, k)):
-                job.expert.steps = int(steps)
-        run_stage("train-expert", job)
-    router = cfg.copy()
-    with open_dict(router):
-        router.redo = False
-    run_stage("train-router", router)
+        job = {"expert.id": k, "redo": False}
+        if steps is not None and (rd.partition_manifest(k).exists() and _has_previous(rd, k)):
+            job["expert.steps"] = int(steps)
+        run_stage("train-expert", changed(cfg, job))
+    run_stage("train-router", changed(cfg, {"redo": False}))
     return mean_accuracy(rd.router_record)
 
 

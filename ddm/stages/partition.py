@@ -31,12 +31,13 @@ from ddm.data.verified import check_recorded
 from ddm.embed import check_embeddings_of_data, embeddings_id
 from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json, write_json
+from ddm.settings import Settings
 from ddm.stages import StageResult
 
 log = logging.getLogger("ddm")
 
 
-def run(cfg) -> dict:
+def run(cfg: Settings) -> dict:
     """Write partitions/cluster-KK/ for every cluster; return partitions/manifest.json's content."""
     run_dir = RunDir(cfg.run_dir)
     marker = run_dir.partitions / MANIFEST
@@ -51,7 +52,7 @@ def run(cfg) -> dict:
         if done.get("clustering_id") == current and not _same_data(done, data_manifest):
             # the checks below decide: a clustering of the old data is refused, one of this data is partitioned
             log.info("partition: data/ changed since the partitions were written; rebuilding partitions")
-        elif done.get("clustering_id") == current and not cfg.get("redo", False):
+        elif done.get("clustering_id") == current and not cfg.redo:
             log.info(
                 "partition: done already (K=%d id=%s); redo=true rebuilds -> %s",
                 done["num_clusters"],

@@ -14,18 +14,16 @@ one after another in this process.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from pathlib import Path
-
-from omegaconf import open_dict
 
 from ddm.artifacts import RunDir
 from ddm.errors import BadInput
 from ddm.io import read_json
 from ddm.launch.local_jobs import local_jobs, machine_plan, train_here
 from ddm.launch.slots import check_parallel
+from ddm.settings import Settings, changed
 from ddm.stages.runner import run_stage
 
 log = logging.getLogger("ddm")
@@ -34,19 +32,16 @@ BEFORE_EXPERTS = ("prepare", "embed", "cluster", "partition", "encode")
 AFTER_EXPERTS = ("train-router", "sample")
 
 
-def with_expert(cfg, k: int):
+def with_expert(cfg: Settings, k: int) -> Settings:
     """A copy of ``cfg`` for expert ``k``."""
-    expert_cfg = copy.deepcopy(cfg)
-    with open_dict(expert_cfg):
-        expert_cfg.expert.id = k
-    return expert_cfg
+    return changed(cfg, {"expert.id": k})
 
 
-def run(cfg, overrides: list[str] | None = None) -> dict:
+def run(cfg: Settings, overrides: list[str] | None = None) -> dict:
     """Every stage on ``cfg``. ``overrides``: those ``cfg`` was composed with, which the expert processes
     of ``pipeline.parallel`` > 1 are started with (the command line passes them)."""
     rd = RunDir(cfg.run_dir)
-    parallel = check_parallel((cfg.get("pipeline") or {}).get("parallel", 1), "pipeline.parallel")
+    parallel = check_parallel(cfg.pipeline.parallel, "pipeline.parallel")
     start = time.perf_counter()
     for stage in BEFORE_EXPERTS:
         run_stage(stage, cfg)
@@ -58,7 +53,7 @@ def run(cfg, overrides: list[str] | None = None) -> dict:
         _experts_side_by_side(cfg, rd, K, parallel, overrides)
     for stage in AFTER_EXPERTS:
         run_stage(stage, cfg)
-    evaluate = bool((cfg.get("pipeline") or {}).get("evaluate", False))
+    evaluate = bool(cfg.pipeline.evaluate)
     metrics = run_stage("evaluate", cfg) if evaluate else None
     total = round(time.perf_counter() - start, 1)
     log.info("pipeline: all stages done in %.0fs -> %s", total, rd.root)
@@ -67,7 +62,7 @@ def run(cfg, overrides: list[str] | None = None) -> dict:
     return dict(run_dir=str(rd.root), wall_s=total)
 
 
-def run_argument(cfg) -> str:
+def run_argument(cfg: Settings) -> str:
     """How a later command names this run: ``name=...`` where the run lives at its default place, else ``run_dir=``."""
     default = Path(str(cfg.paths.runs)) / str(cfg.name)
     return f"name={cfg.name}" if default.resolve() == Path(str(cfg.run_dir)).resolve() else f"run_dir={cfg.run_dir}"
@@ -93,9 +88,9 @@ def headline(rd: RunDir, metrics: dict | None, run: str) -> str:
     return "\n".join(lines)
 
 
-def _experts_side_by_side(cfg, rd: RunDir, K: int, parallel, overrides: list[str] | None) -> None:
+def _experts_side_by_side(cfg: Settings, rd: RunDir, K: int, parallel, overrides: list[str] | None) -> None:
     """The unfinished experts as processes of their own, ``parallel`` at a time (None: as the machine allows)."""
-    redo = bool(cfg.get("redo", False))
+    redo = bool(cfg.redo)
     finished = [k for k in range(K) if rd.expert_record(k).exists() and not redo]
     for k in finished:  # returns at once, after checking the record is of the current partitions
         run_stage("train-expert", with_expert(cfg, k))

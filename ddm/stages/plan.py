@@ -52,6 +52,7 @@ from ddm.markdown import fmt_flops, num, table
 from ddm.models.conditioning import example_condition
 from ddm.models.dit import DiT, DiTClassifier, count_params
 from ddm.ranks import island_processes
+from ddm.settings import Island, Plan, Settings
 from ddm.text.spec import conditioning_args, router_conditioning_args, text_spec
 
 log = logging.getLogger("ddm")
@@ -60,14 +61,12 @@ STATE_BYTES_PER_PARAM = 4 + 4 + 4 + 8  # fp32 weights, EMA, gradients, AdamW's t
 SD_VAE_DOWNSAMPLE = 8  # the SD VAE: 256 px -> 32x32x4
 GRAD_BYTES_PER_PARAM = 4  # bf16-mixed keeps fp32 gradients: what data parallelism all-reduces
 LARGE_MODEL_PARAMS = 100e6  # DiT-B/2 size and up: a network this large is worth a GPU's full attention
-# The assumptions when a key is missing from the config's plan: block (configs composed before they existed).
-PLAN_DEFAULTS = dict(mfu=0.4, mfu_batch=16, peak_tflops=989, nvlink_gb_s=300, network_gb_s=40)
 
 
-def input_shape(cfg) -> tuple[int, int]:
+def input_shape(cfg: Settings) -> tuple[int, int]:
     """(channels, side) the networks see: the data's pixels, or the VAE's latents."""
     data = cfg.data
-    if str((cfg.get("vae") or {}).get("kind") or "none") == "none":
+    if str(cfg.vae.kind) == "none":
         return int(data.channels), int(data.image_size)
     # the VAE's own factors when its folder is here, else the SD VAE's
     try:
@@ -80,14 +79,14 @@ def input_shape(cfg) -> tuple[int, int]:
     return channels, int(data.image_size) // down
 
 
-def per_gpu_batch(batch: int, island, what: str) -> int:
+def per_gpu_batch(batch: int, island: Island, what: str) -> int:
     """Images one device computes per forward pass: ``batch / (devices x nodes x accumulate_grad_batches)``.
 
     The trainer splits the batch the same way and refuses a remainder (``ddm.train.trainer.per_device_batch``);
     so does the plan, before anyone waits for a job to fail.
     """
-    devices, nodes = int(island.get("devices", 1) or 1), int(island.get("num_nodes", 1) or 1)
-    accumulate = int(island.get("accumulate_grad_batches", 1) or 1)
+    devices, nodes = int(island.devices), int(island.num_nodes)
+    accumulate = int(island.accumulate_grad_batches)
     shards = devices * nodes * accumulate
     if batch < 1 or batch % shards:
         raise BadInput(
@@ -120,18 +119,18 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def _network_row(name: str, net, batch: int, steps: int, count: int, island, plan) -> dict:
+def _network_row(name: str, net, batch: int, steps: int, count: int, island: Island, plan: dict) -> dict:
     channels, side = net.trunk.in_channels, net.trunk.image_size
     x = torch.zeros(1, channels, side, side, device="meta")
     y = example_condition(net, 1, "meta")
     forward = count_flops(net, x, torch.zeros(1, device="meta"), y)
     params = count_params(net)
     on_gpu = str(island.accelerator) != "cpu"
-    nodes = int(island.get("num_nodes", 1) or 1)
+    nodes = int(island.num_nodes)
     gpus = int(island.devices) * nodes if on_gpu else 1
     shards = 1
     if str(island.strategy) == "fsdp":
-        shards = int(island.devices) if str(island.get("sharding", "full")) == "hybrid" else gpus
+        shards = int(island.devices) if str(island.sharding) == "hybrid" else gpus
     per_gpu = per_gpu_batch(batch, island, name)
     step_flops = 3 * forward * batch
     mfu, compute_s, allreduce_s = None, None, 0.0
@@ -188,7 +187,7 @@ def _network_row(name: str, net, batch: int, steps: int, count: int, island, pla
     )
 
 
-def layout(row: dict, island) -> str:
+def layout(row: dict, island: Island) -> str:
     """``experts: 8 jobs x 8 GPUs (ddp); 64 GPUs in all; 4 images per GPU per step (...)``."""
     on_gpu = str(island.accelerator) != "cpu"
     unit = "GPU" if on_gpu else "CPU device"
@@ -199,8 +198,8 @@ def layout(row: dict, island) -> str:
         text += f" ({island.strategy})"
     if count > 1:
         text += f"; {_plural(count * gpus, unit)} in all"
-    devices, nodes = int(island.get("devices", 1) or 1), int(island.get("num_nodes", 1) or 1)
-    accumulate = int(island.get("accumulate_grad_batches", 1) or 1)
+    devices, nodes = int(island.devices), int(island.num_nodes)
+    accumulate = int(island.accumulate_grad_batches)
     batch = row["per_gpu_batch"] * devices * nodes * accumulate
     return (
         f"{text}; {row['per_gpu_batch']} images per {unit} per step ({row['network']}.batch_size {batch} / "
@@ -208,9 +207,9 @@ def layout(row: dict, island) -> str:
     )
 
 
-def plan_settings(cfg) -> dict:
-    """``cfg.plan`` over ``PLAN_DEFAULTS``, checked: a bad value is named before any number is computed from it."""
-    plan = {**PLAN_DEFAULTS, "images_per_s": None, **dict(cfg.get("plan") or {})}
+def plan_settings(pc: Plan) -> dict:
+    """``cfg.plan`` as a dict, checked: a bad value is named before any number is computed from it."""
+    plan = pc.to_dict()
     optional = ("images_per_s", "nvlink_gb_s", "network_gb_s")  # null: nothing measured / no all-reduce charged
     for key in ("mfu", "mfu_batch", "peak_tflops", *optional):
         value = plan[key]
@@ -232,11 +231,11 @@ def plan_settings(cfg) -> dict:
     return plan
 
 
-def run(cfg) -> dict:
-    plan = plan_settings(cfg)
+def run(cfg: Settings) -> dict:
+    plan = plan_settings(cfg.plan)
     if island_processes(cfg.island) is None:
         raise BadInput(
-            f"island.devices={cfg.island.get('devices')!r}, island.num_nodes={cfg.island.get('num_nodes')!r}: the "
+            f"island.devices={cfg.island.devices!r}, island.num_nodes={cfg.island.num_nodes!r}: the "
             f"plan counts GPUs per job, so give both as numbers (e.g. island.devices=8), as the job will get them"
         )
     channels, side = input_shape(cfg)

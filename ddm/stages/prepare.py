@@ -32,8 +32,9 @@ from ddm.data.shards import MANIFEST, ShardSetWriter, load_manifest
 from ddm.data.sources import open_source
 from ddm.errors import BadInput
 from ddm.io import sha256_strings
+from ddm.settings import Settings
 from ddm.stages import StageResult
-from ddm.stages.runner import done_already
+from ddm.stages.runner import check_made_with, done_already
 
 log = logging.getLogger("ddm")
 
@@ -60,11 +61,17 @@ def _summary(manifest: dict, folder: Path, skipped: bool) -> dict:
     )
 
 
-def run(cfg) -> dict:
+def made_with(cfg: Settings) -> dict:
+    """The settings the prepared shards depend on: the data's, and the seed (a subset, a shuffled order)."""
+    return dict(data=cfg.data.to_dict(), seed=int(cfg.seed))
+
+
+def run(cfg: Settings) -> dict:
     """Write every sample of ``cfg.data`` into shards under ``<run_dir>/data``; return a summary."""
     folder = RunDir(cfg.run_dir).data
     if done_already(folder / MANIFEST, cfg):
         manifest = load_manifest(folder)
+        check_made_with("prepare", folder, manifest.get("settings"), made_with(cfg))
         log.info(
             f"prepare: {manifest['num_samples']} samples in {len(manifest['shards'])} shards -> {folder} "
             f"(already there; redo=true rebuilds)"
@@ -83,7 +90,7 @@ def run(cfg) -> dict:
         split=source.split,
         order=source.order.as_dict(),
         # data.classes: the class ids kept (null: all), so a run on some classes says so
-        classes=None if cfg.data.get("classes") is None else sorted(int(c) for c in cfg.data.classes),
+        classes=None if cfg.data.classes is None else sorted(int(c) for c in cfg.data.classes),
         **source.meta.as_dict(),
     ) as writer:
         for sample in tqdm(source.samples, desc="prepare", unit="img", disable=None):
@@ -100,6 +107,7 @@ def run(cfg) -> dict:
             raise BadInput(f"data.source={cfg.data.source} gave no samples; check data.root / data.urls")
         # The writer puts its extra fields into the manifest when the block closes.
         writer.extra["keys_sha256"] = sha256_strings(keys)
+        writer.extra["settings"] = made_with(cfg)  # a rerun with other settings is refused, not skipped
     manifest = writer.manifest
     log.info(f"prepare: {manifest['num_samples']} samples in {len(manifest['shards'])} shards -> {folder}")
     return _summary(manifest, folder, skipped=False)

@@ -16,6 +16,7 @@ from ddm.data.shards import iter_samples, load_manifest, shard_paths
 from ddm.io import read_json, write_text
 from ddm.job_names import EXPERT_STAGE, expert_id_of
 from ddm.markdown import num, table
+from ddm.settings import Settings
 from ddm.stages import STAGES
 from ddm.viz import save_grid
 
@@ -219,7 +220,7 @@ def build_report(rd: RunDir) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(cfg) -> dict:
+def run(cfg: Settings) -> dict:
     rd = RunDir(cfg.run_dir)
     clusters = _read(rd.cluster_report)
     if clusters:

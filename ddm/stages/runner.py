@@ -16,13 +16,46 @@ from ddm.errors import BadInput
 from ddm.io import write_json
 from ddm.job_names import stage_job
 from ddm.seeds import seed_everything
-from ddm.stages import STAGES
+from ddm.settings import Settings
+from ddm.stages import STAGES, StageResult
 from ddm.timing import measured
 
 
-def done_already(marker, cfg) -> bool:
+def done_already(marker, cfg: Settings) -> bool:
     """True when a stage's final artefact exists and no redo was asked for."""
     return marker.exists() and not cfg.redo
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_made_with(stage: str, where, recorded: dict | None, wanted: dict) -> None:
+    """Refuse to reuse a result that was made from other settings than ``wanted`` (dotted keys: values).
+
+    A stage records the settings its result depends on beside it; a rerun with the same ones skips, a rerun
+    with others stops here, naming what differs, instead of keeping the old result under the new settings.
+    A result recorded before settings were (``recorded`` None) says nothing and is kept.
+    """
+    if recorded is None:
+        return
+    made, asked = _flat(recorded), _flat(wanted)
+    differ = [
+        f"{key} {made.get(key)!r} there, {asked.get(key)!r} now"
+        for key in sorted(set(made) | set(asked))
+        if made.get(key) != asked.get(key)
+    ]
+    if differ:
+        raise BadInput(
+            f"{where} was made with other settings ({'; '.join(differ)}): give the settings it was made with, "
+            f"or `ddm {stage} redo=true` to make it again (and the stages after it)"
+        )
 
 
 def stage_module(stage: str):
@@ -37,18 +70,25 @@ def record_timing(rd: RunDir, job: str, timing: dict) -> None:
     write_json(rd.timing(job), dict(job=job, **timing))
 
 
-def run_stage(stage: str, cfg, job: str | None = None, **kwargs):
-    """Run ``stage`` on ``cfg``, seeded from ``cfg.seed``; record its timing as ``job`` when it did work.
+def run_stage(stage: str, cfg: Settings, job: str | None = None, **kwargs):
+    """Run ``stage`` on the settings ``cfg``, seeded from ``cfg.seed``; record its timing as ``job`` when it did work.
 
     ``job`` defaults to the stage name (``train-expert-KK`` for an expert).
     Keyword arguments go to the stage's ``run``.
     """
+    if not isinstance(cfg, Settings):
+        raise TypeError(
+            f"run_stage takes ddm.settings.Settings, not {type(cfg).__name__}: "
+            f"make them with ddm.config.settings([...overrides]) or ddm.config.to_settings(cfg)"
+        )
     module = stage_module(stage)
     seed_everything(int(cfg.seed))
     if not STAGES[stage].timed:
         return module.run(cfg, **kwargs)
     with measured({}) as timing:
         result = module.run(cfg, **kwargs)
+    if isinstance(result, dict) and not isinstance(result, StageResult):
+        result = StageResult(result)  # a stage that did its work returns its summary as it is
     if not getattr(result, "skipped", False):
         record_timing(RunDir(cfg.run_dir), job or stage_job(stage, cfg), timing)
     return result

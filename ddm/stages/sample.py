@@ -28,7 +28,6 @@ import logging
 import time
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from ddm import seeds
 from ddm.artifacts import RunDir
@@ -42,6 +41,7 @@ from ddm.sampling.checkpoints import AVAILABLE, expert_ids_on_disk, models_ident
 from ddm.sampling.draw import DISTILLED, draw, requested_settings, with_routing
 from ddm.sampling.fit import check_guidance
 from ddm.sampling.grid import class_names, grid_classes, plan_labels
+from ddm.settings import Settings
 from ddm.stages import StageResult
 from ddm.text.encoder import OpenClipTextEncoder
 from ddm.text.prompts import sample_prompts
@@ -63,12 +63,12 @@ def _still_valid(record: dict, settings: dict, rd: RunDir) -> bool:
     return True
 
 
-def run(cfg) -> dict:
+def run(cfg: Settings) -> dict:
     """Sample from the run's ensemble as ``cfg.sample`` says; return the record."""
     rd = RunDir(cfg.run_dir)
     sc = cfg.sample
-    settings = requested_settings(OmegaConf.to_container(sc, resolve=True))
-    if rd.samples_record.exists() and not cfg.get("redo", False):
+    settings = requested_settings(sc)
+    if rd.samples_record.exists() and not cfg.redo:
         record = read_json(rd.samples_record)
         if _still_valid(record, settings, rd):
             log.info(
@@ -100,8 +100,8 @@ def run(cfg) -> dict:
         )
         ensemble = with_routing(ensemble, settings)
         check_guidance(info, settings["cfg_scale"], cfg_routing=settings["cfg_routing"])
-    num_classes = int(info["num_classes"])
-    prompts = sample_prompts(cfg, rd) if info.get("text") else None
+    num_classes = int(info.num_classes)
+    prompts = sample_prompts(cfg, rd) if info.text else None
     grid_rows = settings["grid_rows"]
     if prompts is None:
         labels, num_grid = plan_labels(
@@ -119,11 +119,11 @@ def run(cfg) -> dict:
         shown = grid_classes(len(prompts), grid_rows)
         total, rows = len(labels), [prompts[c] for c in shown]
         encoder = OpenClipTextEncoder.from_record(
-            info["text"], "the experts", pretrained=text_weights_override(cfg), device=device
+            info.text, "the experts", pretrained=text_weights_override(cfg), device=device
         )
         conditions = encoder(prompts).index_select(0, labels.to(device))
-    shape = (info["in_channels"], info["image_size"], info["image_size"])
-    decode = latent_decoder(cfg, info.get("latents"), device)
+    shape = (info.in_channels, info.image_size, info.image_size)
+    decode = latent_decoder(cfg, info.latents, device)
 
     images, usage = draw(
         ensemble, path, shape, conditions, total, int(sc.batch_size), settings, gen_noise, device, decode
@@ -132,7 +132,7 @@ def run(cfg) -> dict:
 
     used = [
         k
-        for k in range(info["num_experts"])
+        for k in range(info.num_experts)
         if any(r["counts"][k] or r.get("uncond_counts", r["counts"])[k] for r in usage)
     ]
     # settings twice: flat for readers (the report), nested for the skip check
@@ -142,19 +142,19 @@ def run(cfg) -> dict:
         models=models_identity(rd),  # the weights these images came from
         num_images=total,
         num_grid=num_grid,
-        clustering_id=info["clustering_id"],
-        num_experts=info["num_experts"],
-        experts_loaded=info["experts"],
+        clustering_id=info.clustering_id,
+        num_experts=info.num_experts,
+        experts_loaded=info.experts,
         experts_used=used,
-        experts_missing=info["missing_experts"],
+        experts_missing=info.missing_experts,
         # mean experts per sample and model call (data-dependent under threshold and nucleus)
         experts_per_sample=experts_per_sample(usage, total),
         evaluations_per_batch=num_evaluations(int(settings["steps"]), settings["solver"]),
-        flow=info["flow"],
+        flow=info.flow,
         device=str(device),
         grid_prompts=prompts,  # text runs: the prompts used, which samples.npz's labels index
         grid_classes=shown,  # the classes (text runs: indices of grid_prompts) of the grid's rows, top to bottom
-        distilled_from=info.get("distilled_from"),  # sample.model=distilled: the experts the student learnt from
+        distilled_from=info.distilled_from,  # sample.model=distilled: the experts the student learnt from
         wall_s=round(time.perf_counter() - start, 2),
         outputs=out,
     )
@@ -171,9 +171,9 @@ def run(cfg) -> dict:
         record["wall_s"],
         rd.samples,
     )
-    if settings["experts"] == AVAILABLE and info["missing_experts"]:
+    if settings["experts"] == AVAILABLE and info.missing_experts:
         log.warning(
-            "sample: made without experts %s (missing); recorded in %s", info["missing_experts"], rd.samples_record
+            "sample: made without experts %s (missing); recorded in %s", info.missing_experts, rd.samples_record
         )
     return record
 

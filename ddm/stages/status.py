@@ -29,6 +29,7 @@ from ddm.errors import MissingInput
 from ddm.io import read_json
 from ddm.job_names import expert_job
 from ddm.launch import slurm
+from ddm.settings import Settings
 from ddm.train import lock
 
 log = logging.getLogger("ddm")
@@ -133,7 +134,7 @@ def _grown(rd: RunDir) -> str:
     return f" (grown from K={extensions[0]['k_before']} by `ddm extend`, {len(extensions)} time(s))"
 
 
-def run(cfg) -> dict:
+def run(cfg: Settings) -> dict:
     """Print the table for the run ``cfg.run_dir`` and return it as a dict."""
     rd = RunDir(Path(cfg.run_dir).resolve())
     if not rd.cluster_report.exists():

@@ -39,6 +39,7 @@ from ddm.io import read_json, write_text
 from ddm.launch import local, sbatch, slurm
 from ddm.launch.local_jobs import local_jobs, machine_plan, thread_args, train_here
 from ddm.launch.overrides import job_overrides, override_key
+from ddm.settings import Settings, Submit
 from ddm.train.lock import held_by
 
 log = logging.getLogger("ddm")
@@ -105,7 +106,7 @@ def _send(script: str, path: Path, dry_run: bool, folders=()) -> str | None:
     return slurm.sbatch(path)
 
 
-def run(cfg, overrides: list[str] | None = None) -> dict:
+def run(cfg: Settings, overrides: list[str] | None = None) -> dict:
     """Submit (or, with the local launcher, run) what is neither finished, queued nor running; return what was done.
 
     ``overrides``: the Hydra overrides to pass to the jobs. From the command
@@ -113,23 +114,23 @@ def run(cfg, overrides: list[str] | None = None) -> dict:
     it composed ``cfg`` with).
     """
     rd = RunDir(Path(cfg.run_dir).resolve())
-    sub = cfg.get("submit") or {}
-    if cfg.get("redo", False):
+    sub = cfg.submit
+    if cfg.redo:
         raise BadInput(
             "`ddm submit redo=true` is refused: a requeued job would start over and delete its own "
             "checkpoints. To retrain an expert, delete experts/expert-<id>/ and submit again."
         )
-    launcher = str(sub.get("launcher") or "slurm")
+    launcher = str(sub.launcher)
     if launcher not in LAUNCHERS:
         raise BadInput(
             f"submit.launcher={launcher!r} is not one of {', '.join(LAUNCHERS)}: slurm submits the jobs to SLURM, "
             f"local runs them as processes on this machine"
         )
     k = _require_inputs(rd)
-    ids = expert_ids(sub.get("experts"), k)
+    ids = expert_ids(sub.experts, k)
     if launcher == "local":
         return _run_here(cfg, rd, k, ids, sub, list(overrides or []))
-    dry_run = bool(sub.get("dry_run", False))
+    dry_run = bool(sub.dry_run)
     if not slurm.available() and not dry_run:
         raise slurm.SlurmError(slurm.NOT_AVAILABLE)
 
@@ -141,7 +142,7 @@ def run(cfg, overrides: list[str] | None = None) -> dict:
 
     user = list(overrides or [])
     args = job_overrides(user, str(cfg.name), str(rd.root))
-    python = sub.get("python") or sys.executable
+    python = sub.python or sys.executable
     result = dict(
         run_dir=str(rd.root),
         k=k,
@@ -163,7 +164,7 @@ def run(cfg, overrides: list[str] | None = None) -> dict:
         result["expert_job"] = _send(script, path, dry_run, [rd.expert(i) for i in todo])
         result["scripts"].append(str(path))
 
-    if sub.get("router", True):
+    if sub.router:
         if rd.router_record.exists():
             result["router"] = "done"
         elif queued_router is not None:
@@ -189,7 +190,7 @@ def _locked(ids: list[int], rd: RunDir) -> dict[int, str]:
     return locked
 
 
-def _run_here(cfg, rd: RunDir, k: int, ids: list[int], sub, user: list[str]) -> dict:
+def _run_here(cfg: Settings, rd: RunDir, k: int, ids: list[int], sub: Submit, user: list[str]) -> dict:
     """``submit.launcher=local``: the unfinished, unlocked experts (then the router) as processes on this machine."""
     queued_experts, queued_router = _queued_if_known(rd)
     done = [i for i in ids if rd.expert_record(i).exists()]
@@ -197,7 +198,7 @@ def _run_here(cfg, rd: RunDir, k: int, ids: list[int], sub, user: list[str]) -> 
     locked = _locked([i for i in ids if i not in done and i not in queued], rd)
     todo = [i for i in ids if i not in done and i not in queued and i not in locked]
     router = "not asked"
-    if sub.get("router", True):
+    if sub.router:
         if rd.router_record.exists():
             router = "done"
         elif queued_router is not None:
@@ -206,13 +207,13 @@ def _run_here(cfg, rd: RunDir, k: int, ids: list[int], sub, user: list[str]) -> 
             router = f"running ({holder})"
         else:
             router = "started"
-    jobs = local_jobs(cfg, rd, todo, router == "started", user, sub.get("python"))
-    plan = machine_plan(sub.get("parallel"), cfg.island, "submit.parallel", len(jobs))
+    jobs = local_jobs(cfg, rd, todo, router == "started", user, sub.python)
+    plan = machine_plan(sub.parallel, cfg.island, "submit.parallel", len(jobs))
     result = dict(
         run_dir=str(rd.root),
         k=k,
         launcher="local",
-        dry_run=bool(sub.get("dry_run", False)),
+        dry_run=bool(sub.dry_run),
         parallel=plan.parallel,
         experts_done=done,
         experts_queued=queued,
@@ -234,7 +235,7 @@ def _run_here(cfg, rd: RunDir, k: int, ids: list[int], sub, user: list[str]) -> 
             print(f"# {job.name}: would run in {job.folder}\n{shlex.join([*job.argv, *thread_args(plan, user)])}")
         print(f"# {plan.describe()}")
         return result
-    if not sub.get("wait", True):
+    if not sub.wait:
         return dict(result, **_detach(rd, user))
     result["jobs"] = train_here(jobs, plan, user)
     return result

@@ -24,7 +24,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
 from ddm.data.loader import batch_loader, sample_stream
@@ -39,6 +38,7 @@ from ddm.lineage import check_partition_of_run
 from ddm.ranks import island_processes
 from ddm.sampling.grid import class_names
 from ddm.seeds import data_stream_seed, expert_seed
+from ddm.settings import Model, Settings
 from ddm.stages import StageResult
 from ddm.stages.runner import done_already
 from ddm.text.prompts import sample_prompts
@@ -46,16 +46,16 @@ from ddm.text.spec import captions_for, conditioning_args, text_spec
 from ddm.train.fine_tune import initial_weights, start_from
 from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.lock import check_free, is_global_rank_zero
-from ddm.train.modules import ADAMW_BETAS, ExpertModule
+from ddm.train.modules import ExpertModule
 from ddm.train.preview import Preview
 
 log = logging.getLogger("ddm")
 
 
-def model_config(cfg_model, meta: dict, text: dict | None = None) -> dict:
+def model_config(cfg_model: Model, meta: dict, text: dict | None = None) -> dict:
     """The network's arguments: its size (and head) from the config, its input shape and conditioning from the
     data."""
-    head = int(cfg_model.get("conv_head") or 0)
+    head = int(cfg_model.conv_head)
     return dict(
         size=cfg_model.size,
         image_size=int(meta["image_size"]),
@@ -65,12 +65,12 @@ def model_config(cfg_model, meta: dict, text: dict | None = None) -> dict:
     )
 
 
-def expert_target(cfg) -> str:
-    """``expert.target``: what the expert regresses (``velocity`` when the config has no such key)."""
-    return check_prediction(str(cfg.expert.get("target") or "velocity"))
+def expert_target(cfg: Settings) -> str:
+    """``expert.target``: what the expert regresses, checked."""
+    return check_prediction(str(cfg.expert.target))
 
 
-def run(cfg) -> dict:
+def run(cfg: Settings) -> dict:
     """Train expert ``cfg.expert.id``; return its record (at once if it is already finished).
 
     Survives faults: resumes from the newest complete checkpoint, saves and
@@ -88,7 +88,7 @@ def run(cfg) -> dict:
         log.info("train-expert %d: already done (%d steps) -> %s", k, record["steps"], job_dir)
         return StageResult(record, skipped=True)
     # Only global rank 0 starts over: the other ranks of a DDP job run this too, beside it.
-    if cfg.get("redo", False) and job_dir.exists() and is_global_rank_zero():
+    if cfg.redo and job_dir.exists() and is_global_rank_zero():
         check_free(job_dir, f"train-expert {k} redo=true")  # never delete the folder of a job that still runs
         shutil.rmtree(job_dir)
 
@@ -107,7 +107,7 @@ def run(cfg) -> dict:
     return record
 
 
-def verified_inputs(cfg, rd: RunDir, k: int) -> tuple[dict, Path, dict]:
+def verified_inputs(cfg: Settings, rd: RunDir, k: int) -> tuple[dict, Path, dict]:
     """``(partition manifest, folder the expert reads, its manifest)``, shown to be this run's and whole.
 
     Shards travel between islands and people, and a set that is whole can still come from another
@@ -136,7 +136,7 @@ def verified_inputs(cfg, rd: RunDir, k: int) -> tuple[dict, Path, dict]:
     if spec is not None:  # a latent run: the same samples, encoded by `ddm encode`
         data_dir = rd.latent(k)
         data = latent_manifest(rd, k, manifest, verify_shards=False, vae=spec)
-    if not cfg.expert.get("shard_url"):
+    if not cfg.expert.shard_url:
         verified_shards(
             data_dir,
             rd.expert(k),
@@ -164,7 +164,7 @@ def _check_still_current(record: dict, rd: RunDir, k: int) -> None:
         )
 
 
-def _note_other_kind(record: dict, cfg, k: int) -> None:
+def _note_other_kind(record: dict, cfg: Settings, k: int) -> None:
     """A finished expert is kept as it is: say so when the config now asks for another size or target."""
     was = (record.get("model_size"), record.get("target", "velocity"))
     now = (str(cfg.model.size), expert_target(cfg))
@@ -178,7 +178,7 @@ def _note_other_kind(record: dict, cfg, k: int) -> None:
         )
 
 
-def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | None = None) -> Job:
+def _job(cfg: Settings, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | None = None) -> Job:
     """Expert ``k``'s training job: its own partition, seed and folder, nothing shared with another expert.
 
     ``data_dir`` / ``data``: the shard set it reads, (latent runs) the partition's latents; None: the partition.
@@ -195,17 +195,17 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | No
     def build_module() -> ExpertModule:
         module = ExpertModule(
             model=model_config(cfg.model, data, text),
-            flow=OmegaConf.to_container(cfg.flow),
+            flow=cfg.flow.to_dict(),
             lr=ex.lr,
             weight_decay=ex.weight_decay,
-            betas=tuple(ex.get("betas") or ADAMW_BETAS),
+            betas=tuple(ex.betas),
             warmup_steps=ex.warmup_steps,
             total_steps=ex.steps,
             label_dropout=ex.label_dropout,
             ema_decay=ex.ema_decay,
             expert_id=k,
-            nan_check_every=int(ex.get("nan_check_every", 10)),
-            compile=bool(cfg.model.get("compile", False)),
+            nan_check_every=int(ex.nan_check_every),
+            compile=bool(cfg.model.compile),
             text=text,
             target=target,
         )
@@ -215,7 +215,7 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | No
 
     def build_loader(batch: int, start_step: int, rank: int | None = None):
         # Inside the job: a bad shard_url is a failure of this job, recorded in its failed.json.
-        urls = shard_paths(data_dir, data, url=ex.get("shard_url"))
+        urls = shard_paths(data_dir, data, url=ex.shard_url)
         stream = sample_stream(
             urls,
             int(data["channels"]),
@@ -264,27 +264,27 @@ def _job(cfg, rd: RunDir, k: int, manifest: dict, data_dir=None, data: dict | No
             # the expert.pt training started from (`ddm extend`'s fine-tune), None: random
             initialised_from=start and {f: start[f] for f in ("path", "sha256", "clustering_id")},
         ),
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=cfg.to_dict(),
         callbacks=_preview(cfg, rd, k, data, text),
     )
 
 
-def _preview(cfg, rd: RunDir, k: int, data: dict, text: dict | None) -> tuple:
+def _preview(cfg: Settings, rd: RunDir, k: int, data: dict, text: dict | None) -> tuple:
     """The expert's preview grid callback (``expert.preview_every`` > 0), or nothing."""
     ex = cfg.expert
-    every = int(ex.get("preview_every") or 0)
+    every = int(ex.preview_every)
     if every <= 0:
         return ()
-    per_row = int(ex.get("preview_per_row") or 4)
+    per_row = int(ex.preview_per_row)
     num_classes = int(data.get("num_classes") or 0)
     if text is not None:
-        rows = sample_prompts(cfg, rd)[: int(ex.get("preview_rows") or 4)]
+        rows = sample_prompts(cfg, rd)[: int(ex.preview_rows)]
         captions = [p for p in rows for _ in range(per_row)]
 
         def condition(module):
             return module.conditioning(None, captions)
     elif num_classes:
-        rows = class_names(rd, num_classes)[: int(ex.get("preview_rows") or 4)]
+        rows = class_names(rd, num_classes)[: int(ex.preview_rows)]
         labels = torch.arange(len(rows)).repeat_interleave(per_row)
 
         def condition(module):
@@ -312,9 +312,9 @@ def _preview(cfg, rd: RunDir, k: int, data: dict, text: dict | None) -> tuple:
             rows,
             per_row,
             condition,
-            steps=int(ex.get("preview_steps") or 10),
+            steps=int(ex.preview_steps),
             cfg_scale=float(cfg.sample.cfg_scale) if float(ex.label_dropout) > 0 else 1.0,
-            cfg_interval=cfg.sample.get("cfg_interval"),
+            cfg_interval=cfg.sample.cfg_interval,
             seed=expert_seed(cfg.seed, k),
             decode=decode if latents else None,
         ),

@@ -33,7 +33,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
 from ddm.data.loader import batch_loader, mixed_stream
@@ -49,12 +48,13 @@ from ddm.latent.run_latents import latent_manifest, latent_meta, stored_text_len
 from ddm.lineage import check_partition_of_run, cluster_ids, lineage_sizes
 from ddm.ranks import island_processes
 from ddm.seeds import data_stream_seed, router_seed, router_shards_seed
+from ddm.settings import Settings
 from ddm.stages import StageResult
 from ddm.stages.runner import done_already
 from ddm.text.spec import captions_for, router_conditioning_args, router_text_spec
 from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.lock import check_free, is_global_rank_zero
-from ddm.train.modules import ADAMW_BETAS, RouterModule
+from ddm.train.modules import RouterModule
 from ddm.train.router_preview import RouterPreview
 
 log = logging.getLogger("ddm")
@@ -63,29 +63,24 @@ log = logging.getLogger("ddm")
 TIME_KEYS = ("time_sampling", "logit_mean", "logit_std")
 
 
-def router_time_sampling(cfg) -> dict:
-    """``router.time_sampling`` (``uniform`` when the config has no such key) and its logit-normal parameters.
+def router_time_sampling(cfg: Settings) -> dict:
+    """``router.time_sampling`` and its logit-normal parameters.
 
     A ``BadInput`` naming ``router.time_sampling`` when it is not one of ``FlowPath.TIME_SAMPLINGS``.
     """
     rc = cfg.router
-    kind = str(rc.get("time_sampling") or "uniform")
+    kind = str(rc.time_sampling)
     if kind not in FlowPath.TIME_SAMPLINGS:
         raise BadInput(
             f"router.time_sampling={kind!r} is not one of {FlowPath.TIME_SAMPLINGS} (the router's own "
             f"training distribution of t; flow.time_sampling is the experts')"
         )
-    mean, std = rc.get("logit_mean"), rc.get("logit_std")
-    return dict(
-        time_sampling=kind,
-        logit_mean=float(0.0 if mean is None else mean),
-        logit_std=float(1.0 if std is None else std),
-    )
+    return dict(time_sampling=kind, logit_mean=float(rc.logit_mean), logit_std=float(rc.logit_std))
 
 
-def router_flow(cfg) -> dict:
+def router_flow(cfg: Settings) -> dict:
     """The router's ``FlowPath`` settings: the experts' path (``cfg.flow``) with the router's own t distribution."""
-    return dict(OmegaConf.to_container(cfg.flow, resolve=True), **router_time_sampling(cfg))
+    return dict(cfg.flow.to_dict(), **router_time_sampling(cfg))
 
 
 def accuracy_by_t(
@@ -101,7 +96,7 @@ def accuracy_by_t(
     return heldout_diagnostics(net, path, x0, y, k, prior, buckets, seed, device)
 
 
-def run(cfg) -> dict:
+def run(cfg: Settings) -> dict:
     """Train the router over all partitions; return its record (at once if it is already finished).
 
     Fault handling as for an expert: resume from the newest complete checkpoint,
@@ -118,7 +113,7 @@ def run(cfg) -> dict:
         log.info("train-router: already done (%d steps) -> %s", record["steps"], job_dir)
         return StageResult(record, skipped=True)
     # Only global rank 0 starts over: the other ranks of a DDP job run this too, beside it.
-    if cfg.get("redo", False) and job_dir.exists() and is_global_rank_zero():
+    if cfg.redo and job_dir.exists() and is_global_rank_zero():
         check_free(job_dir, "train-router redo=true")  # never delete the folder of a job that still runs
         shutil.rmtree(job_dir)
 
@@ -173,7 +168,7 @@ def _trained_time_sampling(record: dict) -> dict:
     return {key: flow.get(key) for key in TIME_KEYS}
 
 
-def _note_other_time_sampling(record: dict, cfg) -> None:
+def _note_other_time_sampling(record: dict, cfg: Settings) -> None:
     """A finished router is kept as it is: say so when the config now asks for another t distribution."""
     was, now = _trained_time_sampling(record), router_time_sampling(cfg)
     if was["time_sampling"] is None:
@@ -197,7 +192,7 @@ def _describe(time_sampling: dict) -> str:
 
 
 def _job(
-    cfg, rd: RunDir, index: dict, manifests: list[dict], train_shards: list[list[str]], held: list[list[str]]
+    cfg: Settings, rd: RunDir, index: dict, manifests: list[dict], train_shards: list[list[str]], held: list[list[str]]
 ) -> Job:
     """The router's training job: every partition's training shards, mixed in proportion to cluster size;
     a preview of its accuracy on the held-out shards ``held`` when ``router.preview_every`` > 0."""
@@ -220,12 +215,12 @@ def _job(
             flow=router_flow(cfg),  # the experts' path, the router's own t distribution
             lr=rc.lr,
             weight_decay=rc.weight_decay,
-            betas=tuple(rc.get("betas") or ADAMW_BETAS),
+            betas=tuple(rc.betas),
             warmup_steps=rc.warmup_steps,
             total_steps=rc.steps,
             label_dropout=rc.label_dropout,
-            nan_check_every=int(rc.get("nan_check_every", 10)),
-            compile=bool(rc.get("compile", False)),
+            nan_check_every=int(rc.nan_check_every),
+            compile=bool(rc.compile),
             text=text,
         )
 
@@ -273,22 +268,22 @@ def _job(
             text=text,
             latents=latent_meta(meta),
         ),
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=cfg.to_dict(),
         callbacks=_preview(cfg, rd, manifests, held),
     )
 
 
-def _preview(cfg, rd: RunDir, manifests: list[dict], held: list[list[str]]) -> tuple:
+def _preview(cfg: Settings, rd: RunDir, manifests: list[dict], held: list[list[str]]) -> tuple:
     """The router's accuracy-by-t preview callback (``router.preview_every`` > 0), or nothing.
 
     Its batch: the first ``router.preview_samples`` (at most ``eval_samples``) of the held-out samples the
     record is measured on, read now, once, on every rank; its prior, buckets and seed are the record's.
     """
     rc = cfg.router
-    every = int(rc.get("preview_every") or 0)
+    every = int(rc.preview_every)
     if every <= 0:
         return ()
-    total = min(int(rc.get("preview_samples") or 256), int(rc.eval_samples))
+    total = min(int(rc.preview_samples), int(rc.eval_samples))
     if router_text_spec(cfg):
         x0, _, k, texts = eval_set(manifests, held, total, captions_for(cfg, manifests[0]))
 
@@ -320,7 +315,7 @@ def _prior(manifests: list[dict]) -> torch.Tensor:
     return sizes / sizes.sum()
 
 
-def _record(trained: Trained, cfg, index: dict, manifests: list[dict], held: list[list[str]]) -> dict:
+def _record(trained: Trained, cfg: Settings, index: dict, manifests: list[dict], held: list[list[str]]) -> dict:
     """The common fields plus the router's accuracy by t on the held-out shards."""
     rc, module = cfg.router, trained.module
     text = router_text_spec(cfg)

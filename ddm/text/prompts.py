@@ -7,15 +7,16 @@ from pathlib import Path
 from ddm.artifacts import RunDir
 from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json
+from ddm.settings import Settings
 from ddm.text.captions import Captions
 
 
-def sample_prompts(cfg, rd: RunDir) -> list[str]:
+def sample_prompts(cfg: Settings, rd: RunDir) -> list[str]:
     """``sample.prompts``, else the lines of ``sample.prompts_file``, else ``text.caption_template`` per class."""
     sc = cfg.sample
-    if sc.get("prompts"):
+    if sc.prompts:
         prompts = [str(p) for p in sc.prompts]
-    elif sc.get("prompts_file"):
+    elif sc.prompts_file:
         path = Path(str(sc.prompts_file)).expanduser()
         if not path.is_file():
             raise MissingInput(f"sample.prompts_file={path}: no such file (one prompt per line)")
@@ -23,7 +24,7 @@ def sample_prompts(cfg, rd: RunDir) -> list[str]:
         if not prompts:
             raise BadInput(f"sample.prompts_file={path} holds no prompt (one per line)")
     else:
-        template = (cfg.get("text") or {}).get("caption_template")
+        template = cfg.text.caption_template
         names = read_json(rd.data_manifest).get("class_names") if rd.data_manifest.exists() else None
         if not template or not names:
             raise BadInput(

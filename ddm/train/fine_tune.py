@@ -15,15 +15,16 @@ from ddm.artifacts import RunDir
 from ddm.errors import BadInput, MissingInput, Unusable
 from ddm.io import sha256_file
 from ddm.sampling.checkpoints import load_expert
+from ddm.settings import Settings
 
 
-def initial_weights(cfg, rd: RunDir, manifest: dict) -> dict | None:
+def initial_weights(cfg: Settings, rd: RunDir, manifest: dict) -> dict | None:
     """``expert.init``: None (random), or the expert.pt training starts from, checked: {path, sha256, clustering_id}.
 
     ``auto`` takes the partition's ``previous_expert`` (written by ``ddm extend`` for a cluster that received
     images), ``scratch`` nothing, anything else is a path to an expert.pt.
     """
-    init = str(cfg.expert.get("init") or "auto")
+    init = str(cfg.expert.init)
     if init == "scratch":
         return None
     if init == "auto":

@@ -57,6 +57,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from ddm.errors import BadInput
 from ddm.models.dit import DiTBlock
+from ddm.settings import Island
 
 SHARDINGS = ("full", "hybrid")
 # The modules that become their own FSDP unit: the repeated transformer blocks hold nearly all parameters.
@@ -179,7 +180,7 @@ class FSDPIslandStrategy(ModelParallelStrategy):
         return mixed_precision_policy(self.precision_name, device_type)
 
 
-def island_strategy(island):
+def island_strategy(island: Island):
     """The Trainer's ``strategy`` for an island: an ``FSDPIslandStrategy`` for ``fsdp``, else the name as given."""
     name = str(island.strategy)
     if name.startswith("fsdp") and name != "fsdp":
@@ -189,7 +190,7 @@ def island_strategy(island):
         )
     if name != "fsdp":
         return island.strategy
-    devices, nodes = island.devices, island.get("num_nodes", 1)
+    devices, nodes = island.devices, island.num_nodes
     if not (isinstance(devices, int) and isinstance(nodes, int) and devices > 0 and nodes > 0):
         raise BadInput(
             f"island.devices={devices!r}, island.num_nodes={nodes!r}: an fsdp island shards over a fixed "
@@ -198,6 +199,6 @@ def island_strategy(island):
     return FSDPIslandStrategy(
         nodes,
         devices,
-        sharding=str(island.get("sharding", "full")),
-        precision=str(island.get("precision", "32-true")),
+        sharding=str(island.sharding),
+        precision=str(island.precision),
     )

@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
@@ -37,6 +36,7 @@ from ddm.eval.flops import count_flops
 from ddm.io import sha256_file, write_json
 from ddm.models.conditioning import CLIP_CONTEXT, example_condition
 from ddm.models.dit import count_params
+from ddm.settings import Distill, Expert, Island, Logger, Router
 from ddm.train.checkpoint_io import inspect_checkpoint
 from ddm.train.export import save_weights
 from ddm.train.fsdp import full_copy
@@ -74,7 +74,7 @@ class Schedule:
     decide_every: int = 10
 
     @classmethod
-    def from_config(cls, kind: str, section) -> Schedule:
+    def from_config(cls, kind: str, section: Expert | Router | Distill) -> Schedule:
         """From the config section ``kind`` (``cfg.expert`` or ``cfg.router``), which holds these keys."""
         return cls(
             kind,
@@ -83,9 +83,9 @@ class Schedule:
             int(section.ckpt_every),
             int(section.log_every),
             int(section.keep_checkpoints),
-            bool(section.get("requeue", True)),
-            None if section.get("grad_clip") is None else float(section.grad_clip),
-            decide_every=int(section.get("nan_check_every", 10)),
+            bool(section.requeue),
+            None if section.grad_clip is None else float(section.grad_clip),
+            decide_every=int(section.nan_check_every),
         )
 
 
@@ -102,8 +102,8 @@ class Job:
     # (per-device batch size, the step training starts or resumes at, global rank) -> training batches
     build_loader: Callable[[int, int, int], Iterable]
     schedule: Schedule
-    island: Any  # the island's config: devices, strategy, precision, threads
-    logger: Any  # the logger's config: csv, tensorboard or wandb
+    island: Island  # devices, strategy, precision, threads
+    logger: Logger  # csv, tensorboard or wandb
     run_dir: Path
     weights: Path  # where the finished network goes (expert.pt, router.pt)
     record: Path  # record.json

@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ddm.errors import BadInput
 from ddm.models.dit import DiTTrunk
+from ddm.settings import Island, Logger
 from ddm.train.checkpoint_io import AtomicCheckpointIO, latest_complete_checkpoint
 from ddm.train.fsdp import island_strategy
 from ddm.train.job_checkpoint import JobCheckpoint
@@ -50,9 +51,9 @@ def _wandb_mode(requested: str | None) -> str:
     return "online" if has_key else "offline"
 
 
-def build_logger(logger_cfg, job_dir: Path, run_dir: str | Path, job: str):
+def build_logger(logger_cfg: Logger, job_dir: Path, run_dir: str | Path, job: str):
     """csv (default), tensorboard or wandb; all write under the job's own folder."""
-    kind = logger_cfg.get("kind", "csv")
+    kind = logger_cfg.kind
     if kind == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
@@ -66,13 +67,13 @@ def build_logger(logger_cfg, job_dir: Path, run_dir: str | Path, job: str):
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
-        mode = _wandb_mode(logger_cfg.get("mode"))
+        mode = _wandb_mode(logger_cfg.mode)
         if mode == "offline":
             log.info("wandb: no API key found, logging offline under %s/wandb", job_dir)
         run_name = Path(run_dir).name
         return WandbLogger(
-            project=logger_cfg.get("project", "ddm"),
-            entity=logger_cfg.get("entity"),
+            project=logger_cfg.project,
+            entity=logger_cfg.entity,
             name=f"{run_name}/{job}",
             group=run_name,
             id=stable_run_id(run_dir, job),
@@ -139,7 +140,7 @@ def _plugins() -> list:
 
 
 def build_trainer(
-    island,
+    island: Island,
     job_dir: Path,
     max_steps: int,
     ckpt_every: int,
@@ -163,7 +164,7 @@ def build_trainer(
     steps that starts with ``name`` (see ``ddm.train.progress``).
     """
     quiet_lightning()
-    if island.get("threads"):
+    if island.threads:
         torch.set_num_threads(int(island.threads))
     if torch.cuda.is_available():
         # what runs outside bf16 autocast (fp32 islands, the optimizer's own math) may use TF32 tensor cores
@@ -181,7 +182,7 @@ def build_trainer(
         decide_every=decide_every,
     )
     extra = [state] if state is not None else []
-    if island.get("activation_checkpointing", False):
+    if island.activation_checkpointing:
         extra.append(ActivationCheckpointing())
     return L.Trainer(
         accelerator=island.accelerator,
@@ -189,7 +190,7 @@ def build_trainer(
         num_nodes=island.num_nodes,
         strategy=island_strategy(island),
         precision=island.precision,
-        accumulate_grad_batches=island.get("accumulate_grad_batches", 1),
+        accumulate_grad_batches=island.accumulate_grad_batches,
         plugins=_plugins(),
         max_steps=max_steps,
         logger=logger,

@@ -1,6 +1,6 @@
 """Dataset sources: where the ``prepare`` stage reads images from.
 
-A source turns ``cfg.data`` and the run's seed into a :class:`Source`: its
+A source turns the ``data`` settings and the run's seed into a :class:`Source`: its
 metadata, a lazy iterator of :class:`Sample` (stable key, uint8 image, int label,
 optional caption) and the ``Order`` of that iterator. ``open_source`` picks the
 source named by ``data.source`` and wraps its samples so that every image has
@@ -55,6 +55,7 @@ from ddm.data.sources.image_folder import IMAGE_SUFFIXES, image_folder
 from ddm.data.sources.order import PERMUTED_SAMPLES, PERMUTED_SHARDS, Order
 from ddm.data.sources.webdataset import webdataset
 from ddm.errors import BadInput
+from ddm.settings import Data
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -85,7 +86,7 @@ SOURCES: dict[str, Callable] = {
 }
 
 
-def open_source(cfg_data, seed: int) -> Source:
+def open_source(cfg_data: Data, seed: int) -> Source:
     """The source named by ``cfg_data.source`` in the order the run's ``seed`` gives, conformed, with ``limit``.
 
     ``cfg_data.classes`` keeps only the samples of those class ids (labels keep
@@ -102,12 +103,12 @@ def open_source(cfg_data, seed: int) -> Source:
         raise BadInput(f"data.source={name!r} is not a known source; choose one of {sorted(SOURCES)}")
     source = SOURCES[name](cfg_data, int(seed))
     meta = resolve_meta(source.meta, cfg_data)
-    limit = cfg_data.get("limit")
+    limit = cfg_data.limit
     if limit is not None and int(limit) < 1:
         raise BadInput(f"data.limit={limit}: use a positive number of samples, or null for all")
-    samples = only_classes(source.samples, cfg_data.get("classes"), meta)
+    samples = only_classes(source.samples, cfg_data.classes, meta)
     samples = itertools.islice(samples, int(limit)) if limit is not None else samples
-    return Source(source.prefix, source.split, meta, conform(samples, meta, cfg_data.get("resize")), source.order)
+    return Source(source.prefix, source.split, meta, conform(samples, meta, cfg_data.resize), source.order)
 
 
 def only_classes(samples, classes, meta: SourceMeta):

@@ -12,6 +12,7 @@ from PIL import Image
 
 from ddm.data.sources.order import Order
 from ddm.errors import BadInput
+from ddm.settings import Data
 
 PIL_MODES = {1: "L", 3: "RGB"}
 
@@ -73,17 +74,17 @@ def check_split(split) -> str:
     return split
 
 
-def config_channels(cfg) -> int:
-    channels = int(cfg.get("channels") or 3)
+def config_channels(cfg: Data) -> int:
+    channels = int(cfg.channels or 3)
     if channels not in PIL_MODES:
         raise BadInput(f"data.channels={channels}: use 1 (grayscale) or 3 (RGB)")
     return channels
 
 
-def resolve_meta(native: SourceMeta, cfg) -> SourceMeta:
+def resolve_meta(native: SourceMeta, cfg: Data) -> SourceMeta:
     """Merge what the source knows with what the config asks for; refuse contradictions."""
-    resize = cfg.get("resize")
-    size = cfg.get("image_size")
+    resize = cfg.resize
+    size = cfg.image_size
     if resize is not None and size is not None and int(resize) != int(size):
         raise BadInput(
             f"data.resize={resize} but data.image_size={size}: the prepared images will be "
@@ -92,12 +93,12 @@ def resolve_meta(native: SourceMeta, cfg) -> SourceMeta:
     image_size = int(resize or size or native.image_size or 0)
     if image_size < 1:
         raise BadInput("data.image_size is not set: give the side of the (square) images, or data.resize=<side>")
-    channels = int(cfg.get("channels") or native.channels or 3)
+    channels = int(cfg.channels or native.channels or 3)
     if channels not in PIL_MODES:
         raise BadInput(f"data.channels={channels}: use 1 (grayscale) or 3 (RGB)")
 
     num_classes = native.num_classes
-    asked = int(cfg.get("num_classes") or 0)
+    asked = int(cfg.num_classes or 0)
     if asked and num_classes and asked != num_classes:
         raise BadInput(
             f"data.num_classes={asked} but the source has {num_classes} classes "
@@ -105,7 +106,7 @@ def resolve_meta(native: SourceMeta, cfg) -> SourceMeta:
         )
     num_classes = num_classes or asked
 
-    class_names = cfg.get("class_names")
+    class_names = cfg.class_names
     class_names = list(class_names) if class_names is not None else native.class_names
     if class_names is not None and len(class_names) != num_classes:
         raise BadInput(

@@ -11,6 +11,7 @@ import numpy as np
 from ddm.data.sources.base import Sample, Source, SourceMeta, check_split, make_key
 from ddm.data.sources.order import PERMUTED_SAMPLES, Order, in_seeded_order
 from ddm.errors import BadInput, MissingInput
+from ddm.settings import Data
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
@@ -78,7 +79,7 @@ def _fashion_mnist_files(root: Path, split: str) -> tuple[Path, Path]:
     return paths
 
 
-def fashion_mnist(cfg, seed: int) -> Source:
+def fashion_mnist(cfg: Data, seed: int) -> Source:
     """The IDX files' images in a seeded random order; key ``i`` is image ``i`` of the file."""
     split = check_split(cfg.split)
     images_path, labels_path = _fashion_mnist_files(Path(cfg.root), split)
@@ -97,7 +98,7 @@ def fashion_mnist(cfg, seed: int) -> Source:
     return Source("fmnist", split, meta, in_seeded_order(len(images), read, seed), Order(PERMUTED_SAMPLES, int(seed)))
 
 
-def digits(cfg, seed: int) -> Source:
+def digits(cfg: Data, seed: int) -> Source:
     """scikit-learn's digits in a seeded random order; key ``i`` is image ``i`` of the set."""
     from sklearn.datasets import load_digits
 

@@ -11,6 +11,7 @@ from PIL import Image, UnidentifiedImageError
 from ddm.data.sources.base import PIL_MODES, Sample, Source, SourceMeta, check_split, config_channels, make_key
 from ddm.data.sources.order import PERMUTED_SAMPLES, Order, in_seeded_order
 from ddm.errors import BadInput, MissingInput
+from ddm.settings import Data
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -58,7 +59,7 @@ def _read_image(path: Path, channels: int) -> np.ndarray:
         raise BadInput(f"cannot read image {path} ({e}): delete or replace it") from e
 
 
-def image_folder(cfg, seed: int) -> Source:
+def image_folder(cfg: Data, seed: int) -> Source:
     """The folder's images in a seeded random order; key ``i`` is the i-th file of the sorted listing.
 
     Only the file list is permuted (and held in memory); each image is read when its turn comes.

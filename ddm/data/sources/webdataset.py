@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from ddm.data.sources.base import PIL_MODES, Sample, Source, SourceMeta, check_split, config_channels, make_key
 from ddm.data.sources.order import PERMUTED_SHARDS, Order, permutation
 from ddm.errors import BadInput, MissingInput
+from ddm.settings import Data
 
 WDS_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
 
@@ -46,7 +47,7 @@ def _url_list(urls) -> list[str]:
     return out
 
 
-def webdataset(cfg, seed: int) -> Source:
+def webdataset(cfg: Data, seed: int) -> Source:
     """The shards' samples, shard by shard in a seeded order; key ``i`` is the i-th sample read."""
     import webdataset as wds
 

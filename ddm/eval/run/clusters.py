@@ -8,7 +8,6 @@ would (``ddm.cluster.nearest``). A random partition has no rule for new images.
 from __future__ import annotations
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from ddm.artifacts import RunDir
 from ddm.cluster import load_assignments
@@ -16,6 +15,8 @@ from ddm.data.shards import load_manifest
 from ddm.data.sources import SourceMeta
 from ddm.io import load_npy, read_json
 from ddm.seeds import seed_everything
+from ddm.settings import Embed
+from ddm.settings.values import build
 
 EMBED_BATCH = 512
 
@@ -56,6 +57,6 @@ def embed_like_training(rd: RunDir, images: np.ndarray, seed: int) -> np.ndarray
     manifest = load_embeddings_manifest(rd.embeddings)
     seed_everything(seed)  # as the embed stage does: random-init encoders must match
     encoder = build_encoder(
-        OmegaConf.create(manifest["encoder_config"]), SourceMeta.from_manifest(load_manifest(rd.data))
+        build(Embed, manifest["encoder_config"], "embed"), SourceMeta.from_manifest(load_manifest(rd.data))
     )
     return np.concatenate([encoder(images[i : i + EMBED_BATCH]) for i in range(0, len(images), EMBED_BATCH)])

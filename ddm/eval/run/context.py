@@ -38,6 +38,7 @@ from ddm.latent.run_latents import run_latents
 from ddm.sampling import load_ensemble
 from ddm.sampling.fit import check_guidance
 from ddm.seeds import ROUTING_OFFSET, generator
+from ddm.settings import Settings
 
 
 class EvaluationContext:
@@ -46,7 +47,7 @@ class EvaluationContext:
     ``settings`` is the stage's ``settings_of(cfg)``; ``redo`` rewrites the held-out shards.
     """
 
-    def __init__(self, cfg, rd: RunDir, settings: dict, redo: bool):
+    def __init__(self, cfg: Settings, rd: RunDir, settings: dict, redo: bool):
         self.cfg, self.rd, self.ec = cfg, rd, cfg.eval
         self.sc = settings["sample"]
         self.seed = int(self.ec.seed)
@@ -58,14 +59,14 @@ class EvaluationContext:
             rd.root, strategy="top1", subset=self.sc["experts"], device=self.device
         )
         # latent runs: samples are decoded for every image metric; the FM loss and the router see encoded images
-        self.latents = run_latents(cfg, self.info.get("latents"), self.device)
+        self.latents = run_latents(cfg, self.info.latents, self.device)
         check_guidance(self.info, self.sc["cfg_scale"], cfg_routing=self.sc["cfg_routing"])
-        self.text = self.info.get("text")  # text runs: the networks take captions, not labels
-        self.num_classes = int(self.info["num_classes"])
+        self.text = self.info.text  # text runs: the networks take captions, not labels
+        self.num_classes = int(self.info.num_classes)
         # the data's classes: the networks' own, or (text runs) those the captions may be made from
         self.data_classes = self.num_classes or (int(read_json(rd.data_manifest)["num_classes"]) if self.text else 0)
         self.conditional = self.num_classes > 0 or bool(self.text)
-        self.shape = (int(self.info["in_channels"]), int(self.info["image_size"]), int(self.info["image_size"]))
+        self.shape = (int(self.info.in_channels), int(self.info.image_size), int(self.info.image_size))
         # the channels of the images themselves (what the feature net sees): the latents' own in a latent run
         self.image_channels = self.latents.image_channels if self.latents else self.shape[0]
         self.heldout = prepare_heldout(cfg, redo=redo)
@@ -84,15 +85,15 @@ class EvaluationContext:
         i = self.info
         return dict(
             run_dir=str(self.rd.root),
-            clustering_id=i["clustering_id"],
-            num_experts=i["num_experts"],
-            experts=i["experts"],
+            clustering_id=i.clustering_id,
+            num_experts=i.num_experts,
+            experts=i.experts,
             num_classes=self.num_classes,
             image_shape=list(self.shape),
-            flow=i["flow"],
-            expert_steps=i["expert_steps"],
-            router_steps=i["router_steps"],
-            expert_models=i["expert_models"],
+            flow=i.flow,
+            expert_steps=i.expert_steps,
+            router_steps=i.router_steps,
+            expert_models=i.expert_models,
         )
 
     def heldout_info(self) -> dict:
@@ -213,7 +214,7 @@ class EvaluationContext:
         """``(net, info)``: the classifier feature net and its description (see ``classifier_info``)."""
         labelled = self.data_classes > 0 and (self.real_y >= 0).any()
         target = "class" if labelled else "cluster"
-        num_classes = self.data_classes if labelled else int(self.info["num_experts"])
+        num_classes = self.data_classes if labelled else int(self.info.num_experts)
         net = train_classifier(
             self.rd,
             self.ec.feature_net,

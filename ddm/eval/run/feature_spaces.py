@@ -20,6 +20,8 @@ from ddm.eval import feature_net as fnet
 from ddm.eval.heldout import load_images
 from ddm.eval.run.clusters import cluster_labels
 from ddm.io import read_json, sha256_strings
+from ddm.settings import Eval
+from ddm.settings.sampling import FeatureNet
 
 
 def training_data_sha(rd: RunDir, heldout: dict, target: str, max_samples, seed: int) -> str:
@@ -57,7 +59,7 @@ def training_images(
 
 def train_classifier(
     rd: RunDir,
-    fc,
+    fc: FeatureNet,
     heldout: dict,
     exclude: set | None,
     target: str,
@@ -116,10 +118,10 @@ def classifier_functions(net: fnet.TrainedFeatureNet, target: str, batch_size: i
     return (lambda x: fnet.features(net.net, x, batch_size)), classify
 
 
-def load_inception(ec, device=None):
+def load_inception(ec: Eval, device=None):
     """The Inception feature extractor named by ``eval.inception_weights``, on ``device`` (None: the CPU), or
     None when it is null."""
-    if ec.get("inception_weights") is None:
+    if ec.inception_weights is None:
         return None
     from ddm.eval.inception import load_inception as load  # torch.jit and torchvision: only when asked for
 

@@ -21,7 +21,7 @@ def flops_section(ctx, generated: dict | None = None) -> dict:
     the experts per call of the data-dependent strategies (``threshold``, ``nucleus``).
     """
     rd, sc, n_measure = ctx.rd, ctx.sc, int(ctx.ec.flops.measure_images)
-    records = {expert_job(k): rd.expert_record(k) for k in ctx.info["experts"]}
+    records = {expert_job(k): rd.expert_record(k) for k in ctx.info.experts}
     records[ROUTER_JOB] = rd.router_record
     records = {job: read_json(p) if p.exists() else {} for job, p in records.items()}
     measured, measured_usage = None, {}
@@ -51,7 +51,7 @@ def flops_section(ctx, generated: dict | None = None) -> dict:
         solver=sc["solver"],
         cfg_scale=float(sc["cfg_scale"]),
         conditional=ctx.conditional,
-        num_experts=len(ctx.info["experts"]),
+        num_experts=len(ctx.info.experts),
         top_k=int(sc["top_k"]),
         cfg_interval=sc.get("cfg_interval"),
         cfg_routing=sc["cfg_routing"],  # a single model (single_model, distilled) has no router: no effect

@@ -28,14 +28,13 @@ import logging
 import shutil
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from ddm.artifacts import RunDir
 from ddm.data.shards import MANIFEST, ShardSetWriter, iter_samples, load_manifest, shard_paths
 from ddm.data.sources import open_source
 from ddm.errors import BadInput
 from ddm.eval.run import evaluation_dir
 from ddm.io import read_json, sha256_strings
+from ddm.settings import Data, Settings, changed
 
 log = logging.getLogger("ddm")
 
@@ -48,38 +47,35 @@ def heldout_dir(rd: RunDir) -> Path:
     return evaluation_dir(rd) / "heldout"
 
 
-def resolve_mode(cfg) -> str:
+def resolve_mode(cfg: Settings) -> str:
     """``split`` or ``slice``: ``eval.heldout.mode``, with ``auto`` decided by the data source."""
     mode = str(cfg.eval.heldout.mode)
     if mode not in MODES:
         raise BadInput(f"eval.heldout.mode={mode!r} is not one of {MODES}")
     if mode != "auto":
         return mode
-    overrides = cfg.eval.heldout.get("data") or {}
+    overrides = cfg.eval.heldout.data or {}
     return "split" if cfg.data.source in SOURCES_WITH_TEST_SPLIT or len(overrides) else "slice"
 
 
-def _fingerprint(cfg, mode: str, data_manifest: dict) -> dict:
+def _fingerprint(cfg: Settings, mode: str, data_manifest: dict) -> dict:
     hc = cfg.eval.heldout
     fp = dict(mode=mode, limit=hc.limit, data_keys_sha256=data_manifest.get("keys_sha256"))
     if mode == "split":
-        fp.update(
-            split=str(hc.split), data=OmegaConf.to_container(_split_data_cfg(cfg), resolve=True), seed=int(cfg.seed)
-        )
+        fp.update(split=str(hc.split), data=_split_data_cfg(cfg).to_dict(), seed=int(cfg.seed))
     else:
         fp.update(fraction=float(hc.fraction))
     return fp
 
 
-def _split_data_cfg(cfg):
-    """The run's data config read at the held-out split, with ``eval.heldout.data`` on top."""
+def _split_data_cfg(cfg: Settings) -> Data:
+    """The run's data settings read at the held-out split, with ``eval.heldout.data`` on top."""
     hc = cfg.eval.heldout
-    overrides = hc.get("data")
-    overrides = OmegaConf.to_container(overrides, resolve=True) if OmegaConf.is_config(overrides) else {}
-    return OmegaConf.merge(cfg.data, dict(split=str(hc.split), limit=hc.limit), overrides)
+    overrides = hc.data or {}
+    return changed(cfg.data, {"split": str(hc.split), "limit": hc.limit, **overrides})
 
 
-def prepare_heldout(cfg, redo: bool = False) -> dict:
+def prepare_heldout(cfg: Settings, redo: bool = False) -> dict:
     """Write (or reuse) ``evaluation/heldout/`` for ``cfg``; return its manifest.
 
     Besides the usual shard-set fields the manifest holds ``mode``,

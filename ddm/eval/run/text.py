@@ -10,6 +10,7 @@ from ddm.eval.clip_score import ClipScorer
 from ddm.eval.heldout import load_captions
 from ddm.eval.run.heldout import heldout_dir
 from ddm.io import read_json
+from ddm.settings import Settings
 from ddm.text.encoder import OpenClipTextEncoder
 from ddm.text.spec import captions_for, text_weights_override
 
@@ -17,7 +18,7 @@ from ddm.text.spec import captions_for, text_weights_override
 class HeldoutText:
     """The held-out images' captions (their own, or the template over their class) and the run's text encoder."""
 
-    def __init__(self, cfg, rd: RunDir, spec: dict, labels: np.ndarray, keys: list[str], device, seed: int):
+    def __init__(self, cfg: Settings, rd: RunDir, spec: dict, labels: np.ndarray, keys: list[str], device, seed: int):
         self.spec, self.labels, self.keys, self.device, self.seed = spec, labels, keys, device, int(seed)
         self.own = load_captions(heldout_dir(rd), keys)
         self.captions = captions_for(cfg, read_json(rd.data_manifest))

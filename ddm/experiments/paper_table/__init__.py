@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 
 from ddm.io import write_json
+from ddm.settings import Settings
 
 from . import estimate  # the module: its function of the same name would hide it
 from .grid import CLASS_EXPERT, SEPARATE_CFG, SINGLE, Config, Plan, Run, describe, make_plan, paper_grid
@@ -66,7 +67,7 @@ __all__ = ["CLASS_EXPERT", "SEPARATE_CFG", "SINGLE", "Config", "Plan", "Run", "d
 log = logging.getLogger("ddm")
 
 
-def run(cfg) -> dict:
+def run(cfg: Settings) -> dict:
     """Train and evaluate the grid of ``cfg.paper``; write table.md, results.json and plots into ``cfg.run_dir``.
 
     Prints the plan and an estimate of the time left first. ``paper.dry_run=true``
@@ -79,8 +80,8 @@ def run(cfg) -> dict:
         torch.set_num_threads(threads)  # island.threads is for this table's work, not for the caller's process
 
 
-def _run(cfg) -> dict:
-    if cfg.island.get("threads"):
+def _run(cfg: Settings) -> dict:
+    if cfg.island.threads:
         # before the estimate and the in-process evaluation, not only inside the training jobs: on a shared
         # machine, more threads than free cores slow every step several times over
         torch.set_num_threads(int(cfg.island.threads))

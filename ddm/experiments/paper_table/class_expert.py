@@ -16,6 +16,7 @@ from ddm.artifacts import RunDir
 from ddm.data.shards import load_manifest
 from ddm.ensemble import Ensemble
 from ddm.eval.flops import mean_expert_flops, sampling_flops_per_image
+from ddm.settings import Settings
 from ddm.stages import evaluate
 
 from .grid import CLASS_EXPERT
@@ -58,7 +59,7 @@ class ClassExpertContext(evaluate.EvaluationContext):
     net are those of the other rows.
     """
 
-    def __init__(self, cfg, rd: RunDir, settings: dict):
+    def __init__(self, cfg: Settings, rd: RunDir, settings: dict):
         super().__init__(cfg, rd, settings, redo=False)
         K = self.base.num_experts
         self.table, self.class_counts = expert_of_class(rd, K, self.num_classes)

@@ -13,6 +13,7 @@ from ddm.eval.flops import EXPERTS_PER_CALL
 from ddm.models.dit import DiT, DiTClassifier
 from ddm.sampling import num_evaluations
 from ddm.sampling.draw import DISTILLED
+from ddm.settings import Island, Settings
 
 from .grid import CLASS_EXPERT, SEPARATE_CFG, SINGLE, Plan
 from .guidance_sweep import SWEEP_FILE
@@ -32,7 +33,7 @@ FEATURE_NET_STEP_S = 0.1  # a feature-net training step: unknown until the data 
 GPU_ACCELERATORS = ("gpu", "cuda", "auto")
 
 
-def training_device(island) -> torch.device:
+def training_device(island: Island) -> torch.device:
     """Where the training jobs will run: the island's GPU when it asks for one and one is visible, else the CPU.
 
     Unlike ``resolve_device`` on ``cuda``, a GPU island on a machine without one
@@ -83,7 +84,7 @@ def forward_s_per_image(model: nn.Module, batch: int, shape, classes: int, devic
         return _timed(lambda: model(x, t, y), device, 1) / batch
 
 
-def estimate(cfg, plan: Plan) -> dict:
+def estimate(cfg: Settings, plan: Plan) -> dict:
     """A rough wall-time estimate of what is left to do, from a few timed steps on this machine.
 
     Work whose result is on disk (an expert's or router's record, a run's metrics,
@@ -107,7 +108,7 @@ def estimate(cfg, plan: Plan) -> dict:
     distill_s = 0.0  # a distillation step: the student's training step and one teacher forward per sample
     if any(DISTILLED in r.strategies for r in plan.runs):
         db = int(cfg.distill.batch_size)
-        student = DiT(str(cfg.distill.get("size") or cfg.model.size), shape[1], shape[0], classes)
+        student = DiT(str(cfg.distill.size or cfg.model.size), shape[1], shape[0], classes)
         distill_s = TRAINER_FACTOR * train_step_s(student, db, shape, classes, device, bf16) + db * fwd_s
     sc, ec = cfg.sample, cfg.eval
     calls = num_evaluations(int(sc.steps), str(sc.solver))

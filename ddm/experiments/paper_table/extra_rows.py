@@ -25,6 +25,7 @@ from ddm.eval import feature_net as fnet
 from ddm.eval.flops import mean_expert_flops, sampling_flops_per_image
 from ddm.io import read_json, write_json
 from ddm.job_names import ROUTER_JOB, ensemble_name
+from ddm.settings import Settings
 from ddm.stages import evaluate
 
 from .class_expert import ClassExpertContext
@@ -37,7 +38,7 @@ log = logging.getLogger("ddm")
 class SeparateCfgContext(evaluate.EvaluationContext):
     """The evaluate stage's context with one more strategy: top-1 whose guidance routes the null input on its own."""
 
-    def __init__(self, cfg, rd: RunDir, settings: dict):
+    def __init__(self, cfg: Settings, rd: RunDir, settings: dict):
         super().__init__(cfg, rd, settings, redo=False)  # the evaluate stage has made the held-out set
 
     def ensemble(self, strategy: str, cfg_routing: str | None = None):
@@ -80,7 +81,7 @@ class SeparateCfgContext(evaluate.EvaluationContext):
 CONTEXTS = {CLASS_EXPERT: ClassExpertContext, SEPARATE_CFG: SeparateCfgContext}
 
 
-def evaluate_extra_row(cfg, label: str) -> dict:
+def evaluate_extra_row(cfg: Settings, label: str) -> dict:
     """FD, precision, recall, FM loss and sampling FLOPs of the extra row ``label`` of run ``cfg.run_dir``.
 
     Returns the cached result when the evaluate stage's settings are unchanged (and ``redo`` is not set).
@@ -88,7 +89,7 @@ def evaluate_extra_row(cfg, label: str) -> dict:
     rd = RunDir(cfg.run_dir)
     target = evaluate.evaluation_dir(rd) / f"{label}.json"
     settings = evaluate.settings_of(cfg)
-    if target.exists() and not cfg.get("redo", False):
+    if target.exists() and not cfg.redo:
         cached = read_json(target)
         if cached.get("settings") == settings:
             return cached

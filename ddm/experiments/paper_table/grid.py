@@ -6,13 +6,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from ddm.ensemble import ROUTING_DEFAULTS, STRATEGIES, check_routing
 from ddm.errors import BadInput, MissingConfig
 from ddm.eval.flops import model_forward_flops
 from ddm.models.dit import DiT, DiTClassifier
 from ddm.sampling.draw import DISTILLED
+from ddm.settings import Settings
 
 from .mixed import mixed_name, mixed_targets
 from .sweep_options import cfg_scales
@@ -91,9 +90,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def paper_grid(cfg) -> DictConfig:
+def paper_grid(cfg: Settings) -> dict:
     """``cfg.paper``, the grid, or a one-line error naming the experiments that define it."""
-    if "paper" not in cfg:
+    if cfg.paper is None:
         raise MissingConfig(
             "the config has no `paper` key: run with an experiment that defines the grid, e.g. "
             "experiment=paper_small (see conf/experiment/paper_small.yaml)"
@@ -101,27 +100,27 @@ def paper_grid(cfg) -> DictConfig:
     return cfg.paper
 
 
-def make_plan(cfg) -> Plan:
+def make_plan(cfg: Settings) -> Plan:
     """The configurations and runs of ``cfg.paper``, with the monolith's extra steps worked out."""
     p = paper_grid(cfg)
-    batch = int(p.monolith_batch)
-    budgets = sorted({int(b) for b in p.budgets})
-    strategies = [str(s) for s in p.strategies]
+    batch = int(p["monolith_batch"])
+    budgets = sorted({int(b) for b in p["budgets"]})
+    strategies = [str(s) for s in p["strategies"]]
     unknown = [s for s in strategies if s not in KNOWN_STRATEGIES]
     if unknown or not budgets:
         raise BadInput(f"paper.strategies {unknown} are not among {KNOWN_STRATEGIES}, or paper.budgets is empty")
-    if cfg.sample.get("experts") is not None:
+    if cfg.sample.experts is not None:
         raise BadInput("sample.experts must be null for the paper table: every row uses all of its experts")
-    if str(p.strategies_at) not in ("all", "largest"):
-        raise BadInput(f"paper.strategies_at={p.strategies_at!r} must be `all` or `largest`")
+    if str(p["strategies_at"]) not in ("all", "largest"):
+        raise BadInput(f"paper.strategies_at={p['strategies_at']!r} must be `all` or `largest`")
     # the routing options every row samples with: a bad one fails before hours of training, not after
-    check_routing(**{k: cfg.sample.get(k, v) for k, v in ROUTING_DEFAULTS.items()})
+    check_routing(**{k: getattr(cfg.sample, k) for k in ROUTING_DEFAULTS})
 
     configs = [Config("monolith", "random", 1)]
-    configs += [Config(f"clustered-k{int(k)}", str(p.clustering), int(k)) for k in p.ks]
+    configs += [Config(f"clustered-k{int(k)}", str(p["clustering"]), int(k)) for k in p["ks"]]
     mixed = mixed_targets(cfg)
-    configs += [Config(mixed_name(mixed), str(p.clustering), len(mixed), mixed)] if mixed else []
-    configs += [Config(f"random-k{int(k)}", "random", int(k)) for k in p.random_ks]
+    configs += [Config(mixed_name(mixed), str(p["clustering"]), len(mixed), mixed)] if mixed else []
+    configs += [Config(f"random-k{int(k)}", "random", int(k)) for k in p["random_ks"]]
     for c in configs:
         if c.k < 1 or batch % c.k:
             raise BadInput(
@@ -141,7 +140,7 @@ def make_plan(cfg) -> Plan:
     }
     extra = {b: monolith_extra_steps(cfg, b, expert_fwd, router_fwd) for b in budgets}
 
-    full_grid = budgets if str(p.strategies_at) == "all" else budgets[-1:]
+    full_grid = budgets if str(p["strategies_at"]) == "all" else budgets[-1:]
     separate_note = _separate_cfg_skipped(cfg, classes)
     scales, sweep_note = cfg_scales(cfg, classes)
     notes = [sweep_note] if sweep_note else []
@@ -179,38 +178,38 @@ def make_plan(cfg) -> Plan:
     return Plan(configs, runs, expert_fwd, router_fwd, extra, list(dict.fromkeys(notes)))
 
 
-def run_folder(cfg, config_name: str, budget: int) -> Path:
+def run_folder(cfg: Settings, config_name: str, budget: int) -> Path:
     """The folder of one configuration's run at one budget."""
     return Path(cfg.run_dir) / "runs" / f"{config_name}-s{budget}"
 
 
-def _separate_cfg_skipped(cfg, classes: int) -> str | None:
+def _separate_cfg_skipped(cfg: Settings, classes: int) -> str | None:
     """Why the separately routed guidance row would repeat top-1 (then it is skipped), or None."""
-    if not classes and str(cfg.get("text", {}).get("kind", "none")) == "none":
+    if not classes and str(cfg.text.kind) == "none":
         return "the data has no class labels (no guidance): the separate guidance routing row is skipped"
     if float(cfg.sample.cfg_scale) == 1.0:
         return "sample.cfg_scale=1 (no guidance): the separate guidance routing row equals top-1; skipped"
-    if str(cfg.sample.get("cfg_routing", ROUTING_DEFAULTS["cfg_routing"])) == "separate":
+    if str(cfg.sample.cfg_routing) == "separate":
         return "sample.cfg_routing=separate: every row routes guidance separately; that row is not repeated"
     return None
 
 
-def router_steps(cfg, budget: int) -> int:
+def router_steps(cfg: Settings, budget: int) -> int:
     """The router's training steps at a budget: ``paper.router_steps_ratio`` of it, at least one."""
-    return max(1, round(float(cfg.paper.router_steps_ratio) * budget))
+    return max(1, round(float(cfg.paper["router_steps_ratio"]) * budget))
 
 
-def monolith_extra_steps(cfg, budget: int, expert_forward: int, router_forward: dict[int, int]) -> int:
+def monolith_extra_steps(cfg: Settings, budget: int, expert_forward: int, router_forward: dict[int, int]) -> int:
     """Steps the monolith trains beyond ``budget`` so that it spends the largest router's training FLOPs too.
 
     Training FLOPs are 3 x forward x samples seen; the extra steps are rounded up, so
     the monolith never spends less than a DDM (0 unless ``paper.monolith_matches_router``).
     """
-    if not cfg.paper.monolith_matches_router:
+    if not cfg.paper["monolith_matches_router"]:
         return 0
     router_batch = int(cfg.router.batch_size)
     router_train = max([3 * f * router_batch * router_steps(cfg, budget) for f in router_forward.values()], default=0)
-    return math.ceil(router_train / (3 * expert_forward * int(cfg.paper.monolith_batch)))
+    return math.ceil(router_train / (3 * expert_forward * int(cfg.paper["monolith_batch"])))
 
 
 def describe(plan: Plan) -> str:

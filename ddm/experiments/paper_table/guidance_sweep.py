@@ -22,6 +22,7 @@ from ddm.eval.flops import mean_expert_flops, sampling_flops_per_image
 from ddm.eval.run.generated import labels_to_sample, sample_now
 from ddm.io import read_json, write_json
 from ddm.job_names import ROUTER_JOB
+from ddm.settings import Settings
 from ddm.stages import evaluate
 
 from .grid import Run
@@ -33,7 +34,7 @@ SWEEP_FILE = "cfg_sweep.json"
 QUALITY_KEYS = ("fd", "precision", "recall", "classifier_accuracy", "num_generated")
 
 
-def sweep_run(cfg, r: Run, metrics: dict) -> dict | None:
+def sweep_run(cfg: Settings, r: Run, metrics: dict) -> dict | None:
     """The sweep of run ``r`` (None when it has none): ``{config, budget, shared_scale, feature_space, scales:
     [{cfg_scale, fd, precision, recall, classifier_accuracy, num_generated, sampling_flops_per_image, source}],
     best_scale, wall_s}``."""
@@ -43,7 +44,7 @@ def sweep_run(cfg, r: Run, metrics: dict) -> dict | None:
     rd = RunDir(r.folder)
     target = evaluate.evaluation_dir(rd) / SWEEP_FILE
     key = dict(settings=evaluate.settings_of(rcfg), scales=list(r.cfg_sweep))
-    if target.exists() and not rcfg.get("redo", False):
+    if target.exists() and not rcfg.redo:
         cached = read_json(target)
         if cached.get("key") == key:
             return cached

@@ -1,4 +1,4 @@
-"""Where each step of the table works, and the config its stages see.
+"""Where each step of the table works, and the settings its stages see.
 
 Layout of the table's folder (``run_dir``)::
 
@@ -11,13 +11,11 @@ Layout of the table's folder (``run_dir``)::
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
-
 from ddm.errors import UserError
+from ddm.settings import Settings, changed
 
 from .grid import Config, Run
 
@@ -26,37 +24,33 @@ class NotALink(UserError, FileExistsError):
     """A path of the table's folder that should link to shared artefacts is a real file or folder."""
 
 
-def derive(cfg, **changes) -> DictConfig:
+def derive(cfg: Settings, **changes) -> Settings:
     """A copy of ``cfg`` with dotted keys replaced, e.g. ``derive(cfg, **{"cluster.k": 4})``."""
-    out = copy.deepcopy(cfg)
-    with open_dict(out):
-        for key, value in changes.items():
-            OmegaConf.update(out, key, value, merge=False)
-    return out
+    return changed(cfg, changes)
 
 
-def data_dir(cfg) -> Path:
+def data_dir(cfg: Settings) -> Path:
     return Path(cfg.run_dir) / "data-run"
 
 
-def clustering_dir(cfg, config: Config) -> Path:
+def clustering_dir(cfg: Settings, config: Config) -> Path:
     return Path(cfg.run_dir) / "clusterings" / config.clustering
 
 
-def data_cfg(cfg) -> DictConfig:
-    """The config of prepare and embed: the whole dataset, once, in ``data-run/``."""
+def data_cfg(cfg: Settings) -> Settings:
+    """The settings of prepare and embed: the whole dataset, once, in ``data-run/``."""
     return derive(cfg, run_dir=str(data_dir(cfg)))
 
 
-def clustering_cfg(cfg, config: Config) -> DictConfig:
-    """The config of cluster and partition for one configuration."""
+def clustering_cfg(cfg: Settings, config: Config) -> Settings:
+    """The settings of cluster and partition for one configuration."""
     return derive(
         cfg, run_dir=str(clustering_dir(cfg, config)), **{"cluster.method": config.method, "cluster.k": config.k}
     )
 
 
-def run_cfg(cfg, r: Run) -> DictConfig:
-    """The config every stage of run ``r`` sees."""
+def run_cfg(cfg: Settings, r: Run) -> Settings:
+    """The settings every stage of run ``r`` sees."""
     return derive(
         clustering_cfg(cfg, r.config),
         run_dir=str(r.folder),

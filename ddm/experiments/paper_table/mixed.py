@@ -19,13 +19,14 @@ import math
 
 from ddm.errors import BadInput
 from ddm.flow import PREDICTIONS
+from ddm.settings import Settings
 
 VELOCITY = "velocity"
 
 
-def mixed_targets(cfg) -> tuple[str, ...]:
+def mixed_targets(cfg: Settings) -> tuple[str, ...]:
     """``paper.mixed_targets`` checked: () when absent or empty, else one known target per expert."""
-    p = cfg.paper
+    p = cfg.paper  # a plain mapping
     targets = tuple(str(t) for t in (p.get("mixed_targets") or ()))
     if not targets:
         return ()
@@ -37,7 +38,7 @@ def mixed_targets(cfg) -> tuple[str, ...]:
             f"paper.mixed_targets={list(targets)} has one target only: list at least two kinds "
             "(one kind is the clustered DDM itself), or [] for no mixed row"
         )
-    ks = [int(k) for k in p.ks]
+    ks = [int(k) for k in p["ks"]]
     if len(targets) not in ks:
         raise BadInput(
             f"paper.mixed_targets has {len(targets)} targets, one per expert, but paper.ks={ks} has no clustered "
@@ -54,7 +55,7 @@ def mixed_name(targets: tuple[str, ...]) -> str:
     return f"mixed-targets-k{len(targets)}"
 
 
-def expert_overrides(cfg, config, k: int) -> dict:
+def expert_overrides(cfg: Settings, config, k: int) -> dict:
     """The dotted overrides of expert ``k``'s job: its id, and in a mixed configuration its target (and t range)."""
     out = {"expert.id": k}
     if config.targets:

@@ -15,6 +15,7 @@ from ddm.errors import BadInput
 from ddm.io import read_json, write_text
 from ddm.job_names import ensemble_name, expert_id_of, is_training_job
 from ddm.sampling.draw import DISTILLED
+from ddm.settings import Settings
 
 from .grid import SINGLE, Plan, Run
 from .layout import clustering_dir, data_dir
@@ -92,38 +93,38 @@ def run_wall_s(r: Run, metrics: dict, extra: dict[str, dict]) -> float:
     return round(train + evaluations, 1)
 
 
-def prep_wall_s(cfg, plan: Plan) -> float:
+def prep_wall_s(cfg: Settings, plan: Plan) -> float:
     """Wall time of prepare, embed, and every configuration's cluster and partition stages."""
     folders = [data_dir(cfg)] + sorted({clustering_dir(cfg, c) for c in plan.configs})
     return round(sum(t["wall_s"] for f in folders for t in RunDir(f).all_timings().values()), 1)
 
 
-def settings_summary(cfg, plan: Plan, first: dict) -> dict:
+def settings_summary(cfg: Settings, plan: Plan, first: dict) -> dict:
     """What every row shares: data, networks, sampler, evaluation sizes, seeds, FLOP accounting, hardware."""
-    p, sc, ec = cfg.paper, cfg.sample, cfg.eval
+    p, sc, ec = cfg.paper, cfg.sample, cfg.eval  # cfg.paper: a plain mapping
     space = next(v for n, v in first["feature_spaces"].items() if n.startswith("classifier:"))
     extra = ", ".join(f"{b}: +{e}" for b, e in plan.monolith_extra_steps.items())
     flops_note = (
         f"The monolith trains extra steps that cost the router's training FLOPs (budget: extra steps "
         f"{extra}), so at each budget it spends at least as much as every DDM."
-        if p.monolith_matches_router
+        if p["monolith_matches_router"]
         else "The monolith trains exactly the budget's steps: a DDM spends its router's FLOPs on top."
     )
     return dict(
-        name=str(cfg.get("name")),
+        name=str(cfg.name),
         data=str(cfg.data.source),
         num_train_images=_train_images(cfg),
         model=str(cfg.model.size),
         router=str(cfg.router.size),
-        monolith_batch=int(p.monolith_batch),
-        budgets=sorted(int(b) for b in p.budgets),
-        router_steps_ratio=float(p.router_steps_ratio),
+        monolith_batch=int(p["monolith_batch"]),
+        budgets=sorted(int(b) for b in p["budgets"]),
+        router_steps_ratio=float(p["router_steps_ratio"]),
         router_batch=int(cfg.router.batch_size),
-        ks=list(p.ks),
-        random_ks=list(p.random_ks),
-        clustering=str(p.clustering),
-        strategies=[str(s) for s in p.strategies],
-        strategies_at=str(p.strategies_at),
+        ks=list(p["ks"]),
+        random_ks=list(p["random_ks"]),
+        clustering=str(p["clustering"]),
+        strategies=[str(s) for s in p["strategies"]],
+        strategies_at=str(p["strategies_at"]),
         mixed_targets=[str(t) for t in (p.get("mixed_targets") or [])],
         mixed_t_eps=float(p.get("mixed_t_eps", 5e-3)),
         cfg_scales=[float(s) for s in (p.get("cfg_scales") or [])],
@@ -131,7 +132,7 @@ def settings_summary(cfg, plan: Plan, first: dict) -> dict:
             solver=str(sc.solver),
             steps=int(sc.steps),
             cfg_scale=float(sc.cfg_scale),
-            cfg_interval=None if sc.get("cfg_interval") is None else [float(v) for v in sc.cfg_interval],
+            cfg_interval=None if sc.cfg_interval is None else [float(v) for v in sc.cfg_interval],
             top_k=int(sc.top_k),
             threshold=float(sc.threshold),
             top_p=float(sc.top_p),
@@ -155,7 +156,7 @@ def settings_summary(cfg, plan: Plan, first: dict) -> dict:
     )
 
 
-def _train_images(cfg) -> int | None:
+def _train_images(cfg: Settings) -> int | None:
     path = RunDir(data_dir(cfg)).data_manifest
     return int(read_json(path)["num_samples"]) if path.exists() else None
 
@@ -177,7 +178,7 @@ def hardware_line(plan: Plan) -> str:
     return f"{', '.join(gpus)} GPU, {cpu}" if gpus else f"no GPU, {cpu}"
 
 
-def write_outputs(cfg, results: dict) -> dict:
+def write_outputs(cfg: Settings, results: dict) -> dict:
     """table.md, results.json and the two plots in the table's folder (rewritten only on a change)."""
     root = Path(cfg.run_dir)
     changed = _write_if_changed(root / "results.json", _json_text(results))

@@ -13,8 +13,6 @@ call (``flops.sampling.single_model``).
 
 from __future__ import annotations
 
-from omegaconf import OmegaConf
-
 from ddm.artifacts import RunDir
 from ddm.data.router_data import load_partitions
 from ddm.errors import BadInput
@@ -23,6 +21,7 @@ from ddm.flow import flow_path_from_config
 from ddm.io import read_json, write_json
 from ddm.models.dit import DiTClassifier
 from ddm.sampling.draw import DISTILLED
+from ddm.settings import Settings
 from ddm.stages.runner import run_stage
 from ddm.train.export import save_weights
 
@@ -35,7 +34,7 @@ from .mixed import expert_overrides
 SHARED = ("data", "embeddings", "clusters", "partitions")
 
 
-def prepare_data(cfg, plan: Plan) -> None:
+def prepare_data(cfg: Settings, plan: Plan) -> None:
     """prepare (and embed, when a configuration clusters by embedding) once, into data-run/."""
     dcfg = data_cfg(cfg)
     run_stage("prepare", dcfg)
@@ -43,7 +42,7 @@ def prepare_data(cfg, plan: Plan) -> None:
         run_stage("embed", dcfg)
 
 
-def prepare_clustering(cfg, config: Config) -> None:
+def prepare_clustering(cfg: Settings, config: Config) -> None:
     """Link the shared data (and embeddings) into the configuration's folder, then cluster and partition it."""
     ccfg = clustering_cfg(cfg, config)
     folder, source = RunDir(ccfg.run_dir), RunDir(data_dir(cfg))
@@ -54,7 +53,7 @@ def prepare_clustering(cfg, config: Config) -> None:
     run_stage("partition", ccfg)
 
 
-def train_run(cfg, r: Run) -> None:
+def train_run(cfg: Settings, r: Run) -> None:
     """Link the shared artefacts into the run's folder, then train its experts (a mixed-kind DDM: each with its
     own target), router (or link the one it shares) and (a ``distilled`` row) the student of its experts."""
     rcfg = run_cfg(cfg, r)
@@ -74,7 +73,7 @@ def train_run(cfg, r: Run) -> None:
         run_stage("distill", rcfg)
 
 
-def write_constant_router(cfg) -> dict:
+def write_constant_router(cfg: Settings) -> dict:
     """router.pt for K = 1: a one-output router, which is the constant 1 whatever its weights; 0 training FLOPs."""
     rd = RunDir(cfg.run_dir)
     if rd.router_record.exists() and rd.router_weights.exists():
@@ -85,7 +84,7 @@ def write_constant_router(cfg) -> dict:
     meta = manifests[0]
     shape = (int(meta["channels"]), int(meta["image_size"]), int(meta["image_size"]))
     net = DiTClassifier(1, str(cfg.router.size), shape[1], shape[0], int(meta["num_classes"]))
-    flow = flow_path_from_config(OmegaConf.to_container(cfg.flow, resolve=True)).config()
+    flow = flow_path_from_config(cfg.flow.to_dict()).config()
     save_weights(rd.router_weights, "router", net, flow, num_experts=1, clustering_id=index["clustering_id"], steps=0)
     record = dict(
         num_experts=1,
@@ -102,7 +101,7 @@ def write_constant_router(cfg) -> dict:
     return record
 
 
-def evaluate_run(cfg, r: Run) -> tuple[dict, dict[str, dict]]:
+def evaluate_run(cfg: Settings, r: Run) -> tuple[dict, dict[str, dict]]:
     """The evaluate stage's metrics (its own skip check applies) and those of the run's extra rows, by label."""
     rcfg = run_cfg(cfg, r)
     metrics = run_stage("evaluate", rcfg)
