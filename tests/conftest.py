@@ -23,6 +23,43 @@ def make_cfg(tmp_path):
     return _make
 
 
+class TinyRun:
+    """A finished run of the tiny experiment: ``settings(*overrides)`` for it, ``rd`` its folder."""
+
+    # every stage, a few steps of training: seconds on 2 cores
+    OVERRIDES = ("experiment=tiny", "expert.steps=6", "router.steps=6")
+
+    def __init__(self, root):
+        from ddm.artifacts import RunDir
+
+        self.rd = RunDir(root)
+
+    def settings(self, *overrides):
+        from ddm.config import settings
+
+        return settings([*self.OVERRIDES, f"run_dir={self.rd.root}", *overrides])
+
+    def copy(self, dest) -> TinyRun:
+        """A copy of the run to change (evaluate into, sample again) without touching the shared one."""
+        import shutil
+
+        shutil.copytree(self.rd.root, dest)
+        return TinyRun(dest)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    """The tiny experiment through the whole pipeline, built once for every test that reads a finished run.
+
+    Read it as it is; a test that writes into a run takes ``tiny_run.copy(tmp_path / "run")``.
+    """
+    from ddm.stages import pipeline
+
+    run = TinyRun(tmp_path_factory.mktemp("tiny-run") / "run")
+    pipeline.run(run.settings())
+    return run
+
+
 @pytest.fixture
 def fast_cfg(make_cfg):
     """``fast_cfg("expert.steps=3", ...)``: ``make_cfg`` with the fast job settings (``tests.fabricate.FAST_JOB``)."""

@@ -11,12 +11,10 @@ import pytest
 
 from ddm.artifacts import RunDir
 from ddm.io import read_json
-from ddm.stages import evaluate, pipeline
+from ddm.stages import evaluate
 
-# Small enough for seconds on 2 cores; the pipeline trains for a few steps only.
+# Small enough for seconds on 2 cores (the shared tiny run trains a few steps only).
 OVERRIDES = [
-    "expert.steps=6",
-    "router.steps=6",
     "eval.num_samples=40",
     "eval.per_class_min=3",
     "eval.feature_net.steps=30",
@@ -47,27 +45,18 @@ def eval_group() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
-    from ddm.config import settings
-
+def evaluated(tmp_path_factory, tiny_run):
+    """The shared tiny run (tests/conftest.py), copied and evaluated."""
     root = tmp_path_factory.mktemp("tiny-eval")
+    run = tiny_run.copy(root / "run")
 
     def make_cfg(*extra, run_dir=None):
-        return settings(
-            [
-                "experiment=tiny",
-                f"run_dir={run_dir or root / 'run'}",
-                *eval_group(),
-                f"eval.feature_net.cache_dir={root / 'cache'}",
-                *OVERRIDES,
-                *extra,
-            ]
-        )
+        overrides = [*eval_group(), f"eval.feature_net.cache_dir={root / 'cache'}", *OVERRIDES, *extra]
+        return run.settings(*overrides, *([f"run_dir={run_dir}"] if run_dir else []))
 
     cfg = make_cfg()
-    pipeline.run(cfg)
     metrics = evaluate.run(cfg)
-    return make_cfg, RunDir(root / "run"), metrics
+    return make_cfg, run.rd, metrics
 
 
 def test_metrics_file_holds_every_part(evaluated):

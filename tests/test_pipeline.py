@@ -34,23 +34,19 @@ STAGE_OUTPUTS = (
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from ddm.config import settings
-
-    run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    cfg = settings(["experiment=tiny", f"run_dir={run_dir}"])
-    pipeline.run(cfg)
-    return cfg, RunDir(run_dir)
+def tiny(tiny_run):
+    """The shared finished tiny run (tests/conftest.py): its settings and folder."""
+    return tiny_run.settings(), tiny_run.rd
 
 
-def test_every_stage_leaves_its_artefact(tiny_run):
-    _, rd = tiny_run
+def test_every_stage_leaves_its_artefact(tiny):
+    _, rd = tiny
     for rel in STAGE_OUTPUTS:
         assert (rd.root / rel).exists(), rel
 
 
-def test_partitions_hold_exactly_the_assigned_keys(tiny_run):
-    _, rd = tiny_run
+def test_partitions_hold_exactly_the_assigned_keys(tiny):
+    _, rd = tiny
     assignments = np.load(rd.assignments)
     data_keys = [s["key"] for s in iter_samples(shard_paths(rd.data), decode=False)]
     assert list(assignments["keys"]) == data_keys
@@ -62,8 +58,8 @@ def test_partitions_hold_exactly_the_assigned_keys(tiny_run):
     assert sorted(seen) == sorted(data_keys)  # each sample in exactly one partition
 
 
-def test_every_artefact_records_the_same_clustering(tiny_run):
-    _, rd = tiny_run
+def test_every_artefact_records_the_same_clustering(tiny):
+    _, rd = tiny
     cid = read_json(rd.cluster_report)["clustering_id"]
     assert all(load_manifest(rd.partition(k))["clustering_id"] == cid for k in range(2))
     assert all(read_json(rd.expert_record(k))["clustering_id"] == cid for k in range(2))
@@ -71,8 +67,8 @@ def test_every_artefact_records_the_same_clustering(tiny_run):
     assert read_json(rd.samples_record)["clustering_id"] == cid
 
 
-def test_samples_grid_has_one_row_per_class_and_usage_per_step(tiny_run):
-    cfg, rd = tiny_run
+def test_samples_grid_has_one_row_per_class_and_usage_per_step(tiny):
+    cfg, rd = tiny
     npz = np.load(rd.samples / "samples.npz")
     assert npz["images"].shape[1:] == (8, 8) and npz["images"].dtype == np.uint8
     assert list(npz["labels"][:20]) == [c for c in range(10) for _ in range(2)]
@@ -82,16 +78,16 @@ def test_samples_grid_has_one_row_per_class_and_usage_per_step(tiny_run):
     assert all(sum(u["counts"]) == 20 for u in usage)
 
 
-def test_report_names_each_part(tiny_run):
-    _, rd = tiny_run
+def test_report_names_each_part(tiny):
+    _, rd = tiny
     text = rd.report.read_text()
     for heading in ("## Clusters", "## Experts", "## Router", "## Samples", "## Wall time"):
         assert heading in text
     assert "| 0.9-1.0 |" in text  # router accuracy by t, ten buckets
 
 
-def test_rerun_skips_every_stage(tiny_run):
-    cfg, rd = tiny_run
+def test_rerun_skips_every_stage(tiny):
+    cfg, rd = tiny
     watched = [rd.data_manifest, rd.cluster_report, rd.expert_weights(0), rd.router_weights, rd.samples_record]
     before = [p.stat().st_mtime_ns for p in watched]
     pipeline.run(cfg)
@@ -124,9 +120,9 @@ def test_cli_rejects_an_unknown_stage(tmp_path):
     assert out.returncode == 2 and "unknown stage 'trian-expert'" in out.stderr
 
 
-def test_a_library_user_needs_no_config(tiny_run):
+def test_a_library_user_needs_no_config(tiny):
     """A notebook can load the experts and the ensemble with plain torch."""
-    _, rd = tiny_run
+    _, rd = tiny
     from ddm.sampling.checkpoints import load_ensemble
     from ddm.sampling.solvers import sample
 

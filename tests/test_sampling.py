@@ -442,6 +442,22 @@ def test_loader_lists_missing_experts_unless_a_subset_is_given(tmp_path):
         load_ensemble(rd.root, subset=[2, 3])
 
 
+def test_rerouted_shares_the_loaded_modules_and_changes_only_the_routing(tmp_path):
+    from ddm.sampling.draw import rerouted
+
+    rd = make_run(tmp_path, K=4, experts=[0, 2])
+    ens, _, _ = load_ensemble(rd.root, subset=[0, 2], strategy="top1", temperature=2.0)
+    other = rerouted(ens, strategy="threshold", threshold=0.3, cfg_routing="separate")
+    assert (other.strategy, other.threshold, other.cfg_routing) == ("threshold", 0.3, "separate")
+    assert (other.temperature, other.top_k, other.top_p) == (2.0, ens.top_k, ens.top_p)  # the rest as it was
+    assert other.active_ids == [0, 2] and other.num_experts == 4  # the same experts, nothing loaded again
+    assert other.router is ens.router and all(other.experts[k] is ens.experts[k] for k in ("0", "2"))
+    x, t, y = torch.randn(3, 1, 8, 8), torch.rand(3), torch.zeros(3, dtype=torch.long)
+    torch.testing.assert_close(rerouted(ens)(x, t, y), ens(x, t, y))  # no change: the same velocity
+    with pytest.raises(TypeError, match="not \\['subset'\\]"):
+        rerouted(ens, subset=[0])
+
+
 def test_experts_of_different_sizes_and_targets_make_one_ensemble(tmp_path):
     from ddm.models.prediction import PredictionToVelocity
 

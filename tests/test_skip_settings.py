@@ -68,3 +68,14 @@ def test_cluster_refuses_another_k_and_skips_the_same(make_cfg):
     with pytest.raises(BadInput, match=r"clusters was made with other settings \(cluster\.k 2 there, 3 now\)"):
         run_stage("cluster", make_cfg(*base[:-1], "cluster.k=3"))
     assert run_stage("cluster", make_cfg(*base[:-1], "cluster.k=3", "redo=true"))["k"] == 3
+
+
+def test_partition_refuses_another_shard_layout_or_seed(make_cfg):
+    base = ("data=digits", "data.limit=80", "embed.size=8", "cluster=flat", "cluster.k=2")
+    for stage in ("prepare", "embed", "cluster", "partition"):
+        run_stage(stage, make_cfg(*base))
+    assert run_stage("partition", make_cfg(*base)).skipped
+    with pytest.raises(BadInput, match=r"partitions was made with other settings \(cluster\.partition_shard_size "):
+        run_stage("partition", make_cfg(*base, "cluster.partition_shard_size=7"))
+    again = run_stage("partition", make_cfg(*base, "cluster.partition_shard_size=7", "redo=true"))
+    assert not again.skipped and again["settings"]["cluster"]["partition_shard_size"] == 7

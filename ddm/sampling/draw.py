@@ -85,24 +85,26 @@ def requested_settings(sc: Sample | Mapping) -> dict:
     return out
 
 
-def with_routing(ensemble: Ensemble, settings: dict) -> Ensemble:
-    """``ensemble`` with the settings' ``threshold``, ``top_p`` and ``cfg_routing`` (its modules shared).
+ROUTING = ("strategy", "top_k", "temperature", "threshold", "top_p", "cfg_routing", "generator")
 
-    ``load_ensemble`` builds the ensemble with its strategy and top-k; the routing
-    options the loader does not take are set here, through ``Ensemble``'s own checks.
+
+def rerouted(ensemble: Ensemble, **routing) -> Ensemble:
+    """The same experts and router (their modules shared, nothing loaded again) under other routing settings.
+
+    ``routing``: any of ``ROUTING`` (strategy, top_k, temperature, threshold, top_p, cfg_routing, generator);
+    the others stay as they are. The one way a loaded ensemble is routed otherwise: the sample stage sets the
+    options ``load_ensemble`` does not take, the evaluation routes one set of modules by every strategy.
     """
+    unknown = sorted(set(routing) - set(ROUTING))
+    if unknown:
+        raise TypeError(f"rerouted() takes the routing settings {ROUTING}, not {unknown}")
+    now = {name: getattr(ensemble, name) for name in ROUTING}
     return Ensemble(
         {int(k): m for k, m in ensemble.experts.items()},
         ensemble.router,
-        strategy=ensemble.strategy,
-        top_k=ensemble.top_k,
         subset=ensemble.active_ids,
-        generator=ensemble.generator,
-        temperature=ensemble.temperature,
         num_experts=ensemble.num_experts,
-        threshold=settings["threshold"],
-        top_p=settings["top_p"],
-        cfg_routing=settings["cfg_routing"],
+        **{**now, **routing},
     ).eval()
 
 

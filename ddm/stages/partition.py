@@ -33,6 +33,7 @@ from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json, write_json
 from ddm.settings import Settings
 from ddm.stages import StageResult
+from ddm.stages.runner import check_made_with
 
 log = logging.getLogger("ddm")
 
@@ -53,6 +54,7 @@ def run(cfg: Settings) -> dict:
             # the checks below decide: a clustering of the old data is refused, one of this data is partitioned
             log.info("partition: data/ changed since the partitions were written; rebuilding partitions")
         elif done.get("clustering_id") == current and not cfg.redo:
+            check_made_with("partition", run_dir.partitions, done.get("settings"), made_with(cfg))
             log.info(
                 "partition: done already (K=%d id=%s); redo=true rebuilds -> %s",
                 done["num_clusters"],
@@ -108,6 +110,7 @@ def run(cfg: Settings) -> dict:
         # the data shards copied (a run grown by `ddm extend` appends shards: the first ones keep this digest)
         data_shards_sha256=shards_digest(data_manifest),
         data_num_shards=len(data_manifest["shards"]),
+        settings=made_with(cfg),  # a rerun with other settings is refused, not skipped
     )
     write_json(marker, summary)
     log.info(
@@ -119,6 +122,14 @@ def run(cfg: Settings) -> dict:
         run_dir.partitions,
     )
     return summary
+
+
+def made_with(cfg: Settings) -> dict:
+    """The settings the partitions depend on besides the clustering: their shard layout and the seed of
+    each cluster's order."""
+    c = cfg.cluster
+    shards = dict(min_shards_per_partition=c.min_shards_per_partition, partition_shard_size=c.partition_shard_size)
+    return dict(cluster=shards, seed=int(cfg.seed))
 
 
 def _same_data(index: dict, data_manifest: dict | None) -> bool:

@@ -38,7 +38,7 @@ from ddm.io import atomic_path, read_json, write_json
 from ddm.latent.run_latents import latent_decoder
 from ddm.sampling import load_ensemble, num_evaluations
 from ddm.sampling.checkpoints import AVAILABLE, expert_ids_on_disk, models_identity
-from ddm.sampling.draw import DISTILLED, draw, requested_settings, with_routing
+from ddm.sampling.draw import DISTILLED, draw, requested_settings, rerouted
 from ddm.sampling.fit import check_guidance
 from ddm.sampling.grid import class_names, grid_classes, plan_labels
 from ddm.settings import Settings
@@ -98,7 +98,9 @@ def run(cfg: Settings) -> dict:
             temperature=float(settings["temperature"]),
             generator=gen_route,
         )
-        ensemble = with_routing(ensemble, settings)
+        ensemble = rerouted(
+            ensemble, threshold=settings["threshold"], top_p=settings["top_p"], cfg_routing=settings["cfg_routing"]
+        )
         check_guidance(info, settings["cfg_scale"], cfg_routing=settings["cfg_routing"])
     num_classes = int(info.num_classes)
     prompts = sample_prompts(cfg, rd) if info.text else None

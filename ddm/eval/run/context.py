@@ -36,6 +36,7 @@ from ddm.io import read_json
 from ddm.job_names import ROUTER_JOB, ensemble_name, expert_job
 from ddm.latent.run_latents import run_latents
 from ddm.sampling import load_ensemble
+from ddm.sampling.draw import rerouted
 from ddm.sampling.fit import check_guidance
 from ddm.seeds import ROUTING_OFFSET, generator
 from ddm.settings import Settings
@@ -113,22 +114,16 @@ class EvaluationContext:
 
         ``cfg_routing``: guidance routing other than ``sample.cfg_routing`` (None: that).
         """
-        experts = {int(k): m for k, m in self.base.experts.items()}
-        # The ids actually loaded: sample.experts may be a list or a rule (all, or those on disk).
-        ids = list(self.base.active_ids)
-        return Ensemble(
-            experts,
-            self.base.router,
+        return rerouted(
+            self.base,  # the experts loaded: sample.experts may be a list or a rule (all, or those on disk)
             strategy=strategy,
             top_k=int(self.sc["top_k"]),
-            subset=None if ids == list(range(self.base.num_experts)) else ids,
             temperature=float(self.sc["temperature"]),
             generator=generator(self.seed + ROUTING_OFFSET),
-            num_experts=self.base.num_experts,
             threshold=self.sc["threshold"],
             top_p=self.sc["top_p"],
             cfg_routing=cfg_routing or self.sc["cfg_routing"],
-        ).eval()
+        )
 
     def subset(self, n) -> np.ndarray:
         """Indices of the first ``n`` held-out images in the seeded order, sorted."""
