@@ -84,6 +84,9 @@ def test_report_names_each_part(tiny):
     for heading in ("## Clusters", "## Experts", "## Router", "## Samples", "## Wall time"):
         assert heading in text
     assert "| 0.9-1.0 |" in text  # router accuracy by t, ten buckets
+    # the sampling settings, read back from samples/record.json (stored once, under "settings")
+    shown = "Settings: strategy=top1, experts=None, solver=euler, steps=4, cfg_scale=2.0, cfg_routing=shared, seed=0."
+    assert shown in text
 
 
 def test_rerun_skips_every_stage(tiny):

@@ -544,7 +544,7 @@ def test_sample_stage_end_to_end_and_skip(tmp_path):
     assert len(usage) == num_evaluations(3, "heun") == 5
     assert all(sum(r["counts"]) == 8 for r in usage)  # top1: every sample to exactly one expert
     assert usage[0]["t"] == pytest.approx(1.0)
-    assert record["num_images"] == 8 and record["clustering_id"] == "abc" and record["strategy"] == "top1"
+    assert record["num_images"] == 8 and record["clustering_id"] == "abc" and record["settings"]["strategy"] == "top1"
     assert set(record["experts_used"]) <= {0, 1} and record["experts_used"]
     assert json.loads(rd.samples_record.read_text())["settings"] == record["settings"]
 
@@ -583,7 +583,7 @@ def test_sample_stage_unconditional_models(tmp_path):
     assert record["num_grid"] == 4 and npz["images"].shape[0] == 5 and (npz["labels"] == -1).all()
     usage = json.loads((rd.samples / "usage.json").read_text())
     assert all(sum(r["counts"]) == 2 * 5 for r in usage)  # top-2: two experts per sample
-    assert record["top_k"] == 2 and record["experts"] is None
+    assert record["settings"]["top_k"] == 2 and record["settings"]["experts"] is None
 
 
 # ---- the grid's rows: capped by sample.grid_rows -----------------------------------------------
@@ -667,7 +667,7 @@ def test_available_experts_sample_with_a_renormalised_router(tmp_path, caplog):
 
     record = stage.run(stage_cfg(rd.root, experts="available"))
     assert record["experts_loaded"] == [0, 2] and record["experts_missing"] == [1, 3]
-    assert set(record["experts_used"]) <= {0, 2} and record["experts"] == "available"
+    assert set(record["experts_used"]) <= {0, 2} and record["settings"]["experts"] == "available"
     usage = json.loads((rd.samples / "usage.json").read_text())
     assert all(r["counts"][1] == 0 and r["counts"][3] == 0 for r in usage)
 
@@ -748,7 +748,7 @@ def test_sample_stage_nucleus_with_separately_routed_guidance(tmp_path):
     )
     record = stage.run(cfg)
     assert record["settings"]["top_p"] == 0.8 and record["settings"]["cfg_routing"] == "separate"
-    assert record["strategy"] == "nucleus" and 1 <= record["experts_per_sample"] <= 3
+    assert record["settings"]["strategy"] == "nucleus" and 1 <= record["experts_per_sample"] <= 3
     usage = json.loads((rd.samples / "usage.json").read_text())
     total = record["num_images"]
     assert len(usage) == 3

@@ -16,6 +16,7 @@ from ddm.data.shards import iter_samples, load_manifest, shard_paths
 from ddm.io import read_json, write_text
 from ddm.job_names import EXPERT_STAGE, expert_id_of
 from ddm.markdown import num, table
+from ddm.sampling.record import SamplesRecord
 from ddm.settings import Settings
 from ddm.stages import STAGES
 from ddm.viz import save_grid
@@ -168,15 +169,16 @@ def _router_section(rd: RunDir, router: dict) -> list[str]:
     return lines + table(["t", "accuracy", "entropy (nats)", "calibration gap"], rows)
 
 
-def _samples_section(samples: dict) -> list[str]:
-    distilled = samples.get("model") == "distilled"  # one student, no router: no routing settings, no usage
+def _samples_section(made: SamplesRecord) -> list[str]:
+    distilled = made.model == "distilled"  # one student, no router: no routing settings, no usage
+    given = dict(made.settings, model=made.model)
     # the option of the strategy in use only (top_k of topk, threshold, top_p of nucleus)
-    option = {"topk": "top_k", "threshold": "threshold", "nucleus": "top_p"}.get(samples.get("strategy"))
+    option = {"topk": "top_k", "threshold": "threshold", "nucleus": "top_p"}.get(given.get("strategy"))
     if distilled:
         keys = ("model", "solver", "steps", "cfg_scale", "seed")
     else:
         keys = ("strategy", option, "experts", "solver", "steps", "cfg_scale", "cfg_routing", "seed")
-    settings = ", ".join(f"{k}={samples.get(k)}" for k in keys if k in samples)
+    settings = ", ".join(f"{k}={given[k]}" for k in keys if k in given)
     lines = ["## Samples", "", f"Settings: {settings}.", "", "One row per class: ![samples](samples/grid.png)", ""]
     return lines if distilled else [*lines, "Expert usage against t: ![usage](samples/usage.png)", ""]
 
@@ -199,7 +201,8 @@ def _timings_section(timings: dict) -> list[str]:
 def build_report(rd: RunDir) -> str:
     lines = [f"# Run `{rd.root.name}`", ""]
     data = _read(rd.data_manifest) or {}
-    clusters, router, samples = _read(rd.cluster_report), _read(rd.router_record), _read(rd.samples_record)
+    clusters, router = _read(rd.cluster_report), _read(rd.router_record)
+    samples = SamplesRecord.read(rd.samples_record) if rd.samples_record.exists() else None
     timings = rd.all_timings()
     if data:
         lines += [

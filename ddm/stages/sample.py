@@ -41,6 +41,7 @@ from ddm.sampling.checkpoints import AVAILABLE, expert_ids_on_disk, models_ident
 from ddm.sampling.draw import DISTILLED, draw, requested_settings, rerouted
 from ddm.sampling.fit import check_guidance
 from ddm.sampling.grid import class_names, grid_classes, plan_labels
+from ddm.sampling.record import SamplesRecord
 from ddm.settings import Settings
 from ddm.stages import StageResult
 from ddm.text.encoder import OpenClipTextEncoder
@@ -51,15 +52,13 @@ from ddm.viz import plot_usage, save_grid
 log = logging.getLogger("ddm")
 
 
-def _still_valid(record: dict, settings: dict, rd: RunDir) -> bool:
+def _still_valid(made: SamplesRecord, settings: dict, rd: RunDir) -> bool:
     """The existing samples answer these settings with the same models (for ``available``: the same experts
     on disk)."""
-    if record.get("settings") != settings or record.get("models") != models_identity(rd):
+    if made.settings != settings or made.models != models_identity(rd):
         return False  # other settings, or a model retrained since
     if settings["experts"] == AVAILABLE:
-        return record.get("experts_loaded") == [
-            k for k in expert_ids_on_disk(rd) if k < int(record.get("num_experts", 0))
-        ]
+        return made.experts_loaded == [k for k in expert_ids_on_disk(rd) if k < made.num_experts]
     return True
 
 
@@ -69,12 +68,10 @@ def run(cfg: Settings) -> dict:
     sc = cfg.sample
     settings = requested_settings(sc)
     if rd.samples_record.exists() and not cfg.redo:
-        record = read_json(rd.samples_record)
-        if _still_valid(record, settings, rd):
-            log.info(
-                "sample: done already (%d images, %s) -> %s", record["num_images"], settings["strategy"], rd.samples
-            )
-            return StageResult(record, skipped=True)
+        made = SamplesRecord.read(rd.samples_record)
+        if _still_valid(made, settings, rd):
+            log.info("sample: done already (%d images, %s) -> %s", made.num_images, settings["strategy"], rd.samples)
+            return StageResult(read_json(rd.samples_record), skipped=True)
 
     start = time.perf_counter()
     device = resolve_device(sc.device, "sample.device")
@@ -137,10 +134,8 @@ def run(cfg: Settings) -> dict:
         for k in range(info.num_experts)
         if any(r["counts"][k] or r.get("uncond_counts", r["counts"])[k] for r in usage)
     ]
-    # settings twice: flat for readers (the report), nested for the skip check
     record = dict(
-        settings=settings,
-        **settings,
+        settings=settings,  # what decided what was drawn: the skip check, the evaluate stage and the report read it
         models=models_identity(rd),  # the weights these images came from
         num_images=total,
         num_grid=num_grid,

@@ -23,6 +23,7 @@ from ddm.ensemble import ROUTING_DEFAULTS
 from ddm.io import atomic_path, load_npz, read_json
 from ddm.sampling.checkpoints import models_identity
 from ddm.sampling.draw import draw
+from ddm.sampling.record import SamplesRecord
 from ddm.seeds import EVAL_LABELS_OFFSET, EVAL_NOISE_OFFSET, generator
 
 # Sampling settings that must match for samples/samples.npz to stand for a strategy.
@@ -36,11 +37,11 @@ def from_samples_stage(rd: RunDir, strategy: str, n: int, sampling: dict, seed: 
     npz_path = rd.samples / "samples.npz"
     if not (rd.samples_record.exists() and npz_path.exists()):
         return None
-    record = read_json(rd.samples_record)
-    if record.get("models") != models_identity(rd):  # drawn from models retrained since
+    record = SamplesRecord.read(rd.samples_record)
+    if record.models != models_identity(rd):  # drawn from models retrained since
         return None
     # a record from before cfg_routing existed was made with what is now its default
-    made = {**ROUTING_DEFAULTS, **record.get("settings", {})}
+    made = {**ROUTING_DEFAULTS, **record.settings}
     made_as = made.get("model") or made.get("strategy")  # the student, or the routing strategy of the ensemble
     keys = SAME_SAMPLING + tuple(k for s, k in STRATEGY_OPTION.items() if s == strategy)
     if made_as != strategy or any(made.get(k) != sampling.get(k) for k in keys):
@@ -57,7 +58,7 @@ def from_samples_stage(rd: RunDir, strategy: str, n: int, sampling: dict, seed: 
         images=npz["images"][idx],
         labels=npz["labels"][idx],
         usage=usage,
-        usage_images=int(record.get("num_images", len(npz["images"]))),
+        usage_images=record.num_images,
         source="samples/samples.npz",
     )
 
