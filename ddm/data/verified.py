@@ -33,7 +33,7 @@ from ddm.data.shards import MANIFEST, ShardMismatch, check_shards, load_manifest
 from ddm.errors import BadInput, Unusable
 from ddm.io import read_json, write_json
 from ddm.ranks import is_global_rank_zero
-from ddm.settings import Distill, Expert, Router
+from ddm.settings import Training
 
 log = logging.getLogger("ddm")
 
@@ -170,14 +170,14 @@ def _vouched(folder, manifest: dict, path: Path) -> bool:
     return ok
 
 
-def wait_seconds(section: Expert | Router | Distill) -> float:
+def wait_seconds(section: Training) -> float:
     """``<job>.verify_wait_s`` of a job's settings group (``expert``, ``router``, ``distill``), or ``WAIT_S``."""
     wait = section.verify_wait_s
     return WAIT_S if wait is None else float(wait)
 
 
 def verified_shard_sets(
-    folders, manifests, job_dir, section: Expert | Router | Distill, what: str, processes: int | None = None
+    folders, manifests, job_dir, section: Training, what: str, processes: int | None = None
 ) -> None:
     """``verified_shards`` for each of a job's shard sets (the router and distillation read every partition),
     all recorded in the one ``verified.json`` of ``job_dir``; ``what`` names the config section."""

@@ -17,7 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 
-from ddm.settings.jobs import Distill, Expert, Extend, Island, Logger, Pipeline, Plan, Router, Slurm, Submit
+from ddm.settings.jobs import (
+    Distill,
+    Expert,
+    Extend,
+    Island,
+    Logger,
+    Pipeline,
+    Plan,
+    Router,
+    Slurm,
+    Submit,
+    Training,
+)
 from ddm.settings.run import Cluster, Data, Embed, Flow, Model, Paths, Text, Vae
 from ddm.settings.sampling import Eval, Sample
 from ddm.settings.values import UNSET, Group, MissingValue, build, changed, settings_fields
@@ -46,6 +58,7 @@ __all__ = [
     "Slurm",
     "Submit",
     "Text",
+    "Training",
     "Vae",
     "changed",
     "from_values",

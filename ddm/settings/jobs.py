@@ -15,8 +15,10 @@ frozen = dataclasses.dataclass(frozen=True, kw_only=True)
 
 
 @frozen
-class Expert(Group):
-    id: int
+class Training(Group):
+    """What every training job has (``expert``, ``router``, ``distill``): its optimiser, schedule, checkpoints,
+    loader and requeue settings."""
+
     steps: int
     batch_size: int
     lr: float
@@ -24,74 +26,49 @@ class Expert(Group):
     betas: list[float]
     warmup_steps: int
     label_dropout: float
-    target: str
-    init: str
-    ema_decay: float
     grad_clip: float | None
     ckpt_every: int
     keep_checkpoints: int
     log_every: int
     nan_check_every: int
-    preview_every: int
-    preview_rows: int
-    preview_per_row: int
-    preview_steps: int
     shuffle_buffer: int
     requeue: bool
-    shard_url: str | None
     verify_wait_s: float
 
 
 @frozen
-class Router(Group):
+class Expert(Training):
+    id: int
+    target: str
+    init: str
+    ema_decay: float
+    preview_every: int
+    preview_rows: int
+    preview_per_row: int
+    preview_steps: int
+    shard_url: str | None
+
+
+@frozen
+class Router(Training):
     size: str
-    steps: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    betas: list[float]
-    warmup_steps: int
-    label_dropout: float
     time_sampling: str
     logit_mean: float
     logit_std: float
-    grad_clip: float | None
     sample_fraction: float
     eval_samples: int
     t_buckets: int
     preview_every: int
     preview_samples: int
-    ckpt_every: int
-    keep_checkpoints: int
-    log_every: int
-    nan_check_every: int
     compile: bool
-    shuffle_buffer: int
-    requeue: bool
-    verify_wait_s: float
 
 
 @frozen
-class Distill(Group):
+class Distill(Training):
     size: str | None
-    steps: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    betas: list[float]
-    warmup_steps: int
-    label_dropout: float
     ema_decay: float
     data_weight: float
-    grad_clip: float | None
-    ckpt_every: int
-    keep_checkpoints: int
-    log_every: int
-    nan_check_every: int
     compile: bool
-    shuffle_buffer: int
-    requeue: bool
-    verify_wait_s: float
 
 
 @frozen

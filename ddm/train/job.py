@@ -36,7 +36,7 @@ from ddm.eval.flops import count_flops
 from ddm.io import sha256_file, write_json
 from ddm.models.conditioning import CLIP_CONTEXT, example_condition
 from ddm.models.dit import count_params
-from ddm.settings import Distill, Expert, Island, Logger, Router
+from ddm.settings import Island, Logger, Training
 from ddm.train.checkpoint_io import inspect_checkpoint
 from ddm.train.export import save_weights
 from ddm.train.fsdp import full_copy
@@ -74,7 +74,7 @@ class Schedule:
     decide_every: int = 10
 
     @classmethod
-    def from_config(cls, kind: str, section: Expert | Router | Distill) -> Schedule:
+    def from_config(cls, kind: str, section: Training) -> Schedule:
         """From the config section ``kind`` (``cfg.expert`` or ``cfg.router``), which holds these keys."""
         return cls(
             kind,
