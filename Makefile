@@ -41,7 +41,7 @@ data:
 	  apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; \
 	else \
 	  echo "Fashion-MNIST is not in $(FMNIST_DIR). Install it with 'sudo apt-get install dataset-fashion-mnist'," \
-	       "or put the four *-ubyte.gz files in a folder and run: make demo ARGS='data.root=<folder>'"; exit 1; \
+	       "or put the four *-ubyte.gz files in a folder and run: make demo FMNIST_DIR=<folder> ARGS='data.root=<folder>'"; exit 1; \
 	fi
 
 # SLURM for the integration test (tests/test_slurm.py starts its own single-node cluster):
