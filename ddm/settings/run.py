@@ -8,6 +8,7 @@ group have (``data.urls``, ``embed.model``) are None under the others.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from ddm.settings.values import Group
 
@@ -33,6 +34,8 @@ class Data(Group):
     class_names: list[str] | None
     shard_size: int
     resize: int | None
+    background: list[int]  # [R, G, B] 0..255 that transparent pixels are composited over
+    on_error: Literal["raise", "skip"]  # an unreadable image stops prepare, or is skipped and listed
 
 
 @frozen

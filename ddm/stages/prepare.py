@@ -7,6 +7,13 @@ writes ``shard-NNNNNN.tar`` files of ``cfg.data.shard_size`` samples, then
     source, split, image_size, channels, num_classes, class_names,
     order         # {"permuted": "samples" | "shards", "seed": the run's seed}
     keys_sha256   # ddm.io.sha256_strings of every key in stored order
+    num_skipped   # unreadable images left out under data.on_error=skip (0 otherwise)
+
+With ``data.on_error=skip``, the images that could not be decoded are listed,
+each with its reason, in ``skipped.json`` beside the manifest (written only when
+there are some)::
+
+    {"num_skipped": 2, "skipped": [{"file": "/data/cats/03.png", "reason": "empty file (0 bytes), ..."}, ...]}
 
 Samples are stored in a permutation drawn from the run's ``seed`` (the same seed
 gives the same shards, byte for byte): a folder sorted by class must not reach
@@ -30,18 +37,22 @@ from tqdm import tqdm
 from ddm.artifacts import RunDir
 from ddm.data.shards import MANIFEST, ShardSetWriter, load_manifest
 from ddm.data.sources import open_source
+from ddm.data.sources.decode import DEFAULT_BACKGROUND, DEFAULT_ON_ERROR
 from ddm.errors import BadInput
-from ddm.io import sha256_strings
+from ddm.io import sha256_strings, write_json
 from ddm.settings import Settings
 from ddm.stages import StageResult
 from ddm.stages.runner import check_made_with, done_already
 
 log = logging.getLogger("ddm")
 
+SKIPPED = "skipped.json"
+
 
 def _clear(folder: Path) -> None:
     """Remove an earlier shard set: the manifest first, so the folder never looks complete meanwhile."""
     (folder / MANIFEST).unlink(missing_ok=True)
+    (folder / SKIPPED).unlink(missing_ok=True)
     for path in list(folder.glob("shard-*.tar")) + list(folder.glob(".shard-*.tar.tmp")):
         path.unlink()
 
@@ -58,6 +69,7 @@ def _summary(manifest: dict, folder: Path, skipped: bool) -> dict:
         image_size=manifest["image_size"],
         channels=manifest["channels"],
         num_classes=manifest["num_classes"],
+        num_skipped=manifest.get("num_skipped", 0),
     )
 
 
@@ -66,16 +78,43 @@ def made_with(cfg: Settings) -> dict:
     return dict(data=cfg.data.to_dict(), seed=int(cfg.seed))
 
 
+def _recorded(settings: dict | None) -> dict | None:
+    """The settings a manifest records, with the data keys added since at the values that behave as before.
+
+    ``data.on_error`` and ``data.background`` came later; a manifest made before them was made with an
+    unreadable image stopping the run (``raise``), and is kept rather than refused for lacking the keys.
+    (Transparent images were then stored with their alpha dropped: ``redo=true`` composites them.)
+    """
+    if not settings or not isinstance(settings.get("data"), dict):
+        return settings
+    data = dict(settings["data"])
+    data.setdefault("on_error", DEFAULT_ON_ERROR)
+    data.setdefault("background", list(DEFAULT_BACKGROUND))
+    return {**settings, "data": data}
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"
+
+
+def _outcome(manifest: dict, folder: Path, not_images: int = 0) -> str:
+    """The log line's end: shards written, images skipped, files that were not images."""
+    line = f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards -> {folder}"
+    skipped = manifest.get("num_skipped", 0)
+    if skipped:
+        line += f"; {_count(skipped, 'unreadable image')} skipped, listed in {folder / SKIPPED}"
+    if not_images:
+        line += f"; {_count(not_images, 'file')} in data.root not read, not being images by their extension"
+    return line
+
+
 def run(cfg: Settings) -> dict:
     """Write every sample of ``cfg.data`` into shards under ``<run_dir>/data``; return a summary."""
     folder = RunDir(cfg.run_dir).data
     if done_already(folder / MANIFEST, cfg):
         manifest = load_manifest(folder)
-        check_made_with("prepare", folder, manifest.get("settings"), made_with(cfg))
-        log.info(
-            f"prepare: {manifest['num_samples']} samples in {len(manifest['shards'])} shards -> {folder} "
-            f"(already there; redo=true rebuilds)"
-        )
+        check_made_with("prepare", folder, _recorded(manifest.get("settings")), made_with(cfg))
+        log.info(f"prepare: {_outcome(manifest, folder)} (already there; redo=true rebuilds)")
         return StageResult(_summary(manifest, folder, skipped=True), skipped=True)
 
     # Open (and so validate) the source before touching an earlier result.
@@ -103,11 +142,16 @@ def run(cfg: Settings) -> dict:
                 )
             writer.write(sample.key, sample.image, sample.label, sample.caption)
             keys.append(sample.key)
+        skipped = sorted(source.skipped.records, key=lambda r: r["file"])
         if not keys:
-            raise BadInput(f"data.source={cfg.data.source} gave no samples; check data.root / data.urls")
+            unreadable = f" ({len(skipped)} unreadable images skipped, e.g. {skipped[0]['file']})" if skipped else ""
+            raise BadInput(f"data.source={cfg.data.source} gave no samples{unreadable}; check data.root / data.urls")
+        if skipped:  # before the manifest, which marks the folder complete
+            write_json(folder / SKIPPED, dict(num_skipped=len(skipped), skipped=skipped))
         # The writer puts its extra fields into the manifest when the block closes.
         writer.extra["keys_sha256"] = sha256_strings(keys)
+        writer.extra["num_skipped"] = len(skipped)
         writer.extra["settings"] = made_with(cfg)  # a rerun with other settings is refused, not skipped
     manifest = writer.manifest
-    log.info(f"prepare: {manifest['num_samples']} samples in {len(manifest['shards'])} shards -> {folder}")
+    log.info(f"prepare: {_outcome(manifest, folder, source.not_images)}")
     return _summary(manifest, folder, skipped=False)

@@ -29,6 +29,14 @@ a permutation of every sample, drawn over the index before anything is decoded,
 or for ``webdataset`` a permutation of the input shards. ``Source.order`` says
 which, and ``prepare`` records it in the manifest.
 
+Decoding (``ddm.data.sources.decode.decode_image``) is the same for image folders and
+webdataset shards: 16-bit grayscale is scaled to 8 bit by its bit depth, transparent
+images are composited over ``data.background`` ([R, G, B]), and an image that cannot
+be decoded (empty, truncated, not an image) stops ``prepare`` naming it, or with
+``data.on_error=skip`` is left out and recorded in ``Source.skipped``, which
+``prepare`` writes to ``data/skipped.json``. ``Source.not_images`` counts the files of
+an image folder that were not read, not being images by their extension (captions aside).
+
 Keys are re-issued for every source as ``<prefix>-<split>-<index:08d>``, so they
 contain no dots, which webdataset would split on. The index is the sample's place
 in the source's own listing (array index, sorted file list), so a key names the
@@ -41,7 +49,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
-from ddm.data.sources.base import PIL_MODES, Sample, Source, SourceMeta, conform, make_key, resize_square, resolve_meta
+from ddm.data.sources.base import Sample, Source, SourceMeta, conform, make_key, resize_square, resolve_meta
 from ddm.data.sources.builtin import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_FILES,
@@ -50,6 +58,14 @@ from ddm.data.sources.builtin import (
     digits,
     fashion_mnist,
     read_idx,
+)
+from ddm.data.sources.decode import (
+    PIL_MODES,
+    Skipped,
+    UnreadableImage,
+    check_background,
+    check_on_error,
+    decode_image,
 )
 from ddm.data.sources.image_folder import IMAGE_SUFFIXES, image_folder
 from ddm.data.sources.order import PERMUTED_SAMPLES, PERMUTED_SHARDS, Order
@@ -69,9 +85,12 @@ __all__ = [
     "PIL_MODES",
     "SOURCES",
     "Sample",
+    "Skipped",
     "Source",
     "SourceMeta",
+    "UnreadableImage",
     "conform",
+    "decode_image",
     "make_key",
     "open_source",
     "read_idx",
@@ -101,6 +120,8 @@ def open_source(cfg_data: Data, seed: int) -> Source:
     name = cfg_data.source
     if name not in SOURCES:
         raise BadInput(f"data.source={name!r} is not a known source; choose one of {sorted(SOURCES)}")
+    check_on_error(cfg_data.on_error)  # refused before anything is read, whichever source uses them
+    check_background(cfg_data.background)
     source = SOURCES[name](cfg_data, int(seed))
     meta = resolve_meta(source.meta, cfg_data)
     limit = cfg_data.limit
@@ -108,7 +129,8 @@ def open_source(cfg_data: Data, seed: int) -> Source:
         raise BadInput(f"data.limit={limit}: use a positive number of samples, or null for all")
     samples = only_classes(source.samples, cfg_data.classes, meta)
     samples = itertools.islice(samples, int(limit)) if limit is not None else samples
-    return Source(source.prefix, source.split, meta, conform(samples, meta, cfg_data.resize), source.order)
+    samples = conform(samples, meta, cfg_data.resize)
+    return Source(source.prefix, source.split, meta, samples, source.order, source.skipped, source.not_images)
 
 
 def only_classes(samples, classes, meta: SourceMeta):

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
+from ddm.data.sources.decode import PIL_MODES, Skipped
 from ddm.data.sources.order import Order
 from ddm.errors import BadInput
 from ddm.settings import Data
-
-PIL_MODES = {1: "L", 3: "RGB"}
 
 
 class Sample(NamedTuple):
@@ -58,6 +57,9 @@ class Source:
     meta: SourceMeta
     samples: Iterator[Sample]  # in ``order``: lazily decoded, one at a time
     order: Order  # how ``samples`` were permuted (see ddm.data.sources.order)
+    # unreadable images left out under data.on_error=skip: filled while ``samples`` is iterated
+    skipped: Skipped = field(default_factory=lambda: Skipped("raise"))
+    not_images: int = 0  # files beside the images that were not read, not being images by their extension
 
 
 def make_key(prefix: str, split: str, index: int) -> str:

@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
-
-from ddm.data.sources.base import PIL_MODES, Sample, Source, SourceMeta, check_split, config_channels, make_key
+from ddm.data.sources.base import Sample, Source, SourceMeta, check_split, config_channels, make_key
+from ddm.data.sources.decode import Skipped, UnreadableImage, check_background, decode_image
 from ddm.data.sources.order import PERMUTED_SAMPLES, Order, in_seeded_order
 from ddm.errors import BadInput, MissingInput
 from ddm.settings import Data
@@ -16,22 +14,25 @@ from ddm.settings import Data
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+def _files_in(folder: Path, recursive: bool) -> tuple[list[Path], list[Path]]:
+    """The images (by extension, sorted) and the other files in ``folder``; hidden files are neither."""
+    images, others = [], []
+    for p in folder.rglob("*") if recursive else folder.iterdir():
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        (images if p.suffix.lower() in IMAGE_SUFFIXES else others).append(p)
+    return sorted(images), others
 
 
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if _is_image(p))
-
-
-def _list_image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str] | None]:
-    """(image path, label) in a fixed order, and the class names (None for a flat folder)."""
+def _list_image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str] | None, int]:
+    """(image path, label) in a fixed order, the class names (None for a flat folder), and how many
+    files are not images (by extension) and not the caption of one either: they are not read."""
     if not root.exists():
         raise MissingInput(f"image folder {root} does not exist: set data.root=<folder of images>")
     if not root.is_dir():
         raise BadInput(f"data.root={root} is not a folder: point it at a folder of images")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = sorted(p for p in root.iterdir() if _is_image(p))
+    loose, others = _files_in(root, recursive=False)
     if class_dirs and loose:
         raise BadInput(
             f"{root} has both class subfolders ({', '.join(d.name for d in class_dirs[:3])}, ...) "
@@ -39,7 +40,11 @@ def _list_image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str] | 
             f"or use a flat folder with no subfolders"
         )
     if class_dirs:
-        files = [(p, label) for label, d in enumerate(class_dirs) for p in _images_under(d)]
+        files = []
+        for label, d in enumerate(class_dirs):
+            images, other = _files_in(d, recursive=True)
+            files += [(p, label) for p in images]
+            others += other
         names = [d.name for d in class_dirs]
     else:
         files, names = [(p, -1) for p in loose], None
@@ -48,15 +53,18 @@ def _list_image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str] | 
             f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root}: "
             f"put images there, or set data.root to the folder that has them"
         )
-    return files, names
+    captions = {p.with_suffix(".txt") for p, _ in files}
+    return files, names, sum(1 for p in others if p not in captions)
 
 
-def _read_image(path: Path, channels: int) -> np.ndarray:
+def _caption(path: Path) -> str | None:
+    caption_file = path.with_suffix(".txt")
+    if not caption_file.is_file():
+        return None
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert(PIL_MODES[channels])).copy()
-    except (UnidentifiedImageError, OSError) as e:
-        raise BadInput(f"cannot read image {path} ({e}): delete or replace it") from e
+        return caption_file.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise BadInput(f"caption {caption_file} is not UTF-8 text ({e}): save it as UTF-8, or remove it") from e
 
 
 def image_folder(cfg: Data, seed: int) -> Source:
@@ -66,17 +74,23 @@ def image_folder(cfg: Data, seed: int) -> Source:
     """
     split = check_split(cfg.split)
     root = Path(cfg.root)
-    files, class_names = _list_image_folder(root)
+    files, class_names, not_images = _list_image_folder(root)
     channels = config_channels(cfg)
+    background = check_background(cfg.background)
+    skipped = Skipped(cfg.on_error)
 
-    def read(i: int) -> Sample:
+    def read(i: int) -> Sample | None:
         path, label = files[i]
-        caption_file = path.with_suffix(".txt")
-        caption = caption_file.read_text().strip() if caption_file.is_file() else None
-        return Sample(make_key("folder", split, i), _read_image(path, channels), label, caption, str(path))
+        try:
+            image = decode_image(path, channels, background)
+        except UnreadableImage as e:
+            skipped.handle(e)  # raises unless data.on_error=skip
+            return None
+        return Sample(make_key("folder", split, i), image, label, _caption(path), str(path))
 
     meta = SourceMeta(
         image_size=None, channels=channels, num_classes=len(class_names) if class_names else 0, class_names=class_names
     )
-    samples: Iterator[Sample] = in_seeded_order(len(files), read, seed)
-    return Source("folder", split, meta, samples, Order(PERMUTED_SAMPLES, int(seed)))
+    # A skipped file keeps its index: the keys of the other images do not depend on which files were readable.
+    samples: Iterator[Sample] = (s for s in in_seeded_order(len(files), read, seed) if s is not None)
+    return Source("folder", split, meta, samples, Order(PERMUTED_SAMPLES, int(seed)), skipped, not_images)

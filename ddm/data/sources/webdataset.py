@@ -13,14 +13,11 @@ shards beforehand, or prepare them as an ``image_folder``, where that matters.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
-
-from ddm.data.sources.base import PIL_MODES, Sample, Source, SourceMeta, check_split, config_channels, make_key
+from ddm.data.sources.base import Sample, Source, SourceMeta, check_split, config_channels, make_key
+from ddm.data.sources.decode import Skipped, UnreadableImage, check_background, decode_image
 from ddm.data.sources.order import PERMUTED_SHARDS, Order, permutation
 from ddm.errors import BadInput, MissingInput
 from ddm.settings import Data
@@ -47,14 +44,39 @@ def _url_list(urls) -> list[str]:
     return out
 
 
+def _label(raw: dict, origin: str) -> int:
+    if "cls" not in raw:
+        return -1
+    text = raw["cls"].decode("utf-8", errors="replace").strip()
+    try:
+        return int(text)
+    except ValueError as e:
+        raise BadInput(f"sample {origin}: .cls holds {text[:40]!r}, not a class index: fix the shard") from e
+
+
+def _caption(raw: dict, origin: str) -> str | None:
+    if "txt" not in raw:
+        return None
+    try:
+        return raw["txt"].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"sample {origin}: .txt is not UTF-8 text ({e}): write captions as UTF-8") from e
+
+
 def webdataset(cfg: Data, seed: int) -> Source:
-    """The shards' samples, shard by shard in a seeded order; key ``i`` is the i-th sample read."""
+    """The shards' samples, shard by shard in a seeded order; key ``i`` is the i-th sample read.
+
+    A sample whose image cannot be decoded (or that has none) is left out under ``data.on_error=skip``;
+    it keeps its index, so the keys of the others do not depend on it.
+    """
     import webdataset as wds
 
     split = check_split(cfg.split)
     listed = _url_list(cfg.urls)
     urls = [listed[i] for i in permutation(len(listed), seed)]
     channels = config_channels(cfg)
+    background = check_background(cfg.background)
+    skipped = Skipped(cfg.on_error)
 
     def samples() -> Iterator[Sample]:
         # Unshuffled by webdataset, one process: keys follow the (permuted) shard order.
@@ -62,19 +84,17 @@ def webdataset(cfg: Data, seed: int) -> Source:
         for i, raw in enumerate(dataset):
             origin = f"{raw.get('__url__', '?')}#{raw.get('__key__', '?')}"
             ext = next((e for e in WDS_IMAGE_EXTS if e in raw), None)
-            if ext is None:
-                raise BadInput(
-                    f"sample {origin} has no image (looked for .{', .'.join(WDS_IMAGE_EXTS)}): "
-                    f"every sample of data.urls needs one"
-                )
             try:
-                with Image.open(io.BytesIO(raw[ext])) as im:
-                    image = np.asarray(im.convert(PIL_MODES[channels])).copy()
-            except (UnidentifiedImageError, OSError) as e:
-                raise BadInput(f"cannot decode the .{ext} image of {origin} ({e})") from e
-            label = int(raw["cls"].decode().strip()) if "cls" in raw else -1
-            caption = raw["txt"].decode() if "txt" in raw else None
-            yield Sample(make_key("wds", split, i), image, label, caption, origin)
+                if ext is None:
+                    raise UnreadableImage(
+                        f"sample {origin}",
+                        f"has no image (looked for .{', .'.join(WDS_IMAGE_EXTS)}); every sample of data.urls needs one",
+                    )
+                image = decode_image(raw[ext], channels, background, origin=f"{origin}.{ext}")
+            except UnreadableImage as e:
+                skipped.handle(e)  # raises unless data.on_error=skip
+                continue
+            yield Sample(make_key("wds", split, i), image, _label(raw, origin), _caption(raw, origin), origin)
 
     meta = SourceMeta(image_size=None, channels=channels, num_classes=int(cfg.num_classes or 0), class_names=None)
-    return Source("wds", split, meta, samples(), Order(PERMUTED_SHARDS, int(seed)))
+    return Source("wds", split, meta, samples(), Order(PERMUTED_SHARDS, int(seed)), skipped)
