@@ -20,8 +20,9 @@ Sources (``data.source``):
 - ``image_folder``: ``data.root`` holds either one subfolder per class (labels
   follow the sorted subfolder names) or the images directly (label -1). A
   sibling ``<name>.txt`` next to an image is its caption.
-- ``webdataset``: existing webdataset shards (``data.urls``: a brace pattern or
-  a list of local paths, ``pipe:`` commands or URLs). Images are decoded to
+- ``webdataset``: existing webdataset shards (``data.urls``: a folder of ``.tar``
+  shards, a glob, a brace pattern, or a list of local paths, ``pipe:`` commands or
+  URLs; a local file that is not a tar is refused by name). Images are decoded to
   uint8; the label is ``cls`` when present (else -1), the caption ``txt``.
 
 Every source yields its samples in a seeded random order (``ddm.data.sources.order``):

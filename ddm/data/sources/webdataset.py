@@ -13,6 +13,8 @@ shards beforehand, or prepare them as an ``image_folder``, where that matters.
 
 from __future__ import annotations
 
+import glob
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,20 +27,50 @@ from ddm.settings import Data
 WDS_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
 
 
-def _url_list(urls) -> list[str]:
-    """data.urls (one brace pattern or a list of them) -> the list of shard URLs."""
+GLOB_CHARS = ("*", "?", "[")
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def _expand(pattern: str) -> list[str]:
+    """One entry of data.urls -> shard URLs: a folder (its ``*.tar`` files), a glob, or a brace pattern."""
     from braceexpand import braceexpand
 
+    if _is_local(pattern) and Path(pattern).is_dir():
+        found = sorted(str(p) for p in Path(pattern).glob("*.tar"))
+        if not found:
+            raise MissingInput(f"data.urls={pattern} is a folder with no .tar shards in it: point it at the shards")
+        return found
+    if _is_local(pattern) and any(c in pattern for c in GLOB_CHARS):
+        found = sorted(p for p in glob.glob(pattern) if Path(p).is_file())
+        if not found:
+            raise MissingInput(f"data.urls={pattern} matches no file: fix the pattern")
+        return found
+    return list(braceexpand(pattern))
+
+
+def _url_list(urls) -> list[str]:
+    """data.urls (a folder, a glob or a brace pattern, or a list of them) -> the list of shard URLs."""
     if urls is None:
         raise BadInput(
-            "data.urls is not set: give the shards, e.g. data.urls='/data/shards/shard-{000000..000009}.tar'"
+            "data.urls is not set: give the shards, e.g. data.urls='/data/shards/shard-{000000..000009}.tar', "
+            "a folder of .tar shards, or a glob"
         )
     patterns = [urls] if isinstance(urls, str) else [str(u) for u in urls]
-    out = [u for pattern in patterns for u in braceexpand(pattern)]
+    out = [u for pattern in patterns for u in _expand(pattern)]
     for url in out:
         # Remote URLs and pipe: commands fail inside webdataset; local files can be checked here.
-        if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file():
+        if not _is_local(url):
+            continue
+        if not Path(url).is_file():
             raise MissingInput(f"webdataset shard {url} (from data.urls) does not exist: fix data.urls")
+        if not tarfile.is_tarfile(url):
+            raise BadInput(
+                f"webdataset shard {url} (from data.urls) is not a tar file: data.urls must name .tar shards "
+                f"(a folder of them, a glob or a brace pattern)"
+            )
     if not out:
         raise BadInput(f"data.urls={urls!r} names no shards")
     return out
