@@ -232,7 +232,7 @@ def test_sample_model_distilled_samples_with_the_student_alone(distilled, tmp_pa
     assert record["experts_used"] == [] and record["distilled_from"] == distilled[1]["distilled_from"]
     assert not (rd.samples / "usage.json").exists() and (rd.samples / "grid.png").exists()
     # the ensemble's settings are today's: no `model` key, so samples made before the option still count
-    assert "model" not in requested_settings(sample_cfg(rd).sample.to_dict())
+    assert "model" not in requested_settings(sample_cfg(rd).sample)
 
 
 def test_a_missing_or_stale_student_is_refused(distilled, tmp_path):

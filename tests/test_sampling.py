@@ -644,9 +644,8 @@ def test_grid_rows_leave_runs_with_few_classes_unchanged():
 def test_a_bad_grid_rows_is_a_clear_error(bad):
     from ddm.sampling.draw import requested_settings
 
-    sc = dict(settings(["seed=0"]).sample.to_dict(), grid_rows=bad)  # conf/sample/default.yaml's values, as given
-    with pytest.raises(BadInput, match=r"sample\.grid_rows"):
-        requested_settings(sc)
+    with pytest.raises(BadInput, match=r"sample\.grid_rows"):  # refused by its type (2.5, ...) or by its range
+        requested_settings(changed(settings(["seed=0"]).sample, {"grid_rows": bad}))
 
 
 # ---- a lost island: sampling with the experts that exist -------------------------------------

@@ -19,12 +19,9 @@ from __future__ import annotations
 import functools
 
 from ddm.distill.student import check_student_guidance, load_distilled
-from ddm.ensemble import DATA_DEPENDENT
 from ddm.errors import BadInput
 from ddm.eval import flops as flop_count
-from ddm.eval.fm_loss import fm_loss_summary
 from ddm.eval.run.context import EvaluationContext
-from ddm.job_names import ensemble_name, expert_job
 from ddm.sampling.draw import DISTILLED
 from ddm.settings import Settings
 
@@ -75,24 +72,5 @@ class DistilledContext(EvaluationContext):
 
         ``distilled`` in ``eval.fm_loss.strategies`` is that row (not an ensemble's); it is measured either way.
         """
-        fc = self.ec.fm_loss
-        idx = self.subset(fc.num_samples)
-        routed = [str(s) for s in fc.strategies if str(s) != DISTILLED]
-        models = {ensemble_name(s): (self.ensemble(s), self.forward_per_call(s)) for s in routed}
-        if fc.per_expert:
-            models.update({expert_job(k): (m, self.forward[expert_job(k)]) for k, m in self.base.experts.items()})
-        models[DISTILLED] = (self.student, self.student_forward)
-        out = fm_loss_summary(
-            models,
-            self.path,
-            self.model_space(idx),
-            self.labels_for_model(idx),
-            fc.t_grid,
-            self.seed,
-            self.batch,
-            self.device,
-        )
-        for s in (s for s in routed if s in DATA_DEPENDENT):
-            row = out["models"][ensemble_name(s)]  # its cost at the experts it ran on these images
-            row["forward_flops_per_call"] = self.forward_per_call(s, row.get("experts_per_call"))
-        return out
+        routed = [str(s) for s in self.ec.fm_loss.strategies if str(s) != DISTILLED]
+        return self.fm_loss_of(routed, {DISTILLED: (self.student, self.student_forward)})

@@ -7,13 +7,11 @@ set of settings means the same images wherever it is read.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 import torch
 
 from ddm.devices import autocast_dtype
-from ddm.ensemble import ROUTING_DEFAULTS, Ensemble, check_routing
+from ddm.ensemble import Ensemble, check_routing
 from ddm.errors import BadInput
 from ddm.images import to_uint8
 from ddm.sampling.checkpoints import AVAILABLE
@@ -57,11 +55,10 @@ SETTINGS = (
 )
 
 
-def requested_settings(sc: Sample | Mapping) -> dict:
-    """The sampling settings that decide what is drawn, checked, from ``sample``'s settings (or its values as a plain
-    mapping)."""
-    sc = sc.to_dict() if isinstance(sc, Sample) else dict(sc)
-    out = {k: sc.get(k, ROUTING_DEFAULTS.get(k)) for k in SETTINGS}
+def requested_settings(sc: Sample) -> dict:
+    """The sampling settings that decide what is drawn, checked, from the ``sample`` settings."""
+    values = sc.to_dict()
+    out = {k: values[k] for k in SETTINGS}
     # checked here, so a bad value fails before any network is loaded (the evaluate stage's settings too)
     out["threshold"], out["top_p"], out["cfg_routing"] = check_routing(
         out["threshold"], out["top_p"], out["cfg_routing"]
@@ -79,7 +76,7 @@ def requested_settings(sc: Sample | Mapping) -> dict:
     elif experts is not None:
         out["experts"] = sorted(int(k) for k in experts)
     # only when it is not the ensemble: records made before sample.model existed stay valid
-    model = check_model(sc.get("model"))
+    model = check_model(values["model"])
     if model != "ensemble":
         out["model"] = model
     return out

@@ -254,11 +254,17 @@ class EvaluationContext:
 
         See ``ddm.eval.fm_loss.fm_loss_summary``; models are named ``ensemble-<strategy>`` and ``expert-KK``.
         """
+        return self.fm_loss_of([str(s) for s in self.ec.fm_loss.strategies])
+
+    def fm_loss_of(self, strategies: list[str], others: dict | None = None) -> dict:
+        """``fm_loss`` of the ensembles of ``strategies``, each expert (``per_expert``), and ``others``
+        (name: (model, forward FLOPs per call)), on the same images, t grid and noise."""
         fc = self.ec.fm_loss
         idx = self.subset(fc.num_samples)
-        models = {ensemble_name(s): (self.ensemble(str(s)), self.forward_per_call(str(s))) for s in fc.strategies}
+        models = {ensemble_name(s): (self.ensemble(s), self.forward_per_call(s)) for s in strategies}
         if fc.per_expert:
             models.update({expert_job(k): (m, self.forward[expert_job(k)]) for k, m in self.base.experts.items()})
+        models.update(others or {})
         out = fm_loss_summary(
             models,
             self.path,
@@ -269,7 +275,7 @@ class EvaluationContext:
             self.batch,
             self.device,
         )
-        for s in (str(s) for s in fc.strategies if str(s) in DATA_DEPENDENT):
+        for s in (s for s in strategies if s in DATA_DEPENDENT):
             row = out["models"][ensemble_name(s)]  # its cost at the experts it ran on these images
             row["forward_flops_per_call"] = self.forward_per_call(s, row.get("experts_per_call"))
         return out
