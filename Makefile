@@ -6,22 +6,26 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+I2D_VENV ?= .venv-img2dataset
+I2D_STAMP := $(I2D_VENV)/.installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format data slurm weights inception clean-demo bench bench-train gpu-check paper help
+.PHONY: install demo test lint format data slurm weights inception img2dataset-venv clean-demo bench bench-train bench-ingest gpu-check paper help
 
 help:
 	@echo "make demo   - install and run the whole pipeline on Fashion-MNIST (ARGS='key=value ...' to override)"
 	@echo "make test   - install, lint and run the tests"
 	@echo "make lint   - ruff: lint and format check (make format rewrites the files)"
 	@echo "make bench  - sampling-cost benchmark on the demo run"
+	@echo "make bench-ingest - prepare/embed/cluster/partition on ImageNet-like JPEGs: images/s at 1 and N workers, bytes per image, projections; ARGS='--cores 32 ...'"
 	@echo "make bench-train - training throughput (step time, img/s, memory, TFLOP/s, MFU on a GPU); ARGS='--size DiT-XL/2 ...'"
 	@echo "make gpu-check - on a CUDA machine: GPU tests, training and sampling benchmarks, a tiny GPU pipeline"
 	@echo "make paper  - the small-scale paper table on Fashion-MNIST (runs/paper_small; estimated 2.5 h on 2 idle cores, docs/results.md)"
 	@echo "make weights - ImageNet MobileNetV2 weights for clustering by meaning (embed=torchvision)"
 	@echo "make inception - the standard FID Inception for evaluate (eval.inception_weights); make test uses it"
+	@echo "make img2dataset-venv - img2dataset in $(I2D_VENV), for the test that prepares shards it downloaded; make test uses it"
 
 # torch/torchvision are pinned to a pair of builds known to work together;
 # elsewhere `pip install -e .` resolves any compatible torch.
@@ -33,6 +37,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# img2dataset, for tests/test_img2dataset.py, in a venv of its own so that its pinned dependencies never meet
+# ours. Made once. `make test` needs it: a failed install stops the tests here rather than skipping that test.
+$(I2D_STAMP):
+	$(PY) -m venv $(I2D_VENV)
+	$(I2D_VENV)/bin/pip install -q --upgrade pip
+	$(I2D_VENV)/bin/pip install -q img2dataset==1.47.0
+	touch $(I2D_STAMP)
+
+img2dataset-venv: $(I2D_STAMP)
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package (no download at run time).
 data:
@@ -102,16 +116,21 @@ format: install
 	$(BIN)/ruff format .
 
 # The real FID Inception is part of the suite: DDM_FID_INCEPTION points its tests at the file.
-test: install lint $(INCEPTION)
+# DDM_IMG2DATASET does the same for img2dataset, and makes its test fail, not skip, when the file is missing.
+test: install lint $(INCEPTION) $(I2D_STAMP)
 	-@$(MAKE) --no-print-directory data >/dev/null 2>&1 || echo "(Fashion-MNIST not installed: its test will be skipped)"
 	-@$(MAKE) --no-print-directory slurm >/dev/null 2>&1 || echo "(SLURM not installed: its integration test will be skipped)"
-	WANDB_MODE=offline HF_HUB_OFFLINE=1 DDM_FID_INCEPTION=$(abspath $(INCEPTION)) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	WANDB_MODE=offline HF_HUB_OFFLINE=1 DDM_FID_INCEPTION=$(abspath $(INCEPTION)) \
+	  DDM_IMG2DATASET=$(abspath $(I2D_VENV)/bin/img2dataset) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python scripts/bench_sampling.py $(ARGS)
 
 bench-train: install
 	$(BIN)/python scripts/bench_train.py $(ARGS)
+
+bench-ingest: install
+	WANDB_MODE=offline $(BIN)/python scripts/bench_ingest.py $(ARGS)
 
 gpu-check: install
 	PYTHON=$(BIN)/python scripts/gpu_check.sh

@@ -143,10 +143,22 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+class StringsDigest:
+    """``sha256_strings`` taken a few strings at a time (keys arriving shard by shard)."""
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+
+    def update(self, items) -> StringsDigest:
+        for s in items:
+            self._h.update(str(s).encode())
+            self._h.update(b"\n")
+        return self
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
 def sha256_strings(items) -> str:
     """Order-sensitive digest of a sequence of strings (keys, labels)."""
-    h = hashlib.sha256()
-    for s in items:
-        h.update(str(s).encode())
-        h.update(b"\n")
-    return h.hexdigest()
+    return StringsDigest().update(items).hexdigest()

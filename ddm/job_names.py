@@ -1,7 +1,8 @@
 """Names of a run's jobs, built and read in one place.
 
 A run has one job per stage, except ``train-expert``, which has one job per
-expert: ``train-expert-03`` is expert 3's timing name, ``expert-03`` its
+expert, and ``prepare``, ``embed`` or ``partition`` written in parts (one job per part, ``prepare-part-0003``,
+and the merge, ``prepare``): ``train-expert-03`` is expert 3's timing name, ``expert-03`` its
 folder, log and wandb name; ``ensemble-top1`` names an ensemble in the
 metrics. Nothing else builds or parses these strings (SLURM's own patterns
 for them live in ``ddm.launch.sbatch``).
@@ -28,8 +29,18 @@ def expert_stage_job(expert_id: int) -> str:
 
 
 def stage_job(stage: str, cfg: Settings) -> str:
-    """The job a stage run stands for: the stage name, or ``train-expert-KK`` for an expert."""
-    return expert_stage_job(int(cfg.expert.id)) if stage == EXPERT_STAGE else stage
+    """The job a stage run stands for: the stage name, ``train-expert-KK`` for an expert, or
+    ``prepare-part-JJJJ`` (``embed-``, ``partition-``) for one part of a stage written by many jobs
+    (``data.part``, ``embed.part``, ``cluster.partition_part``)."""
+    if stage == EXPERT_STAGE:
+        return expert_stage_job(int(cfg.expert.id))
+    if stage == "prepare" and cfg.data.part is not None:
+        return f"prepare-part-{int(cfg.data.part):04d}"
+    if stage == "embed" and cfg.embed.part is not None and int(cfg.embed.parts or 1) > 1:
+        return f"embed-part-{int(cfg.embed.part):04d}"
+    if stage == "partition" and cfg.cluster.partition_part is not None:
+        return f"partition-part-{int(cfg.cluster.partition_part):04d}"
+    return stage
 
 
 def ensemble_name(strategy: str) -> str:

@@ -291,6 +291,9 @@ def test_cluster_configs_compose_with_the_root_config(make_cfg, option):
         "niter",
         "seed",
         "spherical",
+        "train_sample",
         "min_shards_per_partition",
         "partition_shard_size",
+        "partition_parts",
+        "partition_part",
     }

@@ -13,6 +13,7 @@ from PIL import Image
 from ddm.artifacts import RunDir
 from ddm.data.router_data import split_shards
 from ddm.data.shards import ShardSetWriter, iter_samples, load_manifest, shard_paths
+from ddm.data.sources import named_key
 from ddm.errors import BadInput
 from ddm.io import sha256_strings
 from ddm.stages import cluster as cluster_stage
@@ -135,9 +136,11 @@ def test_prepare_stores_a_seeded_permutation(make_cfg, tmp_path):
     a, keys_a = prepared("a", seed=0)
     again, keys_again = prepared("again", seed=0)
     other, keys_other = prepared("other", seed=1)
-    listing = [f"folder-train-{i:08d}" for i in range(sum(CLASS_SIZES))]  # key i: file i of the sorted listing
+    # a key names its file (class0/0000.png ...), whatever the seed
+    files = [f"class{label}/{i:04d}.png" for label, n in enumerate(CLASS_SIZES) for i in range(n)]
+    listing = sorted(named_key("folder", "train", f) for f in files)
     assert keys_a == keys_again and [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in again["shards"]]
-    assert keys_other != keys_a and keys_a != listing
+    assert keys_other != keys_a and keys_a != listing  # stored in a seeded order, not the listing's
     assert sorted(keys_a) == sorted(keys_other) == listing  # every image once, whatever the order
     assert a["keys_sha256"] == sha256_strings(keys_a) and other["keys_sha256"] == sha256_strings(keys_other)
     assert a["order"] == dict(permuted="samples", seed=0) and other["order"] == dict(permuted="samples", seed=1)

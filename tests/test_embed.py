@@ -41,13 +41,13 @@ def mtimes(folder) -> dict:
 
 def count_shard_calls(monkeypatch) -> list:
     calls = []
-    real = embed.embed_shard
+    real = embed.embed_shards
 
-    def spy(encoder, path, batch_size):
-        calls.append(path)
-        return real(encoder, path, batch_size)
+    def spy(encoder, paths, batch_size, workers):
+        calls.extend(paths)  # the shards handed to the reader: the ones computed
+        return real(encoder, paths, batch_size, workers)
 
-    monkeypatch.setattr(embed, "embed_shard", spy)
+    monkeypatch.setattr(embed, "embed_shards", spy)
     return calls
 
 

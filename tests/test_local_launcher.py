@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ddm.cores import available_cores
 from ddm.errors import BadInput
 from ddm.io import read_json
 from ddm.stages import pipeline, status, submit
@@ -86,7 +87,6 @@ def checkpointed(rd, k: int):
 
 
 def test_two_experts_train_side_by_side_each_in_its_own_process(make_cfg, tmp_path, caplog):
-    from ddm.launch import slots
 
     rd = fake_run(tmp_path / "run", k=2)
     with caplog.at_level("INFO", logger="ddm"):
@@ -96,7 +96,7 @@ def test_two_experts_train_side_by_side_each_in_its_own_process(make_cfg, tmp_pa
     starts = [i for i, m in enumerate(lines) if m.startswith("local: started")]
     ends = [i for i, m in enumerate(lines) if re.fullmatch(r"local: \S+ done in \d+s", m)]
     assert len(starts) == 2 and len(ends) == 2 and max(starts) < min(ends), lines  # both ran at once
-    threads = max(1, slots.available_cores() // 2)  # the cores divided between the two
+    threads = max(1, available_cores() // 2)  # the cores divided between the two
     for k in range(2):
         record = read_json(rd.expert_record(k))
         assert record["steps"] == 3 and record["hardware"]["cpu_threads"] == threads

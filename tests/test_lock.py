@@ -165,7 +165,7 @@ def slurm_bin(tmp_path, monkeypatch):
 
 def test_a_lock_from_another_host_is_judged_by_slurm(tmp_path, slurm_bin, monkeypatch):
     from ddm.errors import Locked
-    from ddm.train import lock
+    from ddm.launch import lock
 
     for key in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT"):
         monkeypatch.delenv(key, raising=False)
@@ -185,7 +185,7 @@ def test_a_lock_from_another_host_is_judged_by_slurm(tmp_path, slurm_bin, monkey
 
 
 def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
-    from ddm.train import lock
+    from ddm.launch import lock
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no SLURM command to ask
     holder = hand_written_lock(tmp_path / "job", 123, host="node-a", slurm_job_id="77")
@@ -202,7 +202,7 @@ def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
 
 def test_a_lock_nothing_here_can_check_is_refused_with_what_to_do(tmp_path, monkeypatch):
     from ddm.errors import Locked
-    from ddm.train import lock
+    from ddm.launch import lock
 
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
@@ -212,7 +212,7 @@ def test_a_lock_nothing_here_can_check_is_refused_with_what_to_do(tmp_path, monk
 
 
 def test_only_global_rank_zero_takes_the_lock(tmp_path, monkeypatch, live_process):
-    from ddm.train import lock
+    from ddm.launch import lock
 
     assert lock.is_global_rank_zero({})
     assert lock.is_global_rank_zero(dict(SLURM_PROCID="0", LOCAL_RANK="0"))

@@ -42,7 +42,8 @@ def make_data(root, n=120, shard_size=25):
     ) as writer:
         for key in keys:
             image = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-            writer.write(key, image, int(rng.integers(0, 5)), caption=f"caption of {key}", png=png_bytes(image))
+            meta = {"file": f"{key}.png"}  # provenance, which a partition carries with each sample
+            writer.write(key, image, int(rng.integers(0, 5)), f"caption of {key}", ("png", png_bytes(image)), meta=meta)
     return run, keys
 
 
@@ -70,7 +71,8 @@ def test_partitions_hold_exactly_the_assigned_samples(tmp_path):
         assert sorted(stored) == expected and stored != expected  # same set, not in dataset order:
         assert stored == [keys[i] for i in cluster_order(a.cluster, k, seed=0)]  # the seeded one
         for s in samples:
-            assert s["png"] == source[s["key"]]["png"]  # copied, not re-encoded
+            assert s["encoded"] == source[s["key"]]["encoded"]  # copied, not re-encoded
+            assert s["meta"] == {"file": f"{s['key']}.png"}
             assert s["label"] == source[s["key"]]["label"] and s["caption"] == source[s["key"]]["caption"]
         seen += expected
     assert sorted(seen) == keys  # every sample in exactly one partition
@@ -215,7 +217,7 @@ def test_data_in_another_order_than_the_assignments_is_refused(tmp_path):
         path.unlink()
     with ShardSetWriter(run.data, 10, image_size=4, channels=3, num_classes=5, class_names=list("abcde")) as writer:
         for s in reversed(samples):
-            writer.write(s["key"], None, s["label"], s.get("caption"), png=s["png"])
+            writer.write(s["key"], None, s["label"], s.get("caption"), s["encoded"])
     with pytest.raises(ValueError, match=f"data sample 0 is '{keys[-1]}' but the assignments expect '{keys[0]}'"):
         partition_stage.run(cfg_for(run, cluster__k=2))
     assert not (run.partitions / "manifest.json").exists() and not list(run.partitions.glob("cluster-*/manifest.json"))

@@ -14,6 +14,7 @@ from PIL import Image
 from ddm.artifacts import RunDir
 from ddm.config import CONF_DIR
 from ddm.data import sources
+from ddm.data.shard_format import decode_stored, encode_image
 from ddm.data.shards import ShardSetWriter, iter_samples, load_manifest, shard_paths, verify
 from ddm.data.sources import FASHION_MNIST_CLASSES, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, SourceMeta, read_idx
 from ddm.errors import BadInput
@@ -203,26 +204,28 @@ def test_rerun_skips_and_redo_rewrites(make_cfg):
     assert verify(RunDir(cfg.run_dir).data)["num_samples"] == 1797
 
 
-def test_crash_mid_prepare_leaves_no_manifest(make_cfg, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_crash_mid_prepare_leaves_no_manifest(make_cfg, monkeypatch, workers):
     cfg = make_cfg("data=digits", "data.shard_size=100")
     prepare.run(cfg)  # a complete earlier result that the redo below must not leave looking valid
     real = sources.SOURCES["digits"]
 
     def crashing(cfg_data, seed):
-        src = real(cfg_data, seed)
+        listing = real(cfg_data, seed)
+        read = listing.read
 
-        def samples(inner):
-            for i, s in enumerate(inner):
-                if i == 250:
+        def reading(unit, skipped):  # in a worker process, with workers=2
+            for s in read(unit, skipped):
+                if s.key == "digits-train-00000250":
                     raise RuntimeError("disk full")
                 yield s
 
-        src.samples = samples(src.samples)
-        return src
+        listing.read = reading
+        return listing
 
     monkeypatch.setitem(sources.SOURCES, "digits", crashing)
     with pytest.raises(RuntimeError, match="disk full"):
-        prepare.run(make_cfg("data=digits", "data.shard_size=100", "redo=true"))
+        prepare.run(make_cfg("data=digits", "data.shard_size=100", "redo=true", f"data.workers={workers}"))
     folder = RunDir(cfg.run_dir).data
     assert not (folder / "manifest.json").exists()
     assert not list(folder.glob(".*tmp"))  # the half-written shard was removed
@@ -237,16 +240,24 @@ def test_image_folder_with_classes_and_captions(make_cfg, tmp_path):
         for i in range(n):
             save_png(root / name / f"{i}.png", (16, 16), value=hash((name, i)) % 1000)
     (root / "cat" / "1.txt").write_text("a grey cat\n")
-    cfg = make_cfg("data=image_folder", f"data.root={root}", "data.image_size=16", "data.shard_size=2")
+    cfg = make_cfg(
+        "data=image_folder", "data.image_format=png", f"data.root={root}", "data.image_size=16", "data.shard_size=2"
+    )
     prepare.run(cfg)
     manifest, samples = read_back(cfg.run_dir)
     assert manifest["class_names"] == ["cat", "dog"] and manifest["num_classes"] == 2
-    # Keys number the sorted listing (sorted folders, sorted files): cat/0, cat/1, cat/2, dog/0, dog/1.
-    by_index = {source_index(s): s for s in samples}
-    assert sorted(by_index) == [0, 1, 2, 3, 4] and [by_index[i]["label"] for i in range(5)] == [0, 0, 0, 1, 1]
-    assert by_index[1]["caption"] == "a grey cat" and "caption" not in by_index[0]
+    # Keys name the files (relative to data.root), labels follow the sorted folders.
+    by_file = {s["meta"]["file"]: s for s in samples}
+    assert sorted(by_file) == ["cat/0.png", "cat/1.png", "cat/2.png", "dog/0.png", "dog/1.png"]
+    assert all(s["key"] == "folder-train-" + f.replace("/", "%2F").replace(".", "%2E") for f, s in by_file.items())
+    assert [by_file[f]["label"] for f in sorted(by_file)] == [0, 0, 0, 1, 1]
+    assert by_file["cat/1.png"]["caption"] == "a grey cat" and "caption" not in by_file["cat/0.png"]
     with Image.open(root / "dog" / "1.png") as im:
-        assert np.array_equal(by_index[4]["image"], np.asarray(im.convert("RGB")))
+        assert np.array_equal(by_file["dog/1.png"]["image"], np.asarray(im.convert("RGB")))
+    # PNGs of the size asked are stored as the files' own bytes
+    raw = {s["key"]: s for s in iter_samples(shard_paths(RunDir(cfg.run_dir).data), decode=False)}
+    assert raw[by_file["dog/1.png"]["key"]]["encoded"] == ("png", (root / "dog" / "1.png").read_bytes())
+    assert manifest["num_passed_through"] == 5
 
 
 def test_flat_image_folder_is_unlabelled_and_converts_channels(make_cfg, tmp_path):
@@ -298,7 +309,7 @@ def test_resize_must_agree_with_image_size(make_cfg):
 # ------------------------------------------------------------------ existing webdataset shards
 
 
-def test_webdataset_source_reissues_keys(make_cfg, tmp_path):
+def test_webdataset_source_keeps_its_keys_and_shards(make_cfg, tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 10, 10, 3), dtype=np.uint8)
     with ShardSetWriter(tmp_path / "in", shard_size=2) as w:
@@ -310,18 +321,22 @@ def test_webdataset_source_reissues_keys(make_cfg, tmp_path):
     )
     prepare.run(cfg)
     manifest, samples = read_back(cfg.run_dir)
-    assert [s["key"] for s in samples] == [f"wds-val-{i:08d}" for i in range(5)]  # numbered as read
-    # Which input sample each stored one is: every one once, with its own label and caption.
-    origin = [next(i for i, im in enumerate(images) if np.array_equal(s["image"], im)) for s in samples]
+    # A key is the input shard's name and the sample's own key, whatever order the shards were read in.
+    origin = [int(s["key"].rsplit("_", 1)[1]) for s in samples]
+    assert [s["key"] for s in samples] == [f"wds-val-shard-{i // 2:06d}%2Forig_{i}" for i in origin]
     assert sorted(origin) == list(range(5)) and manifest["num_classes"] == 3
     assert manifest["order"] == dict(permuted="shards", seed=0)
     for s, i in zip(samples, origin):
         assert s["label"] == i % 3 and s.get("caption") == (f"caption {i}" if i != 2 else None)
-    # Only the input shards (samples 0-1, 2-3, 4) were permuted: each is read whole, in its own order.
-    shard_of = [i // 2 for i in origin]
-    blocks = [shard_of[0]] + [b for a, b in zip(shard_of, shard_of[1:]) if b != a]
-    assert sorted(blocks) == [0, 1, 2]
+        assert s["meta"] == {"shard": str(tmp_path / "in" / f"shard-{i // 2:06d}.tar"), "key": f"orig_{i}"}
+        # stored as JPEG (the webdataset default) at quality 95: the pixels that encoding gives
+        assert np.array_equal(s["image"], decode_stored(encode_image(images[i], "jpeg", 95)[1]))
+    # Each input shard became one shard of data/, in a permuted order, its samples in their own order.
+    blocks = [[int(k.split("shard-")[1][:6]) for k in (e["first_key"], e["last_key"])] for e in manifest["shards"]]
+    assert all(a == b for a, b in blocks) and sorted(a for a, _ in blocks) == [0, 1, 2]
+    assert [e["num_samples"] for e in manifest["shards"]] == [[2, 2, 1][a] for a, _ in blocks]
     assert all(b == a + 1 for a, b in zip(origin, origin[1:]) if a // 2 == b // 2)
+    assert manifest["image_format"] == "jpeg" and manifest["quality"] == 95
 
     with pytest.raises(FileNotFoundError, match="shard-000009.tar"):
         prepare.run(

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ddm.artifacts import RunDir
 from ddm.data.shards import iter_samples, load_manifest, shard_paths
-from ddm.data.sources import UnreadableImage, decode_image
+from ddm.data.sources import UnreadableImage, decode_image, named_key
 from ddm.errors import BadInput
 from ddm.io import read_json, write_json
 from ddm.stages import prepare
@@ -60,7 +60,13 @@ def test_a_16_bit_png_is_scaled_to_8_bit_not_clipped(make_cfg, tmp_path, channel
     with Image.open(root / "gradient.png") as im:
         assert im.mode == "I;16"  # what PIL reads back: 16 bits a pixel
     assert GRADIENT8.min() == 0 and GRADIENT8.max() == 255 and len(np.unique(GRADIENT8)) > 200  # a real ramp
-    cfg = make_cfg("data=image_folder", f"data.root={root}", "data.image_size=16", f"data.channels={channels}")
+    cfg = make_cfg(
+        "data=image_folder",
+        "data.image_format=png",
+        f"data.root={root}",
+        "data.image_size=16",
+        f"data.channels={channels}",
+    )
     prepare.run(cfg)
     _, (sample,) = read_back(cfg.run_dir)
     expected = GRADIENT8 if channels == 1 else np.repeat(GRADIENT8[:, :, None], 3, axis=2)
@@ -101,7 +107,7 @@ def test_rgba_is_composited_on_the_background(make_cfg, tmp_path, background):
     Image.fromarray(rgba_image(), "RGBA").save(root / "a.png")
     overrides = [f"data.background=[{','.join(map(str, background))}]"] if background else []
     bg = background or (255, 255, 255)  # the default: white
-    cfg = make_cfg("data=image_folder", f"data.root={root}", "data.image_size=4", *overrides)
+    cfg = make_cfg("data=image_folder", "data.image_format=png", f"data.root={root}", "data.image_size=4", *overrides)
     prepare.run(cfg)
     _, (sample,) = read_back(cfg.run_dir)
     image = sample["image"]
@@ -136,11 +142,19 @@ def test_a_bad_background_or_on_error_is_refused_naming_the_key(make_cfg, tmp_pa
     root = tmp_path / "imgs"
     save_rgb(root / "a.png")
     with pytest.raises(BadInput, match=r"data\.background=\[1, 2\]: give three values 0\.\.255"):
-        prepare.run(make_cfg("data=image_folder", f"data.root={root}", "data.image_size=8", "data.background=[1,2]"))
+        prepare.run(
+            make_cfg(
+                "data=image_folder",
+                "data.image_format=png",
+                f"data.root={root}",
+                "data.image_size=8",
+                "data.background=[1,2]",
+            )
+        )
     with pytest.raises(BadInput, match=r"data\.background=\[0, 0, 256\]"):
         prepare.run(make_cfg("data=digits", "data.background=[0,0,256]"))
     with pytest.raises(BadInput, match=r"data\.on_error='maybe'.*'raise' or 'skip'"):
-        make_cfg("data=image_folder", f"data.root={root}", "data.on_error=maybe")
+        make_cfg("data=image_folder", "data.image_format=png", f"data.root={root}", "data.on_error=maybe")
     assert not RunDir(tmp_path / "run").data_manifest.exists()
 
 
@@ -166,7 +180,13 @@ def test_an_unreadable_file_stops_prepare_naming_it(make_cfg, tmp_path):
         folder_with_bad_files(root)
         other = "empty" if name == "truncated" else "truncated"
         (root / f"{other}.png").unlink()  # one bad file each: the error must name that one
-        cfg = make_cfg("data=image_folder", f"data.root={root}", "data.image_size=8", run_dir=tmp_path / f"r_{name}")
+        cfg = make_cfg(
+            "data=image_folder",
+            "data.image_format=png",
+            f"data.root={root}",
+            "data.image_size=8",
+            run_dir=tmp_path / f"r_{name}",
+        )
         with pytest.raises(BadInput) as err:
             prepare.run(cfg)
         message = str(err.value)
@@ -178,18 +198,21 @@ def test_an_unreadable_file_stops_prepare_naming_it(make_cfg, tmp_path):
 def test_on_error_skip_keeps_the_good_images_and_lists_the_bad(make_cfg, tmp_path, caplog):
     root = tmp_path / "mixed"
     good, truncated, empty = folder_with_bad_files(root)
-    cfg = make_cfg("data=image_folder", f"data.root={root}", "data.image_size=8", "data.on_error=skip")
+    cfg = make_cfg(
+        "data=image_folder", "data.image_format=png", f"data.root={root}", "data.image_size=8", "data.on_error=skip"
+    )
     with caplog.at_level(logging.INFO, logger="ddm"):
         summary = prepare.run(cfg)
     manifest, samples = read_back(cfg.run_dir)
     assert manifest["num_samples"] == 3 and manifest["num_skipped"] == 2 and summary["num_skipped"] == 2
-    # Keys still number the sorted listing (empty, good0, good1, good2, truncated): the good ones keep theirs.
-    listing = sorted([*good, truncated, empty])
+    # Keys name the files: the good ones keep theirs whatever was skipped beside them.
     by_key = {s["key"]: s for s in samples}
-    assert sorted(by_key) == [f"folder-train-{listing.index(p):08d}" for p in good]
+    assert sorted(by_key) == sorted(named_key("folder", "train", p.relative_to(root).as_posix()) for p in good)
     for p in good:
         with Image.open(p) as im:
-            assert np.array_equal(by_key[f"folder-train-{listing.index(p):08d}"]["image"], np.asarray(im))
+            stored = by_key[named_key("folder", "train", p.relative_to(root).as_posix())]
+            assert np.array_equal(stored["image"], np.asarray(im))
+            assert stored["meta"] == {"file": p.name}  # where it came from travels with it
     record = read_json(RunDir(cfg.run_dir).data / "skipped.json")
     assert record["num_skipped"] == 2 and [r["file"] for r in record["skipped"]] == [str(empty), str(truncated)]
     assert "empty file" in record["skipped"][0]["reason"] and "truncated" in record["skipped"][1]["reason"]
@@ -207,7 +230,7 @@ def test_on_error_skip_keeps_the_good_images_and_lists_the_bad(make_cfg, tmp_pat
 
 
 def cfg_overrides(root: Path) -> list[str]:
-    return ["data=image_folder", f"data.root={root}", "data.image_size=8"]
+    return ["data=image_folder", "data.image_format=png", f"data.root={root}", "data.image_size=8"]
 
 
 def test_a_run_without_skips_writes_no_skip_list_and_a_redo_clears_an_old_one(make_cfg, tmp_path):
@@ -253,7 +276,12 @@ def test_a_shard_with_an_rgba_png_composites_it_like_a_folder_does(make_cfg, tmp
     rgba = Image.fromarray(rgba_image(), "RGBA")
     shard = write_shard(tmp_path / "in" / "s.tar", {"x0.png": png_bytes(rgba), "x0.cls": b"1"})
     cfg = make_cfg(
-        "data=webdataset", f"data.urls=[{shard}]", "data.image_size=4", "data.num_classes=2", "data.background=[0,0,0]"
+        "data=webdataset",
+        "data.image_format=png",
+        f"data.urls=[{shard}]",
+        "data.image_size=4",
+        "data.num_classes=2",
+        "data.background=[0,0,0]",
     )
     prepare.run(cfg)
     _, (sample,) = read_back(cfg.run_dir)
@@ -263,7 +291,7 @@ def test_a_shard_with_an_rgba_png_composites_it_like_a_folder_does(make_cfg, tmp
     root.mkdir()
     rgba.save(root / "x0.png")
     folder_cfg = make_cfg(
-        *cfg_overrides(root)[:2], "data.image_size=4", "data.background=[0,0,0]", run_dir=tmp_path / "f"
+        *cfg_overrides(root)[:3], "data.image_size=4", "data.background=[0,0,0]", run_dir=tmp_path / "f"
     )
     prepare.run(folder_cfg)
     _, (same,) = read_back(folder_cfg.run_dir)
@@ -276,13 +304,13 @@ def test_a_shard_with_unreadable_images_raises_or_skips(make_cfg, tmp_path):
         tmp_path / "in" / "s.tar",
         {"a.png": good, "b.png": good[: len(good) // 2], "c.png": b"", "d.txt": b"no image here", "e.png": good},
     )
-    overrides = ["data=webdataset", f"data.urls=[{shard}]", "data.image_size=4"]
+    overrides = ["data=webdataset", "data.image_format=png", f"data.urls=[{shard}]", "data.image_size=4"]
     with pytest.raises(BadInput, match=r"s\.tar#b\.png: .*data\.on_error=skip"):
         prepare.run(make_cfg(*overrides))
     cfg = make_cfg(*overrides, "data.on_error=skip", run_dir=tmp_path / "skip")
     prepare.run(cfg)
     manifest, samples = read_back(cfg.run_dir)
-    assert [s["key"] for s in samples] == ["wds-train-00000000", "wds-train-00000004"]  # skipped ones keep an index
+    assert [s["key"] for s in samples] == ["wds-train-s%2Fa", "wds-train-s%2Fe"]  # the shard's name and own keys
     assert manifest["num_skipped"] == 3
     record = json.loads((RunDir(cfg.run_dir).data / "skipped.json").read_text())
     assert [r["file"] for r in record["skipped"]] == [f"{shard}#b.png", f"{shard}#c.png", f"sample {shard}#d"]

@@ -22,7 +22,14 @@ def _shards(folder, n: int = 5) -> np.ndarray:
 
 
 def _prepared(make_cfg, urls: str, run_dir) -> list[bytes]:
-    cfg = make_cfg("data=webdataset", f"data.urls='{urls}'", "data.image_size=8", "data.num_classes=3", run_dir=run_dir)
+    cfg = make_cfg(
+        "data=webdataset",
+        f"data.urls='{urls}'",
+        "data.image_size=8",
+        "data.num_classes=3",
+        "data.image_format=png",
+        run_dir=run_dir,
+    )
     run_stage("prepare", cfg)
     folder = run_dir / "data"
     return [s["image"].tobytes() for s in iter_samples(shard_paths(folder, load_manifest(folder)))]

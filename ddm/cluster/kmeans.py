@@ -16,6 +16,12 @@ keeps the clusters the data has.
 Seeding is k-means++ (computed here, then handed to faiss as its initial
 centroids): faiss's default of k random points often puts two centroids in one
 well-separated group and none in another, and Lloyd iterations never repair that.
+
+At scale, ``x`` may be a ``ddm.cluster.rows.Rows`` (memory-mapped float16 or
+float32 shards) and ``train`` a sample of it: k-means learns its centroids on
+``train`` alone, then every row of ``x`` is assigned block by block, converted
+to float32 one block at a time. faiss runs on the GPUs when it was built for
+them and sees one (``faiss_gpus``), on the CPU otherwise.
 """
 
 from __future__ import annotations
@@ -41,6 +47,17 @@ MAX_POINTS_PER_CENTROID = 256
 # k-means++ seeding looks at a random subset of this many points per centroid:
 # enough to find every dense region, and O(k^2) instead of O(N k).
 SEED_POINTS_PER_CENTROID = 64
+
+
+def faiss_gpus() -> int:
+    """GPUs faiss uses here: 0 with faiss-cpu or on a machine without one."""
+    count = getattr(faiss, "get_num_gpus", None)
+    return int(count()) if count is not None else 0
+
+
+def _flat_index(d: int, spherical: bool):
+    index = faiss.IndexFlatIP(d) if spherical else faiss.IndexFlatL2(d)
+    return faiss.index_cpu_to_all_gpus(index) if faiss_gpus() else index
 
 
 @dataclass
@@ -130,7 +147,7 @@ def train_kmeans(
     max_points_per_centroid: int = MAX_POINTS_PER_CENTROID,
 ) -> np.ndarray:
     """faiss k-means from a k-means++ start; returns float32 centroids [k, D]."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.ascontiguousarray(x if isinstance(x, np.ndarray) else x[0 : len(x)], dtype=np.float32)
     init = kmeans_plusplus(x, k, seed, weights)
     km = faiss.Kmeans(
         x.shape[1],
@@ -142,21 +159,21 @@ def train_kmeans(
         max_points_per_centroid=max_points_per_centroid,
         # faiss warns below 39 points per centroid; small runs are legitimate here.
         min_points_per_centroid=1,
+        gpu=faiss_gpus() > 0,
     )
     km.train(x, weights=None if weights is None else np.asarray(weights, dtype=np.float32), init_centroids=init)
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 
-def assign(
-    x: np.ndarray, centroids: np.ndarray, *, spherical: bool = False, chunk: int = CHUNK
-) -> tuple[np.ndarray, float]:
+def assign(x, centroids: np.ndarray, *, spherical: bool = False, chunk: int | None = None) -> tuple[np.ndarray, float]:
     """Nearest centroid of every row, block by block: (int32 labels [N], mean squared L2 distance).
 
-    Spherical k-means compares by inner product (as faiss did while training);
-    the reported distance is the squared L2 distance either way.
+    ``x``: an array (float16 or float32, memory-mapped or not) or ``Rows``; only one block of
+    ``chunk`` rows is in float32 at a time. Spherical k-means compares by inner product (as faiss
+    did while training); the reported distance is the squared L2 distance either way.
     """
-    d = centroids.shape[1]
-    index = faiss.IndexFlatIP(d) if spherical else faiss.IndexFlatL2(d)
+    chunk = chunk or CHUNK  # read when called, so a caller (a test) may change the module's block size
+    index = _flat_index(centroids.shape[1], spherical)
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     c_sq = np.einsum("ij,ij->i", centroids, centroids)
     labels = np.empty(len(x), dtype=np.int32)
@@ -171,8 +188,9 @@ def assign(
     return labels, total / max(len(x), 1)
 
 
-def mean_sq_distance(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, chunk: int = CHUNK) -> float:
+def mean_sq_distance(x, centroids: np.ndarray, labels: np.ndarray, chunk: int | None = None) -> float:
     """Mean squared L2 distance of each row to the centroid it is assigned to (not necessarily its nearest)."""
+    chunk = chunk or CHUNK
     total = 0.0
     for start in range(0, len(x), chunk):
         diff = np.asarray(x[start : start + chunk], dtype=np.float32) - centroids[labels[start : start + chunk]]
@@ -205,10 +223,12 @@ def renumber_by_size(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
     return new_id[labels], order
 
 
-def flat_kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, spherical: bool = False) -> Clustering:
-    """k-means with k centroids directly on the embeddings."""
+def flat_kmeans(
+    x, k: int, *, niter: int = 20, seed: int = 0, spherical: bool = False, train: np.ndarray | None = None
+) -> Clustering:
+    """k-means with k centroids directly on the embeddings (learnt on ``train`` when given: a sample of x)."""
     check_k(k, len(x))
-    centroids = train_kmeans(x, k, niter=niter, seed=seed, spherical=spherical)
+    centroids = train_kmeans(x if train is None else train, k, niter=niter, seed=seed, spherical=spherical)
     labels, inertia = assign(x, centroids, spherical=spherical)
     raise_if_empty(labels, k)
     labels, order = renumber_by_size(labels, k)
@@ -216,18 +236,26 @@ def flat_kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, spheri
 
 
 def two_stage_kmeans(
-    x: np.ndarray, k: int, *, fine_k: int = 1024, niter: int = 20, seed: int = 0, spherical: bool = False
+    x,
+    k: int,
+    *,
+    fine_k: int = 1024,
+    niter: int = 20,
+    seed: int = 0,
+    spherical: bool = False,
+    train: np.ndarray | None = None,
 ) -> Clustering:
     """The paper's scheme: fine_k centroids over the samples, then k coarse clusters over the fine centroids.
 
-    The coarse k-means weights each fine centroid by its number of samples, so
-    coarse centroids approximate the means of their samples. Each sample belongs to
-    the coarse cluster of its nearest fine centroid. ``fine_k`` is capped at N // 4.
+    The coarse k-means weights each fine centroid by its number of samples (all of x, when the fine
+    centroids were learnt on ``train``, a sample of it), so coarse centroids approximate the means of
+    their samples. Each sample belongs to the coarse cluster of its nearest fine centroid. ``fine_k``
+    is capped at N // 4.
     """
     n = len(x)
     check_k(k, n)
     fine_k = effective_fine_k(fine_k, k, n)
-    fine = train_kmeans(x, fine_k, niter=niter, seed=seed, spherical=spherical)
+    fine = train_kmeans(x if train is None else train, fine_k, niter=niter, seed=seed, spherical=spherical)
     fine_labels, fine_inertia = assign(x, fine, spherical=spherical)
     counts = np.bincount(fine_labels, minlength=fine_k)
     # Never subsample the fine centroids: there are few of them and each carries its weight.

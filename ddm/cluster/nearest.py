@@ -16,7 +16,7 @@ from ddm.cluster.kmeans import assign
 def nearest_cluster(
     embeddings: np.ndarray, centroids: np.ndarray, *, fine_to_coarse: np.ndarray | None = None, spherical: bool = False
 ) -> np.ndarray:
-    """Cluster id (int64 [N]) of each embedding [N, D].
+    """Cluster id (int64 [N]) of each embedding [N, D] (float32 or float16, as the embed stage stored them).
 
     Flat: ``centroids`` are the K cluster centroids [K, D]. Two-stage: they are
     the fine centroids [fine_k, D] and ``fine_to_coarse`` [fine_k] maps each to

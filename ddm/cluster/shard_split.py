@@ -1,6 +1,7 @@
 """Splitting the dataset's shards into one shard set per cluster, each in a seeded random order.
 
-PNG bytes are copied through untouched, so an expert sees exactly the pixels
+Image bytes (PNG or JPEG, as ``data/`` stores them) are copied through untouched,
+with each sample's provenance (``json``), so an expert sees exactly the pixels
 that were embedded and clustered. Shard counts are planned per cluster before
 writing, because webdataset starves (or hangs at the end of an epoch) when a
 shard set has fewer shards than ranks x data-loader workers.
@@ -25,13 +26,17 @@ twice to fix that. The price here is random reads of ``data/``, local by then.
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Sequence
-from contextlib import ExitStack
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
+from ddm.data.shard_format import stored_image
 from ddm.data.shard_index import Spans, index_spans, read_spans
 from ddm.data.shards import ShardSetWriter, shard_paths, shards_digest
 from ddm.data.sources.order import PERMUTED_SAMPLES
@@ -41,7 +46,7 @@ from ddm.seeds import partition_order_seed
 
 # Data-manifest fields every partition carries, so an expert can build its model
 # from its own partition's manifest alone.
-COPIED_FIELDS = ("image_size", "channels", "num_classes", "class_names")
+COPIED_FIELDS = ("image_size", "channels", "num_classes", "class_names", "image_format", "quality")
 
 
 def shard_size_for(num_samples: int, min_shards: int, target_size: int) -> int:
@@ -85,15 +90,69 @@ def _copy(spans: Spans, positions: np.ndarray, keys: np.ndarray, writer: ShardSe
     raws = read_spans(spans, positions)
     for i in positions.tolist():
         raw, key = raws[i], str(keys[i])
-        if raw.get("key") != key or "png" not in raw:
+        encoded = stored_image(raw)
+        if raw.get("key") != key or encoded is None:
             raise BadInput(
                 f"{spans.paths[spans.shard[i]]} changed while it was being partitioned (sample {key!r} "
                 f"is no longer where it was): rerun prepare, cluster and partition with redo=true"
             )
         label = int(raw["cls"]) if "cls" in raw else -1
         caption = raw["txt"].decode() if "txt" in raw else None
-        writer.write(key, None, label, caption, png=raw["png"])
+        meta = json.loads(raw["json"]) if "json" in raw else None  # where it came from travels with it
+        writer.write(key, None, label, caption, encoded=encoded, meta=meta)
         counts[label] += 1
+
+
+@dataclass(frozen=True)
+class _Split:
+    """What writing any one cluster's shard set needs: shared by the clusters, built once."""
+
+    spans: Spans
+    keys: np.ndarray
+    cluster: np.ndarray
+    folders: Sequence[str | os.PathLike]
+    clustering_id: str
+    copied: dict
+    source: str
+    min_shards: int
+    target_size: int
+    seed: int
+    extra: dict
+
+    def write(self, k: int) -> dict:
+        """Cluster ``k``'s shard set, its manifest written last (by the writer, when the block closes)."""
+        order = cluster_order(self.cluster, k, self.seed)
+        size = shard_size_for(len(order), self.min_shards, self.target_size)
+        with ShardSetWriter(
+            self.folders[k],
+            size,
+            cluster=k,
+            num_clusters=len(self.folders),
+            clustering_id=self.clustering_id,
+            keys_sha256=sha256_strings(self.keys[order]),
+            order=dict(permuted=PERMUTED_SAMPLES, seed=int(self.seed)),
+            data_shards_sha256=self.source,
+            **self.copied,
+            **self.extra.get(k, {}),
+        ) as writer:
+            counts: Counter = Counter()
+            for lo in range(0, len(order), size):  # one output shard at a time: bounded memory
+                _copy(self.spans, order[lo : lo + size], self.keys, writer, counts)
+            # Known only now, and needed before the writer closes and writes its manifest.
+            writer.extra["class_counts"] = {str(label): n for label, n in sorted(counts.items())}
+        return writer.manifest
+
+
+_split: _Split | None = None  # in a worker process: set once at its start (fork shares the index, unpickled)
+
+
+def _start(split: _Split) -> None:
+    global _split
+    _split = split
+
+
+def _write_one(k: int) -> dict:
+    return _split.write(k)
 
 
 def write_partitions(
@@ -109,6 +168,7 @@ def write_partitions(
     seed: int,
     only: Sequence[int] | None = None,
     extra: dict[int, dict] | None = None,
+    workers: int = 1,
 ) -> list[dict]:
     """Write cluster ``k``'s samples to ``folders[k]`` as a shard set, in ``cluster_order``; return the K manifests.
 
@@ -120,37 +180,30 @@ def write_partitions(
     Each manifest records cluster, num_clusters, clustering_id, keys_sha256 (this
     cluster's keys in stored order), order ({"permuted": "samples", "seed": seed}),
     class_counts, the data's image fields and ``data_shards_sha256``, which names the
-    data shards it was copied from (``ddm.data.shards.shards_digest`` of ``data_manifest``). On any error no manifest is
-    written, so no partition looks complete.
+    data shards it was copied from (``ddm.data.shards.shards_digest`` of ``data_manifest``).
+    A cluster's manifest is written when its shards are whole, so a partition never looks
+    complete before it is. ``workers``: clusters written side by side by that many processes
+    (each cluster's shards are the same bytes either way).
     """
-    num_clusters = len(folders)
     keys, cluster = np.asarray(keys, dtype=str), np.asarray(cluster)
-    spans = index_spans(shard_paths(data_dir, data_manifest), keys, _mismatch(keys))
-    copied = {f: data_manifest[f] for f in COPIED_FIELDS if f in data_manifest}
-    source = shards_digest(data_manifest)
-    with ExitStack() as stack:
-        writers = []
-        for k, folder in enumerate(folders):
-            if only is not None and k not in only:
-                continue
-            order = cluster_order(cluster, k, seed)
-            size = shard_size_for(len(order), min_shards, target_size)
-            writer = ShardSetWriter(
-                folder,
-                size,
-                cluster=k,
-                num_clusters=num_clusters,
-                clustering_id=clustering_id,
-                keys_sha256=sha256_strings(keys[order]),
-                order=dict(permuted=PERMUTED_SAMPLES, seed=int(seed)),
-                data_shards_sha256=source,
-                **copied,
-                **(extra or {}).get(k, {}),
-            )
-            writers.append(stack.enter_context(writer))
-            counts: Counter = Counter()
-            for lo in range(0, len(order), size):  # one output shard at a time: bounded memory
-                _copy(spans, order[lo : lo + size], keys, writer, counts)
-            # Known only now, and needed before the writer closes and writes its manifest.
-            writer.extra["class_counts"] = {str(label): n for label, n in sorted(counts.items())}
-    return [w.manifest for w in writers]
+    split = _Split(
+        spans=index_spans(shard_paths(data_dir, data_manifest), keys, _mismatch(keys)),
+        keys=keys,
+        cluster=cluster,
+        folders=list(folders),
+        clustering_id=clustering_id,
+        copied={f: data_manifest[f] for f in COPIED_FIELDS if f in data_manifest},
+        source=shards_digest(data_manifest),
+        min_shards=min_shards,
+        target_size=target_size,
+        seed=seed,
+        extra=extra or {},
+    )
+    todo = [k for k in range(len(folders)) if only is None or k in only]
+    workers = min(int(workers), len(todo))
+    if workers <= 1:
+        return [split.write(k) for k in todo]
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start, initargs=(split,)) as pool:
+        return list(pool.map(_write_one, todo))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from ddm.data.shard_format import STORED_IMAGE_EXTS
 from ddm.errors import BadInput
 from ddm.images import to_chw_uint8
 from ddm.models.conditioning import TextCondition, batch_text_length
@@ -99,6 +100,13 @@ class _ShardSeed:
         return self.rank * 1000 + loader_worker()
 
 
+def _image(sample: dict):
+    for ext in STORED_IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    raise BadInput(f"sample {sample.get('__key__')!r} of {sample.get('__url__')} holds no image and no latent")
+
+
 class _ToTuple:
     """A decoded sample as ``(image, label[, tag][, caption or StoredText])``."""
 
@@ -106,8 +114,8 @@ class _ToTuple:
         self.tag, self.captions, self.stored_text = tag, captions, stored_text
 
     def __call__(self, sample):
-        # a latent shard set holds float16 latents under npy; a pixel one uint8 images under png
-        x = torch.from_numpy(np.asarray(sample["npy"])) if "npy" in sample else to_chw_uint8(sample["png"])
+        # a latent shard set holds float16 latents under npy; a pixel one uint8 images under png or jpg
+        x = torch.from_numpy(np.asarray(sample["npy"])) if "npy" in sample else to_chw_uint8(_image(sample))
         y = int(sample["cls"])
         out = (x, y) if self.tag is None else (x, y, self.tag)
         if self.stored_text:

@@ -13,30 +13,26 @@ is written last, so a folder with a manifest is a complete shard set.
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from ddm.data.shard_format import (
+    DEFAULT_JPEG_QUALITY,
+    add_member,
+    decode_stored,
+    encode_image,
+    sample_members,
+    stored_image,
+)
 from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json, remake_hint, sha256_file, sha256_strings, write_json
 
 MANIFEST = "manifest.json"
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 HxW (grayscale) or HxWx3 (RGB) -> PNG bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im).copy()
 
 
 class ShardSetWriter:
@@ -46,12 +42,20 @@ class ShardSetWriter:
     folder does not look complete.
     """
 
-    def __init__(self, folder: str | os.PathLike, shard_size: int, **manifest_extra):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        shard_size: int,
+        image_format: str = "png",
+        quality: int = DEFAULT_JPEG_QUALITY,
+        **manifest_extra,
+    ):
         if shard_size < 1:
             raise BadInput(f"shard_size={shard_size} must be at least 1")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.shard_size = shard_size
+        self.image_format, self.quality = image_format, int(quality)
         self.extra = manifest_extra
         self.shards: list[dict] = []
         self._tar = None
@@ -84,10 +88,7 @@ class ShardSetWriter:
         self._tar = None
 
     def _add(self, name: str, data: bytes):
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = 0  # deterministic bytes: same input, same checksum
-        self._tar.addfile(info, io.BytesIO(data))
+        add_member(self._tar, name, data)
 
     def write(
         self,
@@ -95,28 +96,23 @@ class ShardSetWriter:
         image: np.ndarray | None,
         label: int,
         caption: str | None = None,
-        png: bytes | None = None,
+        encoded: tuple[str, bytes] | None = None,
         arrays: dict[str, np.ndarray] | None = None,
+        meta: dict | None = None,
     ):
-        """One sample: its image (or ready PNG bytes), label, caption and named arrays (``{"npy": latent}``).
+        """One sample: its image (or ready ``(ext, bytes)``), label, caption, named arrays and metadata.
 
-        A sample may have arrays and no image (a latent shard set).
+        ``arrays`` (``{"npy": latent}``) are stored as ``.npy`` members; a sample may have arrays and no
+        image (a latent shard set). ``meta`` (where the sample came from) is stored as ``key.json``.
         """
-        if "." in key:
-            raise BadInput(f"sample key {key!r} must not contain '.' (webdataset splits keys on dots)")
-        if image is None and png is None and not arrays:
+        if image is None and encoded is None and not arrays:
             raise BadInput(f"sample {key!r} has neither an image nor arrays")
+        if image is not None and encoded is None:
+            encoded = encode_image(image, self.image_format, self.quality)
         if self._tar is None:
             self._open()
-        if image is not None or png is not None:
-            self._add(f"{key}.png", png if png is not None else encode_png(image))
-        for ext, array in (arrays or {}).items():
-            buf = io.BytesIO()
-            np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-            self._add(f"{key}.{ext}", buf.getvalue())
-        self._add(f"{key}.cls", str(int(label)).encode())
-        if caption is not None:
-            self._add(f"{key}.txt", caption.encode())
+        for name, data in sample_members(key, encoded, label, caption, arrays, meta):
+            self._add(name, data)
         if self._first is None:
             self._first = key
         self._last = key
@@ -235,8 +231,10 @@ def iter_shard(path: str) -> Iterator[dict]:
 
 
 def iter_samples(paths: Iterable[str], decode: bool = True) -> Iterator[dict]:
-    """Stream samples shard by shard: key, image (uint8 array) or png bytes, label, caption, latent.
+    """Stream samples shard by shard: key, label, and as stored, caption, latent, meta, the image.
 
+    The image (PNG or JPEG) comes as ``image`` (uint8 array) or, with ``decode=False``, as
+    ``encoded``: ``(extension, bytes)``. ``meta`` is the sample's ``json`` (where it came from).
     A latent shard set's samples carry ``latent`` (the float16 array under ``npy``) and no image.
     """
     for path in paths:
@@ -245,14 +243,17 @@ def iter_samples(paths: Iterable[str], decode: bool = True) -> Iterator[dict]:
                 out = dict(key=raw["key"], label=int(raw["cls"]) if "cls" in raw else -1)
                 if "txt" in raw:
                     out["caption"] = raw["txt"].decode()
+                if "json" in raw:
+                    out["meta"] = json.loads(raw["json"])
                 if "npy" in raw:
                     out["latent"] = np.load(io.BytesIO(raw["npy"]), allow_pickle=False)
-                if "png" in raw:
+                encoded = stored_image(raw)
+                if encoded is not None:
                     if decode:
-                        out["image"] = decode_png(raw["png"])
+                        out["image"] = decode_stored(encoded[1])
                     else:
-                        out["png"] = raw["png"]
-            except (ValueError, OSError, EOFError, SyntaxError) as e:  # PIL raises all of these for damaged PNGs
+                        out["encoded"] = encoded
+            except (ValueError, OSError, EOFError, SyntaxError) as e:  # PIL raises all of these for damaged images
                 raise BadInput(
                     f"sample {raw.get('key')!r} of {path} cannot be decoded ({type(e).__name__}: {e}): the shard is "
                     f"damaged; remake it with {remake_hint(path)}"

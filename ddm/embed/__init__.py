@@ -2,18 +2,21 @@
 
 Layout of ``<run>/embeddings/`` (written by ``ddm.stages.embed``)::
 
-    emb-NNNNNN.npy    float32 [n, dim], L2-normalised rows; row i is sample i of
-                      data shard NNNNNN in stored order
+    emb-NNNNNN.npy    float32 or float16 (``embed.dtype``) [n, dim], L2-normalised
+                      rows; row i is sample i of data shard NNNNNN in stored order
     keys-NNNNNN.txt   the n sample keys of that shard, one per line, same order
     encoder.json      which encoder (and data) the per-shard files came from
     verified.json     which data shards were checked (``ddm.data.verified``)
-    manifest.json     written last: encoder, encoder_config, dim, num_samples,
+    parts/            while ``embed.parts`` jobs write the files: each part's record and
+                      checked shards (``ddm.embed.parts``); the merge removes it
+    manifest.json     written last: encoder, encoder_config, dim, dtype, num_samples,
                       shards [{embeddings, keys, num_samples, data_shard, sha256}],
                       keys_sha256 (copied from data/manifest.json),
                       data_shards_sha256 (``ddm.data.shards.shards_digest`` of
                       data/manifest.json) and embeddings_id (``embeddings_id``)
 
-``ddm.stages.cluster.load_embeddings`` reads them back into one matrix.
+``ddm.stages.cluster.load_embeddings`` reads them back memory-mapped, shard by shard
+(``ddm.cluster.rows.Rows``), a block at a time in float32.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +42,31 @@ class OpenClipEncoder:
         kwargs = dict(force_image_size=int(image_size)) if image_size else {}
         self.model, self.preprocess = create_open_clip(open_clip, model, pretrained, kwargs)
         self.model.to(self.device).eval()
+        self.prepare = ClipInput(self.preprocess)
         self.dim = int(open_clip.get_model_config(model)["embed_dim"])
         self.spec = dict(encoder=self.name, model=model, pretrained=pretrained, image_size=image_size)
 
-    @torch.no_grad()
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.encode(self.prepare(images))
+
+    @torch.no_grad()
+    def encode(self, batch: torch.Tensor) -> np.ndarray:
+        """Rows of images that ``prepare`` made into the model's input."""
+        features = self.model.encode_image(batch.to(self.device))
+        return F.normalize(features.float(), dim=1).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class ClipInput:
+    """uint8 images -> the model's input through its own eval transforms: the CPU half (loader workers run it)."""
+
+    preprocess: Callable
+
+    def __call__(self, images: np.ndarray) -> torch.Tensor:
         from PIL import Image
 
         # open_clip's transforms expect RGB PIL images; grayscale is copied into three channels.
-        batch = torch.stack([self.preprocess(Image.fromarray(im).convert("RGB")) for im in images])
-        features = self.model.encode_image(batch.to(self.device))
-        return F.normalize(features.float(), dim=1).cpu().numpy()
+        return torch.stack([self.preprocess(Image.fromarray(im).convert("RGB")) for im in images])
 
 
 def create_open_clip(open_clip, model: str, pretrained: str | None, kwargs: dict, key: str = "embed"):

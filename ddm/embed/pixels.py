@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,14 +31,18 @@ class PixelEncoder:
             rng = np.random.default_rng(seed)
             self.projection = torch.from_numpy(rng.standard_normal((flat, self.dim), dtype=np.float32))
 
+        self.prepare = Downsample(self.size)
+
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        x = batch_to_unit_range(images)
+        return self.encode(self.prepare(images))
+
+    def encode(self, x: torch.Tensor) -> np.ndarray:
+        """Rows of images that ``prepare`` downsampled."""
         if x.shape[1] != self.channels:
             raise BadInput(
-                f"pixels encoder was built for {self.channels} channels but got images of shape {images.shape[1:]}"
+                f"pixels encoder was built for {self.channels} channels but got images with {x.shape[1]}: "
+                f"embed the run's own data (data/manifest.json says how many channels it has)"
             )
-        # antialias: downsampling without it aliases fine texture into the embedding.
-        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         x = x.flatten(1)
         # Centring removes overall brightness, so the direction encodes the pattern.
         x = x - x.mean(dim=1, keepdim=True)
@@ -44,3 +50,15 @@ class PixelEncoder:
         if self.projection is not None:
             x = F.normalize(x @ self.projection, dim=1)
         return x.numpy().astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class Downsample:
+    """uint8 images -> float32 [B, C, size, size] in [0, 1]: the CPU half of the encoder (loader workers run it)."""
+
+    size: int
+
+    def __call__(self, images: np.ndarray) -> torch.Tensor:
+        x = batch_to_unit_range(images)
+        # antialias: downsampling without it aliases fine texture into the embedding.
+        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)

@@ -21,6 +21,10 @@ Encoders (``embed.encoder``):
   (``embed.model``, e.g. ``mobilenet_v2``, ``resnet50``) with its state dict from
   a local file (``embed.weights``); never downloads. Pretrained ImageNet
   features cluster by meaning, as the paper's DINOv2 features do.
+- ``dinov2``: DINOv2 features (timm's ViT-S/B/L/G, with or without registers,
+  ``embed.model``), the paper's clustering embedding: the final CLS token or the
+  mean of the patch tokens (``embed.pool``), weights from a local file only
+  (``embed.weights``, timm's or Meta's layout).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import logging
 from collections.abc import Callable
 
 from ddm.embed.base import WEIGHT_SUFFIXES, Encoder
+from ddm.embed.dinov2 import DinoV2Encoder
 from ddm.embed.openclip import OpenClipEncoder
 from ddm.embed.pixels import PixelEncoder
 from ddm.embed.torchvision_features import TorchvisionEncoder
@@ -38,6 +43,7 @@ from ddm.settings import Embed
 __all__ = [
     "ENCODERS",
     "WEIGHT_SUFFIXES",
+    "DinoV2Encoder",
     "Encoder",
     "OpenClipEncoder",
     "PixelEncoder",
@@ -51,8 +57,8 @@ log = logging.getLogger("ddm")
 def _build_pixels(cfg: Embed, meta) -> PixelEncoder:
     log.info(
         "embed: 'pixels' encoder (downsampled pixels: needs no pretrained weights); for clusters by "
-        "meaning use embed=torchvision with a local embed.weights file (`make weights` fetches MobileNetV2) "
-        "or embed=open_clip with a local embed.pretrained file"
+        "meaning use embed=dinov2 (the paper's encoder) or embed=torchvision with a local embed.weights file "
+        "(`make weights` fetches MobileNetV2), or embed=open_clip with a local embed.pretrained file"
     )
     return PixelEncoder(channels=meta.channels, size=cfg.size, dim=cfg.dim, seed=cfg.seed)
 
@@ -75,10 +81,21 @@ def _build_torchvision(cfg: Embed, meta) -> TorchvisionEncoder:
     )
 
 
+def _build_dinov2(cfg: Embed, meta) -> DinoV2Encoder:
+    return DinoV2Encoder(
+        model=cfg.model or "vit_small_patch14_reg4_dinov2",
+        weights=cfg.weights,
+        pool=cfg.pool or "cls",
+        image_size=cfg.image_size or 224,
+        device=cfg.device,
+    )
+
+
 ENCODERS: dict[str, Callable] = {
     "pixels": _build_pixels,
     "open_clip": _build_open_clip,
     "torchvision": _build_torchvision,
+    "dinov2": _build_dinov2,
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,23 +56,36 @@ class TorchvisionEncoder:
             digest = _state_digest(_load_state_dict(net, str(weights), model))
         _drop_classifier(net, model)
         self.net = net.to(self.device).eval()
-        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.prepare = ImagenetInput(self.image_size)
         with torch.no_grad():
             self.dim = int(self.net(torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)).shape[1])
         # the weights' digest, not the file's path or bytes, says which weights made the embeddings
         self.spec = dict(encoder=self.name, model=model, image_size=self.image_size, weights_sha256=digest)
 
-    @torch.no_grad()
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.encode(self.prepare(images))
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> np.ndarray:
+        """Rows of images that ``prepare`` made into the classifier's input."""
+        features = self.net(x.to(self.device))
+        return F.normalize(features.float().flatten(1), dim=1).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class ImagenetInput:
+    """uint8 images -> the classifier's float32 input [B, 3, size, size]: the CPU half (loader workers run it)."""
+
+    size: int
+
+    def __call__(self, images: np.ndarray) -> torch.Tensor:
         x = batch_to_unit_range(images)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        x = F.interpolate(
-            x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False
-        )
-        features = self.net(((x - self.mean) / self.std).to(self.device))
-        return F.normalize(features.float().flatten(1), dim=1).cpu().numpy()
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        return (x - mean) / std
 
 
 def _state_digest(state: dict) -> str:

@@ -11,6 +11,7 @@ stays valid.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -66,10 +67,12 @@ def append_shards(data_dir: Path, data: dict, new_dir: Path, new: dict, run_keys
     ``about``: more fields of the extension entry.
     """
     entries = list(data["shards"])
-    first = len(entries)
+    taken = {e["path"] for e in entries}
+    # shard numbers after the run's own (prepare leaves a number unused where every image of a unit was skipped)
+    names = (n for n in (f"shard-{j:06d}.tar" for j in itertools.count(len(entries))) if n not in taken)
     added = []
-    for i, (entry, source) in enumerate(zip(new["shards"], shard_paths(new_dir, new))):
-        name = f"shard-{first + i:06d}.tar"
+    for entry, source in zip(new["shards"], shard_paths(new_dir, new)):
+        name = next(names)
         with atomic_path(data_dir / name) as tmp:
             shutil.copyfile(source, tmp)
             if sha256_file(tmp) != entry["sha256"]:

@@ -9,9 +9,12 @@ stopped. The processes themselves are ``ddm.launch.local``'s.
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from pathlib import Path
 
 from ddm.artifacts import RunDir
+from ddm.cores import available_cores
 from ddm.errors import JobFailed
 from ddm.io import read_json
 from ddm.launch import local, slots
@@ -28,7 +31,7 @@ def machine_plan(parallel, island: Island, key: str, jobs: int | None = None) ->
         from ddm.devices import visible_gpus  # torch, only where GPUs matter
 
         gpus = visible_gpus()
-    return slots.plan(parallel, island, key, gpus, slots.available_cores(), jobs)
+    return slots.plan(parallel, island, key, gpus, available_cores(), jobs)
 
 
 def thread_args(plan: slots.Plan, user_overrides: list[str]) -> list[str]:
@@ -90,3 +93,19 @@ def train_here(jobs: list[local.LocalJob], plan: slots.Plan, user_overrides: lis
             "the same command again: finished jobs are not rerun, the others resume from their last.ckpt"
         )
     return states
+
+
+def run_in_background(run_dir, user_overrides: list[str]) -> dict:
+    """Start this same ``ddm submit`` again in the background, waiting for its jobs there; return at once."""
+    argv = [sys.executable, "-m", "ddm", "submit", *[o for o in user_overrides if override_key(o) != "submit.wait"]]
+    argv.append("submit.wait=true")
+    path = local.log_path(Path(run_dir) / "local", time.strftime("%Y%m%d-%H%M%S"), prefix="launcher")
+    proc = local.detach(argv, path)
+    log.info(
+        "submit: the launcher runs in the background (pid %d; its log %s); `ddm status` shows the jobs, "
+        "`kill %d` stops them (a training job saves last.ckpt first)",
+        proc.pid,
+        path,
+        proc.pid,
+    )
+    return dict(launcher_pid=proc.pid, launcher_log=str(path))

@@ -1,7 +1,10 @@
 """How a run's SLURM jobs are named, so ``squeue`` can tell which are ours.
 
 An expert array is named ``ddm:<run>:expert`` (its array task id is the
-expert id), the router job ``ddm:<run>:router``, where ``<run>`` is the name
+expert id), the router job ``ddm:<run>:router``; the array that writes the
+parts of ``data/`` ``ddm:<run>:prepare-parts`` (its task id is the part) and
+the job that writes ``data/manifest.json`` (their merge, or the whole
+prepare) ``ddm:<run>:prepare``, where ``<run>`` is the name
 of the run folder (``runs/<name>``: the run's ``name`` unless ``run_dir`` was
 set). Folder names repeat across places (every test run is called ``run``),
 so ``ddm submit`` also puts the absolute run directory in the job's comment;
@@ -19,6 +22,11 @@ from ddm.errors import BadInput
 PREFIX = "ddm"
 EXPERT = "expert"
 ROUTER = "router"
+PREPARE_PARTS = "prepare-parts"
+PREPARE = "prepare"
+JOBS = (EXPERT, ROUTER, PREPARE_PARTS, PREPARE)
+PART_PREFIX = "part-"
+PART_DIGITS = 4  # as in data/parts/part-JJJJ-of-NNNN.json; a part's log folder pads its number alike
 
 
 def run_label(run_name: str) -> str:
@@ -28,9 +36,9 @@ def run_label(run_name: str) -> str:
 
 
 def job_name(run_name: str, job: str) -> str:
-    """``ddm:<run name>:expert`` or ``ddm:<run name>:router``."""
-    if job not in (EXPERT, ROUTER):
-        raise BadInput(f"job must be {EXPERT!r} or {ROUTER!r}, not {job!r}")
+    """``ddm:<run name>:expert``, ``ddm:<run name>:router``, ``ddm:<run name>:prepare``, ..."""
+    if job not in JOBS:
+        raise BadInput(f"job must be one of {', '.join(JOBS)}, not {job!r}")
     return f"{PREFIX}:{run_label(run_name)}:{job}"
 
 
@@ -48,3 +56,13 @@ def belongs_to(comment: str | None, run_dir: str | Path) -> bool:
 def run_job_name(run_dir: str | Path, job: str) -> str:
     """The job name of a run directory's jobs: labelled by the run folder's name (``runs/<name>``)."""
     return job_name(Path(run_dir).resolve().name, job)
+
+
+def prepare_logs(run_dir: str | Path) -> Path:
+    """``<run>/logs/prepare``: the prepare jobs' logs, outside ``data/`` (the merge removes ``data/parts/``)."""
+    return Path(run_dir).resolve() / "logs" / "prepare"
+
+
+def part_job(part: int) -> str:
+    """``part-0003``: part 3 of ``data/`` as a job, and its log folder under ``prepare_logs``."""
+    return f"{PART_PREFIX}{int(part):0{PART_DIGITS}d}"

@@ -1,10 +1,13 @@
-"""Rendering the sbatch scripts of a run: one array job for the experts, one job for the router.
+"""Rendering the sbatch scripts of a run, and sending them: one array job for the experts, one job for the
+router; for ``data/``, one array job for its parts and one job that writes its manifest.
 
 The resources come from the island's ``slurm:`` block plus its shape
 (``devices`` tasks per node, ``num_nodes`` nodes, ``gpu:<devices>`` on a GPU
-island). Each script ``exec``s the training command, so the training process
+island); a prepare job is one task on one node with the block's cores and no
+GPU. Each script ``exec``s the job's command, so the training process
 itself (or ``srun``, which forwards it to every rank) receives the SIGUSR1
-that ``--signal`` sends before the time limit, and the SIGTERM of ``scancel``.
+that ``--signal`` sends before the time limit, and the SIGTERM of ``scancel``
+(prepare jobs keep no checkpoint, and are not sent the SIGUSR1).
 The interpreter is the one running ``ddm submit`` (``sys.executable``), not
 whatever ``python`` a job's PATH holds.
 """
@@ -17,7 +20,8 @@ import time
 from pathlib import Path
 
 from ddm.errors import BadInput
-from ddm.launch import naming
+from ddm.io import write_text
+from ddm.launch import naming, slurm
 from ddm.settings import Island
 
 GPU_ACCELERATORS = ("gpu", "cuda")
@@ -47,24 +51,32 @@ def _directive_value(value) -> str:
 
 def resource_options(island: Island) -> list[str]:
     """sbatch options for one job of this island: its shape from the island, the rest from ``island.slurm``."""
-    slurm = island.slurm
     devices, nodes = int(island.devices), int(island.num_nodes)
-    opts = [f"--nodes={nodes}", f"--ntasks-per-node={devices}"]
-    gres = slurm.gres
+    gres = island.slurm.gres
     if gres is None and str(island.accelerator).lower() in GPU_ACCELERATORS:
         gres = f"gpu:{devices}"
+    return [f"--nodes={nodes}", f"--ntasks-per-node={devices}", *_block_options(island.slurm, gres)]
+
+
+def prepare_resource_options(island: Island) -> list[str]:
+    """sbatch options for one prepare job: one task on one node with ``island.slurm``'s cores, memory, partition,
+    time, account and extra options; no GPU (it decodes and writes images on CPUs)."""
+    return ["--nodes=1", "--ntasks-per-node=1", *_block_options(island.slurm, None)]
+
+
+def _block_options(block, gres) -> list[str]:
+    opts = []
     for flag, value in (
-        ("--partition", slurm.partition),
-        ("--time", slurm.time),
-        ("--cpus-per-task", slurm.cpus_per_task),
-        ("--mem", slurm.mem),
+        ("--partition", block.partition),
+        ("--time", block.time),
+        ("--cpus-per-task", block.cpus_per_task),
+        ("--mem", block.mem),
         ("--gres", gres),
-        ("--account", slurm.account),
+        ("--account", block.account),
     ):
         if value not in (None, ""):
             opts.append(f"{flag}={_directive_value(value)}")
-    opts += [str(o) for o in slurm.extra]
-    return opts
+    return opts + [str(o) for o in block.extra]
 
 
 def tasks_per_job(island: Island) -> int:
@@ -95,20 +107,21 @@ def _render(
     launcher = ["srun", "--kill-on-bad-exit=1"] if multi_task else []
     lines += [
         "",
-        "# exec: the training process (or srun, which forwards signals to every rank) receives",
-        "# SIGUSR1 before the time limit and SIGTERM on scancel, not an intermediate shell.",
+        "# exec: the job's process (or srun, which forwards signals to every rank) receives SLURM's",
+        "# signals (SIGUSR1 before the time limit, where asked; SIGTERM on scancel), not an intermediate shell.",
         " \\\n    ".join(["exec " + " ".join(launcher + program), *args]),
         "",
     ]
     return "\n".join(lines)
 
 
-def _common_options(name: str, run_dir: Path, signal_before_s: int, cwd: Path) -> list[str]:
+def _common_options(name: str, run_dir: Path, signal_before_s: int | None, cwd: Path) -> list[str]:
+    """``signal_before_s``: None for a job that keeps no checkpoint to save before its time limit."""
     return [
         f"--job-name={_directive_value(name)}",
         f"--comment={_directive_value(naming.run_comment(run_dir))}",  # which run directory this job serves
         "--requeue",  # preempted or failed nodes: back to the queue
-        f"--signal=B:USR1@{int(signal_before_s)}",  # time to checkpoint and requeue before the limit
+        *([] if signal_before_s is None else [f"--signal=B:USR1@{int(signal_before_s)}"]),  # checkpoint, requeue
         "--open-mode=append",  # a requeued job continues its own log
         f"--chdir={_directive_value(cwd)}",
     ]
@@ -179,6 +192,66 @@ def router_script(run_dir, overrides: list[str], island: Island, python: str | N
     return _render(header, options, slurm.setup, [], program, args, tasks_per_job(island) > 1)
 
 
+def prepare_parts_script(run_dir, parts, overrides: list[str], island: Island, python=None, cwd=None) -> str:
+    """The sbatch script of one array job: task ``j`` writes part ``j`` of ``data/`` (``data.part=j``).
+
+    ``parts``: the part numbers, which become the array's indices; ``overrides`` (the user's, with
+    ``data.parts``) as ``ddm.launch.overrides.job_overrides`` gives them. The log of task ``j`` is
+    ``logs/prepare/part-<jjjj>/slurm-<array job>_<j>.out``; that folder must exist.
+    """
+    run_dir = Path(run_dir).resolve()
+    logs = naming.prepare_logs(run_dir)
+    # SLURM pads %Na to N digits: the folder naming.part_job names
+    out = logs / f"{naming.PART_PREFIX}%{naming.PART_DIGITS}a" / "slurm-%A_%a.out"
+    options = [
+        *_common_options(naming.run_job_name(run_dir, naming.PREPARE_PARTS), run_dir, None, _cwd(cwd)),
+        f"--array={format_array(parts)}",
+        f"--output={_directive_value(out)}",
+        *prepare_resource_options(island),
+    ]
+    prelude = [
+        f"printf -v PART '%0{naming.PART_DIGITS}d' \"$SLURM_ARRAY_TASK_ID\"",
+        f"PART_DIR={shlex.quote(str(logs))}/{naming.PART_PREFIX}$PART",
+    ]
+    program = [shlex.quote(python or sys.executable), "-m", "ddm", "prepare"]
+    args = [
+        '"data.part=$SLURM_ARRAY_TASK_ID"',
+        '"hydra.run.dir=$PART_DIR/hydra/slurm-${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
+        *[shlex.quote(o) for o in overrides],
+    ]
+    header = [
+        f"Parts of data/ of the run {run_dir}, written by `ddm submit submit.stage=prepare` on "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}.",
+        "Array task j writes part j (data/parts/part-JJJJ-of-NNNN.json marks it done); a job that depends on",
+        "this array merges them. To rerun some tasks by hand: sbatch --array=<parts> <this file>",
+    ]
+    return _render(header, options, island.slurm.setup, prelude, program, args, False)
+
+
+def prepare_script(run_dir, job: str, overrides: list[str], island: Island, python=None, cwd=None) -> str:
+    """The sbatch script of the job that writes ``data/manifest.json``: ``job`` is ``merge`` (of the parts written
+    by their own jobs) or ``prepare`` (data.parts=1: all of it). Its log is ``logs/prepare/<job>/slurm-<id>.out``."""
+    run_dir = Path(run_dir).resolve()
+    folder = naming.prepare_logs(run_dir) / job
+    options = [
+        *_common_options(naming.run_job_name(run_dir, naming.PREPARE), run_dir, None, _cwd(cwd)),
+        f"--output={_directive_value(folder / 'slurm-%j.out')}",
+        *prepare_resource_options(island),
+    ]
+    program = [shlex.quote(python or sys.executable), "-m", "ddm", "prepare"]
+    args = [f'"hydra.run.dir={_dq(folder)}/hydra/slurm-$SLURM_JOB_ID"', *[shlex.quote(o) for o in overrides]]
+    what = "Merges the parts of data/ into" if job == "merge" else "Writes all of data/ and"
+    header = [
+        f"{what} data/manifest.json of the run {run_dir}; written by `ddm submit submit.stage=prepare` on "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}.",
+    ]
+    return _render(header, options, island.slurm.setup, [], program, args, False)
+
+
+def _cwd(cwd) -> Path:
+    return Path(cwd or Path.cwd()).resolve()
+
+
 def _dq(text) -> str:
     """Escape text for use inside a double-quoted bash string."""
     return "".join("\\" + c if c in '"$`\\' else c for c in str(text))
@@ -193,3 +266,17 @@ def sbatch_script_path(run_dir, job: str) -> Path:
         n += 1
         path = folder / f"{job}-{stamp}-{n}.sbatch"
     return path
+
+
+def send(script: str, path: Path, dry_run: bool, folders=(), extra_args: list[str] = ()) -> str | None:
+    """Write the script beside the run and sbatch it (``extra_args`` before its name: a dependency);
+    with ``dry_run`` only print both. Returns the job id."""
+    command = shlex.join(["sbatch", "--parsable", *extra_args, str(path)])
+    if dry_run:
+        print(f"# --- {path} (dry run: not written, not submitted)\n{script}")
+        print(f"# would run: {command}\n")
+        return None
+    for folder in folders:  # SLURM opens each job's log there and does not create folders
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    write_text(path, script)
+    return slurm.sbatch(path, list(extra_args))

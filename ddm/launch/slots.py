@@ -48,14 +48,6 @@ class Plan:
         return f"{self.parallel} at a time, {self.threads} thread(s) each"
 
 
-def available_cores() -> int:
-    """The cores this process may run on (its affinity mask: taskset, cgroups, SLURM's cpuset)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def check_parallel(value, key: str) -> int | None:
     """``value`` as a number of jobs at a time (None for ``auto``/null: as the machine holds); else a clear error."""
     if value is None or str(value).strip().lower() == AUTO:

@@ -131,16 +131,30 @@ def run_jobs(run_dir: str | Path) -> tuple[dict[int, QueuedJob], QueuedJob | Non
     """
     from ddm.launch import naming
 
-    expert_name = naming.run_job_name(run_dir, naming.EXPERT)
-    router_name = naming.run_job_name(run_dir, naming.ROUTER)
-    experts: dict[int, QueuedJob] = {}
-    router = None
-    for job in queue([expert_name, router_name]):
-        if not naming.belongs_to(job.comment, run_dir):
+    return _array_and_job(run_dir, naming.EXPERT, naming.ROUTER)
+
+
+def prepare_jobs(run_dir: str | Path) -> tuple[dict[int, QueuedJob], QueuedJob | None]:
+    """The queued or running prepare jobs of one run: ``({part: array task}, the job writing the manifest or None)``."""
+    from ddm.launch import naming
+
+    return _array_and_job(run_dir, naming.PREPARE_PARTS, naming.PREPARE)
+
+
+def _array_and_job(run_dir, array: str, single: str) -> tuple[dict[int, QueuedJob], QueuedJob | None]:
+    """The run's tasks of its array job ``array`` by task id, and its job ``single``; running entries win."""
+    from ddm.launch import naming
+
+    array_name = naming.run_job_name(run_dir, array)
+    single_name = naming.run_job_name(run_dir, single)
+    tasks: dict[int, QueuedJob] = {}
+    job = None
+    for entry in queue([array_name, single_name]):
+        if not naming.belongs_to(entry.comment, run_dir):
             continue
-        if job.name == expert_name and job.task_id is not None:
-            if job.task_id not in experts or job.running:
-                experts[job.task_id] = job
-        elif job.name == router_name and (router is None or job.running):
-            router = job
-    return experts, router
+        if entry.name == array_name and entry.task_id is not None:
+            if entry.task_id not in tasks or entry.running:
+                tasks[entry.task_id] = entry
+        elif entry.name == single_name and (job is None or entry.running):
+            job = entry
+    return tasks, job

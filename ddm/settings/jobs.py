@@ -117,6 +117,7 @@ class Logger(Group):
 
 @frozen
 class Submit(Group):
+    stage: Literal["train", "prepare"]  # what to start: the training jobs, or the jobs that write data/
     launcher: str
     experts: list[int] | None
     router: bool

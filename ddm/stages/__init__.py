@@ -37,7 +37,7 @@ class Stage(NamedTuple):
 STAGES: dict[str, Stage] = {
     "prepare": Stage("prepare", "write the dataset as webdataset shards with a manifest", True, ("data", "paths")),
     "embed": Stage(
-        "embed", "embed every image for clustering (pixels, open_clip, torchvision)", True, ("embed", "data")
+        "embed", "embed every image for clustering (pixels, open_clip, torchvision, dinov2)", True, ("embed", "data")
     ),
     "cluster": Stage(
         "cluster", "k-means the embeddings into K clusters (two-stage, flat or random)", True, ("cluster",)

@@ -8,7 +8,11 @@ the ``embeddings_id`` of the embeddings it was computed from (the partition
 stage refuses a clustering of other embeddings than the run's).
 
 Embeddings are read only once shown to be whole (each file's sha256, shapes,
-keys) and to belong to the run's data (its keys and shard checksums).
+keys) and to belong to the run's data (its keys and shard checksums). They stay
+on disk, memory-mapped shard by shard (``ddm.cluster.rows``): k-means learns on
+``cluster.train_sample`` rows drawn with the seed (null: all of them, in
+float32), then assigns every row a block at a time, so a 10M x 1024 float16 set
+needs the sample and one block in memory, not 40 GB of float32.
 """
 
 from __future__ import annotations
@@ -20,7 +24,17 @@ import numpy as np
 
 from ddm.artifacts import RunDir
 from ddm.cluster import clustering_id, save_assignments
-from ddm.cluster.kmeans import Clustering, check_k, effective_fine_k, flat_kmeans, random_partition, two_stage_kmeans
+from ddm.cluster.kmeans import (
+    MAX_POINTS_PER_CENTROID,
+    Clustering,
+    check_k,
+    effective_fine_k,
+    faiss_gpus,
+    flat_kmeans,
+    random_partition,
+    two_stage_kmeans,
+)
+from ddm.cluster.rows import Rows
 from ddm.data.shards import iter_shard, load_manifest, shard_paths
 from ddm.embed import check_embeddings_of_data, embeddings_id
 from ddm.errors import BadInput, MissingInput
@@ -62,10 +76,10 @@ def run(cfg: Settings) -> dict:
         keys = read_data_keys(run_dir.data, data_manifest)
         result = random_partition(len(keys), int(c.k), seed=int(c.seed))
     else:
-        x, keys, emb_manifest = load_embeddings(run_dir.embeddings, data_manifest)
+        rows, keys, emb_manifest = load_embeddings(run_dir.embeddings, data_manifest)
         encoder, source = emb_manifest.get("encoder"), embeddings_id(emb_manifest)
-        result = _kmeans(x, c)
-        del x
+        result = _kmeans(rows, c)
+        del rows
 
     report = _write_outputs(run_dir, c, keys, result, encoder, source)
     log.info(
@@ -80,12 +94,9 @@ def run(cfg: Settings) -> dict:
     return report
 
 
-def load_embeddings(folder: Path, data_manifest: dict) -> tuple[np.ndarray, list[str], dict]:
-    """(float32 [N, D] matrix, keys, manifest) of embeddings/, checked against the data manifest.
-
-    Each shard is memory-mapped and copied into one preallocated matrix, so the
-    peak is the matrix itself rather than shards plus their concatenation.
-    """
+def load_embeddings(folder: Path, data_manifest: dict) -> tuple[Rows, list[str], dict]:
+    """(the [N, D] embeddings as memory-mapped shards, keys, manifest) of embeddings/, checked against the data
+    manifest. ``rows[a:b]`` reads a block in float32 (``Rows``); ``rows[0:len(rows)]`` the whole matrix."""
     path = Path(folder) / "manifest.json"
     if not path.exists():
         raise MissingInput(
@@ -98,9 +109,9 @@ def load_embeddings(folder: Path, data_manifest: dict) -> tuple[np.ndarray, list
             f"{path} is not an embeddings manifest (no num_samples, dim or shards): rerun embed with redo=true"
         )
     check_embeddings_of_data(manifest, data_manifest, path)
-    x = np.empty((manifest["num_samples"], manifest["dim"]), dtype=np.float32)
+    blocks: list[np.ndarray] = []
     keys: list[str] = []
-    row = 0
+    row, dim = 0, manifest["dim"]
     for shard in manifest["shards"]:
         emb_path, keys_path = Path(folder) / shard["embeddings"], Path(folder) / shard["keys"]
         # A file that is not the one the manifest vouched for (changed, truncated, copied from elsewhere).
@@ -113,22 +124,28 @@ def load_embeddings(folder: Path, data_manifest: dict) -> tuple[np.ndarray, list
         if not keys_path.exists():
             raise MissingInput(f"{keys_path} listed in {path} is missing: rerun embed with redo=true")
         shard_keys = keys_path.read_text().splitlines()
-        if emb.ndim != 2 or emb.shape[1:] != x.shape[1:] or len(emb) != len(shard_keys) or row + len(emb) > len(x):
+        if (
+            emb.ndim != 2
+            or emb.shape[1] != dim
+            or not np.issubdtype(emb.dtype, np.floating)
+            or len(emb) != len(shard_keys)
+            or row + len(emb) > manifest["num_samples"]
+        ):
             raise BadInput(
-                f"embeddings shard {shard['embeddings']} has shape {emb.shape} for "
+                f"embeddings shard {shard['embeddings']} has shape {emb.shape} ({emb.dtype}) for "
                 f"{len(shard_keys)} keys (manifest: {manifest['num_samples']} samples of dim "
                 f"{manifest['dim']}): embeddings/ is inconsistent; rerun embed with redo=true"
             )
-        x[row : row + len(emb)] = emb
+        blocks.append(emb)
         keys.extend(shard_keys)
         row += len(emb)
     # The files must agree with the manifest that vouched for them.
-    if row != len(x) or sha256_strings(keys) != manifest.get("keys_sha256"):
+    if row != manifest["num_samples"] or sha256_strings(keys) != manifest.get("keys_sha256"):
         raise BadInput(
             f"the keys files in {folder} do not match its manifest's keys_sha256 / num_samples: "
             f"rerun embed with redo=true"
         )
-    return x, keys, manifest
+    return Rows(blocks or [np.zeros((0, dim), np.float32)]), keys, manifest
 
 
 def read_data_keys(folder: Path, data_manifest: dict) -> list[str]:
@@ -136,21 +153,51 @@ def read_data_keys(folder: Path, data_manifest: dict) -> list[str]:
     return [sample["key"] for path in shard_paths(folder, data_manifest) for sample in iter_shard(path)]
 
 
-def _kmeans(x: np.ndarray, c: Cluster) -> Clustering:
+def _kmeans(rows: Rows, c: Cluster) -> Clustering:
     k, seed, niter, spherical = int(c.k), int(c.seed), int(c.niter), bool(c.spherical)
-    if c.method == "flat":
-        return flat_kmeans(x, k, niter=niter, seed=seed, spherical=spherical)
-    check_k(k, len(x))  # before effective_fine_k, so k > N gets the clearer message
-    fine_k = effective_fine_k(int(c.fine_k), k, len(x))
-    if fine_k < int(c.fine_k):
+    check_k(k, len(rows))  # before effective_fine_k, so k > N gets the clearer message
+    centroids = k if c.method == "flat" else effective_fine_k(int(c.fine_k), k, len(rows))
+    if c.method != "flat" and centroids < int(c.fine_k):
         log.info(
             "cluster: note: cluster.fine_k=%d reduced to %d for N=%d samples (at most N // 4, so each "
             "fine centroid has a few samples)",
             int(c.fine_k),
-            fine_k,
-            len(x),
+            centroids,
+            len(rows),
         )
-    return two_stage_kmeans(x, k, fine_k=fine_k, niter=niter, seed=seed, spherical=spherical)
+    train = _training_rows(rows, c, centroids)
+    log.info(
+        "cluster: k-means on %d of %d rows (%s stored), every row assigned; faiss on %s",
+        len(train),
+        len(rows),
+        rows.blocks[0].dtype,
+        f"{faiss_gpus()} GPU(s)" if faiss_gpus() else "the CPU",
+    )
+    if c.method == "flat":
+        return flat_kmeans(rows, k, niter=niter, seed=seed, spherical=spherical, train=train)
+    return two_stage_kmeans(rows, k, fine_k=centroids, niter=niter, seed=seed, spherical=spherical, train=train)
+
+
+def _training_rows(rows: Rows, c: Cluster, centroids: int) -> np.ndarray:
+    """The float32 rows k-means learns from: ``cluster.train_sample`` of them drawn with the seed, or all."""
+    size, enough = c.train_sample, MAX_POINTS_PER_CENTROID * centroids
+    if size is not None and size < centroids:
+        raise BadInput(
+            f"cluster.train_sample={size} is fewer rows than the {centroids} centroids k-means learns from them: "
+            f"give at least {centroids}, better {enough} ({MAX_POINTS_PER_CENTROID} per centroid, what faiss "
+            f"trains on at most), or null for every row"
+        )
+    if size is None and len(rows) > enough:
+        gb = len(rows) * rows.shape[1] * 4 / 1e9
+        log.info(
+            "cluster: note: cluster.train_sample=null reads all %d rows into memory as float32 (%.1f GB) though "
+            "faiss trains on %d of them; cluster.train_sample=%d bounds it",
+            len(rows),
+            gb,
+            enough,
+            enough,
+        )
+    return rows.sample(size, int(c.seed))
 
 
 def _write_outputs(
@@ -179,6 +226,8 @@ def _write_outputs(
         seed=int(c.seed),
         niter=None if c.method == "random" else int(c.niter),
         spherical=None if c.method == "random" else bool(c.spherical),
+        train_sample=c.train_sample,
+        faiss_gpus=None if c.method == "random" else faiss_gpus(),
         num_samples=len(keys),
         sizes=np.bincount(result.labels, minlength=k).tolist(),
         inertia=result.inertia,
@@ -195,7 +244,7 @@ def _write_outputs(
 
 
 # The cluster settings the clustering depends on (the others shape the partitions: the partition stage's).
-RESULT_KEYS = ("method", "k", "fine_k", "niter", "seed", "spherical")
+RESULT_KEYS = ("method", "k", "fine_k", "niter", "seed", "spherical", "train_sample")
 
 
 def made_with(c: Cluster) -> dict:

@@ -39,6 +39,7 @@ from ddm.eval.flops import count_flops
 from ddm.io import read_json
 from ddm.job_names import expert_job
 from ddm.latent.run_latents import latent_manifest, latent_meta, stored_text_length, vae_spec
+from ddm.launch.lock import check_free, is_global_rank_zero
 from ddm.lineage import check_member, check_partition_of_run
 from ddm.models.conditioning import CLIP_CONTEXT
 from ddm.models.dit import parse_size
@@ -51,7 +52,6 @@ from ddm.stages import StageResult
 from ddm.stages.runner import done_already
 from ddm.text.spec import captions_for, text_spec
 from ddm.train.job import Job, Schedule, Trained, example_inputs, run_job
-from ddm.train.lock import check_free, is_global_rank_zero
 
 log = logging.getLogger("ddm")
 

@@ -36,6 +36,7 @@ import numpy as np
 from ddm.artifacts import RunDir
 from ddm.cluster import load_assignments, save_assignments
 from ddm.cluster.shard_split import write_partitions
+from ddm.data.ingest import resolve_workers
 from ddm.data.shards import load_manifest
 from ddm.errors import BadInput, MissingInput
 from ddm.grow.append import append_shards, appended, check_new_images, load_new, new_shards_manifest
@@ -43,11 +44,11 @@ from ddm.grow.clusters import check_mode, grown_centroids, grown_report, new_lab
 from ddm.io import atomic_path, load_npy, read_json, write_json
 from ddm.job_names import expert_job
 from ddm.latent.run_latents import vae_spec
+from ddm.launch.lock import check_free
 from ddm.lineage import cluster_ids
 from ddm.settings import Settings, changed
 from ddm.stages import StageResult
 from ddm.stages.runner import run_stage, stage_module
-from ddm.train.lock import check_free
 
 log = logging.getLogger("ddm")
 
@@ -190,6 +191,7 @@ def _write_partitions(cfg: Settings, rd: RunDir, report: dict, data: dict, entry
         seed=int(cfg.seed),
         only=touched,
         extra=_previous_experts(rd, grown, int(index["num_clusters"])),
+        workers=resolve_workers(cfg.data.workers),
     )
     if all(k >= int(index["num_clusters"]) for k in touched):  # new clusters only: read the new shards alone
         n = int(entry["num_samples"])

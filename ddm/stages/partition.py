@@ -10,12 +10,20 @@ finished partitions/ is reused only while it was made from the current
 clustering and the current data; after a reclustering, or data prepared again,
 it is rebuilt.
 
+With ``cluster.partition_parts=N``, separate jobs write it: ``cluster.partition_part=J`` writes
+the clusters of part J alone (J, J+N, ...; a cluster done already is kept) and a last
+``ddm partition cluster.partition_parts=N`` merges them into partitions/manifest.json, copying
+nothing; the result is the same bytes as one job's (``ddm.cluster.partition_parts``). Each
+cluster's manifest records the settings it was made with, so the merge can tell a part made
+with others.
+
 Before it copies a byte it shows that what it reads belongs together: the
 assignments are the report's, the report was computed from the run's embeddings
 (``embeddings_id``), those from the run's data, and every data shard matches its
-checksum (rereading only the shards changed since ``partitions/verified.json``):
-a partition's own checksums are computed here, so a damaged data shard would
-otherwise pass on as a whole-looking partition.
+checksum (rereading only the shards changed since ``partitions/verified.json``, or
+a part's own ``verified-part-JJJJ-of-NNNN.json``): a partition's own checksums are
+computed here, so a damaged data shard would otherwise pass on as a whole-looking
+partition.
 """
 
 from __future__ import annotations
@@ -25,7 +33,16 @@ import shutil
 
 from ddm.artifacts import RunDir
 from ddm.cluster import load_assignments
+from ddm.cluster.partition_parts import (
+    cache_path,
+    check_parts,
+    done_clusters,
+    merged_manifests,
+    part_clusters,
+    part_command,
+)
 from ddm.cluster.shard_split import write_partitions
+from ddm.data.ingest import resolve_workers
 from ddm.data.shards import MANIFEST, load_manifest, shards_digest
 from ddm.data.verified import check_recorded
 from ddm.embed import check_embeddings_of_data, embeddings_id
@@ -39,13 +56,19 @@ log = logging.getLogger("ddm")
 
 
 def run(cfg: Settings) -> dict:
-    """Write partitions/cluster-KK/ for every cluster; return partitions/manifest.json's content."""
+    """Write partitions/cluster-KK/ for every cluster; return partitions/manifest.json's content.
+
+    With ``cluster.partition_parts=N`` and ``cluster.partition_part=J``: write part J's clusters only and
+    return a summary of the part; with ``partition_parts=N`` alone: merge the parts, copying nothing.
+    """
     run_dir = RunDir(cfg.run_dir)
     marker = run_dir.partitions / MANIFEST
     if not run_dir.cluster_report.exists():
         raise MissingInput(f"no clustering at {run_dir.cluster_report}: run the cluster stage first")
     report = read_json(run_dir.cluster_report)
     current = report["clustering_id"]
+    parts, part = int(cfg.cluster.partition_parts), cfg.cluster.partition_part
+    check_parts(parts, part, int(report["k"]))
 
     data_manifest = load_manifest(run_dir.data) if run_dir.data_manifest.exists() else None
     if marker.exists():
@@ -67,7 +90,19 @@ def run(cfg: Settings) -> dict:
                 "partition: clusters changed (id %s -> %s); rebuilding partitions", done.get("clustering_id"), current
             )
 
-    assignments = load_assignments(run_dir.assignments, num_clusters=report["k"])
+    k = int(report["k"])
+    folders = [run_dir.partition(i) for i in range(k)]
+    todo = list(range(k))
+    if parts > 1:
+        data_manifest = data_manifest or load_manifest(run_dir.data)
+        if part is None:
+            return _merge(cfg, run_dir, report, data_manifest, folders)
+        todo = _part_todo(cfg, folders, current, data_manifest)
+        if not todo:
+            log.info(f"partition: part {part} of {parts} done already; redo=true rewrites its clusters")
+            return StageResult(_part_summary(run_dir, report, parts, int(part), skipped=True), skipped=True)
+
+    assignments = load_assignments(run_dir.assignments, num_clusters=k)
     if assignments.clustering_id != current:
         raise BadInput(
             f"{run_dir.assignments} does not match {run_dir.cluster_report} (clustering_id "
@@ -81,11 +116,11 @@ def run(cfg: Settings) -> dict:
             f"data's {data_sha}): rerun cluster with redo=true"
         )
     _check_clustering_source(run_dir, report, data_manifest)
-    check_recorded(run_dir.data, data_manifest, run_dir.partitions / "verified.json")
+    cache = run_dir.partitions / "verified.json" if parts == 1 else cache_path(run_dir.partitions, part, parts)
+    check_recorded(run_dir.data, data_manifest, cache)
 
-    _clear(run_dir)
-    k = assignments.num_clusters
-    folders = [run_dir.partition(i) for i in range(k)]
+    _clear(run_dir, None if parts == 1 else [folders[i] for i in todo])
+    settings = made_with(cfg)
     manifests = write_partitions(
         run_dir.data,
         data_manifest,
@@ -96,14 +131,72 @@ def run(cfg: Settings) -> dict:
         min_shards=int(cfg.cluster.min_shards_per_partition),
         target_size=int(cfg.cluster.partition_shard_size),
         seed=int(cfg.seed),
+        only=todo,
+        extra={i: dict(settings=settings) for i in todo},  # so a merge of parts can tell one made with others
+        workers=resolve_workers(cfg.data.workers),  # clusters written side by side, the same bytes either way
     )
+    if parts > 1:
+        log.info(
+            f"partition: part {part} of {parts}: clusters {todo} sizes {[m['num_samples'] for m in manifests]} "
+            f"-> {run_dir.partitions}; once every part is done, `ddm partition cluster.partition_parts={parts}` "
+            f"merges"
+        )
+        return _part_summary(run_dir, report, parts, int(part), skipped=False)
+    return _write_index(cfg, run_dir, report, data_manifest, manifests)
+
+
+def _part_todo(cfg: Settings, folders: list, current: str, data_manifest: dict) -> list[int]:
+    """The clusters of this part still to write: all of them under redo=true, else those not done already (a
+    done one made with other settings is refused)."""
+    parts, part = int(cfg.cluster.partition_parts), int(cfg.cluster.partition_part)
+    mine = part_clusters(len(folders), parts, part)
+    if cfg.redo:
+        return mine
+    done = done_clusters(folders, mine, current, shards_digest(data_manifest))
+    for k, manifest in done.items():
+        check_made_with(part_command(parts, part), folders[k], manifest.get("settings"), made_with(cfg))
+    if done and len(done) < len(mine):
+        log.info(f"partition: clusters {sorted(done)} of part {part} done already, kept")
+    return [k for k in mine if k not in done]
+
+
+def _part_summary(run_dir: RunDir, report: dict, parts: int, part: int, skipped: bool) -> dict:
+    clusters = [run_dir.partition(k).name for k in part_clusters(int(report["k"]), parts, part)]
+    return dict(
+        stage="partition",
+        path=str(run_dir.partitions),
+        skipped=skipped,
+        part=part,
+        parts=parts,
+        clusters=clusters,
+        clustering_id=report["clustering_id"],
+    )
+
+
+def _merge(cfg: Settings, run_dir: RunDir, report: dict, data_manifest: dict, folders: list) -> dict:
+    """The index of the clusters the parts wrote, once every one is done with these settings; copies nothing."""
+    parts = int(cfg.cluster.partition_parts)
+    manifests = merged_manifests(folders, parts, report["clustering_id"], shards_digest(data_manifest))
+    for k, (folder, manifest) in enumerate(zip(folders, manifests)):
+        check_made_with(part_command(parts, k % parts), folder, manifest.get("settings"), made_with(cfg))
+    kept = {f.name for f in folders}
+    for folder in sorted(run_dir.partitions.glob("cluster-*")):
+        if folder.name not in kept:  # a cluster of an earlier, larger clustering: no part writes it
+            shutil.rmtree(folder)
+    log.info(f"partition: merging the {parts} parts of cluster.partition_parts={parts}")
+    return _write_index(cfg, run_dir, report, data_manifest, manifests)
+
+
+def _write_index(cfg: Settings, run_dir: RunDir, report: dict, data_manifest: dict, manifests: list[dict]) -> dict:
+    """partitions/manifest.json, last: it marks partitions/ complete."""
+    k, current = len(manifests), report["clustering_id"]
     summary = dict(
         clustering_id=current,
         num_clusters=k,
         method=report["method"],
         sizes=[m["num_samples"] for m in manifests],
         num_shards=[len(m["shards"]) for m in manifests],
-        clusters=[f.name for f in folders],
+        clusters=[run_dir.partition(i).name for i in range(k)],
         # every partition is written under the current clustering now (a grown run's index keeps older ids)
         cluster_ids=[current] * k,
         lineage={},
@@ -112,7 +205,7 @@ def run(cfg: Settings) -> dict:
         data_num_shards=len(data_manifest["shards"]),
         settings=made_with(cfg),  # a rerun with other settings is refused, not skipped
     )
-    write_json(marker, summary)
+    write_json(run_dir.partitions / MANIFEST, summary)
     log.info(
         "partition: K=%d sizes=%s shards=%s id=%s -> %s",
         k,
@@ -161,9 +254,12 @@ def _check_clustering_source(run_dir: RunDir, report: dict, data_manifest: dict)
     check_embeddings_of_data(emb, data_manifest, run_dir.embeddings)
 
 
-def _clear(run_dir: RunDir) -> None:
-    """Remove the old top manifest first (so partitions/ never looks complete), then every cluster-* folder."""
+def _clear(run_dir: RunDir, folders: list | None = None) -> None:
+    """Remove the old top manifest first (so partitions/ never looks complete), then every cluster-* folder, or
+    only ``folders`` (a part's: another part's clusters, maybe being written now, are never touched)."""
     (run_dir.partitions / MANIFEST).unlink(missing_ok=True)
-    if run_dir.partitions.exists():
-        for folder in sorted(run_dir.partitions.glob("cluster-*")):
+    if folders is None:
+        folders = sorted(run_dir.partitions.glob("cluster-*")) if run_dir.partitions.exists() else []
+    for folder in folders:
+        if folder.exists():
             shutil.rmtree(folder)

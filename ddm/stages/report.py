@@ -50,7 +50,7 @@ def cluster_montage(rd: RunDir, K: int, per_cluster: int = 12) -> Path | None:
 
 def _stage_order(name: str) -> tuple:
     order = list(STAGES)
-    base = EXPERT_STAGE if expert_id_of(name) is not None else name
+    base = EXPERT_STAGE if expert_id_of(name) is not None else name.split("-part-")[0]  # prepare-part-0003
     return (order.index(base) if base in order else len(order), name)
 
 

@@ -16,6 +16,12 @@ distilled/, one for the student, in one of these states:
 
 Without SLURM (no ``squeue``) the queue column reads ``n/a``; locks still
 show the jobs running on this machine. Reads only; writes nothing.
+
+A run whose ``data/`` is not complete yet (no ``data/manifest.json``; it has
+parts, or prepare jobs in the queue) shows the jobs that write it instead: one
+row per part of ``data.parts`` (done: its record is there; queued or running in
+SLURM; missing) and one for the job that writes the manifest (the merge).
+``data.parts`` is read from the records when the command does not give it.
 """
 
 from __future__ import annotations
@@ -25,12 +31,12 @@ import re
 from pathlib import Path
 
 from ddm.artifacts import RunDir
-from ddm.errors import MissingInput
+from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json
 from ddm.job_names import expert_job
-from ddm.launch import slurm
+from ddm.launch import lock, naming, slurm
+from ddm.launch.prepare_jobs import final_job, part_record, prepare_state, read_queue, recorded_parts
 from ddm.settings import Settings
-from ddm.train import lock
 
 log = logging.getLogger("ddm")
 
@@ -137,6 +143,8 @@ def _grown(rd: RunDir) -> str:
 def run(cfg: Settings) -> dict:
     """Print the table for the run ``cfg.run_dir`` and return it as a dict."""
     rd = RunDir(Path(cfg.run_dir).resolve())
+    if not rd.cluster_report.exists() and not rd.data_manifest.exists() and (shown := _data_status(cfg, rd)):
+        return shown
     if not rd.cluster_report.exists():
         raise MissingInput(
             f"no {rd.cluster_report}: this run has not been clustered yet, so it has no "
@@ -171,3 +179,57 @@ def run(cfg: Settings) -> dict:
         queue=None if no_queue else "slurm",
         queue_error=no_queue,
     )
+
+
+def _data_status(cfg: Settings, rd: RunDir) -> dict | None:
+    """The table of the jobs writing ``data/``; None when there is nothing of them (no data/, none queued)."""
+    parts = int(cfg.data.parts) if int(cfg.data.parts) > 1 else recorded_parts(rd) or 1
+    queued_parts, final, no_queue = read_queue(rd, strict=False)
+    if not rd.data.exists() and not queued_parts and final is None:
+        return None
+    if parts == 1 and queued_parts:
+        raise BadInput(
+            f"SLURM has tasks {sorted(queued_parts)} of prepare's parts queued for {rd.root} and no part is done "
+            f"yet: give data.parts=N, as they were submitted with, to see them"
+        )
+    st = prepare_state(rd, parts, queued_parts, final)
+    logs = naming.prepare_logs(rd.root)
+    rows = [
+        dict(
+            name=naming.part_job(j),
+            part=j,
+            **_no_record(job_status(logs / naming.part_job(j), part_record(rd, j, parts), queued_parts.get(j))),
+        )
+        for j in range(parts if parts > 1 else 0)
+    ]
+    job = final_job(parts)
+    manifest = dict(name=job, **_no_record(job_status(logs / job, rd.data_manifest, final)))
+    counts = {s: sum(r["state"] == s for r in rows) for s in STATES}
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    print(
+        f"run {rd.root}: data/ not complete (no {rd.data_manifest.name}); "
+        + (f"parts (data.parts={parts}): {summary}; " if rows else "")
+        + f"{job}: {manifest['state']}"
+        + (f" (queue: n/a, {no_queue})" if no_queue else "")
+    )
+    print(format_table(rows + [manifest], queue_known=no_queue is None))
+    return dict(
+        run_dir=str(rd.root),
+        stage="prepare",
+        parts=parts,
+        part_rows=rows,
+        manifest=manifest,
+        counts=counts,
+        parts_done=st.done,
+        parts_queued=sorted(st.queued),
+        parts_missing=st.missing,
+        queue=None if no_queue else "slurm",
+        queue_error=no_queue,
+    )
+
+
+def _no_record(row: dict) -> dict:
+    """A prepare job with no record yet and none queued: where its last log is (it may have failed or stopped)."""
+    if row["state"] == "missing" and row["log"]:
+        row["detail"] = f"no record yet; its last log: {row['log']}"
+    return row

@@ -5,6 +5,7 @@
     ddm submit name=big submit.experts=[2,3] island=gpu submit.router=false   # ...2 and 3 on single GPUs
     ddm submit name=big submit.dry_run=true                  # print the scripts, submit nothing
     ddm submit name=big submit.launcher=local island=gpu     # no scheduler: one process per GPU here
+    ddm submit name=big submit.stage=prepare data.parts=16 ... # data/'s parts as an array job, then their merge
 
 Reads ``clusters/report.json`` (K) and the experts' records; asks ``squeue``
 which of the run's jobs are queued or running, and each job folder's
@@ -23,6 +24,10 @@ Every other override of the ``ddm submit`` call (``island=...``,
 ``expert.steps=...``) is passed to the jobs, which therefore compose the
 same config. Each script is kept under ``<run>/slurm/``; each job's log is
 ``slurm-*.out`` (``local-*.out``) in the job's own folder.
+
+``submit.stage=prepare`` starts the jobs that write ``data/`` instead: its
+``data.parts`` not done as one array job, then their merge
+(``ddm.launch.prepare_jobs``). They need neither clusters nor partitions.
 """
 
 from __future__ import annotations
@@ -30,17 +35,16 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
-import time
 from pathlib import Path
 
 from ddm.artifacts import RunDir
 from ddm.errors import BadInput, MissingInput
-from ddm.io import read_json, write_text
-from ddm.launch import local, sbatch, slurm
-from ddm.launch.local_jobs import local_jobs, machine_plan, thread_args, train_here
-from ddm.launch.overrides import job_overrides, override_key
+from ddm.io import read_json
+from ddm.launch import prepare_jobs, sbatch, slurm
+from ddm.launch.local_jobs import local_jobs, machine_plan, run_in_background, thread_args, train_here
+from ddm.launch.lock import held_by
+from ddm.launch.overrides import job_overrides
 from ddm.settings import Settings, Submit
-from ddm.train.lock import held_by
 
 log = logging.getLogger("ddm")
 
@@ -94,18 +98,6 @@ def _queued_if_known(rd: RunDir):
         return {}, None
 
 
-def _send(script: str, path: Path, dry_run: bool, folders=()) -> str | None:
-    """Write the script beside the run and sbatch it; with dry_run only print both. Returns the job id."""
-    if dry_run:
-        print(f"# --- {path} (dry run: not written, not submitted)\n{script}")
-        print(f"# would run: sbatch --parsable {path}\n")
-        return None
-    for folder in folders:  # SLURM opens each job's log there and does not create folders
-        Path(folder).mkdir(parents=True, exist_ok=True)
-    write_text(path, script)
-    return slurm.sbatch(path)
-
-
 def run(cfg: Settings, overrides: list[str] | None = None) -> dict:
     """Submit (or, with the local launcher, run) what is neither finished, queued nor running; return what was done.
 
@@ -126,6 +118,8 @@ def run(cfg: Settings, overrides: list[str] | None = None) -> dict:
             f"submit.launcher={launcher!r} is not one of {', '.join(LAUNCHERS)}: slurm submits the jobs to SLURM, "
             f"local runs them as processes on this machine"
         )
+    if str(sub.stage) == "prepare":  # data/ only: no clusters needed
+        return prepare_jobs.submit(cfg, rd, list(overrides or []))
     k = _require_inputs(rd)
     ids = expert_ids(sub.experts, k)
     if launcher == "local":
@@ -161,7 +155,7 @@ def run(cfg: Settings, overrides: list[str] | None = None) -> dict:
     if todo:
         path = sbatch.sbatch_script_path(rd.root, "expert-array")
         script = sbatch.expert_array_script(rd.root, todo, args, cfg.island, python=python)
-        result["expert_job"] = _send(script, path, dry_run, [rd.expert(i) for i in todo])
+        result["expert_job"] = sbatch.send(script, path, dry_run, [rd.expert(i) for i in todo])
         result["scripts"].append(str(path))
 
     if sub.router:
@@ -174,7 +168,7 @@ def run(cfg: Settings, overrides: list[str] | None = None) -> dict:
         else:
             path = sbatch.sbatch_script_path(rd.root, "router")
             script = sbatch.router_script(rd.root, args, cfg.island, python=python)
-            result["router_job"] = _send(script, path, dry_run, [rd.router])
+            result["router_job"] = sbatch.send(script, path, dry_run, [rd.router])
             result["router"] = "submitted"
             result["scripts"].append(str(path))
 
@@ -236,25 +230,9 @@ def _run_here(cfg: Settings, rd: RunDir, k: int, ids: list[int], sub: Submit, us
         print(f"# {plan.describe()}")
         return result
     if not sub.wait:
-        return dict(result, **_detach(rd, user))
+        return dict(result, **run_in_background(rd.root, user))
     result["jobs"] = train_here(jobs, plan, user)
     return result
-
-
-def _detach(rd: RunDir, user: list[str]) -> dict:
-    """Start this same ``ddm submit`` again in the background, waiting for its jobs there; return at once."""
-    argv = [sys.executable, "-m", "ddm", "submit", *[o for o in user if override_key(o) != "submit.wait"]]
-    argv.append("submit.wait=true")
-    path = local.log_path(rd.root / "local", time.strftime("%Y%m%d-%H%M%S"), prefix="launcher")
-    proc = local.detach(argv, path)
-    log.info(
-        "submit: the launcher runs in the background (pid %d; its log %s); `ddm status` shows the jobs, "
-        "`kill %d` stops them (each saves last.ckpt)",
-        proc.pid,
-        path,
-        proc.pid,
-    )
-    return dict(launcher_pid=proc.pid, launcher_log=str(path))
 
 
 def _log_summary(r: dict, queued_experts: dict) -> None:

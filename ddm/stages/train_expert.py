@@ -34,6 +34,7 @@ from ddm.flow import check_prediction
 from ddm.io import read_json
 from ddm.job_names import expert_job
 from ddm.latent.run_latents import latent_decoder, latent_manifest, latent_meta, stored_text_length, vae_spec
+from ddm.launch.lock import check_free, is_global_rank_zero
 from ddm.lineage import check_partition_of_run
 from ddm.ranks import island_processes
 from ddm.sampling.grid import class_names
@@ -45,7 +46,6 @@ from ddm.text.prompts import sample_prompts
 from ddm.text.spec import captions_for, conditioning_args, text_spec
 from ddm.train.fine_tune import initial_weights, start_from
 from ddm.train.job import Job, Schedule, Trained, run_job
-from ddm.train.lock import check_free, is_global_rank_zero
 from ddm.train.modules import ExpertModule
 from ddm.train.preview import Preview
 

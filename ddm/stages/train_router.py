@@ -45,6 +45,7 @@ from ddm.flow import FlowPath
 from ddm.io import read_json
 from ddm.job_names import ROUTER_JOB
 from ddm.latent.run_latents import latent_manifest, latent_meta, stored_text_length, vae_spec
+from ddm.launch.lock import check_free, is_global_rank_zero
 from ddm.lineage import check_partition_of_run, cluster_ids, lineage_sizes
 from ddm.ranks import island_processes
 from ddm.seeds import data_stream_seed, router_seed, router_shards_seed
@@ -53,7 +54,6 @@ from ddm.stages import StageResult
 from ddm.stages.runner import done_already
 from ddm.text.spec import captions_for, router_conditioning_args, router_text_spec
 from ddm.train.job import Job, Schedule, Trained, run_job
-from ddm.train.lock import check_free, is_global_rank_zero
 from ddm.train.modules import RouterModule
 from ddm.train.router_preview import RouterPreview
 

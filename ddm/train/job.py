@@ -14,7 +14,7 @@ adds; ``run_job`` does the rest, the same way for every job:
    ``record.json`` (last: it marks the job done) and remove an earlier
    attempt's ``failed.json``.
 
-All of it runs holding the job folder's lock (``ddm.train.lock``: a second job
+All of it runs holding the job folder's lock (``ddm.launch.lock``: a second job
 on the same folder refuses), under a ``PreemptionGuard`` (SIGUSR1/SIGTERM save and stop, see
 ``ddm.train.signals``) and a ``FailureRecord`` (an exception writes
 ``failed.json``, see ``ddm.train.records``).
@@ -34,13 +34,13 @@ import torch
 from ddm.devices import module_device
 from ddm.eval.flops import count_flops
 from ddm.io import sha256_file, write_json
+from ddm.launch.lock import job_lock
 from ddm.models.conditioning import CLIP_CONTEXT, example_condition
 from ddm.models.dit import count_params
 from ddm.settings import Island, Logger, Training
 from ddm.train.checkpoint_io import inspect_checkpoint
 from ddm.train.export import save_weights
 from ddm.train.fsdp import full_copy
-from ddm.train.lock import job_lock
 from ddm.train.records import FailureRecord, clear_failure
 from ddm.train.signals import PreemptionGuard
 from ddm.train.streams import RankStreams

@@ -38,19 +38,36 @@ be decoded (empty, truncated, not an image) stops ``prepare`` naming it, or with
 ``prepare`` writes to ``data/skipped.json``. ``Source.not_images`` counts the files of
 an image folder that were not read, not being images by their extension (captions aside).
 
-Keys are re-issued for every source as ``<prefix>-<split>-<index:08d>``, so they
-contain no dots, which webdataset would split on. The index is the sample's place
-in the source's own listing (array index, sorted file list), so a key names the
-same image whatever the seed; for ``webdataset`` it counts samples in reading
-order (which follows the seed).
+Keys (``<prefix>-<split>-<name>``, never holding ``.`` or ``/``, which webdataset
+splits on) come from the source, so a key names the same image whatever the seed,
+the number of workers or jobs, or the files added beside it: an array's index
+(``fmnist-train-00000042``), a file's path relative to ``data.root``, or an input
+shard's name and the sample's own ``__key__``, percent-encoded (``escape_name``).
+What the sample came from travels with it as ``key.json``: ``{"file": ...}``, or
+``{"shard": url, "key": ..., "source": the input sample's json}``.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 
-from ddm.data.sources.base import Sample, Source, SourceMeta, conform, make_key, resize_square, resolve_meta
+import numpy as np
+
+from ddm.data.sources.base import (
+    Indexed,
+    Sample,
+    Source,
+    SourceMeta,
+    Streamed,
+    UnitReader,
+    conform,
+    conform_one,
+    escape_name,
+    make_key,
+    named_key,
+    resize_square,
+    resolve_meta,
+)
 from ddm.data.sources.builtin import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_FILES,
@@ -67,9 +84,10 @@ from ddm.data.sources.decode import (
     check_background,
     check_on_error,
     decode_image,
+    decode_with_format,
 )
 from ddm.data.sources.image_folder import IMAGE_SUFFIXES, image_folder
-from ddm.data.sources.order import PERMUTED_SAMPLES, PERMUTED_SHARDS, Order
+from ddm.data.sources.order import PERMUTED_SAMPLES, PERMUTED_SHARDS, Order, permutation
 from ddm.data.sources.webdataset import webdataset
 from ddm.errors import BadInput
 from ddm.settings import Data
@@ -82,6 +100,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "PERMUTED_SAMPLES",
     "PERMUTED_SHARDS",
+    "Indexed",
     "Order",
     "PIL_MODES",
     "SOURCES",
@@ -89,10 +108,16 @@ __all__ = [
     "Skipped",
     "Source",
     "SourceMeta",
+    "Streamed",
+    "UnitReader",
     "UnreadableImage",
     "conform",
+    "conform_one",
     "decode_image",
+    "decode_with_format",
+    "escape_name",
     "make_key",
+    "named_key",
     "open_source",
     "read_idx",
     "resize_square",
@@ -107,38 +132,55 @@ SOURCES: dict[str, Callable] = {
 
 
 def open_source(cfg_data: Data, seed: int) -> Source:
-    """The source named by ``cfg_data.source`` in the order the run's ``seed`` gives, conformed, with ``limit``.
+    """The source named by ``cfg_data.source``, split into units in the order the run's ``seed`` gives.
 
     ``cfg_data.classes`` keeps only the samples of those class ids (labels keep
     their ids, so a run on some classes can later grow by the others with
     ``ddm extend``). ``cfg_data.limit`` then keeps the first samples of that
     order: a random subset of an indexed source rather than, say, the first
-    classes of a sorted folder.
+    classes of a sorted folder. For an indexed source both are applied to the
+    index, before anything is decoded, and the permuted index is cut into units
+    of ``data.shard_size``; a streamed source's units are its input shards in a
+    permuted order, ``classes`` and ``limit`` applied as they are read.
     Opening checks what can be checked before reading (paths, split, config
     consistency) so that a bad config fails before anything is written; image
-    problems surface while the samples are iterated.
+    problems surface while the units are read.
     """
     name = cfg_data.source
     if name not in SOURCES:
         raise BadInput(f"data.source={name!r} is not a known source; choose one of {sorted(SOURCES)}")
-    check_on_error(cfg_data.on_error)  # refused before anything is read, whichever source uses them
+    on_error = check_on_error(cfg_data.on_error)  # refused before anything is read, whichever source uses them
     check_background(cfg_data.background)
-    source = SOURCES[name](cfg_data, int(seed))
-    meta = resolve_meta(source.meta, cfg_data)
+    listing = SOURCES[name](cfg_data, int(seed))
+    meta = resolve_meta(listing.native, cfg_data)
     limit = cfg_data.limit
     if limit is not None and int(limit) < 1:
         raise BadInput(f"data.limit={limit}: use a positive number of samples, or null for all")
-    samples = only_classes(source.samples, cfg_data.classes, meta)
-    samples = itertools.islice(samples, int(limit)) if limit is not None else samples
-    samples = conform(samples, meta, cfg_data.resize)
-    return Source(source.prefix, source.split, meta, samples, source.order, source.skipped, source.not_images)
+    classes = _classes(cfg_data.classes, meta)
+    if isinstance(listing, Streamed):
+        reader = UnitReader(listing.read, meta, cfg_data.resize, classes, on_error)
+        units = [listing.units[i] for i in permutation(len(listing.units), seed)]
+        limit = None if limit is None else int(limit)
+        return Source(listing.prefix, listing.split, Order(PERMUTED_SHARDS, int(seed)), units, reader, limit=limit)
+    positions = permutation(len(listing.labels), seed)
+    if classes is not None:
+        positions = positions[np.isin(listing.labels[positions], sorted(classes))]
+    if limit is not None:
+        positions = positions[: int(limit)]
+    size = int(cfg_data.shard_size)
+    if size < 1:
+        raise BadInput(f"data.shard_size={size}: give at least 1 sample per shard")
+    units = [listing.unit(positions[lo : lo + size]) for lo in range(0, len(positions), size)]
+    reader = UnitReader(listing.read, meta, cfg_data.resize, None, on_error)  # classes: applied to the index
+    order = Order(PERMUTED_SAMPLES, int(seed))
+    return Source(listing.prefix, listing.split, order, units, reader, not_images=listing.not_images)
 
 
-def only_classes(samples, classes, meta: SourceMeta):
-    """The samples whose label is one of ``classes`` (``data.classes``); all of them when it is null."""
+def _classes(classes, meta: SourceMeta) -> frozenset[int] | None:
+    """``data.classes`` checked against the source's classes: the labels to keep, or None for all."""
     if classes is None:
-        return samples
-    wanted = {int(c) for c in classes}
+        return None
+    wanted = frozenset(int(c) for c in classes)
     if not wanted:
         raise BadInput("data.classes=[] keeps no sample: list the class ids to keep, or null for all")
     if not meta.num_classes:
@@ -148,4 +190,4 @@ def only_classes(samples, classes, meta: SourceMeta):
         raise BadInput(
             f"data.classes has ids {bad} outside the source's {meta.num_classes} classes (0..{meta.num_classes - 1})"
         )
-    return (sample for sample in samples if sample.label in wanted)
+    return wanted

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image
@@ -22,6 +24,10 @@ class Sample(NamedTuple):
     label: int  # class index, -1 when unlabelled
     caption: str | None
     origin: str  # where it came from (file, shard#key): named in error messages
+    # the source's own bytes and format ("jpeg", "png") when ``image`` is exactly what they decode to
+    # with no conversion (passed through untouched when no resize is needed); None otherwise
+    plain: tuple[str, bytes] | None = None
+    meta: dict | None = None  # provenance stored beside the sample (file, url, the source's own json)
 
 
 @dataclass(frozen=True)
@@ -50,20 +56,101 @@ class SourceMeta:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class UnitReader:
+    """Reads one unit's samples, fitted to the manifest; picklable, and small (it holds no unit)."""
+
+    read: Callable[[object, Skipped], Iterator[Sample]]  # the source's own reader: decoded samples in order
+    meta: SourceMeta  # resolved: the size, channels and classes the manifest announces
+    resize: int | None = None  # data.resize: centre-crop and resize to meta.image_size
+    classes: frozenset[int] | None = None  # keep only these labels (streamed sources know them only when reading)
+    on_error: str = "raise"
+
+    def __call__(self, unit, skipped: Skipped) -> Iterator[tuple[Sample, bool]]:
+        """The unit's samples that pass ``classes``, fitted to ``meta``: ``(sample, changed)``, where
+        ``changed`` says the pixels differ from what the source's bytes decode to (resized, converted)."""
+        for sample in self.read(unit, skipped):
+            if self.classes is not None and sample.label not in self.classes:
+                continue
+            yield conform_one(sample, self.meta, self.resize)
+
+
 @dataclass
 class Source:
+    """A dataset opened for reading: what it is, and the work of reading it split into units.
+
+    ``units`` are in stored order; unit ``i`` becomes ``data/shard-<i>.tar`` (an empty unit, every image of
+    which was skipped or filtered out, becomes no shard). ``reader(unit, skipped)`` yields the unit's samples
+    in order, handing unreadable images to ``skipped``. Units and the reader are picklable (paths and indices,
+    never open files or decoded images), so worker processes and jobs on other machines read units
+    independently, and the shards come out the same whoever reads them.
+    """
+
     prefix: str  # first part of every key, e.g. "fmnist"
     split: str
-    meta: SourceMeta
-    samples: Iterator[Sample]  # in ``order``: lazily decoded, one at a time
-    order: Order  # how ``samples`` were permuted (see ddm.data.sources.order)
-    # unreadable images left out under data.on_error=skip: filled while ``samples`` is iterated
-    skipped: Skipped = field(default_factory=lambda: Skipped("raise"))
+    order: Order  # how the units were permuted (see ddm.data.sources.order)
+    units: list
+    reader: UnitReader
     not_images: int = 0  # files beside the images that were not read, not being images by their extension
+    limit: int | None = None  # stop after this many samples, across units in order (streamed sources)
+
+    @property
+    def meta(self) -> SourceMeta:
+        return self.reader.meta
+
+    @property
+    def samples(self) -> Iterator[Sample]:
+        """Every sample in stored order, decoded in this process (for small reads: a held-out split)."""
+        skipped = Skipped(self.reader.on_error)
+        stream = (s for unit in self.units for s, _ in self.reader(unit, skipped))
+        return itertools.islice(stream, self.limit) if self.limit is not None else stream
+
+
+@dataclass
+class Indexed:
+    """What a source whose items are known before reading (an array, a file list) gives ``open_source``.
+
+    ``labels[i]`` is item ``i``'s label (-1: none), so ``data.classes`` and ``data.limit`` are applied
+    to the index, and the units are chunks of a permutation of it; ``unit(positions)`` makes a unit of
+    the items at those positions, small and picklable, that ``read`` reads.
+    """
+
+    prefix: str
+    split: str
+    native: SourceMeta  # what the source itself knows of its images
+    labels: np.ndarray
+    unit: Callable[[np.ndarray], object]
+    read: Callable[[object, Skipped], Iterator[Sample]]
+    not_images: int = 0
+
+
+@dataclass
+class Streamed:
+    """What a source that can only be streamed (existing shards) gives ``open_source``: its units are
+    its input shards, each read whole; labels are known only when read."""
+
+    prefix: str
+    split: str
+    native: SourceMeta
+    units: list
+    read: Callable[[object, Skipped], Iterator[Sample]]
 
 
 def make_key(prefix: str, split: str, index: int) -> str:
+    """The key of item ``index`` of a source whose items are numbered (an array): ``fmnist-train-00000042``."""
     return f"{prefix}-{split}-{index:08d}"
+
+
+def escape_name(name: str) -> str:
+    """``name`` (a relative path, a shard's key) as a key part: percent-encoded, with ``.`` and ``/`` encoded
+    too (webdataset splits keys on them), so two names never give one key and ``unquote`` gives it back."""
+    return quote(name, safe="-_~").replace(".", "%2E")
+
+
+def named_key(prefix: str, split: str, name: str) -> str:
+    """The key of an item the source names (a file's relative path, a shard and key): stable whatever the seed,
+    the number of workers or the files added beside it, e.g. ``folder-train-cats%2F0001%2Ejpg``."""
+    return f"{prefix}-{split}-{escape_name(name)}"
 
 
 def check_split(split) -> str:
@@ -136,28 +223,41 @@ def resize_square(image: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(im.resize((side, side), Image.Resampling.BICUBIC, reducing_gap=3.0))
 
 
-def conform(samples: Iterable[Sample], meta: SourceMeta, resize: int | None) -> Iterator[Sample]:
-    """Give every image the manifest's channels and size, and check labels fit num_classes.
+def conform_one(sample: Sample, meta: SourceMeta, resize: int | None) -> tuple[Sample, bool]:
+    """``sample`` with the manifest's channels and size and a checked label; and whether its pixels changed.
 
     Without ``resize`` a differently sized image is an error (naming it): silently
     rescaling a dataset of mixed sizes would hide a mistake in the data.
     """
     side = meta.image_size
+    image = np.asarray(sample.image, dtype=np.uint8)
+    fitted = _to_channels(image, meta.channels)
+    if resize:
+        if fitted.shape[:2] != (side, side):
+            fitted = resize_square(fitted, side)
+    elif fitted.shape[:2] != (side, side):
+        h, w = fitted.shape[:2]
+        raise BadInput(
+            f"{sample.origin}: image is {w}x{h} but data.image_size={side} expects {side}x{side}; "
+            f"resize the images beforehand, or set data.resize=<side> (and data.image_size "
+            f"to the same) to resize every image while preparing"
+        )
+    if meta.num_classes and not -1 <= sample.label < meta.num_classes:
+        raise BadInput(
+            f"{sample.origin}: label {sample.label} is outside 0..{meta.num_classes - 1} "
+            f"(data.num_classes={meta.num_classes}); fix the labels or data.num_classes"
+        )
+    if meta.num_classes and sample.label < 0:
+        # A class-conditional expert would look this label up in its embedding table: on a GPU
+        # that is a device-side assert hours into training. Refuse it here, naming the sample.
+        raise BadInput(
+            f"{sample.origin} has no label (-1) but the data has {meta.num_classes} classes: "
+            f"label every sample, or set data.num_classes=0 to train unconditional experts"
+        )
+    return sample._replace(image=fitted), fitted is not image
+
+
+def conform(samples: Iterable[Sample], meta: SourceMeta, resize: int | None) -> Iterator[Sample]:
+    """``conform_one`` over a stream of samples."""
     for s in samples:
-        image = _to_channels(np.asarray(s.image, dtype=np.uint8), meta.channels)
-        if resize:
-            if image.shape[:2] != (side, side):
-                image = resize_square(image, side)
-        elif image.shape[:2] != (side, side):
-            h, w = image.shape[:2]
-            raise BadInput(
-                f"{s.origin}: image is {w}x{h} but data.image_size={side} expects {side}x{side}; "
-                f"resize the images beforehand, or set data.resize=<side> (and data.image_size "
-                f"to the same) to resize every image while preparing"
-            )
-        if meta.num_classes and not -1 <= s.label < meta.num_classes:
-            raise BadInput(
-                f"{s.origin}: label {s.label} is outside 0..{meta.num_classes - 1} "
-                f"(data.num_classes={meta.num_classes}); fix the labels or data.num_classes"
-            )
-        yield s._replace(image=image)
+        yield conform_one(s, meta, resize)[0]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import gzip
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from ddm.data.sources.base import Sample, Source, SourceMeta, check_split, make_key
-from ddm.data.sources.order import PERMUTED_SAMPLES, Order, in_seeded_order
+from ddm.data.sources.base import Indexed, Sample, SourceMeta, check_split, make_key
 from ddm.errors import BadInput, MissingInput
 from ddm.settings import Data
 
@@ -79,38 +79,81 @@ def _fashion_mnist_files(root: Path, split: str) -> tuple[Path, Path]:
     return paths
 
 
-def fashion_mnist(cfg: Data, seed: int) -> Source:
-    """The IDX files' images in a seeded random order; key ``i`` is image ``i`` of the file."""
+class _ArrayReader:
+    """Reads items of a numbered image array by index; picklable (loads its arrays in each process, once)."""
+
+    prefix = ""
+
+    def __init__(self, split: str):
+        self.split = split
+        self._arrays = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": None}  # each process loads the arrays itself
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, str]:
+        raise NotImplementedError
+
+    def __call__(self, unit, skipped) -> Iterator[Sample]:
+        if self._arrays is None:
+            self._arrays = self.arrays()
+        images, labels, where = self._arrays
+        for i in unit:
+            i = int(i)
+            yield Sample(make_key(self.prefix, self.split, i), images[i], int(labels[i]), None, f"{where}[{i}]")
+
+
+class _FashionMnistReader(_ArrayReader):
+    prefix = "fmnist"
+
+    def __init__(self, split: str, images_path: Path, labels_path: Path):
+        super().__init__(split)
+        self.images_path, self.labels_path = images_path, labels_path
+
+    def arrays(self):
+        images = read_idx(self.images_path, IDX_IMAGES_MAGIC)
+        labels = read_idx(self.labels_path, IDX_LABELS_MAGIC)
+        if len(images) != len(labels):
+            raise BadInput(
+                f"{self.images_path} holds {len(images)} images but {self.labels_path} {len(labels)} labels: "
+                f"the files do not belong together; reinstall them"
+            )
+        return images, labels, str(self.images_path)
+
+
+class _DigitsReader(_ArrayReader):
+    prefix = "digits"
+
+    def arrays(self):
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        # Pixel values are counts 0..16 (4x4 blocks of a 32x32 bitmap): stretch to 0..255.
+        images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+        return images, bunch.target, "sklearn digits"
+
+
+def fashion_mnist(cfg: Data, seed: int) -> Indexed:
+    """The IDX files' images; key ``i`` is image ``i`` of the file."""
     split = check_split(cfg.split)
     images_path, labels_path = _fashion_mnist_files(Path(cfg.root), split)
-    images = read_idx(images_path, IDX_IMAGES_MAGIC)
-    labels = read_idx(labels_path, IDX_LABELS_MAGIC)
-    if len(images) != len(labels):
-        raise BadInput(
-            f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels: "
-            f"the files do not belong together; reinstall them"
-        )
-
-    def read(i: int) -> Sample:
-        return Sample(make_key("fmnist", split, i), images[i], int(labels[i]), None, f"{images_path}[{i}]")
-
-    meta = SourceMeta(image_size=images.shape[1], channels=1, num_classes=10, class_names=list(FASHION_MNIST_CLASSES))
-    return Source("fmnist", split, meta, in_seeded_order(len(images), read, seed), Order(PERMUTED_SAMPLES, int(seed)))
+    reader = _FashionMnistReader(split, images_path, labels_path)
+    _, labels, _ = reader._arrays = reader.arrays()  # checks the files now, before anything is written
+    meta = SourceMeta(image_size=28, channels=1, num_classes=10, class_names=list(FASHION_MNIST_CLASSES))
+    return Indexed("fmnist", split, meta, np.asarray(labels, dtype=np.int64), _indices, reader)
 
 
-def digits(cfg: Data, seed: int) -> Source:
-    """scikit-learn's digits in a seeded random order; key ``i`` is image ``i`` of the set."""
-    from sklearn.datasets import load_digits
-
+def digits(cfg: Data, seed: int) -> Indexed:
+    """scikit-learn's digits; key ``i`` is image ``i`` of the set."""
     split = check_split(cfg.split)
     if split != "train":
         raise BadInput(f"data.split={split!r}: the digits source has one split, 'train' (all 1797 images)")
-    bunch = load_digits()
-    # Pixel values are counts 0..16 (4x4 blocks of a 32x32 bitmap): stretch to 0..255.
-    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
-
-    def read(i: int) -> Sample:
-        return Sample(make_key("digits", split, i), images[i], int(bunch.target[i]), None, f"sklearn digits[{i}]")
-
+    reader = _DigitsReader(split)
+    _, labels, _ = reader._arrays = reader.arrays()
     meta = SourceMeta(image_size=8, channels=1, num_classes=10, class_names=[str(d) for d in range(10)])
-    return Source("digits", split, meta, in_seeded_order(len(images), read, seed), Order(PERMUTED_SAMPLES, int(seed)))
+    return Indexed("digits", split, meta, np.asarray(labels, dtype=np.int64), _indices, reader)
+
+
+def _indices(positions: np.ndarray) -> list[int]:
+    """A unit of a numbered array: the indices themselves."""
+    return [int(i) for i in positions]

@@ -54,6 +54,9 @@ class UnreadableImage(BadInput):
         self.origin = origin
         self.reason = reason
 
+    def __reduce__(self):  # raised in a worker process, it travels back pickled
+        return type(self), (self.origin, self.reason)
+
 
 def check_background(value) -> tuple[int, int, int]:
     """``data.background`` as an (R, G, B) tuple of 0..255; None (a config without the key) is white."""
@@ -113,6 +116,20 @@ def decode_image(
     ``origin`` names the image in errors (default: the path, or "image bytes"). Raises
     :class:`UnreadableImage` for a file that cannot be decoded.
     """
+    return decode_with_format(data_or_path, channels, background, origin)[0]
+
+
+def decode_with_format(
+    data_or_path: bytes | str | os.PathLike,
+    channels: int,
+    background: Sequence[int] = DEFAULT_BACKGROUND,
+    origin: str | None = None,
+) -> tuple[np.ndarray, str | None]:
+    """``decode_image``'s pixels, and the file's format (``jpeg``, ``png``, ...) when they are its plain content.
+
+    The format is given only when the pixels are what any decoder makes of the bytes with no conversion
+    (already ``L`` or ``RGB`` as asked, no transparency, 8 bit): those bytes can then be stored as they are.
+    """
     if channels not in PIL_MODES:
         raise BadInput(f"data.channels={channels}: use 1 (grayscale) or 3 (RGB)")
     background = check_background(background)
@@ -146,7 +163,8 @@ def decode_image(
             raise UnreadableImage(origin, f"refused as too large ({e})") from e
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise UnreadableImage(origin, f"cannot be decoded, the file is truncated or damaged ({e})") from e
-        return _pixels(im, channels, background, origin)
+        plain = im.mode == PIL_MODES[channels] and "transparency" not in im.info
+        return _pixels(im, channels, background, origin), (im.format or "").lower() if plain else None
     finally:
         im.close()
 

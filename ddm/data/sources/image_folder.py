@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from ddm.data.sources.base import Sample, Source, SourceMeta, check_split, config_channels, make_key
-from ddm.data.sources.decode import Skipped, UnreadableImage, check_background, decode_image
-from ddm.data.sources.order import PERMUTED_SAMPLES, Order, in_seeded_order
+import numpy as np
+
+from ddm.data.sources.base import Indexed, Sample, SourceMeta, check_split, config_channels, named_key
+from ddm.data.sources.decode import UnreadableImage, check_background, decode_with_format
 from ddm.errors import BadInput, MissingInput
 from ddm.settings import Data
 
@@ -67,30 +68,45 @@ def _caption(path: Path) -> str | None:
         raise BadInput(f"caption {caption_file} is not UTF-8 text ({e}): save it as UTF-8, or remove it") from e
 
 
-def image_folder(cfg: Data, seed: int) -> Source:
-    """The folder's images in a seeded random order; key ``i`` is the i-th file of the sorted listing.
+class _FolderReader:
+    """Reads a unit of an image folder, ``[(relative path, label), ...]``; picklable."""
 
-    Only the file list is permuted (and held in memory); each image is read when its turn comes.
+    def __init__(self, root: Path, split: str, channels: int, background: tuple[int, int, int]):
+        self.root, self.split, self.channels, self.background = root, split, channels, background
+
+    def __call__(self, unit, skipped) -> Iterator[Sample]:
+        for relative, label in unit:
+            path = self.root / relative
+            try:
+                image, plain = decode_with_format(path, self.channels, self.background)
+            except UnreadableImage as e:
+                skipped.handle(e)  # raises unless data.on_error=skip
+                continue
+            key = named_key("folder", self.split, relative)
+            stored = (plain, path.read_bytes()) if plain else None  # read again only to pass the file through
+            yield Sample(key, image, label, _caption(path), str(path), stored, dict(file=relative))
+
+
+def image_folder(cfg: Data, seed: int) -> Indexed:
+    """The folder's images; an image's key is its path relative to ``data.root``, so it names the same image
+    whatever the seed and whatever files are added beside it.
+
+    Only the file list is held in memory (and permuted); each image is read when its unit is.
     """
     split = check_split(cfg.split)
     root = Path(cfg.root)
     files, class_names, not_images = _list_image_folder(root)
-    channels = config_channels(cfg)
-    background = check_background(cfg.background)
-    skipped = Skipped(cfg.on_error)
+    reader = _FolderReader(root, split, config_channels(cfg), check_background(cfg.background))
+    relative = [p.relative_to(root).as_posix() for p, _ in files]
+    labels = np.array([label for _, label in files], dtype=np.int64)
 
-    def read(i: int) -> Sample | None:
-        path, label = files[i]
-        try:
-            image = decode_image(path, channels, background)
-        except UnreadableImage as e:
-            skipped.handle(e)  # raises unless data.on_error=skip
-            return None
-        return Sample(make_key("folder", split, i), image, label, _caption(path), str(path))
+    def unit(positions: np.ndarray) -> list[tuple[str, int]]:
+        return [(relative[i], int(labels[i])) for i in positions]
 
     meta = SourceMeta(
-        image_size=None, channels=channels, num_classes=len(class_names) if class_names else 0, class_names=class_names
+        image_size=None,
+        channels=reader.channels,
+        num_classes=len(class_names) if class_names else 0,
+        class_names=class_names,
     )
-    # A skipped file keeps its index: the keys of the other images do not depend on which files were readable.
-    samples: Iterator[Sample] = (s for s in in_seeded_order(len(files), read, seed) if s is not None)
-    return Source("folder", split, meta, samples, Order(PERMUTED_SAMPLES, int(seed)), skipped, not_images)
+    return Indexed("folder", split, meta, labels, unit, reader, not_images)

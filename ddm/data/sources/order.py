@@ -14,7 +14,6 @@ that samples inside one input shard kept their order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -39,9 +38,3 @@ class Order:
 def permutation(count: int, seed: int) -> np.ndarray:
     """A permutation of ``range(count)`` that follows the run's ``seed`` (8 bytes per sample)."""
     return np.random.default_rng(data_order_seed(seed)).permutation(count)
-
-
-def in_seeded_order(count: int, read: Callable[[int], object], seed: int) -> Iterator:
-    """``read(i)`` for every index ``i < count``, lazily, in the order of ``permutation(count, seed)``."""
-    for i in permutation(count, seed):
-        yield read(int(i))

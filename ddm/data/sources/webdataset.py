@@ -1,9 +1,11 @@
-"""Existing webdataset shards (``data.urls``), read in a seeded order of the shards and re-keyed.
+"""Existing webdataset shards (``data.urls``), read in a seeded order of the shards, keys kept.
 
 A shard set is a stream: it cannot be indexed without reading it whole, so only
-the order of the input *shards* is permuted (with the run's seed); the samples
-inside one input shard keep their order, and a ``data.limit`` keeps the first
-samples in that shard order. Input shards sorted by class (one class per shard)
+the order of the input *shards* is permuted (with the run's seed); each input
+shard becomes one shard of ``data/`` (``data.shard_size`` does not apply), its
+samples in their order, and a ``data.limit`` keeps the first samples in that
+shard order. A sample's key is its shard's name and its own ``__key__``, and its
+``json`` (img2dataset's url, original size, sha256) travels with it. Input shards sorted by class (one class per shard)
 thus reach ``data/`` as runs of one class. The partition stage permutes each
 cluster's samples itself, so experts and the router do not see those runs; what
 does is whatever reads ``data/`` in stored order: a ``data.limit`` subset, and
@@ -14,13 +16,14 @@ shards beforehand, or prepare them as an ``image_folder``, where that matters.
 from __future__ import annotations
 
 import glob
+import json
+import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ddm.data.sources.base import Sample, Source, SourceMeta, check_split, config_channels, make_key
-from ddm.data.sources.decode import Skipped, UnreadableImage, check_background, decode_image
-from ddm.data.sources.order import PERMUTED_SHARDS, Order, permutation
+from ddm.data.sources.base import Sample, SourceMeta, Streamed, check_split, config_channels, named_key
+from ddm.data.sources.decode import UnreadableImage, check_background, decode_with_format
 from ddm.errors import BadInput, MissingInput
 from ddm.settings import Data
 
@@ -95,26 +98,37 @@ def _caption(raw: dict, origin: str) -> str | None:
         raise BadInput(f"sample {origin}: .txt is not UTF-8 text ({e}): write captions as UTF-8") from e
 
 
-def webdataset(cfg: Data, seed: int) -> Source:
-    """The shards' samples, shard by shard in a seeded order; key ``i`` is the i-th sample read.
+def shard_names(urls: list[str]) -> dict[str, str]:
+    """Each shard URL's name in sample keys: the URL after the folder all of them share, without ``.tar``.
 
-    A sample whose image cannot be decoded (or that has none) is left out under ``data.on_error=skip``;
-    it keeps its index, so the keys of the others do not depend on it.
+    ``/data/laion/00012.tar`` -> ``00012`` (or ``a/00012`` beside ``b/00012``), so a sample's key names its
+    shard and its own ``__key__`` whatever order the shards are read in.
     """
-    import webdataset as wds
+    cut = os.path.commonprefix(urls).rfind("/") + 1 if len(urls) > 1 else urls[0].rfind("/") + 1
+    names = {url: url[cut:].removesuffix(".tar") for url in urls}
+    if len(set(names.values())) != len(names):
+        raise BadInput(f"data.urls names one shard twice ({urls[:3]}...): list each shard once")
+    return names
 
-    split = check_split(cfg.split)
-    listed = _url_list(cfg.urls)
-    urls = [listed[i] for i in permutation(len(listed), seed)]
-    channels = config_channels(cfg)
-    background = check_background(cfg.background)
-    skipped = Skipped(cfg.on_error)
 
-    def samples() -> Iterator[Sample]:
-        # Unshuffled by webdataset, one process: keys follow the (permuted) shard order.
-        dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
-        for i, raw in enumerate(dataset):
-            origin = f"{raw.get('__url__', '?')}#{raw.get('__key__', '?')}"
+class _ShardReader:
+    """Reads one input shard (a unit), sample by sample; picklable."""
+
+    def __init__(self, split: str, channels: int, background: tuple[int, int, int], names: dict[str, str]):
+        self.split, self.channels, self.background, self.names = split, channels, background, names
+
+    def __call__(self, url: str, skipped) -> Iterator[Sample]:
+        import webdataset as wds
+
+        # One shard, unshuffled, read where this runs: no node or worker splitting of its own.
+        dataset = wds.WebDataset([url], shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
+        seen = set()
+        for raw in dataset:
+            key = raw.get("__key__", "?")
+            origin = f"{url}#{key}"
+            if key in seen:
+                raise BadInput(f"{url} holds two samples with the key {key!r}: give every sample its own key")
+            seen.add(key)
             ext = next((e for e in WDS_IMAGE_EXTS if e in raw), None)
             try:
                 if ext is None:
@@ -122,11 +136,38 @@ def webdataset(cfg: Data, seed: int) -> Source:
                         f"sample {origin}",
                         f"has no image (looked for .{', .'.join(WDS_IMAGE_EXTS)}); every sample of data.urls needs one",
                     )
-                image = decode_image(raw[ext], channels, background, origin=f"{origin}.{ext}")
+                image, plain = decode_with_format(raw[ext], self.channels, self.background, origin=f"{origin}.{ext}")
             except UnreadableImage as e:
                 skipped.handle(e)  # raises unless data.on_error=skip
                 continue
-            yield Sample(make_key("wds", split, i), image, _label(raw, origin), _caption(raw, origin), origin)
+            meta = dict(shard=url, key=key, **({"source": _json(raw, origin)} if "json" in raw else {}))
+            yield Sample(
+                named_key("wds", self.split, f"{self.names[url]}/{key}"),
+                image,
+                _label(raw, origin),
+                _caption(raw, origin),
+                origin,
+                (plain, raw[ext]) if plain else None,
+                meta,
+            )
 
-    meta = SourceMeta(image_size=None, channels=channels, num_classes=int(cfg.num_classes or 0), class_names=None)
-    return Source("wds", split, meta, samples(), Order(PERMUTED_SHARDS, int(seed)), skipped)
+
+def _json(raw: dict, origin: str):
+    try:
+        return json.loads(raw["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"sample {origin}: .json is not JSON ({e}): fix the shard") from e
+
+
+def webdataset(cfg: Data, seed: int) -> Streamed:
+    """The shards' samples, one input shard per unit; a sample's key is its shard's name and its own key.
+
+    A sample whose image cannot be decoded (or that has none) is left out under ``data.on_error=skip``.
+    """
+    split = check_split(cfg.split)
+    urls = _url_list(cfg.urls)
+    reader = _ShardReader(split, config_channels(cfg), check_background(cfg.background), shard_names(urls))
+    meta = SourceMeta(
+        image_size=None, channels=reader.channels, num_classes=int(cfg.num_classes or 0), class_names=None
+    )
+    return Streamed("wds", split, meta, urls, reader)

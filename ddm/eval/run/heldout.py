@@ -132,10 +132,10 @@ def prepare_heldout(cfg: Settings, redo: bool = False) -> dict:
         with ShardSetWriter(
             folder, shard_size, source=cfg.data.source, split=data_manifest.get("split"), **common
         ) as w:
-            # PNG bytes copied as stored: the held-out images are exactly the training set's
+            # image bytes copied as stored: the held-out images are exactly the training set's
             for i, s in enumerate(iter_samples(shard_paths(rd.data, data_manifest), decode=False)):
                 if i >= first:
-                    w.write(s["key"], None, s["label"], s.get("caption"), png=s["png"])
+                    w.write(s["key"], None, s["label"], s.get("caption"), encoded=s["encoded"], meta=s.get("meta"))
                     keys.append(s["key"])
             w.extra.update(
                 keys_sha256=sha256_strings(keys),

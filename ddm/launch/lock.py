@@ -249,7 +249,7 @@ def refusal(folder, holder: dict, verdict: Verdict, what: str) -> Locked:
         return Locked(
             f"{what}: {folder} is in use by another job, {describe(holder)}{command} ({verdict.why}). Two jobs "
             f"must not write one folder: wait for it to finish (`ddm status` shows it), or stop it "
-            f"({' or '.join(stop)}; it saves last.ckpt) and run this again to resume."
+            f"({' or '.join(stop)}; a training job saves last.ckpt first) and run this again."
         )
     return Locked(
         f"{what}: {folder} is locked by {describe(holder)}{command}, and whether that job still runs cannot "
