@@ -31,7 +31,8 @@ def expert_stage_job(expert_id: int) -> str:
 def stage_job(stage: str, cfg: Settings) -> str:
     """The job a stage run stands for: the stage name, ``train-expert-KK`` for an expert, or
     ``prepare-part-JJJJ`` (``embed-``, ``partition-``) for one part of a stage written by many jobs
-    (``data.part``, ``embed.part``, ``cluster.partition_part``)."""
+    (``data.part``, ``embed.part``, ``cluster.partition_part``), or ``encode-cluster-KK`` for the encode
+    of some clusters (``vae.clusters``)."""
     if stage == EXPERT_STAGE:
         return expert_stage_job(int(cfg.expert.id))
     if stage == "prepare" and cfg.data.part is not None:
@@ -40,6 +41,9 @@ def stage_job(stage: str, cfg: Settings) -> str:
         return f"embed-part-{int(cfg.embed.part):04d}"
     if stage == "partition" and cfg.cluster.partition_part is not None:
         return f"partition-part-{int(cfg.cluster.partition_part):04d}"
+    if stage == "encode" and cfg.vae.clusters is not None:  # an island's encode of its own clusters
+        ids = [cfg.vae.clusters] if isinstance(cfg.vae.clusters, int) else list(cfg.vae.clusters)
+        return "encode-cluster-" + "-".join(f"{int(i):02d}" for i in sorted(ids))
     return stage
 
 

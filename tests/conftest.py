@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -66,6 +67,37 @@ def fast_cfg(make_cfg):
     from tests.fabricate import FAST_JOB
 
     return lambda *overrides, run_dir=None: make_cfg(*FAST_JOB, *overrides, run_dir=run_dir)
+
+
+@pytest.fixture
+def no_slurm(monkeypatch):
+    """No SLURM here: the dry runs and the local launcher go by the run's files alone."""
+    from ddm.launch import slurm
+
+    monkeypatch.setattr(slurm, "available", lambda: False)
+
+
+@pytest.fixture
+def fake_slurm(monkeypatch):
+    """SLURM that records what is submitted (script, extra arguments) and cancelled; `queued` is the run's
+    queue of the stage `array` names (prepare's unless a test says) as (parts, the merge job)."""
+    from ddm.launch import slurm
+
+    state = dict(submitted=[], cancelled=[], queued=({}, None), array="prepare-parts")
+
+    def stage_queue(run_dir, array, single):
+        return state["queued"] if array == state["array"] else ({}, None)
+
+    monkeypatch.setattr(slurm, "available", lambda: True)
+    monkeypatch.setattr(slurm, "array_and_job", stage_queue)
+    monkeypatch.setattr(slurm, "scancel", lambda job_id, signal=None: state["cancelled"].append(job_id))
+
+    def fake_sbatch(path, extra_args=None):
+        state["submitted"].append((Path(path), list(extra_args or [])))
+        return str(100 + len(state["submitted"]))
+
+    monkeypatch.setattr(slurm, "sbatch", fake_sbatch)
+    return state
 
 
 def pytest_collection_modifyitems(config, items):

@@ -21,8 +21,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo", "scontrol")
@@ -267,3 +269,26 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
             if f.exists():
                 out.append(f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-15:]))
         return "\n".join(out)
+
+
+def running_cluster() -> Iterator[SlurmCluster]:
+    """A started test cluster for a fixture to yield from: skips the test where SLURM cannot run here, fails it
+    where SLURM is installed but the cluster does not start, and stops the cluster (all its daemons) after."""
+    import pytest
+
+    reason = ensure_slurm()
+    if reason:
+        print(f"\nSLURM integration tests skipped: {reason}", file=sys.stderr)
+        pytest.skip(f"SLURM integration tests skipped: {reason}")
+    c = SlurmCluster()
+    try:
+        c.start()
+    except RuntimeError as e:
+        shutil.rmtree(c.root, ignore_errors=True)
+        pytest.fail(f"SLURM is installed but the test cluster did not start: {e}")
+    try:
+        yield c
+    finally:
+        c.stop()
+        assert all(p.poll() is not None for p in c.procs.values())
+        shutil.rmtree(c.root, ignore_errors=True)

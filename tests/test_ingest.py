@@ -262,3 +262,17 @@ def test_partition_writes_the_same_shards_with_one_or_two_workers(make_cfg, tmp_
         rd = RunDir(cfg.run_dir)
         written[workers] = [{p.name: p.read_bytes() for p in sorted(rd.partition(k).glob("*"))} for k in range(3)]
     assert written[0] == written[2] and all(len(files) > 1 for files in written[0])
+
+
+def test_each_job_of_a_stage_run_in_parts_records_its_own_timing(make_cfg):
+    from ddm.job_names import stage_job
+
+    assert stage_job("prepare", make_cfg("data.parts=4", "data.part=3")) == "prepare-part-0003"
+    assert stage_job("prepare", make_cfg("data.parts=4")) == "prepare"  # the merge
+    assert stage_job("embed", make_cfg("embed.parts=2", "embed.part=1")) == "embed-part-0001"
+    assert stage_job("partition", make_cfg("cluster.partition_parts=2", "cluster.partition_part=0")) == (
+        "partition-part-0000"
+    )
+    assert stage_job("encode", make_cfg("vae.clusters=[5,2]")) == "encode-cluster-02-05"
+    assert stage_job("encode", make_cfg("vae.clusters=3")) == "encode-cluster-03"
+    assert stage_job("encode", make_cfg()) == "encode"

@@ -315,3 +315,23 @@ def test_a_shard_with_unreadable_images_raises_or_skips(make_cfg, tmp_path):
     record = json.loads((RunDir(cfg.run_dir).data / "skipped.json").read_text())
     assert [r["file"] for r in record["skipped"]] == [f"{shard}#b.png", f"{shard}#c.png", f"sample {shard}#d"]
     assert "empty" in record["skipped"][1]["reason"] and "has no image" in record["skipped"][2]["reason"]
+
+
+def test_a_photo_taken_turned_is_stored_upright_and_not_passed_through(make_cfg, tmp_path):
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    root = tmp_path / "turned"
+    root.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    Image.fromarray(pixels).save(root / "turned.png", exif=exif)
+    Image.fromarray(pixels).save(root / "plain.png")
+    assert np.array_equal(decode_image(root / "turned.png", 3), np.rot90(pixels, k=-1))
+    assert np.array_equal(decode_image(root / "plain.png", 3), pixels)
+    cfg = make_cfg(*cfg_overrides(root))
+    prepare.run(cfg)
+    manifest = load_manifest(RunDir(cfg.run_dir).data)
+    stored = {s["meta"]["file"]: s for s in iter_samples(shard_paths(RunDir(cfg.run_dir).data), decode=False)}
+    assert stored["plain.png"]["encoded"] == ("png", (root / "plain.png").read_bytes())
+    assert stored["turned.png"]["encoded"][1] != (root / "turned.png").read_bytes()
+    assert manifest["num_passed_through"] == 1

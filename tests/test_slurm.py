@@ -21,7 +21,7 @@ import pytest
 
 from ddm.artifacts import RunDir
 from ddm.io import read_json
-from tests.slurm_cluster import SlurmCluster, ensure_slurm
+from tests.slurm_cluster import SlurmCluster, running_cluster
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -31,20 +31,7 @@ JOB_OVERRIDES = ["experiment=tiny", "island.num_workers=0", "island.threads=1", 
 
 @pytest.fixture(scope="module")
 def cluster():
-    reason = ensure_slurm()
-    if reason:
-        print(f"\nSLURM integration tests skipped: {reason}", file=sys.stderr)
-        pytest.skip(f"SLURM integration tests skipped: {reason}")
-    c = SlurmCluster()
-    try:
-        c.start()
-    except RuntimeError as e:
-        shutil.rmtree(c.root, ignore_errors=True)
-        pytest.fail(f"SLURM is installed but the test cluster did not start: {e}")
-    yield c
-    c.stop()
-    assert all(p.poll() is not None for p in c.procs.values())
-    shutil.rmtree(c.root, ignore_errors=True)
+    yield from running_cluster()
 
 
 @pytest.fixture(scope="module")

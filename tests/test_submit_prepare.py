@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +14,8 @@ from ddm.artifacts import RunDir
 from ddm.data.ingest import part_path
 from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json, write_json
-from ddm.launch import overrides, prepare_jobs, sbatch, slurm
+from ddm.launch import overrides, sbatch, slurm, stage_jobs
+from ddm.launch.stage_parts import PREPARE
 from ddm.stages import prepare, status, submit
 
 # digits in 6 shards of 300: each of 3 parts writes 2
@@ -35,28 +34,6 @@ def submit_prepare(make_cfg, run_dir, *extra) -> dict:
 def mark_done(run_dir, part: int, parts: int) -> None:
     """A part's record, as its job leaves it last (submit and status look for the file only)."""
     write_json(part_path(RunDir(run_dir).data, part, parts), dict(part=part, parts=parts, units=[]))
-
-
-@pytest.fixture
-def no_slurm(monkeypatch):
-    monkeypatch.setattr(slurm, "available", lambda: False)
-
-
-@pytest.fixture
-def fake_slurm(monkeypatch):
-    """SLURM that records what is submitted (script, extra arguments) and cancelled; `queued` is the run's
-    prepare queue as (parts, the manifest job)."""
-    state = dict(submitted=[], cancelled=[], queued=({}, None))
-    monkeypatch.setattr(slurm, "available", lambda: True)
-    monkeypatch.setattr(slurm, "prepare_jobs", lambda run_dir: state["queued"])
-    monkeypatch.setattr(slurm, "scancel", lambda job_id, signal=None: state["cancelled"].append(job_id))
-
-    def fake_sbatch(path, extra_args=None):
-        state["submitted"].append((Path(path), list(extra_args or [])))
-        return str(100 + len(state["submitted"]))
-
-    monkeypatch.setattr(slurm, "sbatch", fake_sbatch)
-    return state
 
 
 def queued(job_id: str, task: int | None, state: str = "PENDING") -> slurm.QueuedJob:
@@ -135,7 +112,7 @@ def test_a_part_task_runs_prepare_with_its_part(make_cfg, tmp_path):
     fake_python.chmod(0o755)
     user = [*DIGITS, "data.parts=3", "data.part=1", "submit.stage=prepare"]  # the task sets data.part itself
     args = overrides.job_overrides(user, "demo", str(run))
-    text = sbatch.prepare_parts_script(run, [0, 2], args, make_cfg().island, python=str(fake_python))
+    text = sbatch.parts_script(PREPARE, run, [0, 2], args, make_cfg().island, python=str(fake_python))
     script = tmp_path / "job.sbatch"
     script.write_text(text)
     env = dict(os.environ, SLURM_ARRAY_TASK_ID="2", SLURM_ARRAY_JOB_ID="77", ARGS_OUT=str(tmp_path / "args.txt"))
@@ -159,7 +136,7 @@ def test_a_part_task_runs_prepare_with_its_part(make_cfg, tmp_path):
 
 
 def test_local_dry_run_divides_the_cores_between_the_parts(make_cfg, tmp_path, no_slurm, monkeypatch, capsys):
-    monkeypatch.setattr(prepare_jobs, "available_cores", lambda: 8)
+    monkeypatch.setattr(stage_jobs, "available_cores", lambda: 8)
     run = tmp_path / "run"
     mark_done(run, 1, 3)
     result = submit_prepare(make_cfg, run, "data.parts=3", "submit.launcher=local", "submit.dry_run=true")
@@ -255,20 +232,9 @@ def test_user_overrides_reach_the_parts_but_data_part_does_not():
 
 @pytest.fixture(scope="module")
 def cluster():
-    from tests.slurm_cluster import SlurmCluster, ensure_slurm
+    from tests.slurm_cluster import running_cluster
 
-    reason = ensure_slurm()
-    if reason:
-        pytest.skip(f"SLURM integration test skipped: {reason}")
-    c = SlurmCluster()
-    try:
-        c.start()
-    except RuntimeError as e:
-        shutil.rmtree(c.root, ignore_errors=True)
-        pytest.fail(f"SLURM is installed but the test cluster did not start: {e}")
-    yield c
-    c.stop()
-    shutil.rmtree(c.root, ignore_errors=True)
+    yield from running_cluster()
 
 
 @pytest.mark.slow

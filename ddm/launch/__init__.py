@@ -5,10 +5,11 @@
 - ``slurm``: the few SLURM commands we call (``sbatch``, ``squeue``,
   ``scontrol``, ``scancel``), each a thin wrapper that parses its output;
 - ``sbatch``: rendering the sbatch scripts of the expert array and the router
-  job (and of the prepare stage's parts and their merge) from an island's
+  job (and of a stage's parts and their merge) from an island's
   ``slurm:`` config block, and submitting them;
-- ``prepare_jobs``: the parts of ``data/`` as jobs (``ddm submit
-  submit.stage=prepare``) and where each stands (``ddm status``);
+- ``stage_parts``, ``stage_jobs``: the stages that run in parts (prepare,
+  embed, partition) or per cluster (encode), one row each, and those parts as
+  jobs (``ddm submit submit.stage=<stage>``) and where each stands (``ddm status``);
 - ``overrides``: which of the user's Hydra overrides travel to the jobs;
 - ``local``, ``local_jobs``, ``slots``: the same jobs as processes on this machine;
 - ``lock``: ``lock.json``, which a training (or encode) job holds in its folder

@@ -9,6 +9,7 @@ stopped. The processes themselves are ``ddm.launch.local``'s.
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,14 +25,15 @@ from ddm.settings import Island, Settings
 log = logging.getLogger("ddm")
 
 
-def machine_plan(parallel, island: Island, key: str, jobs: int | None = None) -> slots.Plan:
-    """The slots of this machine for ``parallel`` of ``jobs`` jobs of ``island`` (``key``: the option, for errors)."""
+def machine_plan(parallel, island: Island, key: str, jobs: int | None = None, cores: int | None = None) -> slots.Plan:
+    """The slots of this machine for ``parallel`` of ``jobs`` jobs of ``island`` (``key``: the option, for errors);
+    ``cores``: the cores they share (None: those this process may use)."""
     gpus = None
     if str(island.accelerator).lower() in (*slots.GPU_ACCELERATORS, "auto"):
         from ddm.devices import visible_gpus  # torch, only where GPUs matter
 
         gpus = visible_gpus()
-    return slots.plan(parallel, island, key, gpus, available_cores(), jobs)
+    return slots.plan(parallel, island, key, gpus, available_cores() if cores is None else cores, jobs)
 
 
 def thread_args(plan: slots.Plan, user_overrides: list[str]) -> list[str]:
@@ -39,6 +41,15 @@ def thread_args(plan: slots.Plan, user_overrides: list[str]) -> list[str]:
     if plan.threads is None or any(override_key(o) == "island.threads" for o in user_overrides):
         return []
     return [f"island.threads={plan.threads}"]
+
+
+def show(jobs: list[local.LocalJob], plan: slots.Plan, user_overrides: list[str]) -> None:
+    """What a dry run would start: each job's command line, as ``train_here`` starts it, then the slots."""
+    if not jobs:
+        return
+    for job in jobs:
+        print(f"# {job.name}: would run in {job.folder}\n{shlex.join([*job.argv, *thread_args(plan, user_overrides)])}")
+    print(f"# {plan.describe()}")
 
 
 def local_jobs(cfg: Settings, rd: RunDir, experts: list[int], router: bool, overrides: list[str], python=None):

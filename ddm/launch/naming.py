@@ -4,7 +4,9 @@ An expert array is named ``ddm:<run>:expert`` (its array task id is the
 expert id), the router job ``ddm:<run>:router``; the array that writes the
 parts of ``data/`` ``ddm:<run>:prepare-parts`` (its task id is the part) and
 the job that writes ``data/manifest.json`` (their merge, or the whole
-prepare) ``ddm:<run>:prepare``, where ``<run>`` is the name
+prepare) ``ddm:<run>:prepare``; ``embed`` and ``partition`` in parts alike
+(``embed-parts`` and ``embed``, ...), and the encode array ``ddm:<run>:encode``
+(its task id is the cluster), where ``<run>`` is the name
 of the run folder (``runs/<name>``: the run's ``name`` unless ``run_dir`` was
 set). Folder names repeat across places (every test run is called ``run``),
 so ``ddm submit`` also puts the absolute run directory in the job's comment;
@@ -22,11 +24,9 @@ from ddm.errors import BadInput
 PREFIX = "ddm"
 EXPERT = "expert"
 ROUTER = "router"
-PREPARE_PARTS = "prepare-parts"
-PREPARE = "prepare"
-JOBS = (EXPERT, ROUTER, PREPARE_PARTS, PREPARE)
-PART_PREFIX = "part-"
-PART_DIGITS = 4  # as in data/parts/part-JJJJ-of-NNNN.json; a part's log folder pads its number alike
+# a stage's array of parts, and its merge (``ddm.launch.stage_parts``); encode, in clusters, has no merge
+STAGE_JOBS = ("prepare-parts", "prepare", "embed-parts", "embed", "partition-parts", "partition", "encode")
+JOBS = (EXPERT, ROUTER, *STAGE_JOBS)
 
 
 def run_label(run_name: str) -> str:
@@ -58,11 +58,7 @@ def run_job_name(run_dir: str | Path, job: str) -> str:
     return job_name(Path(run_dir).resolve().name, job)
 
 
-def prepare_logs(run_dir: str | Path) -> Path:
-    """``<run>/logs/prepare``: the prepare jobs' logs, outside ``data/`` (the merge removes ``data/parts/``)."""
-    return Path(run_dir).resolve() / "logs" / "prepare"
-
-
-def part_job(part: int) -> str:
-    """``part-0003``: part 3 of ``data/`` as a job, and its log folder under ``prepare_logs``."""
-    return f"{PART_PREFIX}{int(part):0{PART_DIGITS}d}"
+def stage_logs(run_dir: str | Path, stage: str) -> Path:
+    """``<run>/logs/<stage>``: the logs of a stage's jobs, outside what the stage writes (a merge removes its
+    parts' records)."""
+    return Path(run_dir).resolve() / "logs" / stage

@@ -2,7 +2,7 @@
 
 A job must compose the same config as the ``ddm submit`` call that made it,
 so every override passes through, except those the job sets itself (the
-expert id or the part of ``data/``, from the array task), those that belong to ``submit`` or
+expert id, a stage's part or the cluster to encode, from the array task), those that belong to ``submit`` or
 ``pipeline`` alone, and
 the run's location, which is passed once, resolved to an absolute path, so a
 job on another node or in another working directory finds the same run.
@@ -13,7 +13,18 @@ from __future__ import annotations
 import re
 
 # Keys whose overrides never reach a job. `redo` is refused earlier (see ddm.stages.submit).
-DROPPED = ("submit", "pipeline", "expert.id", "data.part", "name", "run_dir", "hydra")
+DROPPED = (
+    "submit",
+    "pipeline",
+    "expert.id",
+    "data.part",
+    "embed.part",
+    "cluster.partition_part",
+    "vae.clusters",
+    "name",
+    "run_dir",
+    "hydra",
+)
 _SAFE_VALUE = re.compile(r"[\w./@+:-]*")
 
 

@@ -1,13 +1,15 @@
 """Rendering the sbatch scripts of a run, and sending them: one array job for the experts, one job for the
-router; for ``data/``, one array job for its parts and one job that writes its manifest.
+router; for a stage in parts (``ddm.launch.stage_parts``: prepare, embed, partition, encode), one array job for
+its parts and one job that merges them.
 
 The resources come from the island's ``slurm:`` block plus its shape
 (``devices`` tasks per node, ``num_nodes`` nodes, ``gpu:<devices>`` on a GPU
-island); a prepare job is one task on one node with the block's cores and no
-GPU. Each script ``exec``s the job's command, so the training process
+island); a stage's job is one process: one task on one node with the block's
+cores, and the island's GPU request where the stage uses a GPU (embed, encode;
+a merge never does). Each script ``exec``s the job's command, so the training process
 itself (or ``srun``, which forwards it to every rank) receives the SIGUSR1
 that ``--signal`` sends before the time limit, and the SIGTERM of ``scancel``
-(prepare jobs keep no checkpoint, and are not sent the SIGUSR1).
+(a stage's jobs keep no checkpoint, and are not sent the SIGUSR1).
 The interpreter is the one running ``ddm submit`` (``sys.executable``), not
 whatever ``python`` a job's PATH holds.
 """
@@ -18,11 +20,15 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ddm.errors import BadInput
 from ddm.io import write_text
 from ddm.launch import naming, slurm
 from ddm.settings import Island
+
+if TYPE_CHECKING:
+    from ddm.launch.stage_parts import StageParts
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 
@@ -52,16 +58,23 @@ def _directive_value(value) -> str:
 def resource_options(island: Island) -> list[str]:
     """sbatch options for one job of this island: its shape from the island, the rest from ``island.slurm``."""
     devices, nodes = int(island.devices), int(island.num_nodes)
+    return [f"--nodes={nodes}", f"--ntasks-per-node={devices}", *_block_options(island.slurm, _gpus(island))]
+
+
+def _gpus(island: Island) -> str | None:
+    """The island's GPU request: ``island.slurm.gres``, or ``gpu:<devices>`` on a GPU island; None on CPUs."""
     gres = island.slurm.gres
     if gres is None and str(island.accelerator).lower() in GPU_ACCELERATORS:
-        gres = f"gpu:{devices}"
-    return [f"--nodes={nodes}", f"--ntasks-per-node={devices}", *_block_options(island.slurm, gres)]
+        gres = f"gpu:{int(island.devices)}"
+    return gres
 
 
-def prepare_resource_options(island: Island) -> list[str]:
-    """sbatch options for one prepare job: one task on one node with ``island.slurm``'s cores, memory, partition,
-    time, account and extra options; no GPU (it decodes and writes images on CPUs)."""
-    return ["--nodes=1", "--ntasks-per-node=1", *_block_options(island.slurm, None)]
+def stage_resource_options(island: Island, gpu: bool) -> list[str]:
+    """sbatch options for one job of a stage: one task on one node with ``island.slurm``'s cores, memory,
+    partition, time, account and extra options; ``gpu``: with the island's GPU request, as an expert's
+    (embed and encode run on one device: give them an island of one GPU), else none (it decodes and
+    writes images on CPUs)."""
+    return ["--nodes=1", "--ntasks-per-node=1", *_block_options(island.slurm, _gpus(island) if gpu else None)]
 
 
 def _block_options(block, gres) -> list[str]:
@@ -192,57 +205,59 @@ def router_script(run_dir, overrides: list[str], island: Island, python: str | N
     return _render(header, options, slurm.setup, [], program, args, tasks_per_job(island) > 1)
 
 
-def prepare_parts_script(run_dir, parts, overrides: list[str], island: Island, python=None, cwd=None) -> str:
-    """The sbatch script of one array job: task ``j`` writes part ``j`` of ``data/`` (``data.part=j``).
+def parts_script(spec: StageParts, run_dir, ids, overrides: list[str], island: Island, python=None, cwd=None) -> str:
+    """The sbatch script of one array job: task ``j`` runs ``ddm <stage> <spec.part_key>=j``.
 
-    ``parts``: the part numbers, which become the array's indices; ``overrides`` (the user's, with
-    ``data.parts``) as ``ddm.launch.overrides.job_overrides`` gives them. The log of task ``j`` is
-    ``logs/prepare/part-<jjjj>/slurm-<array job>_<j>.out``; that folder must exist.
+    ``ids``: the parts (clusters) to run, which become the array's indices; ``overrides`` (the user's, with the
+    number of parts) as ``ddm.launch.overrides.job_overrides`` gives them. The log of task ``j`` is
+    ``logs/<stage>/<task>/slurm-<array job>_<j>.out`` (``spec.task_job(j)``); that folder must exist.
     """
     run_dir = Path(run_dir).resolve()
-    logs = naming.prepare_logs(run_dir)
-    # SLURM pads %Na to N digits: the folder naming.part_job names
-    out = logs / f"{naming.PART_PREFIX}%{naming.PART_DIGITS}a" / "slurm-%A_%a.out"
+    logs = naming.stage_logs(run_dir, spec.stage)
+    # SLURM pads %Na to N digits: the folder spec.task_job names
+    out = logs / f"{spec.task_prefix}%{spec.task_digits}a" / "slurm-%A_%a.out"
     options = [
-        *_common_options(naming.run_job_name(run_dir, naming.PREPARE_PARTS), run_dir, None, _cwd(cwd)),
-        f"--array={format_array(parts)}",
+        *_common_options(naming.run_job_name(run_dir, spec.array_job), run_dir, None, _cwd(cwd)),
+        f"--array={format_array(ids)}",
         f"--output={_directive_value(out)}",
-        *prepare_resource_options(island),
+        *stage_resource_options(island, spec.gpu),
     ]
     prelude = [
-        f"printf -v PART '%0{naming.PART_DIGITS}d' \"$SLURM_ARRAY_TASK_ID\"",
-        f"PART_DIR={shlex.quote(str(logs))}/{naming.PART_PREFIX}$PART",
+        f"printf -v PART '%0{spec.task_digits}d' \"$SLURM_ARRAY_TASK_ID\"",
+        f"PART_DIR={shlex.quote(str(logs))}/{spec.task_prefix}$PART",
     ]
-    program = [shlex.quote(python or sys.executable), "-m", "ddm", "prepare"]
+    program = [shlex.quote(python or sys.executable), "-m", "ddm", spec.stage]
     args = [
-        '"data.part=$SLURM_ARRAY_TASK_ID"',
+        f'"{spec.part_key}=$SLURM_ARRAY_TASK_ID"',
         '"hydra.run.dir=$PART_DIR/hydra/slurm-${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
         *[shlex.quote(o) for o in overrides],
     ]
     header = [
-        f"Parts of data/ of the run {run_dir}, written by `ddm submit submit.stage=prepare` on "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')}.",
-        "Array task j writes part j (data/parts/part-JJJJ-of-NNNN.json marks it done); a job that depends on",
-        "this array merges them. To rerun some tasks by hand: sbatch --array=<parts> <this file>",
+        f"The {spec.stage} stage of the run {run_dir} in parts, written by `ddm submit submit.stage={spec.stage}` "
+        f"on {time.strftime('%Y-%m-%d %H:%M:%S')}.",
+        f"Array task j {spec.what}.",
+        *(["A job that depends on this array merges the parts."] if spec.merge else []),
+        "To rerun some tasks by hand: sbatch --array=<ids> <this file>",
     ]
     return _render(header, options, island.slurm.setup, prelude, program, args, False)
 
 
-def prepare_script(run_dir, job: str, overrides: list[str], island: Island, python=None, cwd=None) -> str:
-    """The sbatch script of the job that writes ``data/manifest.json``: ``job`` is ``merge`` (of the parts written
-    by their own jobs) or ``prepare`` (data.parts=1: all of it). Its log is ``logs/prepare/<job>/slurm-<id>.out``."""
+def final_script(spec: StageParts, run_dir, job: str, overrides: list[str], island: Island, python=None, cwd=None):
+    """The sbatch script of the job that completes a stage: ``job`` is ``merge`` (of the parts written by their
+    own jobs, on CPUs) or the stage (one part: all of it, on the parts' resources). Its log is
+    ``logs/<stage>/<job>/slurm-<id>.out``."""
     run_dir = Path(run_dir).resolve()
-    folder = naming.prepare_logs(run_dir) / job
+    folder = naming.stage_logs(run_dir, spec.stage) / job
     options = [
-        *_common_options(naming.run_job_name(run_dir, naming.PREPARE), run_dir, None, _cwd(cwd)),
+        *_common_options(naming.run_job_name(run_dir, spec.final_name), run_dir, None, _cwd(cwd)),
         f"--output={_directive_value(folder / 'slurm-%j.out')}",
-        *prepare_resource_options(island),
+        *stage_resource_options(island, spec.gpu and job == spec.stage),
     ]
-    program = [shlex.quote(python or sys.executable), "-m", "ddm", "prepare"]
+    program = [shlex.quote(python or sys.executable), "-m", "ddm", spec.stage]
     args = [f'"hydra.run.dir={_dq(folder)}/hydra/slurm-$SLURM_JOB_ID"', *[shlex.quote(o) for o in overrides]]
-    what = "Merges the parts of data/ into" if job == "merge" else "Writes all of data/ and"
+    what = "Runs all of" if job == spec.stage else "Merges the parts of"
     header = [
-        f"{what} data/manifest.json of the run {run_dir}; written by `ddm submit submit.stage=prepare` on "
+        f"{what} the {spec.stage} stage of the run {run_dir}; written by `ddm submit submit.stage={spec.stage}` on "
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}.",
     ]
     return _render(header, options, island.slurm.setup, [], program, args, False)

@@ -131,25 +131,19 @@ def run_jobs(run_dir: str | Path) -> tuple[dict[int, QueuedJob], QueuedJob | Non
     """
     from ddm.launch import naming
 
-    return _array_and_job(run_dir, naming.EXPERT, naming.ROUTER)
+    return array_and_job(run_dir, naming.EXPERT, naming.ROUTER)
 
 
-def prepare_jobs(run_dir: str | Path) -> tuple[dict[int, QueuedJob], QueuedJob | None]:
-    """The queued or running prepare jobs of one run: ``({part: array task}, the job writing the manifest or None)``."""
-    from ddm.launch import naming
-
-    return _array_and_job(run_dir, naming.PREPARE_PARTS, naming.PREPARE)
-
-
-def _array_and_job(run_dir, array: str, single: str) -> tuple[dict[int, QueuedJob], QueuedJob | None]:
-    """The run's tasks of its array job ``array`` by task id, and its job ``single``; running entries win."""
+def array_and_job(run_dir, array: str, single: str | None) -> tuple[dict[int, QueuedJob], QueuedJob | None]:
+    """The run's tasks of its array job ``array`` by task id, and its job ``single`` (None: no such job); running
+    entries win. The jobs of a stage's parts (``ddm.launch.stage_parts``): ``prepare-parts`` and ``prepare``, ..."""
     from ddm.launch import naming
 
     array_name = naming.run_job_name(run_dir, array)
-    single_name = naming.run_job_name(run_dir, single)
+    single_name = naming.run_job_name(run_dir, single) if single else None
     tasks: dict[int, QueuedJob] = {}
     job = None
-    for entry in queue([array_name, single_name]):
+    for entry in queue([array_name, *([single_name] if single_name else [])]):
         if not naming.belongs_to(entry.comment, run_dir):
             continue
         if entry.name == array_name and entry.task_id is not None:

@@ -117,7 +117,7 @@ class Logger(Group):
 
 @frozen
 class Submit(Group):
-    stage: Literal["train", "prepare"]  # what to start: the training jobs, or the jobs that write data/
+    stage: Literal["train", "prepare", "embed", "partition", "encode"]  # the training jobs, or a stage's parts
     launcher: str
     experts: list[int] | None
     router: bool

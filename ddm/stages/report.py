@@ -50,7 +50,8 @@ def cluster_montage(rd: RunDir, K: int, per_cluster: int = 12) -> Path | None:
 
 def _stage_order(name: str) -> tuple:
     order = list(STAGES)
-    base = EXPERT_STAGE if expert_id_of(name) is not None else name.split("-part-")[0]  # prepare-part-0003
+    # prepare-part-0003, encode-cluster-02: a part of a stage run by many jobs
+    base = EXPERT_STAGE if expert_id_of(name) is not None else name.split("-part-")[0].split("-cluster-")[0]
     return (order.index(base) if base in order else len(order), name)
 
 

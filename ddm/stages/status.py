@@ -17,11 +17,15 @@ distilled/, one for the student, in one of these states:
 Without SLURM (no ``squeue``) the queue column reads ``n/a``; locks still
 show the jobs running on this machine. Reads only; writes nothing.
 
-A run whose ``data/`` is not complete yet (no ``data/manifest.json``; it has
-parts, or prepare jobs in the queue) shows the jobs that write it instead: one
-row per part of ``data.parts`` (done: its record is there; queued or running in
-SLURM; missing) and one for the job that writes the manifest (the merge).
-``data.parts`` is read from the records when the command does not give it.
+A run at a stage that runs in parts (``ddm.launch.stage_parts``: the last
+whose input is there, of prepare, embed, partition and, in a latent run,
+encode), begun (its folder is there, or SLURM lists its jobs) and not complete,
+while no expert has a folder yet,
+shows the jobs of that stage instead: one row per part (per cluster for
+encode): done (its files are there), queued or running (in SLURM, or holding
+its lock), or missing, and one for the job that merges them. The number of
+parts (``data.parts``, ``embed.parts``, ``cluster.partition_parts``) is read
+from the parts' files when the command does not give it.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json
 from ddm.job_names import expert_job
 from ddm.launch import lock, naming, slurm
-from ddm.launch.prepare_jobs import final_job, part_record, prepare_state, read_queue, recorded_parts
+from ddm.launch.stage_jobs import read_queue, stage_state
+from ddm.launch.stage_parts import ENCODE, STAGES, StageParts
 from ddm.settings import Settings
 
 log = logging.getLogger("ddm")
@@ -62,11 +67,11 @@ def _failure(path: Path) -> str:
     return str(info)
 
 
-def job_status(job_dir: Path, record: Path, queued: slurm.QueuedJob | None) -> dict:
-    """The state of one job (an expert or the router) from its folder and its queue entry."""
+def _row(job_dir: Path, queued: slurm.QueuedJob | None) -> dict:
+    """A job's row before its state is known: missing, its queue entry and its newest log."""
     # SLURM's logs and the local launcher's (ddm.launch.local), newest last
     logs = sorted([*job_dir.glob("slurm-*.out"), *job_dir.glob("local-*.out")], key=lambda p: p.stat().st_mtime)
-    row = dict(
+    return dict(
         state="missing",
         steps=None,
         loss=None,
@@ -75,6 +80,11 @@ def job_status(job_dir: Path, record: Path, queued: slurm.QueuedJob | None) -> d
         detail="",
         log=str(logs[-1]) if logs else None,
     )
+
+
+def job_status(job_dir: Path, record: Path, queued: slurm.QueuedJob | None) -> dict:
+    """The state of one job (an expert or the router) from its folder and its queue entry."""
+    row = _row(job_dir, queued)
     ckpts = job_dir / "checkpoints"
     if record.exists():
         rec = read_json(record)
@@ -84,7 +94,7 @@ def job_status(job_dir: Path, record: Path, queued: slurm.QueuedJob | None) -> d
         if queued:
             row["detail"] = f"finished, yet SLURM still lists job {queued.job_id}"
     elif queued:
-        row.update(state="running" if queued.running else "queued", steps=_last_step(ckpts))
+        row.update(state=_queued_state(queued), steps=_last_step(ckpts))
         row["detail"] = f"last checkpoint at step {row['steps']}" if row["steps"] is not None else ""
     elif (held := lock.held_by(job_dir)) is not None:
         row.update(state="running", steps=_last_step(ckpts), detail=held)
@@ -99,6 +109,25 @@ def job_status(job_dir: Path, record: Path, queued: slurm.QueuedJob | None) -> d
             + (f" after step {step}" if step is not None else "")
             + "; `ddm submit` resumes it from last.ckpt",
         )
+    return row
+
+
+def _queued_state(queued: slurm.QueuedJob) -> str:
+    return "running" if queued.running else "queued"
+
+
+def part_status(log_dir: Path, done: bool, queued: slurm.QueuedJob | None, holder: str | None) -> dict:
+    """The state of one job of a stage's parts: ``done`` from its files, else queued or running (in SLURM, or
+    ``holder`` holds its lock), else missing (then its last log, if any: it may have failed or stopped)."""
+    row = _row(log_dir, queued)
+    if done:
+        row.update(state="done", detail=f"finished, yet SLURM still lists job {queued.job_id}" if queued else "")
+    elif queued:
+        row["state"] = _queued_state(queued)
+    elif holder:
+        row.update(state="running", detail=holder)
+    elif row["log"]:
+        row["detail"] = f"not done; its last log: {row['log']}"
     return row
 
 
@@ -143,7 +172,7 @@ def _grown(rd: RunDir) -> str:
 def run(cfg: Settings) -> dict:
     """Print the table for the run ``cfg.run_dir`` and return it as a dict."""
     rd = RunDir(Path(cfg.run_dir).resolve())
-    if not rd.cluster_report.exists() and not rd.data_manifest.exists() and (shown := _data_status(cfg, rd)):
+    if (shown := _stage_status(cfg, rd)) is not None:
         return shown
     if not rd.cluster_report.exists():
         raise MissingInput(
@@ -181,55 +210,70 @@ def run(cfg: Settings) -> dict:
     )
 
 
-def _data_status(cfg: Settings, rd: RunDir) -> dict | None:
-    """The table of the jobs writing ``data/``; None when there is nothing of them (no data/, none queued)."""
-    parts = int(cfg.data.parts) if int(cfg.data.parts) > 1 else recorded_parts(rd) or 1
-    queued_parts, final, no_queue = read_queue(rd, strict=False)
-    if not rd.data.exists() and not queued_parts and final is None:
-        return None
-    if parts == 1 and queued_parts:
+def _current_stage(cfg: Settings, rd: RunDir) -> StageParts | None:
+    """The last stage whose input is there (prepare needs none); None for encode in a pixel run."""
+    spec = next(spec for spec in reversed(STAGES.values()) if spec.needs(rd) is None)
+    return None if spec is ENCODE and str(cfg.vae.kind) == "none" else spec
+
+
+def _parts(spec: StageParts, cfg: Settings, rd: RunDir, queued_tasks: dict) -> int:
+    """The number of parts: given, else read from the parts' files; refused when only SLURM knows of them."""
+    parts = spec.count(cfg, rd)
+    if spec.count_key is None or parts > 1:
+        return parts
+    parts = spec.recorded_parts(rd) or 1
+    if parts == 1 and queued_tasks:
         raise BadInput(
-            f"SLURM has tasks {sorted(queued_parts)} of prepare's parts queued for {rd.root} and no part is done "
-            f"yet: give data.parts=N, as they were submitted with, to see them"
+            f"SLURM has tasks {sorted(queued_tasks)} of {spec.stage}'s parts queued for {rd.root} and no part is "
+            f"done yet: give {spec.count_key}=N, as they were submitted with, to see them"
         )
-    st = prepare_state(rd, parts, queued_parts, final)
-    logs = naming.prepare_logs(rd.root)
+    return parts
+
+
+def _stage_status(cfg: Settings, rd: RunDir) -> dict | None:
+    """The table of the jobs of the stage the run is at; None when it has not begun or is complete."""
+    spec = _current_stage(cfg, rd)
+    if spec is None or rd.experts.exists():  # training has begun: its table is the one to see
+        return None
+    queue, no_queue = read_queue(spec, rd, strict=False)
+    queued_tasks, final = queue
+    if not spec.folder(rd).exists() and not queued_tasks and final is None:
+        return None
+    st = stage_state(spec, cfg, rd, _parts(spec, cfg, rd, queued_tasks), queue)
+    if st.complete:
+        return None
+    logs = naming.stage_logs(rd.root, spec.stage)
     rows = [
         dict(
-            name=naming.part_job(j),
+            name=spec.task_job(j),
             part=j,
-            **_no_record(job_status(logs / naming.part_job(j), part_record(rd, j, parts), queued_parts.get(j))),
+            **part_status(logs / spec.task_job(j), j in st.done, st.queued.get(j), st.running.get(j)),
         )
-        for j in range(parts if parts > 1 else 0)
+        for j in st.ids
     ]
-    job = final_job(parts)
-    manifest = dict(name=job, **_no_record(job_status(logs / job, rd.data_manifest, final)))
+    job = spec.final_job(st.parts)
+    merge = dict(name=job, **part_status(logs / job, False, final, None)) if job else None
     counts = {s: sum(r["state"] == s for r in rows) for s in STATES}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    what = f"parts ({spec.count_key}={st.parts})" if spec.count_key else f"clusters (K={st.parts})"
+    shown = ([f"{what}: {summary}"] if rows else []) + ([f"{job}: {merge['state']}"] if merge else [])
     print(
-        f"run {rd.root}: data/ not complete (no {rd.data_manifest.name}); "
-        + (f"parts (data.parts={parts}): {summary}; " if rows else "")
-        + f"{job}: {manifest['state']}"
+        f"run {rd.root}: {spec.stage} not complete; "
+        + "; ".join(shown)
         + (f" (queue: n/a, {no_queue})" if no_queue else "")
     )
-    print(format_table(rows + [manifest], queue_known=no_queue is None))
+    print(format_table(rows + ([merge] if merge else []), queue_known=no_queue is None))
     return dict(
         run_dir=str(rd.root),
-        stage="prepare",
-        parts=parts,
+        stage=spec.stage,
+        parts=st.parts,
         part_rows=rows,
-        manifest=manifest,
+        manifest=merge,
         counts=counts,
         parts_done=st.done,
         parts_queued=sorted(st.queued),
+        parts_running=sorted(st.running),
         parts_missing=st.missing,
         queue=None if no_queue else "slurm",
         queue_error=no_queue,
     )
-
-
-def _no_record(row: dict) -> dict:
-    """A prepare job with no record yet and none queued: where its last log is (it may have failed or stopped)."""
-    if row["state"] == "missing" and row["log"]:
-        row["detail"] = f"no record yet; its last log: {row['log']}"
-    return row

@@ -6,6 +6,7 @@
     ddm submit name=big submit.dry_run=true                  # print the scripts, submit nothing
     ddm submit name=big submit.launcher=local island=gpu     # no scheduler: one process per GPU here
     ddm submit name=big submit.stage=prepare data.parts=16 ... # data/'s parts as an array job, then their merge
+    ddm submit name=big submit.stage=encode vae=sd island=gpu ...  # one encode task per cluster not encoded
 
 Reads ``clusters/report.json`` (K) and the experts' records; asks ``squeue``
 which of the run's jobs are queued or running, and each job folder's
@@ -27,23 +28,26 @@ same config. Each script is kept under ``<run>/slurm/``; each job's log is
 
 ``submit.stage=prepare`` starts the jobs that write ``data/`` instead: its
 ``data.parts`` not done as one array job, then their merge
-(``ddm.launch.prepare_jobs``). They need neither clusters nor partitions.
+(``ddm.launch.stage_jobs``); they need neither clusters nor partitions.
+``submit.stage=embed`` and ``partition`` do the same for ``embed.parts`` and
+``cluster.partition_parts``, and ``submit.stage=encode`` sends one task per
+cluster not encoded yet, with no merge (``ddm.launch.stage_parts``).
 """
 
 from __future__ import annotations
 
 import logging
-import shlex
 import sys
 from pathlib import Path
 
 from ddm.artifacts import RunDir
 from ddm.errors import BadInput, MissingInput
 from ddm.io import read_json
-from ddm.launch import prepare_jobs, sbatch, slurm
-from ddm.launch.local_jobs import local_jobs, machine_plan, run_in_background, thread_args, train_here
+from ddm.launch import sbatch, slurm, stage_jobs
+from ddm.launch.local_jobs import local_jobs, machine_plan, run_in_background, show, train_here
 from ddm.launch.lock import held_by
 from ddm.launch.overrides import job_overrides
+from ddm.launch.stage_parts import STAGES
 from ddm.settings import Settings, Submit
 
 log = logging.getLogger("ddm")
@@ -118,8 +122,8 @@ def run(cfg: Settings, overrides: list[str] | None = None) -> dict:
             f"submit.launcher={launcher!r} is not one of {', '.join(LAUNCHERS)}: slurm submits the jobs to SLURM, "
             f"local runs them as processes on this machine"
         )
-    if str(sub.stage) == "prepare":  # data/ only: no clusters needed
-        return prepare_jobs.submit(cfg, rd, list(overrides or []))
+    if str(sub.stage) in STAGES:  # a stage's parts: what it needs is its own
+        return stage_jobs.submit(STAGES[str(sub.stage)], cfg, rd, list(overrides or []))
     k = _require_inputs(rd)
     ids = expert_ids(sub.experts, k)
     if launcher == "local":
@@ -225,9 +229,7 @@ def _run_here(cfg: Settings, rd: RunDir, k: int, ids: list[int], sub: Submit, us
         log.info("submit: nothing to start for %s: %s; router %s", rd.root, ", ".join(parts), router)
         return result
     if result["dry_run"]:
-        for job in jobs:
-            print(f"# {job.name}: would run in {job.folder}\n{shlex.join([*job.argv, *thread_args(plan, user)])}")
-        print(f"# {plan.describe()}")
+        show(jobs, plan, user)
         return result
     if not sub.wait:
         return dict(result, **run_in_background(rd.root, user))

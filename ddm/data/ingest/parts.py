@@ -94,7 +94,7 @@ def merge_parts(folder: Path, parts: int, num_units: int, about: dict) -> Merged
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise MissingInput(
             f"prepare: parts {shown} of data.parts={parts} are not done (no {part_path(folder, missing[0], parts)}): "
-            f"run `ddm prepare data.parts={parts} data.part=J` for each (or `ddm submit stage=prepare`), then "
+            f"run `ddm prepare data.parts={parts} data.part=J` for each (or `ddm submit submit.stage=prepare`), then "
             f"this command again to merge"
         )
     merged = Merged()

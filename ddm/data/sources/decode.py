@@ -13,6 +13,9 @@ an image comes out the same from either:
   per channel, so a fully transparent pixel is the background whatever colour is
   stored under it. Grayscale output is the composited RGB converted to L.
 - Everything else is converted by PIL to ``L`` (channels 1) or ``RGB`` (channels 3).
+- A photo whose EXIF orientation says it was taken turned or mirrored (values 2-8) is
+  turned upright first, as image viewers show it; its source bytes are then never
+  stored as they are (they would decode on their side elsewhere).
 
 A file that cannot be decoded (empty, truncated, not an image) raises
 :class:`UnreadableImage`, a ``BadInput`` naming the file and the reason. With
@@ -29,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ddm.errors import BadInput
 
@@ -41,6 +44,7 @@ ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 DEFAULT_BACKGROUND = (255, 255, 255)  # white, as conf/data/*.yaml sets data.background
 ON_ERROR = ("raise", "skip")
 DEFAULT_ON_ERROR = "raise"
+EXIF_ORIENTATION = 0x0112  # the EXIF tag cameras record a rotated shot in (1: upright; 2-8: mirrored, turned)
 
 
 class UnreadableImage(BadInput):
@@ -164,9 +168,24 @@ def decode_with_format(
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise UnreadableImage(origin, f"cannot be decoded, the file is truncated or damaged ({e})") from e
         plain = im.mode == PIL_MODES[channels] and "transparency" not in im.info
+        upright = _upright(im)
+        if upright is not im:  # a camera's rotated photo: its bytes, decoded plainly, would lie on their side
+            with upright:
+                return _pixels(upright, channels, background, origin), None
         return _pixels(im, channels, background, origin), (im.format or "").lower() if plain else None
     finally:
         im.close()
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """``im`` turned as its EXIF orientation says (a new image), or ``im`` itself when it needs no turning."""
+    try:
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError, TypeError):  # damaged EXIF: the pixels as stored
+        return im
+    if orientation in (0, 1) or orientation not in range(2, 9):
+        return im
+    return ImageOps.exif_transpose(im)
 
 
 def _pixels(im: Image.Image, channels: int, background: tuple[int, int, int], origin: str) -> np.ndarray:

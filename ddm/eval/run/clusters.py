@@ -59,4 +59,7 @@ def embed_like_training(rd: RunDir, images: np.ndarray, seed: int) -> np.ndarray
     encoder = build_encoder(
         build(Embed, manifest["encoder_config"], "embed"), SourceMeta.from_manifest(load_manifest(rd.data))
     )
-    return np.concatenate([encoder(images[i : i + EMBED_BATCH]) for i in range(0, len(images), EMBED_BATCH)])
+    rows = np.concatenate([encoder(images[i : i + EMBED_BATCH]) for i in range(0, len(images), EMBED_BATCH)])
+    # rounded as the run's rows were stored (embed.dtype), so they meet the centroids as the training rows did
+    stored = np.dtype(manifest.get("dtype") or manifest["encoder_config"].get("dtype") or "float32")
+    return rows.astype(stored).astype(np.float32)
