@@ -126,6 +126,7 @@ class Ensemble(VelocityModel):
         self.register_buffer("_subset_index", None if full_set else torch.tensor(self.active_ids), persistent=False)
         self._num_classes = _common_num_classes(self.experts.values())
         self.usage: list[dict] = []
+        self.offload = None  # an OffloadedExperts (ddm.sampling.offload): experts on the host, fetched when routed
 
     # ---- the expert interface -------------------------------------------------------
     @property
@@ -193,29 +194,32 @@ class Ensemble(VelocityModel):
         return v_uncond + scale * (v_cond - v_uncond)
 
     def _run_experts(self, x, t, y, selected, weights, counts, scale):
-        """Each expert with samples once, on exactly its rows (guided with ``scale``), weighted and summed."""
+        """Each expert with samples once, on exactly its rows (guided with ``scale``), weighted and summed.
+
+        Offloaded (``self.offload``): the experts are visited in the cache's order (resident ones first) and
+        fetched to the device one at a time, but always summed in expert-id order, so the result is the same.
+        """
         out = torch.zeros_like(x)
         # Exact one-hot strategies skip the multiply so they equal the chosen expert bit for bit.
         weighted = self.strategy not in ("top1", "sample")
-        for j, k in enumerate(self.active_ids):
-            if counts[k] == 0:
-                continue  # no sample routed here: the expert is not run at all
-            expert = self.experts[str(k)]
-            if counts[k] == x.shape[0]:
+        column = {k: j for j, k in enumerate(self.active_ids) if counts[k]}  # no sample routed: not run at all
+        ids, pending = list(column), {}
+        if self.offload is not None:
+            self.offload.begin_call()
+        for k in list(ids) if self.offload is None else self.offload.order(ids):
+            j = column[k]
+            expert = self.experts[str(k)] if self.offload is None else self.offload.fetch(k)
+            idx = None if counts[k] == x.shape[0] else selected[:, j].nonzero().squeeze(1)
+            if idx is None:
                 v = guided_velocity(expert, x, t, y, scale)
-                out = out + (v * _bc(weights[:, j], v) if weighted else v)
-                continue
-            idx = selected[:, j].nonzero().squeeze(1)
-            v = guided_velocity(
-                expert,
-                x.index_select(0, idx),
-                t.index_select(0, idx),
-                None if y is None else y.index_select(0, idx),
-                scale,
-            )
-            if weighted:
-                v = v * _bc(weights.index_select(0, idx)[:, j], v)
-            out.index_add_(0, idx, v.to(out.dtype))
+                pending[k] = (None, v * _bc(weights[:, j], v) if weighted else v)
+            else:
+                pick = (x.index_select(0, idx), t.index_select(0, idx), None if y is None else y.index_select(0, idx))
+                v = guided_velocity(expert, *pick, scale)
+                pending[k] = (idx, v * _bc(weights.index_select(0, idx)[:, j], v) if weighted else v)
+            while ids and ids[0] in pending:  # summed in id order: floating point sums depend on the order
+                rows, v = pending.pop(ids.pop(0))
+                out = out + v if rows is None else out.index_add_(0, rows, v.to(out.dtype))
         return out
 
     # ---- usage ----------------------------------------------------------------------

@@ -6,8 +6,8 @@
     python scripts/bench_ingest.py --cores 32 --gpus 8 --encoder-images-per-s 2000   # the projection's node
 
 Runs the real stages (``ddm prepare`` with ``data=image_folder data.resize=256``, then ``embed``,
-``cluster`` and ``partition``) in a temporary run, timing each. ``prepare`` runs once per
-``--workers`` value (best of ``--repeat``); the later stages at the largest. Prints images/s (and per worker), the
+``cluster`` and ``partition``) in a temporary run per ``--workers`` value, timing each (prepare:
+best of ``--repeat``). Prints images/s (and per worker), the
 speed-up of each worker count over the first, the bytes stored per image against the source
 files', and the projected wall time of each stage for 1.28M and 100M images on a node of
 ``--cores`` cores, assuming the rate per worker measured at the largest count holds there.
@@ -128,40 +128,41 @@ def main(argv=None) -> dict:
             "cluster.method=flat",
             "log_level=WARNING",
         ]
-        rows, rate = [], {}
+        rows, rate, later = [], {}, {}
         for n in workers:
-            cfg = settings([*base, f"run_dir={work / f'run-w{n}'}", f"data.workers={n}", "embed.workers=" + str(n)])
+            cfg = settings([*base, f"run_dir={work / f'run-w{n}'}", f"data.workers={n}", f"embed.workers={n}"])
             # best of --repeat runs (redo=true after the first): the first pays for cold files and imports
             seconds = min(timed("prepare", changed(cfg, {"redo": i > 0})) for i in range(args.repeat))
             manifest = load_manifest(Path(cfg.run_dir) / "data")
             count = manifest["num_samples"]
             rate[n] = count / seconds
             rows.append(["prepare", n, count, num(seconds, ".3g"), num(rate[n], ".4g"), num(rate[n] / n, ".4g")])
+            later[n] = {stage: timed(stage, cfg) for stage in ("embed", "cluster", "partition")}
+            for stage, took in later[n].items():
+                rows.append([stage, n, count, num(took, ".3g"), num(count / took, ".4g"), "-"])
+        rows.sort(key=lambda row: ["prepare", "embed", "cluster", "partition"].index(row[0]))
         first, last = workers[0], workers[-1]
         stored = sum(s["size"] for s in manifest["shards"]) / count
-        kept = {p.relative_to(images).as_posix() for p in files}
-        source = np.mean([p.stat().st_size for p in files]) if kept else float("nan")
-        later = {}
-        for stage in ("embed", "cluster", "partition"):
-            later[stage] = timed(stage, cfg)
-            rows.append([stage, last, count, num(later[stage], ".3g"), num(count / later[stage], ".4g"), "-"])
-
+        source = np.mean([p.stat().st_size for p in files])
         print(
             f"# ingest on {platform.node()} ({available_cores()} cores, {platform.processor() or platform.machine()})"
         )
         print(f"{count} images of {images} -> {args.size} px {args.format}, {args.shard_size} per shard\n")
         print("\n".join(table(["stage", "workers", "images", "seconds", "images/s", "images/s per worker"], rows)))
         speedup = rate[last] / rate[first]
+        embed_speedup = later[first]["embed"] / later[last]["embed"]
+        partition_speedup = later[first]["partition"] / later[last]["partition"]
         ceiling = machine_ceiling(files[0], args.size, last) if last > 1 else 1.0
         print(
             f"\nprepare speed-up, {last} workers over {first}: {speedup:.2f}x (the same decode loop in {last} plain "
-            f"processes over one, without ddm: {ceiling:.2f}x on this machine)"
+            f"processes over one, without ddm: {ceiling:.2f}x on this machine); embed {embed_speedup:.2f}x, "
+            f"partition {partition_speedup:.2f}x (cluster is faiss's own threads: workers do not apply)"
         )
         print(
             f"bytes per image: stored {stored / 1e3:.1f} KB ({args.size} px {args.format}, tar headers included) "
             f"against the source files' {source / 1e3:.1f} KB: {stored / source:.2f}x"
         )
-        projection = project(rate[last] / last, later, count, last, args)
+        projection = project(rate[last] / last, later[last], count, last, args)
         node = f"{args.cores} cores" + (f" and {args.gpus} GPUs" if args.gpus else "")
         print(
             f"\nprojected wall time on {node} (prepare and embed at the rate per worker above; cluster and partition "

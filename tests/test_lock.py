@@ -53,14 +53,16 @@ def hand_written_lock(folder, pid: int, host: str | None = None, **fields) -> di
 
 def test_a_second_job_on_a_busy_expert_refuses_naming_the_first(tmp_path):
     rd = make_partitions(tmp_path / "run")
-    # The first job, under SLURM job 4242, kept alive by slow checkpoint saves.
-    first = Job(rd.root, tmp_path / "first.log", env={"SLURM_JOB_ID": "4242", SLOW_CHECKPOINT_ENV: "3"})
+    # The first job, under SLURM job 4242, kept alive by slow checkpoint saves and more steps than it will live
+    # to take (it is killed below), however long the second job takes to start on a busy machine.
+    steps = "expert.steps=100000"
+    first = Job(rd.root, tmp_path / "first.log", steps, env={"SLURM_JOB_ID": "4242", SLOW_CHECKPOINT_ENV: "3"})
     try:
         first.wait_for(lambda: complete(ckpt_dir(rd) / "last.ckpt"), "a first checkpoint")
         held = read_json(rd.expert(0) / "lock.json")
         assert held["pid"] == first.proc.pid and held["slurm_job_id"] == "4242"
 
-        second = Job(rd.root, tmp_path / "second.log")
+        second = Job(rd.root, tmp_path / "second.log", steps)
         assert second.finish() == 2, second.output()[-3000:]
         message = second.output().strip().splitlines()[-1]
         assert message.startswith("ddm train-expert: error: train-expert 0: ")

@@ -28,6 +28,7 @@ def sample_quality(
     k: int = 5,
     per_class_min: int = 10,
     classify: Callable[[np.ndarray], np.ndarray] | None = None,
+    reference_stats=None,
 ) -> dict:
     """The quality of each set of generated images, compared with ``real_images``.
 
@@ -41,13 +42,15 @@ def sample_quality(
         per_class_min: per-class figures only for classes with at least this many
             real and generated images.
         classify: maps images to predicted labels; gives ``classifier_accuracy``.
+        reference_stats: a ``ddm.eval.reference.ReferenceStats`` of this feature space; gives
+            ``fd_reference``, the FD against its (mu, sigma), beside the FD against ``real_images``.
 
     Returns the part of a feature space's entry in metrics.json that depends on
     the images::
 
         num_real
-        reference_training_images   {num_images, fd, precision, recall}
-        strategies  {<strategy>: {num_generated, fd, precision, recall,
+        reference_training_images   {num_images, fd, precision, recall, fd_reference (with reference_stats)}
+        strategies  {<strategy>: {num_generated, fd, precision, recall, fd_reference (with reference_stats),
                                   classifier_accuracy   (when classify is given and both sets have labels)
                                   per_class             (when both sets have labels):
                                       {"<class>": {num_real, num_generated, fd, precision, recall,
@@ -62,6 +65,8 @@ def sample_quality(
         fd=frechet_distance_features(ref_f, real_f),
         **_precision_recall(real_f, ref_f, k),
     )
+    if reference_stats is not None:
+        reference["fd_reference"] = reference_stats.fd(ref_f)
     out = dict(num_real=len(real_images), reference_training_images=reference, strategies={})
     for strategy, (images, labels) in generated.items():
         labels = np.asarray(labels)
@@ -69,6 +74,8 @@ def sample_quality(
         row = dict(
             num_generated=len(gen_f), fd=frechet_distance_features(gen_f, real_f), **_precision_recall(real_f, gen_f, k)
         )
+        if reference_stats is not None:
+            row["fd_reference"] = reference_stats.fd(gen_f)
         has_labels = bool((labels >= 0).any() and (real_labels >= 0).any())
         predicted = classify(images) if classify is not None and has_labels else None
         if predicted is not None:

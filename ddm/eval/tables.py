@@ -67,6 +67,7 @@ def _quality(name: str, space: dict, sampling: dict) -> list[str]:
         ]
     )
     lines += table(["strategy", "images", "FD", "precision", "recall", "class accuracy", "sampling FLOPs/image"], rows)
+    lines += _reference_lines(space, sampling)
     per_class = {s: r.get("per_class") or {} for s, r in space["strategies"].items()}
     classes = sorted({c for pc in per_class.values() for c in pc}, key=int)
     if classes:
@@ -74,6 +75,25 @@ def _quality(name: str, space: dict, sampling: dict) -> list[str]:
         header = ["class"] + [f"{s} FD ({fmt_flops(sampling.get(s, {}).get('per_image'))}/image)" for s in per_class]
         lines += table(header, [[c] + [_class_cell(per_class[s].get(c, {})) for s in per_class] for c in classes])
     return lines
+
+
+def _reference_lines(space: dict, sampling: dict) -> list[str]:
+    """FID against the published statistics of ``eval.reference``, named by file and sha256, when there are any."""
+    ref = space.get("reference")
+    if not ref:
+        return []
+    rows = [
+        [s, r["num_generated"], num(r.get("fd_reference")), fmt_flops(sampling.get(s, {}).get("per_image"))]
+        for s, r in space["strategies"].items()
+    ]
+    train = space["reference_training_images"]
+    rows.append(["training images (reference)", train["num_images"], num(train.get("fd_reference")), "-"])
+    return [
+        f"FID against the reference statistics `{ref['file']}` (sha256 {ref['sha256'][:12]}, "
+        f"{ref['dim']}-d, recorded space {ref.get('feature_space') or 'not recorded'}):",
+        "",
+        *table(["strategy", "images", "FID vs reference", "sampling FLOPs/image"], rows),
+    ]
 
 
 def _class_cell(row: dict) -> str:

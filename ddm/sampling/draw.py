@@ -16,6 +16,7 @@ from ddm.errors import BadInput
 from ddm.images import to_uint8
 from ddm.sampling.checkpoints import AVAILABLE
 from ddm.sampling.grid import check_grid_rows
+from ddm.sampling.offload import offload
 from ddm.sampling.solvers import check_cfg_interval, num_evaluations, sample
 from ddm.settings import Sample
 
@@ -96,13 +97,26 @@ def rerouted(ensemble: Ensemble, **routing) -> Ensemble:
     if unknown:
         raise TypeError(f"rerouted() takes the routing settings {ROUTING}, not {unknown}")
     now = {name: getattr(ensemble, name) for name in ROUTING}
-    return Ensemble(
+    out = Ensemble(
         {int(k): m for k, m in ensemble.experts.items()},
         ensemble.router,
         subset=ensemble.active_ids,
         num_experts=ensemble.num_experts,
         **{**now, **routing},
     ).eval()
+    out.offload = ensemble.offload  # one device cache for the shared modules
+    return out
+
+
+def offloaded(ensemble, sc: Sample, device):
+    """``ensemble`` with its experts in host memory, fetched to ``device`` when routed, when ``sample.offload``.
+
+    Offloading changes where the experts wait, never what is drawn, so it is not one of ``SETTINGS``. The
+    ensemble is best loaded on the CPU first: loading it on the device would need room for every expert.
+    """
+    if not sc.offload or not hasattr(ensemble, "reset_usage"):
+        return ensemble  # off, or one network (the distilled student): nothing to offload
+    return offload(ensemble, device, sc.offload_budget_gb)
 
 
 # The per-expert fields of a usage record, summed (counts) or image-weighted (weights) over batches.

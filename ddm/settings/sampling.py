@@ -32,6 +32,8 @@ class Sample(Group):
     seed: int
     device: str
     precision: str
+    offload: bool
+    offload_budget_gb: float | None
 
 
 @frozen
@@ -87,6 +89,7 @@ class Eval(Group):
     prdc_k: int
     inception_weights: str | None
     inception_batch_size: int
+    reference: str | None
     fm_loss: FmLoss
     router: RouterDiagnostics
     flops: Flops

@@ -27,7 +27,8 @@ ensemble, and ``eval.strategies`` may list ``distilled`` beside routing strategi
 
 Feature spaces: ``classifier:<checksum>``, a small CNN trained on the training
 split and cached by content (ddm.eval.feature_net), always; ``inception:<sha>``
-when ``eval.inception_weights`` names a local file. Each space is its own entry
+when ``eval.inception_weights`` names a local file, with the FID against the published statistics
+that ``eval.reference`` names (ADM's reference batches, clean-fid's stats files). Each space is its own entry
 and its own table: numbers from different spaces are never mixed.
 
 A rerun with the same settings and networks returns the existing metrics; other
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from ddm.artifacts import RunDir
 from ddm.devices import resolve_device
@@ -47,10 +49,10 @@ from ddm.errors import MissingConfig
 from ddm.eval.router_diag import usage_per_step
 from ddm.eval.run import evaluation_dir
 from ddm.eval.run.context import EvaluationContext
-from ddm.eval.run.feature_spaces import classifier_functions, load_inception
+from ddm.eval.run.feature_spaces import classifier_functions, load_inception, load_reference_stats
 from ddm.eval.run.flop_section import flops_section
 from ddm.eval.tables import render_report
-from ddm.io import read_json, write_json, write_text
+from ddm.io import read_json, sha256_file, write_json, write_text
 from ddm.job_names import is_expert
 from ddm.markdown import num
 from ddm.sampling.checkpoints import models_identity
@@ -76,10 +78,21 @@ def settings_of(cfg: Settings) -> dict:
             "conf/config.yaml or pass +eval=default on the command line"
         )
     return dict(
-        eval=cfg.eval.to_dict(),
+        eval=_eval_settings(cfg.eval),
         sample=requested_settings(cfg.sample),
         networks=_network_files(RunDir(cfg.run_dir), distilled=wants_distilled(cfg)),
     )
+
+
+def _eval_settings(ec) -> dict:
+    """The eval config; ``reference`` only when set (metrics from before the option still match), then with the
+    file's sha256, so new statistics at the same path are evaluated again."""
+    out = ec.to_dict()
+    if out.get("reference") is None:
+        out.pop("reference", None)
+    elif Path(out["reference"]).expanduser().is_file():
+        out["reference_sha256"] = sha256_file(Path(out["reference"]).expanduser())
+    return out
 
 
 def _network_files(rd: RunDir, distilled: bool = False) -> dict:
@@ -105,6 +118,7 @@ def run(cfg: Settings) -> dict:
     start = time.perf_counter()
     # fail on a missing file before any slow work; on eval.device, where the evaluation's other networks run
     inception = load_inception(cfg.eval, resolve_device(cfg.eval.device, "eval.device"))
+    reference = load_reference_stats(cfg.eval, inception)  # a file of another feature space fails here too
     # sample.model=distilled (or `distilled` in eval.strategies): the distilled student is a row too
     ctx = (DistilledContext if wants_distilled(cfg) else EvaluationContext)(cfg, rd, settings, redo)
     metrics = dict(
@@ -116,7 +130,7 @@ def run(cfg: Settings) -> dict:
     )
     generated = {s: ctx.generated(s) for s in ctx.strategies}
     metrics["flops"] = flops_section(ctx, generated)  # threshold, nucleus: at the experts these images used
-    metrics["feature_spaces"] = feature_spaces(ctx, generated, inception)
+    metrics["feature_spaces"] = feature_spaces(ctx, generated, inception, reference)
     metrics.update(generated_summary(generated))
     if ctx.text:
         metrics["clip_score"] = ctx.heldout_text.clip_score(generated, ctx.batch)
@@ -131,12 +145,14 @@ def run(cfg: Settings) -> dict:
     return metrics
 
 
-def feature_spaces(ctx: EvaluationContext, generated: dict, inception) -> dict:
+def feature_spaces(ctx: EvaluationContext, generated: dict, inception, reference=None) -> dict:
     """metrics.json ``feature_spaces``: sample quality in each feature space, keyed by its name, classifier first.
 
     ``classifier:<checksum[:12]>``: the classifier's description
     (``ddm.eval.run.feature_spaces.classifier_info``) plus ``sample_quality``.
-    ``inception:<sha[:12]>``: ``{kind, file, sha256}`` plus ``sample_quality``.
+    ``inception:<sha[:12]>``: ``{kind, file, sha256}`` plus ``sample_quality``; with ``eval.reference``
+    also ``reference: {file, sha256, feature_space, dim}`` (``ddm.eval.reference``) and each row's
+    ``fd_reference``, the FID against those statistics.
     """
     net, info = ctx.feature_net()
     extract, classify = classifier_functions(net, info["target"], ctx.batch)
@@ -147,7 +163,8 @@ def feature_spaces(ctx: EvaluationContext, generated: dict, inception) -> dict:
             kind=inception.kind,
             file=str(inception.path),
             sha256=inception.sha256,
-            **ctx.quality(lambda x: inception(x, batch), generated),
+            **({} if reference is None else dict(reference=reference.describe())),
+            **ctx.quality(lambda x: inception(x, batch), generated, reference_stats=reference),
         )
     return spaces
 

@@ -10,6 +10,8 @@ Reads ``router/router.pt`` and ``experts/expert-KK/expert.pt``; writes, in ``sam
                   sample.grid_rows rows: evenly spaced classes when there are more
     samples.npz   images (uint8 [N, H, W] or [N, H, W, C]), labels (-1: unconditional),
                   num_grid (the first num_grid images are the grid)
+    samples_adm.npz the same images in ADM's interchange layout (ddm.sampling.adm): arr_0 uint8
+                  [N, H, W, 3] (grayscale repeated to RGB), arr_1 the class labels when the run has classes
     usage.json    one record per solver evaluation: t, samples per expert, mean routing weight
                   (sample.cfg_routing=separate with guidance: also those of the null input, uncond_*)
     usage.png     each expert's share of the routing weight against t
@@ -37,8 +39,9 @@ from ddm.ensemble import experts_per_sample
 from ddm.io import atomic_path, read_json, write_json
 from ddm.latent.run_latents import latent_decoder
 from ddm.sampling import load_ensemble, num_evaluations
+from ddm.sampling.adm import write_adm_npz
 from ddm.sampling.checkpoints import AVAILABLE, expert_ids_on_disk, models_identity
-from ddm.sampling.draw import DISTILLED, draw, requested_settings, rerouted
+from ddm.sampling.draw import DISTILLED, draw, offloaded, requested_settings, rerouted
 from ddm.sampling.fit import check_guidance
 from ddm.sampling.grid import class_names, grid_classes, plan_labels
 from ddm.sampling.record import SamplesRecord
@@ -91,13 +94,15 @@ def run(cfg: Settings) -> dict:
             strategy=settings["strategy"],
             top_k=settings["top_k"],
             subset=settings["experts"],
-            device=device,
+            # offloaded experts wait in host memory: loading them on the device would need room for all of them
+            device="cpu" if sc.offload else device,
             temperature=float(settings["temperature"]),
             generator=gen_route,
         )
         ensemble = rerouted(
             ensemble, threshold=settings["threshold"], top_p=settings["top_p"], cfg_routing=settings["cfg_routing"]
         )
+        ensemble = offloaded(ensemble, sc, device)
         check_guidance(info, settings["cfg_scale"], cfg_routing=settings["cfg_routing"])
     num_classes = int(info.num_classes)
     prompts = sample_prompts(cfg, rd) if info.text else None
@@ -127,7 +132,8 @@ def run(cfg: Settings) -> dict:
     images, usage = draw(
         ensemble, path, shape, conditions, total, int(sc.batch_size), settings, gen_noise, device, decode
     )
-    out = _write(rd, images, labels, num_grid, usage, rows, int(sc.per_class), settings)
+    # text runs' labels index prompts, not classes: ADM's arr_1 is for class labels only
+    out = _write(rd, images, labels, num_grid, usage, rows, int(sc.per_class), settings, classes=prompts is None)
 
     used = [
         k
@@ -175,21 +181,23 @@ def run(cfg: Settings) -> dict:
     return record
 
 
-def _write(rd, images, labels, num_grid, usage, rows, per_class, settings) -> list[str]:
-    """Every artefact but record.json, each atomically; ``rows`` label the grid's rows (classes or prompts)."""
+def _write(rd, images, labels, num_grid, usage, rows, per_class, settings, classes=True) -> list[str]:
+    """Every artefact but record.json, each atomically; ``rows`` label the grid's rows (classes or prompts);
+    ``classes``: ``labels`` are class labels (they go into the ADM file's arr_1)."""
     out = rd.samples
     save_grid(images[:num_grid], per_class, out / "grid.png", row_labels=rows)
     label_array = np.full(len(images), -1, np.int64) if labels is None else labels.numpy()
     with atomic_path(out / "samples.npz") as tmp:
         np.savez(tmp, images=images, labels=label_array, num_grid=np.int64(num_grid))
+    write_adm_npz(out / "samples_adm.npz", images, label_array if classes else None)
     if not usage:  # one model (the distilled student): nothing was routed; no usage of an earlier run stays
         for name in ("usage.json", "usage.png"):
             (out / name).unlink(missing_ok=True)
-        return ["grid.png", "samples.npz", "record.json"]
+        return ["grid.png", "samples.npz", "samples_adm.npz", "record.json"]
     write_json(out / "usage.json", usage)
     plot_usage(
         usage,
         out / "usage.png",
         title=f"expert usage: {settings['strategy']}, {settings['solver']} x{settings['steps']}",
     )
-    return ["grid.png", "samples.npz", "usage.json", "usage.png", "record.json"]
+    return ["grid.png", "samples.npz", "samples_adm.npz", "usage.json", "usage.png", "record.json"]

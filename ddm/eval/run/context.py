@@ -229,8 +229,9 @@ class EvaluationContext:
             test_x, test_y = self.real_x[keep], (clusters[keep] if clusters is not None else np.zeros(0))
         return net, classifier_info(net, target, test_x, test_y, self.batch)
 
-    def quality(self, extract, generated: dict, classify=None) -> dict:
-        """FD, precision and recall of each strategy (and of training images) against held-out images.
+    def quality(self, extract, generated: dict, classify=None, reference_stats=None) -> dict:
+        """FD, precision and recall of each strategy (and of training images) against held-out images
+        (and, with ``reference_stats``, the FD against those statistics).
 
         ``generated`` maps strategies to ``generated(strategy)`` results; see
         ``ddm.eval.quality.sample_quality`` for what is returned.
@@ -246,6 +247,7 @@ class EvaluationContext:
             k=int(self.ec.prdc_k),
             per_class_min=int(self.ec.per_class_min),
             classify=classify,
+            reference_stats=reference_stats,
         )
 
     # ---- flow-matching loss and router -------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np
 
 from ddm.artifacts import RunDir
 from ddm.data.shards import load_manifest
+from ddm.errors import BadInput
 from ddm.eval import feature_net as fnet
 from ddm.eval.heldout import load_images
 from ddm.eval.run.clusters import cluster_labels
@@ -126,3 +127,19 @@ def load_inception(ec: Eval, device=None):
     from ddm.eval.inception import load_inception as load  # torch.jit and torchvision: only when asked for
 
     return load(ec.inception_weights, device=device)
+
+
+def load_reference_stats(ec: Eval, inception):
+    """The statistics named by ``eval.reference``, checked against the Inception's feature space, or None when it
+    is null. They only mean FID in the Inception space, so they need ``eval.inception_weights``."""
+    if ec.reference is None:
+        return None
+    if inception is None or not inception.kind.startswith("fid_inception"):
+        what = "is null" if inception is None else f"is {inception.kind}, not the FID Inception"
+        raise BadInput(
+            f"eval.reference={ec.reference} holds FID Inception statistics but eval.inception_weights {what}: "
+            "point eval.inception_weights at the FID Inception file"
+        )
+    from ddm.eval.reference import INCEPTION_DIM, load_reference
+
+    return load_reference(ec.reference, inception.space, INCEPTION_DIM)
