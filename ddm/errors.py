@@ -47,3 +47,9 @@ class Locked(Unusable):
 
 class JobFailed(UserError, RuntimeError):
     """Jobs started by ``ddm`` on this machine that failed; each left its error in its own folder and log."""
+
+
+def some_of(items, most: int = 10) -> str:
+    """The first ``most`` of ``items`` for a message, comma-separated, `` ...`` when there are more."""
+    items = list(items)
+    return ", ".join(map(str, items[:most])) + (" ..." if len(items) > most else "")

@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddm.data.shards import MANIFEST
-from ddm.errors import BadInput, MissingInput
+from ddm.errors import BadInput, MissingInput, some_of
 from ddm.io import read_json
 
 
@@ -88,7 +88,7 @@ def merged_manifests(folders: list[Path], parts: int, clustering_id: str, data_d
     why = {k: _why_not_done(f, clustering_id, data_digest) for k, f in enumerate(folders)}
     missing = sorted({k % parts for k, reason in why.items() if reason is not None})
     if missing:
-        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        shown = some_of(missing)
         first = next(reason for reason in why.values() if reason is not None)
         raise MissingInput(
             f"partition: parts {shown} of cluster.partition_parts={parts} are not done ({first}): run "

@@ -53,7 +53,7 @@ from ddm.embed.parts import (
     write_record,
 )
 from ddm.embed.reader import embed_shards, loader_workers
-from ddm.errors import BadInput, MissingInput, Unusable
+from ddm.errors import BadInput, MissingInput, Unusable, some_of
 from ddm.io import atomic_path, sha256_file, sha256_strings, write_json, write_text
 from ddm.seeds import seed_everything
 from ddm.settings import Settings
@@ -220,7 +220,7 @@ def _merge(cfg: Settings, run_dir: RunDir, data: dict, parts: int) -> dict:
         or not all(_shard_done(folder, i, data["shards"][i], records[j]["dim"], dtype) for i in span)
     ]
     if not_done:
-        shown = ", ".join(map(str, not_done[:10])) + (" ..." if len(not_done) > 10 else "")
+        shown = some_of(not_done)
         raise MissingInput(
             f"embed: parts {shown} of embed.parts={parts} are not done (part {not_done[0]}: data shards "
             f"{spans[not_done[0]].start}..{spans[not_done[0]].stop - 1}): run `ddm embed embed.parts={parts} "

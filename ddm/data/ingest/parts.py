@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddm.data.ingest.unit import UnitResult
-from ddm.errors import BadInput, MissingInput
+from ddm.errors import BadInput, MissingInput, some_of
 from ddm.io import StringsDigest, read_json, sha256_strings, write_json
 
 PARTS = "parts"
@@ -91,7 +91,7 @@ def merge_parts(folder: Path, parts: int, num_units: int, about: dict) -> Merged
     folder = Path(folder)
     missing = [j for j in range(parts) if not part_path(folder, j, parts).exists()]
     if missing:
-        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        shown = some_of(missing)
         raise MissingInput(
             f"prepare: parts {shown} of data.parts={parts} are not done (no {part_path(folder, missing[0], parts)}): "
             f"run `ddm prepare data.parts={parts} data.part=J` for each (or `ddm submit submit.stage=prepare`), then "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import gzip
 import math
 from collections.abc import Iterator
@@ -79,8 +80,11 @@ def _fashion_mnist_files(root: Path, split: str) -> tuple[Path, Path]:
     return paths
 
 
-class _ArrayReader:
-    """Reads items of a numbered image array by index; picklable (loads its arrays in each process, once)."""
+class _ArrayReader(abc.ABC):
+    """Reads items of a numbered image array by index; picklable (loads its arrays in each process, once).
+
+    A subclass says where the arrays come from (``arrays``) and its key prefix.
+    """
 
     prefix = ""
 
@@ -91,8 +95,9 @@ class _ArrayReader:
     def __getstate__(self):
         return {**self.__dict__, "_arrays": None}  # each process loads the arrays itself
 
+    @abc.abstractmethod
     def arrays(self) -> tuple[np.ndarray, np.ndarray, str]:
-        raise NotImplementedError
+        """(uint8 images, int labels, the name of where they were read from, for error messages)."""
 
     def __call__(self, unit, skipped) -> Iterator[Sample]:
         if self._arrays is None:

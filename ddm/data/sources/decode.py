@@ -183,7 +183,7 @@ def _upright(im: Image.Image) -> Image.Image:
         orientation = im.getexif().get(EXIF_ORIENTATION, 1)
     except (OSError, SyntaxError, ValueError, TypeError):  # damaged EXIF: the pixels as stored
         return im
-    if orientation in (0, 1) or orientation not in range(2, 9):
+    if orientation not in range(2, 9):  # 1 (or an invalid value): upright as stored
         return im
     return ImageOps.exif_transpose(im)
 
