@@ -114,7 +114,12 @@ def _renormalised(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
 
 
 def _multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row; drawn where the generator lives so seeds reproduce across devices."""
+    """One draw per row; drawn where the generator lives so seeds reproduce across devices.
+
+    ``generator`` may also be one stream per row (``ddm.sampling.indexed.RowStreams``), which draws itself.
+    """
+    if hasattr(generator, "multinomial"):
+        return generator.multinomial(probs)
     if generator is not None and generator.device != probs.device:
         return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator)

@@ -21,7 +21,9 @@ ROUTER_OFFSET = 999_983
 DISTILL_OFFSET = 1_999_993
 # Partition i of the router's mixed stream reads its shards with seed + PARTITION_STRIDE * i.
 PARTITION_STRIDE = 7919
-# Sampling: the prior noise uses the sample seed itself, the ``sample`` strategy's draws this offset.
+# Sampling: sample i's prior noise is drawn with stream_seed(seed, i), its ``sample`` strategy's draws with
+# stream_seed(seed + ROUTING_OFFSET, i) (ddm.sampling.indexed), the sample stage's random labels with
+# seed + SAMPLE_LABELS_OFFSET.
 ROUTING_OFFSET = 1
 # The evaluate stage: labels to sample (and its subset of samples/), its own prior noise.
 EVAL_LABELS_OFFSET = 2
@@ -32,6 +34,7 @@ DATA_ORDER_OFFSET = 4
 PARTITION_ORDER_OFFSET = 5
 # The router draws each partition's held-out and training shards with this, mixed with the partition's index.
 ROUTER_SHARDS_OFFSET = 6
+SAMPLE_LABELS_OFFSET = 7
 
 
 def seed_everything(seed: int) -> None:

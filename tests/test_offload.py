@@ -12,7 +12,7 @@ from ddm.errors import BadInput
 from ddm.flow import FlowPath
 from ddm.sampling import sample
 from ddm.sampling.draw import offloaded, rerouted
-from ddm.sampling.offload import GB, OffloadedExperts, offload
+from ddm.sampling.offload import GB, FetchedExpert, OffloadedExperts, offload
 from ddm.settings.sampling import Sample
 
 K, C, B, D = 4, 3, 48, 5  # experts, classes, batch, feature size
@@ -149,9 +149,41 @@ def test_offloaded_follows_the_sample_settings():
         model="ensemble", strategy="top1", top_k=2, threshold=0.1, top_p=0.9, cfg_routing="shared", experts=None,
         temperature=1.0, solver="euler", steps=6, cfg_scale=1.0, cfg_interval=None, prompts=None,
         prompts_file=None, per_class=1, grid_rows=None, num_samples=0, batch_size=8, seed=0, device="cpu",
-        precision="fp32",
+        precision="fp32", parts=1, part=None,
     )  # fmt: skip
     off = ensemble("top1", on=False)
     assert offloaded(off, Sample(**base, offload=False, offload_budget_gb=None), "cpu").offload is None
     on = offloaded(ensemble("top1", on=False), Sample(**base, offload=True, offload_budget_gb=None), "cpu")
     assert isinstance(on.offload, OffloadedExperts) and on.offload.budget_bytes == EXPERT_BYTES
+
+
+def test_one_offloaded_expert_alone_gives_its_own_output_and_moves_per_call():
+    plain = AffineExpert(11)
+    ens = ensemble("top1", budget_gb=None)  # one expert at a time
+    x, t, y = torch.randn(4, D, dtype=torch.float64), torch.rand(4, dtype=torch.float64), torch.arange(4) % C
+    one, two = FetchedExpert(ens.offload, 1), FetchedExpert(ens.offload, 2)
+    assert one.num_classes == C and not list(one.parameters())  # the weights stay the cache's
+    with torch.no_grad():
+        assert torch.equal(one(x, t, y), plain(x, t, y))
+        one(x, t, y)  # resident already: no move
+        two(x, t, y)  # evicts expert 1
+    assert ens.offload.moves_per_call[-3:] == [1, 0, 1] and list(ens.offload.resident) == [2]
+
+
+def test_the_sample_stage_records_the_moves_of_offloaded_experts(tmp_path):
+    from ddm.settings.values import changed
+    from ddm.stages import sample as stage
+    from tests.test_sampling import make_run, stage_cfg
+
+    rd = make_run(tmp_path / "off", K=2)
+    record = stage.run(changed(stage_cfg(rd.root, solver="euler", steps=2), {"sample.offload": True}))
+    moved = record["offload"]
+    assert moved["calls"] == 2 * 2 and moved["max_moves_per_call"] <= 2 and moved["moves"] >= 1  # 2 batches x 2
+    assert moved["peak_resident_params"] <= max(sum(p.numel() for p in m.parameters()) for m in _experts(rd))
+
+
+def _experts(rd):
+    from ddm.sampling import load_ensemble
+
+    ens, _, _ = load_ensemble(rd.root)
+    return list(ens.experts.values())

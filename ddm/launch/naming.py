@@ -25,7 +25,17 @@ PREFIX = "ddm"
 EXPERT = "expert"
 ROUTER = "router"
 # a stage's array of parts, and its merge (``ddm.launch.stage_parts``); encode, in clusters, has no merge
-STAGE_JOBS = ("prepare-parts", "prepare", "embed-parts", "embed", "partition-parts", "partition", "encode")
+STAGE_JOBS = (
+    "prepare-parts",
+    "prepare",
+    "embed-parts",
+    "embed",
+    "partition-parts",
+    "partition",
+    "encode",
+    "sample-parts",
+    "sample",
+)
 JOBS = (EXPERT, ROUTER, *STAGE_JOBS)
 
 

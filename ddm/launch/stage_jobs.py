@@ -54,14 +54,14 @@ def stage_state(spec: StageParts, cfg: Settings, rd: RunDir, parts: int, queue: 
     """``queue``: (queued tasks by id, the queued final job), as ``read_queue`` gives them."""
     queued_tasks, final = queue
     ids = spec.ids(cfg, rd, parts)
-    finished = set(spec.done(rd, parts))
+    finished = set(spec.done(cfg, rd, parts))
     done = [j for j in ids if j in finished]
     queued = {j: queued_tasks[j] for j in ids if j not in finished and j in queued_tasks}
     running = {}
     if spec.lock is not None:
         running = {j: who for j in ids if j not in finished and j not in queued and (who := held_by(spec.lock(rd, j)))}
     missing = [j for j in ids if j not in finished and j not in queued and j not in running]
-    return StageState(parts, ids, spec.is_complete(rd, ids, done), done, queued, running, missing, final)
+    return StageState(parts, ids, spec.is_complete(cfg, rd, ids, done), done, queued, running, missing, final)
 
 
 def read_queue(spec: StageParts, rd: RunDir, strict: bool) -> tuple[tuple, str | None]:
@@ -180,7 +180,7 @@ def _run_here(spec: StageParts, cfg, rd: RunDir, st: StageState, user, args: lis
     logs = naming.stage_logs(rd.root, spec.stage)
 
     def command(*first: str, workers: int | None) -> tuple[str, ...]:
-        given = [] if own_workers or workers is None else [f"{spec.workers_key}={workers}"]
+        given = [] if own_workers or workers is None or spec.workers_key is None else [f"{spec.workers_key}={workers}"]
         return (python, "-m", "ddm", spec.stage, *first, *args, *given)
 
     share = plan.threads or max(1, cores // plan.parallel)

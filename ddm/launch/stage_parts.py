@@ -15,6 +15,8 @@ partition cluster.partition_part   cluster.partition_parts   every cluster it ow
                                                              has a manifest of the clustering
 encode    vae.clusters             K (the clusters)          latents/cluster-KK/manifest.json of   yes     no
                                                              the cluster's partition
+sample    sample.part              sample.parts              samples/parts/part-JJJJ-of-NNNN.json  yes     yes
+                                                             of the settings and models asked for
 ========= ======================== ========================= ===================================== ======= =======
 
 With one part (``data.parts=1``, the default) there is no array: one job runs the whole stage, on the parts'
@@ -46,7 +48,7 @@ def _every_part(cfg: Settings, rd: RunDir, parts: int) -> list[int]:
     return list(range(parts)) if parts > 1 else []
 
 
-def _all_done(rd: RunDir, ids: list[int], done: list[int]) -> bool:
+def _all_done(cfg: Settings, rd: RunDir, ids: list[int], done: list[int]) -> bool:
     return set(ids) <= set(done)
 
 
@@ -57,29 +59,31 @@ class StageParts:
     stage: str  # the `ddm` command, and the folder of its jobs' logs: logs/<stage>/
     part_key: str  # the override a task is started with: <part_key>=<task id>
     count_key: str | None  # the setting that says how many parts; None: one task per cluster
-    workers_key: str  # the worker processes a job starts: local jobs side by side share the cores through it
+    workers_key: str | None  # the worker processes a job starts: local jobs side by side share the cores through
+    # it; None: the job has none (its threads follow the plan's OMP_NUM_THREADS)
     gpu: bool  # its tasks (or the one job of a stage in one part) ask for the island's GPUs
     what: str  # what array task j does, for its script's header
     folder: Callable[[RunDir], Path]  # what the stage writes: started once it exists
     needs: Callable[[RunDir], str | None]  # what is missing before it can run, None: nothing
     count: Callable[[Settings, RunDir], int]  # the number of parts (encode: K), checked
-    done: Callable[[RunDir, int], list[int]]  # the tasks done (of count parts)
+    done: Callable[[Settings, RunDir, int], list[int]]  # the tasks done (of count parts)
     record: Callable[[RunDir, int, int], Path]  # a file task j of n leaves when it ends well
     records: str | None  # the glob, under the run, of the parts' own files: how many, when not given
     merge: bool = True  # a last job joins the parts
     ids: Callable[[Settings, RunDir, int], list[int]] = _every_part  # the tasks to consider
-    complete: Callable[[RunDir, list[int], list[int]], bool] | None = None  # (ids, done): nothing left to start;
-    # None: once the output is there
+    complete: Callable[[Settings, RunDir, list[int], list[int]], bool] | None = None  # (ids, done): nothing left
+    # to start; None: once the output is there
     task_prefix: str = "part-"  # a task's log folder, logs/<stage>/<prefix><id padded to task_digits>
     task_digits: int = 4
     lock: Callable[[RunDir, int], Path] | None = None  # the folder whose lock.json a running task holds
+    output_name: str = "manifest.json"  # the file the merge (or the one job) writes last in the stage's folder
 
     def output(self, rd: RunDir) -> Path | None:
         """The manifest the merge (or the one job) writes last in the stage's folder; None without a merge."""
-        return self.folder(rd) / "manifest.json" if self.merge else None
+        return self.folder(rd) / self.output_name if self.merge else None
 
-    def is_complete(self, rd: RunDir, ids: list[int], done: list[int]) -> bool:
-        return self.output(rd).exists() if self.complete is None else self.complete(rd, ids, done)
+    def is_complete(self, cfg: Settings, rd: RunDir, ids: list[int], done: list[int]) -> bool:
+        return self.output(rd).exists() if self.complete is None else self.complete(cfg, rd, ids, done)
 
     @property
     def array_job(self) -> str:
@@ -131,7 +135,7 @@ PREPARE = StageParts(
     folder=lambda rd: rd.data,
     needs=lambda rd: None,
     count=lambda cfg, rd: _parts(cfg.data.parts),
-    done=lambda rd, parts: [j for j in range(parts) if parts > 1 and _prepare_record(rd, j, parts).exists()],
+    done=lambda cfg, rd, parts: [j for j in range(parts) if parts > 1 and _prepare_record(rd, j, parts).exists()],
     record=_prepare_record,
     records="data/parts/part-*-of-*.json",
 )
@@ -153,7 +157,7 @@ def _embed_record(rd: RunDir, part: int, parts: int) -> Path:
     return record_path(rd.embeddings, part, parts)
 
 
-def _embed_done(rd: RunDir, parts: int) -> list[int]:
+def _embed_done(cfg: Settings, rd: RunDir, parts: int) -> list[int]:
     """The parts whose record is there and every data shard of whose range has its files (the .npy last)."""
     from ddm.embed import embedding_file, keys_file
 
@@ -198,7 +202,7 @@ def _partition_count(cfg: Settings, rd: RunDir) -> int:
     return int(cfg.cluster.partition_parts)
 
 
-def _partition_done(rd: RunDir, parts: int) -> list[int]:
+def _partition_done(cfg: Settings, rd: RunDir, parts: int) -> list[int]:
     """The parts every cluster of which has a manifest of the current clustering, copied from data/'s shards."""
     if parts < 2:
         return []
@@ -229,7 +233,7 @@ PARTITION = StageParts(
     needs=lambda rd: None if rd.cluster_report.exists() else f"no {rd.cluster_report}: run `ddm cluster` first",
     count=_partition_count,
     done=_partition_done,
-    complete=lambda rd, ids, done: _partitions_current(rd),
+    complete=lambda cfg, rd, ids, done: _partitions_current(rd),
     # a part's first cluster is its own (J < N <= K), whole once the part ended well
     record=lambda rd, part, parts: rd.partition_manifest(part),
     records="partitions/verified-part-*-of-*.json",
@@ -280,11 +284,75 @@ ENCODE = StageParts(
     needs=lambda rd: None if _partitions_current(rd) else f"no current {rd.partitions_index}: partition first",
     count=_encode_count,
     ids=_encode_ids,
-    done=lambda rd, k: [i for i in range(k) if _encoded(rd, i)],
+    done=lambda cfg, rd, k: [i for i in range(k) if _encoded(rd, i)],
     complete=_all_done,
     record=lambda rd, k, n: rd.latent(k) / "manifest.json",
     records=None,
     lock=_encode_lock,
 )
 
-STAGES = {s.stage: s for s in (PREPARE, EMBED, PARTITION, ENCODE)}
+
+# -- sample
+
+
+def _sample_expect(cfg: Settings, rd: RunDir) -> dict:
+    from ddm.sampling.checkpoints import models_identity
+    from ddm.sampling.draw import requested_settings
+
+    return dict(settings=requested_settings(cfg.sample), models=models_identity(rd))
+
+
+def _sample_done(cfg: Settings, rd: RunDir, parts: int) -> list[int]:
+    """The parts whose record is there, drawn with the settings and models asked for now."""
+    if parts < 2:
+        return []
+    from ddm.sampling.parts import part_done
+
+    expect = _sample_expect(cfg, rd)
+    return [j for j in range(parts) if part_done(rd.samples, j, parts, expect) is not None]
+
+
+def _samples_current(cfg: Settings, rd: RunDir, ids: list[int], done: list[int]) -> bool:
+    """samples/record.json is there, drawn with the settings and models asked for now."""
+    if not rd.samples_record.exists():
+        return False
+    record = read_json(rd.samples_record)
+    return all(record.get(k) == v for k, v in _sample_expect(cfg, rd).items())
+
+
+def _sample_count(cfg: Settings, rd: RunDir) -> int:
+    from ddm.sampling.parts import check_parts
+
+    return check_parts(cfg.sample.parts, None)[0]
+
+
+def _sample_record(rd: RunDir, part: int, parts: int) -> Path:
+    from ddm.sampling.parts import part_files
+
+    return part_files(rd.samples, part, parts)[1]
+
+
+def _sample_needs(rd: RunDir) -> str | None:
+    if rd.router_weights.exists() or rd.distilled_weights.exists():
+        return None
+    return f"no {rd.router_weights}: train the experts and the router first"
+
+
+SAMPLE = StageParts(
+    stage="sample",
+    part_key="sample.part",
+    count_key="sample.parts",
+    workers_key=None,
+    gpu=True,
+    what="draws part j of the samples (samples/parts/part-JJJJ-of-NNNN.json marks it done)",
+    folder=lambda rd: rd.samples,
+    needs=_sample_needs,
+    count=_sample_count,
+    done=_sample_done,
+    complete=_samples_current,
+    record=_sample_record,
+    records="samples/parts/part-*-of-*.json",
+    output_name="record.json",
+)
+
+STAGES = {s.stage: s for s in (PREPARE, EMBED, PARTITION, ENCODE, SAMPLE)}

@@ -16,8 +16,10 @@ from ddm.errors import BadInput
 from ddm.images import to_uint8
 from ddm.sampling.checkpoints import AVAILABLE
 from ddm.sampling.grid import check_grid_rows
+from ddm.sampling.indexed import RowStreams, index_noise
 from ddm.sampling.offload import offload
-from ddm.sampling.solvers import check_cfg_interval, num_evaluations, sample
+from ddm.sampling.solvers import check_cfg_interval, sample
+from ddm.seeds import ROUTING_OFFSET
 from ddm.settings import Sample
 
 DISTILLED = "distilled"  # sample.model=distilled, and the name of its row in the evaluation
@@ -123,24 +125,62 @@ def offloaded(ensemble, sc: Sample, device):
 USAGE_FIELDS = ("counts", "weights", "uncond_counts", "uncond_weights")
 
 
-def draw(ensemble, path, shape, labels, total, batch_size, settings, generator, device, decode=None):
-    """Sample ``total`` images in batches; usage records merged per solver evaluation.
+def merge_usage(chunks: list[tuple[list[dict], int]]) -> list[dict]:
+    """One usage record per solver evaluation from ``(records, images)`` of several batches (or jobs).
 
-    ``decode`` turns a latent run's samples into images (``latent_decoder``); None: they are images.
-    A model that records no usage (one network: the distilled student) gives ``usage=[]``.
+    Counts are summed; weights (each chunk's mean over its images) become the mean over all images. Every chunk
+    has the same evaluations (one sampling setting); chunks without records (one network) give ``[]``.
+    """
+    chunks = [(records, int(n)) for records, n in chunks if records]
+    if not chunks:
+        return []
+    total = sum(n for _, n in chunks)
+    merged = []
+    for i, first in enumerate(chunks[0][0]):
+        rec = dict(t=float(first["t"]))
+        for f in (f for f in USAGE_FIELDS if f in first):
+            if f.endswith("counts"):
+                rec[f] = [int(sum(c)) for c in zip(*(r[i][f] for r, _ in chunks))]
+            else:
+                rec[f] = [float(sum(w)) / total for w in zip(*([x * n for x in r[i][f]] for r, n in chunks))]
+        merged.append(rec)
+    return merged
+
+
+def draw(
+    ensemble,
+    path,
+    shape,
+    labels,
+    total,
+    batch_size,
+    settings,
+    seed: int,
+    device,
+    decode=None,
+    start: int = 0,
+    routing_seed: int | None = None,
+):
+    """Sample images ``start .. start + total - 1`` of a run in batches; usage records merged per solver evaluation.
+
+    ``labels``: those of these ``total`` samples (labels, a TextCondition, or None). Sample ``i`` starts from
+    its own noise (``seed``) and draws its experts (the ``sample`` strategy) from its own stream
+    (``routing_seed``, default ``seed + ROUTING_OFFSET``), so a range gives the images one job drawing every
+    index would (``ddm.sampling.indexed``). ``decode`` turns a latent run's samples into images
+    (``latent_decoder``); None: they are images. A model that records no usage (one network: the distilled
+    student) gives ``usage=[]``.
     """
     precision = autocast_dtype(settings.get("precision"), torch.device(device), "sample.precision")
-    n_eval = num_evaluations(int(settings["steps"]), settings["solver"])
+    routing_seed = int(seed) + ROUTING_OFFSET if routing_seed is None else int(routing_seed)
     routed = hasattr(ensemble, "reset_usage")
-    merged = {f: np.zeros((n_eval, ensemble.num_experts if routed else 0)) for f in USAGE_FIELDS}
-    present = {"counts", "weights"}
-    ts = np.zeros(n_eval)
-    chunks = []
+    chunks, usage = [], []
     for lo in range(0, total, batch_size):
         n = min(batch_size, total - lo)
+        indices = range(start + lo, start + lo + n)
         y = None if labels is None else labels[lo : lo + n].to(device)  # labels, or a TextCondition
         if routed:
             ensemble.reset_usage()
+            ensemble.generator = RowStreams(routing_seed, indices)  # the `sample` strategy's draws, per sample
         x = sample(
             ensemble,
             path,
@@ -150,22 +190,11 @@ def draw(ensemble, path, shape, labels, total, batch_size, settings, generator, 
             solver=settings["solver"],
             cfg_scale=float(settings["cfg_scale"]),
             cfg_interval=settings.get("cfg_interval"),
-            generator=generator,
             device=device,
+            x_init=index_noise(path, seed, indices, shape),
             autocast=precision,
         )
         chunks.append(to_uint8(x if decode is None else decode(x)))
-        for i, rec in enumerate(ensemble.usage if routed else []):
-            for f in USAGE_FIELDS:
-                if f in rec:
-                    present.add(f)
-                    # counts summed; weights a batch-size weighted mean over batches
-                    merged[f][i] += np.asarray(rec[f]) * (1 if f.endswith("counts") else n)
-            ts[i] = rec["t"]
-    usage = []
-    for i in range(n_eval if routed else 0):
-        rec = dict(t=float(ts[i]))
-        for f in (f for f in USAGE_FIELDS if f in present):
-            rec[f] = [int(c) for c in merged[f][i]] if f.endswith("counts") else (merged[f][i] / total).tolist()
-        usage.append(rec)
-    return np.concatenate(chunks), usage
+        usage.append((list(ensemble.usage) if routed else [], n))
+    images = np.concatenate(chunks) if chunks else np.zeros((0,), np.uint8)
+    return images, merge_usage(usage)

@@ -133,6 +133,26 @@ class OffloadedExperts:
         )
 
 
+class FetchedExpert(nn.Module):
+    """Expert ``k`` of an ``OffloadedExperts`` as a model of its own, fetched to the device at each call.
+
+    For what calls one expert alone (the evaluation's per-expert flow-matching loss): the cache's bookkeeping
+    counts each call as one model call.
+    """
+
+    def __init__(self, cache: OffloadedExperts, k: int):
+        super().__init__()
+        self._cache, self.k = cache, int(k)  # the cache is no module: the expert's weights stay the cache's
+
+    @property
+    def num_classes(self):
+        return getattr(self._cache.modules[self.k], "num_classes", None)
+
+    def forward(self, x, t, y=None):
+        self._cache.begin_call()
+        return self._cache.fetch(self.k)(x, t, y)
+
+
 def offload(ensemble, device, budget_gb: float | None = None):
     """Keep ``ensemble``'s experts in host memory, cached on ``device`` up to ``budget_gb``; the router on ``device``.
 

@@ -117,7 +117,8 @@ class Logger(Group):
 
 @frozen
 class Submit(Group):
-    stage: Literal["train", "prepare", "embed", "partition", "encode"]  # the training jobs, or a stage's parts
+    # the training jobs, or a stage's parts
+    stage: Literal["train", "prepare", "embed", "partition", "encode", "sample"]
     launcher: str
     experts: list[int] | None
     router: bool

@@ -34,6 +34,8 @@ class Sample(Group):
     precision: str
     offload: bool
     offload_budget_gb: float | None
+    parts: int
+    part: int | None
 
 
 @frozen

@@ -148,7 +148,7 @@ def run(cfg: Settings) -> dict:
     """Write every sample of ``cfg.data`` into shards under ``<run_dir>/data``; return a summary.
 
     With ``data.parts=N`` and ``data.part=J`` this job writes part J's shards only and records them;
-    with ``data.parts=N`` alone it writes the parts not done yet, then merges them into the manifest.
+    with ``data.parts=N`` alone it merges the parts their own jobs wrote into the manifest (it writes none).
     """
     folder = RunDir(cfg.run_dir).data
     if done_already(folder / MANIFEST, cfg):

@@ -7,6 +7,7 @@
     ddm submit name=big submit.launcher=local island=gpu     # no scheduler: one process per GPU here
     ddm submit name=big submit.stage=prepare data.parts=16 ... # data/'s parts as an array job, then their merge
     ddm submit name=big submit.stage=encode vae=sd island=gpu ...  # one encode task per cluster not encoded
+    ddm submit name=big submit.stage=sample sample.parts=8 ...     # the samples in 8 parts, then their join
 
 Reads ``clusters/report.json`` (K) and the experts' records; asks ``squeue``
 which of the run's jobs are queued or running, and each job folder's
@@ -31,7 +32,8 @@ same config. Each script is kept under ``<run>/slurm/``; each job's log is
 (``ddm.launch.stage_jobs``); they need neither clusters nor partitions.
 ``submit.stage=embed`` and ``partition`` do the same for ``embed.parts`` and
 ``cluster.partition_parts``, and ``submit.stage=encode`` sends one task per
-cluster not encoded yet, with no merge (``ddm.launch.stage_parts``).
+cluster not encoded yet, with no merge (``ddm.launch.stage_parts``). ``submit.stage=sample`` sends the
+``sample.parts`` not drawn yet, one GPU job each, then the job that joins them.
 """
 
 from __future__ import annotations

@@ -36,8 +36,9 @@ from ddm.io import read_json
 from ddm.job_names import ROUTER_JOB, ensemble_name, expert_job
 from ddm.latent.run_latents import run_latents
 from ddm.sampling import load_ensemble
-from ddm.sampling.draw import rerouted
+from ddm.sampling.draw import offloaded, rerouted
 from ddm.sampling.fit import check_guidance
+from ddm.sampling.offload import FetchedExpert
 from ddm.seeds import ROUTING_OFFSET, generator
 from ddm.settings import Settings
 
@@ -57,8 +58,13 @@ class EvaluationContext:
         allow_tf32(self.device)
         self.strategies = [str(s) for s in (self.ec.strategies or [self.sc["strategy"]])]
         self.base, self.path, self.info = load_ensemble(
-            rd.root, strategy="top1", subset=self.sc["experts"], device=self.device
+            rd.root,
+            strategy="top1",
+            subset=self.sc["experts"],
+            # sample.offload: the experts wait in host memory, each moved to the device when routed
+            device="cpu" if cfg.sample.offload else self.device,
         )
+        self.base = offloaded(self.base, cfg.sample, self.device)
         # latent runs: samples are decoded for every image metric; the FM loss and the router see encoded images
         self.latents = run_latents(cfg, self.info.latents, self.device)
         check_guidance(self.info, self.sc["cfg_scale"], cfg_routing=self.sc["cfg_routing"])
@@ -265,7 +271,13 @@ class EvaluationContext:
         idx = self.subset(fc.num_samples)
         models = {ensemble_name(s): (self.ensemble(s), self.forward_per_call(s)) for s in strategies}
         if fc.per_expert:
-            models.update({expert_job(k): (m, self.forward[expert_job(k)]) for k, m in self.base.experts.items()})
+            cache = self.base.offload  # offloaded: each expert fetched to the device when called
+            models.update(
+                {
+                    expert_job(k): (m if cache is None else FetchedExpert(cache, int(k)), self.forward[expert_job(k)])
+                    for k, m in self.base.experts.items()
+                }
+            )
         models.update(others or {})
         out = fm_loss_summary(
             models,

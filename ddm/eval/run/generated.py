@@ -24,7 +24,7 @@ from ddm.io import atomic_path, load_npz, read_json
 from ddm.sampling.checkpoints import models_identity
 from ddm.sampling.draw import draw
 from ddm.sampling.record import SamplesRecord
-from ddm.seeds import EVAL_LABELS_OFFSET, EVAL_NOISE_OFFSET, generator
+from ddm.seeds import EVAL_LABELS_OFFSET, EVAL_NOISE_OFFSET, ROUTING_OFFSET
 
 # Sampling settings that must match for samples/samples.npz to stand for a strategy.
 SAME_SAMPLING = ("top_k", "experts", "temperature", "solver", "steps", "cfg_scale", "cfg_interval", "cfg_routing")
@@ -98,7 +98,17 @@ def sample_now(
     """
     given = labels if conditions is None else conditions
     images, usage = draw(
-        ensemble, path, shape, given, n, batch_size, sampling, generator(seed + EVAL_NOISE_OFFSET), device, decode
+        ensemble,
+        path,
+        shape,
+        given,
+        n,
+        batch_size,
+        sampling,
+        seed + EVAL_NOISE_OFFSET,
+        device,
+        decode,
+        routing_seed=seed + ROUTING_OFFSET,
     )
     label_array = np.full(n, -1, np.int64) if labels is None else labels.numpy()
     with atomic_path(target) as tmp:
