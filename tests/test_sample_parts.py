@@ -124,6 +124,20 @@ def test_two_parts_joined_equal_one_job(tmp_path, strategy):
     assert stage.run(stage_cfg(split.root, **sampling)) == joined
 
 
+def test_more_parts_than_batches_leave_a_part_empty_and_still_join(tmp_path):
+    from ddm.stages import sample as stage
+
+    sampling = dict(num_samples=2, batch_size=4, solver="euler", steps=2)  # 8 samples: 2 batches
+    rd = make_run(tmp_path, K=2)
+    whole = stage.run(stage_cfg(rd.root, **sampling))
+    images = np.load(rd.samples / "samples.npz")["images"]
+    rd.samples_record.unlink()
+    assert [stage.run(_parts_cfg(rd.root, 3, j, **sampling))["range"] for j in range(3)] == [[0, 0], [0, 4], [4, 8]]
+    joined = stage.run(_parts_cfg(rd.root, 3, None, **sampling))
+    assert joined["num_images"] == whole["num_images"] == 8
+    assert np.array_equal(np.load(rd.samples / "samples.npz")["images"], images)
+
+
 def test_a_damaged_or_stale_part_is_named(tmp_path):
     from ddm.stages import sample as stage
 

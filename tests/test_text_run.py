@@ -55,6 +55,16 @@ def test_a_text_run_trains_text_experts_and_samples_from_prompts(make_cfg, text_
     assert saved["images"].shape == (record["num_images"], 8, 8)
     assert sorted(set(saved["labels"].tolist())) == [0, 1]  # indices into the prompts
 
+    # in two parts, each encoding its own samples' prompts a batch at a time: the images of one job
+    text = ["experiment=tiny", *TEXT, f"text.model={text_model}", f"sample.prompts={prompts}", "sample.batch_size=4"]
+    rd.samples_record.unlink()
+    for j in (0, 1):
+        run_stage("sample", make_cfg(*text, "sample.parts=2", f"sample.part={j}"))
+    joined = run_stage("sample", make_cfg(*text, "sample.parts=2"))
+    assert joined["parts"]["count"] == 2 and joined["grid_prompts"] == prompts
+    again = np.load(rd.samples / "samples.npz")
+    assert np.array_equal(again["images"], saved["images"]) and np.array_equal(again["labels"], saved["labels"])
+
     # without prompts, the caption template over the class names gives one row per class
     record = run_stage("sample", make_cfg("experiment=tiny", *TEXT, f"text.model={text_model}", "redo=true"))
     assert record["grid_prompts"] == [f"a photo of the digit {d}" for d in range(10)]

@@ -123,6 +123,7 @@ def join_parts(folder: Path, parts: int, expect: dict) -> tuple[np.ndarray, np.n
         n = int(record["range"][1]) - int(record["range"][0])
         if len(arrays["images"]) != n or len(arrays["labels"]) != n:
             raise BadInput(f"sample: {npz} holds {len(arrays['images'])} images, not its range's {n}: {redo}")
-        images.append(arrays["images"])
-        labels.append(arrays["labels"])
+        if n:  # more parts than batches leaves a part with none
+            images.append(arrays["images"])
+            labels.append(arrays["labels"])
     return np.concatenate(images), np.concatenate(labels), records

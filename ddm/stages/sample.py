@@ -54,7 +54,7 @@ from ddm.sampling.parts import PARTS, check_parts, join_parts, part_done, part_f
 from ddm.sampling.record import SamplesRecord
 from ddm.settings import Settings
 from ddm.stages import StageResult
-from ddm.text.encoder import OpenClipTextEncoder
+from ddm.text.encoder import OpenClipTextEncoder, PromptBatches
 from ddm.text.prompts import sample_prompts
 from ddm.text.spec import text_weights_override
 from ddm.viz import plot_usage, save_grid
@@ -140,7 +140,7 @@ def run(cfg: Settings) -> dict:
         encoder = OpenClipTextEncoder.from_record(
             info.text, "the experts", pretrained=text_weights_override(cfg), device=device
         )
-        conditions = encoder(prompts).index_select(0, mine.to(device))
+        conditions = PromptBatches(encoder, [prompts[i] for i in mine.tolist()])  # encoded a batch at a time
     shape = (info.in_channels, info.image_size, info.image_size)
     decode = latent_decoder(cfg, info.latents, device)
 

@@ -165,3 +165,23 @@ class OpenClipTextEncoder:
     def clip_embedding(self, captions: list[str]) -> torch.Tensor:
         """Unit vectors in the joint image-text space: what CLIP score compares with image embeddings."""
         return F.normalize(self.model.encode_text(self.tokenize(captions)).float(), dim=-1)
+
+
+class PromptBatches:
+    """The conditions of many samples, one prompt each, encoded a batch at a time when sliced.
+
+    ``conditions[lo:hi]`` is the ``TextCondition`` of samples lo..hi-1, encoded then: tens of thousands of
+    prompts (an evaluation's captions) never sit encoded in memory together, and a sample's condition does not
+    depend on which other prompts there are. Sampling slices it as it slices a label tensor.
+    """
+
+    def __init__(self, encoder, prompts: list[str]):
+        self.encoder, self.prompts = encoder, list(prompts)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, rows: slice) -> TextCondition:
+        if not isinstance(rows, slice):
+            raise TypeError("PromptBatches is sliced with conditions[lo:hi]")
+        return self.encoder(self.prompts[rows])

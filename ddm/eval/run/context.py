@@ -41,6 +41,7 @@ from ddm.sampling.fit import check_guidance
 from ddm.sampling.offload import FetchedExpert
 from ddm.seeds import ROUTING_OFFSET, generator
 from ddm.settings import Settings
+from ddm.text.encoder import PromptBatches
 
 
 class EvaluationContext:
@@ -192,7 +193,7 @@ class EvaluationContext:
         conditions, prompts = labels, None
         if self.text:
             prompts = self.heldout_text.prompts(labels, n)
-            conditions = self.heldout_text.encoder(prompts)
+            conditions = PromptBatches(self.heldout_text.encoder, prompts)  # encoded a batch at a time
         out = sample_now(
             self.ensemble(strategy),
             self.path,
