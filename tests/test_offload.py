@@ -148,8 +148,8 @@ def test_offloaded_follows_the_sample_settings():
     base = dict(
         model="ensemble", strategy="top1", top_k=2, threshold=0.1, top_p=0.9, cfg_routing="shared", experts=None,
         temperature=1.0, solver="euler", steps=6, cfg_scale=1.0, cfg_interval=None, prompts=None,
-        prompts_file=None, per_class=1, grid_rows=None, num_samples=0, batch_size=8, seed=0, device="cpu",
-        precision="fp32", parts=1, part=None,
+        prompts_file=None, label_order="random", per_class=1, grid_rows=None, num_samples=0, batch_size=8, seed=0,
+        device="cpu", precision="fp32", parts=1, part=None,
     )  # fmt: skip
     off = ensemble("top1", on=False)
     assert offloaded(off, Sample(**base, offload=False, offload_budget_gb=None), "cpu").offload is None

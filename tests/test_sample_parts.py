@@ -220,3 +220,19 @@ def test_local_sample_parts_joined_equal_one_job(make_cfg, tmp_path, no_slurm):
     assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["labels"], b["labels"])
     again = _submit(make_cfg, many, "sample.parts=2", "submit.launcher=local")
     assert again["manifest"] == "done" and again["parts_started"] == []
+
+
+def test_cycled_labels_give_each_class_in_turn_and_a_bad_order_is_named(tmp_path):
+    from ddm.sampling.grid import plan_labels
+    from ddm.stages import sample as stage
+
+    labels, grid = plan_labels(3, 1, 7, None, None, "cycle")
+    assert grid == 3 and labels.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+    rd = make_run(tmp_path, K=2)
+    record = stage.run(stage_cfg(rd.root, label_order="cycle", num_samples=6, solver="euler", steps=2))
+    assert record["settings"]["label_order"] == "cycle"
+    assert np.load(rd.samples / "samples.npz")["labels"][record["num_grid"] :].tolist() == [0, 1, 2, 0, 1, 2]
+    # the default is left out of the settings: records made before the option stay valid
+    assert "label_order" not in stage.run(stage_cfg(rd.root, solver="euler", steps=2))["settings"]
+    with pytest.raises(BadInput, match="sample.label_order='sorted' is not one of random, cycle"):
+        stage.run(stage_cfg(rd.root, label_order="sorted"))

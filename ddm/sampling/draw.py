@@ -7,6 +7,9 @@ set of settings means the same images wherever it is read.
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
 import torch
 
@@ -15,12 +18,16 @@ from ddm.ensemble import Ensemble, check_routing
 from ddm.errors import BadInput
 from ddm.images import to_uint8
 from ddm.sampling.checkpoints import AVAILABLE
-from ddm.sampling.grid import check_grid_rows
+from ddm.sampling.grid import LABEL_ORDERS, check_grid_rows
 from ddm.sampling.indexed import RowStreams, index_noise
 from ddm.sampling.offload import offload
 from ddm.sampling.solvers import check_cfg_interval, sample
 from ddm.seeds import ROUTING_OFFSET
 from ddm.settings import Sample
+
+log = logging.getLogger("ddm")
+
+PROGRESS_EVERY_S = 60.0  # seconds between progress lines of a long sampling run
 
 DISTILLED = "distilled"  # sample.model=distilled, and the name of its row in the evaluation
 MODELS = ("ensemble", DISTILLED)  # the values of sample.model
@@ -34,8 +41,8 @@ def check_model(value) -> str:
     return model
 
 
-# The options that change what is sampled: a record with other values is stale (and `model`, when it is
-# not the ensemble: see requested_settings).
+# The options that change what is sampled: a record with other values is stale (and `model` and `label_order`,
+# when not their defaults: see requested_settings).
 SETTINGS = (
     "strategy",
     "top_k",
@@ -78,6 +85,10 @@ def requested_settings(sc: Sample) -> dict:
             )
     elif experts is not None:
         out["experts"] = sorted(int(k) for k in experts)
+    if values["label_order"] not in LABEL_ORDERS:
+        raise BadInput(f"sample.label_order={values['label_order']!r} is not one of {', '.join(LABEL_ORDERS)}")
+    if values["label_order"] != "random":  # only when not the default: records made before the option stay valid
+        out["label_order"] = values["label_order"]
     # only when it is not the ensemble: records made before sample.model existed stay valid
     model = check_model(values["model"])
     if model != "ensemble":
@@ -174,6 +185,7 @@ def draw(
     routing_seed = int(seed) + ROUTING_OFFSET if routing_seed is None else int(routing_seed)
     routed = hasattr(ensemble, "reset_usage")
     chunks, usage = [], []
+    began = shown = time.monotonic()
     for lo in range(0, total, batch_size):
         n = min(batch_size, total - lo)
         indices = range(start + lo, start + lo + n)
@@ -196,5 +208,15 @@ def draw(
         )
         chunks.append(to_uint8(x if decode is None else decode(x)))
         usage.append((list(ensemble.usage) if routed else [], n))
+        if time.monotonic() - shown >= PROGRESS_EVERY_S:  # a long run says how far it is, at most once a minute
+            shown = time.monotonic()
+            done = lo + n
+            log.info(
+                "sample: %d of %d images (%.0f%%), %.1f images/s",
+                done,
+                total,
+                100 * done / total,
+                done / (shown - began),
+            )
     images = np.concatenate(chunks) if chunks else np.zeros((0,), np.uint8)
     return images, merge_usage(usage)

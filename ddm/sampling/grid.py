@@ -34,20 +34,34 @@ def grid_classes(num_classes: int, grid_rows: int | None) -> list[int]:
     return [i * num_classes // rows for i in range(rows)]  # distinct and increasing since rows <= num_classes
 
 
+LABEL_ORDERS = ("random", "cycle")  # the values of sample.label_order
+
+
 def plan_labels(
-    num_classes: int, per_class: int, num_samples: int, generator, grid_rows: int | None = None
+    num_classes: int,
+    per_class: int,
+    num_samples: int,
+    generator,
+    grid_rows: int | None = None,
+    order: str = "random",
 ) -> tuple[torch.Tensor | None, int]:
     """Labels of every sample to draw (grid first) and the grid size; None when unconditional.
 
     The grid has ``per_class`` samples of each of ``grid_classes(num_classes, grid_rows)``; an unconditional
     grid is ``per_class`` wide and ``per_class`` rows high, at most ``grid_rows``. The extra samples' labels
-    are drawn from every class.
+    are drawn from every class (``order="random"``), or are ``0, 1, ..., num_classes - 1, 0, ...`` in turn
+    (``"cycle"``: as many of each class, or each prompt of a list once, in its order).
     """
+    if order not in LABEL_ORDERS:
+        raise BadInput(f"sample.label_order={order!r} is not one of {', '.join(LABEL_ORDERS)}")
     if num_classes == 0:
         rows = per_class if grid_rows is None else min(per_class, grid_rows)
         return None, rows * per_class
     grid = torch.tensor(grid_classes(num_classes, grid_rows), dtype=torch.long).repeat_interleave(per_class)
-    extra = torch.randint(num_classes, (num_samples,), generator=generator)
+    if order == "cycle":
+        extra = torch.arange(num_samples, dtype=torch.long) % num_classes
+    else:
+        extra = torch.randint(num_classes, (num_samples,), generator=generator)
     return torch.cat([grid, extra]), len(grid)
 
 

@@ -25,6 +25,7 @@ class Sample(Group):
     cfg_interval: list[float] | None
     prompts: list[str] | None
     prompts_file: str | None
+    label_order: str
     per_class: int
     grid_rows: int | None
     num_samples: int

@@ -126,7 +126,14 @@ def run(cfg: Settings) -> dict:
     # text runs: one grid row per prompt (at most grid_rows); the extra samples draw prompts at random, and
     # `labels` index the prompts
     choices = num_classes if prompts is None else len(prompts)
-    labels, num_grid = plan_labels(choices, int(sc.per_class), int(settings["num_samples"]), gen_labels, grid_rows)
+    labels, num_grid = plan_labels(
+        choices,
+        int(sc.per_class),
+        int(settings["num_samples"]),
+        gen_labels,
+        grid_rows,
+        settings.get("label_order", "random"),
+    )
     total = num_grid + int(settings["num_samples"]) if labels is None else len(labels)
     shown = grid_classes(choices, grid_rows) if choices else None
     if prompts is None:
