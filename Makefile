@@ -21,6 +21,7 @@ help:
 	@echo "make bench  - sampling-cost benchmark on the demo run"
 	@echo "make bench-ingest - prepare/embed/cluster/partition on ImageNet-like JPEGs: images/s at 1 and N workers, bytes per image, projections; ARGS='--cores 32 ...'"
 	@echo "make bench-train - training throughput (step time, img/s, memory, TFLOP/s, MFU on a GPU); ARGS='--size DiT-XL/2 ...'"
+	@echo "make bench-eval - evaluation networks' images/s (FID Inception, feature net, router diagnostics, SD-VAE decode) on this machine's GPU or CPU; ARGS='--images 4096 ...'"
 	@echo "make gpu-check - on a CUDA machine: GPU tests, training and sampling benchmarks, a tiny GPU pipeline"
 	@echo "make paper  - the small-scale paper table on Fashion-MNIST (runs/paper_small; estimated 2.5 h on 2 idle cores, docs/results.md)"
 	@echo "make weights - ImageNet MobileNetV2 weights for clustering by meaning (embed=torchvision)"
@@ -131,6 +132,10 @@ bench-train: install
 
 bench-ingest: install
 	WANDB_MODE=offline $(BIN)/python scripts/bench_ingest.py $(ARGS)
+
+.PHONY: bench-eval
+bench-eval: install
+	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_eval.py $(ARGS)
 
 gpu-check: install
 	PYTHON=$(BIN)/python scripts/gpu_check.sh

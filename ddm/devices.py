@@ -17,6 +17,19 @@ def module_device(model) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+def to_device(x, device):
+    """A host tensor -> ``device``, without a sync on CUDA: staged through pinned memory, copied asynchronously.
+
+    A copy from pageable host memory waits for the device's stream first, so a loop of plain ``.to("cuda")``
+    stalls the GPU once per batch. The pinned block is kept by torch's caching host allocator until the copy has
+    finished. Anything else with a ``to`` (a ``TextCondition``) is moved by it.
+    """
+    device = torch.device(device)
+    if isinstance(x, torch.Tensor) and device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def resolve_device(name: str | None, key: str = "device") -> torch.device:
     """``auto`` (or None): the GPU when one is visible, else the CPU; otherwise the device named.
 

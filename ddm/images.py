@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ddm.devices import to_device
+
 
 def to_chw_uint8(image: np.ndarray) -> torch.Tensor:
     """One uint8 image, HxW or HxWxC -> uint8 CxHxW, still 0..255 (what the training loader yields)."""
@@ -38,6 +40,19 @@ def batch_to_nchw(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, H, W] or [N, H, W, C] -> float32 [N, C, H, W], values still 0..255."""
     x = torch.from_numpy(np.ascontiguousarray(images)).float()
     return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+
+
+def model_space_on(x, device) -> torch.Tensor:
+    """A batch of images -> float32 [N, C, H, W] in [-1, 1] on ``device``.
+
+    uint8 pixels (a numpy array or tensor, [N, H, W] or [N, H, W, C]) cross as uint8, a quarter of float32's
+    bytes, and are scaled where they land: the values and layout ``batch_to_model_space`` gives on the host. A
+    float tensor [N, C, H, W] is in model space already.
+    """
+    if isinstance(x, np.ndarray) or x.dtype == torch.uint8:
+        x = to_device(torch.as_tensor(np.ascontiguousarray(x, dtype=np.uint8)), device)
+        return batch_to_model_space_on_device(x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2))
+    return to_device(x, device).float()
 
 
 def batch_to_model_space(images: np.ndarray) -> torch.Tensor:

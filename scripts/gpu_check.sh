@@ -8,7 +8,8 @@
 # 2. training throughput of DiT-B/2 and DiT-XL/2 on 32x32x4 latents at batch 32 (bf16), then XL/2 compiled:
 #    step time, images/s, peak memory, TFLOP/s and MFU against the GPU's bf16 peak;
 # 3. a tiny pipeline (scikit-learn digits, two experts, the router, sampling) with every job on the GPU;
-# 4. the sampling benchmark on that run's ensemble, on the GPU under bf16 autocast.
+# 4. the sampling benchmark on that run's ensemble, on the GPU under bf16 autocast;
+# 5. the evaluation networks' images/s on the GPU (make bench-eval).
 # Logs go to $OUT (or a temporary folder): gpu_check.log holds all of it.
 set -uo pipefail
 
@@ -55,6 +56,9 @@ print('expert', sys.argv[2], 'trained on', h.get('gpu', 'cpu'), 'in', r['wall_s'
     step "sampling benchmark on the GPU (bf16)" 120 \
       "$PY" scripts/bench_sampling.py --run "$RUN" --device cuda --n 1000 --steps 20 --repeats 3
   fi
+
+  step "evaluation networks on the GPU (Inception, feature net, router diagnostics, VAE decode)" 150 \
+    "$PY" scripts/bench_eval.py
 
   section "summary"
   if [ ${#failures[@]} -eq 0 ]; then echo "gpu check: all steps passed"; else echo "gpu check: failed: ${failures[*]}"; fi

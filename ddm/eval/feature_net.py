@@ -30,8 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ddm.devices import to_device
 from ddm.errors import BadInput
-from ddm.images import batch_to_model_space
+from ddm.images import model_space_on
 from ddm.io import atomic_path, sha256_strings
 from ddm.seeds import generator
 
@@ -213,23 +214,26 @@ def _train(images, labels, settings: dict, device) -> tuple[FeatureNet, dict]:
     opt = torch.optim.AdamW(net.parameters(), lr=settings["lr"], weight_decay=1e-4)
     steps, batch = settings["steps"], min(settings["batch_size"], len(images))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings["lr"], total_steps=max(steps, 1), pct_start=0.1)
-    x_all, y_all = batch_to_model_space(images), torch.from_numpy(labels)
+    # uint8 images stay on the host and each batch crosses as uint8, scaled on the device: no float copy of
+    # the training set, and the same values and layout as batch_to_model_space(images)[idx]
+    y_all = torch.from_numpy(labels)
     g = generator(seed + BATCH_ORDER_OFFSET)  # batch order, independent of the init's draws
     net.train()
-    recent = []
-    perm, pos = torch.randperm(len(x_all), generator=g), 0
+    recent = []  # the last 20 losses, left on the device: read once, after the loop
+    perm, pos = torch.randperm(len(images), generator=g), 0
     for _ in range(steps):
         if pos + batch > len(perm):  # epochs without replacement: every image is seen equally often
-            perm, pos = torch.randperm(len(x_all), generator=g), 0
+            perm, pos = torch.randperm(len(images), generator=g), 0
         idx = perm[pos : pos + batch]
         pos += batch
-        logits = net(x_all[idx].to(device))
-        loss = F.cross_entropy(logits, y_all[idx].to(device))
+        logits = net(model_space_on(images[idx.numpy()], device))
+        loss = F.cross_entropy(logits, to_device(y_all[idx], device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        recent = (recent + [loss.item()])[-20:]
+        recent = (recent + [loss.detach()])[-20:]
+    recent = [loss.item() for loss in recent]
     net.eval()
     train_acc = accuracy(net, images[:5000], labels[:5000])  # a bounded sample: enough to spot underfitting
     return net, dict(
@@ -242,23 +246,42 @@ def _train(images, labels, settings: dict, device) -> tuple[FeatureNet, dict]:
 
 
 @torch.no_grad()
-def _batched(fn, images: np.ndarray, batch_size: int, device) -> torch.Tensor:
-    out = [
-        fn(batch_to_model_space(images[i : i + batch_size]).to(device)).float().cpu()
-        for i in range(0, len(images), batch_size)
-    ]
-    return torch.cat(out)
+def batched_on_device(fn, images: np.ndarray, batch_size: int, device) -> torch.Tensor:
+    """``fn`` of uint8 images in batches of ``batch_size``, the outputs concatenated where they were computed.
+
+    One upload per batch (its uint8 pixels) and no read of a result on the host:
+    the caller brings the whole output back at once.
+    """
+    return torch.cat(
+        [fn(model_space_on(images[i : i + batch_size], device)).float() for i in range(0, len(images), batch_size)]
+    )
 
 
 def features(net: FeatureNet, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Penultimate-layer features [N, 4 * width] of uint8 images, as float64 for the statistics."""
+    """Penultimate-layer features [N, 4 * width] of uint8 images, as float64 for the statistics.
+
+    Computed on the net's device; the float32 features come back to the host once, at the end.
+    """
     device = next(net.parameters()).device
-    return _batched(net.features, np.asarray(images), batch_size, device).double().numpy()
+    return batched_on_device(net.features, np.asarray(images), batch_size, device).cpu().double().numpy()
 
 
 def predict(net: FeatureNet, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The predicted class of each uint8 image (argmax on the device: only the indices come back)."""
     device = next(net.parameters()).device
-    return _batched(net, np.asarray(images), batch_size, device).argmax(1).numpy()
+    return batched_on_device(net, np.asarray(images), batch_size, device).argmax(1).cpu().numpy()
+
+
+def features_and_classes(net: FeatureNet, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """``(features(net, images), predict(net, images))`` in one pass of the net: the head reads the features."""
+    device = next(net.parameters()).device
+
+    def both(x: torch.Tensor) -> torch.Tensor:
+        f = net.features(x)
+        return torch.cat([f, net.head(f).argmax(1, keepdim=True).to(f.dtype)], 1)
+
+    out = batched_on_device(both, np.asarray(images), batch_size, device).cpu()
+    return out[:, :-1].double().numpy(), out[:, -1].long().numpy()
 
 
 def accuracy(net: FeatureNet, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> float | None:

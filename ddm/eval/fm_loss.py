@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ddm.devices import module_device
+from ddm.devices import module_device, to_device
 from ddm.ensemble import Ensemble
 from ddm.errors import BadInput
 from ddm.flow import FlowPath
@@ -32,6 +32,30 @@ def fixed_noise(shape, seed: int, index: int) -> torch.Tensor:
     """The noise of t-grid point ``index``: the same tensor on every call and every machine (CPU generator)."""
     g = generator(grid_noise_seed(seed, index))
     return torch.randn(tuple(shape), generator=g)
+
+
+@torch.no_grad()
+def loss_totals(
+    model, path: FlowPath, x0: torch.Tensor, y, t_grid: Sequence[float], seed: int, batch_size: int, device
+) -> torch.Tensor:
+    """float64 [len(t_grid)] on ``device``: per grid point, the sum over samples of each sample's mean loss.
+
+    The sum of per-sample means, so a total is a mean over samples whatever the
+    batch split; each batch's float32 sum is added in float64, as a Python float
+    would be. Nothing is read on the host: each batch's images, noise and labels
+    cross once (pinned, asynchronous on CUDA), and the caller reads the totals once.
+    """
+    device = torch.device(device)
+    totals = torch.zeros(len(t_grid), dtype=torch.float64, device=device)
+    for j, t_value in enumerate(t_grid):
+        eps_all = fixed_noise(x0.shape, seed, j)
+        for lo in range(0, len(x0), batch_size):
+            x = to_device(x0[lo : lo + batch_size], device)
+            eps = to_device(eps_all[lo : lo + batch_size], device)
+            t = torch.full((len(x),), float(t_value), device=device)
+            labels = None if y is None else to_device(y[lo : lo + batch_size], device)
+            totals[j] += path.loss(model, x, labels, t=t, eps=eps).sum().double()
+    return totals
 
 
 @torch.no_grad()
@@ -60,18 +84,8 @@ def heldout_fm_loss(
     device = device or module_device(model)
     if isinstance(model, Ensemble):
         model.reset_usage()  # cleared afterwards anyway: the records of these calls only
-    rows = []
-    for j, t_value in enumerate(t_grid):
-        eps_all = fixed_noise(x0.shape, seed, j)
-        total = 0.0
-        for lo in range(0, len(x0), batch_size):
-            x = x0[lo : lo + batch_size].to(device)
-            eps = eps_all[lo : lo + batch_size].to(device)
-            t = torch.full((len(x),), float(t_value), device=device)
-            labels = None if y is None else y[lo : lo + batch_size].to(device)
-            # Sum of per-sample means, so the total is a mean over samples whatever the batch split.
-            total += path.loss(model, x, labels, t=t, eps=eps).sum().item()
-        rows.append(dict(t=float(t_value), loss=total / len(x0)))
+    totals = loss_totals(model, path, x0, y, t_grid, seed, batch_size, device).tolist()  # the one read
+    rows = [dict(t=float(t_value), loss=total / len(x0)) for t_value, total in zip(t_grid, totals)]
     out = dict(per_t=rows, mean=sum(r["loss"] for r in rows) / len(rows), num_samples=int(len(x0)))
     if isinstance(model, Ensemble):
         # each usage record counts one batch's samples: the mean over records, weighted by batch

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from ddm.devices import module_device, to_device
 from ddm.errors import BadInput
 from ddm.flow import FlowPath
 
@@ -45,16 +46,29 @@ def expected_calibration_error(
 
 
 @torch.no_grad()
-def router_probs(
+def router_probs_on_device(
     router, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, batch_size: int = 256, device=None
 ) -> torch.Tensor:
-    """Softmax of ``router(x, t, y)`` in batches, on the CPU."""
+    """Softmax of ``router(x, t, y)`` in batches, left on ``device`` (None: the router's): no read on the host
+    inside the loop.
+
+    Each batch's inputs cross once (pinned, asynchronous on CUDA); t crosses once for all batches.
+    """
+    device = module_device(router) if device is None else torch.device(device)
+    t = to_device(t, device)
     out = []
     for lo in range(0, len(x), batch_size):
         sl = slice(lo, lo + batch_size)
-        logits = router(x[sl].to(device), t[sl].to(device), None if y is None else y[sl].to(device))
-        out.append(logits.float().softmax(-1).cpu())
+        logits = router(to_device(x[sl], device), t[sl], None if y is None else to_device(y[sl], device))
+        out.append(logits.float().softmax(-1))
     return torch.cat(out)
+
+
+def router_probs(
+    router, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, batch_size: int = 256, device=None
+) -> torch.Tensor:
+    """Softmax of ``router(x, t, y)`` in batches on ``device``, brought back to the CPU at once."""
+    return router_probs_on_device(router, x, t, y, batch_size, device).cpu()
 
 
 def summarize(probs: torch.Tensor, k: torch.Tensor, ece_bins: int = 10, weights: torch.Tensor | None = None) -> dict:

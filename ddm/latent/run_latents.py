@@ -7,13 +7,16 @@ partition and to the VAE that will decode them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 
 from ddm.artifacts import RunDir
 from ddm.data.shards import MANIFEST, load_manifest, verify
+from ddm.devices import autocast_dtype, to_device
 from ddm.errors import BadInput, MissingInput, Unusable
+from ddm.images import model_space_on
 from ddm.latent.vae import LatentCodec, resolve_folder, vae_identity
 from ddm.settings import Settings
 from ddm.text.spec import group_kind, stored_text_spec
@@ -128,29 +131,56 @@ def same_text(recorded: dict | None, wanted: dict | None) -> bool:
 
 
 class RunLatents:
-    """A latent run's VAE in both directions, in batches: images in [-1, 1] <-> the experts' latents."""
+    """A latent run's VAE in both directions, in batches: images in [-1, 1] <-> the experts' latents.
 
-    def __init__(self, codec: LatentCodec, image_channels: int, batch_size: int):
+    ``precision`` is ``vae.precision``: ``auto`` runs the VAE under bf16 autocast
+    on a GPU that has it (as ``ddm encode`` does) and in fp32 on the CPU.
+    """
+
+    def __init__(self, codec: LatentCodec, image_channels: int, batch_size: int, precision: str | None = "auto"):
         self.codec, self.image_channels, self.batch_size = codec, int(image_channels), int(batch_size)
+        self.precision = precision
 
     @property
     def device(self) -> torch.device:
         return next(self.codec.parameters()).device
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [N, C, H, W] in [-1, 1] -> latents (the posterior means), on the CPU."""
-        b = self.batch_size
-        return torch.cat([self.codec.encode(x[i : i + b].to(self.device)).float().cpu() for i in range(0, len(x), b)])
+    @property
+    def autocast(self) -> torch.dtype | None:
+        """The dtype the VAE is autocast to on its device (None: fp32)."""
+        return autocast_dtype(self.precision, self.device, "vae.precision")
+
+    def _precision(self):
+        dtype = self.autocast
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def encode(self, x) -> torch.Tensor:
+        """Images -> latents (the posterior means), on the CPU.
+
+        ``x``: float [N, C, H, W] in [-1, 1], or uint8 pixels [N, H, W(, C)] (a
+        quarter of the bytes cross to the VAE's device; scaled there).
+        """
+        b, device = self.batch_size, self.device
+        out = []
+        with self._precision():
+            for i in range(0, len(x), b):
+                out.append(self.codec.encode(model_space_on(x[i : i + b], device)).float())
+        return torch.cat(out).cpu()  # one read on the host, after every batch
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [-1, 1] with the data's channels, where ``z`` is."""
-        b = self.batch_size
-        return torch.cat(
-            [
-                self.codec.decode(z[i : i + b].float().to(self.device), self.image_channels).to(z.device)
-                for i in range(0, len(z), b)
-            ]
-        )
+        """Latents -> float32 images in [-1, 1] with the data's channels, where ``z`` is.
+
+        Each batch runs on the VAE's device (bf16 autocast there on a GPU, see ``precision``). Latents already
+        there (the sampler's) stay there: nothing crosses to the host. Latents elsewhere get each batch's images
+        back as it is done, so the VAE's device never holds more than one batch of images.
+        """
+        b, device = self.batch_size, self.device
+        out = []
+        with self._precision():
+            for i in range(0, len(z), b):
+                x = self.codec.decode(to_device(z[i : i + b], device).float(), self.image_channels)
+                out.append(x.float().to(z.device))
+        return torch.cat(out)
 
 
 def run_latents(cfg: Settings, latents: dict | None, device) -> RunLatents | None:
@@ -166,7 +196,7 @@ def run_latents(cfg: Settings, latents: dict | None, device) -> RunLatents | Non
     allow = bool(spec and spec["allow_download"])
     check_vae(latents["vae"], vae_identity(resolve_folder(source, allow)), f"the experts' expert.pt (vae {source})")
     codec = LatentCodec.load(source, allow).to(device)
-    return RunLatents(codec, int(latents["image_channels"]), int(cfg.vae.batch_size or 64))
+    return RunLatents(codec, int(latents["image_channels"]), int(cfg.vae.batch_size or 64), cfg.vae.precision)
 
 
 def latent_decoder(cfg: Settings, latents: dict | None, device):

@@ -56,7 +56,7 @@ from ddm.data.shards import MANIFEST, ShardSetWriter, load_manifest, shard_paths
 from ddm.data.verified import cache_path, check_recorded
 from ddm.devices import autocast_dtype, resolve_device
 from ddm.errors import MissingInput
-from ddm.images import batch_to_model_space_on_device
+from ddm.images import model_space_on
 from ddm.io import read_json, sha256_strings
 from ddm.latent.partition_images import ImageBatch, image_batches
 from ddm.latent.run_latents import current_identity, same_text, same_vae, stored_text_of, vae_spec
@@ -218,8 +218,7 @@ def _latents(enc: Encoder, x: torch.Tensor) -> np.ndarray:
 def _write_batch(writer: ShardSetWriter, batch: ImageBatch, enc: Encoder, captions=None) -> None:
     # uint8 to the device, scaled there: a quarter of the bytes of float32 cross, in the layout
     # ddm.images.batch_to_nchw gives (the same values and strides, so the same latents on the CPU)
-    x = torch.from_numpy(np.ascontiguousarray(batch.images)).to(enc.device)
-    x = batch_to_model_space_on_device(x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2))
+    x = model_space_on(batch.images, enc.device)
     latents = _latents(enc, x)
     mirrored = _latents(enc, x.flip(-1)) if enc.flip else [None] * len(batch)
     texts = _text_arrays(batch, enc.tower, captions) if enc.tower is not None else [{}] * len(batch)

@@ -161,8 +161,9 @@ class EvaluationContext:
 
     def model_space(self, idx) -> torch.Tensor:
         """Held-out images as the networks see them: in [-1, 1], or their latents in a latent run."""
-        x = batch_to_model_space(self.real_x[idx])
-        return self.latents.encode(x) if self.latents else x
+        if self.latents:  # uint8 pixels cross to the VAE's device and are scaled there
+            return self.latents.encode(self.real_x[idx])
+        return batch_to_model_space(self.real_x[idx])
 
     def excluded_from_training(self) -> set | None:
         """Keys of held-out images that are in ``data/`` (a slice) and must stay out of training data."""
