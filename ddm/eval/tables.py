@@ -26,21 +26,56 @@ def _experts_cell(r: dict) -> str:
     return cell + how
 
 
-def _quality(name: str, space: dict, sampling: dict) -> list[str]:
-    acc = space.get("test_accuracy")
-    what = (
-        f"a classifier trained on the training split ({space['target']} labels, {space['feature_dim']}-d "
-        f"features, held-out accuracy {num(acc, '.3f')})"
-        if space.get("kind") == "classifier"
-        else f"{space.get('kind')} from {space.get('file')}"
-    )
+def _what(space: dict) -> str:
+    """The feature space in words."""
+    if space.get("kind") == "classifier":
+        return (
+            f"a classifier trained on the training split ({space['target']} labels, {space['feature_dim']}-d "
+            f"features, held-out accuracy {num(space.get('test_accuracy'), '.3f')})"
+        )
+    if space.get("kind") == "dinov2":
+        return (
+            f"DINOv2 {space.get('model')} from {space.get('file')} ({space.get('feature_dim')}-d CLS token of "
+            f"images resized to {space.get('image_size')} px, as Stein et al. 2023)"
+        )
+    return f"{space.get('kind')} from {space.get('file')}"
+
+
+def _heldout_warning(heldout: dict | None) -> list[str]:
+    """A plain statement, next to the FD, when the held-out images are a slice of the training images."""
+    if not heldout or heldout.get("mode") != "slice":
+        return []
+    return [
+        f"**These held-out images are training images**: {heldout.get('note')}. The FD above measures how close "
+        "the samples are to the training set, not the FID papers report; for that, pass the papers' reference "
+        "with `eval.reference` (ADM's reference batch .npz, or a folder of the reference images).",
+        "",
+    ]
+
+
+def _is_cell(r: dict | None) -> str:
+    """``mean ± std`` of an Inception Score record."""
+    return "-" if not r else f"{num(r['mean'], '.3f')} ± {num(r['std'], '.3f')}"
+
+
+def _quality(name: str, space: dict, sampling: dict, heldout: dict | None = None) -> list[str]:
     lines = [
         f"## Sample quality in `{name}`",
         "",
-        f"Feature space: {what}. Compared with "
+        f"Feature space: {_what(space)}. Compared with "
         f"{space['num_real']} held-out images. FD: Fréchet distance; precision/recall: k-NN manifolds.",
         "",
     ]
+    sfid, is_ = bool(space.get("sfid")), bool(space.get("inception_score"))
+    notes = ["sFID: FD of ADM's spatial features (mixed_6/conv, 7 channels, 17 x 17) against the held-out images'."]
+    scores = [r["inception_score"] for r in space["strategies"].values() if r.get("inception_score")]
+    splits = scores[0]["splits"] if scores else 10
+    notes = (notes if sfid else []) + ([f"IS: Inception Score, mean ± std over {splits} splits."] if is_ else [])
+    lines += [" ".join(notes), ""] if notes else []
+
+    def extra(r: dict) -> list[str]:
+        return ([num(r.get("sfid"))] if sfid else []) + ([_is_cell(r.get("inception_score"))] if is_ else [])
+
     rows = []
     for s, r in space["strategies"].items():
         rows.append(
@@ -48,6 +83,7 @@ def _quality(name: str, space: dict, sampling: dict) -> list[str]:
                 s,
                 r["num_generated"],
                 num(r["fd"]),
+                *extra(r),
                 num(r["precision"], ".3f"),
                 num(r["recall"], ".3f"),
                 num(r.get("classifier_accuracy"), ".3f"),
@@ -60,13 +96,16 @@ def _quality(name: str, space: dict, sampling: dict) -> list[str]:
             "training images (reference)",
             ref["num_images"],
             num(ref["fd"]),
+            *extra(ref),
             num(ref["precision"], ".3f"),
             num(ref["recall"], ".3f"),
             "-",
             "-",
         ]
     )
-    lines += table(["strategy", "images", "FD", "precision", "recall", "class accuracy", "sampling FLOPs/image"], rows)
+    header = ["strategy", "images", "FD", *(["sFID"] if sfid else []), *(["IS"] if is_ else [])]
+    lines += table(header + ["precision", "recall", "class accuracy", "sampling FLOPs/image"], rows)
+    lines += _heldout_warning(heldout)
     lines += _reference_lines(space, sampling)
     per_class = {s: r.get("per_class") or {} for s, r in space["strategies"].items()}
     classes = sorted({c for pc in per_class.values() for c in pc}, key=int)
@@ -82,17 +121,38 @@ def _reference_lines(space: dict, sampling: dict) -> list[str]:
     ref = space.get("reference")
     if not ref:
         return []
+    spatial = any(r.get("sfid_reference") is not None for r in space["strategies"].values())
+
+    def cells(r: dict) -> list[str]:
+        return [num(r.get("fd_reference"))] + ([num(r.get("sfid_reference"))] if spatial else [])
+
     rows = [
-        [s, r["num_generated"], num(r.get("fd_reference")), fmt_flops(sampling.get(s, {}).get("per_image"))]
+        [s, r["num_generated"], *cells(r), fmt_flops(sampling.get(s, {}).get("per_image"))]
         for s, r in space["strategies"].items()
     ]
     train = space["reference_training_images"]
-    rows.append(["training images (reference)", train["num_images"], num(train.get("fd_reference")), "-"])
+    rows.append(["training images (reference)", train["num_images"], *cells(train), "-"])
+    if ref.get("kind") == "images":
+        what = (
+            f"the statistics of the {num(ref.get('num_images'), 'd')} images "
+            f"({'x'.join(str(v) for v in ref.get('image_size') or [])} px, {ref.get('source')}) under "
+            f"`{ref['file']}` (content sha256 {ref['sha256'][:12]}, "
+            f"{'read from' if ref.get('cached') else 'cached in'} {ref.get('cache_file')})"
+        )
+    else:
+        size = ref.get("image_size")
+        count = ref.get("num_images")
+        what = (
+            f"the reference statistics `{ref['file']}` (sha256 {ref['sha256'][:12]}, "
+            f"{ref['dim']}-d, recorded space {ref.get('feature_space') or 'not recorded'}, "
+            f"{'of ' + num(count, 'd') + ' images' if count else 'image count not recorded'}, "
+            f"{'x'.join(str(v) for v in size) + ' px' if size else 'image size not recorded'})"
+        )
+    header = ["strategy", "images", "FID vs reference", *(["sFID vs reference"] if spatial else [])]
     return [
-        f"FID against the reference statistics `{ref['file']}` (sha256 {ref['sha256'][:12]}, "
-        f"{ref['dim']}-d, recorded space {ref.get('feature_space') or 'not recorded'}):",
+        f"FID against {what}:",
         "",
-        *table(["strategy", "images", "FID vs reference", "sampling FLOPs/image"], rows),
+        *table(header + ["sampling FLOPs/image"], rows),
     ]
 
 
@@ -134,7 +194,7 @@ def render_report(m: dict) -> str:
     ]
     sampling = fl["sampling"]
     for name, space in m["feature_spaces"].items():
-        lines += _quality(name, space, sampling)
+        lines += _quality(name, space, sampling, h)
 
     fm = m["fm_loss"]
     lines += [

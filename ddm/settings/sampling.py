@@ -92,7 +92,12 @@ class Eval(Group):
     prdc_k: int
     inception_weights: str | None
     inception_batch_size: int
+    inception_score: bool | str
+    sfid: bool | str
     reference: str | None
+    reference_cache: str
+    dinov2_weights: str | None
+    dinov2_model: str
     fm_loss: FmLoss
     router: RouterDiagnostics
     flops: Flops

@@ -27,8 +27,10 @@ ensemble, and ``eval.strategies`` may list ``distilled`` beside routing strategi
 
 Feature spaces: ``classifier:<checksum>``, a small CNN trained on the training
 split and cached by content (ddm.eval.feature_net), always; ``inception:<sha>``
-when ``eval.inception_weights`` names a local file, with the FID against the published statistics
-that ``eval.reference`` names (ADM's reference batches, clean-fid's stats files). Each space is its own entry
+when ``eval.inception_weights`` names a local file, with the Inception Score and sFID where the file gives
+them, and the FID against the reference that ``eval.reference`` names (ADM's reference batches, clean-fid's
+stats files, or a folder of images or shards whose statistics are computed once and cached);
+``dinov2:<sha>`` when ``eval.dinov2_weights`` names a local DINOv2 file. Each space is its own entry
 and its own table: numbers from different spaces are never mixed.
 
 A rerun with the same settings and networks returns the existing metrics; other
@@ -49,7 +51,14 @@ from ddm.errors import MissingConfig
 from ddm.eval.router_diag import usage_per_step
 from ddm.eval.run import evaluation_dir
 from ddm.eval.run.context import EvaluationContext
-from ddm.eval.run.feature_spaces import classifier_functions, load_inception, load_reference_stats
+from ddm.eval.run.feature_spaces import (
+    classifier_functions,
+    data_image_size,
+    inception_extras,
+    load_dinov2,
+    load_inception,
+    load_reference_stats,
+)
 from ddm.eval.run.flop_section import flops_section
 from ddm.eval.tables import render_report
 from ddm.io import read_json, sha256_file, write_json, write_text
@@ -86,12 +95,27 @@ def settings_of(cfg: Settings) -> dict:
 
 def _eval_settings(ec) -> dict:
     """The eval config; ``reference`` only when set (metrics from before the option still match), then with the
-    file's sha256, so new statistics at the same path are evaluated again."""
+    file's sha256 (a folder's: the digest of its images' bytes), so a new reference at the same path is evaluated
+    again. Options added later are left out at their defaults for the same reason: ``dinov2_*`` without
+    DINOv2 weights, ``inception_score``/``sfid`` without an Inception file, and ``reference_cache`` (where
+    statistics are kept, not what they are)."""
     out = ec.to_dict()
-    if out.get("reference") is None:
+    out.pop("reference_cache", None)
+    if out.get("dinov2_weights") is None:
+        out.pop("dinov2_weights", None)
+        out.pop("dinov2_model", None)
+    if out.get("inception_weights") is None:
+        out.pop("inception_score", None)
+        out.pop("sfid", None)
+    ref = out.get("reference")
+    if ref is None:
         out.pop("reference", None)
-    elif Path(out["reference"]).expanduser().is_file():
-        out["reference_sha256"] = sha256_file(Path(out["reference"]).expanduser())
+    elif Path(ref).expanduser().is_file():
+        out["reference_sha256"] = sha256_file(Path(ref).expanduser())
+    elif Path(ref).expanduser().is_dir():
+        from ddm.eval.reference_images import find_image_set
+
+        out["reference_sha256"] = find_image_set(ref).digest()
     return out
 
 
@@ -117,8 +141,12 @@ def run(cfg: Settings) -> dict:
 
     start = time.perf_counter()
     # fail on a missing file before any slow work; on eval.device, where the evaluation's other networks run
-    inception = load_inception(cfg.eval, resolve_device(cfg.eval.device, "eval.device"))
-    reference = load_reference_stats(cfg.eval, inception)  # a file of another feature space fails here too
+    device = resolve_device(cfg.eval.device, "eval.device")
+    inception = load_inception(cfg.eval, device)
+    extras = inception_extras(cfg.eval, inception)  # sFID or IS asked of a file without them fails here
+    dinov2 = load_dinov2(cfg.eval, device)
+    # a file of another feature space or image size fails here; a folder's statistics are computed (or read) here
+    reference = load_reference_stats(cfg.eval, inception, data_image_size(rd) if cfg.eval.reference else None)
     # sample.model=distilled (or `distilled` in eval.strategies): the distilled student is a row too
     ctx = (DistilledContext if wants_distilled(cfg) else EvaluationContext)(cfg, rd, settings, redo)
     metrics = dict(
@@ -130,7 +158,7 @@ def run(cfg: Settings) -> dict:
     )
     generated = {s: ctx.generated(s) for s in ctx.strategies}
     metrics["flops"] = flops_section(ctx, generated)  # threshold, nucleus: at the experts these images used
-    metrics["feature_spaces"] = feature_spaces(ctx, generated, inception, reference)
+    metrics["feature_spaces"] = feature_spaces(ctx, generated, inception, reference, extras, dinov2)
     metrics.update(generated_summary(generated))
     if ctx.text:
         metrics["clip_score"] = ctx.heldout_text.clip_score(generated, ctx.batch)
@@ -145,26 +173,45 @@ def run(cfg: Settings) -> dict:
     return metrics
 
 
-def feature_spaces(ctx: EvaluationContext, generated: dict, inception, reference=None) -> dict:
+def feature_spaces(
+    ctx: EvaluationContext, generated: dict, inception, reference=None, extras: dict | None = None, dinov2=None
+) -> dict:
     """metrics.json ``feature_spaces``: sample quality in each feature space, keyed by its name, classifier first.
 
     ``classifier:<checksum[:12]>``: the classifier's description
     (``ddm.eval.run.feature_spaces.classifier_info``) plus ``sample_quality``.
-    ``inception:<sha[:12]>``: ``{kind, file, sha256}`` plus ``sample_quality``; with ``eval.reference``
-    also ``reference: {file, sha256, feature_space, dim}`` (``ddm.eval.reference``) and each row's
-    ``fd_reference``, the FID against those statistics.
+    ``inception:<sha[:12]>``: ``{kind, file, sha256, sfid, inception_score}`` (the last two: whether they are
+    measured, ``extras`` of ``inception_extras``) plus ``sample_quality``, whose rows then hold ``sfid`` and
+    ``inception_score``; with ``eval.reference`` also ``reference: {kind, file, sha256, feature_space, dim,
+    num_images, image_size, spatial, ...}`` (``ddm.eval.reference``) and each row's ``fd_reference`` (and
+    ``sfid_reference`` with spatial statistics), the FID against the reference.
+    ``dinov2:<sha[:12]>``: ``{kind: dinov2, model, file, sha256, feature_dim, image_size}`` plus
+    ``sample_quality`` (``ddm.eval.dinov2_space``).
     """
     net, info = ctx.feature_net()
     extract, classify = classifier_functions(net, info["target"], ctx.batch)
     spaces = {net.space: dict(info, **ctx.quality(extract, generated, classify=classify))}
     if inception is not None:
         batch = int(ctx.ec.inception_batch_size)
+        extras = extras or dict(spatial=False, probs=False)
         spaces[inception.space] = dict(
             kind=inception.kind,
             file=str(inception.path),
             sha256=inception.sha256,
+            sfid=extras["spatial"],
+            inception_score=extras["probs"],
             **({} if reference is None else dict(reference=reference.describe())),
-            **ctx.quality(lambda x: inception(x, batch), generated, reference_stats=reference),
+            **ctx.quality(lambda x: inception.outputs(x, batch, **extras), generated, reference_stats=reference),
+        )
+    if dinov2 is not None:
+        spaces[dinov2.space] = dict(
+            kind="dinov2",
+            model=dinov2.model,
+            file=str(dinov2.path),
+            sha256=dinov2.sha256,
+            feature_dim=dinov2.dim,
+            image_size=dinov2.image_size,
+            **ctx.quality(lambda x: dinov2(x, ctx.batch), generated),
         )
     return spaces
 

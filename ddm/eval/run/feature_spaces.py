@@ -4,13 +4,18 @@
 trained on the run's training images (``data/`` minus a held-out slice), with
 class labels when the data has them and cluster labels otherwise; cached by a
 checksum of its training data and settings. ``inception:<sha[:12]>``: the FID
-Inception, when ``eval.inception_weights`` names a local file.
+Inception, when ``eval.inception_weights`` names a local file, with the Inception
+Score and sFID where the file gives them (``eval.inception_score``, ``eval.sfid``)
+and FID against ``eval.reference`` (a statistics file, or images whose statistics
+are computed and cached). ``dinov2:<sha[:12]>``: DINOv2's CLS features
+(Stein et al. 2023), when ``eval.dinov2_weights`` names a local file.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -129,9 +134,14 @@ def load_inception(ec: Eval, device=None):
     return load(ec.inception_weights, device=device)
 
 
-def load_reference_stats(ec: Eval, inception):
-    """The statistics named by ``eval.reference``, checked against the Inception's feature space, or None when it
-    is null. They only mean FID in the Inception space, so they need ``eval.inception_weights``."""
+def load_reference_stats(ec: Eval, inception, image_size: tuple[int, int] | None = None):
+    """The statistics named by ``eval.reference``, checked against the Inception's feature space and against
+    ``image_size`` (the samples' height and width), or None when it is null. They only mean FID in the Inception
+    space, so they need ``eval.inception_weights``.
+
+    A folder of images or shards is read (its statistics computed on the Inception's device, in batches of
+    ``eval.inception_batch_size``) only when ``eval.reference_cache`` holds no statistics of its bytes.
+    """
     if ec.reference is None:
         return None
     if inception is None or not inception.kind.startswith("fid_inception"):
@@ -142,4 +152,54 @@ def load_reference_stats(ec: Eval, inception):
         )
     from ddm.eval.reference import INCEPTION_DIM, load_reference
 
-    return load_reference(ec.reference, inception.space, INCEPTION_DIM)
+    path = Path(str(ec.reference)).expanduser()
+    if path.is_dir():
+        from ddm.eval.reference_images import reference_from_images
+
+        return reference_from_images(
+            path, inception, ec.reference_cache, int(ec.inception_batch_size), image_size, "the run's images"
+        )
+    reference = load_reference(path, inception.space, INCEPTION_DIM)
+    if image_size is not None:
+        reference.check_image_size(image_size, "the run's images")
+    return reference
+
+
+def inception_extras(ec: Eval, inception) -> dict:
+    """``{spatial, probs}``: whether the Inception space also measures sFID and the Inception Score.
+
+    ``eval.sfid`` and ``eval.inception_score`` are true (the file must give them: a clear error naming it and
+    the files that do), false, or auto (when the file gives them).
+    """
+    if inception is None:
+        return dict(spatial=False, probs=False)
+    from ddm.eval.inception import IS_FILES, SFID_FILES
+
+    def wanted(key: str, value, supported: bool, files: str) -> bool:
+        if value == "auto":
+            return supported
+        if not isinstance(value, bool):
+            raise BadInput(f"eval.{key}={value!r}: use true, false or auto")
+        if value and not supported:
+            raise BadInput(f"eval.inception_weights={inception.path} ({inception.kind}) cannot give it: {files}")
+        return value
+
+    return dict(
+        spatial=wanted("sfid", ec.sfid, inception.has_spatial, SFID_FILES),
+        probs=wanted("inception_score", ec.inception_score, inception.has_logits, IS_FILES),
+    )
+
+
+def load_dinov2(ec: Eval, device=None):
+    """The DINOv2 feature extractor of ``eval.dinov2_weights`` (``ddm.eval.dinov2_space``), or None when null."""
+    if ec.dinov2_weights is None:
+        return None
+    from ddm.eval.dinov2_space import load_dinov2 as load  # timm: only when asked for
+
+    return load(ec.dinov2_weights, str(ec.dinov2_model), device=device)
+
+
+def data_image_size(rd: RunDir) -> tuple[int, int]:
+    """(height, width) of the run's images (``data/``'s manifest): the size its samples are compared at."""
+    size = int(load_manifest(rd.data)["image_size"])
+    return size, size
