@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import numpy as np
@@ -12,6 +11,7 @@ from ddm.errors import BadInput
 from ddm.eval.fid import frechet_distance, frechet_distance_features, gaussian_stats
 from ddm.eval.reference import load_reference, write_reference
 from ddm.sampling.adm import read_adm_npz, write_adm_npz
+from tests.real_inception import REAL_INCEPTION, digits, needs_real_inception
 
 SPACE = "inception:7ff4a85c3a63"  # the space of the default_1.pt FID Inception
 
@@ -115,26 +115,12 @@ def test_fd_to_a_reference_equals_the_fd_of_the_two_gaussians(n):
         ref.fd(x[:, :5])
 
 
-REAL_INCEPTION = os.environ.get("DDM_FID_INCEPTION")
-needs_real_inception = pytest.mark.skipif(
-    not REAL_INCEPTION,
-    reason="DDM_FID_INCEPTION is not set: `make inception` fetches the real FID Inception "
-    "(data/weights/fid_inception_default_1.pt) and `make test` sets it",
-)
-
-
-def _digits(start: int, n: int) -> np.ndarray:
-    from sklearn.datasets import load_digits
-
-    return np.round(load_digits().images[start : start + n] * 255 / 16).astype(np.uint8)
-
-
 @needs_real_inception
 def test_fid_against_saved_statistics_equals_fid_from_the_features(tmp_path):
     from ddm.eval.inception import load_inception
 
     inception = load_inception(REAL_INCEPTION)
-    generated, real = inception(_digits(0, 12)), inception(_digits(100, 12))
+    generated, real = inception(digits(0, 12)), inception(digits(100, 12))
     path = write_reference(tmp_path / "digits_ref.npz", real, inception.space)
     ref = load_reference(path, inception.space)
     assert ref.feature_space == inception.space == SPACE

@@ -193,22 +193,12 @@ def test_the_decode_asks_for_bf16_autocast_on_a_gpu(monkeypatch):
 
 
 def test_decode_and_encode_run_inside_the_chosen_precision(monkeypatch, tmp_path):
-    from diffusers import AutoencoderKL
-
     from ddm.latent import LatentCodec
+    from tests.test_latent_vae import tiny_vae
 
     Recorded.calls = []
     monkeypatch.setattr(torch, "autocast", Recorded)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=16,
-    )
-    codec = LatentCodec(vae, "tiny")
+    codec = LatentCodec(tiny_vae(), "tiny")
     auto = rl.RunLatents(codec, 3, 2, "auto")
     z = auto.encode(np.zeros((3, 16, 16, 3), dtype=np.uint8))
     images = auto.decode(z)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import torch
-
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_eval.py"
 
 
@@ -19,20 +17,10 @@ def _script():
 
 
 def _tiny_vae():
-    from diffusers import AutoencoderKL
-
     from ddm.latent import LatentCodec
+    from tests.test_latent_vae import tiny_vae
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=16,
-    )
-    return LatentCodec(vae, "tiny")
+    return LatentCodec(tiny_vae(), "tiny")
 
 
 def test_bench_eval_prints_a_row_per_network_and_says_what_it_skipped(capsys, tmp_path):

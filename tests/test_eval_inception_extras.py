@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -15,13 +13,7 @@ from ddm.eval.inception_score import inception_score
 from ddm.eval.run.feature_spaces import inception_extras
 from ddm.settings import Eval
 from ddm.settings.values import build
-
-REAL_INCEPTION = os.environ.get("DDM_FID_INCEPTION")
-needs_real_inception = pytest.mark.skipif(
-    not REAL_INCEPTION,
-    reason="DDM_FID_INCEPTION is not set: `make inception` fetches the real FID Inception "
-    "(data/weights/fid_inception_default_1.pt) and `make test` sets it",
-)
+from tests.real_inception import REAL_INCEPTION, needs_real_inception
 
 
 def one_hot(labels, classes: int) -> np.ndarray:

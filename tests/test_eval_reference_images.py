@@ -6,7 +6,6 @@ The FID Inception costs about a second an image on these CPUs, so each test runs
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import tarfile
 
@@ -19,19 +18,7 @@ from ddm.errors import BadInput, MissingInput
 from ddm.eval.fid import frechet_distance_features
 from ddm.eval.reference import IMAGES, load_reference, write_reference
 from ddm.eval.reference_images import RunningGaussian, find_image_set, reference_from_images
-
-REAL_INCEPTION = os.environ.get("DDM_FID_INCEPTION")
-needs_real_inception = pytest.mark.skipif(
-    not REAL_INCEPTION,
-    reason="DDM_FID_INCEPTION is not set: `make inception` fetches the real FID Inception "
-    "(data/weights/fid_inception_default_1.pt) and `make test` sets it",
-)
-
-
-def digits(start: int, n: int) -> np.ndarray:
-    from sklearn.datasets import load_digits
-
-    return np.round(load_digits().images[start : start + n] * 255 / 16).astype(np.uint8)
+from tests.real_inception import REAL_INCEPTION, digits, needs_real_inception
 
 
 def write_folder(folder, images, fmt: str = "png") -> list:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 from ddm.artifacts import RunDir
 from ddm.io import read_json
 from ddm.stages import evaluate
+from tests.real_inception import REAL_INCEPTION, needs_real_inception
 
 # Small enough for seconds on 2 cores (the shared tiny run trains a few steps only).
 OVERRIDES = [
@@ -246,15 +246,7 @@ def test_the_distilled_row_beside_threshold_under_separate_guidance_routing(eval
     assert "| distilled |" in text and "null input routed separately" in text
 
 
-# `make test` fetches the FID Inception (`make inception`) and points DDM_FID_INCEPTION at it.
-REAL_INCEPTION = os.environ.get("DDM_FID_INCEPTION")
-
-
-@pytest.mark.skipif(
-    not REAL_INCEPTION,
-    reason="DDM_FID_INCEPTION is not set: `make inception` fetches the real FID Inception "
-    "(data/weights/fid_inception_default_1.pt) and `make test` sets it",
-)
+@needs_real_inception
 def test_the_real_fid_inception_is_its_own_feature_space(evaluated, tmp_path):
     """The stage measures FID with the real network: an ``inception:<sha>`` space beside the classifier's."""
     make_cfg, rd, _ = evaluated

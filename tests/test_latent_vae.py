@@ -11,12 +11,12 @@ from ddm.errors import MissingInput, Unusable
 from ddm.latent import LatentCodec
 
 
-def save_tiny_vae(folder, in_channels: int = 3, scaling_factor: float = 0.5, shift_factor: float | None = None):
-    """A random two-level AutoencoderKL (16 px -> 4x8x8) in ``save_pretrained`` layout."""
+def tiny_vae(in_channels: int = 3, scaling_factor: float = 0.5, shift_factor: float | None = None):
+    """A random two-level AutoencoderKL (16 px -> 4x8x8), seeded."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         in_channels=in_channels,
         out_channels=in_channels,
         down_block_types=("DownEncoderBlock2D",) * 2,
@@ -29,6 +29,11 @@ def save_tiny_vae(folder, in_channels: int = 3, scaling_factor: float = 0.5, shi
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,
     )
+
+
+def save_tiny_vae(folder, in_channels: int = 3, scaling_factor: float = 0.5, shift_factor: float | None = None):
+    """``tiny_vae`` in ``save_pretrained`` layout."""
+    vae = tiny_vae(in_channels, scaling_factor, shift_factor)
     vae.save_pretrained(folder)
     return vae
 
