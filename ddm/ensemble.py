@@ -77,7 +77,8 @@ class Ensemble(VelocityModel):
         experts: a sequence (expert ``i`` has id ``i``) or a mapping ``id -> module``.
             A mapping may hold only some of the K experts when ``subset`` names
             the ones to use.
-        router: ``r(x, t, y) -> [B, K]`` logits of p(k | x_t, t).
+        router: ``r(x, t, y) -> [B, K]`` logits of p(k | x_t, t). One with an ``observe(x, t, y, v)`` method
+            is given the ensemble's velocity ``v`` after every call (``ddm.cluster_router.ClusterRouter``).
         strategy: one of ``STRATEGIES`` (see the module docstring).
         top_k: number of experts per sample for ``topk``.
         subset: expert ids to route among; the router's logits are restricted
@@ -174,10 +175,15 @@ class Ensemble(VelocityModel):
     def _combine(self, x, t, y, scale):
         t = _as_batch_t(t, x)
         if self.cfg_routing == "separate" and scale is not None and scale != 1.0 and y is not None:
-            return self._combine_separately(x, t, y, float(scale))
-        selected, weights = self.route(x, t, y)
-        counts = self._record_usage(t, selected, weights)
-        return self._run_experts(x, t, y, selected, weights, counts, scale)
+            v = self._combine_separately(x, t, y, float(scale))
+        else:
+            selected, weights = self.route(x, t, y)
+            counts = self._record_usage(t, selected, weights)
+            v = self._run_experts(x, t, y, selected, weights, counts, scale)
+        observe = getattr(self.router, "observe", None)
+        if observe is not None:  # a router that follows the trajectory (ddm.cluster_router) sees the velocity
+            observe(x, t, y, v)
+        return v
 
     def _combine_separately(self, x, t, y, scale: float):
         """Guidance with the null input routed on its own: one doubled batch, conditional rows first.
