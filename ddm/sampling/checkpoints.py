@@ -33,6 +33,7 @@ from ddm.job_names import ROUTER_JOB, expert_id_of, expert_job
 from ddm.models.dit import DiT, DiTClassifier
 from ddm.models.prediction import as_velocity_model
 from ddm.sampling.fit import (
+    PATH_FIELDS,
     check_expert,
     check_image_shape,
     check_num_classes,
@@ -149,6 +150,11 @@ def load_ensemble(
     device="cpu",
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    router: str = "trained",
+    route_every: int = 1,
+    route_tau: float | None = None,
+    seed: int = 0,
+    decode=None,
 ) -> tuple[Ensemble, FlowPath, LoadedModels]:
     """Build the sampling-time ``Ensemble`` of a run from its router and expert files.
 
@@ -160,17 +166,27 @@ def load_ensemble(
             an island); the router is renormalised over them and the missing ids are
             logged and returned in ``info.missing_experts``.
         device: where the modules are moved.
+        router: ``trained`` (``router/router.pt``) or ``clusters``: the run's clusters route
+            (``ddm.cluster_router.ClusterRouter``; no router.pt is read, K and the clustering id come from
+            clusters/report.json); ``route_every``, ``route_tau`` are its ``every`` and ``tau``, ``seed`` the
+            run's seed (its encoder is rebuilt from it) and ``decode`` a latent run's decoder.
 
     Returns ``(ensemble, flow_path, info)``; ``info`` (``LoadedModels``) holds K, the
     experts used, the experts missing, the clustering id, the training steps of each
     network, the size and target of each expert (``expert_models``) and the image shape.
     """
     rd = RunDir(run_dir)
+    if router == "clusters":
+        return _load_cluster_ensemble(
+            rd, strategy, top_k, subset, device, temperature, generator, route_every, route_tau, seed, decode
+        )
+    if router != "trained":
+        raise BadInput(f"sample.router={router!r} is not one of trained, clusters")
     if rd.router_weights.exists():
         verify_weights(rd.router_weights, rd.router_record)
-    router, rmeta = load_router(rd.router_weights)
+    net, rmeta = load_router(rd.router_weights)
     K, cid = int(rmeta["num_experts"]), rmeta["clustering_id"]
-    check_router(router, rmeta, rd)
+    check_router(net, rmeta, rd)
     if isinstance(subset, str):
         subset = _available_ids(rd, K, subset)
     wanted = _wanted_ids(rd, K, subset)
@@ -181,13 +197,13 @@ def load_ensemble(
         verify_weights(rd.expert_weights(k), rd.expert_record(k))
         experts[k], metas[k] = load_expert(rd.expert_weights(k))
         check_expert(k, metas[k], rmeta)
-    check_num_classes(experts, router, metas, rmeta)
+    check_num_classes(experts, net, metas, rmeta)
     check_image_shape(metas, rmeta)
 
     ensemble = (
         Ensemble(
             experts,
-            router,
+            net,
             strategy=strategy,
             top_k=top_k,
             subset=wanted if subset is not None else None,
@@ -227,6 +243,102 @@ def load_ensemble(
     return ensemble, flow_path_from_config(rmeta["flow"]), info
 
 
+class DeferredDecode:
+    """A latent decoder known only after loading: ``load_ensemble(router="clusters", decode=DeferredDecode())``
+    builds the cluster router's encoder before the experts say which VAE they use; set ``fn`` (latents -> images
+    in [-1, 1]) once it is built. Until then, and for a pixel run (``fn`` None), images pass as they are."""
+
+    def __init__(self, fn=None):
+        self.fn = fn
+
+    def __call__(self, x):
+        return x if self.fn is None else self.fn(x)
+
+
+def _load_cluster_ensemble(
+    rd: RunDir, strategy, top_k, subset, device, temperature, generator, every, tau, seed, decode
+) -> tuple[Ensemble, FlowPath, LoadedModels]:
+    """``load_ensemble`` with ``router="clusters"``: the experts routed by the run's clusters (no router.pt)."""
+    from ddm.cluster_router import ClusterRouter, run_embedder
+    from ddm.lineage import check_member, cluster_ids, lineage_sizes
+
+    if not rd.cluster_report.exists():
+        raise MissingInput(
+            f"sample.router=clusters routes by the run's clusters, but {rd.cluster_report} does not exist: "
+            f"run `ddm cluster` (or use sample.router=trained)"
+        )
+    report = read_json(rd.cluster_report)
+    K, cid = int(report["k"]), report["clustering_id"]
+    # what the experts are checked against: the clustering, and for a grown run the ancestor of each kept cluster
+    record = dict(
+        num_experts=K,
+        clustering_id=cid,
+        cluster_ids=cluster_ids(dict(report, num_clusters=K)),
+        lineage=lineage_sizes(dict(report, num_clusters=K)),
+    )
+    if isinstance(subset, str):
+        subset = _available_ids(rd, K, subset)
+    wanted = _wanted_ids(rd, K, subset, owner=f"the clustering {rd.cluster_report}")
+    missing = [k for k in range(K) if k not in wanted]
+
+    experts, metas = {}, {}
+    for k in wanted:
+        verify_weights(rd.expert_weights(k), rd.expert_record(k))
+        experts[k], metas[k] = load_expert(rd.expert_weights(k))
+        where = metas[k]["path"]
+        if int(metas[k].get("expert_id", k)) != k:
+            raise BadInput(
+                f"{where} holds expert {metas[k]['expert_id']}, not expert {k}: the file was copied into the wrong "
+                f"folder; retrain or move it to experts/{expert_job(metas[k]['expert_id'])}"
+            )
+        check_member(metas[k], k, record, f"expert {k} ({where}, routed by the clusters of {rd.cluster_report})")
+    first = metas[wanted[0]]
+    paths = {metas[k]["path"]: {f: metas[k]["flow"].get(f) for f in PATH_FIELDS} for k in wanted}
+    if len({str(v) for v in paths.values()}) > 1:
+        raise BadInput(f"the experts were trained on different flow paths ({paths}): retrain with one flow.schedule")
+    classes = {metas[k]["path"]: experts[k].num_classes for k in wanted}
+    if len(set(classes.values())) > 1:
+        raise BadInput(f"the experts were trained on different label sets (num_classes by file: {classes})")
+    check_image_shape(metas, first)
+    path = flow_path_from_config(first["flow"])
+    num_classes = int(first["model_config"].get("num_classes", 0) or 0)
+    embed = run_embedder(rd.root, seed, decode)
+    router = ClusterRouter.from_run(rd.root, embed, path, num_classes, tau=tau, every=every)
+    ensemble = (
+        Ensemble(
+            experts,
+            router,
+            strategy=strategy,
+            top_k=top_k,
+            subset=wanted if subset is not None else None,
+            generator=generator,
+            temperature=temperature,
+            num_experts=K,
+        )
+        .to(device)
+        .eval()
+    )
+    mc = first["model_config"]
+    info = LoadedModels(
+        num_experts=K,
+        experts=wanted,
+        missing_experts=missing,
+        clustering_id=cid,
+        router_steps=None,  # no trained router
+        router_label_dropout=None,
+        expert_steps={k: metas[k].get("steps") for k in wanted},
+        expert_label_dropout={k: metas[k].get("label_dropout") for k in wanted},
+        expert_models={k: dict(size=metas[k]["model_config"].get("size"), target=metas[k]["target"]) for k in wanted},
+        flow=first["flow"],
+        num_classes=mc.get("num_classes", 0),
+        text=common_text(metas, {}),
+        latents=common_latents(metas, first),
+        image_size=mc["image_size"],
+        in_channels=mc["in_channels"],
+    )
+    return ensemble, path, info
+
+
 def _available_ids(rd: RunDir, K: int, subset: str) -> list[int]:
     """The ids of ``sample.experts=available``: the experts that exist, the missing ones logged."""
     if subset != AVAILABLE:
@@ -249,9 +361,15 @@ def _available_ids(rd: RunDir, K: int, subset: str) -> list[int]:
     return on_disk
 
 
-def _wanted_ids(rd: RunDir, K: int, subset) -> list[int]:
+def _wanted_ids(rd: RunDir, K: int, subset, owner: str | None = None) -> list[int]:
+    """``owner``: what K comes from (None: the trained router)."""
     on_disk = expert_ids_on_disk(rd)
     extra = [k for k in on_disk if k >= K]
+    if extra and owner is not None:
+        raise BadInput(
+            f"{rd.experts} holds experts {extra} but {owner} has only K={K} clusters: the experts come from "
+            f"another clustering; retrain them or use the matching run"
+        )
     if extra:
         raise BadInput(
             f"{rd.experts} holds experts {extra} but the router {rd.router_weights} has only "

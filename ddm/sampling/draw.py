@@ -8,6 +8,7 @@ set of settings means the same images wherever it is read.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import numpy as np
@@ -33,6 +34,27 @@ DISTILLED = "distilled"  # sample.model=distilled, and the name of its row in th
 MODELS = ("ensemble", DISTILLED)  # the values of sample.model
 
 
+ROUTERS = ("trained", "clusters")  # the values of sample.router
+
+
+def check_router_settings(router, every, tau) -> tuple[str, int, float | None]:
+    """``sample.router``, ``sample.route_every`` and ``sample.route_tau``, checked."""
+    router = str(router or "trained")
+    if router not in ROUTERS:
+        raise BadInput(
+            f"sample.router={router!r} is not one of {', '.join(ROUTERS)} (trained: router/router.pt; clusters: "
+            f"the run's clusters and clustering encoder, no router.pt)"
+        )
+    every = 1 if every is None else every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise BadInput(f"sample.route_every={every!r} must be a whole number >= 1")
+    if tau is not None:
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+            raise BadInput(f"sample.route_tau={tau!r} must be a positive number, or null (the clustering's own)")
+        tau = float(tau)
+    return router, every, tau
+
+
 def check_model(value) -> str:
     """``sample.model``, checked."""
     model = str(value or "ensemble")
@@ -41,8 +63,8 @@ def check_model(value) -> str:
     return model
 
 
-# The options that change what is sampled: a record with other values is stale (and `model` and `label_order`,
-# when not their defaults: see requested_settings).
+# The options that change what is sampled: a record with other values is stale (and `model`, `label_order`,
+# `router`, `route_every` and `route_tau`, when not their defaults: see requested_settings).
 SETTINGS = (
     "strategy",
     "top_k",
@@ -93,6 +115,22 @@ def requested_settings(sc: Sample) -> dict:
     model = check_model(values["model"])
     if model != "ensemble":
         out["model"] = model
+    # the router and its options, likewise only when not their defaults
+    router, every, tau = check_router_settings(values.get("router"), values.get("route_every"), values.get("route_tau"))
+    if router != "trained":
+        out["router"] = router
+    if every != 1:
+        out["route_every"] = every
+    if tau is not None:
+        out["route_tau"] = tau
+    if router == "clusters" and model == "ensemble" and out["strategy"] != "sample":
+        log.warning(
+            "sample.router=clusters with sample.strategy=%s: the cluster router routes well with strategy=sample "
+            "only (each sample keeps the cluster drawn from p(k|y) at t=1); %s sends the samples to the most "
+            "common cluster and leaves the others unused",
+            out["strategy"],
+            out["strategy"],
+        )
     return out
 
 

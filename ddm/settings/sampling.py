@@ -12,6 +12,10 @@ frozen = dataclasses.dataclass(frozen=True, kw_only=True)
 @frozen
 class Sample(Group):
     model: str
+    # defaults for the Sample(...) made in code before these options existed (conf/sample/default.yaml sets them)
+    router: str = "trained"
+    route_every: int = 1
+    route_tau: float | None = None
     strategy: str
     top_k: int
     threshold: float

@@ -4,7 +4,9 @@
 of ``ddm distill``: one model, no router, so no usage files), refused when it is missing or
 was distilled from other experts than the run's current ones.
 
-Reads ``router/router.pt`` and ``experts/expert-KK/expert.pt``; writes, in ``samples/``::
+Reads ``router/router.pt`` and ``experts/expert-KK/expert.pt``; ``sample.router=clusters`` routes by the
+run's clusters instead (``ddm.cluster_router``: clusters/, partitions/ and the clustering encoder, no
+router.pt). Writes, in ``samples/``::
 
     grid.png      one row per class (class names from data/manifest.json when known), at most
                   sample.grid_rows rows: evenly spaced classes when there are more
@@ -46,7 +48,7 @@ from ddm.io import atomic_path, read_json, write_json
 from ddm.latent.run_latents import latent_decoder
 from ddm.sampling import load_ensemble, num_evaluations
 from ddm.sampling.adm import write_adm_npz
-from ddm.sampling.checkpoints import AVAILABLE, expert_ids_on_disk, models_identity
+from ddm.sampling.checkpoints import AVAILABLE, DeferredDecode, expert_ids_on_disk, models_identity
 from ddm.sampling.draw import DISTILLED, draw, merge_usage, offloaded, requested_settings, rerouted
 from ddm.sampling.fit import check_guidance
 from ddm.sampling.grid import class_names, grid_classes, plan_labels
@@ -101,10 +103,22 @@ def run(cfg: Settings) -> dict:
     allow_tf32(device)
     seed = int(settings["seed"])
     distilled = settings.get("model") == DISTILLED
+    routing = {}
     if distilled:  # the student alone: no router, no expert (the routing options do not apply)
         ensemble, path, info = load_distilled(cfg.run_dir, device=device)
         check_student_guidance(info, settings["cfg_scale"])
     else:
+        if settings.get("router", "trained") != "trained":  # the trained router's call stays as it was
+            # the cluster router embeds the x0 estimates as images: a latent run's decoder, built below once the
+            # experts have said which VAE they use
+            later = DeferredDecode()
+            routing = dict(
+                router=settings["router"],
+                route_every=int(settings.get("route_every", 1)),
+                route_tau=settings.get("route_tau"),
+                seed=int(cfg.seed),
+                decode=later,
+            )
         ensemble, path, info = load_ensemble(
             cfg.run_dir,
             strategy=settings["strategy"],
@@ -113,6 +127,7 @@ def run(cfg: Settings) -> dict:
             # offloaded experts wait in host memory: loading them on the device would need room for all of them
             device="cpu" if sc.offload else device,
             temperature=float(settings["temperature"]),
+            **routing,
         )
         ensemble = rerouted(
             ensemble, threshold=settings["threshold"], top_p=settings["top_p"], cfg_routing=settings["cfg_routing"]
@@ -150,6 +165,8 @@ def run(cfg: Settings) -> dict:
         conditions = PromptBatches(encoder, [prompts[i] for i in mine.tolist()])  # encoded a batch at a time
     shape = (info.in_channels, info.image_size, info.image_size)
     decode = latent_decoder(cfg, info.latents, device)
+    if routing:
+        later.fn = decode
 
     images, usage = draw(
         ensemble, path, shape, conditions, len(span), int(sc.batch_size), settings, seed, device, decode, span.start
