@@ -11,6 +11,7 @@ import torch
 
 from ddm.errors import BadInput, MissingInput
 from ddm.flow import FlowPath
+from ddm.io import write_json
 from ddm.sampling.indexed import RowStreams, index_noise
 from ddm.sampling.parts import check_parts, part_files, part_range
 from ddm.settings.values import changed
@@ -236,3 +237,18 @@ def test_cycled_labels_give_each_class_in_turn_and_a_bad_order_is_named(tmp_path
     assert "label_order" not in stage.run(stage_cfg(rd.root, solver="euler", steps=2))["settings"]
     with pytest.raises(BadInput, match="sample.label_order='sorted' is not one of random, cycle"):
         stage.run(stage_cfg(rd.root, label_order="sorted"))
+
+
+def test_status_shows_the_sample_parts_until_they_are_joined(make_cfg, tmp_path, no_slurm, capsys):
+    from ddm.stages import status
+    from ddm.stages.runner import run_stage
+
+    rd = make_run(tmp_path / "run", K=2)
+    write_json(rd.cluster_report, dict(k=2))
+    run_stage("sample", make_cfg(*SAMPLING, "sample.parts=2", "sample.part=1", run_dir=rd.root))
+    shown = status.run(make_cfg(*SAMPLING, "sample.parts=2", run_dir=rd.root))
+    assert shown["sampling"]["parts_done"] == [1] and shown["sampling"]["parts_missing"] == [0]
+    assert "sample not complete" in capsys.readouterr().out
+    run_stage("sample", make_cfg(*SAMPLING, "sample.parts=2", "sample.part=0", run_dir=rd.root))
+    run_stage("sample", make_cfg(*SAMPLING, "sample.parts=2", run_dir=rd.root))
+    assert status.run(make_cfg(*SAMPLING, "sample.parts=2", run_dir=rd.root))["sampling"] is None

@@ -25,7 +25,10 @@ shows the jobs of that stage instead: one row per part (per cluster for
 encode): done (its files are there), queued or running (in SLURM, or holding
 its lock), or missing, and one for the job that merges them. The number of
 parts (``data.parts``, ``embed.parts``, ``cluster.partition_parts``) is read
-from the parts' files when the command does not give it.
+from the parts' files when the command does not give it. Below the experts'
+table, the sample stage's parts are shown the same way while they are not yet
+joined (``sample.parts``, or parts on disk), each done when drawn with the
+settings and models asked for.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from ddm.io import read_json
 from ddm.job_names import expert_job
 from ddm.launch import lock, naming, slurm
 from ddm.launch.stage_jobs import read_queue, stage_state
-from ddm.launch.stage_parts import ENCODE, STAGES, StageParts
+from ddm.launch.stage_parts import ENCODE, SAMPLE, STAGES, StageParts
 from ddm.settings import Settings
 
 log = logging.getLogger("ddm")
@@ -198,7 +201,9 @@ def run(cfg: Settings) -> dict:
         + (f" (queue: n/a, {no_queue})" if no_queue else "")
     )
     print(format_table(experts + [router] + ([distilled] if distilled else []), queue_known=no_queue is None))
+    sampling = _sample_parts(cfg, rd)  # the samples' parts, when drawn in parts and not joined yet
     return dict(
+        sampling=sampling,
         distilled=distilled,
         run_dir=str(rd.root),
         k=k,
@@ -211,8 +216,10 @@ def run(cfg: Settings) -> dict:
 
 
 def _current_stage(cfg: Settings, rd: RunDir) -> StageParts | None:
-    """The last stage whose input is there (prepare needs none); None for encode in a pixel run."""
-    spec = next(spec for spec in reversed(STAGES.values()) if spec.needs(rd) is None)
+    """The last stage before the experts whose input is there (prepare needs none); None for encode in a pixel
+    run. (The sample stage's parts are shown beside the experts' table: ``_sample_parts``.)"""
+    before = [spec for spec in STAGES.values() if spec is not SAMPLE]
+    spec = next(spec for spec in reversed(before) if spec.needs(rd) is None)
     return None if spec is ENCODE and str(cfg.vae.kind) == "none" else spec
 
 
@@ -235,6 +242,18 @@ def _stage_status(cfg: Settings, rd: RunDir) -> dict | None:
     spec = _current_stage(cfg, rd)
     if spec is None or rd.experts.exists():  # training has begun: its table is the one to see
         return None
+    return _parts_table(spec, cfg, rd)
+
+
+def _sample_parts(cfg: Settings, rd: RunDir) -> dict | None:
+    """The sample stage's parts (``sample.parts``, or parts drawn already) until they are joined; else None."""
+    if int(cfg.sample.parts) < 2 and not (rd.samples / "parts").exists():
+        return None
+    return _parts_table(SAMPLE, cfg, rd)
+
+
+def _parts_table(spec: StageParts, cfg: Settings, rd: RunDir) -> dict | None:
+    """Print and return the table of ``spec``'s parts; None when the stage has not begun or is complete."""
     queue, no_queue = read_queue(spec, rd, strict=False)
     queued_tasks, final = queue
     if not spec.folder(rd).exists() and not queued_tasks and final is None:
