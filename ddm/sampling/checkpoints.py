@@ -200,47 +200,63 @@ def load_ensemble(
     check_num_classes(experts, net, metas, rmeta)
     check_image_shape(metas, rmeta)
 
+    ensemble, info = _assemble(
+        experts,
+        net,
+        metas,
+        wanted,
+        missing,
+        cid,
+        K,
+        device,
+        subset,
+        dict(strategy=strategy, top_k=top_k, generator=generator, temperature=temperature),
+        router_meta=rmeta,
+    )
+    return ensemble, flow_path_from_config(rmeta["flow"]), info
+
+
+def _assemble(experts, router, metas, wanted, missing, cid, K, device, subset, routing: dict, router_meta):
+    """The ``Ensemble`` of checked experts and a router on ``device``, and what ``LoadedModels`` says of them.
+
+    ``router_meta``: the trained router's metadata (its steps, label dropout, text and latents are compared and
+    recorded); None for a router built from the clusters (no trained router: those are None, the experts'
+    own text and latents stand).
+    """
     ensemble = (
-        Ensemble(
-            experts,
-            net,
-            strategy=strategy,
-            top_k=top_k,
-            subset=wanted if subset is not None else None,
-            generator=generator,
-            temperature=temperature,
-            num_experts=K,
-        )
+        Ensemble(experts, router, subset=wanted if subset is not None else None, num_experts=K, **routing)
         .to(device)
         .eval()
     )
-    # one image shape and label set for all (checked above); the sizes may differ
-    first = metas[wanted[0]]["model_config"]
+    # one image shape and label set for all (checked before); the sizes may differ
+    first = metas[wanted[0]]
+    config = first["model_config"]
+    trained = router_meta is not None
     info = LoadedModels(
         num_experts=K,
         experts=wanted,
         missing_experts=missing,
         clustering_id=cid,
-        router_steps=rmeta.get("steps"),
-        # None for files written before the field existed: not known, so not refused
-        router_label_dropout=rmeta.get("label_dropout"),
+        router_steps=router_meta.get("steps") if trained else None,
+        # None for files written before the field existed (or no trained router): not known, so not refused
+        router_label_dropout=router_meta.get("label_dropout") if trained else None,
         expert_steps={k: metas[k].get("steps") for k in wanted},
         # None for files written before the field existed: not known, so not refused
         expert_label_dropout={k: metas[k].get("label_dropout") for k in wanted},
         # experts may differ in size and in what they predict (each is converted to velocity)
         expert_models={k: dict(size=metas[k]["model_config"].get("size"), target=metas[k]["target"]) for k in wanted},
-        # the experts' path as they trained on it: the router shares its schedule (checked) but draws its
+        # the experts' path as they trained on it: a trained router shares its schedule (checked) but draws its
         # own training t (router.time_sampling), which says nothing about what the samples come from
-        flow=metas[wanted[0]]["flow"],
-        num_classes=first.get("num_classes", 0),
+        flow=first["flow"],
+        num_classes=config.get("num_classes", 0),
         # the text encoder the experts were trained with (None: class labels); prompts go through it
-        text=common_text(metas, rmeta),
+        text=common_text(metas, router_meta if trained else {}),
         # latent runs: the VAE that decodes the samples and the pixel shape (None: pixels)
-        latents=common_latents(metas, rmeta),
-        image_size=first["image_size"],
-        in_channels=first["in_channels"],
+        latents=common_latents(metas, router_meta if trained else first),
+        image_size=config["image_size"],
+        in_channels=config["in_channels"],
     )
-    return ensemble, flow_path_from_config(rmeta["flow"]), info
+    return ensemble, info
 
 
 class DeferredDecode:
@@ -304,37 +320,18 @@ def _load_cluster_ensemble(
     num_classes = int(first["model_config"].get("num_classes", 0) or 0)
     embed = run_embedder(rd.root, seed, decode)
     router = ClusterRouter.from_run(rd.root, embed, path, num_classes, tau=tau, every=every)
-    ensemble = (
-        Ensemble(
-            experts,
-            router,
-            strategy=strategy,
-            top_k=top_k,
-            subset=wanted if subset is not None else None,
-            generator=generator,
-            temperature=temperature,
-            num_experts=K,
-        )
-        .to(device)
-        .eval()
-    )
-    mc = first["model_config"]
-    info = LoadedModels(
-        num_experts=K,
-        experts=wanted,
-        missing_experts=missing,
-        clustering_id=cid,
-        router_steps=None,  # no trained router
-        router_label_dropout=None,
-        expert_steps={k: metas[k].get("steps") for k in wanted},
-        expert_label_dropout={k: metas[k].get("label_dropout") for k in wanted},
-        expert_models={k: dict(size=metas[k]["model_config"].get("size"), target=metas[k]["target"]) for k in wanted},
-        flow=first["flow"],
-        num_classes=mc.get("num_classes", 0),
-        text=common_text(metas, {}),
-        latents=common_latents(metas, first),
-        image_size=mc["image_size"],
-        in_channels=mc["in_channels"],
+    ensemble, info = _assemble(
+        experts,
+        router,
+        metas,
+        wanted,
+        missing,
+        cid,
+        K,
+        device,
+        subset,
+        dict(strategy=strategy, top_k=top_k, generator=generator, temperature=temperature),
+        router_meta=None,
     )
     return ensemble, path, info
 
