@@ -118,6 +118,8 @@ def test_evaluate_counts_the_encoder_and_skips_the_router_diagnostics(tiny_run, 
     metrics = evaluate.run(cfg)
 
     assert metrics["router"] == dict(skipped="sample.router=clusters: no trained router to diagnose")
+    # its ensembles' flow-matching loss needs trajectories, which the loss's batches are not
+    assert metrics["fm_loss"]["skipped"]["models"] == ["ensemble-sample"] and not metrics["fm_loss"]["models"]
     forward = metrics["flops"]["forward_per_sample"]
     embed = run_embedder(run.rd.root, int(cfg.seed))
     assert isinstance(embed, ModelSpaceEmbedder)

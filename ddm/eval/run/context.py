@@ -299,6 +299,11 @@ class EvaluationContext:
         (name: (model, forward FLOPs per call)), on the same images, t grid and noise."""
         fc = self.ec.fm_loss
         idx = self.subset(fc.num_samples)
+        skipped = None
+        if isinstance(self.base.router, ClusterRouter) and strategies:
+            # it routes by the velocity of the call before on the same trajectory; the loss's batches of
+            # unrelated images at one t are no trajectory, so its ensembles are not measured here
+            skipped, strategies = [ensemble_name(s) for s in strategies], []
         models = {ensemble_name(s): (self.ensemble(s), self.forward_per_call(s)) for s in strategies}
         if fc.per_expert:
             cache = self.base.offload  # offloaded: each expert fetched to the device when called
@@ -322,6 +327,8 @@ class EvaluationContext:
         for s in (s for s in strategies if s in DATA_DEPENDENT):
             row = out["models"][ensemble_name(s)]  # its cost at the experts it ran on these images
             row["forward_flops_per_call"] = self.forward_per_call(s, row.get("experts_per_call"))
+        if skipped:
+            out["skipped"] = dict(models=skipped, why="sample.router=clusters routes along sampling trajectories")
         return out
 
     def router(self) -> dict:
