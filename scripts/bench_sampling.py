@@ -29,7 +29,7 @@ from ddm.sampling.solvers import sample
 
 def load(args):
     if args.run:
-        from ddm.sampling.checkpoints import load_ensemble
+        from ddm.sampling.ensemble_loading import load_ensemble
 
         ens, path, _ = load_ensemble(args.run, strategy="top1", device=args.device)
         experts = [ens.experts[str(k)] for k in ens.active_ids]

@@ -399,8 +399,8 @@ def test_a_finished_run_routes_its_own_images_to_their_clusters_and_samples(tiny
     from ddm.cluster_router import run_embedder
     from ddm.eval.heldout import load_images
     from ddm.images import batch_to_model_space
-    from ddm.sampling.checkpoints import load_ensemble
     from ddm.sampling.draw import rerouted
+    from ddm.sampling.ensemble_loading import load_ensemble
 
     rd, cfg = tiny_run.rd, tiny_run.settings()
     images, labels, keys = load_images(rd.data, limit=200)

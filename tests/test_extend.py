@@ -23,7 +23,8 @@ from ddm.grow.clusters import check_mode, grown_report
 from ddm.grow.measure import class_rates, digits_classifier
 from ddm.io import read_json, sha256_file
 from ddm.lineage import check_member, cluster_ids
-from ddm.sampling.checkpoints import load_ensemble, load_router
+from ddm.sampling.checkpoints import load_router
+from ddm.sampling.ensemble_loading import load_ensemble
 from ddm.stages import pipeline
 from ddm.stages.runner import run_stage
 

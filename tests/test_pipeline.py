@@ -126,7 +126,7 @@ def test_cli_rejects_an_unknown_stage(tmp_path):
 def test_a_library_user_needs_no_config(tiny):
     """A notebook can load the experts and the ensemble with plain torch."""
     _, rd = tiny
-    from ddm.sampling.checkpoints import load_ensemble
+    from ddm.sampling.ensemble_loading import load_ensemble
     from ddm.sampling.solvers import sample
 
     ensemble, path, _ = load_ensemble(rd.root, strategy="topk", top_k=2)

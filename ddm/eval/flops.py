@@ -229,11 +229,27 @@ def measured_sampling_flops(
 
 
 def forward_flops(
-    experts: Mapping[int, torch.nn.Module], router: torch.nn.Module, image_shape: Sequence[int], conditional: bool
+    experts: Mapping[int, torch.nn.Module],
+    router: torch.nn.Module,
+    image_shape: Sequence[int],
+    conditional: bool,
+    calls: int | None = None,
 ) -> dict:
-    """Measured forward FLOPs per sample: ``{"expert-KK": ..., "router": ...}``."""
+    """Measured forward FLOPs per sample: ``{"expert-KK": ..., "router": ...}``.
+
+    A router of the run's clusters (``ddm.cluster_router.ClusterRouter``, which needs ``calls``, the model calls
+    of one trajectory): its encoder and centroid distances per model call, averaged over the calls
+    (``router_flops_per_call``).
+    """
+    from ddm.cluster_router import ClusterRouter, EncoderAsModel, router_flops_per_call
+
     fwd = {expert_job(k): model_forward_flops(m, image_shape, conditional) for k, m in experts.items()}
-    fwd[ROUTER_JOB] = model_forward_flops(router, image_shape, conditional)
+    if isinstance(router, ClusterRouter):
+        encoder = model_forward_flops(EncoderAsModel(router.embed), image_shape, conditional=False)
+        num_centroids, dim = router.centroids.shape
+        fwd[ROUTER_JOB] = int(round(router_flops_per_call(encoder, num_centroids, dim, int(calls), router.every)))
+    else:
+        fwd[ROUTER_JOB] = model_forward_flops(router, image_shape, conditional)
     return fwd
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ddm.images import to_uint8
-from ddm.sampling.checkpoints import load_ensemble
+from ddm.sampling.ensemble_loading import load_ensemble
 from ddm.sampling.solvers import sample
 from ddm.settings import Data, changed
 

@@ -1,5 +1,5 @@
 """Rendering the sbatch scripts of a run, and sending them: one array job for the experts, one job for the
-router; for a stage in parts (``ddm.launch.stage_parts``: prepare, embed, partition, encode), one array job for
+router; for a stage in parts (``ddm.launch.stage_parts``: prepare, embed, partition, encode, sample), one array job for
 its parts and one job that merges them.
 
 The resources come from the island's ``slurm:`` block plus its shape
@@ -28,7 +28,7 @@ from ddm.launch import naming, slurm
 from ddm.settings import Island
 
 if TYPE_CHECKING:
-    from ddm.launch.stage_parts import StageParts
+    from ddm.launch.stage_spec import StageParts
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 

@@ -29,7 +29,7 @@ from ddm.launch import local, naming, sbatch, slurm
 from ddm.launch.local_jobs import machine_plan, run_in_background, show, train_here
 from ddm.launch.lock import held_by
 from ddm.launch.overrides import job_overrides, override_key
-from ddm.launch.stage_parts import StageParts
+from ddm.launch.stage_spec import StageParts
 from ddm.settings import Settings
 from ddm.settings.values import changed
 

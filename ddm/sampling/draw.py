@@ -230,7 +230,8 @@ def draw(
         y = None if labels is None else labels[lo : lo + n].to(device)  # labels, or a TextCondition
         if routed:
             ensemble.reset_usage()
-            ensemble.generator = RowStreams(routing_seed, indices)  # the `sample` strategy's draws, per sample
+            if ensemble.strategy == "sample":  # the only strategy that draws: per sample, from its own stream
+                ensemble.generator = RowStreams(routing_seed, indices)
         x = sample(
             ensemble,
             path,

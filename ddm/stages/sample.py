@@ -48,8 +48,9 @@ from ddm.io import atomic_path, read_json, write_json
 from ddm.latent.run_latents import latent_decoder
 from ddm.sampling import load_ensemble, num_evaluations
 from ddm.sampling.adm import write_adm_npz
-from ddm.sampling.checkpoints import AVAILABLE, DeferredDecode, expert_ids_on_disk, models_identity
+from ddm.sampling.checkpoints import AVAILABLE, expert_ids_on_disk, models_identity
 from ddm.sampling.draw import DISTILLED, draw, merge_usage, offloaded, requested_settings, rerouted
+from ddm.sampling.ensemble_loading import router_options
 from ddm.sampling.fit import check_guidance
 from ddm.sampling.grid import class_names, grid_classes, plan_labels
 from ddm.sampling.parts import PARTS, check_parts, join_parts, part_done, part_files, part_range, write_part
@@ -103,22 +104,11 @@ def run(cfg: Settings) -> dict:
     allow_tf32(device)
     seed = int(settings["seed"])
     distilled = settings.get("model") == DISTILLED
-    routing = {}
+    routing = {} if distilled else router_options(settings, int(cfg.seed))
     if distilled:  # the student alone: no router, no expert (the routing options do not apply)
         ensemble, path, info = load_distilled(cfg.run_dir, device=device)
         check_student_guidance(info, settings["cfg_scale"])
     else:
-        if settings.get("router", "trained") != "trained":  # the trained router's call stays as it was
-            # the cluster router embeds the x0 estimates as images: a latent run's decoder, built below once the
-            # experts have said which VAE they use
-            later = DeferredDecode()
-            routing = dict(
-                router=settings["router"],
-                route_every=int(settings.get("route_every", 1)),
-                route_tau=settings.get("route_tau"),
-                seed=int(cfg.seed),
-                decode=later,
-            )
         ensemble, path, info = load_ensemble(
             cfg.run_dir,
             strategy=settings["strategy"],
@@ -165,8 +155,8 @@ def run(cfg: Settings) -> dict:
         conditions = PromptBatches(encoder, [prompts[i] for i in mine.tolist()])  # encoded a batch at a time
     shape = (info.in_channels, info.image_size, info.image_size)
     decode = latent_decoder(cfg, info.latents, device)
-    if routing:
-        later.fn = decode
+    if routing:  # the cluster router embeds its x0 estimates as images: a latent run decodes them first
+        routing["decode"].fn = decode
 
     images, usage = draw(
         ensemble, path, shape, conditions, len(span), int(sc.batch_size), settings, seed, device, decode, span.start

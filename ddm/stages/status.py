@@ -43,7 +43,8 @@ from ddm.io import read_json
 from ddm.job_names import expert_job
 from ddm.launch import lock, naming, slurm
 from ddm.launch.stage_jobs import read_queue, stage_state
-from ddm.launch.stage_parts import ENCODE, SAMPLE, STAGES, StageParts
+from ddm.launch.stage_parts import ENCODE, SAMPLE, STAGES
+from ddm.launch.stage_spec import StageParts
 from ddm.settings import Settings
 
 log = logging.getLogger("ddm")

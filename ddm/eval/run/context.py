@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ddm.artifacts import RunDir
-from ddm.cluster_router import ClusterRouter, EncoderAsModel, router_flops_per_call
+from ddm.cluster_router import ClusterRouter
 from ddm.devices import allow_tf32, resolve_device
 from ddm.ensemble import DATA_DEPENDENT, Ensemble
 from ddm.eval import flops as flop_count
@@ -37,8 +37,8 @@ from ddm.io import read_json
 from ddm.job_names import ROUTER_JOB, ensemble_name, expert_job
 from ddm.latent.run_latents import run_latents
 from ddm.sampling import load_ensemble, num_evaluations
-from ddm.sampling.checkpoints import DeferredDecode
 from ddm.sampling.draw import offloaded, rerouted
+from ddm.sampling.ensemble_loading import router_options
 from ddm.sampling.fit import check_guidance
 from ddm.sampling.offload import FetchedExpert
 from ddm.seeds import ROUTING_OFFSET, generator
@@ -60,17 +60,7 @@ class EvaluationContext:
         self.device = resolve_device(self.ec.device, "eval.device")
         allow_tf32(self.device)
         self.strategies = [str(s) for s in (self.ec.strategies or [self.sc["strategy"]])]
-        routing = {}
-        if self.sc.get("router", "trained") != "trained":  # sample.router=clusters: no router.pt
-            # the cluster router embeds images: a latent run's decoder, set once the experts name their VAE
-            later = DeferredDecode()
-            routing = dict(
-                router=self.sc["router"],
-                route_every=int(self.sc.get("route_every", 1)),
-                route_tau=self.sc.get("route_tau"),
-                seed=int(cfg.seed),
-                decode=later,
-            )
+        routing = router_options(self.sc, int(cfg.seed))  # sample.router=clusters: no router.pt
         self.base, self.path, self.info = load_ensemble(
             rd.root,
             strategy="top1",
@@ -82,8 +72,8 @@ class EvaluationContext:
         self.base = offloaded(self.base, cfg.sample, self.device)
         # latent runs: samples are decoded for every image metric; the FM loss and the router see encoded images
         self.latents = run_latents(cfg, self.info.latents, self.device)
-        if routing and self.latents:
-            later.fn = self.latents.decode
+        if routing and self.latents:  # the cluster router embeds its x0 estimates as images
+            routing["decode"].fn = self.latents.decode
         check_guidance(self.info, self.sc["cfg_scale"], cfg_routing=self.sc["cfg_routing"])
         self.text = self.info.text  # text runs: the networks take captions, not labels
         self.num_classes = int(self.info.num_classes)
@@ -188,20 +178,9 @@ class EvaluationContext:
     # ---- FLOPs ---------------------------------------------------------------------
     @functools.cached_property
     def forward(self) -> dict:
-        """Measured forward FLOPs per sample of each expert and of the router (sample.router=clusters: the
-        encoder and the centroid distances per model call, averaged over the calls: ``router_flops_per_call``)."""
-        router = self.base.router
-        if not isinstance(router, ClusterRouter):
-            return flop_count.forward_flops(self.base.experts, router, self.shape, self.conditional)
-        fwd = {
-            expert_job(k): flop_count.model_forward_flops(m, self.shape, self.conditional)
-            for k, m in self.base.experts.items()
-        }
-        encoder = flop_count.model_forward_flops(EncoderAsModel(router.embed), self.shape, conditional=False)
-        calls = num_evaluations(int(self.sc["steps"]), self.sc["solver"])
-        num_centroids, dim = router.centroids.shape
-        fwd[ROUTER_JOB] = int(round(router_flops_per_call(encoder, num_centroids, dim, calls, router.every)))
-        return fwd
+        """Measured forward FLOPs per sample of each expert and of the router (``flop_count.forward_flops``)."""
+        calls = num_evaluations(int(self.sc["steps"]), self.sc["solver"])  # a cluster router's cost is per call
+        return flop_count.forward_flops(self.base.experts, self.base.router, self.shape, self.conditional, calls)
 
     def forward_per_call(self, strategy: str | None, experts_per_call: float | None = None) -> int:
         """Forward FLOPs of one model call (no guidance) of an ensemble strategy, or of one expert (None).
