@@ -155,6 +155,11 @@ class RunDir:
     def distilled_record(self) -> Path:
         return self.distilled / "record.json"
 
+    # -- optional: the cluster router's fitted temperature (``ddm fit-route-tau``, ``sample.route_tau=fitted``)
+    @property
+    def route_tau(self) -> Path:
+        return self.router / "route_tau.json"
+
     # -- stage 6: samples
     @property
     def samples(self) -> Path:

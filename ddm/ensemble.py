@@ -19,7 +19,9 @@ solver evaluation):
 - ``threshold``: every expert whose probability is at least ``threshold``, and
   always the most probable one, weights renormalised over them;
 - ``nucleus``: the smallest set of experts whose probabilities sum to at least
-  ``top_p`` (most probable first, ties to the lower expert id), renormalised.
+  ``top_p`` (most probable first, ties to the lower expert id), renormalised;
+- a schedule of them over t, e.g. ``full:0.6:top1`` (``ddm.routing_schedule``): each
+  row of a call is routed by the piece its t falls in.
 
 Sparse strategies run each selected expert once on exactly the samples routed
 to it, so the cost per call is about that of one expert plus the router. Under
@@ -57,6 +59,7 @@ from ddm.routing import (  # re-exported: the routing rules are part of the ense
     check_routing,
     select_experts,
 )
+from ddm.routing_schedule import parse_strategy
 
 __all__ = [
     "CFG_ROUTINGS",
@@ -79,7 +82,8 @@ class Ensemble(VelocityModel):
             the ones to use.
         router: ``r(x, t, y) -> [B, K]`` logits of p(k | x_t, t). One with an ``observe(x, t, y, v)`` method
             is given the ensemble's velocity ``v`` after every call (``ddm.cluster_router.ClusterRouter``).
-        strategy: one of ``STRATEGIES`` (see the module docstring).
+        strategy: one of ``STRATEGIES``, or a schedule of them over t such as ``full:0.6:top1`` (see the module
+            docstring and ``ddm.routing_schedule``).
         top_k: number of experts per sample for ``topk``.
         subset: expert ids to route among; the router's logits are restricted
             to them and renormalised (softmax over the subset).
@@ -107,8 +111,8 @@ class Ensemble(VelocityModel):
         cfg_routing: str = ROUTING_DEFAULTS["cfg_routing"],
     ):
         super().__init__()
-        if strategy not in STRATEGIES:
-            raise BadInput(f"sample.strategy={strategy!r} is not one of {STRATEGIES}")
+        self.schedule = parse_strategy(strategy)
+        strategy = str(self.schedule)
         if temperature <= 0:
             raise BadInput(f"router temperature={temperature} must be positive")
         given = dict(experts) if isinstance(experts, Mapping) else dict(enumerate(experts))
@@ -118,7 +122,7 @@ class Ensemble(VelocityModel):
         self.experts = nn.ModuleDict({str(k): given[k] for k in self.active_ids})
         self.router = router
         self.strategy, self.top_k = strategy, int(top_k)
-        if strategy == "topk" and not 1 <= self.top_k <= len(self.active_ids):
+        if self.schedule.uses("topk") and not 1 <= self.top_k <= len(self.active_ids):
             raise BadInput(f"sample.top_k={top_k} must be between 1 and the {len(self.active_ids)} experts in use")
         self.generator, self.temperature = generator, float(temperature)
         self.threshold, self.top_p, self.cfg_routing = check_routing(threshold, top_p, cfg_routing)
@@ -169,7 +173,22 @@ class Ensemble(VelocityModel):
             logits = logits.index_select(1, self._subset_index.to(logits.device))
         # fp32 even under autocast: bf16 probabilities would tie near-equal experts and bias top-1
         probs = (logits.to(torch.promote_types(logits.dtype, torch.float32)) / self.temperature).softmax(dim=-1)
-        return select_experts(probs, self.strategy, self.top_k, self.threshold, self.top_p, self.generator)
+        if self.schedule.single:
+            return select_experts(probs, self.strategy, self.top_k, self.threshold, self.top_p, self.generator)
+        return self._route_scheduled(probs, t)
+
+    def _route_scheduled(self, probs: torch.Tensor, t: torch.Tensor):
+        """Each row by the piece of the schedule its t falls in; every piece is evaluated on every row and the
+        rows picked on the device, so a schedule costs no host sync (the router's probabilities are tiny)."""
+        piece = self.schedule.piece_index(t.to(probs.device)).unsqueeze(1)
+        selected, weights = None, None
+        for i, name in enumerate(self.schedule.strategies):
+            sel, w = select_experts(probs, name, self.top_k, self.threshold, self.top_p, self.generator)
+            if selected is None:
+                selected, weights = sel, w
+            else:
+                selected, weights = torch.where(piece == i, sel, selected), torch.where(piece == i, w, weights)
+        return selected, weights
 
     # ---- sparse execution -----------------------------------------------------------
     def _combine(self, x, t, y, scale):
@@ -206,8 +225,9 @@ class Ensemble(VelocityModel):
         fetched to the device one at a time, but always summed in expert-id order, so the result is the same.
         """
         out = torch.zeros_like(x)
-        # Exact one-hot strategies skip the multiply so they equal the chosen expert bit for bit.
-        weighted = self.strategy not in ("top1", "sample")
+        # Exact one-hot strategies skip the multiply so they equal the chosen expert bit for bit (a schedule with a
+        # weighted piece multiplies its one-hot rows by exactly 1.0, which changes no bit either).
+        weighted = not self.schedule.one_hot
         column = {k: j for j, k in enumerate(self.active_ids) if counts[k]}  # no sample routed: not run at all
         ids, pending = list(column), {}
         if self.offload is not None:

@@ -28,7 +28,9 @@ EXPECTED_ROWS = {
     ("clustered-k2", 12, "full"),
     ("clustered-k2", 12, "threshold"),
     ("clustered-k2", 12, "nucleus"),
+    ("clustered-k2", 12, "full:0.5:top1"),
     ("clustered-k2", 12, SEPARATE_CFG),
+    ("clustered-k2", 12, "clusters-sample"),
     ("clustered-k2", 12, CLASS_EXPERT),
     ("clustered-k2", 12, DISTILLED),
     ("mixed-targets-k2", 12, "top1"),
@@ -59,7 +61,13 @@ def test_every_row_of_the_grid_is_in_the_table(table):
     ):
         assert heading in text
     assert "fixed per-class expert" in text and "classifier:" in text
-    for label in ("threshold p >= 0.1", "nucleus top-p 0.9", "top-1, null input routed separately"):
+    for label in (
+        "threshold p >= 0.1",
+        "nucleus top-p 0.9",
+        "top-1, null input routed separately",
+        "full ensemble above t = 0.5, top-1 below",
+        "sample one per step, routed by the clusters (no router)",
+    ):
         assert label in text
     for key in ("plot_train", "plot_sampling"):
         with open(out[key], "rb") as f:
@@ -99,7 +107,9 @@ def test_ddm_and_monolith_spend_the_same_training_flops(table):
         assert ddm["train_flops"] <= mono["train_flops"] < ddm["train_flops"] + one_monolith_step
     for r in rows:
         assert r["train_flops"] > 0 and r["sampling_flops_per_image"] > 0
-        assert r["fd"] >= 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["fm_loss"] > 0
+        assert r["fd"] >= 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+        # the cluster router follows sampling trajectories: the FM loss's batches are none, so it has none
+        assert r["fm_loss"] is None if r["strategy"] == "clusters-sample" else r["fm_loss"] > 0
 
 
 def test_sampling_flops_follow_the_strategy(table):
@@ -117,6 +127,24 @@ def test_sampling_flops_follow_the_strategy(table):
     # threshold and nucleus: between one expert and all of them, at the experts their images used
     for s in ("threshold", "nucleus"):
         assert top1 <= rows[("clustered-k2", s)] <= full
+    # the schedule runs both experts above t = 0.5 and one below: strictly between
+    assert top1 < rows[("clustered-k2", "full:0.5:top1")] < full
+
+
+def test_rows_routed_by_the_clusters_train_no_router(table):
+    """clusters-sample: the run's experts under `sample`, the cluster router in place of router.pt; the row's
+    training FLOPs are the experts' alone and its router cost per call the encoder and centroid distances."""
+    cfg, out = table
+    rows = {(r["config"], r["budget"], r["strategy"]): r for r in read_json(out["results"])["rows"]}
+    free, top1 = rows[("clustered-k2", 12, "clusters-sample")], rows[("clustered-k2", 12, "top1")]
+    assert free["router"] == "clusters" and free["train_flops_router"] == 0 and free["router_share"] is None
+    assert free["train_flops"] == free["train_flops_experts"] == top1["train_flops_experts"] < top1["train_flops"]
+    row = read_json(f"{cfg.run_dir}/runs/clustered-k2-s12/evaluation/clusters-sample.json")
+    assert row["router"] == "clusters" and row["base_strategy"] == "sample" and row["route_tau"] > 0
+    assert row["settings"]["sample"]["router"] == "clusters"
+    # one expert per call, and a router (distances to the centroids) far cheaper than the trained one's network
+    assert row["sampling"]["experts_per_call"] == 1 and 0 < row["sampling"]["router_per_call"]
+    assert free["sampling_flops_per_image"] < top1["sampling_flops_per_image"]
 
 
 def test_data_dependent_rows_state_the_experts_they_used(table):
@@ -233,6 +261,7 @@ def test_rerun_skips_everything(table):
         f"{root}/runs/clustered-k2-s12/evaluation/metrics.json",
         f"{root}/runs/clustered-k2-s12/evaluation/{CLASS_EXPERT}.json",
         f"{root}/runs/clustered-k2-s12/evaluation/{SEPARATE_CFG}.json",
+        f"{root}/runs/clustered-k2-s12/evaluation/clusters-sample.json",
         f"{root}/runs/clustered-k2-s12/evaluation/cfg_sweep.json",
         f"{root}/runs/clustered-k2-s12/distilled/expert.pt",
         f"{root}/runs/mixed-targets-k2-s12/experts/expert-00/expert.pt",

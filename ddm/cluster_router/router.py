@@ -70,6 +70,7 @@ class ClusterRouter(nn.Module):
         self.embed, self.path = embed, path
         self.register_buffer("centroids", centroids, persistent=False)
         self.register_buffer("centroids_sq", centroids.pow(2).sum(1), persistent=False)
+        self.register_buffer("centroid_cluster", owner, persistent=False)
         # log of 1 / M_k where centroid c belongs to cluster k, -inf elsewhere: [K, M]
         member = nn.functional.one_hot(owner, K).T.bool()
         weight = torch.where(member, -per_cluster.double().log()[:, None], torch.tensor(-math.inf, dtype=torch.float64))

@@ -27,27 +27,7 @@ def fit_temperature(embeddings, clusters, centroids, centroid_cluster=None, log_
     cluster: clean images of the run are, by the clustering's rule) or to infinity (the embeddings say
     nothing about the cluster).
     """
-    e, c = host(embeddings).double(), host(centroids).double()
-    y = host(clusters).long()
-    owner = torch.arange(len(c)) if centroid_cluster is None else host(centroid_cluster).long()
-    K = int(owner.max()) + 1
-    if e.dim() != 2 or c.dim() != 2 or e.shape[1] != c.shape[1] or y.shape != (len(e),) or len(e) == 0:
-        raise BadInput(
-            f"fit_temperature needs embeddings [N, D], clusters [N] and centroids [M, D]; got "
-            f"{tuple(e.shape)}, {tuple(y.shape)} and {tuple(c.shape)}"
-        )
-    if int(y.min()) < 0 or int(y.max()) >= K:
-        raise BadInput(f"cluster ids must be in 0..{K - 1} (the clusters of the centroids)")
-    sq = torch.cdist(e, c).pow(2)
-    per_cluster = torch.bincount(owner, minlength=K).double()
-    member = nn.functional.one_hot(owner.long(), K).T.bool()
-    log_member = torch.where(member, -per_cluster.log()[:, None], torch.tensor(-math.inf, dtype=torch.float64))
-    prior = torch.zeros(K, dtype=torch.float64) if log_prior is None else host(log_prior).double()
-
-    def nll(log_tau: float) -> float:
-        logits = cluster_scores(-sq / math.exp(log_tau), log_member) + prior
-        return float((logits.logsumexp(1) - logits.gather(1, y[:, None]).squeeze(1)).mean())
-
+    nll, sq = _nll_of(embeddings, clusters, centroids, centroid_cluster, log_prior)
     positive = sq[sq > 0]
     scale = float(positive.median()) if len(positive) else 1.0
     grid = np.linspace(math.log(scale) - 16.0, math.log(scale) + 8.0, 49)  # steps of 0.5 in log tau
@@ -78,6 +58,39 @@ def fit_temperature(embeddings, clusters, centroids, centroid_cluster=None, log_
             b = lo + golden * (hi - lo)
             fb = nll(b)
     return math.exp((lo + hi) / 2)
+
+
+def temperature_nll(embeddings, clusters, centroids, tau: float, centroid_cluster=None, log_prior=None) -> float:
+    """The mean NLL of each embedding's true cluster under the router's likelihood at ``tau`` (what
+    ``fit_temperature`` minimises; the arguments as there)."""
+    nll, _ = _nll_of(embeddings, clusters, centroids, centroid_cluster, log_prior)
+    return nll(math.log(float(tau)))
+
+
+def _nll_of(embeddings, clusters, centroids, centroid_cluster, log_prior):
+    """``(nll(log_tau), squared distances [N, M])`` of checked inputs."""
+    e, c = host(embeddings).double(), host(centroids).double()
+    y = host(clusters).long()
+    owner = torch.arange(len(c)) if centroid_cluster is None else host(centroid_cluster).long()
+    K = int(owner.max()) + 1
+    if e.dim() != 2 or c.dim() != 2 or e.shape[1] != c.shape[1] or y.shape != (len(e),) or len(e) == 0:
+        raise BadInput(
+            f"fit_temperature needs embeddings [N, D], clusters [N] and centroids [M, D]; got "
+            f"{tuple(e.shape)}, {tuple(y.shape)} and {tuple(c.shape)}"
+        )
+    if int(y.min()) < 0 or int(y.max()) >= K:
+        raise BadInput(f"cluster ids must be in 0..{K - 1} (the clusters of the centroids)")
+    sq = torch.cdist(e, c).pow(2)
+    per_cluster = torch.bincount(owner, minlength=K).double()
+    member = nn.functional.one_hot(owner.long(), K).T.bool()
+    log_member = torch.where(member, -per_cluster.log()[:, None], torch.tensor(-math.inf, dtype=torch.float64))
+    prior = torch.zeros(K, dtype=torch.float64) if log_prior is None else host(log_prior).double()
+
+    def nll(log_tau: float) -> float:
+        logits = cluster_scores(-sq / math.exp(log_tau), log_member) + prior
+        return float((logits.logsumexp(1) - logits.gather(1, y[:, None]).squeeze(1)).mean())
+
+    return nll, sq
 
 
 @torch.no_grad()

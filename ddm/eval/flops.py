@@ -18,6 +18,9 @@ Sampling FLOPs per image follow from how ``Ensemble`` and ``sample`` execute::
     per_image   = guided * (router + experts * cfg_factor * expert)
                   + (calls - guided) * (router + experts * expert)
 
+    A schedule of strategies over t (``full:0.6:top1``, ``ddm.routing_schedule``) sums
+    the same per call, each call with the experts of the piece its t falls in.
+
     cfg_routing=separate (guidance on): the router runs on the conditional and the
     null input, and the experts chosen for each: per_image = calls * (2 * router +
     (experts + uncond_experts) * expert); for a fixed count both are the same number.
@@ -57,7 +60,8 @@ from ddm.errors import BadInput
 from ddm.flow import FlowPath
 from ddm.job_names import ROUTER_JOB, expert_job
 from ddm.models.conditioning import example_condition
-from ddm.sampling.solvers import guided_evaluations, num_evaluations, sample
+from ddm.routing_schedule import parse_strategy
+from ddm.sampling.solvers import check_cfg_interval, evaluation_times, in_interval, sample
 
 # Expert evaluations per sample and call of each strategy; for the data-dependent ones (threshold, nucleus)
 # the upper bound K, their count being measured from usage where it matters (see the module docstring).
@@ -69,6 +73,11 @@ EXPERTS_PER_CALL = {
     "threshold": lambda K, k: K,
     "nucleus": lambda K, k: K,
 }
+
+
+def experts_bound(strategy: str, num_experts: int, top_k: int) -> int:
+    """The most experts one call of ``strategy`` runs per sample; a schedule: its costliest piece's."""
+    return max(EXPERTS_PER_CALL[s](int(num_experts), int(top_k)) for s in parse_strategy(strategy).strategies)
 
 
 def count_flops(fn, *args, **kwargs) -> int:
@@ -122,40 +131,47 @@ def sampling_flops_per_image(
     ``experts_from`` is ``strategy`` (a fixed count), ``usage`` (measured) or
     ``bound`` (K, no usage given); ``per_image_max`` is the most any routing costs.
     ``cfg_interval``: guidance only on the calls inside it (``guided_calls`` of the row; ``per_call``
-    is a guided call's cost).
+    is a guided call's cost). ``strategy`` may be a schedule (``full:0.6:top1``): each call costs its piece's
+    experts, ``experts_per_call`` and ``per_call`` are then the means over the calls, and ``schedule`` gives each
+    piece's calls, guided calls and experts per call.
     """
     each = None if np.ndim(expert_flops) == 0 else sorted(float(f) for f in expert_flops)
     if each is not None and not each:
         raise BadInput("sampling FLOPs need the forward FLOPs of at least one expert")
     mean = float(np.mean(each)) if each is not None else float(expert_flops)
-    calls = num_evaluations(int(steps), solver)
+    times = evaluation_times(FlowPath(), int(steps), solver)
+    calls = len(times)
     guided = conditional and float(cfg_scale) != 1.0
     cfg_factor = 2 if guided else 1
-    if strategy is None:
-        bound, router_flops = 1, 0
-    elif strategy not in EXPERTS_PER_CALL:
-        raise BadInput(f"strategy={strategy!r} is not one of {sorted(EXPERTS_PER_CALL)}")
+    interval = check_cfg_interval(cfg_interval) if guided else None
+    guided_at = [guided and in_interval(t, interval) for t in times]
+    schedule = None if strategy is None else parse_strategy(strategy)
+    if schedule is None:
+        router_flops = 0
+        pieces = ["single"] * calls
+        bounds = {"single": 1}
     else:
-        bound = EXPERTS_PER_CALL[strategy](int(num_experts), int(top_k))
-    experts, uncond, source = bound, bound, "strategy"
+        pieces = [schedule.strategy_at(t) for t in times]
+        bounds = {s: EXPERTS_PER_CALL[s](int(num_experts), int(top_k)) for s in schedule.strategies}
+    bound = max(bounds.values())
+    experts, uncond, source = dict(bounds), dict(bounds), "strategy"
     if strategy in DATA_DEPENDENT:
         source = "usage" if experts_per_call is not None else "bound"
-        experts = bound if experts_per_call is None else float(experts_per_call)
-        uncond = bound if uncond_experts_per_call is None else float(uncond_experts_per_call)
+        experts[strategy] = bound if experts_per_call is None else float(experts_per_call)
+        uncond[strategy] = bound if uncond_experts_per_call is None else float(uncond_experts_per_call)
     separate = guided and strategy is not None and cfg_routing == "separate"
-    guided_calls = guided_evaluations(FlowPath(), int(steps), solver, cfg_interval) if guided else 0
 
-    def guided_call(cond_flops, uncond_flops):
-        """A guided call's FLOPs when the conditional input's experts cost ``cond_flops`` per sample, the null's
-        ``uncond_flops`` (the same experts unless routed separately)."""
+    def call_cost(piece: str, guided_call: bool, cond_flops, uncond_flops) -> float:
+        """One call's FLOPs when its conditional input's experts cost ``cond_flops(piece)`` per sample, the null's
+        ``uncond_flops(piece)`` (the same experts unless routed separately)."""
+        if not guided_call:
+            return router_flops + cond_flops(piece)
         if separate:  # the router on both inputs; each input's own experts, unguided
-            return 2 * router_flops + cond_flops + uncond_flops
-        return router_flops + cfg_factor * cond_flops
+            return 2 * router_flops + cond_flops(piece) + uncond_flops(piece)
+        return router_flops + cfg_factor * cond_flops(piece)
 
-    def per_image_of(cond_flops, uncond_flops):
-        """All calls: the guided ones, and the unguided ones outside the guidance interval."""
-        plain = router_flops + cond_flops
-        return guided_calls * guided_call(cond_flops, uncond_flops) + (calls - guided_calls) * plain
+    def per_image_of(cond_flops, uncond_flops) -> float:
+        return sum(call_cost(p, g, cond_flops, uncond_flops) for p, g in zip(pieces, guided_at))
 
     def routed(n, cheapest: bool) -> float:
         """Forward FLOPs of ``n`` experts per sample: the cheapest or priciest ``n`` (one size: n x it)."""
@@ -164,25 +180,51 @@ def sampling_flops_per_image(
         n = min(int(n), len(each))
         return float(sum(each[:n]) if cheapest else sum(each[-n:]))
 
-    per_call = guided_call(experts * mean, uncond * mean) if guided_calls else router_flops + experts * mean
+    def expected(p):
+        return experts[p] * mean
+
+    def expected_uncond(p):
+        return uncond[p] * mean
+
+    guided_calls = sum(guided_at)
+    if schedule is not None and not schedule.single:
+        per_call = per_image_of(expected, expected_uncond) / calls
+        mean_experts = sum(experts[p] for p in pieces) / calls
+    else:
+        piece = pieces[0]
+        per_call = call_cost(piece, guided_calls > 0, expected, expected_uncond)
+        mean_experts = experts[piece]
     row = dict(
-        per_image=int(round(per_image_of(experts * mean, uncond * mean))),
+        per_image=int(round(per_image_of(expected, expected_uncond))),
         per_call=int(round(per_call)),
         calls=calls,
-        experts_per_call=experts,
+        experts_per_call=mean_experts,
         cfg_factor=cfg_factor,
         router_per_call=int(round((2 if separate else 1) * router_flops)),
         expert_forward=int(round(mean)),
         experts_from=source,
-        per_image_max=int(round(per_image_of(routed(bound, False), routed(bound, False)))),
+        per_image_max=int(round(per_image_of(lambda p: routed(bounds[p], False), lambda p: routed(bounds[p], False)))),
     )
     if guided and guided_calls < calls:
         row.update(guided_calls=guided_calls, cfg_interval=[float(v) for v in cfg_interval])
     if separate:
-        row.update(cfg_routing="separate", uncond_experts_per_call=uncond)
+        row.update(cfg_routing="separate", uncond_experts_per_call=sum(uncond[p] for p in pieces) / calls)
+    if schedule is not None and not schedule.single:
+        row["schedule"] = [
+            dict(
+                strategy=name,
+                calls=sum(1 for p in pieces if p == name),
+                guided_calls=sum(1 for p, g in zip(pieces, guided_at) if p == name and g),
+                experts_per_call=experts[name],
+            )
+            for name in dict.fromkeys(schedule.strategies)
+        ]
     if each is not None and each[0] != each[-1]:
-        fewest = 1 if strategy in DATA_DEPENDENT else bound  # data-dependent: at least the top expert
-        cheapest = int(round(per_image_of(routed(fewest, True), routed(fewest, True))))
+
+        def fewest(p):  # data-dependent: at least the top expert
+            return routed(1 if p in DATA_DEPENDENT else bounds[p], True)
+
+        cheapest = int(round(per_image_of(fewest, fewest)))
         if cheapest != row["per_image_max"]:  # not when every call runs every expert (full)
             row["per_image_min"] = cheapest
     return row
@@ -270,12 +312,13 @@ def forward_per_call(
 
     ``experts_per_call``: the measured mean of a data-dependent strategy (None: its bound K).
     With experts of different sizes: the mean expert (uniform routing); exact for ``full``.
+    A schedule (``full:0.6:top1``): its costliest piece (one call may fall in any piece).
     """
     mean = mean_expert_flops(forward)
     if strategy is None:
         return int(mean)
     num_experts = sum(1 for k in forward if k != ROUTER_JOB)
-    experts = EXPERTS_PER_CALL[strategy](num_experts, int(top_k))
+    experts = experts_bound(strategy, num_experts, int(top_k))
     if strategy in DATA_DEPENDENT and experts_per_call is not None:
         experts = float(experts_per_call)
     return int(forward[ROUTER_JOB] + experts * mean)

@@ -18,10 +18,12 @@ from ddm.devices import autocast_dtype
 from ddm.ensemble import Ensemble, check_routing
 from ddm.errors import BadInput
 from ddm.images import to_uint8
+from ddm.routing_schedule import check_strategy, parse_strategy
 from ddm.sampling.checkpoints import AVAILABLE
 from ddm.sampling.grid import LABEL_ORDERS, check_grid_rows
 from ddm.sampling.indexed import RowStreams, index_noise
 from ddm.sampling.offload import offload
+from ddm.sampling.route_tau import FITTED
 from ddm.sampling.solvers import check_cfg_interval, sample
 from ddm.seeds import ROUTING_OFFSET
 from ddm.settings import Sample
@@ -37,7 +39,7 @@ MODELS = ("ensemble", DISTILLED)  # the values of sample.model
 ROUTERS = ("trained", "clusters")  # the values of sample.router
 
 
-def check_router_settings(router, every, tau) -> tuple[str, int, float | None]:
+def check_router_settings(router, every, tau) -> tuple[str, int, float | str | None]:
     """``sample.router``, ``sample.route_every`` and ``sample.route_tau``, checked."""
     router = str(router or "trained")
     if router not in ROUTERS:
@@ -48,9 +50,12 @@ def check_router_settings(router, every, tau) -> tuple[str, int, float | None]:
     every = 1 if every is None else every
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise BadInput(f"sample.route_every={every!r} must be a whole number >= 1")
-    if tau is not None:
+    if tau is not None and tau != FITTED:
         if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
-            raise BadInput(f"sample.route_tau={tau!r} must be a positive number, or null (the clustering's own)")
+            raise BadInput(
+                f"sample.route_tau={tau!r} must be a positive number, {FITTED} (router/route_tau.json of "
+                f"`ddm fit-route-tau`) or null (the clustering's own)"
+            )
         tau = float(tau)
     return router, every, tau
 
@@ -95,6 +100,7 @@ def requested_settings(sc: Sample) -> dict:
     out["threshold"], out["top_p"], out["cfg_routing"] = check_routing(
         out["threshold"], out["top_p"], out["cfg_routing"]
     )
+    out["strategy"] = check_strategy(out["strategy"])  # a schedule in one spelling: full:0.6:top1
     out["grid_rows"] = check_grid_rows(out["grid_rows"])
     interval = check_cfg_interval(out["cfg_interval"])
     out["cfg_interval"] = None if interval is None else list(interval)
@@ -123,13 +129,13 @@ def requested_settings(sc: Sample) -> dict:
         out["route_every"] = every
     if tau is not None:
         out["route_tau"] = tau
-    if router == "clusters" and model == "ensemble" and out["strategy"] != "sample":
+    if router == "clusters" and model == "ensemble" and parse_strategy(out["strategy"]).first != "sample":
         log.warning(
-            "sample.router=clusters with sample.strategy=%s: the cluster router routes well with strategy=sample "
-            "only (each sample keeps the cluster drawn from p(k|y) at t=1); %s sends the samples to the most "
-            "common cluster and leaves the others unused",
+            "sample.router=clusters with sample.strategy=%s: the cluster router routes well with strategy=sample, "
+            "or a schedule that starts with it (sample:0.5:top1): each sample keeps the cluster drawn from p(k|y) at "
+            "t=1; %s at t = 1 sends the samples to the most common cluster and leaves the others unused",
             out["strategy"],
-            out["strategy"],
+            parse_strategy(out["strategy"]).first,
         )
     return out
 
@@ -230,7 +236,7 @@ def draw(
         y = None if labels is None else labels[lo : lo + n].to(device)  # labels, or a TextCondition
         if routed:
             ensemble.reset_usage()
-            if ensemble.strategy == "sample":  # the only strategy that draws: per sample, from its own stream
+            if ensemble.schedule.uses("sample"):  # the only strategy that draws: per sample, from its own stream
                 ensemble.generator = RowStreams(routing_seed, indices)
         x = sample(
             ensemble,

@@ -30,6 +30,7 @@ from ddm.sampling.fit import (
     common_text,
 )
 from ddm.sampling.loaded import LoadedModels
+from ddm.sampling.route_tau import FITTED, fitted_tau
 
 
 def load_ensemble(
@@ -42,7 +43,7 @@ def load_ensemble(
     generator: torch.Generator | None = None,
     router: str = "trained",
     route_every: int = 1,
-    route_tau: float | None = None,
+    route_tau: float | str | None = None,
     seed: int = 0,
     decode=None,
 ) -> tuple[Ensemble, FlowPath, LoadedModels]:
@@ -161,6 +162,8 @@ def _cluster_members(rd: RunDir, subset, every, tau, seed, decode):
     path = flow_path_from_config(first["flow"])
     num_classes = int(first["model_config"].get("num_classes", 0) or 0)
     embed = run_embedder(rd.root, seed, decode)
+    if tau == FITTED:  # router/route_tau.json of `ddm fit-route-tau`, while the clustering and experts are its own
+        tau = fitted_tau(rd)
     router = ClusterRouter.from_run(rd.root, embed, path, num_classes, tau=tau, every=every)
     return router, None, _Members(experts, metas, wanted, missing, cid, K)
 

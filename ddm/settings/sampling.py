@@ -15,7 +15,7 @@ class Sample(Group):
     # defaults for the Sample(...) made in code before these options existed (conf/sample/default.yaml sets them)
     router: str = "trained"
     route_every: int = 1
-    route_tau: float | None = None
+    route_tau: float | str | None = None
     strategy: str
     top_k: int
     threshold: float

@@ -53,6 +53,12 @@ STAGES: dict[str, Stage] = {
     "train-router": Stage(
         "train_router", "train the router that predicts a noisy sample's cluster", True, ("router", "island", "logger")
     ),
+    "fit-route-tau": Stage(
+        "fit_route_tau",
+        "fit the temperature of the router of the run's clusters (sample.router=clusters sample.route_tau=fitted)",
+        True,
+        ("sample", "eval"),
+    ),
     "distill": Stage(
         "distill",
         "train one student to match each sample's own expert (optional; sample.model=distilled samples it)",

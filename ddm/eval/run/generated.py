@@ -21,6 +21,7 @@ import torch
 from ddm.artifacts import RunDir
 from ddm.ensemble import ROUTING_DEFAULTS
 from ddm.io import atomic_path, load_npz, read_json
+from ddm.routing_schedule import is_strategy, parse_strategy
 from ddm.sampling.checkpoints import models_identity
 from ddm.sampling.draw import draw
 from ddm.sampling.record import SamplesRecord
@@ -43,7 +44,8 @@ def from_samples_stage(rd: RunDir, strategy: str, n: int, sampling: dict, seed: 
     # a record from before cfg_routing existed was made with what is now its default
     made = {**ROUTING_DEFAULTS, **record.settings}
     made_as = made.get("model") or made.get("strategy")  # the student, or the routing strategy of the ensemble
-    keys = SAME_SAMPLING + tuple(k for s, k in STRATEGY_OPTION.items() if s == strategy)
+    pieces = parse_strategy(strategy).strategies if is_strategy(strategy) else (strategy,)
+    keys = SAME_SAMPLING + tuple(k for s, k in STRATEGY_OPTION.items() if s in pieces)
     if made_as != strategy or any(made.get(k) != sampling.get(k) for k in keys):
         return None
     npz = load_npz(npz_path, ("images", "labels"))  # a damaged samples.npz names itself, not a numpy error

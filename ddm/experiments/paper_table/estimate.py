@@ -9,12 +9,13 @@ import torch.nn as nn
 
 from ddm.artifacts import RunDir
 from ddm.devices import resolve_device
-from ddm.eval.flops import EXPERTS_PER_CALL
+from ddm.eval.flops import experts_bound
 from ddm.models.dit import DiT, DiTClassifier
 from ddm.sampling import num_evaluations
 from ddm.sampling.draw import DISTILLED
 from ddm.settings import Island, Settings
 
+from .cluster_routed import is_cluster_routed, routed_strategy
 from .grid import CLASS_EXPERT, SEPARATE_CFG, SINGLE, Plan
 from .guidance_sweep import SWEEP_FILE
 from .layout import clustering_dir, data_dir
@@ -136,7 +137,8 @@ def estimate(cfg: Settings, plan: Plan) -> dict:
             # (its null input's expert in place of the doubled batch) and the distilled student; threshold and
             # nucleus: their bound K, so the estimate errs long
             one = (SINGLE, CLASS_EXPERT, SEPARATE_CFG, DISTILLED)
-            experts = 1 if s in one else EXPERTS_PER_CALL[s](r.config.k, int(sc.top_k))
+            routed = routed_strategy(s) if is_cluster_routed(s) else s  # no FM loss, but the estimate errs long
+            experts = 1 if s in one else experts_bound(routed, r.config.k, int(sc.top_k))
             evaluation += (n * calls * cfg_factor + fm_n) * experts * fwd_s
         evaluation += EVAL_OVERHEAD_S
     data = 0.0 if RunDir(data_dir(cfg)).data_manifest.exists() else DATA_S

@@ -8,7 +8,9 @@ plus ``sampling_flops`` and ``row_info`` for the row's result:
 - ``top1_separate_cfg`` (``SeparateCfgContext``): top-1 with guidance's null input
   routed on its own (``sample.cfg_routing=separate``), against the top-1 row's
   shared routing. Its held-out FM loss is that of top-1 (the loss has no
-  guidance); it is measured all the same, as a check.
+  guidance); it is measured all the same, as a check;
+- ``clusters-<strategy>`` (``ClusterRoutedContext``): the strategy with no trained
+  router, routed by the run's clusters (``sample.router=clusters``); no FM loss.
 
 A row's metrics are cached in ``evaluation/<label>.json``, keyed by the evaluate
 stage's settings.
@@ -29,6 +31,7 @@ from ddm.settings import Settings
 from ddm.stages import evaluate
 
 from .class_expert import ClassExpertContext
+from .cluster_routed import ClusterRoutedContext, is_cluster_routed
 from .grid import CLASS_EXPERT, SEPARATE_CFG
 from .layout import derive
 
@@ -81,6 +84,17 @@ class SeparateCfgContext(evaluate.EvaluationContext):
 CONTEXTS = {CLASS_EXPERT: ClassExpertContext, SEPARATE_CFG: SeparateCfgContext}
 
 
+def _context(label: str, cfg: Settings, rd: RunDir, settings: dict) -> evaluate.EvaluationContext:
+    if is_cluster_routed(label):
+        return ClusterRoutedContext(cfg, rd, settings, label)
+    return CONTEXTS[label](cfg, rd, settings)
+
+
+def row_cfg(cfg: Settings, label: str) -> Settings:
+    """The settings a row is evaluated (and cached) under: a ``clusters-`` row's name the cluster router."""
+    return derive(cfg, **{"sample.router": "clusters"}) if is_cluster_routed(label) else cfg
+
+
 def evaluate_extra_row(cfg: Settings, label: str) -> dict:
     """FD, precision, recall, FM loss and sampling FLOPs of the extra row ``label`` of run ``cfg.run_dir``.
 
@@ -88,20 +102,21 @@ def evaluate_extra_row(cfg: Settings, label: str) -> dict:
     """
     rd = RunDir(cfg.run_dir)
     target = evaluate.evaluation_dir(rd) / f"{label}.json"
+    cfg = row_cfg(cfg, label)
     settings = evaluate.settings_of(cfg)
     if target.exists() and not cfg.redo:
         cached = read_json(target)
         if cached.get("settings") == settings:
             return cached
     start = time.perf_counter()
-    ctx = CONTEXTS[label](
-        derive(cfg, **{"eval.fm_loss.strategies": [label], "eval.fm_loss.per_expert": False}), rd, settings
+    ctx = _context(
+        label, derive(cfg, **{"eval.fm_loss.strategies": [label], "eval.fm_loss.per_expert": False}), rd, settings
     )
     generated = ctx.generated(label)
     net, info = ctx.feature_net()
     classify = (lambda x: fnet.predict(net.net, x, ctx.batch)) if info["target"] == "class" else None
     quality = ctx.quality(lambda x: fnet.features(net.net, x, ctx.batch), {label: generated}, classify=classify)
-    fm = ctx.fm_loss()["models"][ensemble_name(label)]
+    fm = ctx.fm_loss()["models"].get(ensemble_name(label), {})  # none for a cluster-routed row
     result = dict(
         settings=settings,
         feature_space=net.space,

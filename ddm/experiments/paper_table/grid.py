@@ -10,9 +10,11 @@ from ddm.ensemble import ROUTING_DEFAULTS, STRATEGIES, check_routing
 from ddm.errors import BadInput, MissingConfig
 from ddm.eval.flops import model_forward_flops
 from ddm.models.dit import DiT, DiTClassifier
+from ddm.routing_schedule import check_strategy, is_strategy
 from ddm.sampling.draw import DISTILLED
 from ddm.settings import Settings
 
+from .cluster_routed import cluster_routed_label, is_cluster_routed
 from .mixed import mixed_name, mixed_targets
 from .sweep_options import cfg_scales
 
@@ -21,8 +23,31 @@ SEPARATE_CFG = "top1_separate_cfg"  # top-1 with guidance's null input routed on
 SINGLE = "single"  # the strategy label of a monolith row (one model, no router)
 # DISTILLED: the run's experts distilled into one student (`ddm distill`, cfg.distill), one model, no router
 KNOWN_STRATEGIES = (*STRATEGIES, SEPARATE_CFG, CLASS_EXPERT, DISTILLED)
-# Rows evaluated beside the evaluate stage, each cached in evaluation/<label>.json.
+# Rows evaluated beside the evaluate stage, each cached in evaluation/<label>.json (and the cluster-routed rows,
+# clusters-<strategy>, between the two).
 EXTRA_ROWS = (SEPARATE_CFG, CLASS_EXPERT)
+
+
+def row_label(label) -> str:
+    """A ``paper.strategies`` entry checked, in its one spelling: a known label, a strategy or a schedule of them
+    (``full:0.6:top1``), or ``clusters-<strategy>`` (routed by the run's clusters, no trained router)."""
+    label = str(label).strip()
+    if label in KNOWN_STRATEGIES:
+        return label
+    if is_cluster_routed(label):
+        return cluster_routed_label(label)
+    if is_strategy(label):
+        return check_strategy(label, key="paper.strategies")
+    raise BadInput(
+        f"paper.strategies: {label!r} is not one of {KNOWN_STRATEGIES}, a schedule of strategies over t such as "
+        f"'full:0.6:top1', or clusters-<strategy> (routed by the run's clusters, e.g. clusters-sample)"
+    )
+
+
+def ordered_rows(labels) -> list[str]:
+    """Row labels in one order: the known strategies in theirs, then schedules and cluster-routed rows as given."""
+    labels = list(dict.fromkeys(labels))
+    return [s for s in KNOWN_STRATEGIES if s in labels] + [s for s in labels if s not in KNOWN_STRATEGIES]
 
 
 @dataclass(frozen=True)
@@ -61,6 +86,7 @@ class Run:
     separate_cfg: bool = False  # also evaluate top-1 with separately routed guidance
     cfg_sweep: tuple[float, ...] = ()  # guidance scales its top-1 (monolith: its one model) is also sampled at
     router_from: Path | None = None  # the run whose router it uses (a mixed-kind DDM: the clustered one's)
+    cluster_routed: tuple[str, ...] = ()  # clusters-<strategy> rows: routed by the run's clusters, no trained router
 
     @property
     def name(self) -> str:
@@ -77,7 +103,8 @@ class Run:
     def extra_rows(self) -> tuple[str, ...]:
         """The rows evaluated beside the evaluate stage (``EXTRA_ROWS``), in table order."""
         wanted = {SEPARATE_CFG: self.separate_cfg, CLASS_EXPERT: self.class_expert}
-        return tuple(label for label in EXTRA_ROWS if wanted[label])
+        first, last = ((label,) if wanted[label] else () for label in EXTRA_ROWS)
+        return first + self.cluster_routed + last
 
 
 @dataclass
@@ -105,10 +132,9 @@ def make_plan(cfg: Settings) -> Plan:
     p = paper_grid(cfg)
     batch = int(p["monolith_batch"])
     budgets = sorted({int(b) for b in p["budgets"]})
-    strategies = [str(s) for s in p["strategies"]]
-    unknown = [s for s in strategies if s not in KNOWN_STRATEGIES]
-    if unknown or not budgets:
-        raise BadInput(f"paper.strategies {unknown} are not among {KNOWN_STRATEGIES}, or paper.budgets is empty")
+    strategies = list(dict.fromkeys(row_label(s) for s in p["strategies"]))
+    if not budgets:
+        raise BadInput("paper.budgets is empty: give the training budgets in steps, e.g. [200, 400, 800]")
     if cfg.sample.experts is not None:
         raise BadInput("sample.experts must be null for the paper table: every row uses all of its experts")
     if str(p["strategies_at"]) not in ("all", "largest"):
@@ -160,7 +186,7 @@ def make_plan(cfg: Settings) -> Plan:
                     )
                 continue
             wanted = strategies if b in full_grid else ["top1"]
-            ens = [s for s in wanted if s in STRATEGIES]
+            ens = [s for s in wanted if is_strategy(s)]
             if "topk" in ens and int(cfg.sample.top_k) >= c.k:
                 # top-k of k experts is the full ensemble: evaluating it twice would only cost time
                 ens.remove("topk")
@@ -170,7 +196,13 @@ def make_plan(cfg: Settings) -> Plan:
             ens += [DISTILLED] if DISTILLED in wanted else []  # the run's student, evaluated beside its ensemble
             cls = CLASS_EXPERT in wanted and classes > 0
             sep = SEPARATE_CFG in wanted and separate_note is None
-            runs.append(Run(c, b, b, batch // c.k, router_steps(cfg, b), tuple(ens), cls, folder, sep, sweep))
+            # the cluster router needs centroids: not on a random partition
+            routed = tuple(s for s in wanted if is_cluster_routed(s)) if c.method != "random" else ()
+            runs.append(
+                Run(c, b, b, batch // c.k, router_steps(cfg, b), tuple(ens), cls, folder, sep, sweep, None, routed)
+            )
+    if any(is_cluster_routed(s) for s in strategies) and any(c.method == "random" for c in configs if c.k > 1):
+        notes.append("random partitions have no centroids: their rows routed by the clusters are skipped")
     if CLASS_EXPERT in strategies and classes == 0:
         notes.append("the data has no class labels: the fixed per-class expert is skipped")
     if SEPARATE_CFG in strategies and separate_note:

@@ -9,7 +9,7 @@ from ddm.io import atomic_path
 from ddm.markdown import fmt_flops
 from ddm.sampling.draw import DISTILLED
 
-from .grid import CLASS_EXPERT, KNOWN_STRATEGIES, SEPARATE_CFG, SINGLE
+from .grid import CLASS_EXPERT, SEPARATE_CFG, SINGLE, ordered_rows
 from .table import strategy_label
 
 METRICS = (
@@ -141,8 +141,8 @@ def plot_sampling_flops(rows: list[dict], path: Path, sampler: dict) -> None:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=colours[c], marker="o", ls="", label=c) for c in configs]
-    present = {r["strategy"] for r in rows}
-    strategies = [st for st in (SINGLE, *KNOWN_STRATEGIES) if st in present]
+    present = [r["strategy"] for r in rows]
+    strategies = ([SINGLE] if SINGLE in present else []) + ordered_rows(s for s in present if s != SINGLE)
     handles += [
         Line2D([], [], color="grey", marker=MARKERS.get(s, "o"), ls="", label=strategy_label(s, sampler))
         for s in strategies

@@ -17,6 +17,7 @@ from ddm.job_names import ensemble_name, expert_id_of, is_training_job
 from ddm.sampling.draw import DISTILLED
 from ddm.settings import Settings
 
+from .cluster_routed import is_cluster_routed
 from .grid import SINGLE, Plan, Run
 from .layout import clustering_dir, data_dir
 from .plots import plot_sampling_flops, plot_train_flops
@@ -58,6 +59,8 @@ def rows_of(r: Run, metrics: dict, extra: dict[str, dict], root: Path) -> list[d
             own.update(train_flops_distill=None if d["total"] is None else d["student"] + d["teacher_forward"])
         elif s in extra:
             q, fm, sampling = extra[s]["quality"], extra[s]["fm_loss"], extra[s]["sampling"]
+            if is_cluster_routed(s):  # no router is trained: the experts' FLOPs alone
+                own = dict(train_flops=experts, train_flops_router=0, router_share=None, router="clusters")
             if extra[s]["feature_space"] != name:
                 raise BadInput(
                     f"{r.folder}: the {s} row was measured in {extra[s]['feature_space']}, the other rows in {name}"

@@ -21,6 +21,7 @@ from ddm.flow import flow_path_from_config
 from ddm.io import read_json, write_json
 from ddm.models.dit import DiTClassifier
 from ddm.sampling.draw import DISTILLED
+from ddm.sampling.route_tau import FITTED
 from ddm.settings import Settings
 from ddm.stages.runner import run_stage
 from ddm.train.export import save_weights
@@ -69,6 +70,8 @@ def train_run(cfg: Settings, r: Run) -> None:
         run_stage("train-router", rcfg)
     else:
         write_constant_router(rcfg)
+    if r.cluster_routed and rcfg.sample.route_tau == FITTED:  # the cluster router's tau, fitted on held-out images
+        run_stage("fit-route-tau", rcfg)
     if DISTILLED in r.strategies:
         run_stage("distill", rcfg)
 

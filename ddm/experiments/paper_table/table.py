@@ -6,9 +6,11 @@ from __future__ import annotations
 from ddm.ensemble import DATA_DEPENDENT
 from ddm.markdown import fmt_flops, num
 from ddm.markdown import table as md_table
+from ddm.routing_schedule import is_strategy, parse_strategy
 from ddm.sampling.draw import DISTILLED
 
-from .grid import CLASS_EXPERT, KNOWN_STRATEGIES, SEPARATE_CFG, SINGLE
+from .cluster_routed import is_cluster_routed, routed_strategy
+from .grid import CLASS_EXPERT, SEPARATE_CFG, SINGLE, ordered_rows
 from .sweep_table import render_sweep
 
 STRATEGY_LABELS = {
@@ -30,6 +32,14 @@ def strategy_label(s: str, sampler: dict) -> str:
         return f"threshold p >= {num(sampler.get('threshold'), 'g')}"
     if s == "nucleus":
         return f"nucleus top-p {num(sampler.get('top_p'), 'g')}"
+    if is_cluster_routed(s):
+        return f"{strategy_label(routed_strategy(s), sampler)}, routed by the clusters (no router)"
+    if s not in STRATEGY_LABELS and is_strategy(s) and not parse_strategy(s).single:
+        schedule = parse_strategy(s)
+        names = [strategy_label(p, sampler) for p in schedule.strategies]
+        ends = [f"above t = {sw:g}" for sw in schedule.switches[:1]]
+        ends += [f"to t = {sw:g}" for sw in schedule.switches[1:]] + ["below"]
+        return ", ".join(f"{n} {e}" for n, e in zip(names, ends))
     return STRATEGY_LABELS.get(s, s)
 
 
@@ -149,8 +159,8 @@ def render_table(results: dict) -> str:
     by = {(r["config"], r["budget"], r["strategy"]): r for r in rows}
     full = sorted({r["budget"] for r in rows if r["strategy"] not in (SINGLE, "top1")})
     for b in full:
-        present = {r["strategy"] for r in rows if r["budget"] == b and r["strategy"] != SINGLE}
-        strategies = [st for st in KNOWN_STRATEGIES if st in present]  # one fixed column order
+        present = [r["strategy"] for r in rows if r["budget"] == b and r["strategy"] != SINGLE]
+        strategies = ordered_rows(present)  # one fixed column order
         lines += [
             f"## Routing strategies at {b} steps",
             "",
