@@ -117,6 +117,8 @@ def run(cfg: Settings) -> dict:
         nll=temperature_nll(emb, own, router.centroids, tau, router.centroid_cluster),
         clustering_tau_nll=temperature_nll(emb, own, router.centroids, own_tau, router.centroid_cluster),
         images_per_cluster={str(k): len(idx) for k, idx in picked.items()},
+        # its cost: one expert call per image and time (doubled inside the guidance interval), and as many encodes
+        expert_calls=int(sum(len(i) for i in picked.values()) * sum(1 if s is None else 2 for s in scales)),
         times=[float(t) for t in times],
         cluster_labels=how,
         heldout_images=int(len(real_x)),
