@@ -165,6 +165,23 @@ def test_sampling_one_expert_drawn_at_t1_reproduces_the_mixture(schedule, solver
     assert torch.equal(torch.bincount(nearest_cluster(out), minlength=3), torch.tensor(first))
 
 
+def test_a_schedule_that_draws_at_t1_then_takes_the_top_cluster_keeps_the_mixture():
+    """sample:0.5:top1: drawn from p(k) at t = 1, then top-1 of the x0 estimate's likelihood; the exact experts'
+    estimates stay in their own cluster, so top-1 keeps every sample's expert and the shares stay the mixture's."""
+    path, ens, _ = mixture_ensemble("sample:0.5:top1")
+    N = 2000
+    x1 = torch.randn(N, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out = sample(ens, path, x1.shape, steps=20, x_init=x1)
+    first = ens.usage[0]["counts"]
+    assert all(rec["counts"] == first for rec in ens.usage)
+    share = torch.bincount(nearest_cluster(out), minlength=3).double() / N
+    assert torch.allclose(share, torch.tensor(CLUSTER_WEIGHTS, dtype=torch.float64), atol=0.03)
+    # top-1 from t = 1 instead: every sample in the most probable cluster (the collapse the schedule avoids)
+    path, ens, _ = mixture_ensemble("top1")
+    sample(ens, path, x1.shape, steps=20, x_init=x1)
+    assert max(ens.usage[0]["counts"]) == N
+
+
 def test_the_hook_is_called_once_per_model_call_and_every_n_calls_the_encoder_n_times_fewer():
     N, steps = 64, 7
     encoder = {}
