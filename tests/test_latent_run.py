@@ -77,6 +77,17 @@ def test_a_latent_run_trains_on_latents_and_samples_images(make_cfg, vae_dir):
     assert all(m["mean"] > 0 for m in metrics["fm_loss"]["models"].values())
     assert all(0 <= b["accuracy"] <= 1 for b in metrics["router"]["buckets"])
 
+    # routed by the clusters: the router decodes each x0 estimate and embeds it as the embed stage embedded images.
+    # Fitting its temperature encodes held-out images with the VAE and denoises them with their own expert; these
+    # 4-step experts' estimates say nothing of the cluster, which the stage says
+    with pytest.raises(BadInput, match=r"fit-route-tau found no temperature .* sample.route_tau=null"):
+        run_stage("fit-route-tau", make_cfg(*over(vae_dir, *FAST_EVAL)))
+    free = ("sample.router=clusters", "sample.strategy=sample", "sample.num_samples=8")
+    routed = run_stage("sample", make_cfg(*over(vae_dir, *free)))
+    assert routed["settings"]["router"] == "clusters"
+    images = np.load(rd.samples / "samples.npz")["images"]
+    assert images.shape == (routed["num_images"], 8, 8) and images.dtype == np.uint8
+
 
 def test_latents_of_another_vae_are_refused(make_cfg, vae_dir, tmp_path):
     cfg = make_cfg(*over(vae_dir, "cluster.k=1"))

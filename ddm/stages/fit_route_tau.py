@@ -109,7 +109,14 @@ def run(cfg: Settings) -> dict:
     emb, own = denoised_calibration(
         experts, path, images, times, router.embed, scales, settings["seed"], int(cfg.eval.batch_size)
     )
-    tau = fit_temperature(emb, own, router.centroids, router.centroid_cluster)
+    try:
+        tau = fit_temperature(emb, own, router.centroids, router.centroid_cluster)
+    except BadInput as error:
+        raise BadInput(
+            f"fit-route-tau found no temperature on {len(own)} denoised held-out images: {error}. If the experts "
+            f"are trained little, their x0 estimates may not tell the clusters apart; sample with "
+            f"sample.route_tau=null (the clustering's own) or a number"
+        ) from error
     own_tau = router.tau  # the clustering's 2 * inertia / dim (route_tau null)
     record = dict(
         tau=tau,
