@@ -23,7 +23,7 @@ from ddm.cluster_router import (
 )
 from ddm.ensemble import Ensemble
 from ddm.errors import BadInput, MissingInput
-from ddm.eval.flops import measured_sampling_flops, model_forward_flops
+from ddm.eval.flops import measured_sampling_flops, model_forward_flops, sampling_flops_per_image
 from ddm.flow import FlowPath
 from ddm.sampling import sample
 from tests.test_gaussian_mixture import CLUSTER_WEIGHTS, CLUSTERS, MixtureFlow, MixtureRouter
@@ -323,8 +323,14 @@ def test_the_router_flops_formula_matches_a_counted_sampling_run(every, cfg_rout
     counted = measured_sampling_flops(ens, FlowPath(), (D,), y, steps, cfg_scale=2.0)
     enc = model_forward_flops(EncoderAsModel(embed), (D,), conditional=False)
     assert enc == 2 * D * E
-    assert counted == pytest.approx(steps * router_flops_per_call(enc, M, E, steps, every))
+    per_call = router_flops_per_call(enc, M, E, steps, every)
+    assert counted == pytest.approx(steps * per_call)
     assert counted > 0
+    # the sampling FLOP formula (experts: 0 counted FLOPs) charges it once per call, separate guidance routing too
+    formula = sampling_flops_per_image(
+        0, per_call, "top1", steps, cfg_scale=2.0, cfg_routing=cfg_routing, router_once=True
+    )
+    assert formula["per_image"] == pytest.approx(counted, abs=1)
 
 
 def test_model_space_embedder_feeds_the_encoder_8_bit_images_as_the_embed_stage_did():

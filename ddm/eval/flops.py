@@ -116,6 +116,7 @@ def sampling_flops_per_image(
     experts_per_call: float | None = None,
     uncond_experts_per_call: float | None = None,
     cfg_interval: Sequence[float] | None = None,
+    router_once: bool = False,
 ) -> dict:
     """FLOPs to sample one image; ``strategy=None`` is a single model (a monolith: no router).
 
@@ -133,7 +134,8 @@ def sampling_flops_per_image(
     ``cfg_interval``: guidance only on the calls inside it (``guided_calls`` of the row; ``per_call``
     is a guided call's cost). ``strategy`` may be a schedule (``full:0.6:top1``): each call costs its piece's
     experts, ``experts_per_call`` and ``per_call`` are then the means over the calls, and ``schedule`` gives each
-    piece's calls, guided calls and experts per call.
+    piece's calls, guided calls and experts per call. ``router_once``: under separate guidance routing the router
+    still costs ``router_flops`` once per call (the cluster router embeds each sample once; its null row reuses it).
     """
     each = None if np.ndim(expert_flops) == 0 else sorted(float(f) for f in expert_flops)
     if each is not None and not each:
@@ -160,14 +162,15 @@ def sampling_flops_per_image(
         experts[strategy] = bound if experts_per_call is None else float(experts_per_call)
         uncond[strategy] = bound if uncond_experts_per_call is None else float(uncond_experts_per_call)
     separate = guided and strategy is not None and cfg_routing == "separate"
+    router_passes = 1 if router_once else 2
 
     def call_cost(piece: str, guided_call: bool, cond_flops, uncond_flops) -> float:
         """One call's FLOPs when its conditional input's experts cost ``cond_flops(piece)`` per sample, the null's
         ``uncond_flops(piece)`` (the same experts unless routed separately)."""
         if not guided_call:
             return router_flops + cond_flops(piece)
-        if separate:  # the router on both inputs; each input's own experts, unguided
-            return 2 * router_flops + cond_flops(piece) + uncond_flops(piece)
+        if separate:  # the router on both inputs (unless it routes both from one pass); each input's own experts
+            return router_passes * router_flops + cond_flops(piece) + uncond_flops(piece)
         return router_flops + cfg_factor * cond_flops(piece)
 
     def per_image_of(cond_flops, uncond_flops) -> float:
@@ -200,7 +203,7 @@ def sampling_flops_per_image(
         calls=calls,
         experts_per_call=mean_experts,
         cfg_factor=cfg_factor,
-        router_per_call=int(round((2 if separate else 1) * router_flops)),
+        router_per_call=int(round((router_passes if separate else 1) * router_flops)),
         expert_forward=int(round(mean)),
         experts_from=source,
         per_image_max=int(round(per_image_of(lambda p: routed(bounds[p], False), lambda p: routed(bounds[p], False)))),

@@ -76,6 +76,7 @@ def flops_summary(
     cfg_interval: Sequence[float] | None = None,
     usage: Mapping[str, tuple[Sequence[dict], int]] | None = None,
     measured_usage: Mapping[str, Sequence[dict]] | None = None,
+    router_once: bool = False,
 ) -> dict:
     """The ``flops`` section of the evaluate stage's metrics.json.
 
@@ -85,7 +86,8 @@ def flops_summary(
         strategies: the routing strategies evaluated; ``single_model`` is added,
             a monolith of one expert's size (no router).
         steps, solver, cfg_scale, conditional, num_experts, top_k, cfg_routing, cfg_interval: the sampling
-            settings.
+            settings; ``router_once``: the router runs once per call under separate guidance routing too (the
+            cluster router).
         measured: counted FLOPs per image of a real sampling call, per strategy
             (``measured_sampling_flops`` on ``measured_images`` images); none when empty.
         usage: ``{strategy: (usage records, images)}`` of the generated images: the
@@ -116,6 +118,7 @@ def flops_summary(
         top_k=int(top_k),
         cfg_routing=cfg_routing,
         cfg_interval=cfg_interval,
+        router_once=router_once,
     )
     sampling = {}
     for s in strategies:

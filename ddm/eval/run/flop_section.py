@@ -6,6 +6,7 @@ A distilled row (``ddm.distill.evaluation``) adds ``forward_per_sample.distilled
 
 from __future__ import annotations
 
+from ddm.cluster_router import ClusterRouter
 from ddm.ensemble import DATA_DEPENDENT
 from ddm.eval import flops as flop_count
 from ddm.eval import flops_summary as run_flops
@@ -66,6 +67,7 @@ def flops_section(ctx, generated: dict | None = None) -> dict:
         measured_images=n_measure,
         usage=usage,
         measured_usage=measured_usage,
+        router_once=isinstance(ctx.base.router, ClusterRouter),  # embeds each sample once, null rows too
     )
     if DISTILLED in ctx.strategies:
         summary["forward_per_sample"][DISTILLED] = ctx.student_forward

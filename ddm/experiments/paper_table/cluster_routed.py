@@ -63,6 +63,7 @@ class ClusterRoutedContext(evaluate.EvaluationContext):
             top_k=int(sc["top_k"]),
             cfg_routing=sc["cfg_routing"],
             cfg_interval=sc.get("cfg_interval"),
+            router_once=True,  # under separate guidance routing the null rows reuse the samples' embedding
         )
 
     def row_info(self) -> dict:
