@@ -11,9 +11,9 @@ from ddm.ensemble import Ensemble
 from ddm.errors import BadInput
 from ddm.eval.flops import measured_sampling_flops, model_forward_flops, sampling_flops_per_image
 from ddm.flow import FlowPath
-from ddm.models.dit import DiT, DiTClassifier
 from ddm.routing_schedule import Schedule, check_strategy, parse_strategy
 from ddm.sampling.solvers import evaluation_times, sample
+from tests.test_eval_metrics import _tiny_ensemble
 
 
 def test_a_schedule_reads_from_noise_to_data():
@@ -125,16 +125,6 @@ def test_a_schedule_of_one_hot_pieces_equals_its_pieces_bit_for_bit():
     assert torch.equal(sched(x, low), Ensemble(models, FixedRouter(), strategy="top1")(x, low))
 
 
-def _tiny(strategy, **routing):
-    torch.manual_seed(0)
-    experts = [DiT("DiT-N/2", image_size=8, in_channels=1, num_classes=3) for _ in range(3)]
-    for e in experts:  # adaLN-Zero starts at zero output; random weights route and count the same
-        for p in e.parameters():
-            nn.init.normal_(p, std=0.05)
-    router = DiTClassifier(3, "DiT-N/4", image_size=8, in_channels=1, num_classes=3)
-    return Ensemble(experts, router, strategy=strategy, generator=torch.Generator().manual_seed(0), **routing).eval()
-
-
 @pytest.mark.parametrize(
     "strategy,solver,interval,cfg_routing",
     [
@@ -144,7 +134,7 @@ def _tiny(strategy, **routing):
     ],
 )
 def test_the_flop_formula_of_a_schedule_matches_a_counted_run(strategy, solver, interval, cfg_routing):
-    ens = _tiny(strategy, top_k=2, cfg_routing=cfg_routing)
+    ens = _tiny_ensemble(strategy, top_k=2, cfg_routing=cfg_routing)
     shape = (1, 8, 8)
     expert, router = model_forward_flops(ens.experts["0"], shape), model_forward_flops(ens.router, shape)
     kw = dict(steps=6, solver=solver, cfg_scale=2.0, num_experts=3, top_k=2, cfg_interval=interval)

@@ -78,19 +78,7 @@ class ClassExpertContext(evaluate.EvaluationContext):
 
     def sampling_flops(self, generated: dict) -> dict:
         """One expert per sample and no router network (``sampling_flops_per_image`` of top-1 at router 0)."""
-        sc = self.sc
-        return sampling_flops_per_image(
-            mean_expert_flops(self.forward),
-            0,
-            "top1",
-            steps=int(sc["steps"]),
-            solver=sc["solver"],
-            cfg_scale=float(sc["cfg_scale"]),
-            conditional=self.conditional,
-            num_experts=self.base.num_experts,
-            top_k=int(sc["top_k"]),
-            cfg_interval=sc.get("cfg_interval"),
-        )
+        return sampling_flops_per_image(mean_expert_flops(self.forward), 0, "top1", **self.sampling_flops_settings())
 
     def row_info(self) -> dict:
         """What the row's result records beside its metrics: each class's expert and the counts behind it."""

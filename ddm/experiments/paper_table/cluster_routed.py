@@ -50,19 +50,12 @@ class ClusterRoutedContext(evaluate.EvaluationContext):
 
     def sampling_flops(self, generated: dict) -> dict:
         """The strategy's experts per call, the cluster router's encoder and distances as the router's cost."""
-        sc = self.sc
         return sampling_flops_per_image(
             mean_expert_flops(self.forward),
             self.forward[ROUTER_JOB],
             self.strategy,
-            steps=int(sc["steps"]),
-            solver=sc["solver"],
-            cfg_scale=float(sc["cfg_scale"]),
-            conditional=self.conditional,
-            num_experts=self.base.num_experts,
-            top_k=int(sc["top_k"]),
-            cfg_routing=sc["cfg_routing"],
-            cfg_interval=sc.get("cfg_interval"),
+            **self.sampling_flops_settings(),
+            cfg_routing=self.sc["cfg_routing"],
             router_once=True,  # under separate guidance routing the null rows reuse the samples' embedding
         )
 

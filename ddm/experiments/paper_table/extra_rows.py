@@ -55,20 +55,13 @@ class SeparateCfgContext(evaluate.EvaluationContext):
 
     def sampling_flops(self, generated: dict) -> dict:
         """Top-1 with the router on both inputs of guidance and one expert for each."""
-        sc = self.sc
         usage, images = generated["usage"], generated["usage_images"]
         return sampling_flops_per_image(
             mean_expert_flops(self.forward),
             self.forward[ROUTER_JOB],
             "top1",
-            steps=int(sc["steps"]),
-            solver=sc["solver"],
-            cfg_scale=float(sc["cfg_scale"]),
-            conditional=self.conditional,
-            num_experts=self.base.num_experts,
-            top_k=int(sc["top_k"]),
+            **self.sampling_flops_settings(),
             cfg_routing="separate",
-            cfg_interval=sc.get("cfg_interval"),
             experts_per_call=experts_per_sample(usage, images),
             uncond_experts_per_call=experts_per_sample(usage, images, "uncond_counts"),
         )
