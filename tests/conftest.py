@@ -110,3 +110,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 server (moto) for the session; its endpoint and test credentials are in the environment while
+    a test uses it (``s3_bucket``)."""
+    from tests.object_store import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """``s3://<a fresh bucket>``: the clients find the server through the environment, as a user's would."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return f"s3://{s3_server.new_bucket()}"

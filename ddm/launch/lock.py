@@ -232,9 +232,12 @@ def _remove_if_same(path: Path, holder: dict, me: dict) -> None:
     aside.unlink(missing_ok=True)
 
 
-def refusal(folder, holder: dict, verdict: Verdict, what: str) -> Locked:
-    """The error of a job that finds ``folder`` held: it names the holder and says what to do."""
-    path = lock_path(folder)
+def refusal(folder, holder: dict, verdict: Verdict, what: str, path=None) -> Locked:
+    """The error of a job that finds ``folder`` held: it names the holder and says what to do.
+
+    ``path``: the lock's name in the message (a URL for a run in an object store); ``folder``'s lock.json by default.
+    """
+    path = lock_path(folder) if path is None else path
     command = f": `{holder['command']}`" if holder.get("command") else ""
     if not holder:
         return Locked(

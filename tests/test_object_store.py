@@ -1,0 +1,91 @@
+"""Runs in an object store: uploads complete or invisible, checked downloads, conditional creates, the job lock
+(against a local S3 server, moto, through s3fs)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from ddm.errors import Locked, Unusable
+from ddm.store import ObjectStore, is_url, redacted
+from ddm.store import lock as store_lock
+
+
+def test_urls_and_what_of_them_is_logged():
+    assert is_url("s3://bucket/run") and is_url("gs://b/r") and is_url("memory://x")
+    assert not is_url("runs/demo") and not is_url("/abs/run") and not is_url("C:/runs") and not is_url("file:///x")
+    assert redacted("s3://AKIA:secret@bucket/run?X-Amz-Signature=abc") == "s3://bucket/run"
+    assert redacted("https://user:pw@host:9000/b/run") == "https://host:9000/b/run"
+
+
+def test_an_upload_is_complete_or_invisible(s3_bucket, tmp_path):
+    store = ObjectStore(f"{s3_bucket}/run")
+    local = tmp_path / "expert.pt"
+    local.write_bytes(b"weights" * 1000)
+    url = store.put_file(local, "experts/expert-00/expert.pt")
+    assert url == f"{s3_bucket}/run/experts/expert-00/expert.pt"
+    # a job killed mid-upload leaves only a .part- key: never listed, never taken for the object
+    store.fs.pipe_file(store.key("experts/expert-01/expert.pt") + ".part-deadbeef", b"half")
+    assert not store.exists("experts/expert-01/expert.pt")
+    assert store.list("experts") == ["experts/expert-00/expert.pt"]
+    back = store.get_file("experts/expert-00/expert.pt", tmp_path / "down" / "expert.pt")
+    assert back.read_bytes() == local.read_bytes()
+    store.put_json({"steps": 3}, "experts/expert-00/record.json")
+    assert store.read_json("experts/expert-00/record.json") == {"steps": 3}
+
+
+def test_a_damaged_object_is_refused_naming_its_url(s3_bucket, tmp_path):
+    from ddm.io import sha256_file
+
+    store = ObjectStore(f"{s3_bucket}/run")
+    local = tmp_path / "shard.tar"
+    local.write_bytes(b"a" * 4096)
+    recorded = sha256_file(local)
+    store.put_bytes(b"a" * 4095 + b"b", "partitions/cluster-00/shard-000000.tar")  # one byte changed on the way
+    target = tmp_path / "cache" / "shard-000000.tar"
+    with pytest.raises(Unusable, match=rf"{s3_bucket}/run/partitions/cluster-00/shard-000000.tar does not match"):
+        store.get_file("partitions/cluster-00/shard-000000.tar", target, sha256=recorded)
+    assert not target.exists() and not list(target.parent.iterdir())  # nothing half-written left behind
+    store.put_bytes(b"{not json", "router/record.json")
+    with pytest.raises(Unusable, match=rf"{s3_bucket}/run/router/record.json is not valid JSON"):
+        store.read_json("router/record.json")
+    with pytest.raises(FileNotFoundError, match=rf"{s3_bucket}/run/router/router.pt does not exist"):
+        store.get_file("router/router.pt", tmp_path / "router.pt")
+
+
+def test_create_makes_an_object_only_if_none_has_its_key(s3_bucket):
+    store = ObjectStore(f"{s3_bucket}/run")
+    assert store.create("experts/expert-00/lock.json", b"first")
+    assert not store.create("experts/expert-00/lock.json", b"second")
+    assert store.read_bytes("experts/expert-00/lock.json") == b"first"
+
+
+def test_two_islands_cannot_hold_one_experts_lock(s3_bucket):
+    """Two jobs on one expert, each with its own view of the bucket (two islands): the second is refused."""
+    island_a, island_b = ObjectStore(f"{s3_bucket}/run"), ObjectStore(f"{s3_bucket}/run")
+    holder = store_lock.acquire(island_a, "experts/expert-03", "train-expert 3")
+    where = rf"{s3_bucket}/run/experts/expert-03 is in use by another job, pid {holder['pid']}"
+    with pytest.raises(Locked, match=where):
+        store_lock.acquire(island_b, "experts/expert-03", "train-expert 3")
+    other = store_lock.acquire(island_b, "experts/expert-04", "train-expert 4")  # another expert: free
+    store_lock.release(island_a, "experts/expert-03", holder)
+    assert store_lock.read_holder(island_a, "experts/expert-03") is None
+    again = store_lock.acquire(island_b, "experts/expert-03", "train-expert 3")
+    store_lock.release(island_a, "experts/expert-03", other)  # not its lock: left in place
+    assert store_lock.read_holder(island_a, "experts/expert-03")["token"] == again["token"]
+
+
+def test_a_stale_lock_is_taken_over_with_a_warning(s3_bucket, caplog):
+    store = ObjectStore(f"{s3_bucket}/run")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = dict(store_lock.this_holder(), pid=gone.pid, pid_started=None, token="old")
+    store.put_bytes(json.dumps(dead).encode(), "experts/expert-00/lock.json")
+    with caplog.at_level(logging.WARNING, logger="ddm"):
+        mine = store_lock.acquire(store, "experts/expert-00", "train-expert 0")
+    assert "taking over the stale lock" in caplog.text and f"process {gone.pid}" in caplog.text
+    assert store_lock.read_holder(store, "experts/expert-00")["token"] == mine["token"] != "old"
