@@ -133,6 +133,10 @@ bench-train: install
 bench-ingest: install
 	WANDB_MODE=offline $(BIN)/python scripts/bench_ingest.py $(ARGS)
 
+.PHONY: bench-store
+bench-store: install
+	$(BIN)/python scripts/bench_store.py $(ARGS)
+
 .PHONY: bench-eval
 bench-eval: install
 	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_eval.py $(ARGS)

@@ -28,10 +28,14 @@ def test_an_upload_is_complete_or_invisible(s3_bucket, tmp_path):
     local.write_bytes(b"weights" * 1000)
     url = store.put_file(local, "experts/expert-00/expert.pt")
     assert url == f"{s3_bucket}/run/experts/expert-00/expert.pt"
-    # a job killed mid-upload leaves only a .part- key: never listed, never taken for the object
-    store.fs.pipe_file(store.key("experts/expert-01/expert.pt") + ".part-deadbeef", b"half")
+    # a job killed mid-upload: its multipart upload has sent a part, but the object does not exist until completed
+    writer = store.fs.open(store.key("experts/expert-01/expert.pt"), "wb", block_size=5 << 20)
+    writer.write(b"x" * (6 << 20))
+    writer.flush()  # the first 5 MiB part is on the server
     assert not store.exists("experts/expert-01/expert.pt")
     assert store.list("experts") == ["experts/expert-00/expert.pt"]
+    writer.discard()  # the killed job never completes it
+    writer.closed = True
     back = store.get_file("experts/expert-00/expert.pt", tmp_path / "down" / "expert.pt")
     assert back.read_bytes() == local.read_bytes()
     store.put_json({"steps": 3}, "experts/expert-00/record.json")
@@ -89,3 +93,14 @@ def test_a_stale_lock_is_taken_over_with_a_warning(s3_bucket, caplog):
         mine = store_lock.acquire(store, "experts/expert-00", "train-expert 0")
     assert "taking over the stale lock" in caplog.text and f"process {gone.pid}" in caplog.text
     assert store_lock.read_holder(store, "experts/expert-00")["token"] == mine["token"] != "old"
+
+
+def test_a_store_without_atomic_puts_moves_a_finished_part_to_its_name(tmp_path):
+    """memory:// (as a local or network file system) shows a file while it is written: the upload goes to a
+    .part- key, which is never listed, and is moved to its name once whole."""
+    store = ObjectStore(f"memory://{tmp_path.name}/run")
+    assert not store.atomic_put
+    store.fs.pipe_file(store.key("experts/expert-01/expert.pt") + ".part-deadbeef", b"half")
+    store.put_bytes(b"whole", "experts/expert-00/expert.pt")
+    assert store.list("experts") == ["experts/expert-00/expert.pt"] and not store.exists("experts/expert-01/expert.pt")
+    assert store.read_bytes("experts/expert-00/expert.pt") == b"whole"
