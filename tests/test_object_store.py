@@ -104,3 +104,52 @@ def test_a_store_without_atomic_puts_moves_a_finished_part_to_its_name(tmp_path)
     store.put_bytes(b"whole", "experts/expert-00/expert.pt")
     assert store.list("experts") == ["experts/expert-00/expert.pt"] and not store.exists("experts/expert-01/expert.pt")
     assert store.read_bytes("experts/expert-00/expert.pt") == b"whole"
+
+
+def _expert_folder(root, weights: bytes = b"w" * 5000):
+    folder = root / "experts" / "expert-00"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "expert.pt").write_bytes(weights)
+    (folder / "record.json").write_text('{"steps": 3}\n')
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"local state")
+    (folder / ".lock.json.tmp").write_text("hidden")
+    return folder
+
+
+def test_a_folder_pushed_from_one_island_is_pulled_whole_by_another(s3_bucket, tmp_path):
+    from ddm.store.mirror import INDEX, pull_file, pull_folder, push_folder
+
+    store = ObjectStore(f"{s3_bucket}/run")
+    island_a, island_b = tmp_path / "a", tmp_path / "b"
+    _expert_folder(island_a)
+    pushed = push_folder(store, island_a, "experts/expert-00")
+    assert sorted(pushed["uploaded"]) == ["experts/expert-00/expert.pt", "experts/expert-00/record.json"]
+    assert store.list("experts") == [f"experts/expert-00/{INDEX}", *sorted(pushed["uploaded"])]  # no local state
+    assert push_folder(store, island_a, "experts/expert-00")["uploaded"] == []  # nothing changed: nothing sent
+
+    pulled = pull_folder(store, island_b, "experts")
+    assert sorted(pulled["downloaded"]) == sorted(pushed["uploaded"]) and pulled["bytes"] == 5000 + 13
+    assert (island_b / "experts/expert-00/expert.pt").read_bytes() == b"w" * 5000
+    (island_a / "experts/expert-00/expert.pt").write_bytes(b"v" * 5000)  # retrained: one file changes
+    assert push_folder(store, island_a, "experts/expert-00")["uploaded"] == ["experts/expert-00/expert.pt"]
+    again = pull_folder(store, island_b, "experts/expert-00")
+    assert again["downloaded"] == ["experts/expert-00/expert.pt"] and again["kept"] == 1
+    assert pull_file(store, tmp_path / "c", "experts/expert-00/record.json").read_text() == '{"steps": 3}\n'
+
+
+def test_a_folder_not_pushed_whole_or_damaged_since_is_refused_naming_its_url(s3_bucket, tmp_path):
+    from ddm.errors import MissingInput
+    from ddm.store.mirror import pull_folder, push_folder
+
+    store = ObjectStore(f"{s3_bucket}/run")
+    _expert_folder(tmp_path / "a")
+    store.put_file(tmp_path / "a/experts/expert-00/expert.pt", "experts/expert-00/expert.pt")  # killed before the index
+    with pytest.raises(MissingInput, match=rf"{s3_bucket}/run/experts holds no finished folder"):
+        pull_folder(store, tmp_path / "b", "experts")
+    push_folder(store, tmp_path / "a", "experts/expert-00")
+    store.put_bytes(b"x" * 5000, "experts/expert-00/expert.pt")  # replaced on the way
+    with pytest.raises(Unusable, match=rf"{s3_bucket}/run/experts/expert-00/expert.pt does not match"):
+        pull_folder(store, tmp_path / "b", "experts")
+    store.remove("experts/expert-00/expert.pt")
+    with pytest.raises(Unusable, match=r"expert.pt is listed in .* but is not there"):
+        pull_folder(store, tmp_path / "c", "experts")

@@ -1,0 +1,120 @@
+"""Folders of a run moved between a bucket and a local working copy, each with the index that makes it trustworthy.
+
+A job works on local disk and exchanges whole folders with the bucket:
+
+- ``push_folder(store, local_root, folder)`` uploads the files under ``local_root/folder`` that the bucket does not
+  already hold (by sha256), then writes ``folder/.ddm-index.json`` last: every file's sha256 and size. A folder
+  whose index is missing or lists a file that is not there was not pushed whole, and is treated as absent.
+- ``pull_folder(store, local_root, folder)`` reads the index of ``folder`` (and of every folder under it that has
+  one), downloads the files the local copy lacks or holds in another version, checks each against the index's
+  sha256 (naming the object's URL when it does not match), and leaves files of the local copy it does not list
+  alone.
+
+The index is the folder's own record of what it holds, so an object damaged or replaced on its way between
+islands is refused, not only a truncated download. Files whose name starts with ``.`` or that live under
+``SKIPPED`` folders (checkpoints, logs: the job's local state) are not pushed by ``push_folder``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ddm.errors import MissingInput, Unusable
+from ddm.io import sha256_file
+from ddm.store.objects import ObjectStore
+
+INDEX = ".ddm-index.json"
+SKIPPED = ("checkpoints", "logs", "wandb")  # a job's local state: uploaded on their own terms, or not at all
+
+
+def local_files(root: Path, folder: str) -> dict[str, Path]:
+    """The files of ``root/folder`` to push, by their key relative to the run (hidden and ``SKIPPED`` left out)."""
+    base = Path(root) / folder
+    out = {}
+    for path in sorted(p for p in base.rglob("*") if p.is_file()):
+        rel = path.relative_to(base)
+        if any(part.startswith(".") for part in rel.parts) or any(part in SKIPPED for part in rel.parts[:-1]):
+            continue
+        out[f"{folder.strip('/')}/{rel.as_posix()}"] = path
+    return out
+
+
+def read_index(store: ObjectStore, folder: str) -> dict | None:
+    """``folder``'s index (``{files: {key: {sha256, size}}}``), or None when it has none."""
+    try:
+        index = store.read_json(f"{folder.strip('/')}/{INDEX}")
+    except FileNotFoundError:
+        return None
+    if not isinstance(index, dict) or not isinstance(index.get("files"), dict):
+        raise Unusable(f"{store.url_of(folder)}/{INDEX} is not an index of files: push the folder again")
+    return index
+
+
+def push_folder(store: ObjectStore, root, folder: str) -> dict:
+    """Upload ``root/folder``'s new or changed files, then its index; returns ``{uploaded, kept, bytes}``."""
+    folder = folder.strip("/")
+    files = local_files(Path(root), folder)
+    if not files:
+        raise MissingInput(f"{Path(root) / folder} holds no files to push")
+    before = (read_index(store, folder) or {}).get("files", {})
+    listing, uploaded, sent = {}, [], 0
+    for key, path in files.items():
+        entry = dict(sha256=sha256_file(path), size=path.stat().st_size)
+        listing[key[len(folder) + 1 :]] = entry
+        if before.get(key[len(folder) + 1 :]) == entry and store.exists(key):
+            continue
+        store.put_file(path, key)
+        uploaded.append(key)
+        sent += entry["size"]
+    store.put_json(dict(files=listing), f"{folder}/{INDEX}")  # last: the folder is whole from here on
+    return dict(uploaded=uploaded, kept=len(files) - len(uploaded), bytes=sent)
+
+
+def pull_folder(store: ObjectStore, root, folder: str) -> dict:
+    """Bring ``folder`` (every indexed folder at or under it) to ``root``; returns ``{downloaded, kept, bytes}``.
+
+    Raises ``MissingInput`` naming the URL when no folder there has an index (not pushed, or not pushed whole).
+    """
+    folder = folder.strip("/")
+    indexed = [k[: -len(INDEX)].rstrip("/") for k in store.list(folder) if k.endswith(f"/{INDEX}") or k == INDEX]
+    if not indexed:
+        raise MissingInput(
+            f"{store.url_of(folder)} holds no finished folder (no {INDEX}): the job that writes it has not pushed "
+            f"it whole yet; run it (or wait for it) first"
+        )
+    downloaded, kept, received = [], 0, 0
+    for base in indexed:
+        for rel, entry in read_index(store, base)["files"].items():
+            key = f"{base}/{rel}"
+            local = Path(root) / key
+            if local.exists() and local.stat().st_size == entry["size"] and sha256_file(local) == entry["sha256"]:
+                kept += 1
+                continue
+            if not store.exists(key):
+                raise Unusable(
+                    f"{store.url_of(key)} is listed in {store.url_of(base)}/{INDEX} but is not there: the folder "
+                    f"was damaged after it was pushed; push it again from the job that made it"
+                )
+            store.get_file(key, local, sha256=entry["sha256"])
+            downloaded.append(key)
+            received += int(entry["size"])
+    return dict(downloaded=downloaded, kept=kept, bytes=received)
+
+
+def pull_file(store: ObjectStore, root, key: str) -> Path:
+    """One file of an indexed folder (the nearest index above it), checked; returns its local path."""
+    key = key.strip("/")
+    parts = key.split("/")
+    for depth in range(len(parts) - 1, 0, -1):
+        base = "/".join(parts[:depth])
+        index = read_index(store, base)
+        if index is None:
+            continue
+        entry = index["files"].get("/".join(parts[depth:]))
+        if entry is None:
+            break
+        local = Path(root) / key
+        if not (local.exists() and sha256_file(local) == entry["sha256"]):
+            store.get_file(key, local, sha256=entry["sha256"])
+        return local
+    raise MissingInput(f"{store.url_of(key)} is in no finished folder (no {INDEX} lists it): push its folder first")
