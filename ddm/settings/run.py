@@ -18,6 +18,7 @@ frozen = dataclasses.dataclass(frozen=True, kw_only=True)
 @frozen
 class Paths(Group):
     runs: str
+    store_cache: str = "runs/.store"  # conf/paths/default.yaml sets it
 
 
 @frozen

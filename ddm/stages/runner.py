@@ -18,6 +18,8 @@ from ddm.job_names import stage_job
 from ddm.seeds import seed_everything
 from ddm.settings import Settings
 from ddm.stages import STAGES, StageResult
+from ddm.store.objects import is_url
+from ddm.store.working_copy import working_copy
 from ddm.timing import measured
 
 
@@ -81,6 +83,14 @@ def run_stage(stage: str, cfg: Settings, job: str | None = None, **kwargs):
             f"run_stage takes ddm.settings.Settings, not {type(cfg).__name__}: "
             f"make them with ddm.config.settings([...overrides]) or ddm.config.to_settings(cfg)"
         )
+    if is_url(cfg.run_dir):  # a run in a bucket: this stage runs on a local working copy (ddm/store/)
+
+        def timing_key(local_cfg):
+            rd = RunDir(local_cfg.run_dir)
+            return rd.timing(job or stage_job(stage, local_cfg)).relative_to(rd.root).as_posix()
+
+        with working_copy(cfg, stage, timing_key) as local_cfg:
+            return run_stage(stage, local_cfg, job, **kwargs)
     module = stage_module(stage)
     seed_everything(int(cfg.seed))
     if not STAGES[stage].timed:

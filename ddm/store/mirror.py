@@ -71,50 +71,61 @@ def push_folder(store: ObjectStore, root, folder: str) -> dict:
 
 
 def pull_folder(store: ObjectStore, root, folder: str) -> dict:
-    """Bring ``folder`` (every indexed folder at or under it) to ``root``; returns ``{downloaded, kept, bytes}``.
+    """Bring ``folder`` to ``root``: every indexed folder at or under it, or its part of the nearest indexed folder
+    above it (one cluster of ``partitions/``); returns ``{downloaded, kept, bytes}``.
 
-    Raises ``MissingInput`` naming the URL when no folder there has an index (not pushed, or not pushed whole).
+    Raises ``MissingInput`` naming the URL when no index covers it (not pushed, or not pushed whole).
     """
     folder = folder.strip("/")
     indexed = [k[: -len(INDEX)].rstrip("/") for k in store.list(folder) if k.endswith(f"/{INDEX}") or k == INDEX]
+    entries = [(f"{base}/{rel}", e) for base in indexed for rel, e in read_index(store, base)["files"].items()]
     if not indexed:
+        above = _index_above(store, folder)
+        if above is not None:
+            base, index = above
+            inside = folder[len(base) + 1 :] + "/"
+            entries = [(f"{base}/{rel}", e) for rel, e in index["files"].items() if rel.startswith(inside)]
+    if not entries:
         raise MissingInput(
             f"{store.url_of(folder)} holds no finished folder (no {INDEX}): the job that writes it has not pushed "
             f"it whole yet; run it (or wait for it) first"
         )
     downloaded, kept, received = [], 0, 0
-    for base in indexed:
-        for rel, entry in read_index(store, base)["files"].items():
-            key = f"{base}/{rel}"
-            local = Path(root) / key
-            if local.exists() and local.stat().st_size == entry["size"] and sha256_file(local) == entry["sha256"]:
-                kept += 1
-                continue
-            if not store.exists(key):
-                raise Unusable(
-                    f"{store.url_of(key)} is listed in {store.url_of(base)}/{INDEX} but is not there: the folder "
-                    f"was damaged after it was pushed; push it again from the job that made it"
-                )
-            store.get_file(key, local, sha256=entry["sha256"])
-            downloaded.append(key)
-            received += int(entry["size"])
+    for key, entry in entries:
+        local = Path(root) / key
+        if local.exists() and local.stat().st_size == entry["size"] and sha256_file(local) == entry["sha256"]:
+            kept += 1
+            continue
+        if not store.exists(key):
+            raise Unusable(
+                f"{store.url_of(key)} is listed in the index of its folder ({INDEX}) but is not there: the folder "
+                f"was damaged after it was pushed; push it again from the job that made it"
+            )
+        store.get_file(key, local, sha256=entry["sha256"])
+        downloaded.append(key)
+        received += int(entry["size"])
     return dict(downloaded=downloaded, kept=kept, bytes=received)
+
+
+def _index_above(store: ObjectStore, key: str) -> tuple[str, dict] | None:
+    """The nearest folder above ``key`` with an index, and that index."""
+    parts = key.strip("/").split("/")
+    for depth in range(len(parts) - 1, 0, -1):
+        base = "/".join(parts[:depth])
+        index = read_index(store, base)
+        if index is not None:
+            return base, index
+    return None
 
 
 def pull_file(store: ObjectStore, root, key: str) -> Path:
     """One file of an indexed folder (the nearest index above it), checked; returns its local path."""
     key = key.strip("/")
-    parts = key.split("/")
-    for depth in range(len(parts) - 1, 0, -1):
-        base = "/".join(parts[:depth])
-        index = read_index(store, base)
-        if index is None:
-            continue
-        entry = index["files"].get("/".join(parts[depth:]))
-        if entry is None:
-            break
-        local = Path(root) / key
-        if not (local.exists() and sha256_file(local) == entry["sha256"]):
-            store.get_file(key, local, sha256=entry["sha256"])
-        return local
-    raise MissingInput(f"{store.url_of(key)} is in no finished folder (no {INDEX} lists it): push its folder first")
+    above = _index_above(store, key)
+    entry = None if above is None else above[1]["files"].get(key[len(above[0]) + 1 :])
+    if entry is None:
+        raise MissingInput(f"{store.url_of(key)} is in no finished folder (no {INDEX} lists it): push its folder first")
+    local = Path(root) / key
+    if not (local.exists() and sha256_file(local) == entry["sha256"]):
+        store.get_file(key, local, sha256=entry["sha256"])
+    return local

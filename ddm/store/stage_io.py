@@ -1,0 +1,48 @@
+"""What each stage reads from a run in a bucket and what it writes back, by key (folders, or single files).
+
+A job of a run in a bucket (``run_dir=s3://...``) pulls only these before it runs and pushes only these after:
+an expert's job pulls its own partition (and the small files that say which clustering it belongs to), never
+another cluster's data, and pushes only its own folder. Keys ending in ``.json`` are single files; the others are
+folders. ``{k}`` is the expert's id, two digits.
+"""
+
+from __future__ import annotations
+
+from ddm.errors import BadInput
+
+# Small files that tie a job to its run: the data's manifest, the clustering's report and the partitions' index.
+LINEAGE = ("data/manifest.json", "clusters/report.json", "partitions/manifest.json")
+
+READS: dict[str, tuple[str, ...]] = {
+    "prepare": (),
+    "embed": ("data",),
+    "cluster": ("data/manifest.json", "embeddings"),
+    "partition": ("data", "clusters"),
+    "encode": ("data/manifest.json", "clusters/report.json", "partitions"),
+    "train-expert": (*LINEAGE, "partitions/cluster-{k}"),
+    "train-router": ("data/manifest.json", "clusters", "partitions"),
+    "fit-route-tau": ("data", "clusters", "partitions/manifest.json", "experts"),
+    "sample": ("data/manifest.json", "clusters", "partitions/manifest.json", "experts", "router"),
+}
+WRITES: dict[str, tuple[str, ...]] = {
+    "prepare": ("data",),
+    "embed": ("embeddings",),
+    "cluster": ("clusters",),
+    "partition": ("partitions",),
+    "encode": ("latents",),
+    "train-expert": ("experts/expert-{k}",),
+    "train-router": ("router",),
+    "fit-route-tau": ("router/route_tau.json",),
+    "sample": ("samples",),
+}
+
+
+def stage_keys(stage: str, expert_id: int | None = None) -> tuple[list[str], list[str]]:
+    """``(reads, writes)`` of ``stage`` for a run in a bucket; a stage not listed cannot run on one yet."""
+    if stage not in READS:
+        raise BadInput(
+            f"`ddm {stage}` does not run on a run in a bucket yet (the stages that do: {', '.join(READS)}); "
+            f"run it on a local copy"
+        )
+    k = "" if expert_id is None else f"{int(expert_id):02d}"
+    return [r.format(k=k) for r in READS[stage]], [w.format(k=k) for w in WRITES[stage]]

@@ -1,0 +1,73 @@
+"""A stage of a run in a bucket, run on a local working copy: pull what it reads, run, push what it wrote.
+
+``working_copy(cfg, stage)`` yields the settings of the same run with ``run_dir`` replaced by the local copy
+(``paths.store_cache``/<protocol>/<bucket>/<path>), so every stage runs as it does on a local run. Before: the
+stage's reads (``stage_io``) are pulled, each checked against its folder's index, and what it wrote before (so
+a finished job skips, as on a local run). A job that writes one job folder (an expert, the router) holds that
+folder's lock in the bucket while it runs, so two islands never train one expert. After the stage returns (not
+when it raises): its folders are pushed, their indexes last, and its timing file beside them. Nothing of the
+credentials is written: the store is named by its ``redacted`` URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from ddm.settings import Settings, changed
+from ddm.store import lock as store_lock
+from ddm.store.mirror import INDEX, pull_file, pull_folder, push_folder
+from ddm.store.objects import ObjectStore
+from ddm.store.stage_io import stage_keys
+
+log = logging.getLogger("ddm")
+
+LOCKED = ("train-expert", "train-router")  # stages that own one job folder: locked in the bucket
+
+
+def local_copy(cfg: Settings, store: ObjectStore) -> Path:
+    """The folder of the run's working copy on this machine."""
+    scheme, rest = store.url.split("://", 1)
+    return Path(str(cfg.paths.store_cache)) / scheme / rest
+
+
+def _is_file(key: str) -> bool:
+    return key.endswith(".json")
+
+
+@contextlib.contextmanager
+def working_copy(cfg: Settings, stage: str, timing_key=None) -> Iterator[Settings]:
+    """Run ``stage`` of the run at ``cfg.run_dir`` (a URL) on a local copy; see the module docstring.
+
+    ``timing_key(local_cfg)``: the key of the timing file the stage's runner writes, pushed after the folders.
+    """
+    store = ObjectStore(str(cfg.run_dir))
+    local = local_copy(cfg, store)
+    expert_id = int(cfg.expert.id) if stage == "train-expert" else None
+    reads, writes = stage_keys(stage, expert_id)
+    got = 0
+    for key in reads:
+        if _is_file(key):
+            pull_file(store, local, key)
+        else:
+            got += pull_folder(store, local, key)["bytes"]
+    for key in writes:  # what the stage made before (another island, an earlier attempt): it skips finished work
+        if not _is_file(key) and any(k.endswith(INDEX) for k in store.list(key)):
+            got += pull_folder(store, local, key)["bytes"]
+        elif _is_file(key) and store.exists(key):
+            pull_file(store, local, key)
+    log.info("%s: pulled %d MB of %s into %s", stage, got >> 20, store.url, local)
+    holder = store_lock.acquire(store, writes[0], f"{stage} in {store.url}") if stage in LOCKED else None
+    try:
+        local_cfg = changed(cfg, {"run_dir": str(local)})
+        yield local_cfg
+        sent = sum(push_folder(store, local, key)["bytes"] for key in writes)
+        timing = None if timing_key is None else timing_key(local_cfg)
+        if timing is not None and (local / timing).exists():
+            store.put_file(local / timing, timing)
+        log.info("%s: pushed %d MB to %s", stage, sent >> 20, store.url_of(writes[0]))
+    finally:
+        if holder is not None:
+            store_lock.release(store, writes[0], holder)
