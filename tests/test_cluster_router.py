@@ -278,6 +278,23 @@ def test_fit_temperature_refuses_clean_images_labelled_by_their_nearest_centroid
         fit_temperature(e, nearest, centroids)
 
 
+def test_a_cleanly_separated_fit_gives_the_softest_temperature_at_the_target_nll():
+    """Every embedding nearest its own centroid: the NLL falls as tau -> 0, so the fit returns the largest tau whose
+    mean NLL is the target (and refuses without one)."""
+    from ddm.cluster_router.temperature import temperature_nll
+
+    torch.manual_seed(0)
+    centroids = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+    clusters = torch.arange(3).repeat(20)
+    e = centroids[clusters] + 0.5 * torch.randn(60, 2)
+    assert (torch.cdist(e, centroids).argmin(1) == clusters).all()
+    with pytest.raises(BadInput, match="keeps falling as tau goes to 0"):
+        fit_temperature(e, clusters, centroids)
+    tau = fit_temperature(e, clusters, centroids, separable_nll=0.01)
+    assert temperature_nll(e, clusters, centroids, tau) == pytest.approx(0.01, abs=1e-6)
+    assert temperature_nll(e, clusters, centroids, tau * 1.1) > 0.01
+
+
 def test_denoised_embeddings_of_the_exact_flow_fit_a_finite_temperature():
     path = FlowPath()
     g = torch.Generator().manual_seed(0)

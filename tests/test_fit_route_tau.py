@@ -56,7 +56,9 @@ def test_fit_route_tau_fits_on_held_out_images_and_sampling_uses_it(tiny_run, tm
     K = int(read_json(run.rd.cluster_report)["k"])
     per = record["images_per_cluster"]
     assert sorted(per) == [str(k) for k in range(K)] and all(1 <= n <= 32 for n in per.values())
-    assert record["tau"] > 0 and record["nll"] <= record["clustering_tau_nll"]
+    assert record["tau"] > 0
+    # the fitted tau is the NLL's minimum, or (clusters that the estimates separate cleanly) the softest at 0.01 nats
+    assert record["nll"] <= record["clustering_tau_nll"] or (record["separable"] and record["nll"] <= 0.0100001)
     steps = int(run.settings().sample.steps)
     assert record["times"] == evaluation_times(FlowPath(), steps, "euler")[1:] and 1.0 not in record["times"]
     assert record["settings"]["clustering_id"] == read_json(run.rd.cluster_report)["clustering_id"]

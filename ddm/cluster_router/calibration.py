@@ -1,9 +1,12 @@
-"""The data tau is fitted on: a few held-out images per cluster, noised to the sampler's times, denoised by their
-own cluster's expert, embedded as the router embeds while sampling.
+"""The data tau is fitted on: a few held-out images per cluster, noised to the sampler's times, denoised by the
+experts, embedded as the router embeds while sampling.
 
-Why their own expert: under ``sample`` routing (the strategy the cluster router serves) each trajectory keeps the
-expert drawn at t = 1, so the x0 estimates the router sees come from the expert of the sample's cluster, guided as
-the sampler guides. The first call (t = 1) is left out: the router reads only p(k | y) there.
+Which experts denoise: the estimate the router must judge is one that does not already know the cluster. The
+estimate of the image's own expert does (an expert's x0 estimate lies in its cluster by construction), so on it
+every image is nearest its own cluster and the fit drives tau to 0. The stage therefore denoises with the experts
+weighted by p(k | y), the router's own posterior at t = 1 (``weights``); ``weights=None`` takes each image's own
+expert (what the router sees along a trajectory that keeps its expert). The first call (t = 1) is left out: the
+router reads only p(k | y) there.
 """
 
 from __future__ import annotations
@@ -45,10 +48,12 @@ def denoised_calibration(
     scales: Sequence[float | None] | None = None,
     seed: int = 0,
     batch_size: int = 256,
+    weights: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(embeddings [N, D], clusters [N])``: every image of cluster k (``images[k] = (x0, y)``, model space) noised to
-    each of ``times`` and denoised by ``experts[k]``, guided at each time with ``scales`` (None: unguided there; the
-    sampler's guidance at its times). Noise is drawn on the CPU from ``seed``, so the data do not depend on the device.
+    each of ``times`` and denoised by ``experts[k]`` or, with ``weights(y, n) -> [n, K]`` (rows summing to 1), by
+    every expert weighted so; guided at each time with ``scales`` (None: unguided there; the sampler's guidance at
+    its times). Noise is drawn on the CPU from ``seed``, so the data do not depend on the device.
     """
     scales = [None] * len(times) if scales is None else list(scales)
     if len(scales) != len(times):
@@ -64,7 +69,14 @@ def denoised_calibration(
                 t = torch.full((len(x),), float(t_value), dtype=x.dtype, device=x.device)
                 eps = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
                 x_t = path.interpolate(x, eps, t)
-                v = guided_velocity(experts[k], x_t, t, yy, scale)
+                if weights is None:
+                    v = guided_velocity(experts[k], x_t, t, yy, scale)
+                else:
+                    w = weights(yy, len(x)).to(x.device, x.dtype)
+                    v = sum(
+                        w[:, j].reshape(-1, *[1] * (x.dim() - 1)) * guided_velocity(m, x_t, t, yy, scale)
+                        for j, m in sorted(experts.items())
+                    )
                 out.append(torch.as_tensor(embed(path.x0_from_velocity(x_t, v.to(x_t.dtype), t))).float().cpu())
                 owners.append(torch.full((len(x),), int(k), dtype=torch.long))
     if not out:

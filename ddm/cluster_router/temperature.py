@@ -17,7 +17,9 @@ from ddm.flow import FlowPath
 CALIBRATION_PER_CLUSTER = 32
 
 
-def fit_temperature(embeddings, clusters, centroids, centroid_cluster=None, log_prior=None) -> float:
+def fit_temperature(
+    embeddings, clusters, centroids, centroid_cluster=None, log_prior=None, separable_nll: float | None = None
+) -> float:
     """The tau minimising the mean NLL of each embedding's true cluster under the router's likelihood.
 
     ``embeddings`` [N, D] with their true ``clusters`` [N]; ``centroids`` [M, D] and ``centroid_cluster``
@@ -25,7 +27,8 @@ def fit_temperature(embeddings, clusters, centroids, centroid_cluster=None, log_
     logits (None: a uniform prior, right for a held-out set with as many images of every cluster).
     Raises ``BadInput`` when the NLL keeps falling as tau goes to 0 (every embedding is nearest to its own
     cluster: clean images of the run are, by the clustering's rule) or to infinity (the embeddings say
-    nothing about the cluster).
+    nothing about the cluster). ``separable_nll``: when the NLL keeps falling as tau goes to 0, return instead the
+    largest tau whose NLL is at most this (the softest temperature that still classifies the data this well).
     """
     nll, sq = _nll_of(embeddings, clusters, centroids, centroid_cluster, log_prior)
     positive = sq[sq > 0]
@@ -33,6 +36,8 @@ def fit_temperature(embeddings, clusters, centroids, centroid_cluster=None, log_
     grid = np.linspace(math.log(scale) - 16.0, math.log(scale) + 8.0, 49)  # steps of 0.5 in log tau
     values = [nll(g) for g in grid]
     best = int(np.argmin(values))
+    if best == 0 and separable_nll is not None:
+        return _softest_below(nll, grid, float(separable_nll))
     if best == 0:
         raise BadInput(
             "fit_temperature: the NLL keeps falling as tau goes to 0: every embedding is nearest to a centroid "
@@ -58,6 +63,19 @@ def fit_temperature(embeddings, clusters, centroids, centroid_cluster=None, log_
             b = lo + golden * (hi - lo)
             fb = nll(b)
     return math.exp((lo + hi) / 2)
+
+
+def _softest_below(nll, grid, target: float) -> float:
+    """The largest tau (bisected in log tau between grid points) whose NLL is at most ``target``."""
+    below = [g for g in grid if nll(g) <= target]
+    if not below:
+        raise BadInput(f"fit_temperature: no temperature classifies these embeddings with a mean NLL <= {target}")
+    lo = max(below)
+    hi = next((g for g in grid if g > lo), lo + 0.5)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if nll(mid) <= target else (lo, mid)
+    return math.exp(lo)
 
 
 def temperature_nll(embeddings, clusters, centroids, tau: float, centroid_cluster=None, log_prior=None) -> float:

@@ -4,8 +4,8 @@ The cluster router's one parameter, tau, scales the distances from the embedding
 of the x0 estimate to the centroids. Fitted here, it minimises the negative
 log-likelihood of the true cluster of ``CALIBRATION_PER_CLUSTER`` (32) held-out
 images per cluster, each noised to every time of the sampler but t = 1 and
-denoised by its own cluster's expert, guided as the sampler guides
-(``ddm.cluster_router.calibration``). The images are the evaluation's held-out
+denoised by the experts weighted by p(k | y), guided as the sampler guides
+(``ddm.cluster_router.calibration`` says why not by the image's own expert). The images are the evaluation's held-out
 set (``eval.heldout``), each given its cluster by the clustering's rule: the
 job reads no island's partition, only the experts' ``expert.pt`` (which the
 machine that samples holds anyway).
@@ -45,6 +45,8 @@ from ddm.settings import Settings
 from ddm.stages import StageResult
 
 log = logging.getLogger("ddm")
+
+SEPARABLE_NLL = 0.01  # nats: the calibration NLL the softest temperature keeps when the clusters separate cleanly
 
 
 def fit_settings(cfg: Settings, rd: RunDir) -> dict:
@@ -106,11 +108,17 @@ def run(cfg: Settings) -> dict:
     experts = {int(k): m for k, m in ensemble.experts.items()}
     interval = check_cfg_interval(settings["cfg_interval"])
     scales = [settings["cfg_scale"] if in_interval(t, interval) else None for t in times]  # as the sampler guides
+
+    def prior(y, n):  # p(k | y): the router's posterior at t = 1, the weights of the experts' estimates
+        return router.prior_logits(y, n, device).softmax(dim=-1)
+
     emb, own = denoised_calibration(
-        experts, path, images, times, router.embed, scales, settings["seed"], int(cfg.eval.batch_size)
+        experts, path, images, times, router.embed, scales, settings["seed"], int(cfg.eval.batch_size), prior
     )
     try:
-        tau = fit_temperature(emb, own, router.centroids, router.centroid_cluster)
+        # when the likelihood alone classifies every calibration image (a clean split), the NLL falls as tau -> 0:
+        # then the softest tau that still does so with a mean NLL of SEPARABLE_NLL nats
+        tau = fit_temperature(emb, own, router.centroids, router.centroid_cluster, separable_nll=SEPARABLE_NLL)
     except BadInput as error:
         raise BadInput(
             f"fit-route-tau found no temperature on {len(own)} denoised held-out images: {error}. If the experts "
@@ -122,17 +130,21 @@ def run(cfg: Settings) -> dict:
         tau=tau,
         clustering_tau=own_tau,
         nll=temperature_nll(emb, own, router.centroids, tau, router.centroid_cluster),
+        # every image nearest its own cluster: tau is the softest with the NLL of SEPARABLE_NLL, not a minimum
+        separable=bool(
+            temperature_nll(emb, own, router.centroids, tau * 1e-3, router.centroid_cluster) < SEPARABLE_NLL
+        ),
         clustering_tau_nll=temperature_nll(emb, own, router.centroids, own_tau, router.centroid_cluster),
         images_per_cluster={str(k): len(idx) for k, idx in picked.items()},
-        # its cost: one expert call per image and time (doubled inside the guidance interval), and as many encodes
-        expert_calls=int(sum(len(i) for i in picked.values()) * sum(1 if s is None else 2 for s in scales)),
+        # its cost: K expert calls per image and time (doubled inside the guidance interval), and one encode each
+        expert_calls=int(K * sum(len(i) for i in picked.values()) * sum(1 if s is None else 2 for s in scales)),
         times=[float(t) for t in times],
         cluster_labels=how,
         heldout_images=int(len(real_x)),
         settings=settings,
         wall_s=round(time.perf_counter() - start, 2),
-        note="held-out images (eval.heldout) noised to the sampler's times and denoised by their own cluster's "
-        "expert; no partition was read",
+        note="held-out images (eval.heldout) noised to the sampler's times and denoised by the experts weighted "
+        "by p(k | y); no partition was read",
     )
     write_json(rd.route_tau, record)
     log.info(
