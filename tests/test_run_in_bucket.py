@@ -20,7 +20,7 @@ def test_the_tiny_pipeline_runs_from_a_bucket_each_stage_on_a_fresh_island(s3_bu
     run = f"{s3_bucket}/run"
 
     def on_island(name, *more):
-        return settings([*TINY, f"run_dir={run}", f"paths.store_cache={tmp_path / name}", *more])
+        return settings([*TINY, f"run_dir={run}", f"store.cache={tmp_path / name}", *more])
 
     for stage in ("prepare", "embed", "cluster", "partition"):
         run_stage(stage, on_island(stage))
@@ -50,7 +50,7 @@ def test_an_expert_trained_on_another_island_is_refused_while_it_runs(s3_bucket,
     from ddm.config import settings
 
     def on_island(name, *more):
-        return settings([*TINY, f"run_dir={s3_bucket}/run", f"paths.store_cache={tmp_path / name}", *more])
+        return settings([*TINY, f"run_dir={s3_bucket}/run", f"store.cache={tmp_path / name}", *more])
 
     for stage in ("prepare", "embed", "cluster", "partition"):
         run_stage(stage, on_island("data"))
@@ -67,6 +67,52 @@ def test_an_expert_trained_on_another_island_is_refused_while_it_runs(s3_bucket,
 def test_a_stage_that_cannot_run_on_a_bucket_yet_says_so(s3_bucket, tmp_path):
     from ddm.config import settings
 
-    cfg = settings([*TINY, f"run_dir={s3_bucket}/run", f"paths.store_cache={tmp_path}"])
+    cfg = settings([*TINY, f"run_dir={s3_bucket}/run", f"store.cache={tmp_path}"])
     with pytest.raises(BadInput, match=r"`ddm evaluate` does not run on a run in a bucket yet"):
         run_stage("evaluate", cfg)
+
+
+@pytest.mark.slow
+def test_an_expert_killed_on_one_node_resumes_on_another_from_its_uploaded_checkpoint(s3_bucket, tmp_path, caplog):
+    """kill -9 mid-training: the bucket holds the last.ckpt uploaded at a checkpoint, never a half expert.pt; a
+    job on a fresh node takes over the dead job's lock, pulls that checkpoint and resumes from its step."""
+    import logging
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ddm.config import settings
+
+    run = f"{s3_bucket}/run"
+
+    def on_island(name, *more):
+        return [*TINY, f"run_dir={run}", f"store.cache={tmp_path / name}", *more]
+
+    for stage in ("prepare", "embed", "cluster", "partition"):
+        run_stage(stage, settings(on_island("data")))
+    store = ObjectStore(run)
+    long = ("expert.id=0", "expert.steps=300", "expert.ckpt_every=5", "store.checkpoint_every_s=0")
+    job = subprocess.Popen(
+        [sys.executable, "-m", "ddm", "train-expert", *on_island("node-a", *long)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ),
+    )
+    index = "experts/expert-00/checkpoints/.ddm-index.json"
+    deadline = time.monotonic() + 300
+    while not store.exists(index):
+        assert job.poll() is None, "the job ended before it uploaded a checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint was uploaded"
+        time.sleep(0.2)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert not store.exists("experts/expert-00/expert.pt") and store.exists("experts/expert-00/lock.json")
+
+    with caplog.at_level(logging.INFO, logger="ddm"):
+        record = run_stage("train-expert", settings(on_island("node-b", *long)))
+    assert "taking over the stale lock" in caplog.text
+    assert record["resumed_from_step"] >= 5 and record["resumed_from_step"] % 5 == 0
+    assert record["steps"] == 300 and store.exists("experts/expert-00/expert.pt")
+    assert not store.exists("experts/expert-00/lock.json")

@@ -30,7 +30,7 @@ from ddm.settings.jobs import (
     Submit,
     Training,
 )
-from ddm.settings.run import Cluster, Data, Embed, Flow, Model, Paths, Text, Vae
+from ddm.settings.run import Cluster, Data, Embed, Flow, Model, Paths, Store, Text, Vae
 from ddm.settings.sampling import Eval, Sample
 from ddm.settings.values import UNSET, Group, MissingValue, build, changed, settings_fields
 
@@ -50,6 +50,7 @@ __all__ = [
     "MissingValue",
     "Model",
     "Paths",
+    "Store",
     "Pipeline",
     "Plan",
     "Router",
@@ -93,6 +94,7 @@ class Settings(Group):
     logger: Logger
     submit: Submit
     pipeline: Pipeline
+    store: Store
     plan: Plan
     flow: Flow
     paper: dict | None = None  # the paper table's own settings (experiment files of the table only)

@@ -18,7 +18,13 @@ frozen = dataclasses.dataclass(frozen=True, kw_only=True)
 @frozen
 class Paths(Group):
     runs: str
-    store_cache: str = "runs/.store"  # conf/paths/default.yaml sets it
+
+
+@frozen
+class Store(Group):
+    cache: str
+    checkpoint_every_s: float
+    origin: str | None
 
 
 @frozen

@@ -50,10 +50,15 @@ def read_index(store: ObjectStore, folder: str) -> dict | None:
     return index
 
 
-def push_folder(store: ObjectStore, root, folder: str) -> dict:
-    """Upload ``root/folder``'s new or changed files, then its index; returns ``{uploaded, kept, bytes}``."""
+def push_folder(store: ObjectStore, root, folder: str, only: tuple[str, ...] | None = None) -> dict:
+    """Upload ``root/folder``'s new or changed files, then its index; returns ``{uploaded, kept, bytes}``.
+
+    ``only``: just these files of the folder (names relative to it): the index then lists only them.
+    """
     folder = folder.strip("/")
     files = local_files(Path(root), folder)
+    if only is not None:
+        files = {k: p for k, p in files.items() if k[len(folder) + 1 :] in only}
     if not files:
         raise MissingInput(f"{Path(root) / folder} holds no files to push")
     before = (read_index(store, folder) or {}).get("files", {})

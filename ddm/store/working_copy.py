@@ -1,7 +1,7 @@
 """A stage of a run in a bucket, run on a local working copy: pull what it reads, run, push what it wrote.
 
 ``working_copy(cfg, stage)`` yields the settings of the same run with ``run_dir`` replaced by the local copy
-(``paths.store_cache``/<protocol>/<bucket>/<path>), so every stage runs as it does on a local run. Before: the
+(``store.cache``/<protocol>/<bucket>/<path>), so every stage runs as it does on a local run. Before: the
 stage's reads (``stage_io``) are pulled, each checked against its folder's index, and what it wrote before (so
 a finished job skips, as on a local run). A job that writes one job folder (an expert, the router) holds that
 folder's lock in the bucket while it runs, so two islands never train one expert. After the stage returns (not
@@ -30,7 +30,7 @@ LOCKED = ("train-expert", "train-router")  # stages that own one job folder: loc
 def local_copy(cfg: Settings, store: ObjectStore) -> Path:
     """The folder of the run's working copy on this machine."""
     scheme, rest = store.url.split("://", 1)
-    return Path(str(cfg.paths.store_cache)) / scheme / rest
+    return Path(str(cfg.store.cache)) / scheme / rest
 
 
 def _is_file(key: str) -> bool:
@@ -61,7 +61,8 @@ def working_copy(cfg: Settings, stage: str, timing_key=None) -> Iterator[Setting
     log.info("%s: pulled %d MB of %s into %s", stage, got >> 20, store.url, local)
     holder = store_lock.acquire(store, writes[0], f"{stage} in {store.url}") if stage in LOCKED else None
     try:
-        local_cfg = changed(cfg, {"run_dir": str(local)})
+        # store.origin: the job knows its run's URL (a training job uploads its last.ckpt there)
+        local_cfg = changed(cfg, {"run_dir": str(local), "store.origin": store.url})
         yield local_cfg
         sent = sum(push_folder(store, local, key)["bytes"] for key in writes)
         timing = None if timing_key is None else timing_key(local_cfg)
