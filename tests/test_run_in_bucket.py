@@ -40,6 +40,12 @@ def test_the_tiny_pipeline_runs_from_a_bucket_each_stage_on_a_fresh_island(s3_bu
     local = tmp_path / "check" / "samples.npz"
     store.get_file("samples/samples.npz", local)
     assert len(np.load(local)["images"]) == made["num_images"]
+    # the evaluation on its own machine: the data, the experts, the router and the samples come from the bucket
+    from tests.test_evaluate_stage import OVERRIDES as EVAL
+
+    fast = [o for o in EVAL if o.startswith("eval.")]
+    metrics = run_stage("evaluate", on_island("evaluator", *fast, f"eval.feature_net.cache_dir={tmp_path / 'fnet'}"))
+    assert store.read_json("evaluation/metrics.json")["feature_spaces"] == metrics["feature_spaces"]
     # the same stage again on another fresh island: every result is in the bucket, so it is done already
     assert run_stage("train-expert", on_island("again", "expert.id=0")).skipped
 
@@ -68,8 +74,8 @@ def test_a_stage_that_cannot_run_on_a_bucket_yet_says_so(s3_bucket, tmp_path):
     from ddm.config import settings
 
     cfg = settings([*TINY, f"run_dir={s3_bucket}/run", f"store.cache={tmp_path}"])
-    with pytest.raises(BadInput, match=r"`ddm evaluate` does not run on a run in a bucket yet"):
-        run_stage("evaluate", cfg)
+    with pytest.raises(BadInput, match=r"`ddm distill` does not run on a run in a bucket yet"):
+        run_stage("distill", cfg)
 
 
 @pytest.mark.slow

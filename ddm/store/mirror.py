@@ -17,6 +17,7 @@ islands is refused, not only a truncated download. Files whose name starts with 
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 
 from ddm.errors import MissingInput, Unusable
@@ -134,3 +135,17 @@ def pull_file(store: ObjectStore, root, key: str) -> Path:
     if not (local.exists() and sha256_file(local) == entry["sha256"]):
         store.get_file(key, local, sha256=entry["sha256"])
     return local
+
+
+def pull_matching(store: ObjectStore, root, pattern: str) -> list[Path]:
+    """The files of the nearest indexed folder above ``pattern`` whose keys match it (``partitions/cluster-*/
+    manifest.json``), each checked; returns their local paths (none when nothing matches)."""
+    pattern = pattern.strip("/")
+    fixed = pattern.split("*", 1)[0].rsplit("/", 1)[0]
+    found = read_index(store, fixed)
+    above = (fixed, found) if found is not None else _index_above(store, fixed + "/x")
+    if above is None:
+        return []
+    base, index = above
+    keys = [f"{base}/{rel}" for rel in index["files"] if fnmatch.fnmatchcase(f"{base}/{rel}", pattern)]
+    return [pull_file(store, root, key) for key in sorted(keys)]

@@ -3,7 +3,8 @@
 A job of a run in a bucket (``run_dir=s3://...``) pulls only these before it runs and pushes only these after:
 an expert's job pulls its own partition (and the small files that say which clustering it belongs to), never
 another cluster's data, and pushes only its own folder. Keys ending in ``.json`` are single files; the others are
-folders. ``{k}`` is the expert's id, two digits.
+folders; a key with ``*`` is the files of an indexed folder that match it; a key ending in ``?`` is pulled
+when it is there (the stage does without it). ``{k}`` is the expert's id, two digits.
 """
 
 from __future__ import annotations
@@ -22,7 +23,18 @@ READS: dict[str, tuple[str, ...]] = {
     "train-expert": (*LINEAGE, "partitions/cluster-{k}"),
     "train-router": ("data/manifest.json", "clusters", "partitions"),
     "fit-route-tau": ("data", "clusters", "partitions/manifest.json", "experts"),
-    "sample": ("data/manifest.json", "clusters", "partitions/manifest.json", "experts", "router"),
+    "sample": (*LINEAGE, "clusters", "partitions/cluster-*/manifest.json", "experts", "router?"),
+    # the evaluation machine reads the data (its feature net trains on it) and the samples when there are some
+    "evaluate": (
+        "data",
+        "embeddings/manifest.json",
+        "clusters",
+        "partitions/manifest.json",
+        "partitions/cluster-*/manifest.json",
+        "experts",
+        "router?",
+        "samples?",
+    ),
 }
 WRITES: dict[str, tuple[str, ...]] = {
     "prepare": ("data",),
@@ -34,6 +46,7 @@ WRITES: dict[str, tuple[str, ...]] = {
     "train-router": ("router",),
     "fit-route-tau": ("router/route_tau.json",),
     "sample": ("samples",),
+    "evaluate": ("evaluation",),
 }
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ddm.settings import Settings, changed
 from ddm.store import lock as store_lock
-from ddm.store.mirror import INDEX, pull_file, pull_folder, push_folder
+from ddm.store.mirror import INDEX, pull_file, pull_folder, pull_matching, push_folder
 from ddm.store.objects import ObjectStore
 from ddm.store.stage_io import stage_keys
 
@@ -49,7 +49,12 @@ def working_copy(cfg: Settings, stage: str, timing_key=None) -> Iterator[Setting
     reads, writes = stage_keys(stage, expert_id)
     got = 0
     for key in reads:
-        if _is_file(key):
+        optional, key = key.endswith("?"), key.rstrip("?")
+        if optional and not store.list(key):
+            continue
+        if "*" in key:
+            pull_matching(store, local, key)
+        elif _is_file(key):
             pull_file(store, local, key)
         else:
             got += pull_folder(store, local, key)["bytes"]
