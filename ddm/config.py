@@ -10,6 +10,13 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from ddm.settings import Settings, from_values
+from ddm.store.objects import working_copy_path
+
+# ${local_run_dir:${run_dir},${store.cache}}: the run directory on this machine, the working copy of a run in a
+# bucket (Hydra's own logs go there, not into a folder named "s3:")
+OmegaConf.register_new_resolver(
+    "local_run_dir", lambda run_dir, cache: str(working_copy_path(run_dir, cache)), replace=True
+)
 
 # What composing raises for a bad override or option (Hydra's own errors): the command line prints them on one line.
 CONFIG_ERRORS = (CompactHydraException,)

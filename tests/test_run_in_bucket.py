@@ -122,3 +122,13 @@ def test_an_expert_killed_on_one_node_resumes_on_another_from_its_uploaded_check
     assert record["resumed_from_step"] >= 5 and record["resumed_from_step"] % 5 == 0
     assert record["steps"] == 300 and store.exists("experts/expert-00/expert.pt")
     assert not store.exists("experts/expert-00/lock.json")
+
+
+def test_the_command_line_keeps_hydras_logs_in_the_working_copy_not_in_a_folder_named_s3(tmp_path, monkeypatch):
+    from ddm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):  # status does not run on a bucket yet: one line, status 2
+        main(["status", "run_dir=s3://bucket/big", f"store.cache={tmp_path / 'cache'}"])
+    assert not (tmp_path / "s3:").exists()
+    assert list((tmp_path / "cache" / "s3" / "bucket" / "big" / "logs" / "hydra").iterdir())

@@ -53,6 +53,15 @@ def redacted(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+def working_copy_path(run_dir, cache) -> Path:
+    """Where a run lives on this machine: ``run_dir`` itself, or for a URL its working copy
+    ``cache/<protocol>/<bucket>/<path>`` (the credentials a URL may carry left out)."""
+    if not is_url(run_dir):
+        return Path(str(run_dir))
+    scheme, rest = redacted(str(run_dir)).rstrip("/").split("://", 1)
+    return Path(str(cache)) / scheme / rest
+
+
 class ObjectStore:
     """The objects under ``url``; keys are paths relative to it (``experts/expert-03/expert.pt``)."""
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from ddm.settings import Settings, changed
 from ddm.store import lock as store_lock
 from ddm.store.mirror import INDEX, pull_file, pull_folder, pull_matching, push_folder
-from ddm.store.objects import ObjectStore
+from ddm.store.objects import ObjectStore, working_copy_path
 from ddm.store.stage_io import stage_keys
 
 log = logging.getLogger("ddm")
@@ -29,8 +29,7 @@ LOCKED = ("train-expert", "train-router")  # stages that own one job folder: loc
 
 def local_copy(cfg: Settings, store: ObjectStore) -> Path:
     """The folder of the run's working copy on this machine."""
-    scheme, rest = store.url.split("://", 1)
-    return Path(str(cfg.store.cache)) / scheme / rest
+    return working_copy_path(store.url, cfg.store.cache)
 
 
 def _is_file(key: str) -> bool:
