@@ -138,6 +138,7 @@ def test_rows_routed_by_the_clusters_train_no_router(table):
     rows = {(r["config"], r["budget"], r["strategy"]): r for r in read_json(out["results"])["rows"]}
     free, top1 = rows[("clustered-k2", 12, "clusters-sample")], rows[("clustered-k2", 12, "top1")]
     assert free["router"] == "clusters" and free["train_flops_router"] == 0 and free["router_share"] is None
+    assert free["router_steps"] == 0 and top1["router_steps"] > 0
     assert free["train_flops"] == free["train_flops_experts"] == top1["train_flops_experts"] < top1["train_flops"]
     row = read_json(f"{cfg.run_dir}/runs/clustered-k2-s12/evaluation/clusters-sample.json")
     assert row["router"] == "clusters" and row["base_strategy"] == "sample" and row["route_tau"] > 0

@@ -60,7 +60,9 @@ def rows_of(r: Run, metrics: dict, extra: dict[str, dict], root: Path) -> list[d
         elif s in extra:
             q, fm, sampling = extra[s]["quality"], extra[s]["fm_loss"], extra[s]["sampling"]
             if is_cluster_routed(s):  # no router is trained: the experts' FLOPs alone
-                own = dict(train_flops=experts, train_flops_router=0, router_share=None, router="clusters")
+                own = dict(
+                    train_flops=experts, train_flops_router=0, router_share=None, router="clusters", router_steps=0
+                )
             if extra[s]["feature_space"] != name:
                 raise BadInput(
                     f"{r.folder}: the {s} row was measured in {extra[s]['feature_space']}, the other rows in {name}"
