@@ -74,8 +74,9 @@ def test_a_stage_that_cannot_run_on_a_bucket_yet_says_so(s3_bucket, tmp_path):
     from ddm.config import settings
 
     cfg = settings([*TINY, f"run_dir={s3_bucket}/run", f"store.cache={tmp_path}"])
-    with pytest.raises(BadInput, match=r"`ddm distill` does not run on a run in a bucket yet"):
-        run_stage("distill", cfg)
+    for stage in ("distill", "fit-route-tau", "status"):
+        with pytest.raises(BadInput, match=rf"`ddm {stage}` does not run on a run in a bucket yet"):
+            run_stage(stage, cfg)
 
 
 @pytest.mark.slow

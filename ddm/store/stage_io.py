@@ -22,7 +22,6 @@ READS: dict[str, tuple[str, ...]] = {
     "encode": ("data/manifest.json", "clusters/report.json", "partitions"),
     "train-expert": (*LINEAGE, "partitions/cluster-{k}"),
     "train-router": ("data/manifest.json", "clusters", "partitions"),
-    "fit-route-tau": ("data", "clusters", "partitions/manifest.json", "experts"),
     "sample": (*LINEAGE, "clusters", "partitions/cluster-*/manifest.json", "experts", "router?"),
     # the evaluation machine reads the data (its feature net trains on it) and the samples when there are some
     "evaluate": (
@@ -44,7 +43,6 @@ WRITES: dict[str, tuple[str, ...]] = {
     "encode": ("latents",),
     "train-expert": ("experts/expert-{k}",),
     "train-router": ("router",),
-    "fit-route-tau": ("router/route_tau.json",),
     "sample": ("samples",),
     "evaluate": ("evaluation",),
 }
