@@ -59,7 +59,7 @@ from ddm.routing import (  # re-exported: the routing rules are part of the ense
     check_routing,
     select_experts,
 )
-from ddm.routing_schedule import parse_strategy
+from ddm.routing_schedule import parse_strategy, select_scheduled
 
 __all__ = [
     "CFG_ROUTINGS",
@@ -175,20 +175,9 @@ class Ensemble(VelocityModel):
         probs = (logits.to(torch.promote_types(logits.dtype, torch.float32)) / self.temperature).softmax(dim=-1)
         if self.schedule.single:
             return select_experts(probs, self.strategy, self.top_k, self.threshold, self.top_p, self.generator)
-        return self._route_scheduled(probs, t)
-
-    def _route_scheduled(self, probs: torch.Tensor, t: torch.Tensor):
-        """Each row by the piece of the schedule its t falls in; every piece is evaluated on every row and the
-        rows picked on the device, so a schedule costs no host sync (the router's probabilities are tiny)."""
-        piece = self.schedule.piece_index(t.to(probs.device)).unsqueeze(1)
-        selected, weights = None, None
-        for i, name in enumerate(self.schedule.strategies):
-            sel, w = select_experts(probs, name, self.top_k, self.threshold, self.top_p, self.generator)
-            if selected is None:
-                selected, weights = sel, w
-            else:
-                selected, weights = torch.where(piece == i, sel, selected), torch.where(piece == i, w, weights)
-        return selected, weights
+        return select_scheduled(
+            probs, t.to(probs.device), self.schedule, self.top_k, self.threshold, self.top_p, self.generator
+        )
 
     # ---- sparse execution -----------------------------------------------------------
     def _combine(self, x, t, y, scale):

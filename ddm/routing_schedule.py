@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ddm.errors import BadInput
-from ddm.routing import STRATEGIES
+from ddm.routing import STRATEGIES, select_experts
 
 SEPARATOR = ":"
 SCHEDULABLE = ("top1", "topk", "full", "sample")
@@ -124,6 +124,11 @@ def check_strategy(spec, key: str = "sample.strategy") -> str:
     return str(parse_strategy(spec, key))
 
 
+def canonical_label(label) -> str:
+    """A routing strategy or schedule in its one spelling; any other label (``distilled``) as it is."""
+    return check_strategy(label) if is_strategy(label) else str(label)
+
+
 def is_strategy(spec) -> bool:
     """True when ``spec`` is a routing strategy or a schedule of them."""
     try:
@@ -131,3 +136,21 @@ def is_strategy(spec) -> bool:
     except BadInput:
         return False
     return True
+
+
+def select_scheduled(probs, t, schedule: Schedule, top_k=2, threshold=0.1, top_p=0.9, generator=None):
+    """``select_experts`` with each row under the piece of ``schedule`` its ``t`` [B] falls in.
+
+    Every piece is evaluated on every row and the rows are picked on the device, so a schedule costs no host
+    sync (the router's probabilities are [B, K]); a ``sample`` piece draws for every row at every call, so the
+    draws do not depend on which rows use it.
+    """
+    piece = schedule.piece_index(t).unsqueeze(1)
+    selected, weights = None, None
+    for i, name in enumerate(schedule.strategies):
+        sel, w = select_experts(probs, name, top_k, threshold, top_p, generator)
+        if selected is None:
+            selected, weights = sel, w
+        else:
+            selected, weights = torch.where(piece == i, sel, selected), torch.where(piece == i, w, weights)
+    return selected, weights

@@ -36,7 +36,7 @@ from ddm.images import batch_to_model_space
 from ddm.io import read_json
 from ddm.job_names import ROUTER_JOB, ensemble_name, expert_job
 from ddm.latent.run_latents import run_latents
-from ddm.routing_schedule import check_strategy, is_strategy
+from ddm.routing_schedule import canonical_label
 from ddm.sampling import load_ensemble, num_evaluations
 from ddm.sampling.draw import offloaded, rerouted
 from ddm.sampling.ensemble_loading import router_options
@@ -61,7 +61,7 @@ class EvaluationContext:
         self.device = resolve_device(self.ec.device, "eval.device")
         allow_tf32(self.device)
         # schedules in one spelling (full:0.6:top1), the labels of every section
-        self.strategies = [canonical(s) for s in (self.ec.strategies or [self.sc["strategy"]])]
+        self.strategies = [canonical_label(s) for s in (self.ec.strategies or [self.sc["strategy"]])]
         routing = router_options(self.sc, int(cfg.seed))  # sample.router=clusters: no router.pt
         self.base, self.path, self.info = load_ensemble(
             rd.root,
@@ -357,8 +357,3 @@ class EvaluationContext:
         return dict(
             cluster_labels=how, num_images=len(idx), buckets=rows, forward_flops_per_sample=self.forward[ROUTER_JOB]
         )
-
-
-def canonical(label) -> str:
-    """A routing strategy or schedule in its one spelling; another label (``distilled``) as it is."""
-    return check_strategy(label) if is_strategy(label) else str(label)
