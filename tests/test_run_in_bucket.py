@@ -133,3 +133,22 @@ def test_the_command_line_keeps_hydras_logs_in_the_working_copy_not_in_a_folder_
         main(["status", "run_dir=s3://bucket/big", f"store.cache={tmp_path / 'cache'}"])
     assert not (tmp_path / "s3:").exists()
     assert list((tmp_path / "cache" / "s3" / "bucket" / "big" / "logs" / "hydra").iterdir())
+
+
+def test_a_failed_island_job_publishes_its_failure_and_a_later_success_clears_it(s3_bucket, tmp_path):
+    from ddm.config import settings
+    from ddm.errors import Diverged
+
+    def on_island(name, *more):
+        return settings([*TINY, f"run_dir={s3_bucket}/run", f"store.cache={tmp_path / name}", *more])
+
+    for stage in ("prepare", "embed", "cluster", "partition"):
+        run_stage(stage, on_island("data"))
+    store = ObjectStore(f"{s3_bucket}/run")
+    with pytest.raises(Diverged):
+        run_stage("train-expert", on_island("a", "expert.id=0", "expert.lr=1e30"))
+    failure = store.read_json("experts/expert-00/failed.json")
+    assert "loss is inf" in failure["message"] and not store.exists("experts/expert-00/expert.pt")
+    assert not store.exists("experts/expert-00/lock.json")  # released on the way out
+    run_stage("train-expert", on_island("b", "expert.id=0"))
+    assert store.exists("experts/expert-00/expert.pt") and not store.exists("experts/expert-00/failed.json")

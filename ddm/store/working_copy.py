@@ -5,8 +5,9 @@
 stage's reads (``stage_io``) are pulled, each checked against its folder's index, and what it wrote before (so
 a finished job skips, as on a local run). A job that writes one job folder (an expert, the router) holds that
 folder's lock in the bucket while it runs, so two islands never train one expert. After the stage returns (not
-when it raises): its folders are pushed, their indexes last, and its timing file beside them. Nothing of the
-credentials is written: the store is named by its ``redacted`` URL.
+when it raises): its folders are pushed, their indexes last, and its timing file beside them. A training job
+that raises publishes its ``failed.json`` to its folder in the bucket; the next successful attempt removes it.
+Nothing of the credentials is written: the store is named by its ``redacted`` URL.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ddm.store.stage_io import stage_keys
 log = logging.getLogger("ddm")
 
 LOCKED = ("train-expert", "train-router")  # stages that own one job folder: locked in the bucket
+FAILED = "failed.json"  # what a training job that raised leaves in its folder (ddm.train.job)
 
 
 def local_copy(cfg: Settings, store: ObjectStore) -> Path:
@@ -64,11 +66,19 @@ def working_copy(cfg: Settings, stage: str, timing_key=None) -> Iterator[Setting
             pull_file(store, local, key)
     log.info("%s: pulled %d MB of %s into %s", stage, got >> 20, store.url, local)
     holder = store_lock.acquire(store, writes[0], f"{stage} in {store.url}") if stage in LOCKED else None
+    failed = f"{writes[0]}/{FAILED}"
     try:
         # store.origin: the job knows its run's URL (a training job uploads its last.ckpt there)
         local_cfg = changed(cfg, {"run_dir": str(local), "store.origin": store.url})
-        yield local_cfg
+        try:
+            yield local_cfg
+        except BaseException:
+            if stage in LOCKED and (local / failed).exists():  # the job's failure, where every island can read it
+                store.put_file(local / failed, failed)
+            raise
         sent = sum(push_folder(store, local, key)["bytes"] for key in writes)
+        if stage in LOCKED:
+            store.remove(failed)  # an earlier attempt's failure, on this or another node
         timing = None if timing_key is None else timing_key(local_cfg)
         if timing is not None and (local / timing).exists():
             store.put_file(local / timing, timing)
