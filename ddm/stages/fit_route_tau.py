@@ -126,14 +126,13 @@ def run(cfg: Settings) -> dict:
             f"sample.route_tau=null (the clustering's own) or a number"
         ) from error
     own_tau = router.tau  # the clustering's 2 * inertia / dim (route_tau null)
+    nearest_owner = router.centroid_cluster.cpu()[torch.cdist(emb, router.centroids.cpu()).argmin(1)]
     record = dict(
         tau=tau,
         clustering_tau=own_tau,
         nll=temperature_nll(emb, own, router.centroids, tau, router.centroid_cluster),
-        # every image nearest its own cluster: tau is the softest with the NLL of SEPARABLE_NLL, not a minimum
-        separable=bool(
-            temperature_nll(emb, own, router.centroids, tau * 1e-3, router.centroid_cluster) < SEPARABLE_NLL
-        ),
+        # every estimate nearest a centroid of its own cluster: tau is the softest at SEPARABLE_NLL, not a minimum
+        separable=bool((nearest_owner == own).all()),
         clustering_tau_nll=temperature_nll(emb, own, router.centroids, own_tau, router.centroid_cluster),
         images_per_cluster={str(k): len(idx) for k, idx in picked.items()},
         # its cost: K expert calls per image and time (doubled inside the guidance interval), and one encode each

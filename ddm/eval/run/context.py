@@ -191,19 +191,6 @@ class EvaluationContext:
         """
         return flop_count.forward_per_call(self.forward, strategy, int(self.sc["top_k"]), experts_per_call)
 
-    def sampling_flops_settings(self) -> dict:
-        """The sampler's keywords of ``flop_count.sampling_flops_per_image`` (steps, solver, guidance, K, top-k)."""
-        sc = self.sc
-        return dict(
-            steps=int(sc["steps"]),
-            solver=sc["solver"],
-            cfg_scale=float(sc["cfg_scale"]),
-            conditional=self.conditional,
-            num_experts=self.base.num_experts,
-            top_k=int(sc["top_k"]),
-            cfg_interval=sc.get("cfg_interval"),
-        )
-
     # ---- generated images ----------------------------------------------------------
     def generated(self, strategy: str) -> dict:
         """``eval.num_samples`` images of ``strategy``: from samples/ when it has them, else sampled now."""

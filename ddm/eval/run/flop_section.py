@@ -15,6 +15,21 @@ from ddm.job_names import ROUTER_JOB, expert_job
 from ddm.sampling.draw import DISTILLED
 
 
+def sampler_flops_settings(ctx) -> dict:
+    """The sampler's keywords of ``sampling_flops_per_image`` for an ``EvaluationContext`` (steps, solver, guidance,
+    the experts in use, top-k; not ``cfg_routing``, which a row may route otherwise)."""
+    sc = ctx.sc
+    return dict(
+        steps=int(sc["steps"]),
+        solver=sc["solver"],
+        cfg_scale=float(sc["cfg_scale"]),
+        conditional=ctx.conditional,
+        num_experts=len(ctx.info.experts),
+        top_k=int(sc["top_k"]),
+        cfg_interval=sc.get("cfg_interval"),
+    )
+
+
 def flops_section(ctx, generated: dict | None = None) -> dict:
     """metrics.json ``flops`` of an ``EvaluationContext``: see ``ddm.eval.flops_summary.flops_summary``.
 
@@ -47,16 +62,8 @@ def flops_section(ctx, generated: dict | None = None) -> dict:
     usage = {
         s: (g["usage"], g["usage_images"]) for s, g in (generated or {}).items() if s in DATA_DEPENDENT and g["usage"]
     }
-    common = dict(
-        steps=int(sc["steps"]),
-        solver=sc["solver"],
-        cfg_scale=float(sc["cfg_scale"]),
-        conditional=ctx.conditional,
-        num_experts=len(ctx.info.experts),
-        top_k=int(sc["top_k"]),
-        cfg_interval=sc.get("cfg_interval"),
-        cfg_routing=sc["cfg_routing"],  # a single model (single_model, distilled) has no router: no effect
-    )
+    # a single model (single_model, distilled) has no router: cfg_routing has no effect on it
+    common = dict(sampler_flops_settings(ctx), cfg_routing=sc["cfg_routing"])
     routed = [s for s in ctx.strategies if s != DISTILLED]
     summary = run_flops.flops_summary(
         ctx.forward,

@@ -16,6 +16,7 @@ from ddm.artifacts import RunDir
 from ddm.data.shards import load_manifest
 from ddm.ensemble import Ensemble
 from ddm.eval.flops import mean_expert_flops, sampling_flops_per_image
+from ddm.eval.run.flop_section import sampler_flops_settings
 from ddm.settings import Settings
 from ddm.stages import evaluate
 
@@ -78,7 +79,7 @@ class ClassExpertContext(evaluate.EvaluationContext):
 
     def sampling_flops(self, generated: dict) -> dict:
         """One expert per sample and no router network (``sampling_flops_per_image`` of top-1 at router 0)."""
-        return sampling_flops_per_image(mean_expert_flops(self.forward), 0, "top1", **self.sampling_flops_settings())
+        return sampling_flops_per_image(mean_expert_flops(self.forward), 0, "top1", **sampler_flops_settings(self))
 
     def row_info(self) -> dict:
         """What the row's result records beside its metrics: each class's expert and the counts behind it."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ddm.artifacts import RunDir
 from ddm.eval.flops import mean_expert_flops, sampling_flops_per_image
+from ddm.eval.run.flop_section import sampler_flops_settings
 from ddm.job_names import ROUTER_JOB
 from ddm.routing_schedule import check_strategy, is_strategy
 from ddm.settings import Settings
@@ -54,7 +55,7 @@ class ClusterRoutedContext(evaluate.EvaluationContext):
             mean_expert_flops(self.forward),
             self.forward[ROUTER_JOB],
             self.strategy,
-            **self.sampling_flops_settings(),
+            **sampler_flops_settings(self),
             cfg_routing=self.sc["cfg_routing"],
             router_once=True,  # under separate guidance routing the null rows reuse the samples' embedding
         )

@@ -25,6 +25,7 @@ from ddm.artifacts import RunDir
 from ddm.ensemble import experts_per_sample
 from ddm.eval import feature_net as fnet
 from ddm.eval.flops import mean_expert_flops, sampling_flops_per_image
+from ddm.eval.run.flop_section import sampler_flops_settings
 from ddm.io import read_json, write_json
 from ddm.job_names import ROUTER_JOB, ensemble_name
 from ddm.settings import Settings
@@ -60,7 +61,7 @@ class SeparateCfgContext(evaluate.EvaluationContext):
             mean_expert_flops(self.forward),
             self.forward[ROUTER_JOB],
             "top1",
-            **self.sampling_flops_settings(),
+            **sampler_flops_settings(self),
             cfg_routing="separate",
             experts_per_call=experts_per_sample(usage, images),
             uncond_experts_per_call=experts_per_sample(usage, images, "uncond_counts"),
