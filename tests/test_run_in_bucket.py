@@ -74,7 +74,7 @@ def test_a_stage_that_cannot_run_on_a_bucket_yet_says_so(s3_bucket, tmp_path):
     from ddm.config import settings
 
     cfg = settings([*TINY, f"run_dir={s3_bucket}/run", f"store.cache={tmp_path}"])
-    for stage in ("distill", "fit-route-tau", "status"):
+    for stage in ("distill", "fit-route-tau", "pipeline"):
         with pytest.raises(BadInput, match=rf"`ddm {stage}` does not run on a run in a bucket yet"):
             run_stage(stage, cfg)
 
@@ -129,8 +129,8 @@ def test_the_command_line_keeps_hydras_logs_in_the_working_copy_not_in_a_folder_
     from ddm.cli import main
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit):  # status does not run on a bucket yet: one line, status 2
-        main(["status", "run_dir=s3://bucket/big", f"store.cache={tmp_path / 'cache'}"])
+    with pytest.raises(SystemExit):  # distill does not run on a bucket yet: one line, status 2
+        main(["distill", "run_dir=s3://bucket/big", f"store.cache={tmp_path / 'cache'}"])
     assert not (tmp_path / "s3:").exists()
     assert list((tmp_path / "cache" / "s3" / "bucket" / "big" / "logs" / "hydra").iterdir())
 

@@ -242,3 +242,33 @@ def test_plain_sbatch_scripts(cluster, tiny, tmp_path):
     logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in tmp_path.glob("slurm-*.out"))
     assert all(other.expert_record(i).exists() for i in (0, 1)), logs
     assert other.router_record.exists(), logs
+
+
+def test_islands_that_share_only_a_bucket_submit_to_slurm(cluster, s3_bucket, tmp_path):
+    """`ddm submit run_dir=s3://...` from a login node: each SLURM job pulls its own partition from the bucket and
+    pushes its expert there; the logs stay on the island; `ddm status` on another machine sees them all done."""
+    from ddm.config import settings
+    from ddm.stages import status
+    from ddm.stages.runner import run_stage
+    from ddm.store import ObjectStore
+
+    run = f"{s3_bucket}/run"
+
+    def on(machine, *more):
+        return [*JOB_OVERRIDES, f"run_dir={run}", f"store.cache={tmp_path / machine}", *more]
+
+    for stage in ("prepare", "embed", "cluster", "partition"):
+        run_stage(stage, settings(on("data")))
+    first = _submit(on("login"))  # the jobs inherit the bucket's endpoint and credentials from the environment
+    assert first["experts_submitted"] == [0, 1] and first["router_job"]
+    working_copy = RunDir(tmp_path / "login" / "s3" / run.split("://", 1)[1])
+    wait_for(cluster, [first["expert_job"], first["router_job"]], 300, working_copy)
+    store = ObjectStore(run)
+    keys = store.list()
+    for i in (0, 1):
+        assert f"experts/expert-{i:02d}/expert.pt" in keys, f"expert {i} is not in the bucket\n{_logs(working_copy)}"
+        assert (working_copy.expert(i) / f"slurm-{first['expert_job']}_{i}.out").exists()  # the log stays here
+    assert "router/router.pt" in keys and not any(k.endswith(".out") or "/hydra/" in k for k in keys), keys
+    seen = status.run(settings(on("laptop")))
+    assert [e["state"] for e in seen["experts"]] == ["done", "done"] and seen["router"]["state"] == "done"
+    assert _submit(on("login"))["experts_submitted"] == []

@@ -52,9 +52,12 @@ def show(jobs: list[local.LocalJob], plan: slots.Plan, user_overrides: list[str]
     print(f"# {plan.describe()}")
 
 
-def local_jobs(cfg: Settings, rd: RunDir, experts: list[int], router: bool, overrides: list[str], python=None):
-    """The jobs of ``experts`` (and the router), started with the overrides a SLURM job gets."""
-    args = job_overrides(list(overrides), str(cfg.name), str(rd.root))
+def local_jobs(
+    cfg: Settings, rd: RunDir, experts: list[int], router: bool, overrides: list[str], python=None, where=None
+):
+    """The jobs of ``experts`` (and the router), started with the overrides a SLURM job gets; their logs go to
+    ``rd``'s job folders. ``where``: the run as the jobs are given it (a bucket's URL), ``rd`` by default."""
+    args = job_overrides(list(overrides), str(cfg.name), str(where or rd.root))
     jobs = [local.expert_local_job(rd.root, k, args, python) for k in experts]
     if router:
         jobs.append(local.router_local_job(rd.root, args, python))

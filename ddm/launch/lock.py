@@ -175,14 +175,21 @@ def inspect(folder) -> tuple[dict, Verdict] | None:
 
 def held_by(folder) -> str | None:
     """Who holds ``folder``'s lock, when that job may still run; None when it is free or the lock is stale."""
-    found = inspect(folder)
-    if found is None or found[1].state == STALE:
+    return held_text(read_holder(folder), lock_path(folder))
+
+
+def held_text(holder: dict | None, path) -> str | None:
+    """Who holds a lock whose content is ``holder`` (None: there is no lock), when that job may still run; None
+    when it is free or stale. ``path``: the lock's name (a URL for a lock in a bucket: ``ddm.store.lock``)."""
+    if holder is None:
         return None
-    holder, verdict = found
+    verdict = judge(holder)
+    if verdict.state == STALE:
+        return None
     if not holder:
-        return f"{lock_path(folder)} is unreadable; delete it if no job runs there"
+        return f"{path} is unreadable; delete it if no job runs there"
     if verdict.state == UNKNOWN:
-        return f"{describe(holder)} ({verdict.why}; delete {lock_path(folder)} if that job is dead)"
+        return f"{describe(holder)} ({verdict.why}; delete {path} if that job is dead)"
     return f"{describe(holder)} ({verdict.why})"
 
 

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 from ddm.errors import BadInput
+from ddm.store.objects import is_url
 
 PREFIX = "ddm"
 EXPERT = "expert"
@@ -53,8 +54,8 @@ def job_name(run_name: str, job: str) -> str:
 
 
 def run_comment(run_dir: str | Path) -> str:
-    """The comment that binds a job to one run directory."""
-    return str(Path(run_dir).resolve())
+    """The comment that binds a job to one run directory (or to the URL of a run in a bucket)."""
+    return str(run_dir) if is_url(run_dir) else str(Path(run_dir).resolve())
 
 
 def belongs_to(comment: str | None, run_dir: str | Path) -> bool:
@@ -64,8 +65,10 @@ def belongs_to(comment: str | None, run_dir: str | Path) -> bool:
 
 
 def run_job_name(run_dir: str | Path, job: str) -> str:
-    """The job name of a run directory's jobs: labelled by the run folder's name (``runs/<name>``)."""
-    return job_name(Path(run_dir).resolve().name, job)
+    """The job name of a run directory's jobs: labelled by the run folder's name (``runs/<name>``; the last part
+    of a bucket's URL)."""
+    name = str(run_dir).rstrip("/").rsplit("/", 1)[-1] if is_url(run_dir) else Path(run_dir).resolve().name
+    return job_name(name, job)
 
 
 def stage_logs(run_dir: str | Path, stage: str) -> Path:

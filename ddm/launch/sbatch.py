@@ -128,7 +128,7 @@ def _render(
     return "\n".join(lines)
 
 
-def _common_options(name: str, run_dir: Path, signal_before_s: int | None, cwd: Path) -> list[str]:
+def _common_options(name: str, run_dir, signal_before_s: int | None, cwd: Path) -> list[str]:
     """``signal_before_s``: None for a job that keeps no checkpoint to save before its time limit."""
     return [
         f"--job-name={_directive_value(name)}",
@@ -141,20 +141,22 @@ def _common_options(name: str, run_dir: Path, signal_before_s: int | None, cwd: 
 
 
 def expert_array_script(
-    run_dir, expert_ids, overrides: list[str], island: Island, python: str | None = None, cwd=None
+    run_dir, expert_ids, overrides: list[str], island: Island, python: str | None = None, cwd=None, where=None
 ) -> str:
     """The sbatch script of one array job: task ``i`` trains expert ``i`` of the run.
 
     ``overrides`` are the jobs' Hydra overrides (``ddm.launch.overrides.job_overrides``).
     The log of task ``i`` is ``experts/expert-<ii>/slurm-<array job>_<i>.out``; that folder must exist.
+    ``where``: the run as its jobs are given it and the job's comment names it, when that is not ``run_dir`` (a
+    run in a bucket: its URL; ``run_dir`` is then its working copy here, where the logs go).
     """
     run_dir = Path(run_dir).resolve()
     slurm = island.slurm
     out = run_dir / "experts" / "expert-%2a" / "slurm-%A_%a.out"  # %2a: zero-padded like expert-03
     options = [
         *_common_options(
-            naming.run_job_name(run_dir, naming.EXPERT),
-            run_dir,
+            naming.run_job_name(where or run_dir, naming.EXPERT),
+            where or run_dir,
             slurm.signal_before_s,
             Path(cwd or Path.cwd()).resolve(),
         ),
@@ -174,22 +176,25 @@ def expert_array_script(
         *[shlex.quote(o) for o in overrides],
     ]
     header = [
-        f"Expert array of the run {run_dir}, written by `ddm submit` on {time.strftime('%Y-%m-%d %H:%M:%S')}.",
+        f"Expert array of the run {where or run_dir}, written by `ddm submit` on {time.strftime('%Y-%m-%d %H:%M:%S')}.",
         "Array task i trains expert i; `ddm status` shows where each one stands.",
         "To rerun some tasks by hand: sbatch --array=<ids> <this file>",
     ]
     return _render(header, options, slurm.setup, prelude, program, args, tasks_per_job(island) > 1)
 
 
-def router_script(run_dir, overrides: list[str], island: Island, python: str | None = None, cwd=None) -> str:
-    """The sbatch script of the router job; its log is ``router/slurm-<job id>.out``."""
+def router_script(
+    run_dir, overrides: list[str], island: Island, python: str | None = None, cwd=None, where=None
+) -> str:
+    """The sbatch script of the router job; its log is ``router/slurm-<job id>.out``; ``where`` as for
+    ``expert_array_script``."""
     run_dir = Path(run_dir).resolve()
     slurm = island.slurm
     out = run_dir / "router" / "slurm-%j.out"
     options = [
         *_common_options(
-            naming.run_job_name(run_dir, naming.ROUTER),
-            run_dir,
+            naming.run_job_name(where or run_dir, naming.ROUTER),
+            where or run_dir,
             slurm.signal_before_s,
             Path(cwd or Path.cwd()).resolve(),
         ),
@@ -199,7 +204,7 @@ def router_script(run_dir, overrides: list[str], island: Island, python: str | N
     program = [shlex.quote(python or sys.executable), "-m", "ddm", "train-router"]
     args = [f'"hydra.run.dir={_dq(run_dir)}/router/hydra/slurm-$SLURM_JOB_ID"', *[shlex.quote(o) for o in overrides]]
     header = [
-        f"Router job of the run {run_dir}, written by `ddm submit` on {time.strftime('%Y-%m-%d %H:%M:%S')}.",
+        f"Router job of the run {where or run_dir}, written by `ddm submit` on {time.strftime('%Y-%m-%d %H:%M:%S')}.",
         "It needs no expert, so it runs beside them.",
     ]
     return _render(header, options, slurm.setup, [], program, args, tasks_per_job(island) > 1)

@@ -22,6 +22,9 @@ from ddm.store.objects import is_url
 from ddm.store.working_copy import working_copy
 from ddm.timing import measured
 
+# Stages that read a run in a bucket where it is (ddm.launch.job_folders) instead of on a working copy (ddm/store/)
+READ_THE_BUCKET = ("status", "submit")
+
 
 def done_already(marker, cfg: Settings) -> bool:
     """True when a stage's final artefact exists and no redo was asked for."""
@@ -83,7 +86,7 @@ def run_stage(stage: str, cfg: Settings, job: str | None = None, **kwargs):
             f"run_stage takes ddm.settings.Settings, not {type(cfg).__name__}: "
             f"make them with ddm.config.settings([...overrides]) or ddm.config.to_settings(cfg)"
         )
-    if is_url(cfg.run_dir):  # a run in a bucket: this stage runs on a local working copy (ddm/store/)
+    if is_url(cfg.run_dir) and stage not in READ_THE_BUCKET:  # a run in a bucket: on a local working copy
 
         def timing_key(local_cfg):
             rd = RunDir(local_cfg.run_dir)

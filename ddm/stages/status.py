@@ -17,6 +17,14 @@ distilled/, one for the student, in one of these states:
 Without SLURM (no ``squeue``) the queue column reads ``n/a``; locks still
 show the jobs running on this machine. Reads only; writes nothing.
 
+    ddm status run_dir=s3://bucket/big
+
+shows a run that lives in a bucket from any machine (``ddm.launch.job_folders``):
+each job's record, published failure, lock and last uploaded checkpoint are read
+from the bucket, a finished job's row names the host that trained it, and the
+queue and logs are this machine's (the jobs its ``ddm submit`` sent). It writes
+nothing but the small records it reads, into the run's working copy.
+
 A run at a stage that runs in parts (``ddm.launch.stage_parts``: the last
 whose input is there, of prepare, embed, partition and, in a latent run,
 encode), begun (its folder is there, or SLURM lists its jobs) and not complete,
@@ -34,14 +42,13 @@ settings and models asked for.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 from ddm.artifacts import RunDir
 from ddm.errors import BadInput, MissingInput
-from ddm.io import read_json
 from ddm.job_names import expert_job
-from ddm.launch import lock, naming, slurm
+from ddm.launch import naming, slurm
+from ddm.launch.job_folders import JobFolder, run_view
 from ddm.launch.stage_jobs import read_queue, stage_state
 from ddm.launch.stage_parts import ENCODE, SAMPLE, STAGES
 from ddm.launch.stage_spec import StageParts
@@ -50,31 +57,12 @@ from ddm.settings import Settings
 log = logging.getLogger("ddm")
 
 STATES = ("done", "running", "queued", "failed", "stopped", "missing")
-_STEP = re.compile(r"step[-=_]?(\d+)")
 
 
-def _last_step(ckpt_dir: Path) -> int | None:
-    """The highest step among the step checkpoints' names, None when there is none."""
-    steps = [int(m.group(1)) for p in ckpt_dir.glob("*.ckpt") if (m := _STEP.search(p.stem))]
-    return max(steps) if steps else None
-
-
-def _failure(path: Path) -> str:
-    try:
-        info = read_json(path)
-    except (OSError, ValueError) as e:
-        return f"unreadable failed.json ({e})"
-    if isinstance(info, dict):
-        for key in ("error", "message", "reason", "exception"):
-            if info.get(key):
-                return str(info[key])
-    return str(info)
-
-
-def _row(job_dir: Path, queued: slurm.QueuedJob | None) -> dict:
-    """A job's row before its state is known: missing, its queue entry and its newest log."""
+def _row(log_dir: Path, queued: slurm.QueuedJob | None) -> dict:
+    """A job's row before its state is known: missing, its queue entry and its newest log in ``log_dir``."""
     # SLURM's logs and the local launcher's (ddm.launch.local), newest last
-    logs = sorted([*job_dir.glob("slurm-*.out"), *job_dir.glob("local-*.out")], key=lambda p: p.stat().st_mtime)
+    logs = sorted([*log_dir.glob("slurm-*.out"), *log_dir.glob("local-*.out")], key=lambda p: p.stat().st_mtime)
     return dict(
         state="missing",
         steps=None,
@@ -86,26 +74,27 @@ def _row(job_dir: Path, queued: slurm.QueuedJob | None) -> dict:
     )
 
 
-def job_status(job_dir: Path, record: Path, queued: slurm.QueuedJob | None) -> dict:
-    """The state of one job (an expert or the router) from its folder and its queue entry."""
-    row = _row(job_dir, queued)
-    ckpts = job_dir / "checkpoints"
-    if record.exists():
-        rec = read_json(record)
+def job_status(job: JobFolder, log_dir: Path, queued: slurm.QueuedJob | None) -> dict:
+    """The state of one job (an expert or the router) from its folder, its logs here and its queue entry."""
+    row = _row(log_dir, queued)
+    if (rec := job.record()) is not None:
         row.update(state="done", steps=rec.get("steps"), loss=rec.get("final_loss"))
+        host = (rec.get("hardware") or {}).get("host")
+        done = [f"on {host}"] if host else []  # which island's node: the run may span several
         if rec.get("resumed_from"):
-            row["detail"] = "resumed once or more"
+            done.append("resumed once or more")
         if queued:
-            row["detail"] = f"finished, yet SLURM still lists job {queued.job_id}"
+            done.append(f"finished, yet SLURM still lists job {queued.job_id}")
+        row["detail"] = "; ".join(done)
     elif queued:
-        row.update(state=_queued_state(queued), steps=_last_step(ckpts))
+        row.update(state=_queued_state(queued), steps=job.checkpoint_step())
         row["detail"] = f"last checkpoint at step {row['steps']}" if row["steps"] is not None else ""
-    elif (held := lock.held_by(job_dir)) is not None:
-        row.update(state="running", steps=_last_step(ckpts), detail=held)
-    elif (job_dir / "failed.json").exists():
-        row.update(state="failed", steps=_last_step(ckpts), detail=_failure(job_dir / "failed.json"))
-    elif any(ckpts.glob("*.ckpt")):
-        step = _last_step(ckpts)
+    elif (held := job.holder()) is not None:
+        row.update(state="running", steps=job.checkpoint_step(), detail=held)
+    elif (failure := job.failure()) is not None:
+        row.update(state="failed", steps=job.checkpoint_step(), detail=failure)
+    elif job.checkpoints():
+        step = job.checkpoint_step()
         row.update(
             state="stopped",
             steps=step,
@@ -135,12 +124,12 @@ def part_status(log_dir: Path, done: bool, queued: slurm.QueuedJob | None, holde
     return row
 
 
-def _queue(rd: RunDir) -> tuple[dict, object, str | None]:
-    """(queued experts, queued router, why the queue is unknown or None)."""
+def _queue(where: str) -> tuple[dict, object, str | None]:
+    """(queued experts, queued router, why the queue is unknown or None) of the run at ``where``."""
     if not slurm.available():
         return {}, None, "no SLURM here"
     try:
-        experts, router = slurm.run_jobs(rd.root)
+        experts, router = slurm.run_jobs(where)
         return experts, router, None
     except slurm.SlurmError as e:
         return {}, None, str(e)
@@ -165,48 +154,54 @@ def format_table(rows: list[dict], queue_known: bool) -> str:
     ).rstrip()
 
 
-def _grown(rd: RunDir) -> str:
+def _grown(report: dict) -> str:
     """`` (grown from K=2 by ddm extend)`` for a run that grew, else nothing."""
-    extensions = read_json(rd.cluster_report).get("extensions") or []
+    extensions = report.get("extensions") or []
     if not extensions:
         return ""
     return f" (grown from K={extensions[0]['k_before']} by `ddm extend`, {len(extensions)} time(s))"
 
 
 def run(cfg: Settings) -> dict:
-    """Print the table for the run ``cfg.run_dir`` and return it as a dict."""
-    rd = RunDir(Path(cfg.run_dir).resolve())
-    if (shown := _stage_status(cfg, rd)) is not None:
+    """Print the table for the run ``cfg.run_dir`` (a folder, or a bucket's URL) and return it as a dict."""
+    view = run_view(cfg)
+    rd = view.local
+    # a stage's parts, and the samples' parts, run on local (shared) disk only: a bucket's run has none
+    if not view.in_bucket and (shown := _stage_status(cfg, rd)) is not None:
         return shown
-    if not rd.cluster_report.exists():
+    report = view.read(rd.cluster_report)
+    if report is None:
+        where = f"{view.where}/clusters/report.json" if view.in_bucket else rd.cluster_report
         raise MissingInput(
-            f"no {rd.cluster_report}: this run has not been clustered yet, so it has no "
+            f"no {where}: this run has not been clustered yet, so it has no "
             f"experts (run `ddm cluster` and `ddm partition`, then `ddm submit`)"
         )
-    k = int(read_json(rd.cluster_report)["k"])
-    queued_experts, queued_router, no_queue = _queue(rd)
+    k = int(report["k"])
+    queued_experts, queued_router, no_queue = _queue(view.where)
     experts = []
     for i in range(k):
-        row = job_status(rd.expert(i), rd.expert_record(i), queued_experts.get(i))
+        row = job_status(view.job(rd.expert(i), rd.expert_record(i)), rd.expert(i), queued_experts.get(i))
         experts.append(dict(name=expert_job(i), id=i, **row))
-    router = dict(name="router", **job_status(rd.router, rd.router_record, queued_router))
+    router = dict(name="router", **job_status(view.job(rd.router, rd.router_record), rd.router, queued_router))
     # the optional student (`ddm distill`): listed once it has a folder
     distilled = (
-        dict(name="distilled", **job_status(rd.distilled, rd.distilled_record, None)) if rd.distilled.exists() else None
+        dict(name="distilled", **job_status(view.job(rd.distilled, rd.distilled_record), rd.distilled, None))
+        if view.has(rd.distilled)
+        else None
     )
     counts = {s: sum(r["state"] == s for r in experts) for s in STATES}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     print(
-        f"run {rd.root}: K={k}{_grown(rd)}; experts: {summary}; router: {router['state']}"
+        f"run {view.where}: K={k}{_grown(report)}; experts: {summary}; router: {router['state']}"
         + (f"; distilled: {distilled['state']}" if distilled else "")
         + (f" (queue: n/a, {no_queue})" if no_queue else "")
     )
     print(format_table(experts + [router] + ([distilled] if distilled else []), queue_known=no_queue is None))
-    sampling = _sample_parts(cfg, rd)  # the samples' parts, when drawn in parts and not joined yet
+    sampling = None if view.in_bucket else _sample_parts(cfg, rd)  # the samples' parts, while not joined
     return dict(
         sampling=sampling,
         distilled=distilled,
-        run_dir=str(rd.root),
+        run_dir=view.where,
         k=k,
         experts=experts,
         router=router,

@@ -40,14 +40,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
-from ddm.artifacts import RunDir
 from ddm.errors import BadInput, MissingInput
-from ddm.io import read_json
 from ddm.launch import sbatch, slurm, stage_jobs
+from ddm.launch.job_folders import RunView, run_view
 from ddm.launch.local_jobs import local_jobs, machine_plan, run_in_background, show, train_here
-from ddm.launch.lock import held_by
 from ddm.launch.overrides import job_overrides
 from ddm.launch.stage_parts import STAGES
 from ddm.settings import Settings, Submit
@@ -69,23 +66,26 @@ def expert_ids(requested, k: int) -> list[int]:
     return ids
 
 
-def _require_inputs(rd: RunDir) -> int:
-    if not rd.cluster_report.exists():
+def _require_inputs(view: RunView) -> int:
+    rd = view.local
+    report = view.read(rd.cluster_report)
+    name = (lambda path: f"{view.where}/{path.relative_to(rd.root).as_posix()}") if view.in_bucket else str
+    if report is None:
         raise MissingInput(
-            f"no {rd.cluster_report}: run `ddm cluster` and `ddm partition` for this run "
+            f"no {name(rd.cluster_report)}: run `ddm cluster` and `ddm partition` for this run "
             f"first (they are quick and run on this machine)"
         )
-    if not rd.partitions_index.exists():
-        raise MissingInput(f"no partitions under {rd.partitions}: run `ddm partition` first")
-    return int(read_json(rd.cluster_report)["k"])
+    if view.read(rd.partitions_index) is None:
+        raise MissingInput(f"no {name(rd.partitions_index)}: run `ddm partition` first")
+    return int(report["k"])
 
 
-def _queued(rd: RunDir, dry_run: bool):
+def _queued(where: str, dry_run: bool):
     """The run's queued jobs; a dry run goes on without them when SLURM cannot be asked."""
     if not slurm.available():
         return {}, None
     try:
-        return slurm.run_jobs(rd.root)
+        return slurm.run_jobs(where)
     except slurm.SlurmError as e:
         if not dry_run:
             raise
@@ -93,12 +93,12 @@ def _queued(rd: RunDir, dry_run: bool):
         return {}, None
 
 
-def _queued_if_known(rd: RunDir):
+def _queued_if_known(where: str):
     """The run's jobs in SLURM's queue, for the local launcher not to start them twice; none when SLURM cannot say."""
     if not slurm.available():
         return {}, None
     try:
-        return slurm.run_jobs(rd.root)
+        return slurm.run_jobs(where)
     except slurm.SlurmError as e:
         log.debug("submit: SLURM's queue is not readable here (%s); going by the job folders alone", e)
         return {}, None
@@ -111,7 +111,8 @@ def run(cfg: Settings, overrides: list[str] | None = None) -> dict:
     line ``ddm.cli`` passes those Hydra parsed; a library caller passes them (the same list
     it composed ``cfg`` with).
     """
-    rd = RunDir(Path(cfg.run_dir).resolve())
+    view = run_view(cfg)
+    rd = view.local
     sub = cfg.submit
     if cfg.redo:
         raise BadInput(
@@ -125,26 +126,28 @@ def run(cfg: Settings, overrides: list[str] | None = None) -> dict:
             f"local runs them as processes on this machine"
         )
     if str(sub.stage) in STAGES:  # a stage's parts: what it needs is its own
+        if view.in_bucket:
+            raise BadInput(
+                f"submit.stage={sub.stage} runs a stage in parts, which a run in a bucket ({view.where}) does not do "
+                f"yet: run `ddm {sub.stage} run_dir={view.where}` whole on one machine"
+            )
         return stage_jobs.submit(STAGES[str(sub.stage)], cfg, rd, list(overrides or []))
-    k = _require_inputs(rd)
+    k = _require_inputs(view)
     ids = expert_ids(sub.experts, k)
     if launcher == "local":
-        return _run_here(cfg, rd, k, ids, sub, list(overrides or []))
+        return _run_here(cfg, view, k, ids, sub, list(overrides or []))
     dry_run = bool(sub.dry_run)
     if not slurm.available() and not dry_run:
         raise slurm.SlurmError(slurm.NOT_AVAILABLE)
 
-    queued_experts, queued_router = _queued(rd, dry_run)
-    done = [i for i in ids if rd.expert_record(i).exists()]
-    queued = [i for i in ids if i not in done and i in queued_experts]
-    locked = _locked([i for i in ids if i not in done and i not in queued], rd)
-    todo = [i for i in ids if i not in done and i not in queued and i not in locked]
+    queued_experts, queued_router = _queued(view.where, dry_run)
+    done, queued, locked, todo = _sort_experts(view, ids, queued_experts)
 
     user = list(overrides or [])
-    args = job_overrides(user, str(cfg.name), str(rd.root))
+    args = job_overrides(user, str(cfg.name), view.where)
     python = sub.python or sys.executable
     result = dict(
-        run_dir=str(rd.root),
+        run_dir=view.where,
         k=k,
         launcher="slurm",
         dry_run=dry_run,
@@ -160,20 +163,15 @@ def run(cfg: Settings, overrides: list[str] | None = None) -> dict:
 
     if todo:
         path = sbatch.sbatch_script_path(rd.root, "expert-array")
-        script = sbatch.expert_array_script(rd.root, todo, args, cfg.island, python=python)
+        script = sbatch.expert_array_script(rd.root, todo, args, cfg.island, python=python, where=view.where)
         result["expert_job"] = sbatch.send(script, path, dry_run, [rd.expert(i) for i in todo])
         result["scripts"].append(str(path))
 
     if sub.router:
-        if rd.router_record.exists():
-            result["router"] = "done"
-        elif queued_router is not None:
-            result["router"] = f"queued ({queued_router.job_id} {queued_router.state})"
-        elif (holder := held_by(rd.router)) is not None:
-            result["router"] = f"running ({holder})"
-        else:
+        result["router"] = _router_state(view, queued_router, "queued")
+        if result["router"] == "to start":
             path = sbatch.sbatch_script_path(rd.root, "router")
-            script = sbatch.router_script(rd.root, args, cfg.island, python=python)
+            script = sbatch.router_script(rd.root, args, cfg.island, python=python, where=view.where)
             result["router_job"] = sbatch.send(script, path, dry_run, [rd.router])
             result["router"] = "submitted"
             result["scripts"].append(str(path))
@@ -182,35 +180,45 @@ def run(cfg: Settings, overrides: list[str] | None = None) -> dict:
     return result
 
 
-def _locked(ids: list[int], rd: RunDir) -> dict[int, str]:
-    """The experts among ``ids`` that a job (not in SLURM's queue) holds now: ``{id: who}``."""
-    locked = {i: who for i in ids if (who := held_by(rd.expert(i))) is not None}
-    for i, who in locked.items():
-        log.info("submit: expert %d is running already: %s", i, who)
-    return locked
-
-
-def _run_here(cfg: Settings, rd: RunDir, k: int, ids: list[int], sub: Submit, user: list[str]) -> dict:
-    """``submit.launcher=local``: the unfinished, unlocked experts (then the router) as processes on this machine."""
-    queued_experts, queued_router = _queued_if_known(rd)
-    done = [i for i in ids if rd.expert_record(i).exists()]
+def _sort_experts(view: RunView, ids: list[int], queued_experts: dict):
+    """``ids`` as (done, queued in SLURM, running under a lock, to start)."""
+    rd = view.local
+    done = [i for i in ids if view.job(rd.expert(i), rd.expert_record(i)).record() is not None]
     queued = [i for i in ids if i not in done and i in queued_experts]
-    locked = _locked([i for i in ids if i not in done and i not in queued], rd)
+    locked = {}  # {id: who}: held by a job that is not in SLURM's queue (started by hand, on another island)
+    for i in (i for i in ids if i not in done and i not in queued):
+        if (who := view.job(rd.expert(i), rd.expert_record(i)).holder()) is not None:
+            locked[i] = who
+            log.info("submit: expert %d is running already: %s", i, who)
     todo = [i for i in ids if i not in done and i not in queued and i not in locked]
+    return done, queued, locked, todo
+
+
+def _router_state(view: RunView, queued_router, queued_word: str) -> str:
+    """``done``, queued, running (under its lock) or ``to start``."""
+    job = view.job(view.local.router, view.local.router_record)
+    if job.record() is not None:
+        return "done"
+    if queued_router is not None:
+        return f"{queued_word} ({queued_router.job_id} {queued_router.state})"
+    if (holder := job.holder()) is not None:
+        return f"running ({holder})"
+    return "to start"
+
+
+def _run_here(cfg: Settings, view: RunView, k: int, ids: list[int], sub: Submit, user: list[str]) -> dict:
+    """``submit.launcher=local``: the unfinished, unlocked experts (then the router) as processes on this machine."""
+    rd = view.local
+    queued_experts, queued_router = _queued_if_known(view.where)
+    done, queued, locked, todo = _sort_experts(view, ids, queued_experts)
     router = "not asked"
     if sub.router:
-        if rd.router_record.exists():
-            router = "done"
-        elif queued_router is not None:
-            router = f"queued in SLURM ({queued_router.job_id} {queued_router.state})"
-        elif (holder := held_by(rd.router)) is not None:
-            router = f"running ({holder})"
-        else:
-            router = "started"
-    jobs = local_jobs(cfg, rd, todo, router == "started", user, sub.python)
+        router = _router_state(view, queued_router, "queued in SLURM")
+        router = "started" if router == "to start" else router
+    jobs = local_jobs(cfg, rd, todo, router == "started", user, sub.python, where=view.where)
     plan = machine_plan(sub.parallel, cfg.island, "submit.parallel", len(jobs))
     result = dict(
-        run_dir=str(rd.root),
+        run_dir=view.where,
         k=k,
         launcher="local",
         dry_run=bool(sub.dry_run),
@@ -228,7 +236,7 @@ def _run_here(cfg: Settings, rd: RunDir, k: int, ids: list[int], sub: Submit, us
             for which, what in ((done, "done"), (queued, "queued in SLURM"), (sorted(locked), "running"))
             if which
         ]
-        log.info("submit: nothing to start for %s: %s; router %s", rd.root, ", ".join(parts), router)
+        log.info("submit: nothing to start for %s: %s; router %s", view.where, ", ".join(parts), router)
         return result
     if result["dry_run"]:
         show(jobs, plan, user)

@@ -15,7 +15,7 @@ import json
 import logging
 
 from ddm.errors import Locked, Unusable
-from ddm.launch.lock import LOCK_NAME, STALE, UNKNOWN, Verdict, describe, judge, refusal, this_holder
+from ddm.launch.lock import LOCK_NAME, STALE, UNKNOWN, Verdict, describe, held_text, judge, refusal, this_holder
 from ddm.store.objects import ConditionalPutUnsupported, ObjectStore
 
 log = logging.getLogger("ddm")
@@ -34,6 +34,11 @@ def read_holder(store: ObjectStore, folder: str) -> dict | None:
     except Unusable:
         return {}
     return holder if isinstance(holder, dict) else {}
+
+
+def held_by(store: ObjectStore, folder: str) -> str | None:
+    """Who holds ``folder``'s lock in the bucket, when that job may still run (``ddm.launch.lock.held_by``)."""
+    return held_text(read_holder(store, folder), store.url_of(lock_key(folder)))
 
 
 def _create(store: ObjectStore, key: str, data: bytes) -> bool:

@@ -11,8 +11,10 @@ A job works on local disk and exchanges whole folders with the bucket:
   alone.
 
 The index is the folder's own record of what it holds, so an object damaged or replaced on its way between
-islands is refused, not only a truncated download. Files whose name starts with ``.`` or that live under
-``SKIPPED`` folders (checkpoints, logs: the job's local state) are not pushed by ``push_folder``.
+islands is refused, not only a truncated download. Files whose name starts with ``.``, that live under ``SKIPPED``
+folders (checkpoints, logs: the job's local state) or that are a job's log (``*.out``: SLURM's and the local
+launcher's, still being written while the job pushes, so their sha256 would not hold) are not pushed by
+``push_folder``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from ddm.io import sha256_file
 from ddm.store.objects import ObjectStore
 
 INDEX = ".ddm-index.json"
-SKIPPED = ("checkpoints", "logs", "wandb")  # a job's local state: uploaded on their own terms, or not at all
+SKIPPED = ("checkpoints", "logs", "wandb", "hydra")  # a job's local state: uploaded on their own terms, or not at all
+LOG_SUFFIX = ".out"  # slurm-*.out, local-*.out: open for appending while the job that writes them pushes
 
 
 def local_files(root: Path, folder: str) -> dict[str, Path]:
@@ -35,6 +38,8 @@ def local_files(root: Path, folder: str) -> dict[str, Path]:
     for path in sorted(p for p in base.rglob("*") if p.is_file()):
         rel = path.relative_to(base)
         if any(part.startswith(".") for part in rel.parts) or any(part in SKIPPED for part in rel.parts[:-1]):
+            continue
+        if rel.name.endswith(LOG_SUFFIX):
             continue
         out[f"{folder.strip('/')}/{rel.as_posix()}"] = path
     return out
@@ -51,10 +56,13 @@ def read_index(store: ObjectStore, folder: str) -> dict | None:
     return index
 
 
-def push_folder(store: ObjectStore, root, folder: str, only: tuple[str, ...] | None = None) -> dict:
+def push_folder(
+    store: ObjectStore, root, folder: str, only: tuple[str, ...] | None = None, about: dict | None = None
+) -> dict:
     """Upload ``root/folder``'s new or changed files, then its index; returns ``{uploaded, kept, bytes}``.
 
     ``only``: just these files of the folder (names relative to it): the index then lists only them.
+    ``about``: what the index says of the folder besides its files (a checkpoint's step), read by ``read_index``.
     """
     folder = folder.strip("/")
     files = local_files(Path(root), folder)
@@ -72,7 +80,7 @@ def push_folder(store: ObjectStore, root, folder: str, only: tuple[str, ...] | N
         store.put_file(path, key)
         uploaded.append(key)
         sent += entry["size"]
-    store.put_json(dict(files=listing), f"{folder}/{INDEX}")  # last: the folder is whole from here on
+    store.put_json(dict(about or {}, files=listing), f"{folder}/{INDEX}")  # last: the folder is whole from here on
     return dict(uploaded=uploaded, kept=len(files) - len(uploaded), bytes=sent)
 
 

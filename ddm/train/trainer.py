@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -256,7 +257,12 @@ def last_checkpoint(job_dir: Path, identity: dict | None = None) -> Path | None:
 
 
 def hardware() -> dict:
-    info = dict(torch=torch.__version__, cuda=torch.cuda.is_available(), cpu_threads=torch.get_num_threads())
+    info = dict(
+        host=platform.node(),  # which node (and so which island) trained it: `ddm status` shows it
+        torch=torch.__version__,
+        cuda=torch.cuda.is_available(),
+        cpu_threads=torch.get_num_threads(),
+    )
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpus"] = torch.cuda.device_count()

@@ -1,0 +1,121 @@
+"""`ddm status` and `ddm submit` on a run that lives in a bucket: what each island's jobs left there, seen from
+any machine, and jobs sent with the bucket's URL so each pulls what it needs itself."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import pytest
+
+from ddm.errors import BadInput
+from ddm.stages import status, submit
+from ddm.stages.runner import run_stage
+from ddm.store import ObjectStore
+from ddm.store import lock as store_lock
+from ddm.store.mirror import push_folder
+from tests.test_run_in_bucket import TINY
+
+
+@pytest.fixture
+def bucket_run(s3_bucket, tmp_path):
+    """A tiny run in a bucket up to its partitions, expert 0 trained on island a; ``on(machine, *more)`` gives the
+    overrides of a command run on another machine with the bucket alone."""
+    from ddm.config import settings
+
+    run = f"{s3_bucket}/run"
+
+    def on(machine, *more):
+        return [*TINY, f"run_dir={run}", f"store.cache={tmp_path / machine}", *more]
+
+    for stage in ("prepare", "embed", "cluster", "partition"):
+        run_stage(stage, settings(on("data")))
+    run_stage("train-expert", settings(on("island-a", "expert.id=0")))
+    return run, on
+
+
+def test_status_shows_each_islands_jobs_from_the_bucket(bucket_run, tmp_path, no_slurm, capsys):
+    from ddm.config import settings
+
+    run, on = bucket_run
+    store = ObjectStore(run)
+    holder = store_lock.acquire(store, "experts/expert-01", "train-expert 1")  # a job of another island, running
+    store.put_json(dict(message="the router's loss is nan at step 3"), "router/failed.json")
+    seen = run_stage("status", settings(on("laptop")))
+    assert [e["state"] for e in seen["experts"]] == ["done", "running"] and seen["router"]["state"] == "failed"
+    assert seen["experts"][0]["steps"] == 6 and f"on {platform.node()}" in seen["experts"][0]["detail"]
+    assert f"pid {os.getpid()} on host" in seen["experts"][1]["detail"]
+    assert "loss is nan at step 3" in seen["router"]["detail"]
+    assert capsys.readouterr().out.startswith(f"run {run}: K=2; experts: 1 done, 1 running; router: failed")
+
+    # the job died; its last upload (step 5, as its index says) is what a resubmitted job resumes from
+    store_lock.release(store, "experts/expert-01", holder)
+    ckpt = tmp_path / "node" / "experts" / "expert-01" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"a checkpoint")
+    push_folder(store, tmp_path / "node", "experts/expert-01/checkpoints", only=("last.ckpt",), about=dict(step=5))
+    seen = status.run(settings(on("laptop")))
+    assert seen["experts"][1]["state"] == "stopped" and seen["experts"][1]["steps"] == 5
+    # the machine that asked holds the small records it read, none of the run's data or weights
+    held = {p.relative_to(tmp_path / "laptop").as_posix() for p in (tmp_path / "laptop").rglob("*") if p.is_file()}
+    assert not any(p.endswith((".tar", ".pt", ".ckpt", ".npy")) for p in held), sorted(held)
+
+
+def test_an_expert_whose_folder_was_not_pushed_whole_is_not_done(bucket_run, no_slurm):
+    """A record in the bucket whose folder's index does not list it (a push cut off before its index) is not a
+    finished expert: status and submit go by the index."""
+    from ddm.config import settings
+
+    run, on = bucket_run
+    store = ObjectStore(run)
+    store.put_json(dict(steps=6, final_loss=0.1), "experts/expert-01/record.json")
+    seen = status.run(settings(on("laptop")))
+    assert seen["experts"][1]["state"] == "missing"
+    ovr = on("login", "submit.launcher=local", "submit.dry_run=true")
+    assert submit.run(settings(ovr), overrides=ovr)["experts_started"] == [1]
+
+
+def test_submit_sends_a_buckets_unfinished_experts_with_its_url(bucket_run, tmp_path, fake_slurm):
+    from ddm.config import settings
+
+    run, on = bucket_run
+    bucket_path = run.split("://", 1)[1]
+    ovr = on("login", "expert.steps=7")
+    result = submit.run(settings(ovr), overrides=ovr)
+    assert result["experts_done"] == [0] and result["experts_submitted"] == [1] and result["router"] == "submitted"
+    assert result["run_dir"] == run
+    (expert_script, _), (router_script, _) = fake_slurm["submitted"]
+    script = expert_script.read_text()
+    # the job is given the URL, the queue's comment names it, the logs go to this machine's working copy
+    assert f"run_dir={run} " in script and f"--comment={run}\n" in script and "--job-name=ddm:run:expert" in script
+    working_copy = (tmp_path / "login" / "s3" / bucket_path).resolve()
+    assert f"--output={working_copy}/experts/expert-%2a/slurm-%A_%a.out" in script
+    assert expert_script.is_relative_to(working_copy) and "expert.steps=7" in script
+    assert f"run_dir={run} " in router_script.read_text()
+
+    # a job of another island holds expert 1: not sent again
+    holder = store_lock.acquire(ObjectStore(run), "experts/expert-01", "train-expert 1")
+    fake_slurm["submitted"].clear()
+    again = submit.run(settings(ovr), overrides=ovr)
+    assert again["experts_submitted"] == [] and again["experts_locked"] == [1]
+    assert [p.name.split("-")[0] for p, _ in fake_slurm["submitted"]] == ["router"]  # not running yet
+    store_lock.release(ObjectStore(run), "experts/expert-01", holder)
+
+
+def test_the_local_launcher_starts_jobs_that_pull_from_the_bucket(bucket_run, no_slurm, capsys):
+    from ddm.config import settings
+
+    run, on = bucket_run
+    ovr = on("box", "submit.launcher=local", "submit.dry_run=true")
+    result = submit.run(settings(ovr), overrides=ovr)
+    assert result["experts_started"] == [1] and result["router"] == "started"
+    commands = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    assert len(commands) == 2 and all(f"run_dir={run} " in c for c in commands), commands
+
+
+def test_a_stage_in_parts_is_refused_on_a_bucket(s3_bucket, tmp_path, no_slurm):
+    from ddm.config import settings
+
+    ovr = [*TINY, f"run_dir={s3_bucket}/run", f"store.cache={tmp_path}", "submit.stage=prepare", "data.parts=2"]
+    with pytest.raises(BadInput, match=rf"submit.stage=prepare .* \({s3_bucket}/run\) does not do yet"):
+        submit.run(settings(ovr), overrides=ovr)
