@@ -135,6 +135,17 @@ def test_a_folder_pushed_from_one_island_is_pulled_whole_by_another(s3_bucket, t
     again = pull_folder(store, island_b, "experts/expert-00")
     assert again["downloaded"] == ["experts/expert-00/expert.pt"] and again["kept"] == 1
     assert pull_file(store, tmp_path / "c", "experts/expert-00/record.json").read_text() == '{"steps": 3}\n'
+    # a job's log, still being written as the job pushes, never goes; its uploaded checkpoints (an index of their
+    # own) come only when asked for by name: a sampling machine pulls experts/, not every expert's optimizer state
+    (island_a / "experts/expert-00/slurm-12_0.out").write_text("step 3\n")
+    (island_a / "experts/expert-00/hydra").mkdir()
+    (island_a / "experts/expert-00/hydra/train-expert.log").write_text("step 3\n")
+    assert push_folder(store, island_a, "experts/expert-00")["uploaded"] == []
+    (island_a / "experts/expert-00/checkpoints/last.ckpt").write_bytes(b"c" * 100)
+    push_folder(store, island_a, "experts/expert-00/checkpoints", only=("last.ckpt",), about=dict(step=3))
+    assert pull_folder(store, tmp_path / "d", "experts")["downloaded"] == sorted(pushed["uploaded"])
+    resumed = pull_folder(store, tmp_path / "d", "experts/expert-00/checkpoints")
+    assert resumed["downloaded"] == ["experts/expert-00/checkpoints/last.ckpt"]
 
 
 def test_a_folder_not_pushed_whole_or_damaged_since_is_refused_naming_its_url(s3_bucket, tmp_path):

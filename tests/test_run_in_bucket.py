@@ -46,8 +46,23 @@ def test_the_tiny_pipeline_runs_from_a_bucket_each_stage_on_a_fresh_island(s3_bu
     fast = [o for o in EVAL if o.startswith("eval.")]
     metrics = run_stage("evaluate", on_island("evaluator", *fast, f"eval.feature_net.cache_dir={tmp_path / 'fnet'}"))
     assert store.read_json("evaluation/metrics.json")["feature_spaces"] == metrics["feature_spaces"]
-    # the same stage again on another fresh island: every result is in the bucket, so it is done already
-    assert run_stage("train-expert", on_island("again", "expert.id=0")).skipped
+    # every stage again, each on a fresh machine: each finds its work finished from its record alone, pulls none of
+    # what it made (not the samples, not the expert's weights) and pushes nothing
+    from ddm.store.mirror import INDEX
+    from ddm.store.objects import working_copy_path
+    from ddm.store.stage_io import marker, stage_keys
+
+    indexes = {k: store.read_bytes(k) for k in store.list() if k.endswith(INDEX)}
+    evaluator = (*fast, f"eval.feature_net.cache_dir={tmp_path / 'fnet'}")
+    again = {"prepare": (), "embed": (), "cluster": (), "partition": (), "train-expert": ("expert.id=0",)}
+    again.update({"train-router": (), "sample": ("sample.num_samples=6",), "evaluate": evaluator})
+    for stage, more in again.items():
+        assert run_stage(stage, on_island(f"again-{stage}", *more)).skipped, stage
+        (wrote,) = stage_keys(stage, 0)[1]
+        copy = working_copy_path(run, tmp_path / f"again-{stage}")
+        pulled = {p.relative_to(copy).as_posix() for p in (copy / wrote).rglob("*") if p.is_file()}
+        assert pulled == {marker(wrote, 0)}, (stage, sorted(pulled))
+    assert {k: store.read_bytes(k) for k in store.list() if k.endswith(INDEX)} == indexes
 
 
 def test_an_expert_trained_on_another_island_is_refused_while_it_runs(s3_bucket, tmp_path):
@@ -77,6 +92,11 @@ def test_a_stage_that_cannot_run_on_a_bucket_yet_says_so(s3_bucket, tmp_path):
     for stage in ("distill", "fit-route-tau", "pipeline"):
         with pytest.raises(BadInput, match=rf"`ddm {stage}` does not run on a run in a bucket yet"):
             run_stage(stage, cfg)
+    # a stage in parts: each part would push the folder with an index of its own files
+    parts = settings([*TINY, f"run_dir={s3_bucket}/run", f"store.cache={tmp_path}", "data.parts=2", "data.part=0"])
+    with pytest.raises(BadInput, match=r"data.parts=2: a stage in parts does not run on a run in a bucket"):
+        run_stage("prepare", parts)
+    assert not ObjectStore(f"{s3_bucket}/run").list()
 
 
 @pytest.mark.slow

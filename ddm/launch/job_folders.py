@@ -95,7 +95,7 @@ class BucketJobFolder(JobFolder):
             return f"unreadable {FAILED} ({e})"
 
     def checkpoints(self) -> bool:
-        return f"{self.key}/checkpoints/last.ckpt" in self.keys
+        return f"{self.key}/checkpoints/{INDEX}" in self.keys  # uploaded whole (CheckpointUpload)
 
     def checkpoint_step(self) -> int | None:
         """The step of the checkpoint uploaded last, as its upload recorded it (``CheckpointUpload``)."""

@@ -69,7 +69,15 @@ from ddm.sampling.draw import requested_settings
 from ddm.settings import Settings
 from ddm.stages import StageResult
 
-__all__ = ["EvaluationContext", "evaluation_dir", "feature_spaces", "generated_summary", "run", "settings_of"]
+__all__ = [
+    "EvaluationContext",
+    "comparable_settings",
+    "evaluation_dir",
+    "feature_spaces",
+    "generated_summary",
+    "run",
+    "settings_of",
+]
 
 log = logging.getLogger("ddm")
 
@@ -78,7 +86,7 @@ def settings_of(cfg: Settings) -> dict:
     """metrics.json ``settings``: what the metrics depend on, the skip check of a rerun.
 
     ``{eval: the eval config, sample: the sampling settings (ddm.stages.sample),
-    networks: {<file under the run>: [size, mtime_ns]} of router.pt, every expert.pt and, with a distilled
+    networks: {<file under the run>: size} of router.pt, every expert.pt and, with a distilled
     row, distilled/expert.pt}``
     """
     if cfg.eval is None:
@@ -120,11 +128,20 @@ def _eval_settings(ec) -> dict:
 
 
 def _network_files(rd: RunDir, distilled: bool = False) -> dict:
-    """Size and modification time of router.pt, every expert.pt and (``distilled``) the distilled model: a
-    retrained network is evaluated again."""
+    """The size of router.pt, every expert.pt and (``distilled``) the distilled model. A retrained network is
+    evaluated again by its record's ``weights_sha256`` (``models_identity``); no modification time is recorded,
+    since a copy of the run (another machine's, pulled from a bucket) has the same networks at other times."""
     files = sorted(rd.experts.glob("expert-*/expert.pt")) + [rd.router_weights]
     files += [rd.distilled_weights] if distilled else []
-    return {str(p.relative_to(rd.root)): [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.exists()}
+    return {str(p.relative_to(rd.root)): p.stat().st_size for p in files if p.exists()}
+
+
+def comparable_settings(settings: dict | None) -> dict | None:
+    """metrics.json's settings as they compare now: networks recorded as [size, mtime] (before) count by size."""
+    if not isinstance(settings, dict) or not isinstance(settings.get("networks"), dict):
+        return settings
+    sizes = {k: v[0] if isinstance(v, list) else v for k, v in settings["networks"].items()}
+    return dict(settings, networks=sizes)
 
 
 def run(cfg: Settings) -> dict:
@@ -135,7 +152,7 @@ def run(cfg: Settings) -> dict:
     settings = settings_of(cfg)
     if (rd.evaluation_metrics).exists() and not redo:
         metrics = read_json(rd.evaluation_metrics)
-        if metrics.get("settings") == settings and metrics.get("models") == models_identity(rd):
+        if comparable_settings(metrics.get("settings")) == settings and metrics.get("models") == models_identity(rd):
             log.info("evaluate: done already -> %s", rd.evaluation_metrics)
             return StageResult(metrics, skipped=True)
 

@@ -92,8 +92,10 @@ def run_stage(stage: str, cfg: Settings, job: str | None = None, **kwargs):
             rd = RunDir(local_cfg.run_dir)
             return rd.timing(job or stage_job(stage, local_cfg)).relative_to(rd.root).as_posix()
 
-        with working_copy(cfg, stage, timing_key) as local_cfg:
-            return run_stage(stage, local_cfg, job, **kwargs)
+        with working_copy(cfg, stage, timing_key) as copy:
+            result = run_stage(stage, copy.cfg, job, **kwargs)
+            copy.skipped = bool(getattr(result, "skipped", False))
+            return result
     module = stage_module(stage)
     seed_everything(int(cfg.seed))
     if not STAGES[stage].timed:

@@ -84,6 +84,14 @@ def push_folder(
     return dict(uploaded=uploaded, kept=len(files) - len(uploaded), bytes=sent)
 
 
+def indexed_folders(store: ObjectStore, folder: str) -> list[str]:
+    """The folders at or under ``folder`` that were pushed whole (have an index), a job's own state below it (an
+    expert's uploaded checkpoints) left out: that is pulled only when asked for by its name."""
+    folder = folder.strip("/")
+    indexed = [k[: -len(INDEX)].rstrip("/") for k in store.list(folder) if k.endswith(f"/{INDEX}") or k == INDEX]
+    return [base for base in indexed if not any(part in SKIPPED for part in base[len(folder) :].split("/"))]
+
+
 def pull_folder(store: ObjectStore, root, folder: str) -> dict:
     """Bring ``folder`` to ``root``: every indexed folder at or under it, or its part of the nearest indexed folder
     above it (one cluster of ``partitions/``); returns ``{downloaded, kept, bytes}``.
@@ -91,34 +99,43 @@ def pull_folder(store: ObjectStore, root, folder: str) -> dict:
     Raises ``MissingInput`` naming the URL when no index covers it (not pushed, or not pushed whole).
     """
     folder = folder.strip("/")
-    indexed = [k[: -len(INDEX)].rstrip("/") for k in store.list(folder) if k.endswith(f"/{INDEX}") or k == INDEX]
-    entries = [(f"{base}/{rel}", e) for base in indexed for rel, e in read_index(store, base)["files"].items()]
+    indexed = indexed_folders(store, folder)
+    entries = [(base, rel, e) for base in indexed for rel, e in read_index(store, base)["files"].items()]
     if not indexed:
         above = _index_above(store, folder)
         if above is not None:
             base, index = above
             inside = folder[len(base) + 1 :] + "/"
-            entries = [(f"{base}/{rel}", e) for rel, e in index["files"].items() if rel.startswith(inside)]
+            entries = [(base, rel, e) for rel, e in index["files"].items() if rel.startswith(inside)]
     if not entries:
         raise MissingInput(
             f"{store.url_of(folder)} holds no finished folder (no {INDEX}): the job that writes it has not pushed "
             f"it whole yet; run it (or wait for it) first"
         )
     downloaded, kept, received = [], 0, 0
-    for key, entry in entries:
+    for base, rel, entry in entries:
+        key = f"{base}/{rel}"
         local = Path(root) / key
         if local.exists() and local.stat().st_size == entry["size"] and sha256_file(local) == entry["sha256"]:
             kept += 1
             continue
-        if not store.exists(key):
+        source = object_key(base, rel, entry)
+        if not store.exists(source):
             raise Unusable(
-                f"{store.url_of(key)} is listed in the index of its folder ({INDEX}) but is not there: the folder "
+                f"{store.url_of(source)} is listed in the index of its folder ({INDEX}) but is not there: the folder "
                 f"was damaged after it was pushed; push it again from the job that made it"
             )
-        store.get_file(key, local, sha256=entry["sha256"])
+        store.get_file(source, local, sha256=entry["sha256"])
         downloaded.append(key)
         received += int(entry["size"])
     return dict(downloaded=downloaded, kept=kept, bytes=received)
+
+
+def object_key(base: str, rel: str, entry: dict) -> str:
+    """The key that holds the file ``rel`` of the indexed folder ``base``: its own name, or the object its entry
+    names (``object``: a file replaced now and then, uploaded under a new name each time so that the index and
+    the objects it lists always agree, as ``CheckpointUpload`` does)."""
+    return f"{base}/{entry.get('object') or rel}"
 
 
 def _index_above(store: ObjectStore, key: str) -> tuple[str, dict] | None:
@@ -141,7 +158,7 @@ def pull_file(store: ObjectStore, root, key: str) -> Path:
         raise MissingInput(f"{store.url_of(key)} is in no finished folder (no {INDEX} lists it): push its folder first")
     local = Path(root) / key
     if not (local.exists() and sha256_file(local) == entry["sha256"]):
-        store.get_file(key, local, sha256=entry["sha256"])
+        store.get_file(object_key(above[0], key[len(above[0]) + 1 :], entry), local, sha256=entry["sha256"])
     return local
 
 

@@ -48,6 +48,45 @@ WRITES: dict[str, tuple[str, ...]] = {
 }
 
 
+# The record that says a written folder is finished, as the stage's own check of a rerun reads it: a rerun on a
+# fresh machine pulls it alone (not 10 GB of samples to find them done) while the folder's index lists it.
+MARKERS: dict[str, str] = {
+    "data": "data/manifest.json",
+    "embeddings": "embeddings/manifest.json",
+    "clusters": "clusters/report.json",
+    "partitions": "partitions/manifest.json",
+    "experts/expert-{k}": "experts/expert-{k}/record.json",
+    "router": "router/record.json",
+    "samples": "samples/record.json",
+    "evaluation": "evaluation/metrics.json",
+}
+# A stage's parts write one folder from several jobs; each would push it with an index of its own files.
+PARTS = {
+    "prepare": "data.parts",
+    "embed": "embed.parts",
+    "partition": "cluster.partition_parts",
+    "sample": "sample.parts",
+}
+
+
+def marker(folder: str, expert_id: int | None = None) -> str | None:
+    """The key of the record that says the written ``folder`` is finished, if it has one."""
+    k = "" if expert_id is None else f"{int(expert_id):02d}"
+    return next((m.format(k=k) for f, m in MARKERS.items() if f.format(k=k) == folder), None)
+
+
+def check_whole(stage: str, cfg) -> None:
+    """Refuse a stage run in parts on a run in a bucket, naming the setting."""
+    key = PARTS.get(stage)
+    section, name = key.split(".") if key else (None, None)
+    parts = getattr(getattr(cfg, section), name) if key else None
+    if parts is not None and int(parts) > 1:
+        raise BadInput(
+            f"{key}={parts}: a stage in parts does not run on a run in a bucket ({cfg.run_dir}) yet; run "
+            f"`ddm {stage}` whole (without {key}) on one machine"
+        )
+
+
 def stage_keys(stage: str, expert_id: int | None = None) -> tuple[list[str], list[str]]:
     """``(reads, writes)`` of ``stage`` for a run in a bucket; a stage not listed cannot run on one yet."""
     if stage not in READS:

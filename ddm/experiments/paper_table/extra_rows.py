@@ -100,7 +100,7 @@ def evaluate_extra_row(cfg: Settings, label: str) -> dict:
     settings = evaluate.settings_of(cfg)
     if target.exists() and not cfg.redo:
         cached = read_json(target)
-        if cached.get("settings") == settings:
+        if evaluate.comparable_settings(cached.get("settings")) == settings:
             return cached
     start = time.perf_counter()
     ctx = _context(

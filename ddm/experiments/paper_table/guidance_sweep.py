@@ -46,7 +46,8 @@ def sweep_run(cfg: Settings, r: Run, metrics: dict) -> dict | None:
     key = dict(settings=evaluate.settings_of(rcfg), scales=list(r.cfg_sweep))
     if target.exists() and not rcfg.redo:
         cached = read_json(target)
-        if cached.get("key") == key:
+        made = cached.get("key") or {}
+        if dict(made, settings=evaluate.comparable_settings(made.get("settings"))) == key:
             return cached
     start = time.perf_counter()
     ctx = evaluate.EvaluationContext(rcfg, rd, key["settings"], redo=False)  # the stage made the held-out set
