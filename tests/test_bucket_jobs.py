@@ -119,3 +119,18 @@ def test_a_stage_in_parts_is_refused_on_a_bucket(s3_bucket, tmp_path, no_slurm):
     ovr = [*TINY, f"run_dir={s3_bucket}/run", f"store.cache={tmp_path}", "submit.stage=prepare", "data.parts=2"]
     with pytest.raises(BadInput, match=rf"submit.stage=prepare .* \({s3_bucket}/run\) does not do yet"):
         submit.run(settings(ovr), overrides=ovr)
+
+
+def test_a_rerun_whose_check_needs_more_than_it_pulled_pulls_all_it_reads(bucket_run, monkeypatch, caplog):
+    """A finished stage runs first on what its check reads; one that lacks a file there (here the partition
+    stage, told it reads nothing) pulls everything it reads and runs again, and still only finds its work done."""
+    import logging
+
+    from ddm.config import settings
+    from ddm.store import stage_io
+
+    run, on = bucket_run
+    monkeypatch.setitem(stage_io.CHECKS, "partition", ())
+    with caplog.at_level(logging.INFO, logger="ddm"):
+        assert run_stage("partition", settings(on("again"))).skipped
+    assert "partition: no " in caplog.text and "pulling all it reads" in caplog.text

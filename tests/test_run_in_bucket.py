@@ -50,7 +50,7 @@ def test_the_tiny_pipeline_runs_from_a_bucket_each_stage_on_a_fresh_island(s3_bu
     # what it made (not the samples, not the expert's weights) and pushes nothing
     from ddm.store.mirror import INDEX
     from ddm.store.objects import working_copy_path
-    from ddm.store.stage_io import marker, stage_keys
+    from ddm.store.stage_io import CHECKS, marker, stage_keys
 
     indexes = {k: store.read_bytes(k) for k in store.list() if k.endswith(INDEX)}
     evaluator = (*fast, f"eval.feature_net.cache_dir={tmp_path / 'fnet'}")
@@ -62,6 +62,9 @@ def test_the_tiny_pipeline_runs_from_a_bucket_each_stage_on_a_fresh_island(s3_bu
         copy = working_copy_path(run, tmp_path / f"again-{stage}")
         pulled = {p.relative_to(copy).as_posix() for p in (copy / wrote).rglob("*") if p.is_file()}
         assert pulled == {marker(wrote, 0)}, (stage, sorted(pulled))
+        if stage in CHECKS:  # nor what it reads: its check needs manifests, not shards (data/, a partition)
+            heavy = [p.name for p in copy.rglob("*") if p.suffix in (".tar", ".npy", ".pt")]
+            assert not heavy, (stage, heavy)
     assert {k: store.read_bytes(k) for k in store.list() if k.endswith(INDEX)} == indexes
 
 

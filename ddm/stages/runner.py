@@ -19,7 +19,7 @@ from ddm.seeds import seed_everything
 from ddm.settings import Settings
 from ddm.stages import STAGES, StageResult
 from ddm.store.objects import is_url
-from ddm.store.working_copy import working_copy
+from ddm.store.working_copy import run_on_copy
 from ddm.timing import measured
 
 # Stages that read a run in a bucket where it is (ddm.launch.job_folders) instead of on a working copy (ddm/store/)
@@ -92,10 +92,7 @@ def run_stage(stage: str, cfg: Settings, job: str | None = None, **kwargs):
             rd = RunDir(local_cfg.run_dir)
             return rd.timing(job or stage_job(stage, local_cfg)).relative_to(rd.root).as_posix()
 
-        with working_copy(cfg, stage, timing_key) as copy:
-            result = run_stage(stage, copy.cfg, job, **kwargs)
-            copy.skipped = bool(getattr(result, "skipped", False))
-            return result
+        return run_on_copy(cfg, stage, lambda local_cfg: run_stage(stage, local_cfg, job, **kwargs), timing_key)
     module = stage_module(stage)
     seed_everything(int(cfg.seed))
     if not STAGES[stage].timed:

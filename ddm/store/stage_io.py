@@ -60,6 +60,17 @@ MARKERS: dict[str, str] = {
     "samples": "samples/record.json",
     "evaluation": "evaluation/metrics.json",
 }
+# What a stage's check of a rerun reads, besides the records of what it wrote (``MARKERS``): when all it writes is
+# finished in the bucket, it first runs on these alone. Stages not listed check against what they read in full
+# (the sample stage, the evaluation: the experts' weights).
+CHECKS: dict[str, tuple[str, ...]] = {
+    "prepare": (),
+    "embed": (),
+    "cluster": (),
+    "partition": ("data/manifest.json", "clusters/report.json"),
+    "train-expert": (*LINEAGE, "partitions/cluster-{k}/manifest.json"),
+    "train-router": (*LINEAGE, "partitions/cluster-*/manifest.json"),
+}
 # A stage's parts write one folder from several jobs; each would push it with an index of its own files.
 PARTS = {
     "prepare": "data.parts",
@@ -85,6 +96,14 @@ def check_whole(stage: str, cfg) -> None:
             f"{key}={parts}: a stage in parts does not run on a run in a bucket ({cfg.run_dir}) yet; run "
             f"`ddm {stage}` whole (without {key}) on one machine"
         )
+
+
+def check_keys(stage: str, expert_id: int | None = None) -> list[str] | None:
+    """What ``stage``'s check of a rerun reads (``CHECKS``); None when it reads all the stage reads."""
+    if stage not in CHECKS:
+        return None
+    k = "" if expert_id is None else f"{int(expert_id):02d}"
+    return [r.format(k=k) for r in CHECKS[stage]]
 
 
 def stage_keys(stage: str, expert_id: int | None = None) -> tuple[list[str], list[str]]:

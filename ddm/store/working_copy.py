@@ -1,32 +1,35 @@
 """A stage of a run in a bucket, run on a local working copy: pull what it reads, run, push what it wrote.
 
-``working_copy(cfg, stage)`` yields a ``Copy``: the settings of the same run with ``run_dir`` replaced by the
-local copy (``store.cache``/<protocol>/<bucket>/<path>), so every stage runs as it does on a local run. Before:
-the stage's reads (``stage_io``) are pulled, each checked against its folder's index, and what it wrote before,
-so a finished job skips as on a local run: of a folder finished in the bucket only the record the stage's check
-reads (``stage_io.MARKERS``: a rerun does not pull 10 GB of samples to find them done), of an unfinished one
-whatever was pushed, and a training job's uploaded checkpoints, to resume from. A job that writes one job folder
-(an expert, the router) holds that folder's lock in the bucket while it runs, so two islands never train one
-expert. After the stage returns (not when it raises): its folders are pushed, their indexes last, and its
-timing file beside them; a stage that only found its work finished in the bucket pushes nothing. A training job
-that raises publishes its ``failed.json`` to its folder in the bucket; the next successful attempt removes it.
-A stage in parts (``data.parts``, ...) is refused: its jobs would each push one folder. Nothing of the
-credentials is written: the store is named by its ``redacted`` URL.
+``run_on_copy(cfg, stage, run)`` calls ``run(local_cfg)``: the settings of the same run with ``run_dir``
+replaced by the local copy (``store.cache``/<protocol>/<bucket>/<path>), so every stage runs as it does on a
+local run. Before, what the stage reads (``stage_io``) is pulled, each file checked against its folder's index,
+and what it wrote before, so a finished job skips as on a local run: of a folder finished in the bucket only
+the record the stage's check reads (``stage_io.MARKERS``), of an unfinished one whatever was pushed, and a
+training job's uploaded checkpoints, to resume from.
+
+When everything the stage writes is finished in the bucket (and no ``redo`` was asked for), it first runs on
+only what its check of a rerun reads (``stage_io.CHECKS``: ``ddm partition`` on a fresh machine reads the data's
+manifest, not 100 GB of shards, to find its partitions done). A stage that needs more there stops on the file
+it lacks; then everything it reads is pulled and it runs again.
+
+A job that writes one job folder (an expert, the router) holds that folder's lock in the bucket while it runs,
+so two islands never train one expert. After the stage returns (not when it raises): its folders are pushed,
+their indexes last, and its timing file beside them; a stage that only found its work finished in the bucket
+pushes nothing. A training job that raises publishes its ``failed.json`` to its folder in the bucket; the next
+successful attempt removes it. A stage in parts (``data.parts``, ...) is refused: its jobs would each push one
+folder. Nothing of the credentials is written: the store is named by its ``redacted`` URL.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from ddm.settings import Settings, changed
 from ddm.store import lock as store_lock
 from ddm.store.mirror import INDEX, indexed_folders, pull_file, pull_folder, pull_matching, push_folder, read_index
 from ddm.store.objects import ObjectStore, working_copy_path
-from ddm.store.stage_io import check_whole, marker, stage_keys
+from ddm.store.stage_io import check_keys, check_whole, marker, stage_keys
 
 log = logging.getLogger("ddm")
 
@@ -43,27 +46,46 @@ def _is_file(key: str) -> bool:
     return key.endswith(".json")
 
 
-@dataclass
-class Copy:
-    """The stage's settings on the working copy; the runner sets ``skipped`` when the stage found its work done."""
-
-    cfg: Settings
-    skipped: bool = False
-
-
-@contextlib.contextmanager
-def working_copy(cfg: Settings, stage: str, timing_key=None) -> Iterator[Copy]:
-    """Run ``stage`` of the run at ``cfg.run_dir`` (a URL) on a local copy; see the module docstring.
-
-    ``timing_key(local_cfg)``: the key of the timing file the stage's runner writes, pushed after the folders.
-    """
+def run_on_copy(cfg: Settings, stage: str, run, timing_key=None):
+    """Run ``stage`` of the run at ``cfg.run_dir`` (a URL) as ``run(local_cfg)`` on a local copy; see the module
+    docstring. ``timing_key(local_cfg)``: the key of the timing file the stage's runner writes, pushed after the
+    folders. Returns what ``run`` returned."""
     store = ObjectStore(str(cfg.run_dir))
     local = local_copy(cfg, store)
     expert_id = int(cfg.expert.id) if stage == "train-expert" else None
     reads, writes = stage_keys(stage, expert_id)
     check_whole(stage, cfg)
+    finished = [key for key in writes if _finished(store, key, expert_id)]
+    # store.origin: the job knows its run's URL (a training job uploads its last.ckpt there)
+    local_cfg = changed(cfg, {"run_dir": str(local), "store.origin": store.url})
+    holder = store_lock.acquire(store, writes[0], f"{stage} in {store.url}") if stage in LOCKED else None
+    try:
+        for key in finished:
+            pull_file(store, local, marker(key, expert_id))  # all a rerun's check reads of it
+        result, ran = None, False
+        light = check_keys(stage, expert_id)
+        if light is not None and len(finished) == len(writes) and not cfg.redo:
+            _pull(store, local, stage, light)
+            try:
+                result, ran = run(local_cfg), True
+            except FileNotFoundError as lacking:  # MissingInput too: it needs more than its check reads
+                log.info("%s: %s; pulling all it reads", stage, lacking)
+        if not ran:
+            _pull(store, local, stage, reads)
+            _pull_earlier_work(store, local, stage, [key for key in writes if key not in finished])
+            result = _run(store, local, stage, writes, run, local_cfg)
+        if getattr(result, "skipped", False) and len(finished) == len(writes):
+            return result  # done before, and in the bucket: the working copy holds only its records
+        _push(store, local, stage, writes, timing_key, local_cfg)
+        return result
+    finally:
+        if holder is not None:
+            store_lock.release(store, writes[0], holder)
+
+
+def _pull(store: ObjectStore, local: Path, stage: str, keys) -> None:
     got = 0
-    for key in reads:
+    for key in keys:
         optional, key = key.endswith("?"), key.rstrip("?")
         if optional and not store.list(key):
             continue
@@ -73,38 +95,37 @@ def working_copy(cfg: Settings, stage: str, timing_key=None) -> Iterator[Copy]:
             pull_file(store, local, key)
         else:
             got += pull_folder(store, local, key)["bytes"]
-    finished = [key for key in writes if _finished(store, key, expert_id)]
-    for key in writes:  # what the stage made before (another island, an earlier attempt): it skips finished work
-        if key in finished:
-            pull_file(store, local, marker(key, expert_id))  # all a rerun's check reads
-        elif not _is_file(key) and indexed_folders(store, key):
-            got += pull_folder(store, local, key)["bytes"]
-        if stage in LOCKED and key not in finished and store.exists(f"{key}/checkpoints/{INDEX}"):
-            got += pull_folder(store, local, f"{key}/checkpoints")["bytes"]  # an earlier attempt's, to resume
     log.info("%s: pulled %d MB of %s into %s", stage, got >> 20, store.url, local)
-    holder = store_lock.acquire(store, writes[0], f"{stage} in {store.url}") if stage in LOCKED else None
+
+
+def _pull_earlier_work(store: ObjectStore, local: Path, stage: str, unfinished: list[str]) -> None:
+    """What an earlier attempt pushed of folders not finished: pushed parts, and a training job's checkpoints."""
+    for key in unfinished:
+        if not _is_file(key) and indexed_folders(store, key):
+            pull_folder(store, local, key)
+        if stage in LOCKED and store.exists(f"{key}/checkpoints/{INDEX}"):
+            pull_folder(store, local, f"{key}/checkpoints")  # an earlier attempt's, to resume from
+
+
+def _run(store: ObjectStore, local: Path, stage: str, writes: list[str], run, local_cfg):
+    """``run(local_cfg)``; a training job that raises publishes its failure where every island can read it."""
     failed = f"{writes[0]}/{FAILED}"
     try:
-        # store.origin: the job knows its run's URL (a training job uploads its last.ckpt there)
-        copy = Copy(changed(cfg, {"run_dir": str(local), "store.origin": store.url}))
-        try:
-            yield copy
-        except BaseException:
-            if stage in LOCKED and (local / failed).exists():  # the job's failure, where every island can read it
-                store.put_file(local / failed, failed)
-            raise
-        if copy.skipped and len(finished) == len(writes):
-            return  # done before, and in the bucket: the working copy holds only its records
-        sent = sum(push_folder(store, local, key)["bytes"] for key in writes)
-        if stage in LOCKED:
-            store.remove(failed)  # an earlier attempt's failure, on this or another node
-        timing = None if timing_key is None else timing_key(copy.cfg)
-        if timing is not None and (local / timing).exists():
-            store.put_file(local / timing, timing)
-        log.info("%s: pushed %d MB to %s", stage, sent >> 20, store.url_of(writes[0]))
-    finally:
-        if holder is not None:
-            store_lock.release(store, writes[0], holder)
+        return run(local_cfg)
+    except BaseException:
+        if stage in LOCKED and (local / failed).exists():
+            store.put_file(local / failed, failed)
+        raise
+
+
+def _push(store: ObjectStore, local: Path, stage: str, writes: list[str], timing_key, local_cfg) -> None:
+    sent = sum(push_folder(store, local, key)["bytes"] for key in writes)
+    if stage in LOCKED:
+        store.remove(f"{writes[0]}/{FAILED}")  # an earlier attempt's failure, on this or another node
+    timing = None if timing_key is None else timing_key(local_cfg)
+    if timing is not None and (local / timing).exists():
+        store.put_file(local / timing, timing)
+    log.info("%s: pushed %d MB to %s", stage, sent >> 20, store.url_of(writes[0]))
 
 
 def _finished(store: ObjectStore, folder: str, expert_id: int | None) -> bool:
