@@ -134,3 +134,29 @@ def test_a_rerun_whose_check_needs_more_than_it_pulled_pulls_all_it_reads(bucket
     with caplog.at_level(logging.INFO, logger="ddm"):
         assert run_stage("partition", settings(on("again"))).skipped
     assert "partition: no " in caplog.text and "pulling all it reads" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_two_rank_island_trains_one_expert_from_the_bucket(bucket_run, tmp_path):
+    """Two DDP ranks on one node, one working copy: only global rank 0 takes the bucket's lock and pushes; the
+    other rank finds the partition pulled (no second download) and trains beside it."""
+    import subprocess
+    import sys
+
+    from tests.fabricate import FAST_JOB
+
+    run, on = bucket_run
+    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+    env.pop("DDM_STAGE", None)
+    job = [*on("node", "expert.id=1", "expert.steps=4"), *FAST_JOB, "island.devices=2", "island.strategy=ddp"]
+    out = subprocess.run(
+        [sys.executable, "-m", "ddm", "train-expert", *job], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    store = ObjectStore(run)
+    record = store.read_json("experts/expert-01/record.json")
+    assert record["hardware"]["world_size"] == 2 and record["steps"] == 4
+    assert not store.exists("experts/expert-01/lock.json")
+    pulled = [line for line in out.stderr.splitlines() if "train-expert: pulled" in line]
+    assert len(pulled) == 2 and "pulled 0 files" not in pulled[0] and "pulled 0 files" in pulled[1], pulled
+    assert out.stderr.count("train-expert: pushed") == 1

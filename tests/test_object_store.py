@@ -164,3 +164,27 @@ def test_a_folder_not_pushed_whole_or_damaged_since_is_refused_naming_its_url(s3
     store.remove("experts/expert-00/expert.pt")
     with pytest.raises(Unusable, match=r"expert.pt is listed in .* but is not there"):
         pull_folder(store, tmp_path / "c", "experts")
+
+
+def test_a_file_checked_once_on_this_machine_is_not_read_again_until_it_changes(s3_bucket, tmp_path, monkeypatch):
+    """The ranks of one job pull one after another into one working copy: the first checks each file's sha256,
+    the others take the files unchanged since (same size and modification time) without reading them."""
+    import os
+
+    from ddm.io import sha256_file
+    from ddm.store import mirror
+
+    store = ObjectStore(f"{s3_bucket}/run")
+    _expert_folder(tmp_path / "a")
+    mirror.push_folder(store, tmp_path / "a", "experts/expert-00")
+    first = mirror.pull_folder(store, tmp_path / "b", "experts/expert-00")
+    assert len(first["downloaded"]) == 2
+    reads = []
+    monkeypatch.setattr(mirror, "sha256_file", lambda p: reads.append(p) or sha256_file(p))
+    assert mirror.pull_folder(store, tmp_path / "b", "experts/expert-00")["kept"] == 2 and reads == []
+    weights = tmp_path / "b" / "experts/expert-00/expert.pt"
+    weights.write_bytes(b"x" * 5000)  # changed in place, same size: read, found wrong, downloaded again
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    again = mirror.pull_folder(store, tmp_path / "b", "experts/expert-00")
+    assert again["downloaded"] == ["experts/expert-00/expert.pt"] and reads == [weights]
+    assert weights.read_bytes() == b"w" * 5000

@@ -20,6 +20,9 @@ launcher's, still being written while the job pushes, so their sha256 would not 
 from __future__ import annotations
 
 import fnmatch
+import json
+import os
+import uuid
 from pathlib import Path
 
 from ddm.errors import MissingInput, Unusable
@@ -113,10 +116,11 @@ def pull_folder(store: ObjectStore, root, folder: str) -> dict:
             f"it whole yet; run it (or wait for it) first"
         )
     downloaded, kept, received = [], 0, 0
+    checked = Checked(root)
     for base, rel, entry in entries:
         key = f"{base}/{rel}"
         local = Path(root) / key
-        if local.exists() and local.stat().st_size == entry["size"] and sha256_file(local) == entry["sha256"]:
+        if checked.holds(key, entry):
             kept += 1
             continue
         source = object_key(base, rel, entry)
@@ -126,9 +130,54 @@ def pull_folder(store: ObjectStore, root, folder: str) -> dict:
                 f"was damaged after it was pushed; push it again from the job that made it"
             )
         store.get_file(source, local, sha256=entry["sha256"])
+        checked.add(key, entry)
         downloaded.append(key)
         received += int(entry["size"])
+    checked.save()
     return dict(downloaded=downloaded, kept=kept, bytes=received)
+
+
+class Checked:
+    """The files of a working copy whose sha256 this machine checked, with the size and modification time they had
+    then: a later pull (another rank of the same job, a rerun) takes a file unchanged since without reading it
+    again. Anything else (a file changed, or not in the record) is hashed."""
+
+    NAME = ".ddm-checked.json"
+
+    def __init__(self, root):
+        self.path = Path(root) / self.NAME
+        try:
+            self.seen = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.seen = {}
+        self.changed = False
+
+    def _stamp(self, local: Path, sha256: str) -> list:
+        st = local.stat()
+        return [st.st_size, st.st_mtime_ns, sha256]
+
+    def holds(self, key: str, entry: dict) -> bool:
+        """Whether the working copy's ``key`` is the file ``entry`` (``{sha256, size}``) describes."""
+        local = self.path.parent / key
+        if not local.exists() or local.stat().st_size != entry["size"]:
+            return False
+        if self.seen.get(key) == self._stamp(local, entry["sha256"]):
+            return True
+        if sha256_file(local) != entry["sha256"]:
+            return False
+        self.add(key, entry)
+        return True
+
+    def add(self, key: str, entry: dict) -> None:
+        self.seen[key] = self._stamp(self.path.parent / key, entry["sha256"])
+        self.changed = True
+
+    def save(self) -> None:
+        if self.changed:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.NAME}.{uuid.uuid4().hex}.tmp")
+            tmp.write_text(json.dumps(self.seen))
+            os.replace(tmp, self.path)
 
 
 def object_key(base: str, rel: str, entry: dict) -> str:
@@ -157,8 +206,11 @@ def pull_file(store: ObjectStore, root, key: str) -> Path:
     if entry is None:
         raise MissingInput(f"{store.url_of(key)} is in no finished folder (no {INDEX} lists it): push its folder first")
     local = Path(root) / key
-    if not (local.exists() and sha256_file(local) == entry["sha256"]):
+    checked = Checked(root)
+    if not checked.holds(key, entry):
         store.get_file(object_key(above[0], key[len(above[0]) + 1 :], entry), local, sha256=entry["sha256"])
+        checked.add(key, entry)
+    checked.save()
     return local
 
 

@@ -22,9 +22,13 @@ folder. Nothing of the credentials is written: the store is named by its ``redac
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
+from ddm.ranks import is_global_rank_zero
 from ddm.settings import Settings, changed
 from ddm.store import lock as store_lock
 from ddm.store.mirror import INDEX, indexed_folders, pull_file, pull_folder, pull_matching, push_folder, read_index
@@ -58,24 +62,27 @@ def run_on_copy(cfg: Settings, stage: str, run, timing_key=None):
     finished = [key for key in writes if _finished(store, key, expert_id)]
     # store.origin: the job knows its run's URL (a training job uploads its last.ckpt there)
     local_cfg = changed(cfg, {"run_dir": str(local), "store.origin": store.url})
-    holder = store_lock.acquire(store, writes[0], f"{stage} in {store.url}") if stage in LOCKED else None
+    # The ranks of a multi-process job (DDP, FSDP) all run this: global rank 0 speaks for the job (the lock, the
+    # push); every rank pulls, one process of a machine at a time, so the others find the files there (Checked).
+    leader = is_global_rank_zero()
+    holder = store_lock.acquire(store, writes[0], f"{stage} in {store.url}") if stage in LOCKED and leader else None
     try:
-        for key in finished:
-            pull_file(store, local, marker(key, expert_id))  # all a rerun's check reads of it
         result, ran = None, False
         light = check_keys(stage, expert_id)
         if light is not None and len(finished) == len(writes) and not cfg.redo:
-            _pull(store, local, stage, light)
+            with one_pull_at_a_time(local):
+                _pull(store, local, stage, [*light, *(marker(key, expert_id) for key in finished)])
             try:
                 result, ran = run(local_cfg), True
             except FileNotFoundError as lacking:  # MissingInput too: it needs more than its check reads
                 log.info("%s: %s; pulling all it reads", stage, lacking)
         if not ran:
-            _pull(store, local, stage, reads)
-            _pull_earlier_work(store, local, stage, [key for key in writes if key not in finished])
-            result = _run(store, local, stage, writes, run, local_cfg)
-        if getattr(result, "skipped", False) and len(finished) == len(writes):
-            return result  # done before, and in the bucket: the working copy holds only its records
+            with one_pull_at_a_time(local):
+                _pull(store, local, stage, [*reads, *(marker(key, expert_id) for key in finished)])
+                _pull_earlier_work(store, local, stage, [key for key in writes if key not in finished])
+            result = _run(store, local, stage, writes, run, local_cfg, leader)
+        if not leader or (getattr(result, "skipped", False) and len(finished) == len(writes)):
+            return result  # another rank's job, or done before and in the bucket: nothing to push
         _push(store, local, stage, writes, timing_key, local_cfg)
         return result
     finally:
@@ -84,18 +91,19 @@ def run_on_copy(cfg: Settings, stage: str, run, timing_key=None):
 
 
 def _pull(store: ObjectStore, local: Path, stage: str, keys) -> None:
-    got = 0
+    files, got = 0, 0
     for key in keys:
         optional, key = key.endswith("?"), key.rstrip("?")
         if optional and not store.list(key):
             continue
         if "*" in key:
             pull_matching(store, local, key)
-        elif _is_file(key):
-            pull_file(store, local, key)
+        elif not _is_file(key):
+            pulled = pull_folder(store, local, key)
+            files, got = files + len(pulled["downloaded"]), got + pulled["bytes"]
         else:
-            got += pull_folder(store, local, key)["bytes"]
-    log.info("%s: pulled %d MB of %s into %s", stage, got >> 20, store.url, local)
+            pull_file(store, local, key)
+    log.info("%s: pulled %d files (%d MB) of %s into %s", stage, files, got >> 20, store.url, local)
 
 
 def _pull_earlier_work(store: ObjectStore, local: Path, stage: str, unfinished: list[str]) -> None:
@@ -107,13 +115,26 @@ def _pull_earlier_work(store: ObjectStore, local: Path, stage: str, unfinished: 
             pull_folder(store, local, f"{key}/checkpoints")  # an earlier attempt's, to resume from
 
 
-def _run(store: ObjectStore, local: Path, stage: str, writes: list[str], run, local_cfg):
+@contextlib.contextmanager
+def one_pull_at_a_time(local: Path) -> Iterator[None]:
+    """Hold the working copy's pull lock (``flock``): the ranks of a job on one machine pull one after another,
+    the first downloading, the others finding the files there. A filesystem without ``flock`` pulls unlocked."""
+    local.mkdir(parents=True, exist_ok=True)
+    with open(local / ".ddm-pull.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:  # some network filesystems refuse flock: concurrent pulls are still correct
+            log.debug("no flock on %s (%s): pulling without it", local, error)
+        yield
+
+
+def _run(store: ObjectStore, local: Path, stage: str, writes: list[str], run, local_cfg, leader: bool):
     """``run(local_cfg)``; a training job that raises publishes its failure where every island can read it."""
     failed = f"{writes[0]}/{FAILED}"
     try:
         return run(local_cfg)
     except BaseException:
-        if stage in LOCKED and (local / failed).exists():
+        if leader and stage in LOCKED and (local / failed).exists():
             store.put_file(local / failed, failed)
         raise
 
