@@ -50,7 +50,7 @@ def test_the_tiny_pipeline_runs_from_a_bucket_each_stage_on_a_fresh_island(s3_bu
     # what it made (not the samples, not the expert's weights) and pushes nothing
     from ddm.store.mirror import INDEX
     from ddm.store.objects import working_copy_path
-    from ddm.store.stage_io import CHECKS, marker, stage_keys
+    from ddm.store.stage_io import stage_io
 
     indexes = {k: store.read_bytes(k) for k in store.list() if k.endswith(INDEX)}
     evaluator = (*fast, f"eval.feature_net.cache_dir={tmp_path / 'fnet'}")
@@ -58,11 +58,12 @@ def test_the_tiny_pipeline_runs_from_a_bucket_each_stage_on_a_fresh_island(s3_bu
     again.update({"train-router": (), "sample": ("sample.num_samples=6",), "evaluate": evaluator})
     for stage, more in again.items():
         assert run_stage(stage, on_island(f"again-{stage}", *more)).skipped, stage
-        (wrote,) = stage_keys(stage, 0)[1]
+        io = stage_io(stage, 0)
+        (wrote,) = io.writes
         copy = working_copy_path(run, tmp_path / f"again-{stage}")
         pulled = {p.relative_to(copy).as_posix() for p in (copy / wrote).rglob("*") if p.is_file()}
-        assert pulled == {marker(wrote, 0)}, (stage, sorted(pulled))
-        if stage in CHECKS:  # nor what it reads: its check needs manifests, not shards (data/, a partition)
+        assert pulled == {io.markers[wrote]}, (stage, sorted(pulled))
+        if io.checks is not None:  # nor what it reads: its check needs manifests, not shards (data/, a partition)
             heavy = [p.name for p in copy.rglob("*") if p.suffix in (".tar", ".npy", ".pt")]
             assert not heavy, (stage, heavy)
     assert {k: store.read_bytes(k) for k in store.list() if k.endswith(INDEX)} == indexes
@@ -92,7 +93,7 @@ def test_a_stage_that_cannot_run_on_a_bucket_yet_says_so(s3_bucket, tmp_path):
     from ddm.config import settings
 
     cfg = settings([*TINY, f"run_dir={s3_bucket}/run", f"store.cache={tmp_path}"])
-    for stage in ("distill", "fit-route-tau", "pipeline"):
+    for stage in ("extend", "fit-route-tau", "pipeline"):
         with pytest.raises(BadInput, match=rf"`ddm {stage}` does not run on a run in a bucket yet"):
             run_stage(stage, cfg)
     # a stage in parts: each part would push the folder with an index of its own files
@@ -152,8 +153,8 @@ def test_the_command_line_keeps_hydras_logs_in_the_working_copy_not_in_a_folder_
     from ddm.cli import main
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit):  # distill does not run on a bucket yet: one line, status 2
-        main(["distill", "run_dir=s3://bucket/big", f"store.cache={tmp_path / 'cache'}"])
+    with pytest.raises(SystemExit):  # extend does not run on a bucket yet: one line, status 2
+        main(["extend", "run_dir=s3://bucket/big", f"store.cache={tmp_path / 'cache'}"])
     assert not (tmp_path / "s3:").exists()
     assert list((tmp_path / "cache" / "s3" / "bucket" / "big" / "logs" / "hydra").iterdir())
 
@@ -175,3 +176,76 @@ def test_a_failed_island_job_publishes_its_failure_and_a_later_success_clears_it
     assert not store.exists("experts/expert-00/lock.json")  # released on the way out
     run_stage("train-expert", on_island("b", "expert.id=0"))
     assert store.exists("experts/expert-00/expert.pt") and not store.exists("experts/expert-00/failed.json")
+
+
+def _files(root) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_latent_run_in_a_bucket_encodes_each_cluster_on_its_island_and_trains_on_latents_alone(s3_bucket, tmp_path):
+    """Each island encodes its own cluster (pulling that partition alone) and pushes its latents; an expert's job
+    pulls its cluster's latents, not the pixels; the router trains on every cluster's latents; a rerun of encode
+    on a fresh machine reads manifests only."""
+    from ddm.config import settings
+    from ddm.store.objects import working_copy_path
+    from tests.test_latent_vae import save_tiny_vae
+
+    run = f"{s3_bucket}/run"
+    save_tiny_vae(tmp_path / "vae", in_channels=3, scaling_factor=0.5)
+    latent = ("vae=sd", f"vae.pretrained={tmp_path / 'vae'}", "expert.steps=4", "router.steps=4")
+
+    def on(name, *more):
+        return settings([*TINY, *latent, f"run_dir={run}", f"store.cache={tmp_path / name}", *more])
+
+    def pulled(name) -> set[str]:
+        return _files(working_copy_path(run, tmp_path / name))
+
+    for stage in ("prepare", "embed", "cluster", "partition"):
+        run_stage(stage, on("data"))
+    for k in (0, 1):
+        assert run_stage("encode", on(f"gpu-{k}", f"vae.clusters={k}"))["encoded"] == [k]
+        files = pulled(f"gpu-{k}")
+        assert any(f.startswith(f"partitions/cluster-{k:02d}/") and f.endswith(".tar") for f in files)
+        assert not any(f.startswith(f"partitions/cluster-{1 - k:02d}/") and f.endswith(".tar") for f in files)
+    store = ObjectStore(run)
+    assert store.exists("latents/cluster-00/.ddm-index.json") and store.exists("latents/cluster-01/.ddm-index.json")
+
+    for k in (0, 1):
+        run_stage("train-expert", on(f"island-{k}", f"expert.id={k}"))
+        files = pulled(f"island-{k}")
+        assert any(f.startswith(f"latents/cluster-{k:02d}/") and f.endswith(".tar") for f in files)
+        assert not any(f.startswith("partitions/") and f.endswith(".tar") for f in files), sorted(files)
+        assert not any(f.startswith(f"latents/cluster-{1 - k:02d}/") for f in files)
+    run_stage("train-router", on("router"))
+    assert not any(f.startswith("partitions/") and f.endswith(".tar") for f in pulled("router"))
+    made = run_stage("sample", on("sampler", "sample.num_samples=8"))
+    local = store.get_file("samples/samples.npz", tmp_path / "check" / "samples.npz")
+    assert np.load(local)["images"].shape == (made["num_images"], 8, 8)
+
+    again = run_stage("encode", on("again"))
+    assert again.skipped and again["done"] == [0, 1]
+    assert not any(f.endswith(".tar") for f in pulled("again")), sorted(pulled("again"))
+
+
+@pytest.mark.slow
+def test_the_student_is_distilled_from_the_experts_in_the_bucket(s3_bucket, tmp_path):
+    from ddm.config import settings
+    from tests.test_distill import DISTILL_FAST
+
+    run = f"{s3_bucket}/run"
+
+    def on(name, *more):
+        return settings([*TINY, *DISTILL_FAST, f"run_dir={run}", f"store.cache={tmp_path / name}", *more])
+
+    for stage in ("prepare", "embed", "cluster", "partition"):
+        run_stage(stage, on("data"))
+    for k in (0, 1):
+        run_stage("train-expert", on(f"island-{k}", f"expert.id={k}"))
+    record = run_stage("distill", on("student"))
+    store = ObjectStore(run)
+    assert store.read_json("distilled/record.json")["steps"] == record["steps"] == 4
+    assert not store.exists("distilled/lock.json") and store.exists("distilled/expert.pt")
+    made = run_stage("sample", on("sampler", "sample.model=distilled", "sample.num_samples=6"))
+    assert made["num_images"] >= 6
+    assert run_stage("distill", on("again")).skipped

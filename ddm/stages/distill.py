@@ -51,6 +51,7 @@ from ddm.settings import Settings
 from ddm.stages import StageResult
 from ddm.stages.runner import done_already
 from ddm.text.spec import captions_for, text_spec
+from ddm.train.checkpoint_upload import checkpoint_uploads
 from ddm.train.job import Job, Schedule, Trained, example_inputs, run_job
 
 log = logging.getLogger("ddm")
@@ -230,6 +231,7 @@ def _job(cfg: Settings, rd, index, manifests, folders, data, teachers, metas, so
             data_weight=float(dc.data_weight),
         ),
         config=cfg.to_dict(),
+        callbacks=checkpoint_uploads(cfg.store, rd.root, rd.distilled),
     )
 
 

@@ -44,6 +44,7 @@ from ddm.stages import StageResult
 from ddm.stages.runner import done_already
 from ddm.text.prompts import sample_prompts
 from ddm.text.spec import captions_for, conditioning_args, text_spec
+from ddm.train.checkpoint_upload import checkpoint_uploads
 from ddm.train.fine_tune import initial_weights, start_from
 from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.modules import ExpertModule
@@ -265,19 +266,8 @@ def _job(cfg: Settings, rd: RunDir, k: int, manifest: dict, data_dir=None, data:
             initialised_from=start and {f: start[f] for f in ("path", "sha256", "clustering_id")},
         ),
         config=cfg.to_dict(),
-        callbacks=_preview(cfg, rd, k, data, text) + _checkpoint_upload(cfg, rd, k),
+        callbacks=_preview(cfg, rd, k, data, text) + checkpoint_uploads(cfg.store, rd.root, rd.expert(k)),
     )
-
-
-def _checkpoint_upload(cfg: Settings, rd: RunDir, k: int) -> tuple:
-    """A run in a bucket (``store.origin``, set by its working copy): last.ckpt goes there now and then."""
-    if cfg.store.origin is None:
-        return ()
-    from ddm.store import ObjectStore
-    from ddm.train.checkpoint_upload import CheckpointUpload
-
-    key = rd.expert(k).relative_to(rd.root).as_posix()
-    return (CheckpointUpload(ObjectStore(cfg.store.origin), rd.root, key, float(cfg.store.checkpoint_every_s)),)
 
 
 def _preview(cfg: Settings, rd: RunDir, k: int, data: dict, text: dict | None) -> tuple:

@@ -53,6 +53,7 @@ from ddm.settings import Settings
 from ddm.stages import StageResult
 from ddm.stages.runner import done_already
 from ddm.text.spec import captions_for, router_conditioning_args, router_text_spec
+from ddm.train.checkpoint_upload import checkpoint_uploads
 from ddm.train.job import Job, Schedule, Trained, run_job
 from ddm.train.modules import RouterModule
 from ddm.train.router_preview import RouterPreview
@@ -269,7 +270,7 @@ def _job(
             latents=latent_meta(meta),
         ),
         config=cfg.to_dict(),
-        callbacks=_preview(cfg, rd, manifests, held),
+        callbacks=_preview(cfg, rd, manifests, held) + checkpoint_uploads(cfg.store, rd.root, rd.router),
     )
 
 

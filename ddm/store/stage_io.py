@@ -1,37 +1,43 @@
 """What each stage reads from a run in a bucket and what it writes back, by key (folders, or single files).
 
 A job of a run in a bucket (``run_dir=s3://...``) pulls only these before it runs and pushes only these after:
-an expert's job pulls its own partition (and the small files that say which clustering it belongs to), never
-another cluster's data, and pushes only its own folder. Keys ending in ``.json`` are single files; the others are
-folders; a key with ``*`` is the files of an indexed folder that match it; a key ending in ``?`` is pulled
-when it is there (the stage does without it). ``{k}`` is the expert's id, two digits.
+an expert's job pulls its own partition (in a latent run its latents, not the pixels) and the small files that
+say which clustering it belongs to, never another cluster's data, and pushes only its own folder. Keys ending in
+``.json`` are single files; the others are folders; a key with ``*`` is the files of indexed folders that match
+it; a key ending in ``?`` is pulled when it is there (the stage does without it). In a key, ``{k}`` is the
+expert's id (two digits); ``{train}`` is what experts train on: ``partitions``, or ``latents`` in a latent run; a
+key with ``{c}`` stands for one key per cluster the job encodes (``vae.clusters``, all by default).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from ddm.errors import BadInput
 
 # Small files that tie a job to its run: the data's manifest, the clustering's report and the partitions' index.
 LINEAGE = ("data/manifest.json", "clusters/report.json", "partitions/manifest.json")
+MANIFESTS = ("partitions/manifest.json", "partitions/cluster-*/manifest.json")  # every cluster's size and identity
 
 READS: dict[str, tuple[str, ...]] = {
     "prepare": (),
     "embed": ("data",),
     "cluster": ("data/manifest.json", "embeddings"),
     "partition": ("data", "clusters"),
-    "encode": ("data/manifest.json", "clusters/report.json", "partitions"),
-    "train-expert": (*LINEAGE, "partitions/cluster-{k}"),
-    "train-router": ("data/manifest.json", "clusters", "partitions"),
-    "sample": (*LINEAGE, "clusters", "partitions/cluster-*/manifest.json", "experts", "router?"),
+    "encode": (*LINEAGE, "partitions/cluster-{c}"),
+    "train-expert": (*LINEAGE, "partitions/cluster-{k}/manifest.json", "{train}/cluster-{k}"),
+    "train-router": ("data/manifest.json", "clusters", *MANIFESTS, "{train}"),
+    "distill": ("data/manifest.json", "clusters", *MANIFESTS, "{train}", "experts"),
+    "sample": (*LINEAGE, "clusters", "partitions/cluster-*/manifest.json", "experts", "router?", "distilled?"),
     # the evaluation machine reads the data (its feature net trains on it) and the samples when there are some
     "evaluate": (
         "data",
         "embeddings/manifest.json",
         "clusters",
-        "partitions/manifest.json",
-        "partitions/cluster-*/manifest.json",
+        *MANIFESTS,
         "experts",
         "router?",
+        "distilled?",
         "samples?",
     ),
 }
@@ -40,13 +46,14 @@ WRITES: dict[str, tuple[str, ...]] = {
     "embed": ("embeddings",),
     "cluster": ("clusters",),
     "partition": ("partitions",),
-    "encode": ("latents",),
+    "encode": ("latents/cluster-{c}",),
     "train-expert": ("experts/expert-{k}",),
     "train-router": ("router",),
+    "distill": ("distilled",),
     "sample": ("samples",),
     "evaluate": ("evaluation",),
 }
-
+LOCKED = ("train-expert", "train-router", "distill")  # stages that own one job folder: locked in the bucket
 
 # The record that says a written folder is finished, as the stage's own check of a rerun reads it: a rerun on a
 # fresh machine pulls it alone (not 10 GB of samples to find them done) while the folder's index lists it.
@@ -55,19 +62,22 @@ MARKERS: dict[str, str] = {
     "embeddings": "embeddings/manifest.json",
     "clusters": "clusters/report.json",
     "partitions": "partitions/manifest.json",
+    "latents/cluster-{c}": "latents/cluster-{c}/manifest.json",
     "experts/expert-{k}": "experts/expert-{k}/record.json",
     "router": "router/record.json",
+    "distilled": "distilled/record.json",
     "samples": "samples/record.json",
     "evaluation": "evaluation/metrics.json",
 }
 # What a stage's check of a rerun reads, besides the records of what it wrote (``MARKERS``): when all it writes is
 # finished in the bucket, it first runs on these alone. Stages not listed check against what they read in full
-# (the sample stage, the evaluation: the experts' weights).
+# (the sample stage, the evaluation, the student: the experts' weights).
 CHECKS: dict[str, tuple[str, ...]] = {
     "prepare": (),
     "embed": (),
     "cluster": (),
     "partition": ("data/manifest.json", "clusters/report.json"),
+    "encode": (*LINEAGE, "partitions/cluster-{c}/manifest.json"),
     "train-expert": (*LINEAGE, "partitions/cluster-{k}/manifest.json"),
     "train-router": (*LINEAGE, "partitions/cluster-*/manifest.json"),
 }
@@ -80,10 +90,45 @@ PARTS = {
 }
 
 
-def marker(folder: str, expert_id: int | None = None) -> str | None:
-    """The key of the record that says the written ``folder`` is finished, if it has one."""
-    k = "" if expert_id is None else f"{int(expert_id):02d}"
-    return next((m.format(k=k) for f, m in MARKERS.items() if f.format(k=k) == folder), None)
+@dataclass(frozen=True)
+class StageIO:
+    """One job's keys: what it reads, what it writes (its job folder first), what its check of a rerun reads
+    (None: all it reads) and, for each written folder that has one, the record that says it is finished."""
+
+    reads: list[str]
+    writes: list[str]
+    checks: list[str] | None
+    markers: dict[str, str]
+
+
+def _keys(table: tuple[str, ...], values: dict, clusters: list[int]) -> list[str]:
+    out = []
+    for key in table:
+        each = [dict(values, c=f"{c:02d}") for c in clusters] if "{c}" in key else [values]
+        out += [key.format(**v) for v in each]
+    return out
+
+
+def stage_io(stage: str, expert_id: int | None = None, latent: bool = False, clusters=()) -> StageIO:
+    """The keys of one job of ``stage`` (``expert_id``: an expert's; ``latent``: a run on VAE latents;
+    ``clusters``: those an encode job encodes). A stage not listed cannot run on a run in a bucket yet."""
+    if stage not in READS:
+        raise BadInput(
+            f"`ddm {stage}` does not run on a run in a bucket yet (the stages that do: {', '.join(READS)}); "
+            f"run it on a local copy"
+        )
+    if stage == "encode" and not latent:
+        return StageIO([], [], [], {})  # a pixel run: nothing to encode, nothing read
+    values = dict(k="" if expert_id is None else f"{int(expert_id):02d}", train="latents" if latent else "partitions")
+    clusters = [int(c) for c in clusters]
+    writes = _keys(WRITES[stage], values, clusters)
+    markers = {}
+    for folder, record in MARKERS.items():
+        for key, rec in zip(_keys((folder,), values, clusters), _keys((record,), values, clusters)):
+            if key in writes:
+                markers[key] = rec
+    checks = _keys(CHECKS[stage], values, clusters) if stage in CHECKS else None
+    return StageIO(_keys(READS[stage], values, clusters), writes, checks, markers)
 
 
 def check_whole(stage: str, cfg) -> None:
@@ -96,22 +141,3 @@ def check_whole(stage: str, cfg) -> None:
             f"{key}={parts}: a stage in parts does not run on a run in a bucket ({cfg.run_dir}) yet; run "
             f"`ddm {stage}` whole (without {key}) on one machine"
         )
-
-
-def check_keys(stage: str, expert_id: int | None = None) -> list[str] | None:
-    """What ``stage``'s check of a rerun reads (``CHECKS``); None when it reads all the stage reads."""
-    if stage not in CHECKS:
-        return None
-    k = "" if expert_id is None else f"{int(expert_id):02d}"
-    return [r.format(k=k) for r in CHECKS[stage]]
-
-
-def stage_keys(stage: str, expert_id: int | None = None) -> tuple[list[str], list[str]]:
-    """``(reads, writes)`` of ``stage`` for a run in a bucket; a stage not listed cannot run on one yet."""
-    if stage not in READS:
-        raise BadInput(
-            f"`ddm {stage}` does not run on a run in a bucket yet (the stages that do: {', '.join(READS)}); "
-            f"run it on a local copy"
-        )
-    k = "" if expert_id is None else f"{int(expert_id):02d}"
-    return [r.format(k=k) for r in READS[stage]], [w.format(k=k) for w in WRITES[stage]]

@@ -28,16 +28,17 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+from ddm.io import read_json
+from ddm.launch.encode_job import selected_clusters
 from ddm.ranks import is_global_rank_zero
 from ddm.settings import Settings, changed
 from ddm.store import lock as store_lock
 from ddm.store.mirror import INDEX, indexed_folders, pull_file, pull_folder, pull_matching, push_folder, read_index
 from ddm.store.objects import ObjectStore, working_copy_path
-from ddm.store.stage_io import check_keys, check_whole, marker, stage_keys
+from ddm.store.stage_io import LOCKED, StageIO, check_whole, stage_io
 
 log = logging.getLogger("ddm")
 
-LOCKED = ("train-expert", "train-router")  # stages that own one job folder: locked in the bucket
 FAILED = "failed.json"  # what a training job that raised leaves in its folder (ddm.train.job)
 
 
@@ -50,44 +51,55 @@ def _is_file(key: str) -> bool:
     return key.endswith(".json")
 
 
+def job_io(cfg: Settings, stage: str, store: ObjectStore, local: Path) -> StageIO:
+    """The keys of this job of ``stage`` (``stage_io``), for its expert, its kind of run and its clusters."""
+    expert_id = int(cfg.expert.id) if stage == "train-expert" else None
+    latent = str(cfg.vae.kind) != "none"
+    clusters = []
+    if stage == "encode" and latent:  # the clusters it encodes: vae.clusters, or every one of the partitions
+        k = int(read_json(pull_file(store, local, "partitions/manifest.json"))["num_clusters"])
+        clusters = selected_clusters(cfg.vae.clusters, k)
+    return stage_io(stage, expert_id, latent, clusters)
+
+
 def run_on_copy(cfg: Settings, stage: str, run, timing_key=None):
     """Run ``stage`` of the run at ``cfg.run_dir`` (a URL) as ``run(local_cfg)`` on a local copy; see the module
     docstring. ``timing_key(local_cfg)``: the key of the timing file the stage's runner writes, pushed after the
     folders. Returns what ``run`` returned."""
     store = ObjectStore(str(cfg.run_dir))
     local = local_copy(cfg, store)
-    expert_id = int(cfg.expert.id) if stage == "train-expert" else None
-    reads, writes = stage_keys(stage, expert_id)
     check_whole(stage, cfg)
-    finished = [key for key in writes if _finished(store, key, expert_id)]
+    io = job_io(cfg, stage, store, local)
+    finished = [key for key in io.writes if _finished(store, key, io.markers.get(key))]
+    records = [io.markers[key] for key in finished]  # all a rerun's check reads of what it made
     # store.origin: the job knows its run's URL (a training job uploads its last.ckpt there)
     local_cfg = changed(cfg, {"run_dir": str(local), "store.origin": store.url})
     # The ranks of a multi-process job (DDP, FSDP) all run this: global rank 0 speaks for the job (the lock, the
     # push); every rank pulls, one process of a machine at a time, so the others find the files there (Checked).
     leader = is_global_rank_zero()
-    holder = store_lock.acquire(store, writes[0], f"{stage} in {store.url}") if stage in LOCKED and leader else None
+    locked = stage in LOCKED and leader
+    holder = store_lock.acquire(store, io.writes[0], f"{stage} in {store.url}") if locked else None
     try:
         result, ran = None, False
-        light = check_keys(stage, expert_id)
-        if light is not None and len(finished) == len(writes) and not cfg.redo:
+        if io.checks is not None and len(finished) == len(io.writes) and not cfg.redo:
             with one_pull_at_a_time(local):
-                _pull(store, local, stage, [*light, *(marker(key, expert_id) for key in finished)])
+                _pull(store, local, stage, [*io.checks, *records])
             try:
                 result, ran = run(local_cfg), True
             except FileNotFoundError as lacking:  # MissingInput too: it needs more than its check reads
                 log.info("%s: %s; pulling all it reads", stage, lacking)
         if not ran:
             with one_pull_at_a_time(local):
-                _pull(store, local, stage, [*reads, *(marker(key, expert_id) for key in finished)])
-                _pull_earlier_work(store, local, stage, [key for key in writes if key not in finished])
-            result = _run(store, local, stage, writes, run, local_cfg, leader)
-        if not leader or (getattr(result, "skipped", False) and len(finished) == len(writes)):
+                _pull(store, local, stage, [*io.reads, *records])
+                _pull_earlier_work(store, local, stage, [key for key in io.writes if key not in finished])
+            result = _run(store, local, stage, io.writes, run, local_cfg, leader)
+        if not leader or (getattr(result, "skipped", False) and len(finished) == len(io.writes)):
             return result  # another rank's job, or done before and in the bucket: nothing to push
-        _push(store, local, stage, writes, timing_key, local_cfg)
+        _push(store, local, stage, io.writes, timing_key, local_cfg)
         return result
     finally:
         if holder is not None:
-            store_lock.release(store, writes[0], holder)
+            store_lock.release(store, io.writes[0], holder)
 
 
 def _pull(store: ObjectStore, local: Path, stage: str, keys) -> None:
@@ -140,6 +152,8 @@ def _run(store: ObjectStore, local: Path, stage: str, writes: list[str], run, lo
 
 
 def _push(store: ObjectStore, local: Path, stage: str, writes: list[str], timing_key, local_cfg) -> None:
+    if not writes:
+        return
     sent = sum(push_folder(store, local, key)["bytes"] for key in writes)
     if stage in LOCKED:
         store.remove(f"{writes[0]}/{FAILED}")  # an earlier attempt's failure, on this or another node
@@ -149,9 +163,8 @@ def _push(store: ObjectStore, local: Path, stage: str, writes: list[str], timing
     log.info("%s: pushed %d MB to %s", stage, sent >> 20, store.url_of(writes[0]))
 
 
-def _finished(store: ObjectStore, folder: str, expert_id: int | None) -> bool:
-    """Whether ``folder`` in the bucket was pushed whole with the record that says it is finished."""
-    record = marker(folder, expert_id)
+def _finished(store: ObjectStore, folder: str, record: str | None) -> bool:
+    """Whether ``folder`` in the bucket was pushed whole with ``record``, which says it is finished."""
     if record is None:
         return False
     index = read_index(store, folder)

@@ -179,3 +179,15 @@ class CheckpointUpload(L.Callback):
 def _stamp(path: Path) -> tuple[int, int]:
     st = path.stat()
     return st.st_mtime_ns, st.st_size
+
+
+def checkpoint_uploads(store_settings, run_root: Path, folder: Path) -> tuple:
+    """``(CheckpointUpload,)`` for a training job of a run in a bucket, else ``()``: ``store_settings.origin`` (the
+    run's URL, set by its working copy) is where ``folder``'s last.ckpt goes, every ``checkpoint_every_s``."""
+    if store_settings.origin is None:
+        return ()
+    from ddm.store import ObjectStore
+
+    key = Path(folder).relative_to(run_root).as_posix()
+    every_s = float(store_settings.checkpoint_every_s)
+    return (CheckpointUpload(ObjectStore(store_settings.origin), Path(run_root), key, every_s),)
