@@ -188,3 +188,26 @@ def test_a_file_checked_once_on_this_machine_is_not_read_again_until_it_changes(
     again = mirror.pull_folder(store, tmp_path / "b", "experts/expert-00")
     assert again["downloaded"] == ["experts/expert-00/expert.pt"] and reads == [weights]
     assert weights.read_bytes() == b"w" * 5000
+
+
+def test_transfers_run_side_by_side_and_the_first_error_stops_the_rest():
+    """``each`` runs up to ``transfers`` calls at once (four calls that each wait for all four finish only if they
+    run together); an error is raised once the calls under way end, and calls not begun are not begun."""
+    import threading
+
+    from ddm.store.mirror import each
+
+    together = threading.Barrier(4, timeout=10)
+    assert each(lambda i: together.wait() is not None and i * i, [1, 2, 3, 4], transfers=4) == [1, 4, 9, 16]
+    begun = []
+
+    def fail_first(i):
+        begun.append(i)
+        if i == 0:
+            raise ConnectionError("the bucket went away")
+        threading.Event().wait(0.05)
+        return i
+
+    with pytest.raises(ConnectionError, match="went away"):
+        each(fail_first, list(range(50)), transfers=2)
+    assert len(begun) < 50

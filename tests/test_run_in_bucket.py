@@ -68,6 +68,18 @@ def test_the_tiny_pipeline_runs_from_a_bucket_each_stage_on_a_fresh_island(s3_bu
             assert not heavy, (stage, heavy)
     assert {k: store.read_bytes(k) for k in store.list() if k.endswith(INDEX)} == indexes
 
+    # the cluster router's temperature, fitted on another machine: it adds route_tau.json to the router's folder
+    # and keeps what that folder and the evaluation's listed
+    from ddm.store.mirror import read_index
+
+    listed = {f: set(read_index(store, f)["files"]) for f in ("router", "evaluation")}
+    tau = run_stage("fit-route-tau", on_island("tau", *fast))
+    assert set(read_index(store, "router")["files"]) == listed["router"] | {"route_tau.json"}
+    assert set(read_index(store, "evaluation")["files"]) == listed["evaluation"]
+    routed = ("sample.router=clusters", "sample.strategy=sample", "sample.route_tau=fitted", "sample.num_samples=6")
+    assert run_stage("sample", on_island("routed", *routed, "redo=true"))["settings"]["route_tau"] == "fitted"
+    assert run_stage("fit-route-tau", on_island("tau-again", *fast)).skipped and tau["tau"] > 0
+
 
 def test_an_expert_trained_on_another_island_is_refused_while_it_runs(s3_bucket, tmp_path):
     """The bucket's lock of experts/expert-00, held by a running job of another island: this job is refused,
@@ -93,7 +105,7 @@ def test_a_stage_that_cannot_run_on_a_bucket_yet_says_so(s3_bucket, tmp_path):
     from ddm.config import settings
 
     cfg = settings([*TINY, f"run_dir={s3_bucket}/run", f"store.cache={tmp_path}"])
-    for stage in ("extend", "fit-route-tau", "pipeline"):
+    for stage in ("extend", "report", "pipeline"):
         with pytest.raises(BadInput, match=rf"`ddm {stage}` does not run on a run in a bucket yet"):
             run_stage(stage, cfg)
     # a stage in parts: each part would push the folder with an index of its own files

@@ -23,6 +23,7 @@ import fnmatch
 import json
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ddm.errors import MissingInput, Unusable
@@ -31,6 +32,7 @@ from ddm.store.objects import ObjectStore
 
 INDEX = ".ddm-index.json"
 SKIPPED = ("checkpoints", "logs", "wandb", "hydra")  # a job's local state: uploaded on their own terms, or not at all
+TRANSFERS = 8  # files moved at once by a push or a pull (``store.transfers``)
 LOG_SUFFIX = ".out"  # slurm-*.out, local-*.out: open for appending while the job that writes them pushes
 
 
@@ -59,13 +61,35 @@ def read_index(store: ObjectStore, folder: str) -> dict | None:
     return index
 
 
+def each(fn, items: list, transfers: int) -> list:
+    """``[fn(item) for item in items]`` with up to ``transfers`` at once (a bucket serves many connections far
+    faster than one); the first error is raised once the calls under way have ended, and the rest are not begun."""
+    if transfers <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    pool = ThreadPoolExecutor(max_workers=min(int(transfers), len(items)), thread_name_prefix="ddm-transfer")
+    try:
+        futures = [pool.submit(fn, item) for item in items]
+        return [future.result() for future in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def push_folder(
-    store: ObjectStore, root, folder: str, only: tuple[str, ...] | None = None, about: dict | None = None
+    store: ObjectStore,
+    root,
+    folder: str,
+    only: tuple[str, ...] | None = None,
+    about: dict | None = None,
+    transfers: int = TRANSFERS,
+    keep: bool = False,
 ) -> dict:
-    """Upload ``root/folder``'s new or changed files, then its index; returns ``{uploaded, kept, bytes}``.
+    """Upload ``root/folder``'s new or changed files, ``transfers`` at once, then its index; returns
+    ``{uploaded, kept, bytes}``.
 
     ``only``: just these files of the folder (names relative to it): the index then lists only them.
     ``about``: what the index says of the folder besides its files (a checkpoint's step), read by ``read_index``.
+    ``keep``: the index keeps listing the files it listed that this copy lacks (a job that adds files to a folder
+    another job wrote, without pulling it first).
     """
     folder = folder.strip("/")
     files = local_files(Path(root), folder)
@@ -74,17 +98,22 @@ def push_folder(
     if not files:
         raise MissingInput(f"{Path(root) / folder} holds no files to push")
     before = (read_index(store, folder) or {}).get("files", {})
-    listing, uploaded, sent = {}, [], 0
-    for key, path in files.items():
+
+    def send(item) -> tuple[dict, bool]:
+        key, path = item
         entry = dict(sha256=sha256_file(path), size=path.stat().st_size)
-        listing[key[len(folder) + 1 :]] = entry
         if before.get(key[len(folder) + 1 :]) == entry and store.exists(key):
-            continue
+            return entry, False
         store.put_file(path, key)
-        uploaded.append(key)
-        sent += entry["size"]
+        return entry, True
+
+    sent = each(send, list(files.items()), transfers)
+    listing = dict(before) if keep else {}
+    listing.update({key[len(folder) + 1 :]: entry for key, (entry, _) in zip(files, sent)})
+    uploaded = [key for key, (_, new) in zip(files, sent) if new]
     store.put_json(dict(about or {}, files=listing), f"{folder}/{INDEX}")  # last: the folder is whole from here on
-    return dict(uploaded=uploaded, kept=len(files) - len(uploaded), bytes=sent)
+    size = sum(entry["size"] for entry, new in sent if new)
+    return dict(uploaded=uploaded, kept=len(files) - len(uploaded), bytes=size)
 
 
 def indexed_folders(store: ObjectStore, folder: str) -> list[str]:
@@ -95,7 +124,7 @@ def indexed_folders(store: ObjectStore, folder: str) -> list[str]:
     return [base for base in indexed if not any(part in SKIPPED for part in base[len(folder) :].split("/"))]
 
 
-def pull_folder(store: ObjectStore, root, folder: str) -> dict:
+def pull_folder(store: ObjectStore, root, folder: str, transfers: int = TRANSFERS) -> dict:
     """Bring ``folder`` to ``root``: every indexed folder at or under it, or its part of the nearest indexed folder
     above it (one cluster of ``partitions/``); returns ``{downloaded, kept, bytes}``.
 
@@ -115,26 +144,30 @@ def pull_folder(store: ObjectStore, root, folder: str) -> dict:
             f"{store.url_of(folder)} holds no finished folder (no {INDEX}): the job that writes it has not pushed "
             f"it whole yet; run it (or wait for it) first"
         )
-    downloaded, kept, received = [], 0, 0
     checked = Checked(root)
-    for base, rel, entry in entries:
-        key = f"{base}/{rel}"
-        local = Path(root) / key
-        if checked.holds(key, entry):
-            kept += 1
-            continue
+    wanted = [(base, rel, entry) for base, rel, entry in entries if not checked.holds(f"{base}/{rel}", entry)]
+
+    def fetch(item) -> None:
+        base, rel, entry = item
         source = object_key(base, rel, entry)
         if not store.exists(source):
             raise Unusable(
                 f"{store.url_of(source)} is listed in the index of its folder ({INDEX}) but is not there: the folder "
                 f"was damaged after it was pushed; push it again from the job that made it"
             )
-        store.get_file(source, local, sha256=entry["sha256"])
-        checked.add(key, entry)
-        downloaded.append(key)
-        received += int(entry["size"])
-    checked.save()
-    return dict(downloaded=downloaded, kept=kept, bytes=received)
+        store.get_file(source, Path(root) / base / rel, sha256=entry["sha256"])
+        fetched.append((f"{base}/{rel}", entry))  # list.append is atomic: the threads share it safely
+
+    fetched: list = []
+    try:
+        each(fetch, wanted, transfers)
+    finally:  # what came down whole is recorded, also when another file failed
+        for key, entry in fetched:
+            checked.add(key, entry)
+        checked.save()
+    downloaded = [f"{base}/{rel}" for base, rel, _ in wanted]
+    received = sum(int(entry["size"]) for _, _, entry in wanted)
+    return dict(downloaded=downloaded, kept=len(entries) - len(wanted), bytes=received)
 
 
 class Checked:

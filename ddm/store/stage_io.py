@@ -28,7 +28,11 @@ READS: dict[str, tuple[str, ...]] = {
     "train-expert": (*LINEAGE, "partitions/cluster-{k}/manifest.json", "{train}/cluster-{k}"),
     "train-router": ("data/manifest.json", "clusters", *MANIFESTS, "{train}"),
     "distill": ("data/manifest.json", "clusters", *MANIFESTS, "{train}", "experts"),
-    "sample": (*LINEAGE, "clusters", "partitions/cluster-*/manifest.json", "experts", "router?", "distilled?"),
+    # the cluster router (sample.router=clusters) embeds its x0 estimates as the run's embeddings were made
+    "sample": (*LINEAGE, "embeddings/manifest.json", "clusters", "partitions/cluster-*/manifest.json", "experts")
+    + ("router?", "distilled?"),
+    # the held-out images (from data/, or evaluate's) noised, denoised by the experts, embedded as the run embeds
+    "fit-route-tau": ("data", "embeddings/manifest.json", "clusters", *MANIFESTS, "experts", "evaluation/heldout?"),
     # the evaluation machine reads the data (its feature net trains on it) and the samples when there are some
     "evaluate": (
         "data",
@@ -52,7 +56,11 @@ WRITES: dict[str, tuple[str, ...]] = {
     "distill": ("distilled",),
     "sample": ("samples",),
     "evaluate": ("evaluation",),
+    "fit-route-tau": ("router", "evaluation"),  # router/route_tau.json; evaluation/heldout/ when evaluate made none
 }
+# Stages that add files to folders other jobs write (the router's, the evaluation's): their push adds to the
+# folder's index what they made and keeps what it listed, and they pull none of the folder beforehand.
+ADDS = ("fit-route-tau",)
 LOCKED = ("train-expert", "train-router", "distill")  # stages that own one job folder: locked in the bucket
 
 # The record that says a written folder is finished, as the stage's own check of a rerun reads it: a rerun on a
@@ -69,6 +77,8 @@ MARKERS: dict[str, str] = {
     "samples": "samples/record.json",
     "evaluation": "evaluation/metrics.json",
 }
+# A stage whose record is another than the folder's own: its "done" is that record in the folder's index.
+STAGE_MARKERS: dict[str, dict[str, str]] = {"fit-route-tau": {"router": "router/route_tau.json", "evaluation": ""}}
 # What a stage's check of a rerun reads, besides the records of what it wrote (``MARKERS``): when all it writes is
 # finished in the bucket, it first runs on these alone. Stages not listed check against what they read in full
 # (the sample stage, the evaluation, the student: the experts' weights).
@@ -93,12 +103,14 @@ PARTS = {
 @dataclass(frozen=True)
 class StageIO:
     """One job's keys: what it reads, what it writes (its job folder first), what its check of a rerun reads
-    (None: all it reads) and, for each written folder that has one, the record that says it is finished."""
+    (None: all it reads), for each written folder that has one, the record that says it is finished, and whether
+    it adds to folders others write (``ADDS``)."""
 
     reads: list[str]
     writes: list[str]
     checks: list[str] | None
     markers: dict[str, str]
+    adds: bool = False
 
 
 def _keys(table: tuple[str, ...], values: dict, clusters: list[int]) -> list[str]:
@@ -127,8 +139,10 @@ def stage_io(stage: str, expert_id: int | None = None, latent: bool = False, clu
         for key, rec in zip(_keys((folder,), values, clusters), _keys((record,), values, clusters)):
             if key in writes:
                 markers[key] = rec
+    markers.update(STAGE_MARKERS.get(stage, {}))
+    markers = {key: rec for key, rec in markers.items() if rec}
     checks = _keys(CHECKS[stage], values, clusters) if stage in CHECKS else None
-    return StageIO(_keys(READS[stage], values, clusters), writes, checks, markers)
+    return StageIO(_keys(READS[stage], values, clusters), writes, checks, markers, stage in ADDS)
 
 
 def check_whole(stage: str, cfg) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +34,16 @@ from ddm.launch.encode_job import selected_clusters
 from ddm.ranks import is_global_rank_zero
 from ddm.settings import Settings, changed
 from ddm.store import lock as store_lock
-from ddm.store.mirror import INDEX, indexed_folders, pull_file, pull_folder, pull_matching, push_folder, read_index
+from ddm.store.mirror import (
+    INDEX,
+    indexed_folders,
+    local_files,
+    pull_file,
+    pull_folder,
+    pull_matching,
+    push_folder,
+    read_index,
+)
 from ddm.store.objects import ObjectStore, working_copy_path
 from ddm.store.stage_io import LOCKED, StageIO, check_whole, stage_io
 
@@ -76,33 +86,34 @@ def run_on_copy(cfg: Settings, stage: str, run, timing_key=None):
     local_cfg = changed(cfg, {"run_dir": str(local), "store.origin": store.url})
     # The ranks of a multi-process job (DDP, FSDP) all run this: global rank 0 speaks for the job (the lock, the
     # push); every rank pulls, one process of a machine at a time, so the others find the files there (Checked).
-    leader = is_global_rank_zero()
+    leader, transfers = is_global_rank_zero(), int(cfg.store.transfers)
     locked = stage in LOCKED and leader
     holder = store_lock.acquire(store, io.writes[0], f"{stage} in {store.url}") if locked else None
     try:
-        result, ran = None, False
+        result, ran, began = None, False, time.time()
         if io.checks is not None and len(finished) == len(io.writes) and not cfg.redo:
             with one_pull_at_a_time(local):
-                _pull(store, local, stage, [*io.checks, *records])
+                _pull(store, local, stage, [*io.checks, *records], transfers)
             try:
                 result, ran = run(local_cfg), True
             except FileNotFoundError as lacking:  # MissingInput too: it needs more than its check reads
                 log.info("%s: %s; pulling all it reads", stage, lacking)
         if not ran:
             with one_pull_at_a_time(local):
-                _pull(store, local, stage, [*io.reads, *records])
-                _pull_earlier_work(store, local, stage, [key for key in io.writes if key not in finished])
+                _pull(store, local, stage, [*io.reads, *records], transfers)
+                unfinished = [] if io.adds else [key for key in io.writes if key not in finished]
+                _pull_earlier_work(store, local, stage, unfinished, transfers)
             result = _run(store, local, stage, io.writes, run, local_cfg, leader)
         if not leader or (getattr(result, "skipped", False) and len(finished) == len(io.writes)):
             return result  # another rank's job, or done before and in the bucket: nothing to push
-        _push(store, local, stage, io.writes, timing_key, local_cfg)
+        _push(store, local, stage, io, timing_key, local_cfg, transfers, began)
         return result
     finally:
         if holder is not None:
             store_lock.release(store, io.writes[0], holder)
 
 
-def _pull(store: ObjectStore, local: Path, stage: str, keys) -> None:
+def _pull(store: ObjectStore, local: Path, stage: str, keys, transfers: int) -> None:
     files, got = 0, 0
     for key in keys:
         optional, key = key.endswith("?"), key.rstrip("?")
@@ -111,20 +122,20 @@ def _pull(store: ObjectStore, local: Path, stage: str, keys) -> None:
         if "*" in key:
             pull_matching(store, local, key)
         elif not _is_file(key):
-            pulled = pull_folder(store, local, key)
+            pulled = pull_folder(store, local, key, transfers=transfers)
             files, got = files + len(pulled["downloaded"]), got + pulled["bytes"]
         else:
             pull_file(store, local, key)
     log.info("%s: pulled %d files (%d MB) of %s into %s", stage, files, got >> 20, store.url, local)
 
 
-def _pull_earlier_work(store: ObjectStore, local: Path, stage: str, unfinished: list[str]) -> None:
+def _pull_earlier_work(store: ObjectStore, local: Path, stage: str, unfinished: list[str], transfers: int) -> None:
     """What an earlier attempt pushed of folders not finished: pushed parts, and a training job's checkpoints."""
     for key in unfinished:
         if not _is_file(key) and indexed_folders(store, key):
-            pull_folder(store, local, key)
+            pull_folder(store, local, key, transfers=transfers)
         if stage in LOCKED and store.exists(f"{key}/checkpoints/{INDEX}"):
-            pull_folder(store, local, f"{key}/checkpoints")  # an earlier attempt's, to resume from
+            pull_folder(store, local, f"{key}/checkpoints", transfers=transfers)  # an earlier attempt's, to resume from
 
 
 @contextlib.contextmanager
@@ -151,10 +162,20 @@ def _run(store: ObjectStore, local: Path, stage: str, writes: list[str], run, lo
         raise
 
 
-def _push(store: ObjectStore, local: Path, stage: str, writes: list[str], timing_key, local_cfg) -> None:
-    if not writes:
+def _push(store: ObjectStore, local: Path, stage: str, io: StageIO, timing_key, local_cfg, transfers, began) -> None:
+    """Push what the stage wrote; a stage that adds to others' folders pushes the files it wrote (modified since
+    it ``began``), never what the working copy holds from before."""
+    only = {key: None for key in io.writes}
+    if io.adds:
+        only = {key: _written_since(local, key, began) for key in io.writes}
+        only = {key: names for key, names in only.items() if names}
+    if not only:
         return
-    sent = sum(push_folder(store, local, key)["bytes"] for key in writes)
+    writes = list(only)
+    sent = sum(
+        push_folder(store, local, key, only=names, transfers=transfers, keep=io.adds)["bytes"]
+        for key, names in only.items()
+    )
     if stage in LOCKED:
         store.remove(f"{writes[0]}/{FAILED}")  # an earlier attempt's failure, on this or another node
     timing = None if timing_key is None else timing_key(local_cfg)
@@ -169,3 +190,10 @@ def _finished(store: ObjectStore, folder: str, record: str | None) -> bool:
         return False
     index = read_index(store, folder)
     return index is not None and record[len(folder) + 1 :] in index["files"]
+
+
+def _written_since(local: Path, folder: str, began: float) -> tuple[str, ...]:
+    """The files of ``local/folder`` (names relative to it) modified since ``began``."""
+    return tuple(
+        key[len(folder) + 1 :] for key, path in local_files(local, folder).items() if path.stat().st_mtime >= began - 1
+    )
