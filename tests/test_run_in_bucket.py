@@ -105,7 +105,7 @@ def test_a_stage_that_cannot_run_on_a_bucket_yet_says_so(s3_bucket, tmp_path):
     from ddm.config import settings
 
     cfg = settings([*TINY, f"run_dir={s3_bucket}/run", f"store.cache={tmp_path}"])
-    for stage in ("extend", "report", "pipeline"):
+    for stage in ("extend",):
         with pytest.raises(BadInput, match=rf"`ddm {stage}` does not run on a run in a bucket yet"):
             run_stage(stage, cfg)
     # a stage in parts: each part would push the folder with an index of its own files
@@ -261,3 +261,31 @@ def test_the_student_is_distilled_from_the_experts_in_the_bucket(s3_bucket, tmp_
     made = run_stage("sample", on("sampler", "sample.model=distilled", "sample.num_samples=6"))
     assert made["num_images"] >= 6
     assert run_stage("distill", on("again")).skipped
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_on_a_bucket_and_a_report_is_written_from_anywhere(s3_bucket, tmp_path):
+    """`ddm pipeline run_dir=s3://...` on one machine leaves the whole run in the bucket; `ddm report` on a fresh
+    machine pulls records, manifests and each cluster's first shard (for the montage), and pushes report.md."""
+    from ddm.config import settings
+    from ddm.store.objects import working_copy_path
+
+    run = f"{s3_bucket}/run"
+
+    def on(name, *more):
+        return settings([*TINY, "sample.num_samples=6", f"run_dir={run}", f"store.cache={tmp_path / name}", *more])
+
+    assert run_stage("pipeline", on("box"))["run_dir"] == run
+    store = ObjectStore(run)
+    keys = set(store.list())
+    for key in ("data/manifest.json", "experts/expert-01/expert.pt", "router/router.pt", "samples/samples.npz"):
+        assert key in keys, key
+    assert {"report.md", "montage.png", "timings/prepare.json"} <= keys
+    store.remove("report.md")
+    run_stage("report", on("laptop"))
+    report = store.read_bytes("report.md").decode()
+    assert "## Experts" in report and "## Wall time and memory per stage" in report and "montage.png" in report
+    pulled = _files(working_copy_path(run, tmp_path / "laptop"))
+    shards = sorted(f for f in pulled if f.endswith(".tar"))
+    assert shards == [f"partitions/cluster-{k:02d}/shard-000000.tar" for k in (0, 1)], shards
+    assert not any(f.endswith((".pt", ".npz")) for f in pulled)

@@ -20,11 +20,12 @@ from pathlib import Path
 
 from ddm.artifacts import RunDir
 from ddm.errors import BadInput
-from ddm.io import read_json
+from ddm.launch.job_folders import RunView, run_view
 from ddm.launch.local_jobs import local_jobs, machine_plan, train_here
 from ddm.launch.slots import check_parallel
 from ddm.settings import Settings, changed
 from ddm.stages.runner import run_stage
+from ddm.store.objects import is_url
 
 log = logging.getLogger("ddm")
 
@@ -40,32 +41,35 @@ def with_expert(cfg: Settings, k: int) -> Settings:
 def run(cfg: Settings, overrides: list[str] | None = None) -> dict:
     """Every stage on ``cfg``. ``overrides``: those ``cfg`` was composed with, which the expert processes
     of ``pipeline.parallel`` > 1 are started with (the command line passes them)."""
-    rd = RunDir(cfg.run_dir)
+    view = run_view(cfg)  # a run in a bucket: each stage pulls and pushes, here on this machine's working copy
+    rd = view.local
     parallel = check_parallel(cfg.pipeline.parallel, "pipeline.parallel")
     start = time.perf_counter()
     for stage in BEFORE_EXPERTS:
         run_stage(stage, cfg)
-    K = int(read_json(rd.cluster_report)["k"])
+    K = int(view.read(rd.cluster_report)["k"])
     if parallel == 1:
         for k in range(K):
             run_stage("train-expert", with_expert(cfg, k))
     else:
-        _experts_side_by_side(cfg, rd, K, parallel, overrides)
+        _experts_side_by_side(cfg, view, K, parallel, overrides)
     for stage in AFTER_EXPERTS:
         run_stage(stage, cfg)
     evaluate = bool(cfg.pipeline.evaluate)
     metrics = run_stage("evaluate", cfg) if evaluate else None
     total = round(time.perf_counter() - start, 1)
-    log.info("pipeline: all stages done in %.0fs -> %s", total, rd.root)
+    log.info("pipeline: all stages done in %.0fs -> %s", total, view.where)
     run_stage("report", cfg)
     log.info("%s", headline(rd, metrics, run_argument(cfg)))
-    return dict(run_dir=str(rd.root), wall_s=total)
+    return dict(run_dir=view.where, wall_s=total)
 
 
 def run_argument(cfg: Settings) -> str:
     """How a later command names this run: ``name=...`` where the run lives at its default place, else ``run_dir=``."""
     default = Path(str(cfg.paths.runs)) / str(cfg.name)
-    return f"name={cfg.name}" if default.resolve() == Path(str(cfg.run_dir)).resolve() else f"run_dir={cfg.run_dir}"
+    if is_url(cfg.run_dir) or default.resolve() != Path(str(cfg.run_dir)).resolve():
+        return f"run_dir={cfg.run_dir}"
+    return f"name={cfg.name}"
 
 
 def headline(rd: RunDir, metrics: dict | None, run: str) -> str:
@@ -88,10 +92,10 @@ def headline(rd: RunDir, metrics: dict | None, run: str) -> str:
     return "\n".join(lines)
 
 
-def _experts_side_by_side(cfg: Settings, rd: RunDir, K: int, parallel, overrides: list[str] | None) -> None:
+def _experts_side_by_side(cfg: Settings, view: RunView, K: int, parallel, overrides: list[str] | None) -> None:
     """The unfinished experts as processes of their own, ``parallel`` at a time (None: as the machine allows)."""
-    redo = bool(cfg.redo)
-    finished = [k for k in range(K) if rd.expert_record(k).exists() and not redo]
+    redo, rd = bool(cfg.redo), view.local
+    finished = [k for k in range(K) if not redo and view.job(rd.expert(k), rd.expert_record(k)).record() is not None]
     for k in finished:  # returns at once, after checking the record is of the current partitions
         run_stage("train-expert", with_expert(cfg, k))
     todo = [k for k in range(K) if k not in finished]
@@ -104,4 +108,4 @@ def _experts_side_by_side(cfg: Settings, rd: RunDir, K: int, parallel, overrides
             f"pipeline.run(cfg, overrides=[...])"
         )
     plan = machine_plan(parallel, cfg.island, "pipeline.parallel", len(todo))
-    train_here(local_jobs(cfg, rd, todo, False, overrides), plan, overrides)
+    train_here(local_jobs(cfg, rd, todo, False, overrides, where=view.where), plan, overrides)

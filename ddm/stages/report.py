@@ -37,7 +37,11 @@ def cluster_montage(rd: RunDir, K: int, per_cluster: int = 12) -> Path | None:
         if not rd.partition_manifest(k).exists():
             return None
         images = []
-        for s in iter_samples(shard_paths(rd.partition(k))):
+        # the shards on this machine: a run in a bucket pulls each cluster's first shard only for this
+        shards = [path for path in shard_paths(rd.partition(k)) if Path(path).exists()]
+        if not shards:
+            return None
+        for s in iter_samples(shards):
             images.append(s["image"])
             if len(images) == per_cluster:
                 break

@@ -22,8 +22,9 @@ from ddm.store.objects import is_url
 from ddm.store.working_copy import run_on_copy
 from ddm.timing import measured
 
-# Stages that read a run in a bucket where it is (ddm.launch.job_folders) instead of on a working copy (ddm/store/)
-READ_THE_BUCKET = ("status", "submit")
+# Stages that take a run in a bucket by its URL, not on a working copy (ddm/store/): status and submit read it
+# where it is (ddm.launch.job_folders); the pipeline runs each of its stages, which go to the bucket themselves.
+READ_THE_BUCKET = ("status", "submit", "pipeline")
 
 
 def done_already(marker, cfg: Settings) -> bool:

@@ -248,14 +248,12 @@ def pull_file(store: ObjectStore, root, key: str) -> Path:
 
 
 def pull_matching(store: ObjectStore, root, pattern: str) -> list[Path]:
-    """The files of the nearest indexed folder above ``pattern`` whose keys match it (``partitions/cluster-*/
-    manifest.json``), each checked; returns their local paths (none when nothing matches)."""
+    """The files of the indexed folders at, above or under the fixed part of ``pattern`` whose keys match it
+    (``partitions/cluster-*/manifest.json``, ``experts/expert-*/record.json``), each checked; returns their local
+    paths (none when nothing matches)."""
     pattern = pattern.strip("/")
     fixed = pattern.split("*", 1)[0].rsplit("/", 1)[0]
-    found = read_index(store, fixed)
-    above = (fixed, found) if found is not None else _index_above(store, fixed + "/x")
-    if above is None:
-        return []
-    base, index = above
-    keys = [f"{base}/{rel}" for rel in index["files"] if fnmatch.fnmatchcase(f"{base}/{rel}", pattern)]
-    return [pull_file(store, root, key) for key in sorted(keys)]
+    above = _index_above(store, fixed + "/x")  # the folder itself, or the nearest above it
+    bases = [above] if above is not None else [(b, read_index(store, b)) for b in indexed_folders(store, fixed)]
+    keys = {f"{base}/{rel}" for base, index in bases for rel in index["files"]}
+    return [pull_file(store, root, key) for key in sorted(k for k in keys if fnmatch.fnmatchcase(k, pattern))]

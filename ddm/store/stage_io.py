@@ -2,11 +2,12 @@
 
 A job of a run in a bucket (``run_dir=s3://...``) pulls only these before it runs and pushes only these after:
 an expert's job pulls its own partition (in a latent run its latents, not the pixels) and the small files that
-say which clustering it belongs to, never another cluster's data, and pushes only its own folder. Keys ending in
-``.json`` are single files; the others are folders; a key with ``*`` is the files of indexed folders that match
-it; a key ending in ``?`` is pulled when it is there (the stage does without it). In a key, ``{k}`` is the
-expert's id (two digits); ``{train}`` is what experts train on: ``partitions``, or ``latents`` in a latent run; a
-key with ``{c}`` stands for one key per cluster the job encodes (``vae.clusters``, all by default).
+say which clustering it belongs to, never another cluster's data, and pushes only its own folder. Keys whose
+last part has a suffix (``.json``, ``.md``) are single files; the others are folders; a key with ``*`` is the
+files of indexed folders that match it; a key ending in ``?`` is pulled when it is there (the stage does
+without it). In a key, ``{k}`` is the expert's id (two digits); ``{train}`` is what experts train on:
+``partitions``, or ``latents`` in a latent run; a key with ``{c}`` stands for one key per cluster the job
+encodes (``vae.clusters``, all by default).
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ READS: dict[str, tuple[str, ...]] = {
     + ("router?", "distilled?"),
     # the held-out images (from data/, or evaluate's) noised, denoised by the experts, embedded as the run embeds
     "fit-route-tau": ("data", "embeddings/manifest.json", "clusters", *MANIFESTS, "experts", "evaluation/heldout?"),
+    # records and manifests, each cluster's first shard (its row of the montage) and every job's timing
+    "report": (
+        "data/manifest.json",
+        "clusters/report.json",
+        *MANIFESTS,
+        "partitions/cluster-*/shard-000000.tar",
+        "experts/expert-*/record.json",
+        "experts/expert-*/timing.json",
+        "router/record.json?",
+        "samples/record.json?",
+        "timings?",
+    ),
     # the evaluation machine reads the data (its feature net trains on it) and the samples when there are some
     "evaluate": (
         "data",
@@ -57,7 +70,10 @@ WRITES: dict[str, tuple[str, ...]] = {
     "sample": ("samples",),
     "evaluate": ("evaluation",),
     "fit-route-tau": ("router", "evaluation"),  # router/route_tau.json; evaluation/heldout/ when evaluate made none
+    "report": ("report.md", "montage.png"),  # files of the run's own folder, for people to read
 }
+# Folders whose files each job puts on its own, with no index (each job's timing: read for display only).
+UNINDEXED = ("timings",)
 # Stages that add files to folders other jobs write (the router's, the evaluation's): their push adds to the
 # folder's index what they made and keeps what it listed, and they pull none of the folder beforehand.
 ADDS = ("fit-route-tau",)

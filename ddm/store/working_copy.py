@@ -45,7 +45,7 @@ from ddm.store.mirror import (
     read_index,
 )
 from ddm.store.objects import ObjectStore, working_copy_path
-from ddm.store.stage_io import LOCKED, StageIO, check_whole, stage_io
+from ddm.store.stage_io import LOCKED, UNINDEXED, StageIO, check_whole, stage_io
 
 log = logging.getLogger("ddm")
 
@@ -58,7 +58,8 @@ def local_copy(cfg: Settings, store: ObjectStore) -> Path:
 
 
 def _is_file(key: str) -> bool:
-    return key.endswith(".json")
+    """A file's key (``clusters/report.json``, ``report.md``), not a folder's: its last part has a suffix."""
+    return "." in key.rstrip("?").rsplit("/", 1)[-1]
 
 
 def job_io(cfg: Settings, stage: str, store: ObjectStore, local: Path) -> StageIO:
@@ -117,10 +118,13 @@ def _pull(store: ObjectStore, local: Path, stage: str, keys, transfers: int) -> 
     files, got = 0, 0
     for key in keys:
         optional, key = key.endswith("?"), key.rstrip("?")
-        if optional and not store.list(key):
-            continue
-        if "*" in key:
+        if "*" in key:  # none matching is no error
             pull_matching(store, local, key)
+        elif optional and not store.list(key):
+            continue
+        elif key in UNINDEXED:
+            for name in store.list(key):  # informational: taken as they are, with no index to check them by
+                store.get_file(name, local / name)
         elif not _is_file(key):
             pulled = pull_folder(store, local, key, transfers=transfers)
             files, got = files + len(pulled["downloaded"]), got + pulled["bytes"]
@@ -172,10 +176,13 @@ def _push(store: ObjectStore, local: Path, stage: str, io: StageIO, timing_key, 
     if not only:
         return
     writes = list(only)
-    sent = sum(
-        push_folder(store, local, key, only=names, transfers=transfers, keep=io.adds)["bytes"]
-        for key, names in only.items()
-    )
+    sent = 0
+    for key, names in only.items():
+        if _is_file(key):  # a file of the run's own folder (report.md), with no index: for people to read
+            if (local / key).exists():
+                store.put_file(local / key, key)
+            continue
+        sent += push_folder(store, local, key, only=names, transfers=transfers, keep=io.adds)["bytes"]
     if stage in LOCKED:
         store.remove(f"{writes[0]}/{FAILED}")  # an earlier attempt's failure, on this or another node
     timing = None if timing_key is None else timing_key(local_cfg)
