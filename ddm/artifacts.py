@@ -27,15 +27,26 @@ caption under ``txt``.
 
 A ``manifest.json`` names its shards (relative paths), the sample count and a
 sha256 per shard; it is written last, so a folder with a manifest is complete.
+
+A run directory may also be a URL (``s3://bucket/run``, ``is_url``): its stages then run on a local working
+copy of it (``ddm.store``), laid out as above.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ddm.io import read_json
 from ddm.job_names import expert_id_of, expert_job
+
+
+def is_url(location) -> bool:
+    """True for ``s3://...``, ``gs://...``, ``memory://...``: a run directory in an object store, not a path."""
+    text = str(location)
+    scheme = urlsplit(text).scheme
+    return "://" in text and len(scheme) > 1 and scheme != "file"  # a Windows drive letter is one character
 
 
 @dataclass(frozen=True)

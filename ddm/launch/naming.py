@@ -19,8 +19,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ddm.artifacts import is_url
 from ddm.errors import BadInput
-from ddm.store.objects import is_url
 
 PREFIX = "ddm"
 EXPERT = "expert"

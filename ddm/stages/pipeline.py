@@ -20,11 +20,11 @@ from pathlib import Path
 
 from ddm.artifacts import RunDir
 from ddm.errors import BadInput
-from ddm.launch.job_folders import RunView, run_view
 from ddm.launch.local_jobs import local_jobs, machine_plan, train_here
 from ddm.launch.slots import check_parallel
 from ddm.settings import Settings, changed
 from ddm.stages.runner import run_stage
+from ddm.store.job_folders import RunView, run_view
 from ddm.store.objects import is_url
 
 log = logging.getLogger("ddm")

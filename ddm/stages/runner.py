@@ -23,7 +23,7 @@ from ddm.store.working_copy import run_on_copy
 from ddm.timing import measured
 
 # Stages that take a run in a bucket by its URL, not on a working copy (ddm/store/): status and submit read it
-# where it is (ddm.launch.job_folders); the pipeline runs each of its stages, which go to the bucket themselves.
+# where it is (ddm.store.job_folders); the pipeline runs each of its stages, which go to the bucket themselves.
 READ_THE_BUCKET = ("status", "submit", "pipeline")
 
 

@@ -19,7 +19,7 @@ show the jobs running on this machine. Reads only; writes nothing.
 
     ddm status run_dir=s3://bucket/big
 
-shows a run that lives in a bucket from any machine (``ddm.launch.job_folders``):
+shows a run that lives in a bucket from any machine (``ddm.store.job_folders``):
 each job's record, published failure, lock and last uploaded checkpoint are read
 from the bucket, a finished job's row names the host that trained it, and the
 queue and logs are this machine's (the jobs its ``ddm submit`` sent). It writes
@@ -48,11 +48,11 @@ from ddm.artifacts import RunDir
 from ddm.errors import BadInput, MissingInput
 from ddm.job_names import expert_job
 from ddm.launch import naming, slurm
-from ddm.launch.job_folders import JobFolder, run_view
 from ddm.launch.stage_jobs import read_queue, stage_state
 from ddm.launch.stage_parts import ENCODE, SAMPLE, STAGES
 from ddm.launch.stage_spec import StageParts
 from ddm.settings import Settings
+from ddm.store.job_folders import JobFolder, run_view
 
 log = logging.getLogger("ddm")
 

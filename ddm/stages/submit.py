@@ -43,11 +43,11 @@ import sys
 
 from ddm.errors import BadInput, MissingInput
 from ddm.launch import sbatch, slurm, stage_jobs
-from ddm.launch.job_folders import RunView, run_view
 from ddm.launch.local_jobs import local_jobs, machine_plan, run_in_background, show, train_here
 from ddm.launch.overrides import job_overrides
 from ddm.launch.stage_parts import STAGES
 from ddm.settings import Settings, Submit
+from ddm.store.job_folders import RunView, run_view
 
 log = logging.getLogger("ddm")
 

@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from ddm.artifacts import is_url
 from ddm.errors import BadInput, Unusable
 from ddm.io import sha256_file
 
@@ -35,13 +36,6 @@ ATOMIC_PUT = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 
 class ConditionalPutUnsupported(Unusable):
     """The store cannot create an object only if it is absent."""
-
-
-def is_url(location) -> bool:
-    """True for ``s3://...``, ``gs://...``, ``memory://...``: a run directory in an object store, not a path."""
-    text = str(location)
-    scheme = urlsplit(text).scheme
-    return "://" in text and len(scheme) > 1 and scheme != "file"  # a Windows drive letter is one character
 
 
 def redacted(url: str) -> str:
