@@ -95,6 +95,50 @@ def test_a_stale_lock_is_taken_over_with_a_warning(s3_bucket, caplog):
     assert store_lock.read_holder(store, "experts/expert-00")["token"] == mine["token"] != "old"
 
 
+def test_a_lock_from_another_island_is_a_lease_that_runs_out(s3_bucket, monkeypatch, caplog):
+    """A lock taken on another host by a job nothing here can judge (no SLURM job): refused while its lease is
+    renewed, taken over once it was not renewed for its lease; `ddm status` then shows no job holding it."""
+    import time
+
+    monkeypatch.setattr("ddm.launch.slurm.available", lambda: False)
+    store = ObjectStore(f"{s3_bucket}/run")
+    elsewhere = dict(store_lock.this_holder(), host="spot-node-7", pid=4242, token="theirs", lease_s=60.0)
+    store.put_json(dict(elsewhere, renewed=time.time() - 30), "experts/expert-00/lock.json")
+    with pytest.raises(Locked, match=r"spot-node-7.*lease was renewed 3\d s ago"):
+        store_lock.acquire(store, "experts/expert-00", "train-expert 0", lease_s=60)
+    assert "pid 4242 on host spot-node-7" in store_lock.held_by(store, "experts/expert-00")
+    store.put_json(dict(elsewhere, renewed=time.time() - 61), "experts/expert-00/lock.json")
+    assert store_lock.held_by(store, "experts/expert-00") is None
+    with caplog.at_level(logging.WARNING, logger="ddm"):
+        mine = store_lock.acquire(store, "experts/expert-00", "train-expert 0", lease_s=60)
+    assert "has not renewed it for 6" in caplog.text and mine["lease_s"] == 60
+    # without a lease (the lock of a job of before, or lease_s=0) it cannot be judged: refused, as before
+    store.put_json(dict(elsewhere, renewed=None, lease_s=None), "experts/expert-01/lock.json")
+    with pytest.raises(Locked, match="cannot be checked"):
+        store_lock.acquire(store, "experts/expert-01", "train-expert 1", lease_s=60)
+
+
+def test_a_job_renews_its_lease_and_one_that_lost_its_lock_pushes_nothing(s3_bucket):
+    import time
+
+    store = ObjectStore(f"{s3_bucket}/run")
+    holder = store_lock.acquire(store, "router", "train-router", lease_s=0.6)  # renewed every 0.1 s
+    first = store_lock.read_holder(store, "router")["renewed"]
+    with store_lock.Lease(store, "router", holder) as lease:
+        deadline = time.monotonic() + 10
+        while store_lock.read_holder(store, "router")["renewed"] == first:
+            assert time.monotonic() < deadline, "the lease was never renewed"
+            time.sleep(0.05)
+        lease.check("train-router")  # still ours
+        store.put_json(dict(holder, token="another job's", host="node-9"), "router/lock.json")  # taken over
+        while lease.lost is None:
+            assert time.monotonic() < deadline, "the lost lock was not noticed"
+            time.sleep(0.05)
+    with pytest.raises(Locked, match=r"router/lock.json was taken over by pid .* on host node-9.*nothing was pushed"):
+        lease.check("train-router")
+    assert store_lock.read_holder(store, "router")["token"] == "another job's"  # left to its holder
+
+
 def test_a_store_without_atomic_puts_moves_a_finished_part_to_its_name(tmp_path):
     """memory:// (as a local or network file system) shows a file while it is written: the upload goes to a
     .part- key, which is never listed, and is moved to its name once whole."""

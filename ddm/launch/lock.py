@@ -178,12 +178,13 @@ def held_by(folder) -> str | None:
     return held_text(read_holder(folder), lock_path(folder))
 
 
-def held_text(holder: dict | None, path) -> str | None:
+def held_text(holder: dict | None, path, verdict: Verdict | None = None) -> str | None:
     """Who holds a lock whose content is ``holder`` (None: there is no lock), when that job may still run; None
-    when it is free or stale. ``path``: the lock's name (a URL for a lock in a bucket: ``ddm.store.lock``)."""
+    when it is free or stale. ``path``: the lock's name (a URL for a lock in a bucket: ``ddm.store.lock``);
+    ``verdict``: the holder judged already (``judge``'s by default)."""
     if holder is None:
         return None
-    verdict = judge(holder)
+    verdict = judge(holder) if verdict is None else verdict
     if verdict.state == STALE:
         return None
     if not holder:

@@ -24,6 +24,7 @@ class Paths(Group):
 class Store(Group):
     cache: str
     checkpoint_every_s: float
+    lease_s: float
     transfers: int
     origin: str | None
 

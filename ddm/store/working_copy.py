@@ -82,36 +82,50 @@ def run_on_copy(cfg: Settings, stage: str, run, timing_key=None):
     check_whole(stage, cfg)
     io = job_io(cfg, stage, store, local)
     finished = [key for key in io.writes if _finished(store, key, io.markers.get(key))]
-    records = [io.markers[key] for key in finished]  # all a rerun's check reads of what it made
     # store.origin: the job knows its run's URL (a training job uploads its last.ckpt there)
     local_cfg = changed(cfg, {"run_dir": str(local), "store.origin": store.url})
     # The ranks of a multi-process job (DDP, FSDP) all run this: global rank 0 speaks for the job (the lock, the
     # push); every rank pulls, one process of a machine at a time, so the others find the files there (Checked).
-    leader, transfers = is_global_rank_zero(), int(cfg.store.transfers)
+    leader = is_global_rank_zero()
     locked = stage in LOCKED and leader
-    holder = store_lock.acquire(store, io.writes[0], f"{stage} in {store.url}") if locked else None
+    what, lease_s = f"{stage} in {store.url}", float(cfg.store.lease_s)
+    holder = store_lock.acquire(store, io.writes[0], what, lease_s) if locked else None
+    lease = store_lock.Lease(store, io.writes[0], holder) if holder is not None else None
     try:
-        result, ran, began = None, False, time.time()
-        if io.checks is not None and len(finished) == len(io.writes) and not cfg.redo:
-            with one_pull_at_a_time(local):
-                _pull(store, local, stage, [*io.checks, *records], transfers)
-            try:
-                result, ran = run(local_cfg), True
-            except FileNotFoundError as lacking:  # MissingInput too: it needs more than its check reads
-                log.info("%s: %s; pulling all it reads", stage, lacking)
-        if not ran:
-            with one_pull_at_a_time(local):
-                _pull(store, local, stage, [*io.reads, *records], transfers)
-                unfinished = [] if io.adds else [key for key in io.writes if key not in finished]
-                _pull_earlier_work(store, local, stage, unfinished, transfers)
-            result = _run(store, local, stage, io.writes, run, local_cfg, leader)
-        if not leader or (getattr(result, "skipped", False) and len(finished) == len(io.writes)):
-            return result  # another rank's job, or done before and in the bucket: nothing to push
-        _push(store, local, stage, io, timing_key, local_cfg, transfers, began)
-        return result
+        with lease or contextlib.nullcontext():
+            return _run_and_push(store, local, stage, io, finished, run, local_cfg, timing_key, leader, lease)
     finally:
         if holder is not None:
             store_lock.release(store, io.writes[0], holder)
+
+
+def _run_and_push(
+    store: ObjectStore, local: Path, stage: str, io: StageIO, finished, run, local_cfg, timing_key, leader, lease
+):
+    """The stage on the working copy (first on what its rerun check reads, when all it writes is finished), then
+    its push; see ``run_on_copy``."""
+    records = [io.markers[key] for key in finished]  # all a rerun's check reads of what it made
+    transfers = int(local_cfg.store.transfers)
+    result, ran, began = None, False, time.time()
+    if io.checks is not None and len(finished) == len(io.writes) and not local_cfg.redo:
+        with one_pull_at_a_time(local):
+            _pull(store, local, stage, [*io.checks, *records], transfers)
+        try:
+            result, ran = run(local_cfg), True
+        except FileNotFoundError as lacking:  # MissingInput too: it needs more than its check reads
+            log.info("%s: %s; pulling all it reads", stage, lacking)
+    if not ran:
+        with one_pull_at_a_time(local):
+            _pull(store, local, stage, [*io.reads, *records], transfers)
+            unfinished = [] if io.adds else [key for key in io.writes if key not in finished]
+            _pull_earlier_work(store, local, stage, unfinished, transfers)
+        result = _run(store, local, stage, io.writes, run, local_cfg, leader)
+    if not leader or (getattr(result, "skipped", False) and len(finished) == len(io.writes)):
+        return result  # another rank's job, or done before and in the bucket: nothing to push
+    if lease is not None:
+        lease.check(f"{stage} in {store.url}")  # a job whose lock was taken over meanwhile pushes nothing
+    _push(store, local, stage, io, timing_key, local_cfg, transfers, began)
+    return result
 
 
 def _pull(store: ObjectStore, local: Path, stage: str, keys, transfers: int) -> None:
