@@ -9,7 +9,7 @@ this machine's own comes from local disk: its SLURM scripts and logs, kept in th
 (``store.cache``), where the jobs it submits write them.
 
 A job in a bucket is done when its folder's index (``ddm.store.mirror``) lists its record: the folder was pushed
-whole. Its lock is the bucket's (``ddm.store.lock``), judged by the same rules as a local one.
+whole. Its lock is the bucket's (``ddm.store.lock``), judged by the same rules as a local one and by its lease.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from ddm.launch.encode_job import selected_clusters
 from ddm.ranks import is_global_rank_zero
 from ddm.settings import Settings, changed
 from ddm.store import lock as store_lock
+from ddm.store.job_folders import FAILED
 from ddm.store.mirror import (
     INDEX,
     indexed_folders,
@@ -48,8 +49,6 @@ from ddm.store.objects import ObjectStore, working_copy_path
 from ddm.store.stage_io import LOCKED, UNINDEXED, StageIO, check_whole, stage_io
 
 log = logging.getLogger("ddm")
-
-FAILED = "failed.json"  # what a training job that raised leaves in its folder (ddm.train.job)
 
 
 def local_copy(cfg: Settings, store: ObjectStore) -> Path:
