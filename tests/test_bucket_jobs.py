@@ -160,3 +160,13 @@ def test_a_two_rank_island_trains_one_expert_from_the_bucket(bucket_run, tmp_pat
     pulled = [line for line in out.stderr.splitlines() if "train-expert: pulled" in line]
     assert len(pulled) == 2 and "pulled 0 files" not in pulled[0] and "pulled 0 files" in pulled[1], pulled
     assert out.stderr.count("train-expert: pushed") == 1
+
+
+def test_a_plan_reads_the_classes_of_the_data_in_the_bucket(bucket_run, capsys):
+    from ddm.config import settings
+
+    run, on = bucket_run
+    before = ObjectStore(run).list()
+    shown = run_stage("plan", settings(on("laptop", "data.num_classes=3")))
+    assert shown is not None and ObjectStore(run).list() == before  # it wrote nothing
+    assert "expert" in capsys.readouterr().out

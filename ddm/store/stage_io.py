@@ -46,6 +46,7 @@ READS: dict[str, tuple[str, ...]] = {
         "samples/record.json?",
         "timings?",
     ),
+    "plan": ("data/manifest.json?",),  # the classes the data really has, once it is prepared
     # the evaluation machine reads the data (its feature net trains on it) and the samples when there are some
     "evaluate": (
         "data",
@@ -71,6 +72,7 @@ WRITES: dict[str, tuple[str, ...]] = {
     "evaluate": ("evaluation",),
     "fit-route-tau": ("router", "evaluation"),  # router/route_tau.json; evaluation/heldout/ when evaluate made none
     "report": ("report.md", "montage.png"),  # files of the run's own folder, for people to read
+    "plan": (),  # it prints; it writes nothing
 }
 # Folders whose files each job puts on its own, with no index (each job's timing: read for display only).
 UNINDEXED = ("timings",)

@@ -170,11 +170,11 @@ def one_pull_at_a_time(local: Path) -> Iterator[None]:
 
 def _run(store: ObjectStore, local: Path, stage: str, writes: list[str], run, local_cfg, leader: bool):
     """``run(local_cfg)``; a training job that raises publishes its failure where every island can read it."""
-    failed = f"{writes[0]}/{FAILED}"
     try:
         return run(local_cfg)
     except BaseException:
-        if leader and stage in LOCKED and (local / failed).exists():
+        failed = f"{writes[0]}/{FAILED}" if stage in LOCKED else None
+        if leader and failed and (local / failed).exists():
             store.put_file(local / failed, failed)
         raise
 
