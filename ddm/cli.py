@@ -48,6 +48,9 @@ def setup_logging(level: str = "INFO") -> None:
         handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     logger.propagate = False
+    # a run in a bucket: the storage clients say at INFO which credentials and endpoint they found, every command
+    for chatty in ("botocore", "aiobotocore", "s3fs", "fsspec"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger(chatty).level))
 
 
 # Whether the user set HYDRA_FULL_ERROR=1: then every error shows its traceback. Read once, in main(),
