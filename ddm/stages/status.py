@@ -171,9 +171,8 @@ def run(cfg: Settings) -> dict:
         return shown
     report = view.read(rd.cluster_report)
     if report is None:
-        where = f"{view.where}/clusters/report.json" if view.in_bucket else rd.cluster_report
         raise MissingInput(
-            f"no {where}: this run has not been clustered yet, so it has no "
+            f"no {view.name_of(rd.cluster_report)}: this run has not been clustered yet, so it has no "
             f"experts (run `ddm cluster` and `ddm partition`, then `ddm submit`)"
         )
     k = int(report["k"])

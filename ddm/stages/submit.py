@@ -69,14 +69,13 @@ def expert_ids(requested, k: int) -> list[int]:
 def _require_inputs(view: RunView) -> int:
     rd = view.local
     report = view.read(rd.cluster_report)
-    name = (lambda path: f"{view.where}/{path.relative_to(rd.root).as_posix()}") if view.in_bucket else str
     if report is None:
         raise MissingInput(
-            f"no {name(rd.cluster_report)}: run `ddm cluster` and `ddm partition` for this run "
+            f"no {view.name_of(rd.cluster_report)}: run `ddm cluster` and `ddm partition` for this run "
             f"first (they are quick and run on this machine)"
         )
     if view.read(rd.partitions_index) is None:
-        raise MissingInput(f"no {name(rd.partitions_index)}: run `ddm partition` first")
+        raise MissingInput(f"no {view.name_of(rd.partitions_index)}: run `ddm partition` first")
     return int(report["k"])
 
 

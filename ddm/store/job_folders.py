@@ -131,6 +131,10 @@ class RunView:
             self._listed[top] = set(self.store.list(top))
         return self._listed[top]
 
+    def name_of(self, path: Path) -> str:
+        """How messages name the run's ``path`` (a local path): itself, or its URL in the bucket."""
+        return f"{self.where}/{self._rel(path)}" if self.in_bucket else str(path)
+
     def read(self, path: Path) -> dict | None:
         """A small record of the run, by its local path (``rd.cluster_report``); None when it is not there (in a
         bucket: not in a folder pushed whole). One from a bucket is checked against its folder's index."""

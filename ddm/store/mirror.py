@@ -149,13 +149,7 @@ def pull_folder(store: ObjectStore, root, folder: str, transfers: int = TRANSFER
 
     def fetch(item) -> None:
         base, rel, entry = item
-        source = object_key(base, rel, entry)
-        if not store.exists(source):
-            raise Unusable(
-                f"{store.url_of(source)} is listed in the index of its folder ({INDEX}) but is not there: the folder "
-                f"was damaged after it was pushed; push it again from the job that made it"
-            )
-        store.get_file(source, Path(root) / base / rel, sha256=entry["sha256"])
+        _download(store, root, base, rel, entry)
         fetched.append((f"{base}/{rel}", entry))  # list.append is atomic: the threads share it safely
 
     fetched: list = []
@@ -213,6 +207,18 @@ class Checked:
             os.replace(tmp, self.path)
 
 
+def _download(store: ObjectStore, root, base: str, rel: str, entry: dict) -> None:
+    """The file ``rel`` of the indexed folder ``base`` to ``root``, checked against its index ``entry``."""
+    source = object_key(base, rel, entry)
+    try:
+        store.get_file(source, Path(root) / base / rel, sha256=entry["sha256"])
+    except FileNotFoundError:
+        raise Unusable(
+            f"{store.url_of(source)} is listed in the index of its folder ({INDEX}) but is not there: the folder "
+            f"was damaged after it was pushed; push it again from the job that made it"
+        ) from None
+
+
 def object_key(base: str, rel: str, entry: dict) -> str:
     """The key that holds the file ``rel`` of the indexed folder ``base``: its own name, or the object its entry
     names (``object``: a file replaced now and then, uploaded under a new name each time so that the index and
@@ -235,25 +241,35 @@ def pull_file(store: ObjectStore, root, key: str) -> Path:
     """One file of an indexed folder (the nearest index above it), checked; returns its local path."""
     key = key.strip("/")
     above = _index_above(store, key)
-    entry = None if above is None else above[1]["files"].get(key[len(above[0]) + 1 :])
-    if entry is None:
+    rel = None if above is None else key[len(above[0]) + 1 :]
+    if above is None or rel not in above[1]["files"]:
         raise MissingInput(f"{store.url_of(key)} is in no finished folder (no {INDEX} lists it): push its folder first")
-    local = Path(root) / key
     checked = Checked(root)
-    if not checked.holds(key, entry):
-        store.get_file(object_key(above[0], key[len(above[0]) + 1 :], entry), local, sha256=entry["sha256"])
-        checked.add(key, entry)
+    _pull_listed(store, root, above[0], [(rel, above[1]["files"][rel])], checked)
     checked.save()
-    return local
+    return Path(root) / key
 
 
 def pull_matching(store: ObjectStore, root, pattern: str) -> list[Path]:
     """The files of the indexed folders at, above or under the fixed part of ``pattern`` whose keys match it
     (``partitions/cluster-*/manifest.json``, ``experts/expert-*/record.json``), each checked; returns their local
-    paths (none when nothing matches)."""
+    paths (none when nothing matches). Each index is read once, whatever the number of files it lists."""
     pattern = pattern.strip("/")
     fixed = pattern.split("*", 1)[0].rsplit("/", 1)[0]
     above = _index_above(store, fixed + "/x")  # the folder itself, or the nearest above it
     bases = [above] if above is not None else [(b, read_index(store, b)) for b in indexed_folders(store, fixed)]
-    keys = {f"{base}/{rel}" for base, index in bases for rel in index["files"]}
-    return [pull_file(store, root, key) for key in sorted(k for k in keys if fnmatch.fnmatchcase(k, pattern))]
+    checked, paths = Checked(root), []
+    for base, index in bases:
+        listed = [(rel, e) for rel, e in index["files"].items() if fnmatch.fnmatchcase(f"{base}/{rel}", pattern)]
+        _pull_listed(store, root, base, listed, checked)
+        paths += [Path(root) / base / rel for rel, _ in listed]
+    checked.save()
+    return sorted(paths)
+
+
+def _pull_listed(store: ObjectStore, root, base: str, listed: list[tuple[str, dict]], checked: Checked) -> None:
+    """The files ``listed`` (``(name, index entry)``) of the indexed folder ``base`` that this copy lacks."""
+    for rel, entry in listed:
+        if not checked.holds(f"{base}/{rel}", entry):
+            _download(store, root, base, rel, entry)
+            checked.add(f"{base}/{rel}", entry)
